@@ -1,0 +1,298 @@
+"""The IR: a closed, small op set that every mod is traced into.
+
+A graph is a list of `Node`s in topological order plus one output node. A node has an
+`op` (a name from `OPS`), `args` (other nodes, or for leaves a Python value) and a
+`dtype` (a torch dtype). Three interpreters read the same graph:
+
+* `flexattn.evaluate`  - runs it with torch on (broadcast) index tensors;
+* `flexattn.analyse`   - bounds it over a box of indices (full / empty / undecided);
+* `flexattn.codegen`   - prints it as Triton expressions for the kernels.
+
+Leaves:
+    input   args=(name,)     name in INPUT_NAMES; dtype int32 for indices, float32 for score
+    const   args=(value,)    a Python bool/int/float; dtype bool/int64/float32, *weak*
+                             (promotes like a Python scalar in torch)
+    buffer  args=(slot,)     the captured tensor `graph.buffers[slot]`; dtype = its dtype
+Everything else takes node args; `load(buffer, i0, i1, ...)` reads buffer[i0, i1, ...]
+with one integer index per buffer dimension (zero for a 0-d buffer).
+
+Dtypes follow torch's promotion exactly: `infer_dtype` runs the op on one-element dummy
+tensors (and Python scalars for consts), so the IR, the torch evaluator and the user's
+own eager code always agree.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+INPUT_NAMES = ("score", "b", "h", "q_idx", "kv_idx")
+INDEX_DTYPE = torch.int32
+SCORE_DTYPE = torch.float32
+
+LEAF_OPS = frozenset({"input", "const", "buffer"})
+UNARY_OPS = frozenset({
+    "neg", "abs", "exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh", "sigmoid",
+    "sin", "cos", "floor", "ceil", "invert",  # invert: logical not on bool, bitwise not on ints
+})
+BINARY_ARITH_OPS = frozenset({
+    "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "minimum", "maximum",
+})
+BITWISE_OPS = frozenset({"and", "or", "xor"})  # logical on bool, bitwise on ints
+COMPARE_OPS = frozenset({"lt", "le", "gt", "ge", "eq", "ne"})
+BINARY_OPS = BINARY_ARITH_OPS | BITWISE_OPS | COMPARE_OPS
+OTHER_OPS = frozenset({"where", "cast", "load"})
+OPS = LEAF_OPS | UNARY_OPS | BINARY_OPS | OTHER_OPS
+
+# How each non-leaf op runs in torch; the single source of truth for evaluate and dtype
+# inference. floordiv and mod have Python (floor) semantics, as torch's `//` and `%` do.
+TORCH_IMPL: dict[str, Callable[..., Any]] = {
+    "neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "exp2": torch.exp2,
+    "log": torch.log, "log2": torch.log2, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
+    "tanh": torch.tanh, "sigmoid": torch.sigmoid, "sin": torch.sin, "cos": torch.cos,
+    "floor": torch.floor, "ceil": torch.ceil,
+    "invert": lambda x: torch.logical_not(x) if x.dtype == torch.bool else torch.bitwise_not(x),
+    "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+    "truediv": lambda a, b: a / b, "floordiv": lambda a, b: a // b,
+    "mod": lambda a, b: a % b, "pow": lambda a, b: a ** b,
+    "minimum": lambda a, b: torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) else torch.minimum(a, b),
+    "maximum": lambda a, b: torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) else torch.maximum(a, b),
+    "and": lambda a, b: a & b, "or": lambda a, b: a | b, "xor": lambda a, b: a ^ b,
+    "lt": lambda a, b: a < b, "le": lambda a, b: a <= b, "gt": lambda a, b: a > b,
+    "ge": lambda a, b: a >= b, "eq": lambda a, b: a == b, "ne": lambda a, b: a != b,
+    "where": lambda c, a, b: torch.where(c, a, b),
+}
+
+# Infix spellings for printing (and for Python-like codegen).
+INFIX = {
+    "add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "mod": "%",
+    "pow": "**", "and": "&", "or": "|", "xor": "^", "lt": "<", "le": "<=", "gt": ">",
+    "ge": ">=", "eq": "==", "ne": "!=",
+}
+
+
+class IRError(ValueError):
+    """A graph broke an IR invariant (a bug in a tracer or a pass, or a hand-built graph)."""
+
+
+@dataclass(eq=False)
+class Node:
+    op: str
+    args: tuple
+    dtype: torch.dtype
+    name: str = ""  # printing name, assigned by Graph.add
+
+    @property
+    def inputs(self) -> tuple["Node", ...]:
+        return () if self.op in LEAF_OPS else tuple(self.args)
+
+    def __repr__(self) -> str:
+        return f"%{self.name}" if self.name else f"<{self.op}>"
+
+
+def _dummy(node: Node):
+    """A stand-in value with node's promotion behaviour: Python scalar for consts."""
+    if node.op == "const":
+        return node.args[0]
+    return torch.ones(1, dtype=node.dtype) if node.dtype != torch.bool else torch.ones(1, dtype=torch.bool)
+
+
+def infer_dtype(op: str, args: tuple[Node, ...], cast_to: torch.dtype | None = None) -> torch.dtype:
+    """Result dtype of `op` on `args`, by running torch on one-element dummies."""
+    if op == "cast":
+        return cast_to
+    if op == "load":
+        return args[0].dtype
+    dummies = [_dummy(a) for a in args]
+    if all(not isinstance(d, torch.Tensor) for d in dummies):
+        dummies[0] = torch.as_tensor(dummies[0]).reshape(1)
+    with torch.no_grad():
+        return TORCH_IMPL[op](*dummies).dtype
+
+
+class Graph:
+    """A traced mod: nodes in topological order, the output, and the captured buffers.
+
+    `kind` is "mask" (inputs b, h, q_idx, kv_idx; bool output) or "score" (inputs score,
+    b, h, q_idx, kv_idx; float output). `buffers[i]` is the tensor behind `buffer` slot i;
+    buffers are identified by identity and never enter `structure_key()`.
+    """
+
+    def __init__(self, kind: str, fn_name: str = "<mod>"):
+        if kind not in ("mask", "score"):
+            raise IRError(f"Graph kind must be 'mask' or 'score', got {kind!r}")
+        self.kind = kind
+        self.fn_name = fn_name
+        self.nodes: list[Node] = []
+        self.buffers: list[torch.Tensor] = []
+        self.output: Node | None = None
+        self._inputs: dict[str, Node] = {}
+        self._consts: dict[tuple, Node] = {}
+        self._interned: dict[tuple, Node] = {}  # (op, arg ids, dtype) -> node: common subexpressions once
+
+    # ---- building -------------------------------------------------------------------
+    def _append(self, node: Node) -> Node:
+        node.name = f"{node.op}{len(self.nodes)}" if node.op not in LEAF_OPS else node.name
+        self.nodes.append(node)
+        return node
+
+    def input(self, name: str) -> Node:
+        if name not in INPUT_NAMES:
+            raise IRError(f"unknown input {name!r}; inputs are {INPUT_NAMES}")
+        if name not in self._inputs:
+            dtype = SCORE_DTYPE if name == "score" else INDEX_DTYPE
+            self._inputs[name] = self._append(Node("input", (name,), dtype, name))
+        return self._inputs[name]
+
+    def const(self, value) -> Node:
+        if isinstance(value, bool):
+            dtype = torch.bool
+        elif isinstance(value, int):
+            dtype = torch.int64
+        elif isinstance(value, float):
+            dtype = torch.float32
+        else:
+            raise IRError(f"constants are Python bool/int/float, got {type(value).__name__}")
+        key = (type(value), value if not (isinstance(value, float) and math.isnan(value)) else "nan")
+        if key not in self._consts:
+            self._consts[key] = self._append(Node("const", (value,), dtype, f"c{len(self._consts)}"))
+        return self._consts[key]
+
+    def buffer(self, tensor: torch.Tensor) -> Node:
+        for i, t in enumerate(self.buffers):
+            if t is tensor:
+                return next(n for n in self.nodes if n.op == "buffer" and n.args[0] == i)
+        self.buffers.append(tensor)
+        slot = len(self.buffers) - 1
+        return self._append(Node("buffer", (slot,), tensor.dtype, f"buf{slot}"))
+
+    def op(self, op: str, *args: Node, dtype: torch.dtype | None = None) -> Node:
+        if op not in OPS or op in LEAF_OPS:
+            raise IRError(f"unknown op {op!r}")
+        node = Node(op, tuple(args), infer_dtype(op, args, dtype))
+        key = (op, tuple(id(a) for a in args), node.dtype)
+        if key not in self._interned:
+            self._interned[key] = self._append(node)
+        return self._interned[key]
+
+    # ---- reading --------------------------------------------------------------------
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return ("score", "b", "h", "q_idx", "kv_idx") if self.kind == "score" else ("b", "h", "q_idx", "kv_idx")
+
+    def uses(self, name: str) -> bool:
+        """Whether input `name` reaches the output."""
+        return name in {n.args[0] for n in self.live_nodes() if n.op == "input"}
+
+    def live_nodes(self) -> list[Node]:
+        """Nodes the output depends on, in topological order."""
+        live: set[int] = set()
+        stack = [self.output]
+        while stack:
+            n = stack.pop()
+            if id(n) in live:
+                continue
+            live.add(id(n))
+            stack.extend(n.inputs)
+        return [n for n in self.nodes if id(n) in live]
+
+    def loads(self) -> list[Node]:
+        return [n for n in self.live_nodes() if n.op == "load"]
+
+    def structure_key(self) -> str:
+        """Identifies the computation, not the captured values: buffer dtypes and ranks
+        are part of it, buffer contents and sizes are not."""
+        bufs = ",".join(f"{str(t.dtype)[6:]}[{t.dim()}]" for t in self.buffers)
+        return f"{self.kind}({bufs})\n{self}"
+
+    def __str__(self) -> str:
+        lines = [f"def {self.kind}_mod({', '.join(self.input_names)}):  # traced from {self.fn_name}"]
+        for i, t in enumerate(self.buffers):
+            lines.append(f"    # buf{i}: captured {str(t.dtype)[6:]} tensor of shape {tuple(t.shape)}")
+        for n in self.live_nodes():
+            if n.op in ("input", "buffer"):
+                continue
+            if n.op == "const":
+                continue
+            lines.append(f"    {n.name}: {str(n.dtype)[6:]} = {_format_rhs(n)}")
+        lines.append(f"    return {_format_arg(self.output)}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    # ---- checking -------------------------------------------------------------------
+    def verify(self) -> "Graph":
+        """Check arity, leaves, dtypes and topological order; raise IRError naming the node."""
+        seen: set[int] = set()
+        for n in self.nodes:
+            if n.op not in OPS:
+                raise IRError(f"{n.name}: unknown op {n.op!r}")
+            if n.op in LEAF_OPS:
+                if len(n.args) != 1:
+                    raise IRError(f"{n.name}: leaf {n.op} takes one argument, got {n.args}")
+                if n.op == "input" and n.args[0] not in self.input_names:
+                    raise IRError(f"{n.name}: input {n.args[0]!r} is not an input of a {self.kind} mod")
+                if n.op == "buffer" and not (0 <= n.args[0] < len(self.buffers)):
+                    raise IRError(f"{n.name}: buffer slot {n.args[0]} out of range")
+            else:
+                for a in n.args:
+                    if not isinstance(a, Node):
+                        raise IRError(f"{n.name}: argument {a!r} is not a node")
+                    if id(a) not in seen:
+                        raise IRError(f"{n.name}: argument {a.name} is not defined before use")
+                arity = {"where": 3, "cast": 1}.get(n.op, 1 if n.op in UNARY_OPS else 2)
+                if n.op == "load":
+                    buf = n.args[0]
+                    if buf.op != "buffer":
+                        raise IRError(f"{n.name}: load reads a buffer leaf, got {buf.op}")
+                    ndim = self.buffers[buf.args[0]].dim()
+                    if len(n.args) - 1 != ndim:
+                        raise IRError(f"{n.name}: load of a {ndim}-d buffer takes {ndim} indices, got {len(n.args) - 1}")
+                    for idx in n.args[1:]:
+                        if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.dtype.is_complex:
+                            raise IRError(f"{n.name}: load index {idx.name} has dtype {idx.dtype}, expected an integer")
+                elif len(n.args) != arity:
+                    raise IRError(f"{n.name}: {n.op} takes {arity} arguments, got {len(n.args)}")
+                if n.op not in ("cast", "load"):
+                    expected = infer_dtype(n.op, n.args)
+                    if expected != n.dtype:
+                        raise IRError(f"{n.name}: {n.op} should have dtype {expected}, has {n.dtype}")
+                if n.op == "where" and n.args[0].dtype != torch.bool:
+                    raise IRError(f"{n.name}: where's condition must be bool, got {n.args[0].dtype}")
+            seen.add(id(n))
+        if self.output is None or id(self.output) not in seen:
+            raise IRError("graph has no output node")
+        if self.kind == "mask" and self.output.dtype != torch.bool:
+            raise IRError(f"a mask mod must return bool, returns {self.output.dtype}")
+        if self.kind == "score" and not self.output.dtype.is_floating_point:
+            raise IRError(f"a score mod must return a float, returns {self.output.dtype}")
+        return self
+
+
+def _format_arg(a) -> str:
+    if isinstance(a, Node):
+        if a.op == "input":
+            return a.args[0]
+        if a.op == "const":
+            return repr(a.args[0])
+        return a.name
+    return repr(a)
+
+
+def _format_rhs(n: Node) -> str:
+    args = [_format_arg(a) for a in n.args]
+    if n.op in INFIX:
+        return f"{args[0]} {INFIX[n.op]} {args[1]}"
+    if n.op == "cast":
+        return f"{args[0]}.to({n.dtype})"
+    if n.op == "load":
+        return f"{args[0]}[{', '.join(args[1:])}]"
+    if n.op == "neg":
+        return f"-{args[0]}"
+    if n.op == "invert":
+        return f"~{args[0]}"
+    return f"{n.op}({', '.join(args)})"

@@ -1,0 +1,531 @@
+"""Tracing: run a mod on `Proxy` objects and record what it does as an IR `Graph`.
+
+Python operators on a proxy and `__torch_function__` (torch.where, torch.exp2, tensor
+methods, indexing a captured tensor with a proxy) each append one node. What can be traced
+is exactly what `TORCH_FUNCTIONS` and the `Proxy` methods list; anything else raises a
+`TraceError` that names the mod, the source line and the fix.
+
+Captured tensors become `buffer` leaves, identified by object identity: their values never
+enter the graph, so new values in the same tensor never change what is compiled.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import linecache
+import os
+import sys
+from typing import Callable
+
+import torch
+
+from .ir import Graph, Node, IRError
+
+_THIS_FILE = os.path.abspath(__file__)
+
+
+class TraceError(ValueError):
+    """A mod did something that cannot be traced; the message names the line and the fix."""
+
+
+# ---------------------------------------------------------------------------------------
+# Where in the user's code are we? (for error messages)
+
+def _user_frame_description() -> str:
+    """`file:line: source` of the innermost frame outside flexattn's tracing machinery."""
+    frame = sys._getframe(1)
+    package_dir = os.path.dirname(_THIS_FILE)
+    while frame is not None:
+        filename = os.path.abspath(frame.f_code.co_filename)
+        inside = filename.startswith(package_dir + os.sep) and not filename.endswith("masks.py") \
+            and not filename.endswith("mods.py")
+        inside = inside or filename.startswith(os.path.dirname(torch.__file__) + os.sep)
+        if not inside:
+            line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+            return f"{frame.f_code.co_filename}:{frame.f_lineno}: {line}"
+        frame = frame.f_back
+    return "<unknown location>"
+
+
+class _TraceState:
+    def __init__(self, graph: Graph, fn_name: str):
+        self.graph = graph
+        self.fn_name = fn_name
+
+    def fail(self, what: str, fix: str) -> "TraceError":
+        return TraceError(f"cannot trace {self.graph.kind}_mod {self.fn_name!r}: {what}\n"
+                          f"  at {_user_frame_description()}\n  fix: {fix}")
+
+
+# ---------------------------------------------------------------------------------------
+# Proxy
+
+class Proxy:
+    """Stands in for a traced value (an index, the score, or anything computed from them)."""
+
+    __slots__ = ("node", "_state")
+
+    def __init__(self, node: Node, state: _TraceState):
+        self.node = node
+        self._state = state
+
+    # -- helpers ---------------------------------------------------------------------
+    def _lift(self, value) -> Node:
+        return _lift(self._state, value)
+
+    def _emit(self, op: str, *args, dtype=None) -> "Proxy":
+        nodes = [self._lift(a) for a in args]
+        try:
+            node = self._state.graph.op(op, *nodes, dtype=dtype)
+        except (RuntimeError, TypeError, IRError) as e:
+            raise self._state.fail(f"{op} is not defined for dtypes "
+                                   f"{', '.join(str(n.dtype)[6:] for n in nodes)} ({e})",
+                                   "cast the operands with .to(...) first") from None
+        return Proxy(node, self._state)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.node.dtype
+
+    @property
+    def shape(self):
+        return torch.Size([])
+
+    def dim(self) -> int:
+        return 0
+
+    ndim = property(dim)
+
+    def __repr__(self) -> str:
+        return f"Proxy({self.node!r}: {self.node.dtype})"
+
+    # -- control flow on a traced value cannot be recorded -----------------------------
+    def __bool__(self):
+        raise self._state.fail(
+            "Python control flow (`if`, `while`, `and`, `or`, `not`, bool()) on a traced value",
+            "use torch.where(cond, a, b) instead of `if`, and & | ~ instead of and/or/not")
+
+    def _no_python_number(self, *_):
+        raise self._state.fail("converting a traced value to a Python number",
+                               "keep it a tensor: use torch functions (torch.log2, torch.floor, .to(dtype))")
+
+    __int__ = __float__ = __index__ = __complex__ = _no_python_number
+
+    def __iter__(self):
+        raise self._state.fail("iterating over a traced value", "traced values are scalars per (b, h, q, kv)")
+
+    def __len__(self):
+        raise self._state.fail("len() of a traced value", "traced values are scalars per (b, h, q, kv)")
+
+    def __getitem__(self, item):
+        raise self._state.fail("indexing a traced value",
+                               "index a captured tensor with traced values instead: table[q_idx]")
+
+    def __setitem__(self, key, value):
+        raise self._state.fail("assigning into a traced value", "build a new value with torch.where")
+
+    # -- operators -------------------------------------------------------------------
+    def __add__(self, o): return self._emit("add", self, o)
+    def __radd__(self, o): return self._emit("add", o, self)
+    def __sub__(self, o): return self._emit("sub", self, o)
+    def __rsub__(self, o): return self._emit("sub", o, self)
+    def __mul__(self, o): return self._emit("mul", self, o)
+    def __rmul__(self, o): return self._emit("mul", o, self)
+    def __truediv__(self, o): return self._emit("truediv", self, o)
+    def __rtruediv__(self, o): return self._emit("truediv", o, self)
+    def __floordiv__(self, o): return self._emit("floordiv", self, o)
+    def __rfloordiv__(self, o): return self._emit("floordiv", o, self)
+    def __mod__(self, o): return self._emit("mod", self, o)
+    def __rmod__(self, o): return self._emit("mod", o, self)
+    def __pow__(self, o): return self._emit("pow", self, o)
+    def __rpow__(self, o): return self._emit("pow", o, self)
+    def __and__(self, o): return self._emit("and", self, o)
+    def __rand__(self, o): return self._emit("and", o, self)
+    def __or__(self, o): return self._emit("or", self, o)
+    def __ror__(self, o): return self._emit("or", o, self)
+    def __xor__(self, o): return self._emit("xor", self, o)
+    def __rxor__(self, o): return self._emit("xor", o, self)
+    def __lt__(self, o): return self._emit("lt", self, o)
+    def __le__(self, o): return self._emit("le", self, o)
+    def __gt__(self, o): return self._emit("gt", self, o)
+    def __ge__(self, o): return self._emit("ge", self, o)
+    def __eq__(self, o): return self._emit("eq", self, o)  # type: ignore[override]
+    def __ne__(self, o): return self._emit("ne", self, o)  # type: ignore[override]
+    def __neg__(self): return self._emit("neg", self)
+    def __pos__(self): return self
+    def __abs__(self): return self._emit("abs", self)
+    def __invert__(self): return self._emit("invert", self)
+    __hash__ = object.__hash__
+
+    # -- tensor methods ---------------------------------------------------------------
+    def abs(self): return self._emit("abs", self)
+    def neg(self): return self._emit("neg", self)
+    def exp(self): return self._emit("exp", self)
+    def exp2(self): return self._emit("exp2", self)
+    def log(self): return self._emit("log", self)
+    def log2(self): return self._emit("log2", self)
+    def sqrt(self): return self._emit("sqrt", self)
+    def rsqrt(self): return self._emit("rsqrt", self)
+    def tanh(self): return self._emit("tanh", self)
+    def sigmoid(self): return self._emit("sigmoid", self)
+    def sin(self): return self._emit("sin", self)
+    def cos(self): return self._emit("cos", self)
+    def floor(self): return self._emit("floor", self)
+    def ceil(self): return self._emit("ceil", self)
+    def logical_not(self): return self._emit("invert", self.to(torch.bool))
+    def logical_and(self, o): return self._emit("and", self.to(torch.bool), _as_bool(self._state, o))
+    def logical_or(self, o): return self._emit("or", self.to(torch.bool), _as_bool(self._state, o))
+    def logical_xor(self, o): return self._emit("xor", self.to(torch.bool), _as_bool(self._state, o))
+    def minimum(self, o): return self._emit("minimum", self, o)
+    def maximum(self, o): return self._emit("maximum", self, o)
+    def remainder(self, o): return self._emit("mod", self, o)
+    def floor_divide(self, o): return self._emit("floordiv", self, o)
+    def pow(self, o): return self._emit("pow", self, o)
+    def square(self): return self._emit("mul", self, self)
+    def reciprocal(self): return self._emit("truediv", 1.0, self)
+
+    def clamp(self, min=None, max=None):
+        out = self
+        if min is not None:
+            out = out._emit("maximum", out, min)
+        if max is not None:
+            out = out._emit("minimum", out, max)
+        return out
+
+    clip = clamp
+
+    def clamp_min(self, min): return self.clamp(min=min)
+    def clamp_max(self, max): return self.clamp(max=max)
+
+    def where(self, condition, other):
+        return _where(self._state, condition, self, other)
+
+    def to(self, *args, **kwargs):
+        dtype = kwargs.get("dtype")
+        for a in args:
+            if isinstance(a, torch.dtype):
+                dtype = a
+        if dtype is None:  # .to(device) and friends: values stay where they are
+            return self
+        if dtype not in _CASTABLE:
+            raise self._state.fail(f"cast to {dtype}", f"cast to one of {sorted(str(d) for d in _CASTABLE)}")
+        if dtype == self.node.dtype:
+            return self
+        return self._emit("cast", self, dtype=dtype)
+
+    def type(self, dtype): return self.to(dtype)
+    def float(self): return self.to(torch.float32)
+    def double(self): return self.to(torch.float64)
+    def half(self): return self.to(torch.float16)
+    def bfloat16(self): return self.to(torch.bfloat16)
+    def int(self): return self.to(torch.int32)
+    def long(self): return self.to(torch.int64)
+    def bool(self): return self.to(torch.bool)
+
+    def __getattr__(self, name):
+        raise self._state.fail(f"the tensor method .{name}() is not supported in a mod",
+                               f"use the supported ops listed in flexattn.trace.SUPPORTED")
+
+    # -- torch functions --------------------------------------------------------------
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        state = _find_state(args, kwargs)
+        handler = TORCH_FUNCTIONS.get(func)
+        if handler is None:
+            name = getattr(func, "__name__", None) or repr(func)
+            owner = "torch.Tensor" if isinstance(func, type(T.abs)) or "Tensor" in getattr(func, "__qualname__", "") \
+                else "torch"
+            raise state.fail(f"{owner}.{name} is not supported in a mod",
+                             f"rewrite it with the supported ops listed in flexattn.trace.SUPPORTED")
+        return handler(state, *args, **kwargs)
+
+
+_CASTABLE = {torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
+             torch.float16, torch.bfloat16, torch.float32, torch.float64}
+
+
+def _find_state(args, kwargs) -> _TraceState:
+    stack = list(args) + list(kwargs.values())
+    while stack:
+        a = stack.pop()
+        if isinstance(a, Proxy):
+            return a._state
+        if isinstance(a, (tuple, list)):
+            stack.extend(a)
+    raise TraceError("internal: __torch_function__ reached without a proxy argument")
+
+
+def _lift(state: _TraceState, value) -> Node:
+    """A node for a proxy, a Python constant, or a 0-d captured tensor."""
+    if isinstance(value, Proxy):
+        return value.node
+    if isinstance(value, (bool, int, float)):
+        return state.graph.const(value)
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            buf = state.graph.buffer(value)
+            return state.graph.op("load", buf)
+        raise state.fail(f"a captured tensor of shape {tuple(value.shape)} is used without indexing",
+                         "index it with traced values, e.g. table[h] or bias[q_idx - kv_idx]")
+    raise state.fail(f"a value of type {type(value).__name__} ({value!r}) cannot enter a mod",
+                     "use Python numbers, captured tensors indexed by traced values, or traced values")
+
+
+def _as_bool(state, v):
+    return v.to(torch.bool) if isinstance(v, Proxy) else v
+
+
+def _where(state: _TraceState, cond, a, b) -> Proxy:
+    cond_node = _lift(state, cond)
+    if cond_node.dtype != torch.bool:
+        raise state.fail(f"torch.where's condition has dtype {cond_node.dtype}",
+                         "compare to get a bool, e.g. torch.where(x > 0, a, b)")
+    return Proxy(state.graph.op("where", cond_node, _lift(state, a), _lift(state, b)), state)
+
+
+# ---------------------------------------------------------------------------------------
+# Indexing captured tensors
+
+class _PartialIndex:
+    """`table[h]` of a 2-d table: remembers the indices until every dimension has one."""
+
+    def __init__(self, state, tensor, indices):
+        self.state, self.tensor, self.indices = state, tensor, indices
+
+    def __getitem__(self, item):
+        return _index(self.state, self.tensor, self.indices + _as_tuple(item))
+
+    def __getattr__(self, name):
+        raise self.state.fail(f"a partly indexed captured tensor of shape {tuple(self.tensor.shape)} "
+                              f"(indexed by {len(self.indices)} of its {self.tensor.dim()} dimensions) was used",
+                              "give one index per dimension, e.g. table[h, q_idx]")
+
+    def _bad(self, *a, **k):
+        return self.__getattr__("")
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = _bad
+    __lt__ = __le__ = __gt__ = __ge__ = __eq__ = __ne__ = __and__ = __or__ = __bool__ = _bad
+    __hash__ = object.__hash__
+
+
+def _as_tuple(item):
+    return item if isinstance(item, tuple) else (item,)
+
+
+def _index(state: _TraceState, tensor: torch.Tensor, indices: tuple):
+    if len(indices) > tensor.dim():
+        raise state.fail(f"a captured tensor of shape {tuple(tensor.shape)} is indexed with "
+                         f"{len(indices)} indices", f"give at most {tensor.dim()} indices")
+    nodes = []
+    for i, idx in enumerate(indices):
+        if isinstance(idx, slice) or idx is Ellipsis or idx is None:
+            raise state.fail(f"slicing a captured tensor ({idx!r} in dimension {i})",
+                             "index every dimension with one integer value, e.g. table[h, q_idx]")
+        if isinstance(idx, bool) or isinstance(idx, float):
+            raise state.fail(f"index {idx!r} in dimension {i} of a captured tensor is not an integer",
+                             "use an integer index")
+        node = _lift(state, idx)
+        if node.dtype.is_floating_point or node.dtype == torch.bool:
+            raise state.fail(f"a captured tensor of shape {tuple(tensor.shape)} is indexed in dimension "
+                             f"{i} by a {str(node.dtype)[6:]} value",
+                             "index with integers: cast with .to(torch.int32) or use // instead of /")
+        nodes.append(node)
+    if len(nodes) < tensor.dim():
+        return _PartialIndex(state, tensor, tuple(indices))
+    if tensor.dtype.is_complex:
+        raise state.fail("a complex captured tensor", "use real tensors")
+    buf = state.graph.buffer(tensor)
+    return Proxy(state.graph.op("load", buf, *nodes), state)
+
+
+def _getitem(state, tensor, item):
+    if isinstance(tensor, Proxy):
+        return tensor[item]
+    return _index(state, tensor, _as_tuple(item))
+
+
+# ---------------------------------------------------------------------------------------
+# The whitelist: every torch function a mod may call, and how it becomes IR.
+
+def _unary(op):
+    return lambda state, x, *a, **k: _proxy_of(state, x)._emit(op, x)
+
+
+def _binary(op, swap=False):
+    def handler(state, a, b, *rest, **kw):
+        p = a if isinstance(a, Proxy) else b if isinstance(b, Proxy) else None
+        if p is None:
+            p = Proxy(_lift(state, a), state)
+        return p._emit(op, b, a) if swap else p._emit(op, a, b)
+    return handler
+
+
+def _proxy_of(state, x) -> Proxy:
+    return x if isinstance(x, Proxy) else Proxy(_lift(state, x), state)
+
+
+def _div(state, a, b, *, rounding_mode=None):
+    p = _proxy_of(state, a)
+    if rounding_mode is None:
+        return p._emit("truediv", a, b)
+    if rounding_mode == "floor":
+        return p._emit("floordiv", a, b)
+    raise state.fail(f"torch.div with rounding_mode={rounding_mode!r}", "use rounding_mode='floor' or //")
+
+
+def _clamp(state, x, min=None, max=None):
+    return _proxy_of(state, x).clamp(min, max)
+
+
+def _to(state, x, *args, **kwargs):
+    return _proxy_of(state, x).to(*args, **kwargs)
+
+
+def _full_like(value):
+    def handler(state, x, *args, dtype=None, **kwargs):
+        v = args[0] if value is None else value
+        node = _lift(state, v)
+        out = Proxy(node, state)
+        dtype = dtype or (x.dtype if isinstance(x, (Proxy, torch.Tensor)) else None)
+        return out.to(dtype) if dtype is not None and dtype != node.dtype else out
+    return handler
+
+
+T = torch.Tensor
+TORCH_FUNCTIONS: dict[Callable, Callable] = {
+    T.__getitem__: _getitem,
+    torch.where: lambda s, c, a, b: _where(s, c, a, b),
+    T.where: lambda s, x, c, o: _where(s, c, x, o),
+    torch.clamp: _clamp, T.clamp: _clamp, torch.clip: _clamp, T.clip: _clamp,
+    T.clamp_min: lambda s, x, m: _clamp(s, x, min=m), T.clamp_max: lambda s, x, m: _clamp(s, x, max=m),
+    torch.clamp_min: lambda s, x, m: _clamp(s, x, min=m), torch.clamp_max: lambda s, x, m: _clamp(s, x, max=m),
+    T.to: _to, T.float: lambda s, x: _to(s, x, torch.float32), T.int: lambda s, x: _to(s, x, torch.int32),
+    T.long: lambda s, x: _to(s, x, torch.int64), T.bool: lambda s, x: _to(s, x, torch.bool),
+    T.half: lambda s, x: _to(s, x, torch.float16), T.double: lambda s, x: _to(s, x, torch.float64),
+    torch.div: _div, T.div: _div, torch.true_divide: _binary("truediv"), T.__truediv__: _binary("truediv"),
+    T.__rtruediv__: _binary("truediv", swap=True),
+    torch.floor_divide: _binary("floordiv"), T.__floordiv__: _binary("floordiv"),
+    T.__rfloordiv__: _binary("floordiv", swap=True),
+    torch.remainder: _binary("mod"), T.__mod__: _binary("mod"), T.__rmod__: _binary("mod", swap=True),
+    torch.ones_like: _full_like(1), torch.zeros_like: _full_like(0), torch.full_like: _full_like(None),
+}
+for _name, _op in [("add", "add"), ("sub", "sub"), ("mul", "mul"), ("pow", "pow"),
+                   ("minimum", "minimum"), ("maximum", "maximum"), ("min", "minimum"), ("max", "maximum"),
+                   ("eq", "eq"), ("ne", "ne"), ("lt", "lt"), ("le", "le"), ("gt", "gt"), ("ge", "ge"),
+                   ("bitwise_and", "and"), ("bitwise_or", "or"), ("bitwise_xor", "xor")]:
+    TORCH_FUNCTIONS[getattr(torch, _name)] = _binary(_op)
+    TORCH_FUNCTIONS[getattr(T, _name)] = _binary(_op)
+for _name, _op in [("add", "add"), ("sub", "sub"), ("mul", "mul"), ("pow", "pow"), ("and", "and"),
+                   ("or", "or"), ("xor", "xor"), ("lt", "lt"), ("le", "le"), ("gt", "gt"), ("ge", "ge"),
+                   ("eq", "eq"), ("ne", "ne")]:
+    TORCH_FUNCTIONS[getattr(T, f"__{_name}__")] = _binary(_op)
+    if hasattr(T, f"__r{_name}__"):
+        TORCH_FUNCTIONS[getattr(T, f"__r{_name}__")] = _binary(_op, swap=True)
+for _name in ["logical_and", "logical_or", "logical_xor"]:
+    _h = (lambda n: lambda s, a, b: getattr(_proxy_of(s, a).to(torch.bool), n)(b))(_name)
+    TORCH_FUNCTIONS[getattr(torch, _name)] = _h
+    TORCH_FUNCTIONS[getattr(T, _name)] = _h
+TORCH_FUNCTIONS[torch.logical_not] = TORCH_FUNCTIONS[T.logical_not] = \
+    lambda s, x: _proxy_of(s, x).logical_not()
+TORCH_FUNCTIONS[torch.bitwise_not] = TORCH_FUNCTIONS[T.bitwise_not] = TORCH_FUNCTIONS[T.__invert__] = \
+    _unary("invert")
+TORCH_FUNCTIONS[T.__neg__] = TORCH_FUNCTIONS[torch.neg] = TORCH_FUNCTIONS[T.neg] = _unary("neg")
+TORCH_FUNCTIONS[T.__abs__] = _unary("abs")
+for _name in ["abs", "exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh", "sigmoid", "sin", "cos",
+              "floor", "ceil"]:
+    TORCH_FUNCTIONS[getattr(torch, _name)] = _unary(_name)
+    TORCH_FUNCTIONS[getattr(T, _name)] = _unary(_name)
+TORCH_FUNCTIONS[torch.square] = TORCH_FUNCTIONS[T.square] = lambda s, x: _proxy_of(s, x).square()
+TORCH_FUNCTIONS[torch.reciprocal] = TORCH_FUNCTIONS[T.reciprocal] = lambda s, x: _proxy_of(s, x).reciprocal()
+TORCH_FUNCTIONS[torch.special.expit] = _unary("sigmoid")
+
+SUPPORTED = sorted({getattr(f, "__qualname__", None) or getattr(f, "__name__", "?") for f in TORCH_FUNCTIONS})
+
+
+# ---------------------------------------------------------------------------------------
+# Entry points
+
+MASK_ARGS = ("b", "h", "q_idx", "kv_idx")
+SCORE_ARGS = ("score", "b", "h", "q_idx", "kv_idx")
+
+
+def _mod_name(fn) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def check_arity(fn: Callable, kind: str, argument: str) -> None:
+    """Raise TypeError (naming `argument`) unless `fn` takes the arguments of a `kind` mod."""
+    if not callable(fn):
+        raise TypeError(f"{argument} must be a callable, got {type(fn).__name__}")
+    expected = SCORE_ARGS if kind == "score" else MASK_ARGS
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # builtins / C callables: let the trace find out
+    params = list(sig.parameters.values())
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    if len(required) <= len(expected) <= len(positional):
+        return
+    other = "mask_mod" if kind == "score" else "score_mod"
+    hint = ""
+    if len(required) == (4 if kind == "score" else 5):
+        hint = f" It looks like a {other}: pass it as {other}=..."
+    raise TypeError(f"{argument} must take {len(expected)} arguments ({', '.join(expected)}), "
+                    f"but {_mod_name(fn)!r} takes {len(positional)} "
+                    f"({', '.join(p.name for p in positional)}).{hint}")
+
+
+def trace(fn: Callable, kind: str, argument: str | None = None) -> Graph:
+    """Trace `fn` as a "mask" or "score" mod into a verified IR `Graph`."""
+    argument = argument or f"{kind}_mod"
+    check_arity(fn, kind, argument)
+    graph = Graph(kind, _mod_name(fn))
+    state = _TraceState(graph, _mod_name(fn))
+    names = SCORE_ARGS if kind == "score" else MASK_ARGS
+    proxies = [Proxy(graph.input(n), state) for n in names]
+    out = fn(*proxies)
+    if isinstance(out, (bool, int, float)) and not isinstance(out, Proxy):
+        out_node = graph.const(bool(out) if kind == "mask" else float(out))
+    elif isinstance(out, Proxy):
+        out_node = out.node
+    elif isinstance(out, torch.Tensor) and out.dim() == 0:
+        out_node = _lift(state, out)
+    else:
+        raise TypeError(f"{argument} {_mod_name(fn)!r} returned {type(out).__name__}; a {kind} mod must return "
+                        f"a traced value (a {'bool' if kind == 'mask' else 'float'} computed from its arguments)")
+    if kind == "mask":
+        if out_node.dtype.is_floating_point:
+            raise TypeError(f"{argument} {_mod_name(fn)!r} returns a float, but a mask_mod returns a bool. "
+                            f"It looks like a score_mod: pass it as score_mod=...")
+        if out_node.dtype != torch.bool:
+            out_node = graph.op("cast", out_node, dtype=torch.bool)
+    else:
+        if out_node.dtype == torch.bool:
+            raise TypeError(f"{argument} {_mod_name(fn)!r} returns a bool, but a score_mod returns the new score. "
+                            f"It looks like a mask_mod: pass it through create_block_mask(...) as block_mask=...")
+        if not out_node.dtype.is_floating_point:
+            out_node = graph.op("cast", out_node, dtype=torch.float32)
+    graph.output = out_node
+    return graph.verify()
+
+
+def trace_mask(fn: Callable, argument: str = "mask_mod") -> Graph:
+    return trace(fn, "mask", argument)
+
+
+def trace_score(fn: Callable, argument: str = "score_mod") -> Graph:
+    return trace(fn, "score", argument)
+
+
+def check_buffers_device(graph: Graph, device: torch.device, argument: str) -> None:
+    """Every captured tensor must live on `device` (the kernels read it there)."""
+    device = torch.device(device)
+    for i, t in enumerate(graph.buffers):
+        if t.device.type != device.type or (device.index is not None and t.device.index not in (None, device.index)):
+            raise TraceError(f"{argument} {graph.fn_name!r} captures a tensor of shape {tuple(t.shape)} on "
+                             f"{t.device}, but the attention runs on {device}: move it with .to({str(device)!r}) "
+                             f"before defining the mod")
