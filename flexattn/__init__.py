@@ -7,15 +7,33 @@
 
     block_mask = create_block_mask(causal, B=None, H=None, Q_LEN=4096, KV_LEN=4096)
     out = flex_attention(q, k, v, block_mask=block_mask)
-"""
-from .trace import TraceError, trace_mask, trace_score
-from .ir import Graph, Node, IRError
-from .evaluate import evaluate
-from .block_mask import BlockMask, create_block_mask, create_mask, and_masks, or_masks, noop_mask
-from .attention import flex_attention
 
-__all__ = [
-    "BlockMask", "create_block_mask", "create_mask", "and_masks", "or_masks", "noop_mask",
-    "flex_attention", "TraceError", "trace_mask", "trace_score", "Graph", "Node", "IRError", "evaluate",
-]
+Public names are imported lazily (on first use), so `import flexattn` stays cheap and
+a stage's module loads only when it is needed.
+"""
+import importlib
+
+_EXPORTS = {
+    "TraceError": "trace", "trace_mask": "trace", "trace_score": "trace",
+    "Graph": "ir", "Node": "ir", "IRError": "ir",
+    "evaluate": "evaluate",
+    "BlockMask": "block_mask", "create_block_mask": "block_mask", "create_mask": "block_mask",
+    "and_masks": "block_mask", "or_masks": "block_mask", "noop_mask": "block_mask",
+    "flex_attention": "attention",
+    "dropout_mask": "dropout",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'flexattn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
