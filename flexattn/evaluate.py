@@ -39,7 +39,11 @@ def evaluate(graph: Graph, *, b, h, q_idx, kv_idx, score=None, buffers=None,
             v = TORCH_IMPL[n.op](*[env[id(a)] for a in n.args])
         env[id(n)] = v
     out = _as_tensor(env[id(graph.output)], values)
-    if out.dtype != graph.output.dtype:
+    # A score graph is traced with a float32 score; evaluated on a float64 score (the CPU
+    # path for float64 inputs) its float result keeps the wider dtype instead of rounding.
+    keep_float = graph.kind == "score" and out.dtype.is_floating_point and score is not None \
+        and out.dtype == torch.promote_types(out.dtype, graph.output.dtype)
+    if out.dtype != graph.output.dtype and not keep_float:
         out = out.to(graph.output.dtype)
     shape = torch.broadcast_shapes(*[torch.as_tensor(v).shape for v in values.values() if v is not None])
     return out.expand(shape) if out.shape != shape else out

@@ -1,0 +1,578 @@
+"""BlockMask: the block-sparse (BCSR) description of a mask, and its builders.
+
+`create_block_mask` traces the mask_mod, lets `flexattn.analyse` decide most blocks
+(full / empty) by interval arithmetic, and evaluates exactly (`flexattn.evaluate`, tile by
+tile) only the blocks the analysis leaves undecided. The result is identical to evaluating
+the mask everywhere and reducing per block, and memory stays O(#blocks + one batch of
+tiles), never O(Q_LEN * KV_LEN).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Callable, Optional
+
+import torch
+
+from .evaluate import evaluate
+from .ir import Graph
+from .trace import check_arity, check_buffers_device, trace_mask
+
+_DEFAULT_BLOCK = 128
+# Block states in the int8 state matrix every builder goes through.
+EMPTY, PARTIAL, FULL = 0, 1, 2
+# Elements per batch of exactly evaluated tiles (bounds the memory of the exact pass).
+_TILE_BATCH_ELEMS = 1 << 22
+# Boxes analysed per call (a chunk of q-block rows against every kv block).
+_ANALYSE_CHUNK_ELEMS = 1 << 21
+# Rows of the [rows, nKV] state matrix processed at once when deriving indices.
+_ROW_CHUNK_ELEMS = 1 << 19  # small enough to stay in cache
+
+
+# ---------------------------------------------------------------------------------------
+# Mask combinators (traceable: they only use & and |)
+
+def noop_mask(b, h, q_idx, kv_idx):
+    """Attend everywhere."""
+    return torch.ones_like(q_idx, dtype=torch.bool)
+
+
+def and_masks(*mask_mods: Callable) -> Callable:
+    """The mask_mod that is true where every one of `mask_mods` is true."""
+    _check_mods(mask_mods, "and_masks")
+
+    def and_mask(b, h, q_idx, kv_idx):
+        out = mask_mods[0](b, h, q_idx, kv_idx)
+        for m in mask_mods[1:]:
+            out = out & m(b, h, q_idx, kv_idx)
+        return out
+
+    and_mask.__name__ = "and_masks(" + ", ".join(getattr(m, "__name__", "?") for m in mask_mods) + ")"
+    return and_mask
+
+
+def or_masks(*mask_mods: Callable) -> Callable:
+    """The mask_mod that is true where at least one of `mask_mods` is true."""
+    _check_mods(mask_mods, "or_masks")
+
+    def or_mask(b, h, q_idx, kv_idx):
+        out = mask_mods[0](b, h, q_idx, kv_idx)
+        for m in mask_mods[1:]:
+            out = out | m(b, h, q_idx, kv_idx)
+        return out
+
+    or_mask.__name__ = "or_masks(" + ", ".join(getattr(m, "__name__", "?") for m in mask_mods) + ")"
+    return or_mask
+
+
+def _check_mods(mods, fn):
+    if not mods:
+        raise TypeError(f"{fn}() needs at least one mask_mod, got none")
+    for i, m in enumerate(mods):
+        check_arity(m, "mask", f"{fn} argument {i}")
+
+
+# ---------------------------------------------------------------------------------------
+# Validation helpers
+
+def _block_size(BLOCK_SIZE) -> tuple[int, int]:
+    bs = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) and not isinstance(BLOCK_SIZE, bool) \
+        else BLOCK_SIZE
+    if not (isinstance(bs, (tuple, list)) and len(bs) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in bs)):
+        raise ValueError(f"BLOCK_SIZE must be a positive int or a pair (Q_BLOCK, KV_BLOCK) of positive ints, "
+                         f"got {BLOCK_SIZE!r}; e.g. BLOCK_SIZE=128 or BLOCK_SIZE=(128, 64)")
+    return int(bs[0]), int(bs[1])
+
+
+def _positive(name, value, allow_none=False) -> int:
+    if value is None and allow_none:
+        return 1
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        extra = " or None (broadcast)" if allow_none else ""
+        raise ValueError(f"{name} must be a positive int{extra}, got {value!r}")
+    return value
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+# ---------------------------------------------------------------------------------------
+# State matrix <-> ordered indices
+
+def _ordered_from_state(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(num [.., R], indices [.., R, C]) int32 from a bool matrix sel [.., R, C].
+
+    Row r lists its selected columns ascending in indices[..., r, :num[r]]; the rest of the
+    row holds the unselected columns, ascending, so every row is a permutation of 0..C-1
+    (torch's convention: stray reads past num stay in bounds). Done in row chunks with
+    cumsum + scatter: O(R*C), no sort, memory O(chunk) beyond the outputs.
+    """
+    *lead, R, C = sel.shape
+    flat = sel.reshape(-1, C)
+    rows = flat.shape[0]
+    num = torch.empty(rows, dtype=torch.int32, device=sel.device)
+    idx = torch.empty(rows, C, dtype=torch.int32, device=sel.device)
+    chunk = max(1, _ROW_CHUNK_ELEMS // max(C, 1))
+    cols = torch.arange(C, dtype=torch.int32, device=sel.device)
+    for r0 in range(0, rows, chunk):
+        s = flat[r0:r0 + chunk]
+        s32 = s.to(torch.int32)
+        csum = torch.cumsum(s32, dim=-1, dtype=torch.int32)
+        n = csum[:, -1:] if C else torch.zeros(s.shape[0], 1, dtype=torch.int32, device=sel.device)
+        # selected column j goes to csum[j]-1; unselected to n + (j - csum[j]) (its rank among unselected)
+        pos = torch.where(s, csum - 1, n + (cols - csum))
+        out = idx[r0:r0 + chunk]
+        out.scatter_(1, pos.long(), cols.expand_as(pos))
+        num[r0:r0 + chunk] = n[:, 0]
+    return num.reshape(*lead, R), idx.reshape(*lead, R, C)
+
+
+def _state_from_ordered(num: torch.Tensor, idx: torch.Tensor, ncols: int) -> torch.Tensor:
+    """Bool matrix [.., R, ncols]: True at the first num[r] entries of idx[r]."""
+    *lead, R, C = idx.shape
+    out = torch.zeros(*lead, R, ncols + 1, dtype=torch.bool, device=idx.device)
+    if C == 0:
+        return out[..., :ncols]
+    valid = torch.arange(C, device=idx.device) < num.unsqueeze(-1)
+    # invalid entries write into the spare last column, which is dropped
+    target = torch.where(valid, idx.long().clamp(0, ncols), ncols)
+    out.scatter_(-1, target, True)
+    return out[..., :ncols]
+
+
+def _state_from_blockmask(bm: "BlockMask") -> torch.Tensor:
+    """int8 [B, H, nQ, nKV]: EMPTY / PARTIAL / FULL."""
+    ncols = bm.kv_indices.shape[-1]
+    state = _state_from_ordered(bm.kv_num_blocks, bm.kv_indices, ncols).to(torch.int8)
+    if bm.full_kv_num_blocks is not None:
+        full = _state_from_ordered(bm.full_kv_num_blocks, bm.full_kv_indices, ncols)
+        state = torch.where(full, torch.tensor(FULL, dtype=torch.int8, device=state.device), state)
+    return state
+
+
+# ---------------------------------------------------------------------------------------
+# BlockMask
+
+class BlockMask:
+    """Block-sparse mask in torch.nn.attention.flex_attention's BCSR format.
+
+    The (Q_LEN, KV_LEN) mask is cut into blocks of BLOCK_SIZE = (Q_BLOCK, KV_BLOCK); block
+    (i, j) covers q in [i*Q_BLOCK, (i+1)*Q_BLOCK) and kv in [j*KV_BLOCK, (j+1)*KV_BLOCK).
+    Positions at or past Q_LEN / KV_LEN count as masked out, so an edge block that holds
+    padding is never full. Each block is one of
+
+    * full    - mask_mod is true at every position: kernels skip evaluating the mask;
+    * partial - some but not all positions are true: kernels apply mask_mod;
+    * empty   - no position is true: kernels never visit it.
+
+    Tensors (int32; B, H may be 1 to broadcast over batch / query heads; nQ = ceil(Q_LEN /
+    Q_BLOCK), nKV = ceil(KV_LEN / KV_BLOCK)):
+
+    * kv_num_blocks [B, H, nQ], kv_indices [B, H, nQ, nKV]: row (b, h, i) lists its partial
+      kv blocks, ascending, in kv_indices[b, h, i, :kv_num_blocks[b, h, i]];
+    * full_kv_num_blocks, full_kv_indices: the same for full blocks (None: no full blocks
+      are distinguished, every non-empty block is in kv_*);
+    * q_num_blocks [B, H, nKV], q_indices [B, H, nKV, nQ], full_q_*: the transpose (for each
+      kv block, the q blocks that see it), used by the backward pass.
+
+    Entries past num_blocks in a row hold the row's remaining block indices in ascending
+    order (each row is a permutation of 0..n-1, as in torch), so a stray read stays in bounds.
+
+    The dense mask is rebuilt from the indices by (dense starts all False):
+
+        for b, h, i in itertools.product(range(B), range(H), range(nQ)):
+            for j in [*kv_indices[b, h, i, :kv_num_blocks[b, h, i]]]:       # partial
+                dense[b, h, blk_q(i), blk_kv(j)] = mask_mod(b, h, q, kv)     # on that tile
+            for j in full_kv_indices[b, h, i, :full_kv_num_blocks[b, h, i]]:  # full
+                dense[b, h, blk_q(i), blk_kv(j)] = True
+
+    Other fields: BLOCK_SIZE (Q_BLOCK, KV_BLOCK), seq_lengths (Q_LEN, KV_LEN), mask_mod (the
+    callable) and mask_graph (its traced IR Graph, or None for a mask built from blocks only).
+    """
+
+    _TENSOR_ATTRS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                     "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+
+    def __init__(self, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+                 q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
+                 BLOCK_SIZE, mask_mod, seq_lengths, mask_graph: Optional[Graph] = None):
+        if kv_indices.dim() < 2:
+            raise ValueError(f"kv_indices must have shape [..., nQ, nKV], got {tuple(kv_indices.shape)}")
+        if (full_kv_num_blocks is None) != (full_kv_indices is None):
+            raise ValueError("full_kv_num_blocks and full_kv_indices must both be given or both be None")
+        self.kv_num_blocks = kv_num_blocks
+        self.kv_indices = kv_indices
+        self.full_kv_num_blocks = full_kv_num_blocks
+        self.full_kv_indices = full_kv_indices
+        self.q_num_blocks = q_num_blocks
+        self.q_indices = q_indices
+        self.full_q_num_blocks = full_q_num_blocks
+        self.full_q_indices = full_q_indices
+        self.BLOCK_SIZE = _block_size(BLOCK_SIZE)
+        self.mask_mod = mask_mod if mask_mod is not None else noop_mask
+        self.seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
+        self.mask_graph = mask_graph
+
+    # ---- construction --------------------------------------------------------------
+    @classmethod
+    def from_kv_blocks(cls, kv_num_blocks, kv_indices, full_kv_num_blocks=None, full_kv_indices=None,
+                       BLOCK_SIZE=_DEFAULT_BLOCK, mask_mod=None, seq_lengths=None,
+                       compute_q_blocks: bool = True, mask_graph: Optional[Graph] = None) -> "BlockMask":
+        """Build from the kv-side indices; the q-side ones are derived by transposing.
+
+        Without seq_lengths the lengths are nQ*Q_BLOCK x nKV*KV_BLOCK. Without mask_mod the
+        mask is noop (attend everywhere inside partial blocks) and mask_graph is None;
+        with a mask_mod its traced graph is attached (traced here unless mask_graph is given).
+        """
+        if kv_indices.dim() < 2 or kv_num_blocks.shape != kv_indices.shape[:-1]:
+            raise ValueError(f"kv_num_blocks must have shape kv_indices.shape[:-1]; got kv_num_blocks "
+                             f"{tuple(kv_num_blocks.shape)} and kv_indices {tuple(kv_indices.shape)}")
+        if (full_kv_num_blocks is None) != (full_kv_indices is None):
+            raise ValueError("full_kv_num_blocks and full_kv_indices must both be given or both be None")
+        qb, kvb = _block_size(BLOCK_SIZE)
+        if seq_lengths is None:
+            seq_lengths = (kv_indices.shape[-2] * qb, kv_indices.shape[-1] * kvb)
+        if mask_mod is not None and mask_graph is None:
+            mask_graph = trace_mask(mask_mod)
+        q_num = q_idx = fq_num = fq_idx = None
+        if compute_q_blocks:
+            ncols = kv_indices.shape[-1]
+            q_num, q_idx = _ordered_from_state(
+                _state_from_ordered(kv_num_blocks, kv_indices, ncols).transpose(-2, -1))
+            if full_kv_num_blocks is not None:
+                fq_num, fq_idx = _ordered_from_state(
+                    _state_from_ordered(full_kv_num_blocks, full_kv_indices, ncols).transpose(-2, -1))
+        return cls(kv_num_blocks.to(torch.int32), kv_indices.to(torch.int32),
+                   None if full_kv_num_blocks is None else full_kv_num_blocks.to(torch.int32),
+                   None if full_kv_indices is None else full_kv_indices.to(torch.int32),
+                   q_num, q_idx, fq_num, fq_idx, (qb, kvb), mask_mod, seq_lengths, mask_graph)
+
+    @classmethod
+    def _from_state(cls, state: torch.Tensor, BLOCK_SIZE, mask_mod, seq_lengths, mask_graph) -> "BlockMask":
+        """From an int8 state matrix [B, H, nQ, nKV] of EMPTY / PARTIAL / FULL."""
+        kv_num, kv_idx = _ordered_from_state(state == PARTIAL)
+        fkv_num, fkv_idx = _ordered_from_state(state == FULL)
+        st = state.transpose(-2, -1)
+        q_num, q_idx = _ordered_from_state(st == PARTIAL)
+        fq_num, fq_idx = _ordered_from_state(st == FULL)
+        return cls(kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx,
+                   BLOCK_SIZE, mask_mod, seq_lengths, mask_graph)
+
+    # ---- reading -------------------------------------------------------------------
+    def as_tuple(self, flatten: bool = True):
+        """(Q_LEN, KV_LEN, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+        q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, Q_BLOCK, KV_BLOCK, mask_mod)
+        as torch's BlockMask.as_tuple; flatten=False keeps BLOCK_SIZE as one tuple."""
+        tensors = tuple(getattr(self, a) for a in self._TENSOR_ATTRS)
+        bs = self.BLOCK_SIZE if not flatten else tuple(self.BLOCK_SIZE)
+        if flatten:
+            return (*self.seq_lengths, *tensors, *bs, self.mask_mod)
+        return (self.seq_lengths, *tensors, bs, self.mask_mod)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.kv_indices.shape[:-2]) + self.seq_lengths
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_indices.device
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def sparsity(self) -> float:
+        """Percentage of the B*H*Q_LEN*KV_LEN elements whose blocks are skipped (empty)."""
+        computed = int(self.kv_num_blocks.sum())
+        if self.full_kv_num_blocks is not None:
+            computed += int(self.full_kv_num_blocks.sum())
+        total = self.numel()
+        return 100.0 * (1 - computed * self.BLOCK_SIZE[0] * self.BLOCK_SIZE[1] / total) if total else 0.0
+
+    def to_dense(self) -> torch.Tensor:
+        """int32 [B, H, nQ, nKV]: 1 where the block is partial or full (as torch)."""
+        ncols = self.kv_indices.shape[-1]
+        dense = _state_from_ordered(self.kv_num_blocks, self.kv_indices, ncols)
+        if self.full_kv_num_blocks is not None:
+            dense = dense | _state_from_ordered(self.full_kv_num_blocks, self.full_kv_indices, ncols)
+        return dense.to(torch.int32)
+
+    def block_states(self) -> torch.Tensor:
+        """int8 [B, H, nQ, nKV]: 0 empty, 1 partial, 2 full."""
+        return _state_from_blockmask(self)
+
+    def to_string(self, grid_size=(20, 20), limit: int = 4) -> str:
+        """ASCII picture per (b, h): '█' full, '░' partial, ' ' empty (two characters per
+        cell). Grids larger than grid_size are sub-sampled: a cell summarising several blocks
+        shows '█' if all are full, ' ' if all are empty, '░' otherwise. grid_size=-1: no
+        sub-sampling."""
+        state = self.block_states()
+        *lead, nr, nc = state.shape
+        if grid_size == -1:
+            max_r, max_c = nr, nc
+        elif isinstance(grid_size, int):
+            max_r = max_c = grid_size
+        else:
+            max_r, max_c = grid_size
+        rs, cs = max(1, _cdiv(nr, max_r)), max(1, _cdiv(nc, max_c))
+        out = []
+        for k, bidx in enumerate(itertools.product(*[range(n) for n in lead])):
+            if k == limit:
+                out.append("...\nTo print more, use to_string(limit=N), or index the mask: block_mask[b, h]")
+                break
+            s = state[bidx]
+            lines = [f"{bidx}"]
+            for r in range(0, nr, rs):
+                row = ""
+                for c in range(0, nc, cs):
+                    cell = s[r:r + rs, c:c + cs]
+                    if bool((cell == FULL).all()):
+                        ch = "█"
+                    elif bool((cell == EMPTY).all()):
+                        ch = " "
+                    else:
+                        ch = "░"
+                    row += ch * 2
+                lines.append(row)
+            out.append("\n".join(lines))
+        return "\n".join(out) + "\n"
+
+    def __str__(self) -> str:
+        return f"BlockMask(shape={self.shape}, sparsity={self.sparsity():.2f}%,\n{self.to_string().rstrip()}\n)"
+
+    def __repr__(self) -> str:
+        def sh(x):
+            return None if x is None else tuple(x.shape)
+        fields = ",\n".join(f"    {a}={sh(getattr(self, a))}" for a in self._TENSOR_ATTRS)
+        name = getattr(self.mask_mod, "__name__", repr(self.mask_mod))
+        return (f"BlockMask(\n{fields},\n    BLOCK_SIZE={self.BLOCK_SIZE},\n    shape={self.shape},\n"
+                f"    sparsity={self.sparsity():.2f}%,\n    mask_mod={name}\n)")
+
+    # ---- transforming --------------------------------------------------------------
+    def to(self, device) -> "BlockMask":
+        t = {a: (None if getattr(self, a) is None else getattr(self, a).to(device)) for a in self._TENSOR_ATTRS}
+        return BlockMask(**t, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod,
+                         seq_lengths=self.seq_lengths, mask_graph=self.mask_graph)
+
+    def __getitem__(self, index) -> "BlockMask":
+        """Index batch, head and q-block dims like a tensor: bm[b], bm[:, h], bm[b, h, i:j].
+
+        Integer indices keep the dim (size 1). The mask_mod is kept only where its meaning
+        is unchanged (the indexed b / h dims are not used by the mask and no q-blocks were
+        dropped); otherwise partial blocks would be evaluated at shifted indices, so the
+        result carries a mask_mod that raises if called (as torch does)."""
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) > 3:
+            raise IndexError(f"a BlockMask is indexed by at most (batch, head, q_block), got {len(index)} indices")
+        sizes = self.kv_num_blocks.shape[:3]
+        norm = []
+        for i, n in zip((*index, slice(None), slice(None), slice(None))[:3], sizes):
+            if isinstance(i, int) and not isinstance(i, bool):
+                if not -n <= i < n:
+                    raise IndexError(f"index {i} is out of range for a dimension of size {n}")
+                i = i + n if i < 0 else i
+                i = slice(i, i + 1)
+            norm.append(i)
+        norm = tuple(norm)
+
+        def take(x):
+            return None if x is None else x[norm]
+
+        untouched_q = norm[2] == slice(None)
+        keep = untouched_q and self.mask_graph is not None and all(
+            (norm[d] == slice(None) or sizes[d] == 1 or not self.mask_graph.uses(name))
+            for d, name in ((0, "b"), (1, "h")))
+        bm = BlockMask.from_kv_blocks(take(self.kv_num_blocks), take(self.kv_indices),
+                                      take(self.full_kv_num_blocks), take(self.full_kv_indices),
+                                      BLOCK_SIZE=self.BLOCK_SIZE, seq_lengths=self.seq_lengths,
+                                      compute_q_blocks=self.q_indices is not None)
+        bm.mask_mod, bm.mask_graph = (self.mask_mod, self.mask_graph) if keep else (_sliced_mask_mod_error, None)
+        return bm
+
+    def crop(self, new_q_len: int, new_kv_len: int) -> "BlockMask":
+        """The mask restricted to q < new_q_len, kv < new_kv_len (lengths at most the current
+        ones). Blocks are reused; only partial blocks in the new last block row / column
+        are re-evaluated (a crop can empty them), so the result stays exact. A full block
+        cut by the new edge becomes partial (padding is masked). Without a mask_graph the
+        edge partial blocks stay partial (conservative)."""
+        Q, KV = self.seq_lengths
+        new_q_len = _positive("new_q_len", new_q_len)
+        new_kv_len = _positive("new_kv_len", new_kv_len)
+        if new_q_len > Q or new_kv_len > KV:
+            raise ValueError(f"crop can only shorten: the mask has lengths (Q_LEN={Q}, KV_LEN={KV}), asked for "
+                             f"({new_q_len}, {new_kv_len}); build a new mask with create_block_mask for longer ones")
+        qb, kvb = self.BLOCK_SIZE
+        nq, nkv = _cdiv(new_q_len, qb), _cdiv(new_kv_len, kvb)
+        state = self.block_states()[..., :nq, :nkv].clone()
+        B, H = state.shape[:2]
+        # Only the new edge row / column changes: it may now contain padding.
+        edges = []
+        if new_q_len % qb and new_q_len < Q:
+            edges.append((slice(nq - 1, nq), slice(None)))
+        if new_kv_len % kvb and new_kv_len < KV:
+            edges.append((slice(None), slice(nkv - 1, nkv)))
+        for rs, cs in edges:
+            sub = state[:, :, rs, cs]
+            sub[sub == FULL] = PARTIAL
+            state[:, :, rs, cs] = sub
+        if edges and self.mask_graph is not None:
+            for rs, cs in edges:
+                for b, h in itertools.product(range(B), range(H)):
+                    sub = state[b, h, rs, cs]
+                    qi, kj = torch.nonzero(sub == PARTIAL, as_tuple=True)
+                    if qi.numel() == 0:
+                        continue
+                    qi = qi + (rs.start or 0)
+                    kj = kj + (cs.start or 0)
+                    res = _evaluate_blocks(self.mask_graph, b, h, qi.to(self.device), kj.to(self.device),
+                                           (qb, kvb), new_q_len, new_kv_len, self.device)
+                    state[b, h, qi, kj] = res
+        return BlockMask._from_state(state, self.BLOCK_SIZE, self.mask_mod, (new_q_len, new_kv_len),
+                                     self.mask_graph)
+
+    _adjust = crop  # torch's name
+
+
+def _sliced_mask_mod_error(b, h, q_idx, kv_idx):
+    raise RuntimeError("this BlockMask was sliced, so its mask_mod no longer applies at the sliced indices; "
+                       "build the mask for the sliced shape with create_block_mask instead")
+
+
+# ---------------------------------------------------------------------------------------
+# Builders
+
+def _evaluate_blocks(graph: Graph, b: int, h: int, qi: torch.Tensor, kj: torch.Tensor,
+                     block: tuple[int, int], Q_LEN: int, KV_LEN: int, device) -> torch.Tensor:
+    """Exact state (int8 EMPTY/PARTIAL/FULL) of the blocks (qi[n], kj[n]), batched tiles.
+
+    Padding positions (>= Q_LEN / KV_LEN) are evaluated at a clamped index (so captured
+    tensors sized to the lengths are never read out of bounds) and then counted False."""
+    qb, kvb = block
+    out = torch.empty(qi.numel(), dtype=torch.int8, device=device)
+    per = max(1, _TILE_BATCH_ELEMS // (qb * kvb))
+    ar_q = torch.arange(qb, dtype=torch.int32, device=device)
+    ar_kv = torch.arange(kvb, dtype=torch.int32, device=device)
+    bt = torch.tensor(b, dtype=torch.int32, device=device)
+    ht = torch.tensor(h, dtype=torch.int32, device=device)
+    for s in range(0, qi.numel(), per):
+        q = (qi[s:s + per].to(torch.int32) * qb)[:, None, None] + ar_q[None, :, None]
+        kv = (kj[s:s + per].to(torch.int32) * kvb)[:, None, None] + ar_kv[None, None, :]
+        valid = (q < Q_LEN) & (kv < KV_LEN)
+        m = evaluate(graph, b=bt, h=ht, q_idx=q.clamp(max=Q_LEN - 1), kv_idx=kv.clamp(max=KV_LEN - 1))
+        m = m & valid
+        anyv = m.flatten(1).any(1)
+        allv = m.flatten(1).all(1)
+        out[s:s + per] = torch.where(allv, FULL, torch.where(anyv, PARTIAL, EMPTY)).to(torch.int8)
+    return out
+
+
+def _sample_blocks(graph: Graph, b: int, h: int, qi: torch.Tensor, kj: torch.Tensor,
+                   block: tuple[int, int], Q_LEN: int, KV_LEN: int, device) -> torch.Tensor:
+    """PARTIAL where a few sample points of the block (its corners and centre, real
+    positions only) already show both a true and a false value - or a true value in a
+    block with padding -, else UNDECIDED. Exact: such a block is neither full nor empty.
+    Cheap: 5 evaluations per block instead of Q_BLOCK * KV_BLOCK."""
+    from .analyse import UNDECIDED
+
+    qb, kvb = block
+    q0 = qi.to(torch.int64) * qb
+    k0 = kj.to(torch.int64) * kvb
+    q1 = torch.clamp(q0 + qb - 1, max=Q_LEN - 1)
+    k1 = torch.clamp(k0 + kvb - 1, max=KV_LEN - 1)
+    qs = torch.stack([q0, q0, q1, q1, (q0 + q1) // 2], 1).to(torch.int32)
+    ks = torch.stack([k0, k1, k0, k1, (k0 + k1) // 2], 1).to(torch.int32)
+    v = evaluate(graph, b=torch.tensor(b, dtype=torch.int32, device=device),
+                 h=torch.tensor(h, dtype=torch.int32, device=device), q_idx=qs, kv_idx=ks)
+    anyv, allv = v.any(1), v.all(1)
+    padded = ((q0 + qb) > Q_LEN) | ((k0 + kvb) > KV_LEN)
+    partial = anyv & (~allv | padded)
+    return torch.where(partial, torch.tensor(PARTIAL, dtype=torch.int8, device=device),
+                       torch.tensor(UNDECIDED, dtype=torch.int8, device=device))
+
+
+def _block_states(graph: Graph, Bm: int, Hm: int, Q_LEN: int, KV_LEN: int, block, device) -> torch.Tensor:
+    """int8 [Bm, Hm, nQ, nKV] of EMPTY / PARTIAL / FULL: analysis first, exact evaluation
+    of the undecided blocks after, one chunk of q-block rows at a time."""
+    from .analyse import BoxAnalyser, UNDECIDED
+
+    qb, kvb = block
+    nq, nkv = _cdiv(Q_LEN, qb), _cdiv(KV_LEN, kvb)
+    state = torch.empty(Bm, Hm, nq, nkv, dtype=torch.int8, device=device)
+    analyser = BoxAnalyser(graph, Q_LEN, KV_LEN, device=device)
+    # Index ranges of the real (unpadded) positions of each block, inclusive.
+    kv_lo = torch.arange(nkv, dtype=torch.int64, device=device) * kvb
+    kv_hi = torch.clamp(kv_lo + kvb - 1, max=KV_LEN - 1)
+    chunk = max(1, _ANALYSE_CHUNK_ELEMS // max(nkv, 1))
+    for b, h in itertools.product(range(Bm), range(Hm)):
+        for r0 in range(0, nq, chunk):
+            r1 = min(nq, r0 + chunk)
+            q_lo = torch.arange(r0, r1, dtype=torch.int64, device=device) * qb
+            q_hi = torch.clamp(q_lo + qb - 1, max=Q_LEN - 1)
+            st = analyser.decide(b, h, q_lo[:, None], q_hi[:, None], kv_lo[None, :], kv_hi[None, :])
+            st = st.expand(r1 - r0, nkv).contiguous()
+            # A block with padding is never full; the analysis saw only its real positions.
+            # Padding lives only in the last block row / column.
+            if r1 == nq and Q_LEN % qb:
+                st[-1][st[-1] == FULL] = PARTIAL
+            if KV_LEN % kvb:
+                col = st[:, -1]
+                st[:, -1] = torch.where(col == FULL, torch.tensor(PARTIAL, dtype=torch.int8, device=device), col)
+            und = st == UNDECIDED
+            if bool(und.any()):
+                qi, kj = torch.nonzero(und, as_tuple=True)
+                res = _sample_blocks(graph, b, h, qi + r0, kj, block, Q_LEN, KV_LEN, device)
+                rest = res == UNDECIDED
+                if bool(rest.any()):
+                    res[rest] = _evaluate_blocks(graph, b, h, qi[rest] + r0, kj[rest], block, Q_LEN, KV_LEN, device)
+                st[qi, kj] = res
+            state[b, h, r0:r1] = st
+    return state
+
+
+def create_block_mask(mask_mod: Callable, B: Optional[int], H: Optional[int], Q_LEN: int, KV_LEN: int,
+                      device="cpu", BLOCK_SIZE=_DEFAULT_BLOCK, _compile: bool = False) -> BlockMask:
+    """Exact BlockMask of `mask_mod` for a [B, H, Q_LEN, KV_LEN] attention.
+
+    B / H None mean 1 (the mask broadcasts over batch / heads). A mask that does not read
+    b (or h) is analysed once and broadcast to B (or H). `_compile` is accepted for torch
+    compatibility and ignored (nothing here needs compiling)."""
+    check_arity(mask_mod, "mask", "mask_mod")
+    B = _positive("B", B, allow_none=True)
+    H = _positive("H", H, allow_none=True)
+    Q_LEN = _positive("Q_LEN", Q_LEN)
+    KV_LEN = _positive("KV_LEN", KV_LEN)
+    block = _block_size(BLOCK_SIZE)
+    device = torch.device(device)
+    graph = trace_mask(mask_mod)
+    check_buffers_device(graph, device, "mask_mod")
+    Bm = B if graph.uses("b") else 1
+    Hm = H if graph.uses("h") else 1
+    state = _block_states(graph, Bm, Hm, Q_LEN, KV_LEN, block, device)
+    state = state.expand(B, H, *state.shape[2:])
+    if Bm != B or Hm != H:
+        # derive indices once for the distinct masks, then broadcast (copy) them
+        bm = BlockMask._from_state(state[:Bm, :Hm], block, mask_mod, (Q_LEN, KV_LEN), graph)
+        t = {a: getattr(bm, a).expand(B, H, *getattr(bm, a).shape[2:]).contiguous() for a in BlockMask._TENSOR_ATTRS}
+        return BlockMask(**t, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(Q_LEN, KV_LEN), mask_graph=graph)
+    return BlockMask._from_state(state, block, mask_mod, (Q_LEN, KV_LEN), graph)
+
+
+def create_mask(mask_mod: Callable, B: Optional[int], H: Optional[int], Q_LEN: int, KV_LEN: int,
+                device="cpu") -> torch.Tensor:
+    """Dense bool mask [B, H, Q_LEN, KV_LEN] (B / H None mean 1). O(B*H*Q*KV) memory:
+    for inspection and tests; attention uses create_block_mask."""
+    check_arity(mask_mod, "mask", "mask_mod")
+    B = _positive("B", B, allow_none=True)
+    H = _positive("H", H, allow_none=True)
+    Q_LEN = _positive("Q_LEN", Q_LEN)
+    KV_LEN = _positive("KV_LEN", KV_LEN)
+    device = torch.device(device)
+    graph = trace_mask(mask_mod)
+    check_buffers_device(graph, device, "mask_mod")
+    i32 = dict(dtype=torch.int32, device=device)
+    return evaluate(graph, b=torch.arange(B, **i32)[:, None, None, None], h=torch.arange(H, **i32)[None, :, None, None],
+                    q_idx=torch.arange(Q_LEN, **i32)[None, None, :, None],
+                    kv_idx=torch.arange(KV_LEN, **i32)[None, None, None, :]).contiguous()

@@ -1,0 +1,430 @@
+"""IR -> Triton: an expression printer, kernel-source assembly, and the on-disk cache.
+
+The kernels in `flexattn.kernels` are real Triton source templates with a few named
+holes (`{SCORE_MOD}`, `{MASK_MOD}`, `{SCORE_BUF_PARAMS}`, ...). This module fills them:
+
+* `TritonPrinter` prints one IR graph as the body of a `@triton.jit` helper: one
+  `_print_<op>` method per IR op; ops in `UNSUPPORTED` (and anything without a method)
+  raise `CodegenError` naming the op and the mod.
+* `mod_function(...)` wraps a printed body as `@triton.jit def <name>(score, off_z, off_h,
+  q_idx, kv_idx, <buffer args>)`. Inputs broadcast like torch tensors: the kernels pass
+  `q_idx` as an [M, 1] (or [1, M]) int32 tile and `kv_idx` as [1, N] (or [N, 1]).
+* Captured tensors become three kinds of argument per buffer slot: a pointer, one stride
+  and one size per dimension (`sb0_ptr, sb0_s0, sb0_n0, ...`). Loads are bounds-checked
+  (out-of-range reads give 0) and address math is int64.
+* `load_module(source)` writes generated source to the cache directory, keyed by the hash
+  of the source itself, and imports it. The source depends only on the graphs'
+  `structure_key()`, dtypes, head dims and options - never on captured values - so new
+  values in a captured tensor never recompile.
+
+Semantics that differ between torch and Triton and are handled here:
+* `//` and `%` on integers: torch floors, Triton truncates -> `_floordiv` / `_floormod`.
+* dtype promotion: every node's result is cast to its IR dtype (a no-op when it already
+  is), so Triton's promotion rules never leak into the result.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import os
+import sys
+import tempfile
+
+import torch
+
+from .ir import Graph, Node
+
+# Ops the printer declares unsupported (with the reason shown to the user).
+UNSUPPORTED = {
+    "pow": "pow with a non-constant exponent (a traced value) - rewrite with exp2/log2, "
+           "or use a Python number as the exponent",
+}
+
+
+class CodegenError(ValueError):
+    """The IR uses an op (or dtype) the Triton printer cannot express."""
+
+
+TL_DTYPES = {
+    torch.bool: "tl.int1", torch.int8: "tl.int8", torch.int16: "tl.int16", torch.int32: "tl.int32",
+    torch.int64: "tl.int64", torch.uint8: "tl.uint8", torch.float16: "tl.float16",
+    torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32", torch.float64: "tl.float64",
+}
+
+# Helper functions every generated module starts with (torch semantics in Triton).
+PRELUDE = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _floordiv(a, b):
+    # Python/torch floor division on integers (Triton's // truncates toward zero)
+    q = a // b
+    r = a - q * b
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), q - 1, q)
+
+
+@triton.jit
+def _floormod(a, b):
+    # Python/torch remainder on integers: the result has the divisor's sign
+    r = a % b
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through one exp2: |error| ~ 1e-7 absolute, much cheaper than libdevice's tanh
+    e = tl.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+'''
+
+
+def _lit(value) -> str:
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, int):
+        return repr(value)
+    if math.isnan(value):
+        return "float('nan')"
+    if math.isinf(value):
+        return "float('inf')" if value > 0 else "float('-inf')"
+    return repr(float(value))
+
+
+class TritonPrinter:
+    """Prints the live nodes of an IR graph (plus any extra output nodes) as Triton lines.
+
+    `input_names` maps IR input names to Triton variable names; `buf_prefix` names the
+    buffer arguments (`{buf_prefix}{slot}_ptr`, `_s{d}`, `_n{d}`).
+    """
+
+    def __init__(self, graph: Graph, input_names: dict[str, str], buf_prefix: str = "sb"):
+        self.graph = graph
+        self.input_names = input_names
+        self.buf_prefix = buf_prefix
+        self.lines: list[str] = []
+        self.names: dict[int, str] = {}
+
+    # ---- driver ------------------------------------------------------------------------
+    def print_nodes(self, outputs: list[Node]) -> list[str]:
+        """Emit code for everything `outputs` depend on; returns their expressions."""
+        needed: set[int] = set()
+        stack = list(outputs)
+        while stack:
+            n = stack.pop()
+            if id(n) in needed:
+                continue
+            needed.add(id(n))
+            stack.extend(n.inputs)
+        for n in self.graph.nodes:
+            if id(n) in needed and id(n) not in self.names:
+                self.names[id(n)] = self.emit(n)
+        return [self.names[id(o)] for o in outputs]
+
+    def emit(self, n: Node) -> str:
+        if n.op == "input":
+            return self.input_names[n.args[0]]
+        if n.op == "const":
+            return _lit(n.args[0])
+        if n.op == "buffer":
+            return f"{self.buf_prefix}{n.args[0]}"
+        if n.op in UNSUPPORTED and not (n.op == "pow" and n.args[1].op == "const"):
+            raise CodegenError(f"{self.graph.kind}_mod {self.graph.fn_name!r}: the GPU kernels do not support "
+                               f"{UNSUPPORTED[n.op]} (node {n.name}); the CPU path does")
+        method = getattr(self, f"_print_{n.op}", None)
+        if method is None:
+            raise CodegenError(f"{self.graph.kind}_mod {self.graph.fn_name!r}: op {n.op!r} has no Triton printer")
+        if n.dtype not in TL_DTYPES:
+            raise CodegenError(f"{self.graph.kind}_mod {self.graph.fn_name!r}: dtype {n.dtype} is not supported "
+                               f"in the GPU kernels (node {n.name})")
+        args = [self.names[id(a)] for a in n.args]
+        expr = method(n, *args)
+        var = f"v_{n.name}"
+        self.lines.append(f"{var} = {expr}")
+        return var
+
+    # ---- helpers -----------------------------------------------------------------------
+    def _cast(self, expr: str, src: Node, dst: torch.dtype) -> str:
+        """`expr` (the value of node `src`) converted to `dst` with torch's semantics."""
+        if src.op == "const":
+            v = src.args[0]
+            if dst == torch.bool:
+                return _lit(bool(v))
+            if dst.is_floating_point:
+                return _lit(float(v))
+            return _lit(int(v))
+        if src.dtype == dst:
+            return expr
+        if dst == torch.bool:
+            return f"({expr} != 0)"
+        return f"({expr}).to({TL_DTYPES[dst]})"
+
+    def _out(self, n: Node, expr: str) -> str:
+        # Constant-only subexpressions stay Python scalars; tensors are cast to the IR dtype.
+        if all(a.op == "const" for a in n.inputs):
+            return expr
+        return f"({expr}).to({TL_DTYPES[n.dtype]})" if n.dtype != torch.bool else expr
+
+    def _float_arg(self, n: Node, i: int, expr: str) -> str:
+        """Argument i of float-valued node n, cast to n's dtype (torch computes in it)."""
+        return self._cast(expr, n.args[i], n.dtype)
+
+    def _unary_math(self, fn: str):
+        def p(n, a):
+            return self._out(n, f"{fn}({self._float_arg(n, 0, a)})")
+        return p
+
+    # ---- unary -------------------------------------------------------------------------
+    def _print_neg(self, n, a): return self._out(n, f"-({a})")
+    def _print_abs(self, n, a): return self._out(n, f"tl.abs({a})")
+    def _print_exp(self, n, a): return self._unary_math("tl.exp")(n, a)
+    def _print_exp2(self, n, a): return self._unary_math("tl.exp2")(n, a)
+    def _print_log(self, n, a): return self._unary_math("tl.log")(n, a)
+    def _print_log2(self, n, a): return self._unary_math("tl.log2")(n, a)
+    def _print_sqrt(self, n, a): return self._unary_math("tl.sqrt")(n, a)
+    def _print_rsqrt(self, n, a): return self._unary_math("tl.rsqrt")(n, a)
+    def _print_tanh(self, n, a): return self._unary_math("_tanh")(n, a)
+    def _print_sigmoid(self, n, a): return self._unary_math("tl.sigmoid")(n, a)
+    def _print_sin(self, n, a): return self._unary_math("tl.sin")(n, a)
+    def _print_cos(self, n, a): return self._unary_math("tl.cos")(n, a)
+
+    def _print_floor(self, n, a):
+        return a if not n.dtype.is_floating_point else self._unary_math("tl.floor")(n, a)
+
+    def _print_ceil(self, n, a):
+        return a if not n.dtype.is_floating_point else self._unary_math("tl.ceil")(n, a)
+
+    def _print_invert(self, n, a):
+        if n.dtype == torch.bool:
+            return f"({a} == 0)"
+        return self._out(n, f"~({a})")
+
+    # ---- binary ------------------------------------------------------------------------
+    def _binop(self, n, a, b, op):
+        if n.dtype.is_floating_point:  # torch computes in the promoted float dtype
+            a, b = self._float_arg(n, 0, a), self._float_arg(n, 1, b)
+        return self._out(n, f"({a}) {op} ({b})")
+
+    def _print_add(self, n, a, b): return self._binop(n, a, b, "+")
+    def _print_sub(self, n, a, b): return self._binop(n, a, b, "-")
+    def _print_mul(self, n, a, b): return self._binop(n, a, b, "*")
+
+    def _print_truediv(self, n, a, b):
+        return self._out(n, f"({self._float_arg(n, 0, a)}) / ({self._float_arg(n, 1, b)})")
+
+    def _print_floordiv(self, n, a, b):
+        if n.dtype.is_floating_point:
+            return self._out(n, f"tl.floor(({self._float_arg(n, 0, a)}) / ({self._float_arg(n, 1, b)}))")
+        return self._out(n, f"_floordiv({a}, {b})")
+
+    def _print_mod(self, n, a, b):
+        if n.dtype.is_floating_point:
+            a, b = self._float_arg(n, 0, a), self._float_arg(n, 1, b)
+            return self._out(n, f"({a}) - tl.floor(({a}) / ({b})) * ({b})")
+        return self._out(n, f"_floormod({a}, {b})")
+
+    def _print_pow(self, n, a, b):
+        e = n.args[1].args[0]  # a constant exponent (non-constant ones are UNSUPPORTED)
+        base = self._float_arg(n, 0, a) if n.dtype.is_floating_point else a
+        if isinstance(e, (int, float)) and float(e).is_integer() and 0 <= e <= 8:
+            if e == 0:
+                return self._out(n, f"({base}) * 0 + 1")
+            return self._out(n, " * ".join([f"({base})"] * int(e)))
+        if e == 0.5:
+            return self._out(n, f"tl.sqrt({base})")
+        if e == -0.5:
+            return self._out(n, f"tl.rsqrt({base})")
+        if isinstance(e, (int, float)) and float(e).is_integer() and -8 <= e < 0:
+            return self._out(n, "1.0 / (" + " * ".join([f"({base})"] * int(-e)) + ")")
+        # general real exponent: defined for positive bases (NaN for negative, as torch)
+        return self._out(n, f"tl.where(({base}) == 0, 0.0, tl.exp2(tl.log2({base}) * {_lit(float(e))}))")
+
+    def _print_minimum(self, n, a, b):
+        if n.dtype.is_floating_point:
+            a, b = self._float_arg(n, 0, a), self._float_arg(n, 1, b)
+        return self._out(n, f"tl.minimum({a}, {b})")
+
+    def _print_maximum(self, n, a, b):
+        if n.dtype.is_floating_point:
+            a, b = self._float_arg(n, 0, a), self._float_arg(n, 1, b)
+        return self._out(n, f"tl.maximum({a}, {b})")
+
+    def _print_and(self, n, a, b): return self._binop(n, a, b, "&")
+    def _print_or(self, n, a, b): return self._binop(n, a, b, "|")
+    def _print_xor(self, n, a, b): return self._binop(n, a, b, "^")
+
+    def _compare(self, n, a, b, op):
+        x, y = n.args
+        if x.dtype.is_floating_point or y.dtype.is_floating_point:
+            common = torch.promote_types(x.dtype, y.dtype) if x.op != "const" and y.op != "const" else \
+                (x.dtype if y.op == "const" else y.dtype)
+            if common.is_floating_point:
+                a, b = self._cast(a, x, common), self._cast(b, y, common)
+        return f"({a}) {op} ({b})"
+
+    def _print_lt(self, n, a, b): return self._compare(n, a, b, "<")
+    def _print_le(self, n, a, b): return self._compare(n, a, b, "<=")
+    def _print_gt(self, n, a, b): return self._compare(n, a, b, ">")
+    def _print_ge(self, n, a, b): return self._compare(n, a, b, ">=")
+    def _print_eq(self, n, a, b): return self._compare(n, a, b, "==")
+    def _print_ne(self, n, a, b): return self._compare(n, a, b, "!=")
+
+    # ---- other -------------------------------------------------------------------------
+    def _print_where(self, n, c, a, b):
+        return self._out(n, f"tl.where({c}, {self._cast(a, n.args[1], n.dtype)}, {self._cast(b, n.args[2], n.dtype)})")
+
+    def _print_cast(self, n, a):
+        return self._cast(a, n.args[0], n.dtype)
+
+    def _print_load(self, n, buf, *idx):
+        """buffer[i0, i1, ...]: int64 address math, out-of-range indices read 0."""
+        if not idx:
+            return f"tl.load({buf}_ptr)"
+        offs, ok = [], []
+        for d, i in enumerate(idx):
+            offs.append(f"({i}).to(tl.int64) * {buf}_s{d}")
+            ok.append(f"(({i}) >= 0) & (({i}) < {buf}_n{d})")
+        return f"tl.load({buf}_ptr + {' + '.join(offs)}, mask={' & '.join(ok)}, other=0)"
+
+
+# ---- mod functions -------------------------------------------------------------------
+
+def buffer_params(graph: Graph | None, prefix: str) -> list[str]:
+    """Kernel parameter names for a graph's captured tensors (pointer, strides, sizes)."""
+    if graph is None:
+        return []
+    out = []
+    for slot, t in enumerate(graph.buffers):
+        out.append(f"{prefix}{slot}_ptr")
+        out += [f"{prefix}{slot}_s{d}" for d in range(t.dim())]
+        out += [f"{prefix}{slot}_n{d}" for d in range(t.dim())]
+    return out
+
+
+def buffer_args(graph: Graph | None) -> list:
+    """Launch arguments matching `buffer_params` (same order)."""
+    if graph is None:
+        return []
+    out = []
+    for t in graph.buffers:
+        out.append(t)
+        out += list(t.stride())
+        out += list(t.shape)
+    return out
+
+
+INDEX_INPUTS = {"score": "score", "b": "off_z", "h": "off_h", "q_idx": "q_idx", "kv_idx": "kv_idx"}
+
+
+def mod_function(name: str, graph: Graph | None, kind: str, prefix: str) -> str:
+    """`@triton.jit def name(score, off_z, off_h, q_idx, kv_idx, *bufs)` for a score mod
+    (returns the new score, float32) or `name(off_z, off_h, q_idx, kv_idx, *bufs)` for a mask
+    mod (returns a bool tile or scalar). graph None: identity score / all-true mask."""
+    params = (["score"] if kind == "score" else []) + ["off_z", "off_h", "q_idx", "kv_idx"]
+    params += buffer_params(graph, prefix)
+    lines = ["@triton.jit", f"def {name}({', '.join(params)}):"]
+    if graph is None:
+        lines.append("    return score" if kind == "score" else "    return True")
+        return "\n".join(lines) + "\n"
+    pr = TritonPrinter(graph, INDEX_INPUTS, prefix)
+    (out,) = pr.print_nodes([graph.output])
+    lines += ["    " + ln for ln in pr.lines]
+    if kind == "score":
+        if not graph.uses("score"):  # the result must still be a full tile
+            lines.append(f"    return tl.zeros_like(score) + {out}")
+        else:
+            lines.append(f"    return {out}.to(tl.float32)")
+    else:
+        lines.append(f"    return {out}")
+    lines.append(f"# {graph.kind}_mod {graph.fn_name}:")
+    lines += ["#   " + ln for ln in str(graph).splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+def mod_backward_function(name: str, graph: Graph | None, prefix: str, grad_bufs: list[int]) -> str:
+    """`@triton.jit def name(score, grad, valid, off_z, off_h, q_idx, kv_idx, *bufs, *grad_bufs,
+    Q_AXIS, ACCUM)`: returns d(score_mod)/d(score) * grad, and atomically adds the gradient of every
+    load of a captured float tensor in `grad_bufs` (slots) into `gb<slot>_ptr` (float32, same
+    shape/strides as the contiguous buffer). `valid` masks positions that take no part.
+    Q_AXIS (constexpr) is the tile axis that q_idx runs along: sums over the other axis
+    happen before the atomics when an index does not depend on it. ACCUM (constexpr) False
+    skips the buffer gradients (only one of the backward kernels adds them)."""
+    from .autodiff import differentiate
+
+    params = ["score", "grad", "valid", "off_z", "off_h", "q_idx", "kv_idx"] + buffer_params(graph, prefix)
+    params += [f"g{prefix}{s}_ptr" for s in grad_bufs] + ["Q_AXIS: tl.constexpr", "ACCUM: tl.constexpr"]
+    lines = ["@triton.jit", f"def {name}({', '.join(params)}):"]
+    if graph is None:
+        lines.append("    return grad")
+        return "\n".join(lines) + "\n"
+    d = differentiate(graph, grad_bufs)
+    pr = TritonPrinter(d.graph, INDEX_INPUTS, prefix)
+    index_nodes = [i for load, _ in d.load_grads for i in load.args[1:]]
+    outs = pr.print_nodes([d.dscore] + [g for _, g in d.load_grads] + index_nodes)
+    lines += ["    " + ln for ln in pr.lines]
+    for (load, _), gexpr in zip(d.load_grads, outs[1:]):
+        slot = load.args[0].args[0]
+        idx_exprs = [pr.names[id(i)] for i in load.args[1:]]
+        deps = set()
+        for i in load.args[1:]:
+            deps |= d.depends(i)
+        lines.append("    if ACCUM:")
+        body = []
+        body.append(f"gv = tl.where(valid, grad * ({gexpr}), 0.0)")
+        # reduce over tile axes the index does not vary along (one atomic per distinct address)
+        if "q_idx" not in deps and "kv_idx" not in deps:
+            body.append("gv = tl.sum(tl.sum(gv, 1), 0)")
+        elif "q_idx" not in deps:
+            body.append("gv = tl.sum(gv, Q_AXIS, keep_dims=True)")
+        elif "kv_idx" not in deps:
+            body.append("gv = tl.sum(gv, 1 - Q_AXIS, keep_dims=True)")
+        ok, offs = [], []
+        for dim, ie in enumerate(idx_exprs):
+            offs.append(f"({ie}).to(tl.int64) * {prefix}{slot}_s{dim}")
+            ok.append(f"(({ie}) >= 0) & (({ie}) < {prefix}{slot}_n{dim})")
+        ptr = f"g{prefix}{slot}_ptr" + (" + " + " + ".join(offs) if offs else "")
+        if "q_idx" in deps and "kv_idx" in deps:
+            ok.append("valid")
+        body.append(f"tl.atomic_add({ptr}, gv" + (f", mask={' & '.join(ok)}" if ok else "") + ", sem='relaxed')")
+        lines += ["        " + b for b in body]
+    ds = outs[0]
+    lines.append(f"    return tl.where(valid, grad * ({ds}), 0.0)")
+    return "\n".join(lines) + "\n"
+
+
+# ---- source cache --------------------------------------------------------------------
+
+def cache_dir() -> str:
+    d = os.environ.get("FLEXATTN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "flexattn")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+_MODULES: dict[str, object] = {}
+
+
+def source_key(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()[:24]
+
+
+def load_module(source: str, stem: str = "kernel"):
+    """Import generated `source` (cached in memory and on disk by its hash)."""
+    key = source_key(source)
+    if key in _MODULES:
+        return _MODULES[key]
+    path = os.path.join(cache_dir(), f"{stem}_{key}.py")
+    if not os.path.exists(path):
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)  # atomic: concurrent processes never see half a file
+    name = f"flexattn_generated_{stem}_{key}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    _MODULES[key] = mod
+    return mod

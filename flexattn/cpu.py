@@ -1,0 +1,282 @@
+"""The block-sparse tiled attention path for CPU tensors (forward and backward).
+
+For each q-tile it runs an online softmax over the kv blocks the BlockMask lists for that
+q-block: *partial* blocks with the mask evaluated on the tile, *full* blocks without it;
+empty blocks are never visited. Work is vectorised over (batch, query head): for a q-tile
+and a slot j, every (b, h) gathers its own j-th kv block by index, and (b, h) pairs with
+fewer than j+1 blocks mask that slot out. Memory is O(B * H * tile * (tile + D)) besides the
+inputs, outputs and dk/dv accumulators - never O(L * S).
+
+Numerics: fp16/bf16/fp32 inputs compute in float32, float64 inputs in float64. The output
+is in q.dtype; lse (natural log) is float32, or float64 for float64 inputs (as torch does).
+Fully masked rows give out 0, lse -inf and zero gradients.
+
+The backward recomputes each tile (no stored probabilities): P = exp(score - lse),
+dV += P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O) + dlse), then through score_mod by
+torch.autograd.grad on the tile (which also yields the gradients of captured tensors that
+require grad), dQ += dS K * scale, dK += dS^T Q * scale. Dropout replays its hash per tile.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from .evaluate import evaluate
+from .dropout import dropout_keep
+from .ir import Graph
+
+NEG_INF = float("-inf")
+# kernel_options keys this path reads; other keys (GPU tuning) are ignored here.
+CPU_OPTION_KEYS = ("BLOCK_M", "BLOCK_N")
+
+
+@dataclass
+class _Plan:
+    """Everything about one call except the tensors autograd tracks."""
+    score_graph: Optional[Graph]
+    mask_graph: Optional[Graph]
+    scale: float
+    q_block: int
+    kv_block: int
+    tile_m: int
+    tile_n: int
+    # the BlockMask's block lists [Bm, Hm, nQ(, n)]; Bm/Hm of 1 broadcast over batch/heads
+    kv_num: torch.Tensor
+    kv_idx: torch.Tensor
+    full_num: Optional[torch.Tensor]
+    full_idx: Optional[torch.Tensor]
+    dropout_p: float
+    dropout_seed: int
+    compute_dtype: torch.dtype
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tile_sizes(kernel_options: dict, q_block: int, kv_block: int) -> tuple[int, int]:
+    sizes = []
+    for key, block, which in (("BLOCK_M", q_block, "Q"), ("BLOCK_N", kv_block, "KV")):
+        t = kernel_options.get(key, block)
+        if isinstance(t, bool) or not isinstance(t, int) or t <= 0 or block % t:
+            raise ValueError(f"kernel_options[{key!r}] must be a positive int dividing the BlockMask's "
+                             f"{which} block size {block}, got {t!r}; use a divisor of {block} or leave it unset")
+        sizes.append(t)
+    return sizes[0], sizes[1]
+
+
+# ---------------------------------------------------------------------------------------
+# Traversal: the single definition of which (q-tile, kv-tile) pairs are visited.
+
+@dataclass
+class _KVTile:
+    pos: torch.Tensor      # [Bm, Hm, N] int64 kv positions, clamped into [0, S) (safe to gather)
+    valid: torch.Tensor    # [Bm, Hm, 1, N] bool: a real block slot and position < S
+    partial: bool          # evaluate the mask_mod on this tile
+
+
+def _kv_tiles(plan: _Plan, i: int, S: int) -> Iterator[_KVTile]:
+    """kv tiles of q-block i: partial blocks, then full blocks, slot by slot."""
+    device = plan.kv_num.device
+    sub = torch.arange(plan.tile_n, device=device)
+    for num, idx, partial in ((plan.kv_num, plan.kv_idx, True), (plan.full_num, plan.full_idx, False)):
+        if num is None:
+            continue
+        num_i = num[:, :, i]
+        n_slots = int(num_i.max()) if num_i.numel() else 0
+        n_kv_blocks = idx.shape[-1]
+        for j in range(n_slots):
+            blk = idx[:, :, i, j].long().clamp(0, max(n_kv_blocks - 1, 0))  # unused slots may hold anything
+            slot_ok = (j < num_i)[..., None]
+            for start in range(0, plan.kv_block, plan.tile_n):
+                pos = blk[..., None] * plan.kv_block + start + sub
+                valid = slot_ok & (pos < S)
+                if not bool(valid.any()):
+                    continue
+                yield _KVTile(pos.clamp(max=S - 1), valid[..., None, :], partial)
+
+
+def _q_tiles(plan: _Plan, L: int) -> Iterator[tuple[int, int, int]]:
+    """(q-block index, first row, end row) of every q-tile."""
+    for i in range(math.ceil(L / plan.q_block)):
+        for q0 in range(i * plan.q_block, min(L, (i + 1) * plan.q_block), plan.tile_m):
+            yield i, q0, min(L, q0 + plan.tile_m, (i + 1) * plan.q_block)
+
+
+class _Indices:
+    """int32 index tensors of the mods, shaped to broadcast against a [B, Hq, M, N] tile."""
+
+    def __init__(self, B: int, Hq: int, Hkv: int, device):
+        self.b = torch.arange(B, dtype=torch.int32, device=device).view(B, 1, 1, 1)
+        self.h = torch.arange(Hq, dtype=torch.int32, device=device).view(1, Hq, 1, 1)
+        # gather indices for k/v [B, Hkv, S, D]: batch and the kv head each query head reads
+        self.gb = torch.arange(B, device=device).view(B, 1, 1)
+        self.gh = (torch.arange(Hq, device=device) // (Hq // Hkv)).view(1, Hq, 1)
+
+    @staticmethod
+    def q(q0: int, q1: int, device) -> torch.Tensor:
+        return torch.arange(q0, q1, dtype=torch.int32, device=device).view(1, 1, -1, 1)
+
+
+def _scores(plan: _Plan, idx: _Indices, qt, kt, q_idx, tile: _KVTile, *, s0=None, buffers=None):
+    """(pre-mod score, post-mod score with -inf outside mask/valid, the keep-able mask)."""
+    kv_idx = tile.pos.to(torch.int32)[..., None, :]
+    if s0 is None:
+        s0 = (qt @ kt.transpose(-1, -2)) * plan.scale
+    s = s0
+    if plan.score_graph is not None:
+        s = evaluate(plan.score_graph, score=s0, b=idx.b, h=idx.h, q_idx=q_idx, kv_idx=kv_idx,
+                     buffers=buffers).to(plan.compute_dtype)
+    allowed = tile.valid
+    if tile.partial and plan.mask_graph is not None:
+        allowed = allowed & evaluate(plan.mask_graph, b=idx.b, h=idx.h, q_idx=q_idx, kv_idx=kv_idx)
+    return s0, s, allowed
+
+
+def _keep(plan: _Plan, idx: _Indices, q_idx, tile: _KVTile):
+    return dropout_keep(plan.dropout_seed, plan.dropout_p, idx.b, idx.h, q_idx, tile.pos[..., None, :])
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+
+def _forward(plan: _Plan, q, k, v):
+    B, Hq, L, _ = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
+    cdt, dev = plan.compute_dtype, q.device
+    idx = _Indices(B, Hq, Hkv, dev)
+    out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=dev)
+    lse = torch.empty(B, Hq, L, dtype=cdt, device=dev)
+    drop_scale = 1.0 / (1.0 - plan.dropout_p)
+    for i, q0, q1 in _q_tiles(plan, L):
+        M = q1 - q0
+        qt = q[:, :, q0:q1].to(cdt)
+        q_idx = idx.q(q0, q1, dev)
+        m = torch.full((B, Hq, M, 1), NEG_INF, dtype=cdt, device=dev)   # running row max
+        l = torch.zeros(B, Hq, M, 1, dtype=cdt, device=dev)             # running sum of exp
+        acc = torch.zeros(B, Hq, M, Ev, dtype=cdt, device=dev)
+        for tile in _kv_tiles(plan, i, S):
+            kt = k[idx.gb, idx.gh, tile.pos].to(cdt)
+            vt = v[idx.gb, idx.gh, tile.pos].to(cdt)
+            _, s, allowed = _scores(plan, idx, qt, kt, q_idx, tile)
+            s = s.masked_fill(~allowed, NEG_INF)
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            m_safe = m_new.masked_fill(m_new == NEG_INF, 0.0)   # rows with nothing yet: no -inf - -inf
+            alpha = torch.exp(m - m_safe)
+            p = torch.exp(s - m_safe)
+            l = l * alpha + p.sum(-1, keepdim=True)
+            if plan.dropout_p > 0:
+                p = p * _keep(plan, idx, q_idx, tile) * drop_scale
+            acc = acc * alpha + p @ vt
+            m = m_new
+        empty = l == 0
+        out[:, :, q0:q1] = (acc / torch.where(empty, 1.0, l)).to(q.dtype)
+        lse[:, :, q0:q1] = torch.where(empty, NEG_INF, m + torch.log(torch.where(empty, 1.0, l))).squeeze(-1)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------
+# Backward
+
+def _backward(plan: _Plan, q, k, v, out, lse, dout, dlse, buffers, buffer_needs_grad):
+    B, Hq, L, _ = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    cdt, dev = plan.compute_dtype, q.device
+    idx = _Indices(B, Hq, Hkv, dev)
+    dq = torch.zeros(q.shape, dtype=cdt, device=dev)
+    dk = torch.zeros(k.shape, dtype=cdt, device=dev)
+    dv = torch.zeros(v.shape, dtype=cdt, device=dev)
+    # copies of the captured tensors that require grad: autograd.grad on each tile fills them
+    grad_bufs = [b.detach().requires_grad_(True) if need else b for b, need in zip(buffers, buffer_needs_grad)]
+    grad_slots = [j for j, need in enumerate(buffer_needs_grad) if need]
+    dbufs = [torch.zeros_like(buffers[j]) for j in grad_slots]
+    dout = dout.to(cdt)
+    delta = (dout * out.to(cdt)).sum(-1, keepdim=True)                   # rowsum(dO * O)
+    dlse = torch.zeros_like(delta) if dlse is None else dlse.to(cdt).unsqueeze(-1)
+    # rows with lse = -inf are fully masked: +inf makes every p = exp(s - lse) exactly 0
+    lse_safe = torch.where(lse == NEG_INF, float("inf"), lse).unsqueeze(-1).to(cdt)
+    drop_scale = 1.0 / (1.0 - plan.dropout_p)
+    for i, q0, q1 in _q_tiles(plan, L):
+        qt = q[:, :, q0:q1].to(cdt)
+        dot = dout[:, :, q0:q1]
+        q_idx = idx.q(q0, q1, dev)
+        row = (slice(None), slice(None), slice(q0, q1))
+        dqt = torch.zeros_like(qt)
+        for tile in _kv_tiles(plan, i, S):
+            kt = k[idx.gb, idx.gh, tile.pos].to(cdt)
+            vt = v[idx.gb, idx.gh, tile.pos].to(cdt)
+            s0 = (qt @ kt.transpose(-1, -2)) * plan.scale
+            with torch.enable_grad():
+                if plan.score_graph is not None:
+                    s0.requires_grad_(True)
+                _, s, allowed = _scores(plan, idx, qt, kt, q_idx, tile, s0=s0, buffers=grad_bufs)
+            p = torch.exp(s.detach().masked_fill(~allowed, NEG_INF) - lse_safe[row])
+            dp = dot @ vt.transpose(-1, -2)
+            if plan.dropout_p > 0:
+                keep = _keep(plan, idx, q_idx, tile).to(cdt) * drop_scale  # bool * float would be float32
+                pd, dp = p * keep, dp * keep
+            else:
+                pd = p
+            ds = p * (dp - delta[row] + dlse[row])
+            if plan.score_graph is not None:
+                wrt = [s0] + [grad_bufs[j] for j in grad_slots]
+                grads = torch.autograd.grad(s, wrt, ds, allow_unused=True) if s.requires_grad else [None] * len(wrt)
+                # a score_mod that ignores `score` passes no gradient to it
+                ds = torch.zeros_like(s0) if grads[0] is None else grads[0].expand_as(s0)
+                ds = ds.masked_fill(~allowed, 0.0)   # a mod's inf/NaN slope where masked must not leak
+                for n, g in enumerate(grads[1:]):
+                    if g is not None:
+                        dbufs[n] += g
+            dqt += (ds @ kt) * plan.scale
+            dk.index_put_((idx.gb, idx.gh, tile.pos), (ds.transpose(-1, -2) @ qt) * plan.scale, accumulate=True)
+            dv.index_put_((idx.gb, idx.gh, tile.pos), pd.transpose(-1, -2) @ dot, accumulate=True)
+        dq[row] = dqt
+    all_dbufs = [None] * len(buffers)
+    for n, j in enumerate(grad_slots):
+        all_dbufs[j] = dbufs[n]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), all_dbufs
+
+
+class _FlexAttentionCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan, q, k, v, *buffers):
+        out, lse = _forward(plan, q, k, v)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse, *buffers)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, *buffers = ctx.saved_tensors
+        needs = [ctx.needs_input_grad[4 + j] and buffers[j].is_floating_point() for j in range(len(buffers))]
+        dq, dk, dv, dbufs = _backward(ctx.plan, q, k, v, out, lse, dout, dlse, buffers, needs)
+        return (None, dq, dk, dv, *dbufs)
+
+
+def flex_attention_cpu(q, k, v, *, score_graph, mask_graph, block_mask, scale, return_lse,
+                       kernel_options, dropout_p, dropout_seed):
+    """Block-sparse tiled attention on CPU tensors -> (out [B,Hq,L,Ev] in q.dtype, lse [B,Hq,L]).
+
+    Inputs are validated by flexattn.attention.flex_attention; `block_mask` is a BlockMask
+    whose lengths match the inputs, `score_graph`/`mask_graph` traced IR graphs or None.
+    Differentiable w.r.t. q, k, v and the score graph's captured float tensors.
+    `kernel_options` may set BLOCK_M / BLOCK_N, tile sizes dividing the BlockMask's blocks.
+    """
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    tile_m, tile_n = _tile_sizes(kernel_options or {}, q_block, kv_block)
+    plan = _Plan(
+        score_graph=score_graph, mask_graph=mask_graph, scale=float(scale),
+        q_block=q_block, kv_block=kv_block, tile_m=tile_m, tile_n=tile_n,
+        kv_num=block_mask.kv_num_blocks,
+        kv_idx=block_mask.kv_indices,
+        full_num=block_mask.full_kv_num_blocks,
+        full_idx=block_mask.full_kv_indices,
+        dropout_p=float(dropout_p), dropout_seed=int(dropout_seed or 0),
+        compute_dtype=_compute_dtype(q.dtype),
+    )
+    buffers = list(score_graph.buffers) if score_graph is not None else []
+    out, lse = _FlexAttentionCPU.apply(plan, q, k, v, *buffers)
+    return out, lse

@@ -1,0 +1,537 @@
+"""Generated Triton kernels for flex attention: forward, backward, short-query decode.
+
+    out, lse = flex_attention_triton(q, k, v, score_graph=..., mask_graph=..., block_mask=...,
+                                     scale=..., return_lse=..., kernel_options=...,
+                                     dropout_p=0.0, dropout_seed=None)
+
+Autograd-capable (dq, dk, dv and the captured float tensors of the score_mod that require
+grad). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+
+Layering: `forward.py` / `backward.py` / `decode.py` hold the kernel templates;
+`flexattn.codegen` fills their holes with the mods; this module picks tile configs,
+prepares the BlockMask tensors and launches.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .. import codegen
+from .forward import FWD_TEMPLATE
+from .backward import BWD_TEMPLATE
+
+LOG2E = 1.4426950408889634
+
+
+def _interpreter_compat() -> None:
+    """Triton 3.6's interpreter turns a loaded scalar (a 1-element array) into a loop bound
+    with int(array), which numpy >= 2.3 refuses for 1-d arrays. Under TRITON_INTERPRET=1
+    only, make `__index__` read the single element instead."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    from triton.runtime import interpreter
+    if getattr(interpreter, "_flexattn_patched", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+    interpreter._flexattn_patched = True
+
+
+_interpreter_compat()
+
+# kernel_options keys: ours, plus torch FlexAttention's names (mapped or accepted).
+VALID_OPTIONS = {
+    "BLOCK_M": "forward q tile (divides the BlockMask q block)",
+    "BLOCK_N": "forward kv tile (divides the BlockMask kv block)",
+    "num_warps": "forward warps per program", "num_stages": "forward pipeline depth",
+    "bwd_BLOCK_M": "backward q tile", "bwd_BLOCK_N": "backward kv tile",
+    "bwd_num_warps": "backward warps", "bwd_num_stages": "backward pipeline depth",
+    "BLOCK_M1": "torch name: dk/dv kernel q tile", "BLOCK_N1": "torch name: dk/dv kernel kv tile",
+    "BLOCK_M2": "torch name: dq kernel q tile", "BLOCK_N2": "torch name: dq kernel kv tile",
+    "decode_BLOCK_N": "decode kv tile", "decode_num_warps": "decode warps",
+    "decode_num_stages": "decode pipeline depth", "decode_SPLITS": "decode kv splits per (b, h)",
+    "FORCE_DECODE": "True/False: force the split-KV decode kernel on/off (default: automatic)",
+    "FORCE_USE_FLEX_ATTENTION": "torch name: True disables the decode kernel",
+    "AUTOTUNE": "True: time a small set of configs once per shape and cache the choice on disk",
+    "DETERMINISTIC": "True: bitwise-identical gradients run to run",
+    "ALLOW_TF32": "True: float32 inputs use tf32 matmuls on the GPU (default False: exact)",
+    "BACKEND": "'triton' or 'cpu' (read by flex_attention's dispatch)",
+    "PRESCALE_QK": "accepted for torch compatibility (no effect)",
+    "ROWS_GUARANTEED_SAFE": "accepted for torch compatibility (no effect)",
+    "BLOCKS_ARE_CONTIGUOUS": "accepted for torch compatibility (no effect)",
+    "OUTPUT_LOGSUMEXP": "accepted for torch compatibility (no effect)",
+    "WRITE_DQ": "accepted for torch compatibility (no effect)",
+}
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def check_kernel_options(kernel_options) -> dict:
+    opts = dict(kernel_options or {})
+    unknown = sorted(set(opts) - set(VALID_OPTIONS))
+    if unknown:
+        raise ValueError(f"kernel_options: unknown key(s) {unknown}; valid keys are {sorted(VALID_OPTIONS)}")
+    for key in ("BLOCK_M", "BLOCK_N", "bwd_BLOCK_M", "bwd_BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2",
+                "BLOCK_N2", "decode_BLOCK_N"):
+        if key in opts:
+            v = opts[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 16 or v & (v - 1):
+                raise ValueError(f"kernel_options[{key!r}] must be a power of two >= 16, got {v!r}")
+    for key in ("num_warps", "bwd_num_warps", "decode_num_warps"):
+        if key in opts and opts[key] not in (1, 2, 4, 8, 16):
+            raise ValueError(f"kernel_options[{key!r}] must be one of 1, 2, 4, 8, 16, got {opts[key]!r}")
+    for key in ("num_stages", "bwd_num_stages", "decode_num_stages"):
+        if key in opts and (not isinstance(opts[key], int) or not 1 <= opts[key] <= 6):
+            raise ValueError(f"kernel_options[{key!r}] must be an int in 1..6, got {opts[key]!r}")
+    return opts
+
+
+# ---- validation ----------------------------------------------------------------------
+
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    return t.device.type == device.type and (t.device.index or 0) == (device.index or 0) \
+        if device.type == "cuda" else t.device.type == device.type
+
+
+def validate(q, k, v, score_graph, mask_graph, block_mask) -> None:
+    """Errors the kernels cannot recover from, raised before any launch."""
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name}: the Triton kernels take float16, bfloat16 or float32, got {t.dtype}; "
+                             f"cast with .to(torch.bfloat16)")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-d tensor (B, H, S, D), got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"query, key and value must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, d in (("query/key head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            raise ValueError(f"{name}: the Triton kernels take head dims 1..{MAX_HEAD_DIM}, got {d}; "
+                             f"use the CPU path or split the heads")
+    dev = q.device
+    for name, t in (("key", k), ("value", v)):
+        if not _on(t, dev):
+            raise ValueError(f"{name} is on {t.device} but query is on {dev}: move it with .to({str(dev)!r})")
+    if block_mask is not None and not _on(block_mask.kv_num_blocks, dev):
+        raise ValueError(f"block_mask is on {block_mask.kv_num_blocks.device} but query is on {dev}: "
+                         f"use block_mask.to({str(dev)!r}) or create_block_mask(..., device={str(dev)!r})")
+    for argument, g in (("score_mod", score_graph), ("block_mask.mask_mod", mask_graph)):
+        for i, t in enumerate(g.buffers if g is not None else []):
+            if not _on(t, dev):
+                raise ValueError(f"{argument} captures a tensor of shape {tuple(t.shape)} on {t.device}, "
+                                 f"but query is on {dev}: move the captured tensor with .to({str(dev)!r})")
+    if block_mask is not None:
+        qb, kvb = block_mask.BLOCK_SIZE
+        for name, b in (("q", qb), ("kv", kvb)):
+            if b < 16 or b & (b - 1):
+                raise ValueError(f"block_mask.BLOCK_SIZE: the Triton kernels need power-of-two blocks >= 16, "
+                                 f"got a {name} block of {b}; rebuild it with BLOCK_SIZE=128")
+
+
+# ---- configs -------------------------------------------------------------------------
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _device_key(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "interp"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+def default_fwd_config(device, dtype, d: int, dv: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward."""
+    dmax = max(_pow2(d), _pow2(dv))
+    dk = _device_key(device)
+    if dk == "interp":
+        return 32, 32, 4, 1
+    if dtype == torch.float32:
+        return (64, 32, 4, 3) if dmax <= 128 else (32, 32, 4, 2)
+    if dk.startswith("sm9") or dk.startswith("sm1"):
+        if dmax <= 64:
+            return 128, 128, 8, 3
+        if dmax <= 128:
+            return 128, 128, 8, 2
+        return 64, 64, 4, 2
+    if dmax <= 128:
+        return 128, 64, 4 if dmax <= 64 else 8, 3
+    return 64, 32, 4, 2
+
+
+def default_bwd_config(device, dtype, d: int, dv: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for both backward kernels."""
+    dmax = max(_pow2(d), _pow2(dv))
+    dk = _device_key(device)
+    if dk == "interp":
+        return 32, 32, 4, 1
+    if dtype == torch.float32:
+        return (32, 32, 4, 1) if dmax <= 128 else (16, 16, 4, 1)
+    if dk.startswith("sm9") or dk.startswith("sm1"):
+        if dmax <= 64:
+            return 64, 128, 8, 3
+        if dmax <= 128:
+            return 64, 128, 8, 3
+        return 32, 64, 4, 2
+    if dmax <= 128:
+        return 64, 64, 4, 2
+    return 32, 32, 4, 1
+
+
+def _fit(tile: int, block: int, length: int) -> int:
+    """Largest power-of-two tile <= the requested one that divides the BlockMask block."""
+    tile = min(tile, block, max(16, triton.next_power_of_2(length)))
+    while block % tile:
+        tile //= 2
+    return max(tile, 16)
+
+
+# ---- block masks ---------------------------------------------------------------------
+
+@dataclass
+class _Blocks:
+    """The BlockMask tensors the kernels read, broadcast to [B, Hq, ...] (stride 0)."""
+    kv_num: torch.Tensor
+    kv_idx: torch.Tensor
+    full_kv_num: torch.Tensor | None
+    full_kv_idx: torch.Tensor | None
+    q_num: torch.Tensor
+    q_idx: torch.Tensor
+    full_q_num: torch.Tensor | None
+    full_q_idx: torch.Tensor | None
+    block: tuple[int, int]
+
+    @property
+    def has_full(self) -> bool:
+        return self.full_kv_num is not None
+
+
+_DENSE_CACHE: dict = {}
+
+
+def _dense_blocks(L: int, S: int, device) -> _Blocks:
+    """No block_mask: every block is visited; edge blocks holding padding are partial."""
+    key = (L, S, str(device))
+    if key in _DENSE_CACHE:
+        return _DENSE_CACHE[key]
+    QB = KVB = 128
+    nq, nk = -(-L // QB), -(-S // KVB)
+    full = torch.ones(nq, nk, dtype=torch.bool)
+    if S % KVB:
+        full[:, -1] = False
+    if L % QB:
+        full[-1, :] = False
+    part = ~full
+
+    def ordered(sel):  # rows of sel -> (count, ascending indices, then the rest)
+        n = sel.sum(-1).to(torch.int32)
+        idx = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return n.view(1, 1, -1).to(device), idx.view(1, 1, *idx.shape).to(device)
+
+    kn, ki = ordered(part)
+    fkn, fki = ordered(full)
+    qn, qi = ordered(part.t())
+    fqn, fqi = ordered(full.t())
+    blocks = _Blocks(kn, ki, fkn, fki, qn, qi, fqn, fqi, (QB, KVB))
+    _DENSE_CACHE[key] = blocks
+    return blocks
+
+
+def _blocks_of(block_mask, B, Hq, L, S, device) -> _Blocks:
+    if block_mask is None:
+        b = _dense_blocks(L, S, device)
+    else:
+        bm = block_mask
+        b = _Blocks(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
+                    bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices,
+                    tuple(bm.BLOCK_SIZE))
+
+    def ex(t):
+        if t is None:
+            return None
+        if t.dtype != torch.int32:
+            t = t.to(torch.int32)
+        if t.stride(-1) != 1:
+            t = t.contiguous()
+        return t.expand(B, Hq, *t.shape[2:])
+
+    return _Blocks(ex(b.kv_num), ex(b.kv_idx), ex(b.full_kv_num), ex(b.full_kv_idx),
+                   ex(b.q_num), ex(b.q_idx), ex(b.full_q_num), ex(b.full_q_idx), b.block)
+
+
+def _bm_strides(num, idx):
+    return [*num.stride()[:3], *idx.stride()[:3]]
+
+
+# ---- source generation ---------------------------------------------------------------
+
+def _trail(params: list[str]) -> str:
+    return "".join(p + ", " for p in params)
+
+
+def _lead(params: list[str]) -> str:
+    return "".join(", " + p for p in params)
+
+
+def _fill(template: str, score_graph, mask_graph, grad_slots=None) -> str:
+    sp = codegen.buffer_params(score_graph, "sb")
+    mp = codegen.buffer_params(mask_graph, "mb")
+    parts = {
+        "{SCORE_MOD}": codegen.mod_function("score_mod", score_graph, "score", "sb"),
+        "{MASK_MOD}": codegen.mod_function("mask_mod", mask_graph, "mask", "mb"),
+        "{SCORE_BUF_PARAMS_TRAIL}": _trail(sp), "{MASK_BUF_PARAMS_TRAIL}": _trail(mp),
+        "{SCORE_BUF_ARGS_TRAIL}": _trail(sp), "{MASK_BUF_ARGS_TRAIL}": _trail(mp),
+        "{SCORE_BUF_ARGS}": _lead(sp), "{MASK_BUF_ARGS}": _lead(mp),
+    }
+    if grad_slots is not None:
+        gp = [f"gsb{s}_ptr" for s in grad_slots]
+        parts["{SCORE_MOD_BWD}"] = codegen.mod_backward_function("score_mod_bwd", score_graph, "sb", grad_slots)
+        parts["{GRAD_BUF_PARAMS_TRAIL}"] = _trail(gp)
+        parts["{GRAD_BUF_ARGS_TRAIL}"] = _trail(gp)
+        parts["{GRAD_BUF_ARGS}"] = _lead(gp)
+    src = template
+    for hole, text in parts.items():
+        src = src.replace(hole, text)
+    return codegen.PRELUDE + src
+
+
+_SRC_CACHE: dict = {}
+
+
+def _module(kind: str, score_graph, mask_graph, grad_slots=None):
+    """The generated module for (kind, score structure, mask structure, grad slots)."""
+    key = (kind, score_graph.structure_key() if score_graph is not None else None,
+           mask_graph.structure_key() if mask_graph is not None else None,
+           tuple(grad_slots) if grad_slots is not None else None)
+    mod = _SRC_CACHE.get(key)
+    if mod is None:
+        template = {"fwd": FWD_TEMPLATE, "bwd": BWD_TEMPLATE}[kind]
+        if kind == "decode":
+            from .decode import DECODE_TEMPLATE as template  # noqa: N811
+        mod = codegen.load_module(_fill(template, score_graph, mask_graph, grad_slots), f"flex_{kind}")
+        _SRC_CACHE[key] = mod
+    return mod
+
+
+def generated_source(score_graph, mask_graph, kind: str = "fwd", grad_slots=()) -> str:
+    """The Triton source the kernels of `kind` ("fwd", "bwd", "decode") run for these mods."""
+    if kind == "decode":
+        from .decode import DECODE_TEMPLATE
+        return _fill(DECODE_TEMPLATE, score_graph, mask_graph)
+    return _fill(FWD_TEMPLATE if kind == "fwd" else BWD_TEMPLATE, score_graph, mask_graph,
+                 list(grad_slots) if kind == "bwd" else None)
+
+
+# ---- launches ------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    score_graph: object
+    mask_graph: object
+    blocks: _Blocks
+    scale: float
+    opts: dict
+    dropout_p: float
+    dropout_seed: int | None
+    grad_slots: tuple
+
+
+def _dot_precision(dtype, opts) -> str:
+    if dtype == torch.float32 and not opts.get("ALLOW_TF32", False):
+        return "ieee"
+    return "tf32"
+
+
+def _dropout_args(plan: Plan):
+    if plan.dropout_p <= 0.0:
+        return 1.0, 0, 0, 0
+    from ..dropout import split_seed, signed32, dropout_threshold
+    lo, hi = split_seed(plan.dropout_seed)
+    return 1.0 / (1.0 - plan.dropout_p), signed32(lo), signed32(hi), signed32(dropout_threshold(plan.dropout_p))
+
+
+def _fwd_cfg(plan: Plan, q, v):
+    o = plan.opts
+    dm, dn, dw, ds = default_fwd_config(q.device, q.dtype, q.shape[-1], v.shape[-1])
+    if o.get("AUTOTUNE") and q.device.type == "cuda" and not any(k in o for k in ("BLOCK_M", "BLOCK_N")):
+        from .autotune import tuned_fwd_config
+        dm, dn, dw, ds = tuned_fwd_config(plan, q, v, (dm, dn, dw, ds))
+    bm = _fit(o.get("BLOCK_M", dm), plan.blocks.block[0], q.shape[2])
+    bn = _fit(o.get("BLOCK_N", dn), plan.blocks.block[1], v.shape[2])
+    return bm, bn, o.get("num_warps", dw), o.get("num_stages", ds)
+
+
+def forward(plan: Plan, q, k, v, return_lse: bool = True, cfg=None):
+    B, Hq, L, E = q.shape
+    _, Hkv, S, Ev = v.shape
+    bm_, bn_, warps, stages = cfg or _fwd_cfg(plan, q, v)
+    blk = plan.blocks
+    out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
+    mod = _module("fwd", plan.score_graph, plan.mask_graph)
+    full_num = blk.full_kv_num if blk.has_full else blk.kv_num
+    full_idx = blk.full_kv_idx if blk.has_full else blk.kv_idx
+    drop_scale, lo, hi, thr = _dropout_args(plan)
+    grid = (triton.cdiv(L, bm_), B * Hq)
+    mod.flex_fwd[grid](
+        q, k, v, out, lse, blk.kv_num, blk.kv_idx, full_num, full_idx,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *_bm_strides(blk.kv_num, blk.kv_idx), *_bm_strides(full_num, full_idx),
+        Hq, L, S, plan.scale, plan.scale * LOG2E, drop_scale, lo, hi, thr,
+        *codegen.buffer_args(plan.score_graph), *codegen.buffer_args(plan.mask_graph),
+        GQA_GROUP=Hq // Hkv, HAS_FULL=blk.has_full, HAS_SCORE_MOD=plan.score_graph is not None,
+        HAS_DROPOUT=plan.dropout_p > 0, OUTPUT_LSE=True,
+        QK_HEAD=E, QK_HEAD_PAD=_pow2(E), V_HEAD=Ev, V_HEAD_PAD=_pow2(Ev),
+        BLOCK_M=bm_, BLOCK_N=bn_, SPARSE_Q_BLOCK=blk.block[0], SPARSE_KV_BLOCK=blk.block[1],
+        Q_DIVISIBLE=L % blk.block[0] == 0, KV_DIVISIBLE=S % blk.block[1] == 0,
+        DOT_PRECISION=_dot_precision(q.dtype, plan.opts),
+        num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+def _bwd_cfg(plan: Plan, q, v):
+    o = plan.opts
+    dm, dn, dw, ds = default_bwd_config(q.device, q.dtype, q.shape[-1], v.shape[-1])
+    m1 = o.get("bwd_BLOCK_M", o.get("BLOCK_M1", dm))
+    n1 = o.get("bwd_BLOCK_N", o.get("BLOCK_N1", dn))
+    m2 = o.get("bwd_BLOCK_M", o.get("BLOCK_M2", dm))
+    n2 = o.get("bwd_BLOCK_N", o.get("BLOCK_N2", dn))
+    qb, kvb = plan.blocks.block
+    L, S = q.shape[2], v.shape[2]
+    return (_fit(m1, qb, L), _fit(n1, kvb, S), _fit(m2, qb, L), _fit(n2, kvb, S),
+            o.get("bwd_num_warps", dw), o.get("bwd_num_stages", ds))
+
+
+def backward(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs):
+    B, Hq, L, E = q.shape
+    _, Hkv, S, Ev = v.shape
+    m1, n1, m2, n2, warps, stages = _bwd_cfg(plan, q, v)
+    blk = plan.blocks
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    # delta = rowsum(dO * O) (minus dlse: d lse / d s = P folds into the same term)
+    delta = (dout.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    lse2 = torch.where(lse == float("-inf"), float("inf"), lse * LOG2E).contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    grad_slots = plan.grad_slots
+    gbufs = [torch.zeros(score_bufs[s].shape, dtype=torch.float32, device=q.device) for s in grad_slots]
+    # the atomics index the gradient buffers with the captured tensors' strides
+    sbufs = list(plan.score_graph.buffers) if plan.score_graph is not None else []
+    for s in grad_slots:
+        if sbufs[s].stride() != gbufs[grad_slots.index(s)].stride():
+            sbufs[s] = sbufs[s].contiguous()
+    sg = plan.score_graph
+    sargs = []
+    for i, t in enumerate(sbufs):
+        sargs += [t, *t.stride(), *t.shape]
+    mod = _module("bwd", plan.score_graph, plan.mask_graph, list(grad_slots))
+    drop_scale, lo, hi, thr = _dropout_args(plan)
+    common = dict(GQA_GROUP=Hq // Hkv, HAS_FULL=blk.has_full, HAS_SCORE_MOD=sg is not None,
+                  HAS_DROPOUT=plan.dropout_p > 0,
+                  QK_HEAD=E, QK_HEAD_PAD=_pow2(E), V_HEAD=Ev, V_HEAD_PAD=_pow2(Ev),
+                  SPARSE_Q_BLOCK=blk.block[0], SPARSE_KV_BLOCK=blk.block[1],
+                  # "divisible" = no block holds padding: then no tile needs bounds checks
+                  Q_DIVISIBLE=L % blk.block[0] == 0, KV_DIVISIBLE=S % blk.block[1] == 0,
+                  DOT_PRECISION=_dot_precision(q.dtype, plan.opts), num_warps=warps, num_stages=stages)
+    margs = codegen.buffer_args(plan.mask_graph)
+    full_num = blk.full_kv_num if blk.has_full else blk.kv_num
+    full_idx = blk.full_kv_idx if blk.has_full else blk.kv_idx
+    mod.flex_bwd_dq[(triton.cdiv(L, m2), B * Hq)](
+        q, k, v, dout, dq, lse2, delta, blk.kv_num, blk.kv_idx, full_num, full_idx,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        *_bm_strides(blk.kv_num, blk.kv_idx), *_bm_strides(full_num, full_idx),
+        Hq, L, S, plan.scale, drop_scale, lo, hi, thr, *sargs, *margs, *gbufs,
+        BLOCK_M=m2, BLOCK_N=n2, **common)
+    fq_num = blk.full_q_num if blk.has_full else blk.q_num
+    fq_idx = blk.full_q_idx if blk.has_full else blk.q_idx
+    mod.flex_bwd_dkdv[(triton.cdiv(S, n1), B * Hkv)](
+        q, k, v, dout, dk, dv, lse2, delta, blk.q_num, blk.q_idx, fq_num, fq_idx,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+        *_bm_strides(blk.q_num, blk.q_idx), *_bm_strides(fq_num, fq_idx),
+        Hq, Hkv, L, S, plan.scale, drop_scale, lo, hi, thr, *sargs, *margs, *gbufs,
+        BLOCK_M=m1, BLOCK_N=n1, **common)
+    buf_grads = [g.to(score_bufs[s].dtype) for g, s in zip(gbufs, grad_slots)]
+    return dq, dk, dv, buf_grads
+
+
+class _FlexTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan, q, k, v, *score_bufs):
+        out, lse = _run_forward(plan, q, k, v)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse, *score_bufs)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, *score_bufs = ctx.saved_tensors
+        plan = ctx.plan
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, buf_grads = backward(plan, q, k, v, out, lse, dout, dlse, score_bufs)
+        grads = [None] * len(score_bufs)
+        for s, g in zip(plan.grad_slots, buf_grads):
+            grads[s] = g
+        return (None, dq, dk, dv, *grads)
+
+
+def _run_forward(plan, q, k, v):
+    from .decode import use_decode, decode_forward
+    if use_decode(plan, q, v):
+        return decode_forward(plan, q, k, v)
+    return forward(plan, q, k, v)
+
+
+def make_plan(q, k, v, *, score_graph, mask_graph, block_mask, scale, kernel_options,
+              dropout_p=0.0, dropout_seed=None) -> Plan:
+    opts = check_kernel_options(kernel_options)
+    validate(q, k, v, score_graph, mask_graph, block_mask)
+    B, Hq, L, E = q.shape
+    S = k.shape[2]
+    if Hq % k.shape[1]:
+        raise ValueError(f"query has {Hq} heads, key {k.shape[1]}: the query heads must be a multiple "
+                         f"of the kv heads (GQA)")
+    blocks = _blocks_of(block_mask, B, Hq, L, S, q.device)
+    if mask_graph is None and block_mask is not None:
+        mask_graph = getattr(block_mask, "mask_graph", None)
+    if scale is None:
+        scale = 1.0 / math.sqrt(E)
+    grad_slots = ()
+    if score_graph is not None:
+        live_loads = {n.args[0].args[0] for n in score_graph.loads()}
+        grad_slots = tuple(i for i, t in enumerate(score_graph.buffers)
+                           if t.requires_grad and t.dtype.is_floating_point and i in live_loads)
+    if dropout_p and dropout_seed is None:
+        from ..dropout import draw_seed
+        dropout_seed = draw_seed()
+    return Plan(score_graph, mask_graph, blocks, float(scale), opts, float(dropout_p or 0.0),
+                dropout_seed, grad_slots)
+
+
+def flex_attention_triton(q, k, v, *, score_graph=None, mask_graph=None, block_mask=None, scale=None,
+                          return_lse=False, kernel_options=None, dropout_p=0.0, dropout_seed=None):
+    """(out [B,Hq,L,Ev] in q.dtype, lse [B,Hq,L] float32 natural log) - see CONTRACTS.md."""
+    plan = make_plan(q, k, v, score_graph=score_graph, mask_graph=mask_graph, block_mask=block_mask,
+                     scale=scale, kernel_options=kernel_options, dropout_p=dropout_p, dropout_seed=dropout_seed)
+    score_bufs = list(score_graph.buffers) if score_graph is not None else []
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                              or any(t.requires_grad for t in score_bufs))
+    if needs_grad:
+        out, lse = _FlexTriton.apply(plan, q, k, v, *score_bufs)
+    else:
+        out, lse = _run_forward(plan, q, k, v)
+    return out, lse

@@ -1,0 +1,125 @@
+"""GPU checks of the generated kernels (marker `gpu`; skipped without CUDA): every zoo mod,
+breaking shapes, GQA, bf16/fp16 at real sizes, under the numerics rule; determinism,
+bad-input errors, torch.compile(fullgraph=True) and opcheck."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_close_to_golden, make_qkv
+from mods_zoo import ZOO_NAMES, make_mod
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+def _check(name, *, B=2, Hq=4, Hkv=None, L=256, S=256, E=64, Ev=None, dtype=torch.bfloat16, bwd=True,
+           block=128, opts=None, seed=0):
+    import flexattn
+    from flexattn.reference import reference_attention
+    Hkv = Hkv or Hq
+    m = make_mod(name, B=B, H=Hq, L=L, S=S, device=DEV, requires_grad=bwd, seed=seed)
+    m_ref = make_mod(name, B=B, H=Hq, L=L, S=S, device=DEV, buffer_dtype=dtype, requires_grad=bwd, seed=seed)
+    m64 = make_mod(name, B=B, H=Hq, L=L, S=S, device=DEV, buffer_dtype=torch.float64, requires_grad=bwd, seed=seed)
+    q, k, v = make_qkv(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=E, Ev=Ev, dtype=dtype, device=DEV, seed=seed)
+    bm = flexattn.create_block_mask(m.mask_mod, B, Hq, L, S, device=DEV, BLOCK_SIZE=block) if m.mask_mod else None
+    out, lse = flexattn.flex_attention(q, k, v, score_mod=m.score_mod, block_mask=bm, enable_gqa=Hq != Hkv,
+                                       return_lse=True, kernel_options=opts)
+    qr, kr, vr = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    ro, rl = reference_attention(qr, kr, vr, m_ref.score_mod, m_ref.mask_mod, enable_gqa=True)
+    q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    go64, gl = reference_attention(q64, k64, v64, m64.score_mod, m64.mask_mod, enable_gqa=True)
+    assert_close_to_golden("out", out, ro, go64)
+    assert_close_to_golden("lse", lse, rl.float(), gl, eps=1e-3 * max(1.0, gl[gl.isfinite()].abs().max().item()))
+    if not bwd:
+        return
+    go = torch.randn_like(out)
+    ins = [q, k, v] + list(m.captured.values())
+    got = torch.autograd.grad(out, ins, go)
+    ref = torch.autograd.grad(ro, [qr, kr, vr] + list(m_ref.captured.values()), go, allow_unused=True)
+    gold = torch.autograd.grad(go64, [q64, k64, v64] + list(m64.captured.values()), go.double(), allow_unused=True)
+    for nm, a, r, g in zip(["dq", "dk", "dv"] + list(m.captured), got, ref, gold):
+        assert_close_to_golden(nm, a, r, g)
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_zoo(name, dtype):
+    _check(name, dtype=dtype, L=512, S=512, E=64)
+
+
+@pytest.mark.parametrize("L,S,E,Ev", [(1, 1000, 64, 64), (17, 129, 80, 80), (1000, 113, 128, 64),
+                                      (127, 127, 16, 32), (129, 513, 96, 96), (300, 300, 192, 128),
+                                      (256, 256, 256, 256)])
+def test_shapes(L, S, E, Ev):
+    _check("document", B=1, Hq=2, L=L, S=S, E=E, Ev=Ev, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("name", ["causal", "rel_bias", "softcap"])
+def test_gqa_and_small_blocks(name):
+    _check(name, Hq=8, Hkv=2, L=384, S=320, E=128, block=64)
+
+
+def test_fp32():
+    _check("alibi_causal", L=200, S=200, E=64, dtype=torch.float32)
+
+
+def test_noncontiguous():
+    import flexattn
+    q, k, v = [torch.randn(2, 256, 4, 64, device=DEV, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3)]
+    out = flexattn.flex_attention(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert (out.float() - ref.float()).abs().max() < 2e-2
+
+
+def test_deterministic():
+    import flexattn
+    m = make_mod("rel_bias", B=2, H=4, L=512, S=512, device=DEV, requires_grad=True)
+    q, k, v = make_qkv(B=2, Hq=4, L=512, S=512, E=64, dtype=torch.bfloat16, device=DEV)
+    bm = flexattn.create_block_mask(m.mask_mod, 2, 4, 512, 512, device=DEV)
+    runs = []
+    for _ in range(3):
+        out = flexattn.flex_attention(q, k, v, score_mod=m.score_mod, block_mask=bm,
+                                      kernel_options={"DETERMINISTIC": True})
+        runs.append(torch.autograd.grad(out, [q, k, v, m.captured["bias_table"]], torch.ones_like(out)))
+    for r in runs[1:]:
+        for a, b in zip(runs[0], r):
+            assert torch.equal(a, b)
+
+
+def test_decode_path():
+    for force in (True, False):
+        _check("causal", B=2, Hq=8, Hkv=2, L=4, S=4000, E=128, bwd=False, opts={"FORCE_DECODE": force})
+        _check("rel_bias", B=2, Hq=8, Hkv=2, L=1, S=3000, E=64, bwd=False, opts={"FORCE_DECODE": force})
+
+
+def test_bad_inputs():
+    import flexattn
+    q, k, v = [torch.randn(1, 2, 64, 64, device=DEV, dtype=torch.bfloat16) for _ in range(3)]
+    with pytest.raises(ValueError, match="kernel_options"):
+        flexattn.flex_attention(q, k, v, kernel_options={"BLOCK_Q": 64})
+    qb = torch.randn(1, 2, 64, 512, device=DEV, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="head dim"):
+        flexattn.flex_attention(qb, qb, qb)
+    bias = torch.randn(64, device="cpu")
+    with pytest.raises(ValueError, match="captur"):
+        flexattn.flex_attention(q, k, v, score_mod=lambda s, b, h, qi, kv: s + bias[qi])
+    bm = flexattn.create_block_mask(lambda b, h, qi, kv: qi >= kv, None, None, 64, 64, device="cpu")
+    with pytest.raises(ValueError, match="block_mask"):
+        flexattn.flex_attention(q, k, v, block_mask=bm)
+
+
+def test_torch_compile_fullgraph_and_opcheck():
+    import flexattn
+    from flexattn import ops
+    m = make_mod("alibi_causal", B=1, H=2, L=256, S=256, device=DEV)
+    bm = flexattn.create_block_mask(m.mask_mod, 1, 2, 256, 256, device=DEV)
+    q, k, v = make_qkv(B=1, Hq=2, L=256, S=256, E=64, dtype=torch.bfloat16, device=DEV)
+
+    def f(q, k, v):
+        return flexattn.flex_attention(q, k, v, score_mod=m.score_mod, block_mask=bm)
+    eager = f(q, k, v)
+    compiled = torch.compile(f, fullgraph=True)(q, k, v)
+    assert torch.equal(eager, compiled)
+    compiled.sum().backward()
+    ops.run_opcheck(q.detach(), k.detach(), v.detach())
