@@ -54,9 +54,10 @@ def _is_int(dtype: torch.dtype) -> bool:
 class AV:
     """Abstract value: affine form (ints only) or interval [lo, hi] (+ may-be-NaN flag)."""
 
-    __slots__ = ("dtype", "aff", "lo", "hi", "nan")
+    __slots__ = ("dtype", "aff", "lo", "hi", "nan", "abs_of")
 
-    def __init__(self, dtype, aff=None, lo=None, hi=None, nan=False):
+    def __init__(self, dtype, aff=None, lo=None, hi=None, nan=False, abs_of=None):
+        self.abs_of = abs_of  # this value is |affine form abs_of| (kept for exact compares)
         self.dtype = dtype
         self.aff = aff      # (c_q, c_kv, c0) Python ints, or None
         self.lo = lo        # float64 tensor / float, or None when aff is set (computed lazily)
@@ -325,7 +326,30 @@ def _abs(A, n, args):
     lo, hi = (A.t(v) for v in A.bounds(x))
     alo = torch.where((lo <= 0) & (hi >= 0), 0.0, torch.minimum(lo.abs(), hi.abs()))
     ahi = torch.maximum(lo.abs(), hi.abs())
-    return A.interval(n.dtype, alo, ahi, x.nan, rounded=False)
+    out = A.interval(n.dtype, alo, ahi, x.nan, rounded=False)
+    if x.aff is not None and _is_int(n.dtype) and x.dtype == n.dtype:
+        out.abs_of = x.aff
+    return out
+
+
+def _abs_compare(A, op, aff, c):
+    """`|d| op c` for a linear form d and a constant c, exactly and without full-size
+    float intermediates: |d| <= c  <=>  -c <= d <= c."""
+    ql, qh, kl, kh = A.aff_parts(aff)
+    kl, kh = -kl, -kh  # d.lo = ql - kl, d.hi = qh - kh  (after negation)
+    eps = 1 if op in ("lt", "gt") else 0  # ints: |d| < c  <=>  |d| <= c - 1
+    if op in ("lt", "le"):
+        cc = c - eps                       # |d| <= cc
+        full = (qh - cc <= kh) & (ql + cc >= kl)
+        empty = (ql - cc > kl) | (qh + cc < kh)
+    else:
+        cc = c + eps                       # |d| >= cc
+        full = (ql - cc >= kl) | (qh + cc <= kh)
+        empty = (qh - cc < kh) & (ql + cc > kl)
+    if cc < 0:  # |d| <= negative: never;  |d| >= negative-or-zero: always
+        t = torch.ones((), dtype=torch.bool, device=A.device)
+        full, empty = (~t, t) if op in ("lt", "le") else (t, ~t)
+    return AV(torch.bool, lo=full, hi=~empty)
 
 
 def _invert(A, n, args):
@@ -540,6 +564,12 @@ def _compare_bounds(A, op, a, b):
 def _compare(op):
     def rule(A, n, args):
         dt, (a, b) = _promote2(A, n, args)
+        if _is_int(dt) and op in ("lt", "le", "gt", "ge"):
+            # |affine| against a constant (sliding windows): exact, cheap
+            if a.abs_of is not None and b.is_point:
+                return _abs_compare(A, op, a.abs_of, b.aff[2])
+            if b.abs_of is not None and a.is_point:
+                return _abs_compare(A, {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}[op], b.abs_of, a.aff[2])
         if _is_int(dt) and a.aff is not None and b.aff is not None:
             # exact: bound d = a - b, a linear form whose bounds are ql + kl and qh + kh;
             # compare the [n, 1] q-part against the negated [1, m] kv-part directly (no

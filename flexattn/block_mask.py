@@ -26,7 +26,7 @@ _TILE_BATCH_ELEMS = 1 << 22
 # Boxes analysed per call (a chunk of q-block rows against every kv block).
 _ANALYSE_CHUNK_ELEMS = 1 << 21
 # Rows of the [rows, nKV] state matrix processed at once when deriving indices.
-_ROW_CHUNK_ELEMS = 1 << 19  # small enough to stay in cache
+_ROW_CHUNK_ELEMS = 1 << 17  # small enough to stay in cache
 
 
 # ---------------------------------------------------------------------------------------
