@@ -328,7 +328,10 @@ def _abs(A, n, args):
     ahi = torch.maximum(lo.abs(), hi.abs())
     out = A.interval(n.dtype, alo, ahi, x.nan, rounded=False)
     if x.aff is not None and _is_int(n.dtype) and x.dtype == n.dtype:
-        out.abs_of = x.aff
+        cq, ckv, c0 = x.aff  # |d| cannot overflow: d > dtype min on the whole domain
+        dom_lo = c0 + min(0, cq * (A.Q_LEN - 1)) + min(0, ckv * (A.KV_LEN - 1))
+        if dom_lo > _int_range(n.dtype)[0]:
+            out.abs_of = x.aff
     return out
 
 

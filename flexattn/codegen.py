@@ -351,11 +351,13 @@ def mod_backward_function(name: str, graph: Graph | None, prefix: str, grad_bufs
     shape/strides as the contiguous buffer). `valid` masks positions that take no part.
     Q_AXIS (constexpr) is the tile axis that q_idx runs along: sums over the other axis
     happen before the atomics when an index does not depend on it. ACCUM (constexpr) False
-    skips the buffer gradients (only one of the backward kernels adds them)."""
+    skips the buffer gradients (only one of the backward kernels adds them); FIXED_POINT
+    accumulates them as int64 fixed point (bitwise deterministic)."""
     from .autodiff import differentiate
 
     params = ["score", "grad", "valid", "off_z", "off_h", "q_idx", "kv_idx"] + buffer_params(graph, prefix)
-    params += [f"g{prefix}{s}_ptr" for s in grad_bufs] + ["Q_AXIS: tl.constexpr", "ACCUM: tl.constexpr"]
+    params += [f"g{prefix}{s}_ptr" for s in grad_bufs] + ["Q_AXIS: tl.constexpr", "ACCUM: tl.constexpr",
+                                                          "FIXED_POINT: tl.constexpr"]
     lines = ["@triton.jit", f"def {name}({', '.join(params)}):"]
     if graph is None:
         lines.append("    return grad")
@@ -388,6 +390,10 @@ def mod_backward_function(name: str, graph: Graph | None, prefix: str, grad_bufs
         ptr = f"g{prefix}{slot}_ptr" + (" + " + " + ".join(offs) if offs else "")
         if "q_idx" in deps and "kv_idx" in deps:
             ok.append("valid")
+        # FIXED_POINT (DETERMINISTIC): int64 atomics of round(gv * 2^32) - integer addition is
+        # associative, so the sum is bitwise the same in any order (resolution 2^-32, range 2^31)
+        body.append("if FIXED_POINT:")
+        body.append("    gv = tl.floor(gv * 4294967296.0 + 0.5).to(tl.int64)")
         body.append(f"tl.atomic_add({ptr}, gv" + (f", mask={' & '.join(ok)}" if ok else "") + ", sem='relaxed')")
         lines += ["        " + b for b in body]
     ds = outs[0]

@@ -207,7 +207,9 @@ class Graph:
         """Identifies the computation, not the captured values: buffer dtypes and ranks
         are part of it, buffer contents and sizes are not."""
         bufs = ",".join(f"{str(t.dtype)[6:]}[{t.dim()}]" for t in self.buffers)
-        return f"{self.kind}({bufs})\n{self}"
+        # the printed buffer comments carry shapes: leave them out (sizes never recompile)
+        body = "\n".join(l for l in str(self).splitlines() if not l.lstrip().startswith("# buf"))
+        return f"{self.kind}({bufs})\n{body}"
 
     def __str__(self) -> str:
         lines = [f"def {self.kind}_mod({', '.join(self.input_names)}):  # traced from {self.fn_name}"]
@@ -257,12 +259,15 @@ class Graph:
                             raise IRError(f"{n.name}: load index {idx.name} has dtype {idx.dtype}, expected an integer")
                 elif len(n.args) != arity:
                     raise IRError(f"{n.name}: {n.op} takes {arity} arguments, got {len(n.args)}")
+                if n.op == "where" and n.args[0].dtype != torch.bool:  # before infer_dtype, which would crash
+                    raise IRError(f"{n.name}: where's condition must be bool, got {n.args[0].dtype}")
                 if n.op not in ("cast", "load"):
-                    expected = infer_dtype(n.op, n.args)
+                    try:
+                        expected = infer_dtype(n.op, n.args)
+                    except RuntimeError as e:
+                        raise IRError(f"{n.name}: {n.op} is not defined for its argument dtypes ({e})") from None
                     if expected != n.dtype:
                         raise IRError(f"{n.name}: {n.op} should have dtype {expected}, has {n.dtype}")
-                if n.op == "where" and n.args[0].dtype != torch.bool:
-                    raise IRError(f"{n.name}: where's condition must be bool, got {n.args[0].dtype}")
             seen.add(id(n))
         if self.output is None or id(self.output) not in seen:
             raise IRError("graph has no output node")

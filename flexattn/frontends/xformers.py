@@ -660,7 +660,8 @@ def merge_attentions(attn_split: Union[torch.Tensor, Sequence[torch.Tensor]],
     if attn.shape[0] != lse.shape[0]:
         raise ValueError(f"{attn.shape[0]} attention parts but {lse.shape[0]} lse parts")
     # lse [S, B, (G,) H, M] -> [S, B, M, (G,) H, 1] to line up with attn
-    lse_b = lse.movedim(-1, 2).unsqueeze(-1).float()
+    ct = torch.float64 if torch.float64 in (attn.dtype, lse.dtype) else torch.float32
+    lse_b = lse.movedim(-1, 2).unsqueeze(-1).to(ct)
     if lse_b.shape[:-1] != attn.shape[:-1]:
         raise ValueError(f"attn {tuple(attn.shape)} and lse {tuple(lse.shape)} do not describe the same rows")
     m = lse_b.amax(0, keepdim=True)
@@ -668,9 +669,9 @@ def merge_attentions(attn_split: Union[torch.Tensor, Sequence[torch.Tensor]],
     w = torch.exp(lse_b - m_safe)                      # 0 for parts with lse -inf
     total = w.sum(0)
     safe_total = torch.where(total > 0, total, torch.ones_like(total))
-    out = (w * attn.float()).sum(0) / safe_total
+    out = (w * attn.to(ct)).sum(0) / safe_total
     out = out.to(output_dtype or attn.dtype)
     if not write_lse:
         return out, None
     lse_out = torch.where(total > 0, torch.log(safe_total) + m_safe[0], torch.full_like(total, float("-inf")))
-    return out, lse_out.squeeze(-1).movedim(2, -1)
+    return out, lse_out.squeeze(-1).movedim(1, -1)

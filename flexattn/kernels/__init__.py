@@ -160,9 +160,9 @@ def default_fwd_config(device, dtype, d: int, dv: int) -> tuple[int, int, int, i
         return (64, 32, 4, 3) if dmax <= 128 else (32, 32, 4, 2)
     if dk.startswith("sm9") or dk.startswith("sm1"):
         if dmax <= 64:
-            return 128, 128, 8, 3
+            return 128, 128, 4, 3
         if dmax <= 128:
-            return 128, 128, 8, 2
+            return 128, 64, 8, 3
         return 64, 64, 4, 2
     if dmax <= 128:
         return 128, 64, 4 if dmax <= 64 else 8, 3
@@ -315,9 +315,10 @@ def _module(kind: str, score_graph, mask_graph, grad_slots=None):
            tuple(grad_slots) if grad_slots is not None else None)
     mod = _SRC_CACHE.get(key)
     if mod is None:
-        template = {"fwd": FWD_TEMPLATE, "bwd": BWD_TEMPLATE}[kind]
         if kind == "decode":
             from .decode import DECODE_TEMPLATE as template  # noqa: N811
+        else:
+            template = {"fwd": FWD_TEMPLATE, "bwd": BWD_TEMPLATE}[kind]
         mod = codegen.load_module(_fill(template, score_graph, mask_graph, grad_slots), f"flex_{kind}")
         _SRC_CACHE[key] = mod
     return mod
@@ -344,6 +345,16 @@ class Plan:
     dropout_p: float
     dropout_seed: int | None
     grad_slots: tuple
+    score_bufs: list  # the captured tensors the kernels read (the graphs' by default)
+    mask_bufs: list
+
+
+def tensor_args(tensors) -> list:
+    """Launch arguments for captured tensors (pointer, strides, sizes): codegen.buffer_params order."""
+    out = []
+    for t in tensors:
+        out += [t, *t.stride(), *t.shape]
+    return out
 
 
 def _dot_precision(dtype, opts) -> str:
@@ -371,6 +382,27 @@ def _fwd_cfg(plan: Plan, q, v):
     return bm, bn, o.get("num_warps", dw), o.get("num_stages", ds)
 
 
+_SHRUNK: dict = {}
+
+
+def launch(kernel, grid, args, kwargs, key, shrink="BLOCK_N"):
+    """Launch; if the config needs more shared memory than the GPU has (a captured-tensor
+    gather can add scratch), retry with fewer stages, then a smaller inner-loop tile
+    (`shrink`: the tile the loop walks, never the one the grid is made of); remember it."""
+    kwargs = dict(kwargs, **_SHRUNK.get(key, {}))
+    while True:
+        try:
+            return kernel[grid](*args, **kwargs)
+        except triton.runtime.errors.OutOfResources:
+            if kwargs["num_stages"] > 1:
+                kwargs["num_stages"] -= 1
+            elif kwargs[shrink] > 16:
+                kwargs[shrink] //= 2
+            else:
+                raise
+            _SHRUNK[key] = {"num_stages": kwargs["num_stages"], shrink: kwargs[shrink]}
+
+
 def forward(plan: Plan, q, k, v, return_lse: bool = True, cfg=None):
     B, Hq, L, E = q.shape
     _, Hkv, S, Ev = v.shape
@@ -383,12 +415,13 @@ def forward(plan: Plan, q, k, v, return_lse: bool = True, cfg=None):
     full_idx = blk.full_kv_idx if blk.has_full else blk.kv_idx
     drop_scale, lo, hi, thr = _dropout_args(plan)
     grid = (triton.cdiv(L, bm_), B * Hq)
-    mod.flex_fwd[grid](
+    args = (
         q, k, v, out, lse, blk.kv_num, blk.kv_idx, full_num, full_idx,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *_bm_strides(blk.kv_num, blk.kv_idx), *_bm_strides(full_num, full_idx),
         Hq, L, S, plan.scale, plan.scale * LOG2E, drop_scale, lo, hi, thr,
-        *codegen.buffer_args(plan.score_graph), *codegen.buffer_args(plan.mask_graph),
+        *tensor_args(plan.score_bufs), *tensor_args(plan.mask_bufs))
+    kwargs = dict(
         GQA_GROUP=Hq // Hkv, HAS_FULL=blk.has_full, HAS_SCORE_MOD=plan.score_graph is not None,
         HAS_DROPOUT=plan.dropout_p > 0, OUTPUT_LSE=True,
         QK_HEAD=E, QK_HEAD_PAD=_pow2(E), V_HEAD=Ev, V_HEAD_PAD=_pow2(Ev),
@@ -396,6 +429,7 @@ def forward(plan: Plan, q, k, v, return_lse: bool = True, cfg=None):
         Q_DIVISIBLE=L % blk.block[0] == 0, KV_DIVISIBLE=S % blk.block[1] == 0,
         DOT_PRECISION=_dot_precision(q.dtype, plan.opts),
         num_warps=warps, num_stages=stages)
+    launch(mod.flex_fwd, grid, args, kwargs, ("fwd", id(mod), q.dtype, E, Ev, bm_, bn_, warps, stages))
     return out, lse
 
 
@@ -428,16 +462,16 @@ def backward(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs):
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     grad_slots = plan.grad_slots
-    gbufs = [torch.zeros(score_bufs[s].shape, dtype=torch.float32, device=q.device) for s in grad_slots]
+    det = bool(plan.opts.get("DETERMINISTIC", False))
+    gbufs = [torch.zeros(score_bufs[s].shape, dtype=torch.int64 if det else torch.float32, device=q.device)
+             for s in grad_slots]
     # the atomics index the gradient buffers with the captured tensors' strides
-    sbufs = list(plan.score_graph.buffers) if plan.score_graph is not None else []
+    sbufs = list(score_bufs)
     for s in grad_slots:
         if sbufs[s].stride() != gbufs[grad_slots.index(s)].stride():
             sbufs[s] = sbufs[s].contiguous()
     sg = plan.score_graph
-    sargs = []
-    for i, t in enumerate(sbufs):
-        sargs += [t, *t.stride(), *t.shape]
+    sargs = tensor_args(sbufs)
     mod = _module("bwd", plan.score_graph, plan.mask_graph, list(grad_slots))
     drop_scale, lo, hi, thr = _dropout_args(plan)
     common = dict(GQA_GROUP=Hq // Hkv, HAS_FULL=blk.has_full, HAS_SCORE_MOD=sg is not None,
@@ -446,24 +480,28 @@ def backward(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs):
                   SPARSE_Q_BLOCK=blk.block[0], SPARSE_KV_BLOCK=blk.block[1],
                   # "divisible" = no block holds padding: then no tile needs bounds checks
                   Q_DIVISIBLE=L % blk.block[0] == 0, KV_DIVISIBLE=S % blk.block[1] == 0,
-                  DOT_PRECISION=_dot_precision(q.dtype, plan.opts), num_warps=warps, num_stages=stages)
-    margs = codegen.buffer_args(plan.mask_graph)
+                  DOT_PRECISION=_dot_precision(q.dtype, plan.opts), DETERMINISTIC=det,
+                  num_warps=warps, num_stages=stages)
+    margs = tensor_args(plan.mask_bufs)
     full_num = blk.full_kv_num if blk.has_full else blk.kv_num
     full_idx = blk.full_kv_idx if blk.has_full else blk.kv_idx
-    mod.flex_bwd_dq[(triton.cdiv(L, m2), B * Hq)](
+    launch(mod.flex_bwd_dq, (triton.cdiv(L, m2), B * Hq), (
         q, k, v, dout, dq, lse2, delta, blk.kv_num, blk.kv_idx, full_num, full_idx,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         *_bm_strides(blk.kv_num, blk.kv_idx), *_bm_strides(full_num, full_idx),
-        Hq, L, S, plan.scale, drop_scale, lo, hi, thr, *sargs, *margs, *gbufs,
-        BLOCK_M=m2, BLOCK_N=n2, **common)
+        Hq, L, S, plan.scale, drop_scale, lo, hi, thr, *sargs, *margs, *gbufs),
+        dict(BLOCK_M=m2, BLOCK_N=n2, **common), ("dq", id(mod), q.dtype, E, Ev, m2, n2, warps, stages))
     fq_num = blk.full_q_num if blk.has_full else blk.q_num
     fq_idx = blk.full_q_idx if blk.has_full else blk.q_idx
-    mod.flex_bwd_dkdv[(triton.cdiv(S, n1), B * Hkv)](
+    # dk/dv: the kv tile fixes the grid, so a shared-memory fallback shrinks the q tile
+    launch(mod.flex_bwd_dkdv, (triton.cdiv(S, n1), B * Hkv), (
         q, k, v, dout, dk, dv, lse2, delta, blk.q_num, blk.q_idx, fq_num, fq_idx,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         *_bm_strides(blk.q_num, blk.q_idx), *_bm_strides(fq_num, fq_idx),
-        Hq, Hkv, L, S, plan.scale, drop_scale, lo, hi, thr, *sargs, *margs, *gbufs,
-        BLOCK_M=m1, BLOCK_N=n1, **common)
+        Hq, Hkv, L, S, plan.scale, drop_scale, lo, hi, thr, *sargs, *margs, *gbufs),
+        dict(BLOCK_M=m1, BLOCK_N=n1, **common), ("dkdv", id(mod), q.dtype, E, Ev, m1, n1, warps, stages), shrink="BLOCK_M")
+    if det:
+        gbufs = [g.double() / 4294967296.0 for g in gbufs]
     buf_grads = [g.to(score_bufs[s].dtype) for g, s in zip(gbufs, grad_slots)]
     return dq, dk, dv, buf_grads
 
@@ -519,7 +557,8 @@ def make_plan(q, k, v, *, score_graph, mask_graph, block_mask, scale, kernel_opt
         from ..dropout import draw_seed
         dropout_seed = draw_seed()
     return Plan(score_graph, mask_graph, blocks, float(scale), opts, float(dropout_p or 0.0),
-                dropout_seed, grad_slots)
+                dropout_seed, grad_slots, list(score_graph.buffers) if score_graph is not None else [],
+                list(mask_graph.buffers) if mask_graph is not None else [])
 
 
 def flex_attention_triton(q, k, v, *, score_graph=None, mask_graph=None, block_mask=None, scale=None,

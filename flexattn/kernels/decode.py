@@ -1,6 +1,190 @@
-"""Short-query decode (stub, replaced below)."""
-DECODE_TEMPLATE = ""
-def use_decode(plan, q, v):
-    return False
+"""Short-query decode: split-KV forward for q_len <= DECODE_MAX_Q (a KV cache, few queries).
+
+With few query rows the forward's grid (q tiles x heads) leaves most of the GPU idle and
+the work is a memory-bound read of K and V. Here each program takes one slice (split) of a
+row's kv tiles, for all query rows of one (batch, head) - or, when the BlockMask is shared
+by the heads of a GQA group (its H is 1), for all query heads reading the same kv head, so
+K/V are read once per kv head. Each split writes an unnormalised partial (acc, m, l); the
+partials are merged by their log-sum-exp in `_merge`. Same semantics as the forward
+(mask_mod applied on every visited tile: it is true on full blocks anyway).
+
+Holes: {SCORE_MOD}, {MASK_MOD} and the buffer parameter lists.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+DECODE_MAX_Q = 16
+
+DECODE_TEMPLATE = r'''
+{SCORE_MOD}
+
+{MASK_MOD}
+
+
+@triton.jit
+def flex_decode(Q, K, V, ACC, M_OUT, L_OUT,
+                KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
+                stride_qz, stride_qh, stride_qm, stride_qk,
+                stride_kz, stride_kh, stride_kn, stride_kk,
+                stride_vz, stride_vh, stride_vn, stride_vk,
+                stride_nz, stride_nh, stride_iz, stride_ih,
+                stride_fnz, stride_fnh, stride_fiz, stride_fih,
+                HQ, HKV, Q_LEN, KV_LEN, SCALE, SCALE_LOG2, SPLITS,
+                {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}
+                GQA_GROUP: tl.constexpr, PACK_GQA: tl.constexpr, HAS_FULL: tl.constexpr,
+                HAS_SCORE_MOD: tl.constexpr,
+                QK_HEAD: tl.constexpr, QK_HEAD_PAD: tl.constexpr,
+                V_HEAD: tl.constexpr, V_HEAD_PAD: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    MULT: tl.constexpr = SPARSE_KV_BLOCK // BLOCK_N
+    LOG2E: tl.constexpr = 1.4426950408889634
+    pid_s = tl.program_id(0)
+    pid_zh = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    if PACK_GQA:  # rows = (query head in the group, query position)
+        off_z = pid_zh // HKV
+        off_hkv = pid_zh % HKV
+        off_h = off_hkv * GQA_GROUP + rows // Q_LEN
+        q_pos = rows % Q_LEN
+        row_ok = rows < GQA_GROUP * Q_LEN
+        h0 = off_hkv * GQA_GROUP
+    else:
+        off_z = pid_zh // HQ
+        h0 = pid_zh % HQ
+        off_hkv = h0 // GQA_GROUP
+        off_h = h0 + rows * 0
+        q_pos = rows
+        row_ok = rows < Q_LEN
+    off_h = tl.where(row_ok, off_h, h0)
+    q_pos = tl.where(row_ok, q_pos, 0)
+    offs_d = tl.arange(0, QK_HEAD_PAD)
+    offs_dv = tl.arange(0, V_HEAD_PAD)
+    q_ptrs = Q + off_z.to(tl.int64) * stride_qz + off_h[:, None].to(tl.int64) * stride_qh \
+        + q_pos[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qk
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < QK_HEAD), other=0.0)
+    k_base = K + off_z.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
+    v_base = V + off_z.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
+
+    # the row's kv tiles: partial blocks then full blocks (q rows all sit in q block 0)
+    n_part = tl.load(KV_NUM + off_z * stride_nz + h0 * stride_nh)
+    idx_ptr = KV_IDX + off_z.to(tl.int64) * stride_iz + h0 * stride_ih
+    n_full = 0
+    fidx_ptr = idx_ptr
+    if HAS_FULL:
+        n_full = tl.load(FULL_KV_NUM + off_z * stride_fnz + h0 * stride_fnh)
+        fidx_ptr = FULL_KV_IDX + off_z.to(tl.int64) * stride_fiz + h0 * stride_fih
+    n_tiles = (n_part + n_full) * MULT
+    per = tl.cdiv(n_tiles, SPLITS)
+    lo = pid_s * per
+    hi = tl.minimum(lo + per, n_tiles)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, V_HEAD_PAD], dtype=tl.float32)
+    q_idx = q_pos[:, None]
+    h_tile = off_h[:, None]
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for it in range(lo, hi):
+        j = it // MULT
+        is_part = j < n_part
+        blk_p = tl.load(idx_ptr + j, mask=is_part, other=0)
+        blk_f = tl.load(fidx_ptr + (j - n_part), mask=j >= n_part, other=0)
+        blk = tl.where(is_part, blk_p, blk_f)
+        offs_n = blk * SPARSE_KV_BLOCK + (it % MULT) * BLOCK_N + offs_n0
+        n_ok = offs_n < KV_LEN
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kk,
+                    mask=n_ok[:, None] & (offs_d[None, :] < QK_HEAD), other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        kv_idx = offs_n[None, :]
+        if HAS_SCORE_MOD:
+            s = score_mod(qk * SCALE, off_z, h_tile, q_idx, kv_idx{SCORE_BUF_ARGS}) * LOG2E
+        else:
+            s = qk * SCALE_LOG2
+        keep = mask_mod(off_z, h_tile, q_idx, kv_idx{MASK_BUF_ARGS}) & n_ok[None, :]
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vk,
+                    mask=n_ok[:, None] & (offs_dv[None, :] < V_HEAD), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # partials: [B, HQ, SPLITS, Q_LEN, ...] (contiguous), unnormalised
+    part = ((off_z * HQ + off_h).to(tl.int64) * SPLITS + pid_s) * Q_LEN + q_pos
+    tl.store(M_OUT + part, m_i, mask=row_ok)
+    tl.store(L_OUT + part, l_i, mask=row_ok)
+    tl.store(ACC + part[:, None] * V_HEAD + offs_dv[None, :], acc,
+             mask=row_ok[:, None] & (offs_dv[None, :] < V_HEAD))
+'''
+
+
+def use_decode(plan, q, v) -> bool:
+    o = plan.opts
+    force = o.get("FORCE_DECODE")
+    if o.get("FORCE_USE_FLEX_ATTENTION") or force is False or plan.dropout_p > 0:
+        return False
+    L = q.shape[2]
+    if force:
+        return L <= 64
+    return L <= DECODE_MAX_Q and v.shape[2] >= 256
+
+
+def _merge(acc, m, l, dtype):
+    """Combine split partials by log-sum-exp: m, l [B,H,P,L] (log2 domain), acc [B,H,P,L,Dv]."""
+    m_max = m.amax(2, keepdim=True)
+    m_max = torch.where(m_max == float("-inf"), torch.zeros_like(m_max), m_max)
+    w = torch.exp2(m - m_max)
+    l_tot = (l * w).sum(2)
+    out = (acc * w.unsqueeze(-1)).sum(2)
+    empty = l_tot == 0
+    out = out / torch.where(empty, torch.ones_like(l_tot), l_tot).unsqueeze(-1)
+    lse = torch.where(empty, torch.full_like(l_tot, float("-inf")),
+                      (m_max.squeeze(2) + torch.log2(torch.where(empty, torch.ones_like(l_tot), l_tot))) * 0.6931471805599453)
+    return out.to(dtype), lse
+
+
 def decode_forward(plan, q, k, v):
-    raise NotImplementedError
+    from . import _module, _pow2, _dot_precision, LOG2E, _device_key, tensor_args
+    B, Hq, L, E = q.shape
+    _, Hkv, S, Ev = v.shape
+    G = Hq // Hkv
+    blk = plan.blocks
+    o = plan.opts
+    # pack the GQA group when its heads share the block lists (BlockMask H of 1)
+    pack = G > 1 and blk.kv_num.stride(1) == 0 and G * L <= 128
+    rows = G * L if pack else L
+    block_m = max(16, triton.next_power_of_2(rows))
+    block_n = o.get("decode_BLOCK_N", 64 if q.device.type == "cuda" else 32)
+    block_n = min(block_n, blk.block[1])
+    while blk.block[1] % block_n:
+        block_n //= 2
+    base = B * (Hkv if pack else Hq)
+    n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else 4
+    max_tiles = blk.kv_idx.shape[-1] * (blk.block[1] // block_n)
+    splits = o.get("decode_SPLITS", max(1, min(triton.cdiv(2 * n_sm, base), max_tiles, 64)))
+    acc = torch.empty(B, Hq, splits, L, Ev, dtype=torch.float32, device=q.device)
+    m = torch.empty(B, Hq, splits, L, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    mod = _module("decode", plan.score_graph, plan.mask_graph)
+    full_num = blk.full_kv_num if blk.has_full else blk.kv_num
+    full_idx = blk.full_kv_idx if blk.has_full else blk.kv_idx
+    dk = _device_key(q.device)
+    mod.flex_decode[(splits, base)](
+        q, k, v, acc, m, l, blk.kv_num, blk.kv_idx, full_num, full_idx,
+        *q.stride(), *k.stride(), *v.stride(),
+        blk.kv_num.stride(0), blk.kv_num.stride(1), blk.kv_idx.stride(0), blk.kv_idx.stride(1),
+        full_num.stride(0), full_num.stride(1), full_idx.stride(0), full_idx.stride(1),
+        Hq, Hkv, L, S, plan.scale, plan.scale * LOG2E, splits,
+        *tensor_args(plan.score_bufs), *tensor_args(plan.mask_bufs),
+        GQA_GROUP=G, PACK_GQA=pack, HAS_FULL=blk.has_full, HAS_SCORE_MOD=plan.score_graph is not None,
+        QK_HEAD=E, QK_HEAD_PAD=_pow2(E), V_HEAD=Ev, V_HEAD_PAD=_pow2(Ev),
+        BLOCK_M=block_m, BLOCK_N=block_n, SPARSE_KV_BLOCK=blk.block[1],
+        DOT_PRECISION=_dot_precision(q.dtype, plan.opts),
+        num_warps=o.get("decode_num_warps", 4), num_stages=o.get("decode_num_stages", 3 if dk != "interp" else 1))
+    return _merge(acc, m, l, q.dtype)

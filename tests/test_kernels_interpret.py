@@ -1,0 +1,133 @@
+"""The generated Triton kernels under TRITON_INTERPRET=1 on CPU tensors (fp32/fp16).
+
+TRITON_INTERPRET must be set before any @triton.jit function is built, and other test
+files in the same pytest process use Triton normally - so each group of cases runs in a
+fresh subprocess (`python tests/test_kernels_interpret.py GROUP`), which prints one JSON
+line of failures; the pytest test of that group asserts there are none. Every check is
+the numerics rule of DESIGN.md (conftest.assert_close_to_golden) against the float64
+reference, for out, lse and every gradient (q, k, v and captured float tensors).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+ZOO = ("none", "causal", "sliding_window", "prefix_lm", "document", "dilated_sliding_window",
+       "natten_2d", "alibi_causal", "softcap", "rel_bias", "per_head_scale", "multi_read",
+       "empty_rows", "and_or", "softcap_document")
+
+# group -> list of case kwargs for `_check`
+GROUPS = {
+    "zoo_fp32": [dict(name=n) for n in ZOO],
+    "zoo_fp16": [dict(name=n, dtype="float16", L=48, S=80, Hq=4, Hkv=2) for n in ZOO],
+    "shapes": [
+        dict(name="causal", L=1, S=17, E=16, bwd=False),
+        dict(name="document", L=17, S=113, E=80, Ev=48, Hq=4, Hkv=2),
+        dict(name="rel_bias", L=127, S=129, E=64, dtype="float16"),
+        dict(name="sliding_window", L=129, S=127, E=128, Ev=32, block=64),
+        dict(name="none", L=113, S=1, E=32, bwd=False),
+        dict(name="alibi_causal", L=113, S=113, E=32, Hq=4, Hkv=1),
+        dict(name="prefix_lm", L=64, S=64, E=32, noncontig=True),
+        dict(name="softcap", L=40, S=72, E=16, block=16, opts={"BLOCK_M": 16, "BLOCK_N": 16}),
+    ],
+    "special": [
+        dict(name="empty_rows", L=80, S=80, dtype="float16"),
+        dict(name="multi_read", L=64, S=64, deterministic=True),
+        dict(name="causal", L=4, S=300, Hq=4, Hkv=2, E=32, bwd=False, opts={"FORCE_DECODE": True}),
+        dict(name="rel_bias", L=1, S=200, Hq=4, Hkv=4, E=32, bwd=False, opts={"FORCE_DECODE": True}),
+        dict(name="document", L=3, S=100, Hq=2, E=16, bwd=True, opts={"FORCE_DECODE": True}),
+        dict(name="causal", L=64, S=64, dropout=0.3),
+        dict(name="alibi_causal", L=64, S=64, dropout=0.2, dtype="float16", Hq=4, Hkv=2),
+    ],
+}
+
+
+def _check(name, L=64, S=64, E=32, Ev=None, B=1, Hq=2, Hkv=None, dtype="float32", bwd=True, block=32,
+           opts=None, noncontig=False, deterministic=False, dropout=0.0):
+    import torch
+    import flexattn
+    from flexattn.reference import reference_attention
+    from flexattn.dropout import dropout_mask
+    from conftest import assert_close_to_golden, make_qkv
+    from mods_zoo import make_mod
+    dtype = getattr(torch, dtype)
+    Hkv = Hkv or Hq
+    m = make_mod(name, B=B, H=Hq, L=L, S=S, requires_grad=bwd)
+    m_ref = make_mod(name, B=B, H=Hq, L=L, S=S, buffer_dtype=dtype, requires_grad=bwd)
+    m64 = make_mod(name, B=B, H=Hq, L=L, S=S, buffer_dtype=torch.float64, requires_grad=bwd)
+    q, k, v = make_qkv(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=E, Ev=Ev, dtype=dtype)
+    if noncontig:  # (B, S, H, D) storage seen through a transpose
+        q, k, v = [x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in (q, k, v)]
+    bm = flexattn.create_block_mask(m.mask_mod, B, Hq, L, S, BLOCK_SIZE=block) if m.mask_mod else None
+    options = dict(opts or {}, BACKEND="triton")
+    if deterministic:
+        options["DETERMINISTIC"] = True
+    seed = 1234
+    out, lse = flexattn.flex_attention(q, k, v, score_mod=m.score_mod, block_mask=bm, enable_gqa=Hq != Hkv,
+                                       return_lse=True, kernel_options=options, dropout_p=dropout,
+                                       dropout_seed=seed if dropout else None)
+    keep = dropout_mask(seed, B, Hq, L, S, dropout) if dropout else None
+    qr, kr, vr = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    ro, rl = reference_attention(qr, kr, vr, m_ref.score_mod, m_ref.mask_mod, enable_gqa=True,
+                                 dropout_keep=keep, dropout_p=dropout)
+    q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    go64, gl = reference_attention(q64, k64, v64, m64.score_mod, m64.mask_mod, enable_gqa=True,
+                                   dropout_keep=keep, dropout_p=dropout)
+    assert_close_to_golden("out", out, ro, go64)
+    assert_close_to_golden("lse", lse, rl.float() if dtype != torch.float32 else rl, gl)
+    if not bwd:
+        return
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+    ins = [q, k, v] + list(m.captured.values())
+    got = torch.autograd.grad(out, ins, go)
+    ref = torch.autograd.grad(ro, [qr, kr, vr] + list(m_ref.captured.values()), go, allow_unused=True)
+    gold = torch.autograd.grad(go64, [q64, k64, v64] + list(m64.captured.values()), go.double(), allow_unused=True)
+    for nm, a, r, g in zip(["dq", "dk", "dv"] + list(m.captured), got, ref, gold):
+        assert_close_to_golden(nm, a, torch.zeros_like(a) if r is None else r,
+                               torch.zeros_like(a, dtype=torch.float64) if g is None else g)
+    if deterministic:  # a second run gives bitwise the same gradients
+        out2 = flexattn.flex_attention(q, k, v, score_mod=m.score_mod, block_mask=bm, kernel_options=options)
+        again = torch.autograd.grad(out2, ins, go)
+        for nm, a, b in zip(["dq", "dk", "dv"] + list(m.captured), got, again):
+            assert torch.equal(a, b), f"{nm} differs between two DETERMINISTIC runs"
+
+
+def _main(group: str) -> None:
+    sys.path[:0] = [ROOT, HERE]
+    failures = []
+    for case in GROUPS[group]:
+        try:
+            _check(**case)
+        except Exception as e:  # noqa: BLE001 - report every failing case, not just the first
+            failures.append(f"{case}: {type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}")
+    print("RESULT " + json.dumps(failures))
+
+
+def _run_group(group: str) -> list[str]:
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=ROOT + os.pathsep + HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("FLEXATTN_CACHE_DIR", os.path.join(ROOT, ".pytest_cache", "flexattn"))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), group], env=env, capture_output=True,
+                          text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        raise AssertionError(f"group {group} crashed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][7:])
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_kernels_interpreted(group):
+    failures = _run_group(group)
+    assert not failures, f"{len(failures)} case(s) failed in group {group}:\n" + "\n".join(failures)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])

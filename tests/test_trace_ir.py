@@ -1,0 +1,208 @@
+"""Tracer and IR: every supported op traces and evaluates equal to the eager function;
+the printed IR; the verifier; every TraceError / arity error path and its message."""
+import math
+
+import pytest
+import torch
+
+from flexattn.evaluate import evaluate
+from flexattn.ir import Graph, IRError, Node, OPS
+from flexattn.trace import TraceError, check_buffers_device, trace_mask, trace_score
+
+B, H, Q, KV = 2, 3, 9, 11
+i32 = dict(dtype=torch.int32)
+b = torch.arange(B, **i32)[:, None, None, None]
+h = torch.arange(H, **i32)[None, :, None, None]
+q = torch.arange(Q, **i32)[None, None, :, None]
+kv = torch.arange(KV, **i32)[None, None, None, :]
+score = torch.linspace(-3, 3, B * H * Q * KV).reshape(B, H, Q, KV).float()
+
+table = torch.randn(H, Q + KV, generator=torch.Generator().manual_seed(0))
+doc = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3])
+offsets = torch.tensor([0, 3, 5, 9])
+slopes = torch.tensor([0.5, 0.25, 0.125])
+
+SCORE_MODS = {
+    "add_sub_mul_div": lambda s, b, h, q, kv: (s + q) * 2 - kv / 3 + b - h,
+    "floordiv_mod": lambda s, b, h, q, kv: s + (q // 3).float() + (kv % 4).float() + (q - kv) // 2 - (q - kv) % 3,
+    "pow_neg_abs": lambda s, b, h, q, kv: -(s ** 2) + (q - kv).abs() + abs(q - 5),
+    "where_min_max_clamp": lambda s, b, h, q, kv: torch.where(q >= kv, s, torch.minimum(s, torch.maximum(s * 0.5, -s)))
+    + torch.clamp(s, -1.0, 1.0) + s.clamp(min=0.0),
+    "transcendental": lambda s, b, h, q, kv: torch.exp(s / 4) + torch.exp2(s / 4) + torch.log(s.abs() + 1)
+    + torch.log2(s.abs() + 1) + torch.sqrt(s.abs()) + torch.rsqrt(s.abs() + 1) + torch.tanh(s) + torch.sigmoid(s)
+    + torch.sin(s) + torch.cos(s) + torch.floor(s) + s.ceil(),
+    "casts": lambda s, b, h, q, kv: s + q.to(torch.float32) + kv.float() + (s * 3).int().float() + s.to(torch.float64).float(),
+    "alibi": lambda s, b, h, q, kv: s + torch.exp2(-(h + 1).float()) * (kv - q).float(),
+    "softcap": lambda s, b, h, q, kv: 20.0 * torch.tanh(s / 20.0),
+    "rel_bias_table": lambda s, b, h, q, kv: s + table[h, q - kv + KV - 1],
+    "per_head_scale": lambda s, b, h, q, kv: s * slopes[h],
+    "nested": lambda s, b, h, q, kv: s + offsets[doc[q]].float() - offsets[doc[kv]].float(),
+    "python_consts": lambda s, b, h, q, kv: s * math.pi + 3 - 0.5,
+}
+
+MASK_MODS = {
+    "causal": lambda b, h, q, kv: q >= kv,
+    "compare_all": lambda b, h, q, kv: (q < kv + 3) & (q <= kv + 5) & (q > kv - 4) & (q != kv + 1) | (q == 0),
+    "bool_ops": lambda b, h, q, kv: ~(q < kv) ^ (kv > 3) | (b == 1),
+    "int_bitwise": lambda b, h, q, kv: ((q & 3) | (kv ^ 5)) > 2,
+    "doc": lambda b, h, q, kv: (doc[q] == doc[kv]) & (q - offsets[doc[q]] >= kv - offsets[doc[kv]]),
+    "natten": lambda b, h, q, kv: ((q // 3 - kv // 3).abs() <= 1) & ((q % 3 - kv % 3).abs() <= 1),
+    "logical": lambda b, h, q, kv: torch.logical_and(q >= kv, torch.logical_not(kv > 4)) | torch.logical_or(b > 0, h > 1),
+    "const_true": lambda b, h, q, kv: torch.ones_like(q, dtype=torch.bool),
+}
+
+
+def _eager(fn, *args):
+    return fn(*args)
+
+
+@pytest.mark.parametrize("name", sorted(SCORE_MODS))
+def test_score_mods_trace_and_evaluate_like_eager(name):
+    fn = SCORE_MODS[name]
+    g = trace_score(fn)
+    got = evaluate(g, score=score, b=b, h=h, q_idx=q, kv_idx=kv)
+    want = fn(score, b, h, q, kv)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want.expand_as(got), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", sorted(MASK_MODS))
+def test_mask_mods_trace_and_evaluate_like_eager(name):
+    fn = MASK_MODS[name]
+    g = trace_mask(fn)
+    got = evaluate(g, b=b, h=h, q_idx=q, kv_idx=kv)
+    want = fn(b, h, q, kv).expand(B, H, Q, KV)
+    assert got.dtype == torch.bool
+    assert torch.equal(got, want)
+
+
+def test_every_ir_op_is_covered_by_the_mods():
+    used = set()
+    for fn in SCORE_MODS.values():
+        used |= {n.op for n in trace_score(fn).live_nodes()}
+    for fn in MASK_MODS.values():
+        used |= {n.op for n in trace_mask(fn).live_nodes()}
+    assert used == set(OPS), f"ops never exercised: {set(OPS) - used}"
+
+
+def test_printed_ir_is_readable():
+    g = trace_mask(MASK_MODS["doc"])
+    text = str(g)
+    assert text.startswith("def mask_mod(b, h, q_idx, kv_idx):")
+    assert "buf0: captured int64 tensor of shape (12,)" in text
+    assert "buf0[q_idx]" in text and "return" in text.splitlines()[-1]
+    assert "q_idx >= kv_idx" in str(trace_mask(MASK_MODS["causal"]))
+    # structure key: values never enter, shapes never enter
+    g2 = trace_mask(lambda b, h, q, kv: (doc * 2)[q] == (doc * 2)[kv])
+    assert "tensor of shape" not in g.structure_key()
+    assert g.structure_key() != g2.structure_key()  # different structure
+
+
+def test_graph_uses():
+    g = trace_mask(MASK_MODS["causal"])
+    assert g.uses("q_idx") and g.uses("kv_idx") and not g.uses("b") and not g.uses("h")
+    assert trace_mask(MASK_MODS["bool_ops"]).uses("b")
+
+
+# ---- verifier ---------------------------------------------------------------------------
+
+def _graph_with(op, args, dtype, kind="mask"):
+    g = Graph(kind, "hand_built")
+    qn, kn = g.input("q_idx"), g.input("kv_idx")
+    n = Node(op, args(g, qn, kn), dtype, "bad")
+    g.nodes.append(n)
+    g.output = n
+    return g
+
+
+@pytest.mark.parametrize("case, match", [
+    (lambda: _graph_with("frobnicate", lambda g, a, b: (a, b), torch.bool), "unknown op"),
+    (lambda: _graph_with("lt", lambda g, a, b: (a,), torch.bool), "takes 2 arguments"),
+    (lambda: _graph_with("lt", lambda g, a, b: (a, b), torch.int32), "should have dtype"),
+    (lambda: _graph_with("lt", lambda g, a, b: (a, 3), torch.bool), "is not a node"),
+    (lambda: _graph_with("add", lambda g, a, b: (a, b), torch.int32), "must return bool"),
+    (lambda: _graph_with("where", lambda g, a, b: (a, a, b), torch.int32), "condition must be bool"),
+])
+def test_verifier_failures(case, match):
+    with pytest.raises(IRError, match=match):
+        case().verify()
+
+
+def test_verifier_undefined_argument_and_load_arity():
+    g = Graph("mask", "x")
+    qn = g.input("q_idx")
+    ghost = Node("neg", (qn,), torch.int32, "ghost")  # never added to the graph
+    n = Node("lt", (ghost, qn), torch.bool, "n")
+    g.nodes.append(n)
+    g.output = n
+    with pytest.raises(IRError, match="not defined before use"):
+        g.verify()
+    g = Graph("mask", "x")
+    qn = g.input("q_idx")
+    buf = g.buffer(torch.zeros(3, 4, dtype=torch.bool))
+    n = Node("load", (buf, qn), torch.bool, "n")
+    g.nodes.append(n)
+    g.output = n
+    with pytest.raises(IRError, match="takes 2 indices"):
+        g.verify()
+
+
+# ---- trace errors -----------------------------------------------------------------------
+
+def test_python_if_on_proxy():
+    def bad(b, h, q_idx, kv_idx):
+        if q_idx > kv_idx:
+            return q_idx > 0
+        return kv_idx > 0
+    with pytest.raises(TraceError) as e:
+        trace_mask(bad)
+    msg = str(e.value)
+    assert "'bad'" in msg and "Python control flow" in msg and "torch.where" in msg
+    assert "if q_idx > kv_idx" in msg  # the source line
+
+
+def test_python_and_or_bool_on_proxy():
+    with pytest.raises(TraceError, match="control flow"):
+        trace_mask(lambda b, h, q, kv: (q > 0) and (kv > 0))
+    with pytest.raises(TraceError, match="control flow"):
+        trace_mask(lambda b, h, q, kv: bool(q > kv))
+    with pytest.raises(TraceError, match="Python number"):
+        trace_mask(lambda b, h, q, kv: int(q) > 3)
+
+
+def test_unsupported_torch_function_is_named():
+    with pytest.raises(TraceError, match=r"torch\.erf is not supported"):
+        trace_score(lambda s, b, h, q, kv: torch.erf(s))
+    with pytest.raises(TraceError, match=r"\.cumsum\(\) is not supported"):
+        trace_score(lambda s, b, h, q, kv: s.cumsum(0))
+
+
+def test_captured_tensor_on_wrong_device():
+    g = trace_mask(MASK_MODS["doc"])
+    with pytest.raises(TraceError) as e:
+        check_buffers_device(g, torch.device("meta"), "mask_mod")
+    assert "captures a tensor of shape (12,) on cpu" in str(e.value) and ".to('meta')" in str(e.value)
+
+
+def test_non_integer_index():
+    with pytest.raises(TraceError, match="indexed in dimension 0 by a float32 value"):
+        trace_score(lambda s, b, h, q, kv: s + slopes[q / 2])
+    with pytest.raises(TraceError, match="index True in dimension 1 of a captured tensor is not an integer"):
+        trace_score(lambda s, b, h, q, kv: s + table[h, True])
+    with pytest.raises(TraceError, match="slicing a captured tensor"):
+        trace_score(lambda s, b, h, q, kv: s + table[:, q])
+    with pytest.raises(TraceError, match="used without indexing"):
+        trace_score(lambda s, b, h, q, kv: s + slopes)
+
+
+def test_arity_errors_and_kind_mixups():
+    with pytest.raises(TypeError, match=r"mask_mod must take 4 arguments.*takes 3"):
+        trace_mask(lambda b, q, kv: q > kv)
+    with pytest.raises(TypeError, match="looks like a score_mod"):
+        trace_mask(lambda s, b, h, q, kv: s)
+    with pytest.raises(TypeError, match="returns a float"):
+        trace_mask(lambda b, h, q, kv: (q - kv).float())
+    with pytest.raises(TypeError, match="returns a bool"):
+        trace_score(lambda s, b, h, q, kv: q > kv)
+    with pytest.raises(TypeError, match="must be a callable"):
+        trace_mask(3)
