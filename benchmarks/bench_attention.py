@@ -230,6 +230,9 @@ def main():
     p.add_argument("--decode", action="store_true")
     p.add_argument("--json", default=None, help="write results here (default $OUT/bench_attention.json)")
     args = p.parse_args()
+    import torch._dynamo
+    torch._dynamo.config.recompile_limit = 10_000  # one compiled flex per case, never the dense fallback
+    torch._dynamo.config.accumulated_recompile_limit = 10_000
     args.cases = [c for c in args.cases.split(",") if c]
     args.seqs = [int(s) for s in args.seqs.split(",")]
     args.dims = [int(d) for d in args.dims.split(",")]
