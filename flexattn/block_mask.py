@@ -111,24 +111,31 @@ def _ordered_from_state(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (torch's convention: stray reads past num stay in bounds). Done in row chunks with
     cumsum + scatter: O(R*C), no sort, memory O(chunk) beyond the outputs.
     """
-    *lead, R, C = sel.shape
-    flat = sel.reshape(-1, C)
+    return _ordered_from_codes(sel, (True,))[0]
+
+
+def _ordered_from_codes(state: torch.Tensor, codes) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """_ordered_from_state(state == code) for each code, reading `state` once, in row
+    chunks small enough to stay in cache."""
+    *lead, R, C = state.shape
+    flat = state.reshape(-1, C)
     rows = flat.shape[0]
-    num = torch.empty(rows, dtype=torch.int32, device=sel.device)
-    idx = torch.empty(rows, C, dtype=torch.int32, device=sel.device)
+    dev = state.device
+    outs = [(torch.empty(rows, dtype=torch.int32, device=dev), torch.empty(rows, C, dtype=torch.int32, device=dev))
+            for _ in codes]
     chunk = max(1, _ROW_CHUNK_ELEMS // max(C, 1))
-    cols = torch.arange(C, dtype=torch.int32, device=sel.device)
+    cols = torch.arange(C, dtype=torch.int32, device=dev)
     for r0 in range(0, rows, chunk):
-        s = flat[r0:r0 + chunk]
-        s32 = s.to(torch.int32)
-        csum = torch.cumsum(s32, dim=-1, dtype=torch.int32)
-        n = csum[:, -1:] if C else torch.zeros(s.shape[0], 1, dtype=torch.int32, device=sel.device)
-        # selected column j goes to csum[j]-1; unselected to n + (j - csum[j]) (its rank among unselected)
-        pos = torch.where(s, csum - 1, n + (cols - csum))
-        out = idx[r0:r0 + chunk]
-        out.scatter_(1, pos.long(), cols.expand_as(pos))
-        num[r0:r0 + chunk] = n[:, 0]
-    return num.reshape(*lead, R), idx.reshape(*lead, R, C)
+        block = flat[r0:r0 + chunk]
+        for code, (num, idx) in zip(codes, outs):
+            s = block if block.dtype == torch.bool and code is True else block == code
+            csum = torch.cumsum(s, dim=-1, dtype=torch.int32)
+            n = csum[:, -1:] if C else torch.zeros(s.shape[0], 1, dtype=torch.int32, device=dev)
+            # selected column j goes to csum[j]-1; unselected to n + (j - csum[j]) (its rank among unselected)
+            pos = torch.where(s, csum - 1, n + (cols - csum))
+            idx[r0:r0 + chunk].scatter_(1, pos.long(), cols.expand_as(pos))
+            num[r0:r0 + chunk] = n[:, 0]
+    return [(num.reshape(*lead, R), idx.reshape(*lead, R, C)) for num, idx in outs]
 
 
 def _state_from_ordered(num: torch.Tensor, idx: torch.Tensor, ncols: int) -> torch.Tensor:
@@ -254,11 +261,10 @@ class BlockMask:
     @classmethod
     def _from_state(cls, state: torch.Tensor, BLOCK_SIZE, mask_mod, seq_lengths, mask_graph) -> "BlockMask":
         """From an int8 state matrix [B, H, nQ, nKV] of EMPTY / PARTIAL / FULL."""
-        kv_num, kv_idx = _ordered_from_state(state == PARTIAL)
-        fkv_num, fkv_idx = _ordered_from_state(state == FULL)
-        st = state.transpose(-2, -1)
-        q_num, q_idx = _ordered_from_state(st == PARTIAL)
-        fq_num, fq_idx = _ordered_from_state(st == FULL)
+        (kv_num, kv_idx), (fkv_num, fkv_idx) = _ordered_from_codes(state, (PARTIAL, FULL))
+        st = state.transpose(-2, -1).contiguous()  # one blocked copy: row chunks of a strided view are slow
+        (q_num, q_idx), (fq_num, fq_idx) = _ordered_from_codes(st, (PARTIAL, FULL))
+        del st
         return cls(kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx,
                    BLOCK_SIZE, mask_mod, seq_lengths, mask_graph)
 

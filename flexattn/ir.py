@@ -101,17 +101,39 @@ def _dummy(node: Node):
     return torch.ones(1, dtype=node.dtype) if node.dtype != torch.bool else torch.ones(1, dtype=torch.bool)
 
 
+# infer_dtype results by (op, per-argument signature): a const's signature is its type and
+# value (torch's promotion depends on the type only, but whether it raises - an int too
+# large for an int32 operand, a negative integer power - can depend on the value), any
+# other node's is its dtype. Only successes are stored; errors re-raise every time.
+_DTYPE_CACHE: dict[tuple, torch.dtype] = {}
+_DTYPE_CACHE_MAX = 8192
+
+
+def _signature(node) -> object:
+    if node.op == "const":
+        v = node.args[0]
+        return (type(v), "nan" if v != v else v)
+    return node.dtype
+
+
 def infer_dtype(op: str, args: tuple[Node, ...], cast_to: torch.dtype | None = None) -> torch.dtype:
-    """Result dtype of `op` on `args`, by running torch on one-element dummies."""
+    """Result dtype of `op` on `args`, by running torch on one-element dummies (memoised)."""
     if op == "cast":
         return cast_to
     if op == "load":
         return args[0].dtype
-    dummies = [_dummy(a) for a in args]
-    if all(not isinstance(d, torch.Tensor) for d in dummies):
-        dummies[0] = torch.as_tensor(dummies[0]).reshape(1)
-    with torch.no_grad():
-        return TORCH_IMPL[op](*dummies).dtype
+    key = (op, *[_signature(a) for a in args])
+    dtype = _DTYPE_CACHE.get(key)
+    if dtype is None:
+        dummies = [_dummy(a) for a in args]
+        if all(not isinstance(d, torch.Tensor) for d in dummies):
+            dummies[0] = torch.as_tensor(dummies[0]).reshape(1)
+        with torch.no_grad():
+            dtype = TORCH_IMPL[op](*dummies).dtype
+        if len(_DTYPE_CACHE) >= _DTYPE_CACHE_MAX:
+            _DTYPE_CACHE.clear()
+        _DTYPE_CACHE[key] = dtype
+    return dtype
 
 
 class Graph:
@@ -133,6 +155,25 @@ class Graph:
         self._inputs: dict[str, Node] = {}
         self._consts: dict[tuple, Node] = {}
         self._interned: dict[tuple, Node] = {}  # (op, arg ids, dtype) -> node: common subexpressions once
+        self._memo: dict[str, tuple] = {}  # name -> (stamp, value): live_nodes, the printed body
+
+    def _stamp(self) -> tuple:
+        """Changes whenever nodes are appended or replaced or the output is set (memo validity;
+        nodes themselves are immutable once added). Equal for copies from `_with_buffers`."""
+        nodes = self.nodes
+        return (len(nodes), id(self.output), id(nodes[0]) if nodes else 0, id(nodes[-1]) if nodes else 0)
+
+    def _with_buffers(self, buffers: list) -> "Graph":
+        """A copy sharing this graph's (immutable) nodes, with `buffers` in the slots.
+
+        The trace cache hands these out: every copy has its own containers, so building on
+        one (g.op(...), g.output = ...) never changes another; memos are shared and stamped."""
+        g = Graph.__new__(Graph)
+        g.kind, g.fn_name = self.kind, self.fn_name
+        g.nodes, g.buffers, g.output = list(self.nodes), list(buffers), self.output
+        g._inputs, g._consts, g._interned = dict(self._inputs), dict(self._consts), dict(self._interned)
+        g._memo = self._memo
+        return g
 
     # ---- building -------------------------------------------------------------------
     def _append(self, node: Node) -> Node:
@@ -190,6 +231,13 @@ class Graph:
 
     def live_nodes(self) -> list[Node]:
         """Nodes the output depends on, in topological order."""
+        stamp = self._stamp()
+        hit = self._memo.get("live")
+        if hit is None or hit[0] != stamp:
+            hit = self._memo["live"] = (stamp, self._live_nodes())
+        return list(hit[1])
+
+    def _live_nodes(self) -> list[Node]:
         live: set[int] = set()
         stack = [self.output]
         while stack:
@@ -207,9 +255,13 @@ class Graph:
         """Identifies the computation, not the captured values: buffer dtypes and ranks
         are part of it, buffer contents and sizes are not."""
         bufs = ",".join(f"{str(t.dtype)[6:]}[{t.dim()}]" for t in self.buffers)
-        # the printed buffer comments carry shapes: leave them out (sizes never recompile)
-        body = "\n".join(l for l in str(self).splitlines() if not l.lstrip().startswith("# buf"))
-        return f"{self.kind}({bufs})\n{body}"
+        stamp = self._stamp()
+        hit = self._memo.get("body")
+        if hit is None or hit[0] != stamp:
+            # the printed buffer comments carry shapes: leave them out (sizes never recompile)
+            body = "\n".join(l for l in str(self).splitlines() if not l.lstrip().startswith("# buf"))
+            hit = self._memo["body"] = (stamp, body)
+        return f"{self.kind}({bufs})\n{hit[1]}"
 
     def __str__(self) -> str:
         lines = [f"def {self.kind}_mod({', '.join(self.input_names)}):  # traced from {self.fn_name}"]

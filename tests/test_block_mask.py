@@ -289,7 +289,7 @@ def build(e, env):
     op = e[0]
     if op == "c":
         return e[1]
-    a = [build(x, env) if isinstance(x, (tuple, str)) else x for x in e[1:]]
+    a = [build(x, env) if isinstance(x, tuple) or (isinstance(x, str) and x in env) else x for x in e[1:]]
     F = {
         "add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x, y: x * y,
         "min": lambda x, y: torch.minimum(_t(x, env), _t(y, env)), "max": lambda x, y: torch.maximum(_t(x, env), _t(y, env)),
@@ -320,3 +320,18 @@ def test_random_mask_expressions_exact(expr, Q, KV, qb, kvb, B, H):
     except (RuntimeError, TypeError, TraceError):
         return  # e.g. an expression torch itself rejects
     assert_exact(mod, B, H, Q, KV, (qb, kvb))
+
+
+def test_viz_pngs(tmp_path):
+    pytest.importorskip("matplotlib")
+    from flexattn.viz import save_mask_png, save_scores_png
+    bm = create_block_mask(document, None, None, 200, 200, BLOCK_SIZE=16)
+    for p in [save_mask_png(bm, str(tmp_path / "m.png")),
+              save_mask_png(causal, str(tmp_path / "e.png"), Q_LEN=64, KV_LEN=64, element_level=True),
+              save_scores_png(torch.randn(1, 2, 40, 8), torch.randn(1, 1, 30, 8), str(tmp_path / "s.png"), h=1,
+                              score_mod=lambda s, b, h, q, kv: s - (q - kv).abs() * 0.1,
+                              block_mask=create_block_mask(causal, None, None, 40, 30, BLOCK_SIZE=16))]:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="needs Q_LEN and KV_LEN"):
+        save_mask_png(causal, str(tmp_path / "x.png"))

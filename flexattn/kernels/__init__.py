@@ -158,33 +158,42 @@ def default_fwd_config(device, dtype, d: int, dv: int) -> tuple[int, int, int, i
     if dtype == torch.float32:
         return (64, 32, 4, 3) if dmax <= 128 else (32, 32, 4, 2)
     if dk.startswith("sm9") or dk.startswith("sm1"):
+        if dmax in _FWD_OVERRIDE:
+            return _FWD_OVERRIDE[dmax]
         if dmax <= 64:
             return 128, 128, 4, 3
-        if dmax <= 128:  # measured on H100 (S=8K): 128x128/8 warps/2 stages beat 128x64/8/3 by ~10%
-            return 128, 128, 8, 2
+        if dmax <= 128:
+            # 3 stages: with 2 the pipeliner issues the next K/V copy at the end of an
+            # iteration and waits on it at the start of the next (no overlap); 128x128x3
+            # stages needs 224 KB of shared memory (the launch falls back if it lacks it)
+            return 128, 128, 8, 3
         return 64, 64, 4, 2
     if dmax <= 128:
         return 128, 64, 4 if dmax <= 64 else 8, 3
     return 64, 32, 4, 2
 
 
-def default_bwd_config(device, dtype, d: int, dv: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for both backward kernels."""
+def default_bwd_config(device, dtype, d: int, dv: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages): tiles of the dk/dv
+    kernel (q tile walked, kv tile owned) and of the dq kernel (q tile owned, kv tile walked)."""
     dmax = max(_pow2(d), _pow2(dv))
     dk = _device_key(device)
     if dk == "interp":
-        return 32, 32, 4, 1
+        return 32, 32, 32, 32, 4, 1
     if dtype == torch.float32:
-        return (32, 32, 4, 1) if dmax <= 128 else (16, 16, 4, 1)
+        return (32, 32, 32, 32, 4, 1) if dmax <= 128 else (16, 16, 16, 16, 4, 1)
     if dk.startswith("sm9") or dk.startswith("sm1"):
-        if dmax <= 64:
-            return 64, 128, 8, 3
-        if dmax <= 128:
-            return 64, 128, 8, 3
-        return 32, 64, 4, 2
+        if dmax <= 128:  # the dq kernel owns 128 q rows and walks 64-wide kv tiles
+            return _BWD_OVERRIDE.get(dmax, (64, 128, 128, 64, 8, 3))
+        return 32, 64, 32, 64, 4, 2
     if dmax <= 128:
-        return 64, 64, 4, 2
-    return 32, 32, 4, 1
+        return 64, 64, 64, 64, 4, 2
+    return 32, 32, 32, 32, 4, 1
+
+
+# per padded head dim: configs a sweep may set (benchmarks/sweep_configs.py); empty by default
+_FWD_OVERRIDE: dict = {}
+_BWD_OVERRIDE: dict = {}
 
 
 def _fit(tile: int, block: int, length: int) -> int:
@@ -399,6 +408,15 @@ def launch(kernel, grid, args, kwargs, key, shrink="BLOCK_N"):
             _SHRUNK[key] = {"num_stages": kwargs["num_stages"], shrink: kwargs[shrink]}
 
 
+def _needs_i64(*ts) -> bool:
+    """True when an offset inside one (batch, head) slice of a [B, H, S, D] tensor can pass
+    2^31 elements (then the kernels do their in-head address math in int64)."""
+    for t in ts:
+        if sum((n - 1) * abs(st) for n, st in zip(t.shape[2:], t.stride()[2:])) >= 2 ** 31 - 1:
+            return True
+    return False
+
+
 def forward(plan: Plan, q, k, v, return_lse: bool = True, cfg=None):
     B, Hq, L, E = q.shape
     _, Hkv, S, Ev = v.shape
@@ -423,7 +441,7 @@ def forward(plan: Plan, q, k, v, return_lse: bool = True, cfg=None):
         QK_HEAD=E, QK_HEAD_PAD=_pow2(E), V_HEAD=Ev, V_HEAD_PAD=_pow2(Ev),
         BLOCK_M=bm_, BLOCK_N=bn_, SPARSE_Q_BLOCK=blk.block[0], SPARSE_KV_BLOCK=blk.block[1],
         Q_DIVISIBLE=L % blk.block[0] == 0, KV_DIVISIBLE=S % blk.block[1] == 0,
-        DOT_PRECISION=_dot_precision(q.dtype, plan.opts),
+        DOT_PRECISION=_dot_precision(q.dtype, plan.opts), OFFS_64=_needs_i64(k, v),
         num_warps=warps, num_stages=stages)
     launch(mod.flex_fwd, grid, args, kwargs, ("fwd", id(mod), q.dtype, E, Ev, bm_, bn_, warps, stages))
     return out, lse
@@ -431,11 +449,11 @@ def forward(plan: Plan, q, k, v, return_lse: bool = True, cfg=None):
 
 def _bwd_cfg(plan: Plan, q, v):
     o = plan.opts
-    dm, dn, dw, ds = default_bwd_config(q.device, q.dtype, q.shape[-1], v.shape[-1])
-    m1 = o.get("bwd_BLOCK_M", o.get("BLOCK_M1", dm))
-    n1 = o.get("bwd_BLOCK_N", o.get("BLOCK_N1", dn))
-    m2 = o.get("bwd_BLOCK_M", o.get("BLOCK_M2", dm))
-    n2 = o.get("bwd_BLOCK_N", o.get("BLOCK_N2", dn))
+    dm1, dn1, dm2, dn2, dw, ds = default_bwd_config(q.device, q.dtype, q.shape[-1], v.shape[-1])
+    m1 = o.get("bwd_BLOCK_M", o.get("BLOCK_M1", dm1))
+    n1 = o.get("bwd_BLOCK_N", o.get("BLOCK_N1", dn1))
+    m2 = o.get("bwd_BLOCK_M", o.get("BLOCK_M2", dm2))
+    n2 = o.get("bwd_BLOCK_N", o.get("BLOCK_N2", dn2))
     qb, kvb = plan.blocks.block
     L, S = q.shape[2], v.shape[2]
     return (_fit(m1, qb, L), _fit(n1, kvb, S), _fit(m2, qb, L), _fit(n2, kvb, S),
@@ -447,13 +465,10 @@ def backward(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs):
     _, Hkv, S, Ev = v.shape
     m1, n1, m2, n2, warps, stages = _bwd_cfg(plan, q, v)
     blk = plan.blocks
-    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-    # delta = rowsum(dO * O) (minus dlse: d lse / d s = P folds into the same term)
-    delta = (dout.float() * out.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
-    lse2 = torch.where(lse == float("-inf"), float("inf"), lse * LOG2E).contiguous()
+    # delta = rowsum(dO * O) (minus dlse: d lse / d s = P folds into the same term) and lse
+    # in the log2 domain, in one small kernel (dO keeps its strides: the kernels take any)
+    from .prep import bwd_prep
+    delta, lse2 = bwd_prep(out, dout, lse, dlse)
     dq = torch.empty_like(q)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -477,7 +492,7 @@ def backward(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs):
                   # "divisible" = no block holds padding: then no tile needs bounds checks
                   Q_DIVISIBLE=L % blk.block[0] == 0, KV_DIVISIBLE=S % blk.block[1] == 0,
                   DOT_PRECISION=_dot_precision(q.dtype, plan.opts), DETERMINISTIC=det,
-                  num_warps=warps, num_stages=stages)
+                  OFFS_64=_needs_i64(q, k, v, dout), num_warps=warps, num_stages=stages)
     margs = tensor_args(plan.mask_bufs)
     full_num = blk.full_kv_num if blk.has_full else blk.kv_num
     full_idx = blk.full_kv_idx if blk.has_full else blk.kv_idx

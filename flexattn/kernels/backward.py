@@ -23,6 +23,32 @@ from flexattn.dropout import dropout_keep_triton
 
 
 @triton.jit
+def _tile_start(idx_ptr, t, n_blocks, SPARSE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    # first position of tile t of the walked axis (0 past the end: never used)
+    MULT: tl.constexpr = SPARSE_BLOCK // BLOCK
+    j = t // MULT
+    blk = tl.load(idx_ptr + j, mask=j < n_blocks, other=0)
+    return blk * SPARSE_BLOCK + (t % MULT) * BLOCK
+
+
+@triton.jit
+def _load_rows(base, offs_r, offs_c, stride_r, stride_c, R_LEN, CHECK_R: tl.constexpr,
+               C: tl.constexpr, C_PAD: tl.constexpr, OFFS_64: tl.constexpr):
+    """tile [rows, cols] of a (batch, head) slice; masks only where they can matter"""
+    if OFFS_64:
+        ptrs = base + offs_r[:, None].to(tl.int64) * stride_r + offs_c[None, :].to(tl.int64) * stride_c
+    else:
+        ptrs = base + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+    if CHECK_R:
+        if C == C_PAD:
+            return tl.load(ptrs, mask=offs_r[:, None] < R_LEN, other=0.0)
+        return tl.load(ptrs, mask=(offs_r[:, None] < R_LEN) & (offs_c[None, :] < C), other=0.0)
+    if C == C_PAD:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=offs_c[None, :] < C, other=0.0)
+
+
+@triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, idx_ptr, n_blocks,
               off_z, off_h, offs_m, Q_LEN, KV_LEN, SCALE,
               stride_kn, stride_kk, stride_vn, stride_vk,
@@ -33,26 +59,21 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, idx_ptr, n_blocks,
               V_HEAD: tl.constexpr, V_HEAD_PAD: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
               Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                DETERMINISTIC: tl.constexpr):
+              DETERMINISTIC: tl.constexpr, OFFS_64: tl.constexpr):
     MULT: tl.constexpr = SPARSE_KV_BLOCK // BLOCK_N
     LOG2E: tl.constexpr = 1.4426950408889634
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, QK_HEAD_PAD)
     offs_dv = tl.arange(0, V_HEAD_PAD)
     q_idx = offs_m[:, None]
+    CHECK_N: tl.constexpr = not IS_FULL and not KV_DIVISIBLE
+    nxt = _tile_start(idx_ptr, 0, n_blocks, SPARSE_KV_BLOCK, BLOCK_N)
     for it in range(0, n_blocks * MULT):
-        blk = tl.load(idx_ptr + it // MULT)
-        start_n = blk * SPARSE_KV_BLOCK + (it % MULT) * BLOCK_N
+        start_n = nxt
+        nxt = _tile_start(idx_ptr, it + 1, n_blocks, SPARSE_KV_BLOCK, BLOCK_N)
         offs_n = start_n + offs_n0
-        k_mask = offs_d[None, :] < QK_HEAD
-        v_mask = offs_dv[None, :] < V_HEAD
-        if not IS_FULL and not KV_DIVISIBLE:
-            k_mask = k_mask & (offs_n[:, None] < KV_LEN)
-            v_mask = v_mask & (offs_n[:, None] < KV_LEN)
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kk,
-                    mask=k_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vk,
-                    mask=v_mask, other=0.0)
+        k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kk, KV_LEN, CHECK_N, QK_HEAD, QK_HEAD_PAD, OFFS_64)
+        v = _load_rows(v_base, offs_n, offs_dv, stride_vn, stride_vk, KV_LEN, CHECK_N, V_HEAD, V_HEAD_PAD, OFFS_64)
         kv_idx = offs_n[None, :]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * SCALE
         if HAS_SCORE_MOD:
@@ -93,7 +114,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, idx_ptr, n_
                 V_HEAD: tl.constexpr, V_HEAD_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q_BLOCK: tl.constexpr,
                 Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                DETERMINISTIC: tl.constexpr):
+                DETERMINISTIC: tl.constexpr, OFFS_64: tl.constexpr):
     # tiles are transposed here: rows are kv positions, columns q positions
     MULT: tl.constexpr = SPARSE_Q_BLOCK // BLOCK_M
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -101,19 +122,14 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, idx_ptr, n_
     offs_d = tl.arange(0, QK_HEAD_PAD)
     offs_dv = tl.arange(0, V_HEAD_PAD)
     kv_idx = offs_n[:, None]
+    CHECK_M: tl.constexpr = not IS_FULL and not Q_DIVISIBLE
+    nxt = _tile_start(idx_ptr, 0, n_blocks, SPARSE_Q_BLOCK, BLOCK_M)
     for it in range(0, n_blocks * MULT):
-        blk = tl.load(idx_ptr + it // MULT)
-        start_m = blk * SPARSE_Q_BLOCK + (it % MULT) * BLOCK_M
+        start_m = nxt
+        nxt = _tile_start(idx_ptr, it + 1, n_blocks, SPARSE_Q_BLOCK, BLOCK_M)
         offs_m = start_m + offs_m0
-        q_mask = offs_d[None, :] < QK_HEAD
-        do_mask = offs_dv[None, :] < V_HEAD
-        if not IS_FULL and not Q_DIVISIBLE:
-            q_mask = q_mask & (offs_m[:, None] < Q_LEN)
-            do_mask = do_mask & (offs_m[:, None] < Q_LEN)
-        q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qk,
-                    mask=q_mask, other=0.0)
-        do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dok,
-                     mask=do_mask, other=0.0)
+        q = _load_rows(q_base, offs_m, offs_d, stride_qm, stride_qk, Q_LEN, CHECK_M, QK_HEAD, QK_HEAD_PAD, OFFS_64)
+        do = _load_rows(do_base, offs_m, offs_dv, stride_dom, stride_dok, Q_LEN, CHECK_M, V_HEAD, V_HEAD_PAD, OFFS_64)
         if IS_FULL or Q_DIVISIBLE:
             lse2 = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
@@ -174,7 +190,7 @@ def flex_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 SPARSE_Q_BLOCK: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
                 Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                DETERMINISTIC: tl.constexpr):
+                DETERMINISTIC: tl.constexpr, OFFS_64: tl.constexpr = True):
     pid_m = tl.program_id(0)
     pid_zh = tl.program_id(1)
     off_z = pid_zh // HQ
@@ -188,16 +204,9 @@ def flex_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA,
     do_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
     k_base = K + off_z.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
     v_base = V + off_z.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
-    q_mask = offs_d[None, :] < QK_HEAD
-    do_mask = offs_dv[None, :] < V_HEAD
     row_ok = offs_m < Q_LEN
-    if not Q_DIVISIBLE:
-        q_mask = q_mask & row_ok[:, None]
-        do_mask = do_mask & row_ok[:, None]
-    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qk,
-                mask=q_mask, other=0.0)
-    do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dok,
-                 mask=do_mask, other=0.0)
+    q = _load_rows(q_base, offs_m, offs_d, stride_qm, stride_qk, Q_LEN, not Q_DIVISIBLE, QK_HEAD, QK_HEAD_PAD, True)
+    do = _load_rows(do_base, offs_m, offs_dv, stride_dom, stride_dok, Q_LEN, not Q_DIVISIBLE, V_HEAD, V_HEAD_PAD, True)
     lse2 = tl.load(LSE2 + pid_zh.to(tl.int64) * Q_LEN + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_zh.to(tl.int64) * Q_LEN + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, QK_HEAD_PAD], dtype=tl.float32)
@@ -211,7 +220,7 @@ def flex_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA,
                    seed_lo, seed_hi, drop_threshold, DROP_SCALE,
                    {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}{GRAD_BUF_ARGS_TRAIL}
                    False, HAS_SCORE_MOD, HAS_DROPOUT, QK_HEAD, QK_HEAD_PAD, V_HEAD, V_HEAD_PAD,
-                   BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK, Q_DIVISIBLE, KV_DIVISIBLE, DOT_PRECISION, DETERMINISTIC)
+                   BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK, Q_DIVISIBLE, KV_DIVISIBLE, DOT_PRECISION, DETERMINISTIC, OFFS_64)
     if HAS_FULL:
         n_full = tl.load(FULL_KV_NUM + off_z * stride_fnz + off_h * stride_fnh + sparse_m * stride_fnm)
         fidx_ptr = FULL_KV_IDX + off_z.to(tl.int64) * stride_fiz + off_h * stride_fih + sparse_m * stride_fim
@@ -221,7 +230,7 @@ def flex_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA,
                        seed_lo, seed_hi, drop_threshold, DROP_SCALE,
                        {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}{GRAD_BUF_ARGS_TRAIL}
                        True, HAS_SCORE_MOD, HAS_DROPOUT, QK_HEAD, QK_HEAD_PAD, V_HEAD, V_HEAD_PAD,
-                       BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK, Q_DIVISIBLE, KV_DIVISIBLE, DOT_PRECISION, DETERMINISTIC)
+                       BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK, Q_DIVISIBLE, KV_DIVISIBLE, DOT_PRECISION, DETERMINISTIC, OFFS_64)
     dq = dq * SCALE
     dq_base = DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh
     tl.store(dq_base + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqk,
@@ -251,7 +260,7 @@ def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   SPARSE_Q_BLOCK: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
                   Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                DETERMINISTIC: tl.constexpr):
+                DETERMINISTIC: tl.constexpr, OFFS_64: tl.constexpr = True):
     pid_n = tl.program_id(0)
     pid_zh = tl.program_id(1)
     off_z = pid_zh // HKV
@@ -261,18 +270,11 @@ def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA,
     offs_d = tl.arange(0, QK_HEAD_PAD)
     offs_dv = tl.arange(0, V_HEAD_PAD)
     col_ok = offs_n < KV_LEN
-    k_mask = offs_d[None, :] < QK_HEAD
-    v_mask = offs_dv[None, :] < V_HEAD
-    if not KV_DIVISIBLE:
-        k_mask = k_mask & col_ok[:, None]
-        v_mask = v_mask & col_ok[:, None]
-    # load k and v: they stay in registers throughout
+    # load k and v: they stay on chip throughout
     k_base = K + off_z.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
     v_base = V + off_z.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
-    k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kk,
-                mask=k_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vk,
-                mask=v_mask, other=0.0)
+    k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kk, KV_LEN, not KV_DIVISIBLE, QK_HEAD, QK_HEAD_PAD, True)
+    v = _load_rows(v_base, offs_n, offs_dv, stride_vn, stride_vk, KV_LEN, not KV_DIVISIBLE, V_HEAD, V_HEAD_PAD, True)
     dk = tl.zeros([BLOCK_N, QK_HEAD_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, V_HEAD_PAD], dtype=tl.float32)
     sparse_n = start_n // SPARSE_KV_BLOCK
@@ -290,7 +292,7 @@ def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA,
                              seed_lo, seed_hi, drop_threshold, DROP_SCALE,
                              {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}{GRAD_BUF_ARGS_TRAIL}
                              False, HAS_SCORE_MOD, HAS_DROPOUT, QK_HEAD, QK_HEAD_PAD, V_HEAD, V_HEAD_PAD,
-                             BLOCK_M, BLOCK_N, SPARSE_Q_BLOCK, Q_DIVISIBLE, KV_DIVISIBLE, DOT_PRECISION, DETERMINISTIC)
+                             BLOCK_M, BLOCK_N, SPARSE_Q_BLOCK, Q_DIVISIBLE, KV_DIVISIBLE, DOT_PRECISION, DETERMINISTIC, OFFS_64)
         if HAS_FULL:
             n_full = tl.load(FULL_Q_NUM + off_z * stride_fnz + off_h * stride_fnh + sparse_n * stride_fnm)
             fidx_ptr = FULL_Q_IDX + off_z.to(tl.int64) * stride_fiz + off_h * stride_fih + sparse_n * stride_fim
@@ -300,7 +302,7 @@ def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA,
                                  seed_lo, seed_hi, drop_threshold, DROP_SCALE,
                                  {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}{GRAD_BUF_ARGS_TRAIL}
                                  True, HAS_SCORE_MOD, HAS_DROPOUT, QK_HEAD, QK_HEAD_PAD, V_HEAD, V_HEAD_PAD,
-                                 BLOCK_M, BLOCK_N, SPARSE_Q_BLOCK, Q_DIVISIBLE, KV_DIVISIBLE, DOT_PRECISION, DETERMINISTIC)
+                                 BLOCK_M, BLOCK_N, SPARSE_Q_BLOCK, Q_DIVISIBLE, KV_DIVISIBLE, DOT_PRECISION, DETERMINISTIC, OFFS_64)
     dk = dk * SCALE
     out_ok = col_ok[:, None]
     dk_base = DK + off_z.to(tl.int64) * stride_dkz + off_hkv.to(tl.int64) * stride_dkh

@@ -187,4 +187,5 @@ def decode_forward(plan, q, k, v):
         BLOCK_M=block_m, BLOCK_N=block_n, SPARSE_KV_BLOCK=blk.block[1],
         DOT_PRECISION=_dot_precision(q.dtype, plan.opts),
         num_warps=o.get("decode_num_warps", 4), num_stages=o.get("decode_num_stages", 3 if dk != "interp" else 1))
-    return _merge(acc, m, l, q.dtype)
+    from .prep import decode_merge
+    return decode_merge(acc, m, l, q.dtype)

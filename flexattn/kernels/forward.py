@@ -3,8 +3,11 @@
 One program computes BLOCK_M query rows of one (batch, query head). It walks the row's
 partial kv blocks (mask_mod applied) and then its full kv blocks (mask_mod skipped);
 empty blocks are never visited. A BlockMask block may hold several kernel tiles
-(SPARSE_KV_BLOCK = MULT * BLOCK_N): the loop runs over tiles and finds each tile's block
-with one scalar load.
+(SPARSE_KV_BLOCK = MULT * BLOCK_N): the loop runs over tiles and reads each tile's block
+index two tiles ahead (so the pipelined K/V prefetch never waits on it). Masks are
+constexpr-conditional: none on the head dim when it is a power of two, none on the kv axis
+in full blocks or when the lengths divide the block; in-head offsets are int32 unless a
+head's K/V span passes 2^31 elements (OFFS_64).
 
 Holes filled by `flexattn.codegen`: {SCORE_MOD} / {MASK_MOD} (the `score_mod` and
 `mask_mod` @triton.jit functions) and {SCORE_BUF_PARAMS} / {MASK_BUF_PARAMS} (their
@@ -21,6 +24,15 @@ from flexattn.dropout import dropout_keep_triton
 
 
 @triton.jit
+def _tile_start(idx_ptr, t, n_blocks, SPARSE_KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    # first kv position of tile t of this row (0 past the end: the value is never used)
+    MULT: tl.constexpr = SPARSE_KV_BLOCK // BLOCK_N
+    j = t // MULT
+    blk = tl.load(idx_ptr + j, mask=j < n_blocks, other=0)
+    return blk * SPARSE_KV_BLOCK + (t % MULT) * BLOCK_N
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, idx_ptr, n_blocks,
                off_z, off_h, offs_m, KV_LEN, SCALE, SCALE_LOG2,
                stride_kn, stride_kk, stride_vn, stride_vk,
@@ -30,25 +42,46 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, idx_ptr, n_blocks,
                QK_HEAD: tl.constexpr, QK_HEAD_PAD: tl.constexpr,
                V_HEAD: tl.constexpr, V_HEAD_PAD: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
-               KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr, OFFS_64: tl.constexpr):
     MULT: tl.constexpr = SPARSE_KV_BLOCK // BLOCK_N
     LOG2E: tl.constexpr = 1.4426950408889634
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, QK_HEAD_PAD)
     offs_dv = tl.arange(0, V_HEAD_PAD)
     q_idx = offs_m[:, None]
-    for it in range(0, n_blocks * MULT):
-        blk = tl.load(idx_ptr + it // MULT)
-        start_n = blk * SPARSE_KV_BLOCK + (it % MULT) * BLOCK_N
+    # full blocks never hold padding (an edge block is never full): no bounds check there;
+    # head-dim masks only when the head dim is padded to a power of two
+    CHECK_N: tl.constexpr = not IS_FULL and not KV_DIVISIBLE
+    if OFFS_64:
+        k_cols = offs_d[None, :].to(tl.int64) * stride_kk
+        v_cols = offs_dv[None, :].to(tl.int64) * stride_vk
+    else:
+        k_cols = offs_d[None, :] * stride_kk
+        v_cols = offs_dv[None, :] * stride_vk
+    # the block index is read two tiles ahead, so the address of the tile the pipeline
+    # prefetches never waits on a load of the index list
+    n_tiles = n_blocks * MULT
+    nxt = _tile_start(idx_ptr, 0, n_blocks, SPARSE_KV_BLOCK, BLOCK_N)
+    for it in range(0, n_tiles):
+        start_n = nxt
+        nxt = _tile_start(idx_ptr, it + 1, n_blocks, SPARSE_KV_BLOCK, BLOCK_N)
         offs_n = start_n + offs_n0
-        # full blocks never hold padding (an edge block is never full), so no bounds check
-        k_mask = offs_d[None, :] < QK_HEAD
-        v_mask = offs_dv[None, :] < V_HEAD
-        if not IS_FULL and not KV_DIVISIBLE:
-            k_mask = k_mask & (offs_n[:, None] < KV_LEN)
-            v_mask = v_mask & (offs_n[:, None] < KV_LEN)
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kk,
-                    mask=k_mask, other=0.0)
+        if OFFS_64:
+            rows = offs_n[:, None].to(tl.int64)
+        else:
+            rows = offs_n[:, None]
+        k_ptrs = k_base + rows * stride_kn + k_cols
+        v_ptrs = v_base + rows * stride_vn + v_cols
+        if CHECK_N:
+            if QK_HEAD == QK_HEAD_PAD:
+                k = tl.load(k_ptrs, mask=offs_n[:, None] < KV_LEN, other=0.0)
+            else:
+                k = tl.load(k_ptrs, mask=(offs_n[:, None] < KV_LEN) & (offs_d[None, :] < QK_HEAD), other=0.0)
+        else:
+            if QK_HEAD == QK_HEAD_PAD:
+                k = tl.load(k_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=offs_d[None, :] < QK_HEAD, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         kv_idx = offs_n[None, :]
         if HAS_SCORE_MOD:
@@ -60,17 +93,29 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, idx_ptr, n_blocks,
             if not KV_DIVISIBLE:
                 keep = keep & (kv_idx < KV_LEN)
             s = tl.where(keep, s, float("-inf"))
-        # online softmax; m_i is -inf while a row has seen nothing (then use 0 as the shift)
+        # online softmax; m_i is -inf while a row has seen nothing (then use 0 as the shift).
+        # On a full block without a score_mod every score is finite, so m_new is too.
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if IS_FULL and not HAS_SCORE_MOD:
+            m_shift = m_new
+        else:
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_shift)
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             p = tl.where(dropout_keep_triton(seed_lo, seed_hi, drop_threshold, off_z, off_h, q_idx, kv_idx), p, 0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vk,
-                    mask=v_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if CHECK_N:
+            if V_HEAD == V_HEAD_PAD:
+                v = tl.load(v_ptrs, mask=offs_n[:, None] < KV_LEN, other=0.0)
+            else:
+                v = tl.load(v_ptrs, mask=(offs_n[:, None] < KV_LEN) & (offs_dv[None, :] < V_HEAD), other=0.0)
+        else:
+            if V_HEAD == V_HEAD_PAD:
+                v = tl.load(v_ptrs)
+            else:
+                v = tl.load(v_ptrs, mask=offs_dv[None, :] < V_HEAD, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -95,7 +140,8 @@ def flex_fwd(Q, K, V, OUT, LSE,
              V_HEAD: tl.constexpr, V_HEAD_PAD: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              SPARSE_Q_BLOCK: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
-             Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+             Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+             OFFS_64: tl.constexpr = True):
     pid_m = tl.program_id(0)
     pid_zh = tl.program_id(1)
     off_z = pid_zh // HQ
@@ -112,11 +158,11 @@ def flex_fwd(Q, K, V, OUT, LSE,
     v_base = V + off_z.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
 
     # load q: it stays in registers throughout
-    q_mask = offs_d[None, :] < QK_HEAD
-    if not Q_DIVISIBLE:
-        q_mask = q_mask & (offs_m[:, None] < Q_LEN)
-    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qk,
-                mask=q_mask, other=0.0)
+    q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qk
+    if Q_DIVISIBLE and QK_HEAD == QK_HEAD_PAD:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=(offs_d[None, :] < QK_HEAD) & (offs_m[:, None] < Q_LEN), other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -131,7 +177,7 @@ def flex_fwd(Q, K, V, OUT, LSE,
                                seed_lo, seed_hi, drop_threshold,
                                {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
                                False, HAS_SCORE_MOD, HAS_DROPOUT, QK_HEAD, QK_HEAD_PAD, V_HEAD, V_HEAD_PAD,
-                               BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK, KV_DIVISIBLE, DOT_PRECISION)
+                               BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK, KV_DIVISIBLE, DOT_PRECISION, OFFS_64)
     if HAS_FULL:
         n_full = tl.load(FULL_KV_NUM + off_z * stride_fnz + off_h * stride_fnh + sparse_m * stride_fnm)
         fidx_ptr = FULL_KV_IDX + off_z.to(tl.int64) * stride_fiz + off_h * stride_fih + sparse_m * stride_fim
@@ -141,18 +187,18 @@ def flex_fwd(Q, K, V, OUT, LSE,
                                    seed_lo, seed_hi, drop_threshold,
                                    {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
                                    True, HAS_SCORE_MOD, HAS_DROPOUT, QK_HEAD, QK_HEAD_PAD, V_HEAD, V_HEAD_PAD,
-                                   BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK, KV_DIVISIBLE, DOT_PRECISION)
+                                   BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK, KV_DIVISIBLE, DOT_PRECISION, OFFS_64)
 
     # fully masked rows (l == 0): output 0 and lse -inf, never NaN
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc * (DROP_SCALE / l_safe)[:, None]
-    o_mask = offs_dv[None, :] < V_HEAD
-    if not Q_DIVISIBLE:
-        o_mask = o_mask & (offs_m[:, None] < Q_LEN)
     o_base = OUT + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
-    tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_ok,
-             acc.to(OUT.dtype.element_ty), mask=o_mask)
+    o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_ok
+    if Q_DIVISIBLE and V_HEAD == V_HEAD_PAD:
+        tl.store(o_ptrs, acc.to(OUT.dtype.element_ty))
+    else:
+        tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_dv[None, :] < V_HEAD) & (offs_m[:, None] < Q_LEN))
     if OUTPUT_LSE:
         LN2: tl.constexpr = 0.6931471805599453
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
