@@ -111,9 +111,10 @@ def run_matrix(args, results):
                 fns = {
                     "torch_flex": lambda: torch_flex_c(q, k, v, score_mod=score_mod, block_mask=tbm),
                     "flexattn": lambda: flexattn.flex_attention(q, k, v, score_mod=score_mod, block_mask=fbm),
-                    "kernels": lambda: flex_attention_triton(q, k, v, score_graph=sg, mask_graph=mg,
-                                                             block_mask=fbm, scale=None)[0],
                 }
+                if args.kernels:
+                    fns["kernels"] = lambda: flex_attention_triton(q, k, v, score_graph=sg, mask_graph=mg,
+                                                                   block_mask=fbm, scale=None)[0]
                 if case in ("dense", "causal"):
                     fns["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(
                         q, k, v, is_causal=case == "causal")
@@ -131,7 +132,8 @@ def run_matrix(args, results):
                 for mode in ("fwd", "fwdbwd"):
                     if f"torch_flex_{mode}_ms" in row:
                         row[f"ratio_{mode}"] = row[f"torch_flex_{mode}_ms"] / row[f"flexattn_{mode}_ms"]
-                        row[f"ratio_kernels_{mode}"] = row[f"torch_flex_{mode}_ms"] / row[f"kernels_{mode}_ms"]
+                        if f"kernels_{mode}_ms" in row:
+                            row[f"ratio_kernels_{mode}"] = row[f"torch_flex_{mode}_ms"] / row[f"kernels_{mode}_ms"]
                 results["matrix"].append(row)
                 print(_fmt_row(row), flush=True)
                 del q, k, v
@@ -143,11 +145,16 @@ def _fmt_row(r):
     for mode in ("fwd", "fwdbwd"):
         if f"flexattn_{mode}_tflops" not in r:
             continue
-        s += f" {mode}: flexattn {r[f'flexattn_{mode}_tflops']:6.1f} kernels {r[f'kernels_{mode}_tflops']:6.1f}" \
-             f" torch {r[f'torch_flex_{mode}_tflops']:6.1f}"
+        s += f" {mode}: flexattn {r[f'flexattn_{mode}_tflops']:6.1f}"
+        if f"kernels_{mode}_tflops" in r:
+            s += f" kernels {r[f'kernels_{mode}_tflops']:6.1f}"
+        s += f" torch {r[f'torch_flex_{mode}_tflops']:6.1f}"
         if f"sdpa_{mode}_tflops" in r:
             s += f" sdpa {r[f'sdpa_{mode}_tflops']:6.1f}"
-        s += f" ratio {r[f'ratio_{mode}']:.2f}x (kernels {r[f'ratio_kernels_{mode}']:.2f}x) |"
+        s += f" ratio {r[f'ratio_{mode}']:.2f}x"
+        if f"ratio_kernels_{mode}" in r:
+            s += f" (kernels {r[f'ratio_kernels_{mode}']:.2f}x)"
+        s += " |"
     return s
 
 
@@ -227,6 +234,8 @@ def main():
     p.add_argument("--no-bwd", dest="bwd", action="store_false")
     p.add_argument("--no-matrix", dest="matrix", action="store_false")
     p.add_argument("--first-output", action="store_true")
+    p.add_argument("--no-kernels", dest="kernels", action="store_false",
+                   help="skip the pre-traced kernels column (saves time)")
     p.add_argument("--decode", action="store_true")
     p.add_argument("--json", default=None, help="write results here (default $OUT/bench_attention.json)")
     args = p.parse_args()

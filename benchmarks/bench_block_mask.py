@@ -166,7 +166,7 @@ def main():
     rows = []
     for mask in args.masks.split(","):
         for N in sizes + big:
-            ours = run_case("flexattn", mask, N, args.device, args.reps if N <= 1 << 18 else 1 + (N <= 1 << 20),
+            ours = run_case("flexattn", mask, N, args.device, args.reps,
                             args.timeout, args.mem_limit_gb, False)
             theirs = run_case("torch", mask, N, args.device, 1 if N >= 1 << 16 else args.reps, args.timeout,
                               args.mem_limit_gb, N <= 1 << 14) if N in sizes else None

@@ -79,12 +79,13 @@ class BoxAnalyser:
         self.nodes = graph.live_nodes()
         self._tables: dict = {}       # (slot, points) -> {level: (min, max)} sparse tables
         self._buf_info: dict = {}     # slot -> (has_nan, exceeds_exact)
-        missing = {n.op for n in self.nodes} - set(_HANDLED)
-        assert not missing, f"analyse has no rule for ops {missing}"  # every op in ir.OPS has a rule
 
     # ---- public --------------------------------------------------------------------
     def decide(self, b: int, h: int, q_lo, q_hi, kv_lo, kv_hi) -> torch.Tensor:
-        """int8 FULL / EMPTY / UNDECIDED for the boxes, broadcast of the bound shapes."""
+        """int8 FULL / EMPTY / UNDECIDED for the boxes, broadcast of the bound shapes.
+
+        Boxes must lie inside [0, Q_LEN) x [0, KV_LEN): the overflow checks of the linear
+        forms are done once over that domain."""
         self.b, self.h = int(b), int(h)
         self.box = tuple(torch.as_tensor(x, device=self.device).to(_F64) for x in (q_lo, q_hi, kv_lo, kv_hi))
         env: dict[int, AV] = {}
@@ -254,9 +255,8 @@ def _compute_dtype(n: Node) -> torch.dtype:
 
 
 def _promote2(A, n, args):
+    """Both operands converted (as torch promotes them) to the dtype the op computes in."""
     dt = _compute_dtype(n)
-    if n.op in ("truediv",) or dt.is_floating_point:
-        pass
     return dt, [A.convert(a, dt) if (a.dtype != dt) else a for a in args]
 
 

@@ -14,6 +14,7 @@ what was expected, what came and the fix - never a deep traceback or a wrong ans
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from numbers import Real
 from typing import Callable, Optional
 
@@ -110,7 +111,7 @@ def _check_qkv(q, k, v, enable_gqa: bool) -> None:
     for name, t in (("query", q), ("key", k), ("value", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
+        if len(t.shape) != 4:
             raise ValueError(f"{name} must be 4-D (batch, heads, seq_len, head_dim), got shape {tuple(t.shape)}; "
                              f"reshape it, e.g. add a batch dimension with .unsqueeze(0)")
         if t.dtype not in SUPPORTED_DTYPES:
@@ -118,25 +119,26 @@ def _check_qkv(q, k, v, enable_gqa: bool) -> None:
                             f"float64: convert with .to(torch.float32) (or another of those)")
         if 0 in t.shape:
             raise ValueError(f"{name} has an empty dimension (shape {tuple(t.shape)}); every dimension must be >= 1")
+    qs, ks, vs = q.shape, k.shape, v.shape  # (each .shape access builds a new torch.Size)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"query, key and value must have the same dtype, got {q.dtype}, {k.dtype} and {v.dtype}; "
                         f"convert them with .to(query.dtype)")
     if not (q.device == k.device == v.device):
         raise ValueError(f"query, key and value must be on the same device, got {q.device}, {k.device} and "
                          f"{v.device}; move them with .to(query.device)")
-    if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(f"query, key and value must have the same batch size, got {q.shape[0]}, {k.shape[0]} and "
-                         f"{v.shape[0]} (shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)})")
-    if k.shape[1] != v.shape[1]:
-        raise ValueError(f"key and value must have the same number of heads, got {k.shape[1]} and {v.shape[1]} "
-                         f"(shapes {tuple(k.shape)}, {tuple(v.shape)})")
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"key and value must have the same sequence length, got {k.shape[2]} and {v.shape[2]} "
-                         f"(shapes {tuple(k.shape)}, {tuple(v.shape)})")
-    if q.shape[3] != k.shape[3]:
-        raise ValueError(f"query and key must have the same head dimension E, got {q.shape[3]} and {k.shape[3]} "
-                         f"(shapes {tuple(q.shape)}, {tuple(k.shape)}); only value's head dimension may differ")
-    Hq, Hkv = q.shape[1], k.shape[1]
+    if not (qs[0] == ks[0] == vs[0]):
+        raise ValueError(f"query, key and value must have the same batch size, got {qs[0]}, {ks[0]} and "
+                         f"{vs[0]} (shapes {tuple(qs)}, {tuple(ks)}, {tuple(vs)})")
+    if ks[1] != vs[1]:
+        raise ValueError(f"key and value must have the same number of heads, got {ks[1]} and {vs[1]} "
+                         f"(shapes {tuple(ks)}, {tuple(vs)})")
+    if ks[2] != vs[2]:
+        raise ValueError(f"key and value must have the same sequence length, got {ks[2]} and {vs[2]} "
+                         f"(shapes {tuple(ks)}, {tuple(vs)})")
+    if qs[3] != ks[3]:
+        raise ValueError(f"query and key must have the same head dimension E, got {qs[3]} and {ks[3]} "
+                         f"(shapes {tuple(qs)}, {tuple(ks)}); only value's head dimension may differ")
+    Hq, Hkv = qs[1], ks[1]
     if Hq != Hkv:
         if not enable_gqa:
             raise ValueError(f"query has {Hq} heads but key/value have {Hkv}: they must be equal, or pass "
@@ -179,8 +181,7 @@ def _trace_score_mod(score_mod, device) -> Optional[Graph]:
     if not callable(score_mod):
         raise TypeError(f"score_mod must be a callable (score, b, h, q_idx, kv_idx) -> score or None, "
                         f"got {type(score_mod).__name__}")
-    check_arity(score_mod, "score", "score_mod")
-    graph = trace_score(score_mod, "score_mod")
+    graph = trace_score(score_mod, "score_mod")  # checks the arity; cached per mod and captured state
     check_buffers_device(graph, device, "score_mod")
     return graph
 
@@ -224,9 +225,24 @@ def _mask_graph_of(bm: BlockMask, device) -> Optional[Graph]:
     return graph
 
 
+_FULL_MASKS: "OrderedDict[tuple, BlockMask]" = OrderedDict()  # (L, S, device) -> BlockMask
+_FULL_MASKS_MAX = 16
+
+
 def _full_block_mask(L: int, S: int, device) -> BlockMask:
     """All blocks attended, built from the block grid (O(blocks)): full blocks inside,
-    partial ones (padding) on the edges when a length is not a multiple of the block."""
+    partial ones (padding) on the edges when a length is not a multiple of the block.
+    Cached per (L, S, device): building one costs several small device ops per call."""
+    key = (L, S, device)
+    bm = _FULL_MASKS.get(key)
+    if bm is None:
+        bm = _FULL_MASKS[key] = _build_full_block_mask(L, S, device)
+        while len(_FULL_MASKS) > _FULL_MASKS_MAX:
+            _FULL_MASKS.popitem(last=False)
+    return bm
+
+
+def _build_full_block_mask(L: int, S: int, device) -> BlockMask:
     nq, nkv = -(-L // _DEFAULT_BLOCK), -(-S // _DEFAULT_BLOCK)
     state = torch.full((1, 1, nq, nkv), FULL, dtype=torch.int8, device=device)
     if L % _DEFAULT_BLOCK:

@@ -114,27 +114,30 @@ def _ordered_from_state(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _ordered_from_codes(sel, (True,))[0]
 
 
-def _ordered_from_codes(state: torch.Tensor, codes) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """_ordered_from_state(state == code) for each code, reading `state` once, in row
-    chunks small enough to stay in cache."""
+def _ordered_from_codes(state: torch.Tensor, codes, transpose: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """_ordered_from_state(state == code) for each code (of state.transpose(-2, -1) when
+    `transpose`), reading `state` once, in row chunks small enough to stay in cache; the
+    transposed chunks are cut from column slabs, so no transposed copy is ever built."""
     *lead, R, C = state.shape
-    flat = state.reshape(-1, C)
-    rows = flat.shape[0]
+    if transpose:
+        R, C = C, R
+    planes = state.reshape(-1, *state.shape[-2:])
     dev = state.device
-    outs = [(torch.empty(rows, dtype=torch.int32, device=dev), torch.empty(rows, C, dtype=torch.int32, device=dev))
-            for _ in codes]
+    outs = [(torch.empty(planes.shape[0], R, dtype=torch.int32, device=dev),
+             torch.empty(planes.shape[0], R, C, dtype=torch.int32, device=dev)) for _ in codes]
     chunk = max(1, _ROW_CHUNK_ELEMS // max(C, 1))
     cols = torch.arange(C, dtype=torch.int32, device=dev)
-    for r0 in range(0, rows, chunk):
-        block = flat[r0:r0 + chunk]
-        for code, (num, idx) in zip(codes, outs):
-            s = block if block.dtype == torch.bool and code is True else block == code
-            csum = torch.cumsum(s, dim=-1, dtype=torch.int32)
-            n = csum[:, -1:] if C else torch.zeros(s.shape[0], 1, dtype=torch.int32, device=dev)
-            # selected column j goes to csum[j]-1; unselected to n + (j - csum[j]) (its rank among unselected)
-            pos = torch.where(s, csum - 1, n + (cols - csum))
-            idx[r0:r0 + chunk].scatter_(1, pos.long(), cols.expand_as(pos))
-            num[r0:r0 + chunk] = n[:, 0]
+    for p in range(planes.shape[0]):
+        for r0 in range(0, R, chunk):
+            block = planes[p, :, r0:r0 + chunk].t().contiguous() if transpose else planes[p, r0:r0 + chunk]
+            for code, (num, idx) in zip(codes, outs):
+                s = block if block.dtype == torch.bool and code is True else block == code
+                csum = torch.cumsum(s, dim=-1, dtype=torch.int32)
+                n = csum[:, -1:] if C else torch.zeros(s.shape[0], 1, dtype=torch.int32, device=dev)
+                # selected column j goes to csum[j]-1; unselected to n + (j - csum[j]) (its rank among unselected)
+                pos = torch.where(s, csum - 1, n + (cols - csum))
+                idx[p, r0:r0 + chunk].scatter_(1, pos.long(), cols.expand_as(pos))
+                num[p, r0:r0 + chunk] = n[:, 0]
     return [(num.reshape(*lead, R), idx.reshape(*lead, R, C)) for num, idx in outs]
 
 
@@ -189,13 +192,14 @@ class BlockMask:
     Entries past num_blocks in a row hold the row's remaining block indices in ascending
     order (each row is a permutation of 0..n-1, as in torch), so a stray read stays in bounds.
 
-    The dense mask is rebuilt from the indices by (dense starts all False):
+    The dense [B, H, Q_LEN, KV_LEN] mask is rebuilt from the indices by (dense all False;
+    rows(i) = q positions of block i, cols(j) = kv positions of block j, both cut at the length):
 
         for b, h, i in itertools.product(range(B), range(H), range(nQ)):
-            for j in [*kv_indices[b, h, i, :kv_num_blocks[b, h, i]]]:       # partial
-                dense[b, h, blk_q(i), blk_kv(j)] = mask_mod(b, h, q, kv)     # on that tile
-            for j in full_kv_indices[b, h, i, :full_kv_num_blocks[b, h, i]]:  # full
-                dense[b, h, blk_q(i), blk_kv(j)] = True
+            q = rows(i)[:, None]
+            for j in kv_indices[b, h, i, :kv_num_blocks[b, h, i]]:           # partial: evaluate
+                dense[b, h, q, cols(j)] = mask_mod(b, h, q, cols(j))
+            dense[b, h, q, [c for j in full_kv_indices[b, h, i, :full_kv_num_blocks[b, h, i]] for c in cols(j)]] = True
 
     Other fields: BLOCK_SIZE (Q_BLOCK, KV_BLOCK), seq_lengths (Q_LEN, KV_LEN), mask_mod (the
     callable) and mask_graph (its traced IR Graph, or None for a mask built from blocks only).
@@ -248,11 +252,11 @@ class BlockMask:
         q_num = q_idx = fq_num = fq_idx = None
         if compute_q_blocks:
             ncols = kv_indices.shape[-1]
-            q_num, q_idx = _ordered_from_state(
-                _state_from_ordered(kv_num_blocks, kv_indices, ncols).transpose(-2, -1))
+            ((q_num, q_idx),) = _ordered_from_codes(_state_from_ordered(kv_num_blocks, kv_indices, ncols),
+                                                    (True,), transpose=True)
             if full_kv_num_blocks is not None:
-                fq_num, fq_idx = _ordered_from_state(
-                    _state_from_ordered(full_kv_num_blocks, full_kv_indices, ncols).transpose(-2, -1))
+                ((fq_num, fq_idx),) = _ordered_from_codes(
+                    _state_from_ordered(full_kv_num_blocks, full_kv_indices, ncols), (True,), transpose=True)
         return cls(kv_num_blocks.to(torch.int32), kv_indices.to(torch.int32),
                    None if full_kv_num_blocks is None else full_kv_num_blocks.to(torch.int32),
                    None if full_kv_indices is None else full_kv_indices.to(torch.int32),
@@ -262,9 +266,7 @@ class BlockMask:
     def _from_state(cls, state: torch.Tensor, BLOCK_SIZE, mask_mod, seq_lengths, mask_graph) -> "BlockMask":
         """From an int8 state matrix [B, H, nQ, nKV] of EMPTY / PARTIAL / FULL."""
         (kv_num, kv_idx), (fkv_num, fkv_idx) = _ordered_from_codes(state, (PARTIAL, FULL))
-        st = state.transpose(-2, -1).contiguous()  # one blocked copy: row chunks of a strided view are slow
-        (q_num, q_idx), (fq_num, fq_idx) = _ordered_from_codes(st, (PARTIAL, FULL))
-        del st
+        (q_num, q_idx), (fq_num, fq_idx) = _ordered_from_codes(state, (PARTIAL, FULL), transpose=True)
         return cls(kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx,
                    BLOCK_SIZE, mask_mod, seq_lengths, mask_graph)
 

@@ -335,3 +335,22 @@ def test_viz_pngs(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="needs Q_LEN and KV_LEN"):
         save_mask_png(causal, str(tmp_path / "x.png"))
+
+
+def test_docstring_loop_rebuilds_the_dense_mask():
+    import itertools
+    B, H, Q, KV, bs = 2, 3, 50, 45, 16
+    bm = create_block_mask(per_head, B, H, Q, KV, BLOCK_SIZE=bs)
+    kv_indices, kv_num_blocks = bm.kv_indices, bm.kv_num_blocks
+    full_kv_indices, full_kv_num_blocks, mask_mod = bm.full_kv_indices, bm.full_kv_num_blocks, bm.mask_mod
+    nQ = kv_indices.shape[-2]
+    rows = lambda i: torch.arange(i * bs, min((i + 1) * bs, Q))  # noqa: E731
+    cols = lambda j: torch.arange(j * bs, min((j + 1) * bs, KV))  # noqa: E731
+    dense = torch.zeros(B, H, Q, KV, dtype=torch.bool)
+    # -- the loop of BlockMask's docstring, verbatim --
+    for b, h, i in itertools.product(range(B), range(H), range(nQ)):
+        q = rows(i)[:, None]
+        for j in kv_indices[b, h, i, :kv_num_blocks[b, h, i]]:           # partial: evaluate
+            dense[b, h, q, cols(j)] = mask_mod(b, h, q, cols(j))
+        dense[b, h, q, [c for j in full_kv_indices[b, h, i, :full_kv_num_blocks[b, h, i]] for c in cols(j)]] = True
+    assert torch.equal(dense, create_mask(per_head, B, H, Q, KV))

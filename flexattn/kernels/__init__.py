@@ -160,10 +160,11 @@ def default_fwd_config(device, dtype, d: int, dv: int) -> tuple[int, int, int, i
     if dk.startswith("sm9") or dk.startswith("sm1"):
         if dmax in _FWD_OVERRIDE:
             return _FWD_OVERRIDE[dmax]
-        if dmax <= 64:
+        if dmax <= 64:  # measured on H100 (S=8K): 128x128/4/3 1.05x torch; 8 warps 0.85x
             return 128, 128, 4, 3
         if dmax <= 128:
-            # 3 stages: with 2 the pipeliner issues the next K/V copy at the end of an
+            # measured on H100 (S=8K): 128x128/8/3 492 TFLOP/s dense vs 457-463 for
+            # 128x64/8/3, 128x128/8/2, 128x64/8/4. 3 stages: with 2 the pipeliner issues the next K/V copy at the end of an
             # iteration and waits on it at the start of the next (no overlap); 128x128x3
             # stages needs 224 KB of shared memory (the launch falls back if it lacks it)
             return 128, 128, 8, 3
@@ -183,8 +184,15 @@ def default_bwd_config(device, dtype, d: int, dv: int) -> tuple[int, int, int, i
     if dtype == torch.float32:
         return (32, 32, 32, 32, 4, 1) if dmax <= 128 else (16, 16, 16, 16, 4, 1)
     if dk.startswith("sm9") or dk.startswith("sm1"):
-        if dmax <= 128:  # the dq kernel owns 128 q rows and walks 64-wide kv tiles
-            return _BWD_OVERRIDE.get(dmax, (64, 128, 128, 64, 8, 3))
+        # measured on H100 (S=8K, benchmarks/sweep_configs.py): D=128 best with the dq kernel
+        # owning 128 q rows and walking 64-wide kv tiles (64x128 for dq: 0.83x of it); D=64
+        # best with 64-square tiles and 4 warps (1.05-1.09x the 128-row dq config)
+        if dmax in _BWD_OVERRIDE:
+            return _BWD_OVERRIDE[dmax]
+        if dmax <= 64:
+            return 64, 64, 64, 64, 4, 3
+        if dmax <= 128:
+            return 64, 128, 128, 64, 8, 3
         return 32, 64, 32, 64, 4, 2
     if dmax <= 128:
         return 64, 64, 64, 64, 4, 2
@@ -256,6 +264,19 @@ def _dense_blocks(L: int, S: int, device) -> _Blocks:
 
 
 def _blocks_of(block_mask, B, Hq, L, S, device) -> _Blocks:
+    """The kernels' view of the BlockMask, cached on it per (B, Hq): a call with a BlockMask
+    already seen makes no torch ops (dtype casts / expands cost ~10 us each per call)."""
+    if block_mask is not None:
+        key = (B, Hq, L, S, block_mask.kv_num_blocks.data_ptr(), block_mask.kv_indices.data_ptr())
+        cache = block_mask.__dict__.setdefault("_flexattn_blocks", {}) if hasattr(block_mask, "__dict__") else {}
+        hit = cache.get(key)
+        if hit is None:
+            hit = cache[key] = _blocks_of_uncached(block_mask, B, Hq, L, S, device)
+        return hit
+    return _blocks_of_uncached(block_mask, B, Hq, L, S, device)
+
+
+def _blocks_of_uncached(block_mask, B, Hq, L, S, device) -> _Blocks:
     if block_mask is None:
         b = _dense_blocks(L, S, device)
     else:
