@@ -125,7 +125,8 @@ def _ordered_from_codes(state: torch.Tensor, codes, transpose: bool = False) -> 
     dev = state.device
     outs = [(torch.empty(planes.shape[0], R, dtype=torch.int32, device=dev),
              torch.empty(planes.shape[0], R, C, dtype=torch.int32, device=dev)) for _ in codes]
-    chunk = max(1, _ROW_CHUNK_ELEMS // max(C, 1))
+    # CPU: chunks that stay in cache; GPU: large chunks (few launches)
+    chunk = max(1, (_ROW_CHUNK_ELEMS if dev.type == "cpu" else 1 << 24) // max(C, 1))
     cols = torch.arange(C, dtype=torch.int32, device=dev)
     for p in range(planes.shape[0]):
         for r0 in range(0, R, chunk):
