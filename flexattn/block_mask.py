@@ -294,12 +294,20 @@ class BlockMask:
         return math.prod(self.shape)
 
     def sparsity(self) -> float:
-        """Percentage of the B*H*Q_LEN*KV_LEN elements whose blocks are skipped (empty)."""
-        computed = int(self.kv_num_blocks.sum())
-        if self.full_kv_num_blocks is not None:
-            computed += int(self.full_kv_num_blocks.sum())
+        """Percentage of the B*H*Q_LEN*KV_LEN elements whose blocks are skipped (empty).
+
+        Each visited block counts only its in-range area, so edge blocks of lengths that
+        are not multiples of the block never push the figure below 0."""
         total = self.numel()
-        return 100.0 * (1 - computed * self.BLOCK_SIZE[0] * self.BLOCK_SIZE[1] / total) if total else 0.0
+        if not total:
+            return 0.0
+        (q_len, kv_len), (qb, kb) = self.seq_lengths, self.BLOCK_SIZE
+        dense = self.to_dense().to(torch.float64)  # [B, H, nQ, nKV], 1 = visited
+        rows = (q_len - torch.arange(dense.shape[-2], dtype=torch.float64) * qb).clamp(0, qb)
+        cols = (kv_len - torch.arange(dense.shape[-1], dtype=torch.float64) * kb).clamp(0, kb)
+        visited = (dense.cpu() * rows[:, None] * cols[None, :]).sum().item()
+        B, H = dense.shape[:2]
+        return 100.0 * (1 - visited / (B * H * q_len * kv_len))
 
     def to_dense(self) -> torch.Tensor:
         """int32 [B, H, nQ, nKV]: 1 where the block is partial or full (as torch)."""

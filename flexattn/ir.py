@@ -18,7 +18,12 @@ with one integer index per buffer dimension (zero for a 0-d buffer).
 
 Dtypes follow torch's promotion exactly: `infer_dtype` runs the op on one-element dummy
 tensors (and Python scalars for consts), so the IR, the torch evaluator and the user's
-own eager code always agree.
+own eager code always agree. Its results are memoised per (op, argument dtypes/consts).
+
+Nodes are immutable once added. A graph may grow (more nodes, a new output) but never
+rewrites a node; `live_nodes()` and the body of `structure_key()` are memoised against a
+stamp of (node count, output, first/last node), and the trace cache hands out copies
+(`Graph._with_buffers`) that share node objects.
 """
 from __future__ import annotations
 
