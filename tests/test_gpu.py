@@ -129,3 +129,33 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(f, fullgraph=True)(q, k, v)
     assert torch.equal(eager, compiled)
     compiled.sum().backward()
+
+
+def test_dropout_same_pattern_as_cpu_and_reference():
+    """In-kernel dropout keeps exactly dropout_mask(seed)'s elements (the CPU path's pattern)
+    and the backward replays it: out and grads under the numerics rule."""
+    import flexattn
+    from flexattn.dropout import dropout_mask
+    from flexattn.reference import reference_attention
+    B, H, L, S, E, p, seed = 2, 4, 300, 300, 64, 0.25, 1234
+    causal = lambda b, h, q_idx, kv_idx: q_idx >= kv_idx  # noqa: E731
+    q, k, v = make_qkv(B=B, Hq=H, L=L, S=S, E=E, dtype=torch.bfloat16, device=DEV, seed=5)
+    bm = flexattn.create_block_mask(causal, None, None, L, S, device=DEV)
+    out = flexattn.flex_attention(q, k, v, block_mask=bm, dropout_p=p, dropout_seed=seed)
+    keep = dropout_mask(seed, B, H, L, S, p, device=DEV)
+    qr, kr, vr = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    ro, _ = reference_attention(qr, kr, vr, None, causal, dropout_keep=keep, dropout_p=p)
+    q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    go64, _ = reference_attention(q64, k64, v64, None, causal, dropout_keep=keep, dropout_p=p)
+    assert_close_to_golden("out", out, ro, go64)
+    go = torch.randn_like(out)
+    got = torch.autograd.grad(out, [q, k, v], go)
+    ref = torch.autograd.grad(ro, [qr, kr, vr], go)
+    gold = torch.autograd.grad(go64, [q64, k64, v64], go.double())
+    for nm, a, r, g in zip(["dq", "dk", "dv"], got, ref, gold):
+        assert_close_to_golden(nm, a, r, g)
+    # the CPU path draws the same pattern for the same seed
+    cpu = flexattn.flex_attention(q.detach().float().cpu(), k.detach().float().cpu(), v.detach().float().cpu(),
+                                  block_mask=flexattn.create_block_mask(causal, None, None, L, S),
+                                  dropout_p=p, dropout_seed=seed)
+    assert (out.detach().float().cpu() - cpu).abs().max() < 0.05  # bf16 inputs vs fp32: same pattern, not a near-miss
