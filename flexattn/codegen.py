@@ -283,11 +283,25 @@ class TritonPrinter:
         """buffer[i0, i1, ...]: int64 address math, out-of-range indices read 0."""
         if not idx:
             return f"tl.load({buf}_ptr)"
-        offs, ok = [], []
-        for d, i in enumerate(idx):
-            offs.append(f"({i}).to(tl.int64) * {buf}_s{d}")
-            ok.append(f"(({i}) >= 0) & (({i}) < {buf}_n{d})")
+        offs, ok = index_terms(buf, n.args[1:], idx)
         return f"tl.load({buf}_ptr + {' + '.join(offs)}, mask={' & '.join(ok)}, other=0)"
+
+
+def index_terms(buf: str, index_nodes, exprs) -> tuple[list[str], list[str]]:
+    """Address terms (int64) and in-bounds conditions for buffer `buf` read at `exprs`.
+
+    A constant index is a Python int in the kernel source (no `.to`), and its bounds test
+    is a plain comparison with the size argument."""
+    offs, ok = [], []
+    for d, (node, e) in enumerate(zip(index_nodes, exprs)):
+        if node.op == "const":
+            v = int(node.args[0])
+            offs.append(f"{v} * {buf}_s{d}")
+            ok.append(f"({buf}_n{d} > {v})" if v >= 0 else "False")
+        else:
+            offs.append(f"({e}).to(tl.int64) * {buf}_s{d}")
+            ok.append(f"(({e}) >= 0) & (({e}) < {buf}_n{d})")
+    return offs, ok
 
 
 # ---- mod functions -------------------------------------------------------------------
@@ -383,10 +397,7 @@ def mod_backward_function(name: str, graph: Graph | None, prefix: str, grad_bufs
             body.append("gv = tl.sum(gv, Q_AXIS, keep_dims=True)")
         elif "kv_idx" not in deps:
             body.append("gv = tl.sum(gv, 1 - Q_AXIS, keep_dims=True)")
-        ok, offs = [], []
-        for dim, ie in enumerate(idx_exprs):
-            offs.append(f"({ie}).to(tl.int64) * {prefix}{slot}_s{dim}")
-            ok.append(f"(({ie}) >= 0) & (({ie}) < {prefix}{slot}_n{dim})")
+        offs, ok = index_terms(f"{prefix}{slot}", load.args[1:], idx_exprs)
         ptr = f"g{prefix}{slot}_ptr" + (" + " + " + ".join(offs) if offs else "")
         if "q_idx" in deps and "kv_idx" in deps:
             ok.append("valid")

@@ -165,6 +165,21 @@ def make_mod(name: str, *, B: int, H: int, L: int, S: int, device="cpu",
         # (sliding window AND causal) OR prefix, built by the combinators.
         mask = _or_masks(_and_masks(sliding_window_mod(max(N // 6, 3)), causal), prefix_mod(3))
         return ZooMod(name, None, mask)
+    if name == "padding_bias":
+        # Constant indices into multi-dim captured tensors (key padding [B, 1, N] as in
+        # attention-mask APIs, a bias [1, H, N]): the printer must handle literal indices.
+        g = torch.Generator().manual_seed(seed + 2)
+        key_keep = torch.rand(B, 1, N, generator=g) > 0.25
+        key_keep[:, 0, 0] = True  # every causal row keeps at least kv 0
+        key_keep = key_keep.to(device)
+        pad_bias = fbuf(0.5 * rand(1, H, N))
+
+        def key_padding(b, h, q_idx, kv_idx):
+            return key_keep[b, 0, kv_idx] & (q_idx >= kv_idx)
+
+        def padding_bias(score, b, h, q_idx, kv_idx):
+            return score + pad_bias[0, h, kv_idx]
+        return ZooMod(name, padding_bias, key_padding, {"pad_bias": pad_bias})
     if name == "softcap_document":
         inner = make_mod("document", B=B, H=H, L=L, S=S, device=device, seed=seed)
         return ZooMod(name, make_mod("softcap", B=B, H=H, L=L, S=S).score_mod, inner.mask_mod)
@@ -174,7 +189,7 @@ def make_mod(name: str, *, B: int, H: int, L: int, S: int, device="cpu",
 ZOO_NAMES = (
     "none", "causal", "sliding_window", "prefix_lm", "document", "dilated_sliding_window",
     "natten_2d", "alibi_causal", "softcap", "rel_bias", "per_head_scale", "multi_read",
-    "empty_rows", "and_or", "softcap_document",
+    "empty_rows", "and_or", "softcap_document", "padding_bias",
 )
 # Entries with captured float tensors (grads checked when requires_grad=True).
-ZOO_WITH_BUFFERS = ("rel_bias", "per_head_scale", "multi_read")
+ZOO_WITH_BUFFERS = ("rel_bias", "per_head_scale", "multi_read", "padding_bias")

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(HERE)
 
 ZOO = ("none", "causal", "sliding_window", "prefix_lm", "document", "dilated_sliding_window",
        "natten_2d", "alibi_causal", "softcap", "rel_bias", "per_head_scale", "multi_read",
-       "empty_rows", "and_or", "softcap_document")
+       "empty_rows", "and_or", "softcap_document", "padding_bias")
 
 # group -> list of case kwargs for `_check`
 GROUPS = {
