@@ -14,6 +14,7 @@ what was expected, what came and the fix - never a deep traceback or a wrong ans
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from numbers import Real
 from typing import Callable, Optional
@@ -79,6 +80,13 @@ def flex_attention(query, key, value, score_mod: Optional[Callable] = None,
     return (out, lse) if return_lse else out
 
 
+def _default_cpu_backend(dtype: torch.dtype) -> str:
+    backend = os.environ.get("FLEXATTN_BACKEND", "cpu")
+    if backend not in ("cpu", "triton"):
+        raise ValueError(f"environment variable FLEXATTN_BACKEND must be 'cpu' or 'triton', got {backend!r}")
+    return "cpu" if dtype == torch.float64 else backend  # the kernels take no float64
+
+
 def _run(q, k, v, *, score_graph, mask_graph, block_mask, scale, return_lse, kernel_options,
          dropout_p, dropout_seed):
     """The one dispatch point: CPU tensors -> the tiled CPU path; CUDA tensors, or
@@ -86,7 +94,9 @@ def _run(q, k, v, *, score_graph, mask_graph, block_mask, scale, return_lse, ker
     options = dict(kernel_options)
     backend = options.pop("BACKEND", "auto")
     if backend == "auto":
-        backend = "triton" if q.device.type == "cuda" else "cpu"
+        # FLEXATTN_BACKEND=triton sends CPU tensors through the kernels too (with
+        # TRITON_INTERPRET=1): how the front ends' tests exercise the generated kernels on CPU.
+        backend = "triton" if q.device.type == "cuda" else _default_cpu_backend(q.dtype)
     args = dict(score_graph=score_graph, mask_graph=mask_graph, block_mask=block_mask, scale=scale,
                 return_lse=return_lse, kernel_options=options, dropout_p=dropout_p, dropout_seed=dropout_seed)
     if backend == "cpu":
