@@ -167,6 +167,18 @@ def _check_kernel_options(kernel_options) -> dict:
     backend = kernel_options.get("BACKEND", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"kernel_options['BACKEND'] must be one of {BACKENDS}, got {backend!r}")
+    # Unknown keys raise on every backend (the CPU path would otherwise ignore a typo).
+    # The key table lives with the kernels; import it only when a key needs it.
+    if set(kernel_options) - {"BACKEND", "BLOCK_M", "BLOCK_N"}:
+        try:
+            from .kernels import VALID_OPTIONS
+        except ImportError:
+            VALID_OPTIONS = None
+        if VALID_OPTIONS is not None:
+            unknown = sorted(set(kernel_options) - set(VALID_OPTIONS), key=str)
+            if unknown:
+                raise ValueError(f"kernel_options: unknown key(s) {unknown}; valid keys are "
+                                 f"{sorted(VALID_OPTIONS)}: check the spelling")
     return dict(kernel_options)
 
 

@@ -96,6 +96,14 @@ def _positive(name, value, allow_none=False) -> int:
     return value
 
 
+def _check_device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but this torch build sees no CUDA device; "
+                         f"pass device='cpu' (or the device of your query tensor)")
+    return device
+
+
 def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
@@ -562,7 +570,7 @@ def create_block_mask(mask_mod: Callable, B: Optional[int], H: Optional[int], Q_
     Q_LEN = _positive("Q_LEN", Q_LEN)
     KV_LEN = _positive("KV_LEN", KV_LEN)
     block = _block_size(BLOCK_SIZE)
-    device = torch.device(device)
+    device = _check_device(device)
     graph = trace_mask(mask_mod)
     check_buffers_device(graph, device, "mask_mod")
     Bm = B if graph.uses("b") else 1
@@ -586,7 +594,7 @@ def create_mask(mask_mod: Callable, B: Optional[int], H: Optional[int], Q_LEN: i
     H = _positive("H", H, allow_none=True)
     Q_LEN = _positive("Q_LEN", Q_LEN)
     KV_LEN = _positive("KV_LEN", KV_LEN)
-    device = torch.device(device)
+    device = _check_device(device)
     graph = trace_mask(mask_mod)
     check_buffers_device(graph, device, "mask_mod")
     i32 = dict(dtype=torch.int32, device=device)

@@ -32,7 +32,8 @@ def alibi_slopes(num_heads: int, device=None, dtype=torch.float32) -> torch.Tens
 
     For a power of two ``n``: ``m_i = 2 ** (-8 (i + 1) / n)``, i = 0..n-1. Otherwise the
     slopes of the closest lower power of two ``n0``, followed by every other slope of
-    ``2 * n0`` (the odd-indexed ones, i.e. the ones not already used) until ``num_heads``.
+    ``2 * n0`` starting from its first (indices 0, 2, 4, ...: exponents -4/n0, -12/n0, ...,
+    the ones the ``n0`` list does not hold) until ``num_heads``.
     """
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"alibi_slopes: num_heads must be a positive int, got {num_heads!r}")

@@ -223,3 +223,22 @@ def test_empty_dimension():
     q, k, v = make_qkv(1, 2, 2, 4, 4, 8, requires_grad=False)
     with raises(ValueError, "key has an empty dimension", "(1, 2, 0, 8)"):
         flex_attention(q, k[:, :, :0], v[:, :, :0])
+
+
+def test_unknown_kernel_option_raises_on_cpu(qkv):
+    # review: a typo in kernel_options was silently ignored on the CPU path (README: an
+    # unknown key raises and lists the valid ones); known GPU-only keys stay accepted.
+    q, k, v = qkv
+    with raises(ValueError, "kernel_options", "'BLOK_M'", "valid keys", "BLOCK_M"):
+        flex_attention(q, k, v, kernel_options={"BLOK_M": 64})
+    flex_attention(q, k, v, kernel_options={"num_warps": 4, "BLOCK_M": 64, "BACKEND": "cpu"})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_create_block_mask_cuda_device_without_cuda():
+    # review: this raised torch's bare AssertionError "Torch not compiled with CUDA enabled"
+    from flexattn import create_mask
+    with raises(ValueError, "device='cuda'", "no CUDA device", "device='cpu'"):
+        create_block_mask(causal, None, None, 64, 64, device="cuda")
+    with raises(ValueError, "device='cuda'", "no CUDA device"):
+        create_mask(causal, None, None, 64, 64, device="cuda")
