@@ -24,6 +24,7 @@ import torch
 from .block_mask import BlockMask, FULL, PARTIAL, noop_mask
 from .dropout import draw_seed
 from .ir import Graph
+from .options import check_option_keys
 from .trace import check_arity, check_buffers_device, trace_mask, trace_score
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -167,19 +168,7 @@ def _check_kernel_options(kernel_options) -> dict:
     backend = kernel_options.get("BACKEND", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"kernel_options['BACKEND'] must be one of {BACKENDS}, got {backend!r}")
-    # Unknown keys raise on every backend (the CPU path would otherwise ignore a typo).
-    # The key table lives with the kernels; import it only when a key needs it.
-    if set(kernel_options) - {"BACKEND", "BLOCK_M", "BLOCK_N"}:
-        try:
-            from .kernels import VALID_OPTIONS
-        except ImportError:
-            VALID_OPTIONS = None
-        if VALID_OPTIONS is not None:
-            unknown = sorted(set(kernel_options) - set(VALID_OPTIONS), key=str)
-            if unknown:
-                raise ValueError(f"kernel_options: unknown key(s) {unknown}; valid keys are "
-                                 f"{sorted(VALID_OPTIONS)}: check the spelling")
-    return dict(kernel_options)
+    return check_option_keys(kernel_options)  # unknown keys raise on every backend
 
 
 def _check_dropout(dropout_p, dropout_seed, generator) -> float:

@@ -21,6 +21,7 @@ import torch
 import triton
 
 from .. import codegen
+from ..options import check_option_keys
 from .forward import FWD_TEMPLATE
 from .backward import BWD_TEMPLATE
 
@@ -48,38 +49,13 @@ def _interpreter_compat() -> None:
 
 _interpreter_compat()
 
-# kernel_options keys: ours, plus torch FlexAttention's names (mapped or accepted).
-VALID_OPTIONS = {
-    "BLOCK_M": "forward q tile (divides the BlockMask q block)",
-    "BLOCK_N": "forward kv tile (divides the BlockMask kv block)",
-    "num_warps": "forward warps per program", "num_stages": "forward pipeline depth",
-    "bwd_BLOCK_M": "backward q tile", "bwd_BLOCK_N": "backward kv tile",
-    "bwd_num_warps": "backward warps", "bwd_num_stages": "backward pipeline depth",
-    "BLOCK_M1": "torch name: dk/dv kernel q tile", "BLOCK_N1": "torch name: dk/dv kernel kv tile",
-    "BLOCK_M2": "torch name: dq kernel q tile", "BLOCK_N2": "torch name: dq kernel kv tile",
-    "decode_BLOCK_N": "decode kv tile", "decode_num_warps": "decode warps",
-    "decode_num_stages": "decode pipeline depth", "decode_SPLITS": "decode kv splits per (b, h)",
-    "FORCE_DECODE": "True/False: force the split-KV decode kernel on/off (default: automatic)",
-    "FORCE_USE_FLEX_ATTENTION": "torch name: True disables the decode kernel",
-    "DETERMINISTIC": "True: bitwise-identical gradients run to run",
-    "ALLOW_TF32": "True: float32 inputs use tf32 matmuls on the GPU (default False: exact)",
-    "BACKEND": "'triton' or 'cpu' (read by flex_attention's dispatch)",
-    "PRESCALE_QK": "accepted for torch compatibility (no effect)",
-    "ROWS_GUARANTEED_SAFE": "accepted for torch compatibility (no effect)",
-    "BLOCKS_ARE_CONTIGUOUS": "accepted for torch compatibility (no effect)",
-    "OUTPUT_LOGSUMEXP": "accepted for torch compatibility (no effect)",
-    "WRITE_DQ": "accepted for torch compatibility (no effect)",
-}
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
 def check_kernel_options(kernel_options) -> dict:
-    opts = dict(kernel_options or {})
-    unknown = sorted(set(opts) - set(VALID_OPTIONS))
-    if unknown:
-        raise ValueError(f"kernel_options: unknown key(s) {unknown}; valid keys are {sorted(VALID_OPTIONS)}")
+    opts = check_option_keys(kernel_options or {})
     for key in ("BLOCK_M", "BLOCK_N", "bwd_BLOCK_M", "bwd_BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2",
                 "BLOCK_N2", "decode_BLOCK_N"):
         if key in opts:
