@@ -111,16 +111,8 @@ class TritonPrinter:
     # ---- driver ------------------------------------------------------------------------
     def print_nodes(self, outputs: list[Node]) -> list[str]:
         """Emit code for everything `outputs` depend on; returns their expressions."""
-        needed: set[int] = set()
-        stack = list(outputs)
-        while stack:
-            n = stack.pop()
-            if id(n) in needed:
-                continue
-            needed.add(id(n))
-            stack.extend(n.inputs)
-        for n in self.graph.nodes:
-            if id(n) in needed and id(n) not in self.names:
+        for n in self.graph.upstream(outputs):
+            if id(n) not in self.names:
                 self.names[id(n)] = self.emit(n)
         return [self.names[id(o)] for o in outputs]
 

@@ -62,10 +62,10 @@ TORCH_IMPL: dict[str, Callable[..., Any]] = {
     "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
     "truediv": lambda a, b: a / b, "floordiv": lambda a, b: a // b,
     "mod": lambda a, b: a % b, "pow": lambda a, b: a ** b,
-    "minimum": lambda a, b: torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
-    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) else torch.minimum(a, b),
-    "maximum": lambda a, b: torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
-    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) else torch.maximum(a, b),
+    # torch.minimum/maximum take no Python scalars; as_tensor makes a weak 0-d tensor of a
+    # constant and returns a tensor argument unchanged
+    "minimum": lambda a, b: torch.minimum(torch.as_tensor(a), torch.as_tensor(b)),
+    "maximum": lambda a, b: torch.maximum(torch.as_tensor(a), torch.as_tensor(b)),
     "and": lambda a, b: a & b, "or": lambda a, b: a | b, "xor": lambda a, b: a ^ b,
     "lt": lambda a, b: a < b, "le": lambda a, b: a <= b, "gt": lambda a, b: a > b,
     "ge": lambda a, b: a >= b, "eq": lambda a, b: a == b, "ne": lambda a, b: a != b,
@@ -243,15 +243,19 @@ class Graph:
         return list(hit[1])
 
     def _live_nodes(self) -> list[Node]:
-        live: set[int] = set()
-        stack = [self.output]
+        return self.upstream([self.output])
+
+    def upstream(self, outputs) -> list[Node]:
+        """Nodes any of `outputs` depends on (themselves included), in topological order."""
+        needed: set[int] = set()
+        stack = list(outputs)
         while stack:
             n = stack.pop()
-            if id(n) in live:
+            if id(n) in needed:
                 continue
-            live.add(id(n))
+            needed.add(id(n))
             stack.extend(n.inputs)
-        return [n for n in self.nodes if id(n) in live]
+        return [n for n in self.nodes if id(n) in needed]
 
     def loads(self) -> list[Node]:
         return [n for n in self.live_nodes() if n.op == "load"]
