@@ -557,6 +557,20 @@ def _block_states(graph: Graph, Bm: int, Hm: int, Q_LEN: int, KV_LEN: int, block
     return state
 
 
+def _checked_mask_args(mask_mod, B, H, Q_LEN, KV_LEN, device):
+    """Validate the arguments shared by create_block_mask and create_mask and trace the mod:
+    (graph, B, H, Q_LEN, KV_LEN, device) with B / H None made 1."""
+    check_arity(mask_mod, "mask", "mask_mod")
+    B = _positive("B", B, allow_none=True)
+    H = _positive("H", H, allow_none=True)
+    Q_LEN = _positive("Q_LEN", Q_LEN)
+    KV_LEN = _positive("KV_LEN", KV_LEN)
+    device = _check_device(device)
+    graph = trace_mask(mask_mod)
+    check_buffers_device(graph, device, "mask_mod")
+    return graph, B, H, Q_LEN, KV_LEN, device
+
+
 def create_block_mask(mask_mod: Callable, B: Optional[int], H: Optional[int], Q_LEN: int, KV_LEN: int,
                       device="cpu", BLOCK_SIZE=_DEFAULT_BLOCK, _compile: bool = False) -> BlockMask:
     """Exact BlockMask of `mask_mod` for a [B, H, Q_LEN, KV_LEN] attention.
@@ -564,15 +578,8 @@ def create_block_mask(mask_mod: Callable, B: Optional[int], H: Optional[int], Q_
     B / H None mean 1 (the mask broadcasts over batch / heads). A mask that does not read
     b (or h) is analysed once and broadcast to B (or H). `_compile` is accepted for torch
     compatibility and ignored (nothing here needs compiling)."""
-    check_arity(mask_mod, "mask", "mask_mod")
-    B = _positive("B", B, allow_none=True)
-    H = _positive("H", H, allow_none=True)
-    Q_LEN = _positive("Q_LEN", Q_LEN)
-    KV_LEN = _positive("KV_LEN", KV_LEN)
+    graph, B, H, Q_LEN, KV_LEN, device = _checked_mask_args(mask_mod, B, H, Q_LEN, KV_LEN, device)
     block = _block_size(BLOCK_SIZE)
-    device = _check_device(device)
-    graph = trace_mask(mask_mod)
-    check_buffers_device(graph, device, "mask_mod")
     Bm = B if graph.uses("b") else 1
     Hm = H if graph.uses("h") else 1
     state = _block_states(graph, Bm, Hm, Q_LEN, KV_LEN, block, device)
@@ -589,14 +596,7 @@ def create_mask(mask_mod: Callable, B: Optional[int], H: Optional[int], Q_LEN: i
                 device="cpu") -> torch.Tensor:
     """Dense bool mask [B, H, Q_LEN, KV_LEN] (B / H None mean 1). O(B*H*Q*KV) memory:
     for inspection and tests; attention uses create_block_mask."""
-    check_arity(mask_mod, "mask", "mask_mod")
-    B = _positive("B", B, allow_none=True)
-    H = _positive("H", H, allow_none=True)
-    Q_LEN = _positive("Q_LEN", Q_LEN)
-    KV_LEN = _positive("KV_LEN", KV_LEN)
-    device = _check_device(device)
-    graph = trace_mask(mask_mod)
-    check_buffers_device(graph, device, "mask_mod")
+    graph, B, H, Q_LEN, KV_LEN, device = _checked_mask_args(mask_mod, B, H, Q_LEN, KV_LEN, device)
     i32 = dict(dtype=torch.int32, device=device)
     return evaluate(graph, b=torch.arange(B, **i32)[:, None, None, None], h=torch.arange(H, **i32)[None, :, None, None],
                     q_idx=torch.arange(Q_LEN, **i32)[None, None, :, None],
