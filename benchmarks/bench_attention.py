@@ -69,6 +69,17 @@ def mods(case: str, S: int, H: int, device):
     raise KeyError(case)
 
 
+def block_density(torch_block_mask) -> float:
+    """Fraction of non-empty blocks of torch's BlockMask (1.0 for no mask): PEERS.md's density."""
+    if torch_block_mask is None:
+        return 1.0
+    bm = torch_block_mask
+    visited = bm.kv_num_blocks.sum().item()
+    if bm.full_kv_num_blocks is not None:
+        visited += bm.full_kv_num_blocks.sum().item()
+    return visited / bm.kv_num_blocks.numel() / bm.kv_indices.shape[-1]
+
+
 def bench(fn, backward=False, grads=()):
     if backward:
         def step():
@@ -99,12 +110,7 @@ def run_matrix(args, results):
                            for _ in range(3)]
                 tbm = torch_cbm(mask_mod, None, None, S, S, device=dev) if mask_mod else None
                 fbm = flexattn.create_block_mask(mask_mod, None, None, S, S, device=dev) if mask_mod else None
-                if tbm is not None:
-                    nb = tbm.kv_num_blocks.sum().item() + (tbm.full_kv_num_blocks.sum().item()
-                                                           if tbm.full_kv_num_blocks is not None else 0)
-                    density = nb / tbm.kv_num_blocks.numel() / tbm.kv_indices.shape[-1]
-                else:
-                    density = 1.0
+                density = block_density(tbm)
                 flops = 4 * B * H * S * S * D * density
                 sg = trace_score(score_mod) if score_mod else None
                 mg = fbm.mask_graph if fbm is not None else None

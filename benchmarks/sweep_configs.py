@@ -52,7 +52,7 @@ def main():
     import flexattn
     from flexattn.kernels import flex_attention_triton
     from flexattn.trace import trace_score
-    from bench_attention import mods
+    from bench_attention import block_density, mods
     tf = torch.compile(torch_flex, dynamic=False)
     t_start = time.time()
     res = {"gpu": torch.cuda.get_device_name(), "rows": []}
@@ -70,11 +70,7 @@ def main():
             go = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16)
             tbm = torch_cbm(mm, None, None, S, S, device="cuda") if mm else None
             fbm = flexattn.create_block_mask(mm, None, None, S, S, device="cuda") if mm else None
-            if tbm is not None:
-                nb = tbm.kv_num_blocks.sum().item() + tbm.full_kv_num_blocks.sum().item()
-                dens = nb / tbm.kv_num_blocks.numel() / tbm.kv_indices.shape[-1]
-            else:
-                dens = 1.0
+            dens = block_density(tbm)
             fl = 4 * B * H * S * S * D * dens
             sg = trace_score(sm) if sm else None
             mg = fbm.mask_graph if fbm is not None else None
