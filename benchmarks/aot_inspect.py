@@ -58,11 +58,9 @@ def compile_sm90(jitfn, args, kwargs):
 def report(tag, ck):
     md = ck.metadata
     ttgir = ck.asm.get("ttgir", "")
-    sass_regs = md.num_regs if hasattr(md, "num_regs") else None
     n_async = len(re.findall(r"async_copy_global_to_local|async_tma_copy", ttgir))
     n_wgmma = len(re.findall(r"warp_group_dot", ttgir))
     ptx = ck.asm.get("ptx", "")
-    m = re.search(r"\.maxnreg (\d+)", ptx)
     n_v4 = len(re.findall(r"ld\.global(?:\.[a-z0-9_]+)*\.v4", ptx))
     n_ld = len(re.findall(r"ld\.global", ptx))
     n_cp = len(re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], 0x10", ptx))

@@ -16,7 +16,6 @@ import os
 import sys
 import time
 
-import torch
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))

@@ -28,7 +28,6 @@ An index that may fall outside the buffer gives an unknown value, so the exact e
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 

@@ -25,7 +25,7 @@ from .block_mask import BlockMask, FULL, PARTIAL, noop_mask
 from .dropout import draw_seed
 from .ir import Graph
 from .options import check_option_keys
-from .trace import check_arity, check_buffers_device, trace_mask, trace_score
+from .trace import check_buffers_device, trace_mask, trace_score
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "cpu", "triton")

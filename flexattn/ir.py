@@ -28,7 +28,7 @@ stamp of (node count, output, first/last node), and the trace cache hands out co
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch

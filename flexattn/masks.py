@@ -22,7 +22,7 @@ docstring holds; ``d = kv_idx - q_idx - offset`` with ``offset = 0`` (top_left) 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import torch
 

@@ -118,7 +118,7 @@ def flex_attention_op(plan: "K.Plan", q, k, v):
 def run_opcheck(q, k, v, score_mod=None, mask_mod=None):
     """torch.library.opcheck over flexattn::fwd for these inputs (an ALiBi-style score_mod with
     a captured per-head tensor and a causal mask by default)."""
-    from .trace import trace_score, trace_mask
+    from .trace import trace_score
     from .block_mask import create_block_mask
     H, L, S = q.shape[1], q.shape[2], k.shape[2]
     slopes = torch.linspace(0.1, 1.0, H, device=q.device).requires_grad_()

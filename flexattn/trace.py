@@ -233,7 +233,7 @@ class Proxy:
 
     def __getattr__(self, name):
         raise self._state.fail(f"the tensor method .{name}() is not supported in a mod",
-                               f"use the supported ops listed in flexattn.trace.SUPPORTED")
+                               "use the supported ops listed in flexattn.trace.SUPPORTED")
 
     # -- torch functions --------------------------------------------------------------
     @classmethod
@@ -246,7 +246,7 @@ class Proxy:
             owner = "torch.Tensor" if isinstance(func, type(T.abs)) or "Tensor" in getattr(func, "__qualname__", "") \
                 else "torch"
             raise state.fail(f"{owner}.{name} is not supported in a mod",
-                             f"rewrite it with the supported ops listed in flexattn.trace.SUPPORTED")
+                             "rewrite it with the supported ops listed in flexattn.trace.SUPPORTED")
         return handler(state, *args, **kwargs)
 
 

@@ -1,6 +1,5 @@
 """The analysis is sound (FULL / EMPTY are never wrong) and precise where it should be
 (linear forms are exact; causal / sliding-window / document decide all but boundary blocks)."""
-import math
 
 import pytest
 import torch

@@ -245,7 +245,6 @@ def test_matches_torch(name):
                          ("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")]:
             a, b = getattr(ours, num), getattr(theirs, num)
             assert torch.equal(a, b.to(a.dtype)), (name, num)
-            n = int(a.max()) if a.numel() else 0
             ia, ib = getattr(ours, idx), getattr(theirs, idx)
             valid = torch.arange(ia.shape[-1]) < a.unsqueeze(-1)
             assert torch.equal(ia[valid], ib.to(ia.dtype)[valid]), (name, idx)

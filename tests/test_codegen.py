@@ -11,7 +11,6 @@ import torch
 
 from flexattn import codegen
 from flexattn.autodiff import differentiate
-from flexattn.ir import Graph
 from flexattn.trace import trace_mask, trace_score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

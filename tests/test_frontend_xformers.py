@@ -142,7 +142,6 @@ def test_from_tensor_list_and_split_round_trip():
     bias, q = xf.BlockDiagonalMask.from_tensor_list(qs)
     out = xf.memory_efficient_attention(q, q, q, attn_bias=bias.make_causal())
     for o, x in zip(bias.split(out), qs):
-        n = x.shape[1]
         want = xf.memory_efficient_attention(x, x, x, attn_bias=xf.LowerTriangularMask())
         assert torch.allclose(o, want, atol=1e-10)
 

@@ -7,7 +7,7 @@ import torch
 
 from flexattn import masks, mods
 from flexattn.block_mask import create_block_mask, create_mask
-from flexattn.varlen import create_varlen_block_mask, cu_seqlens_from_lengths, varlen_mask_mod
+from flexattn.varlen import create_varlen_block_mask, cu_seqlens_from_lengths
 
 
 def dense(mod, L, S, B=1, H=1):

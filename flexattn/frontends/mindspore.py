@@ -58,13 +58,11 @@ Not supported (raise): ``padding_mask`` (reserved by MindSpore), ``real_shift`` 
 """
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 
 from .. import masks as _masks
-from .. import mods as _mods
 
 __all__ = ["flash_attention_score", "LAYOUTS"]
 

@@ -28,13 +28,11 @@ Differences from xFormers (documented, deliberate):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .. import masks as _masks
 from .. import mods as _mods
 
 __all__ = [
