@@ -90,7 +90,7 @@ class BoxAnalyser:
         env: dict[int, AV] = {}
         for n in self.nodes:
             env[id(n)] = _HANDLED[n.op](self, n, [env[id(a)] for a in n.inputs] if n.op not in
-                                        ("input", "const", "buffer") else [])
+                                        ("input", "const", "param", "buffer") else [])
         out = self.as_bool(env[id(self.graph.output)])
         full = torch.as_tensor(out.lo, device=self.device)
         possible = torch.as_tensor(out.hi, device=self.device)
@@ -235,6 +235,11 @@ def _const(A: BoxAnalyser, n: Node, _):
     if math.isnan(v):
         return AV(n.dtype, lo=-_INF, hi=_INF, nan=True)
     return A.interval(n.dtype, float(v), float(v))  # widened: it may round into float32
+
+
+def _param(A: BoxAnalyser, n: Node, _):
+    # a lifted constant (codegen.kernel_graph): bounded by its value, like the const it was
+    return _const(A, Node("const", (A.graph.params[n.args[0]],), n.dtype), None)
 
 
 def _buffer(A, n, _):
@@ -747,7 +752,7 @@ def _const_value(A, dt, v):
 
 
 _HANDLED = {
-    "input": _input, "const": _const, "buffer": _buffer,
+    "input": _input, "const": _const, "param": _param, "buffer": _buffer,
     "neg": _neg, "abs": _abs, "invert": _invert,
     "exp": _unary_monotone(torch.exp), "exp2": _unary_monotone(torch.exp2),
     "log": _unary_monotone(torch.log, domain_lo=0.0), "log2": _unary_monotone(torch.log2, domain_lo=0.0),

@@ -47,6 +47,8 @@ def _copy(graph: Graph) -> tuple[Graph, dict[int, Node]]:
             m[id(n)] = g.input(n.args[0])
         elif n.op == "const":
             m[id(n)] = g.const(n.args[0])
+        elif n.op == "param":  # created in slot order, like buffers: same slots
+            m[id(n)] = g.param(graph.params[n.args[0]])
         elif n.op == "buffer":
             m[id(n)] = g.buffer(graph.buffers[n.args[0]])
         else:
@@ -66,7 +68,7 @@ def differentiate(graph: Graph, grad_slots=()) -> Derivative:
     for n in g.nodes:
         if n.op == "input":
             deps[id(n)] = {n.args[0]}
-        elif n.op in ("const", "buffer"):
+        elif n.op in ("const", "param", "buffer"):
             deps[id(n)] = set()
         else:
             deps[id(n)] = set().union(*[deps[id(a)] for a in n.args])
@@ -78,7 +80,7 @@ def differentiate(graph: Graph, grad_slots=()) -> Derivative:
             active.add(id(n))
         elif n.op == "load" and n.args[0].args[0] in grad_slots and n.dtype.is_floating_point:
             active.add(id(n))
-        elif n.op not in ("input", "const", "buffer", "load") and n.dtype.is_floating_point \
+        elif n.op not in ("input", "const", "param", "buffer", "load") and n.dtype.is_floating_point \
                 and any(id(a) in active for a in n.args):
             active.add(id(n))
 
@@ -93,7 +95,7 @@ def differentiate(graph: Graph, grad_slots=()) -> Derivative:
 
     op = g.op
     for n in reversed(live):
-        if id(n) not in adj or n.op in ("input", "const", "buffer", "load"):
+        if id(n) not in adj or n.op in ("input", "const", "param", "buffer", "load"):
             continue
         ga = adj[id(n)]
         a = n.args

@@ -82,6 +82,15 @@ def _tanh(x):
 '''
 
 
+# Leaves that promote like Python scalars (torch's "weak" types): a const, or a param
+# (a const lifted into a kernel argument).
+WEAK_LEAVES = ("const", "param")
+
+
+# Conversions print as tl.cast(x, dtype), not x.to(dtype): the same on a tensor, and it
+# also takes a Python number (what a scalar argument is under the interpreter).
+
+
 def _lit(value) -> str:
     if isinstance(value, bool):
         return "True" if value else "False"
@@ -121,6 +130,8 @@ class TritonPrinter:
             return self.input_names[n.args[0]]
         if n.op == "const":
             return _lit(n.args[0])
+        if n.op == "param":
+            return f"{self.buf_prefix}p{n.args[0]}"
         if n.op == "buffer":
             return f"{self.buf_prefix}{n.args[0]}"
         if n.op in UNSUPPORTED and not (n.op == "pow" and n.args[1].op == "const"):
@@ -148,17 +159,19 @@ class TritonPrinter:
             if dst.is_floating_point:
                 return _lit(float(v))
             return _lit(int(v))
+        if src.op == "param":  # a 32-bit kernel argument whatever its IR dtype: always convert
+            return f"({expr} != 0)" if dst == torch.bool else f"tl.cast({expr}, {TL_DTYPES[dst]})"
         if src.dtype == dst:
             return expr
         if dst == torch.bool:
             return f"({expr} != 0)"
-        return f"({expr}).to({TL_DTYPES[dst]})"
+        return f"tl.cast({expr}, {TL_DTYPES[dst]})"
 
     def _out(self, n: Node, expr: str) -> str:
-        # Constant-only subexpressions stay Python scalars; tensors are cast to the IR dtype.
-        if all(a.op == "const" for a in n.inputs):
+        # Scalar-only subexpressions (consts, params) stay scalars; tensors are cast to the IR dtype.
+        if all(a.op in WEAK_LEAVES for a in n.inputs):
             return expr
-        return f"({expr}).to({TL_DTYPES[n.dtype]})" if n.dtype != torch.bool else expr
+        return f"tl.cast({expr}, {TL_DTYPES[n.dtype]})" if n.dtype != torch.bool else expr
 
     def _float_arg(self, n: Node, i: int, expr: str) -> str:
         """Argument i of float-valued node n, cast to n's dtype (torch computes in it)."""
@@ -251,8 +264,9 @@ class TritonPrinter:
     def _compare(self, n, a, b, op):
         x, y = n.args
         if x.dtype.is_floating_point or y.dtype.is_floating_point:
-            common = torch.promote_types(x.dtype, y.dtype) if x.op != "const" and y.op != "const" else \
-                (x.dtype if y.op == "const" else y.dtype)
+            common = torch.promote_types(x.dtype, y.dtype) \
+                if x.op not in WEAK_LEAVES and y.op not in WEAK_LEAVES else \
+                (x.dtype if y.op in WEAK_LEAVES else y.dtype)
             if common.is_floating_point:
                 a, b = self._cast(a, x, common), self._cast(b, y, common)
         return f"({a}) {op} ({b})"
@@ -299,7 +313,8 @@ def index_terms(buf: str, index_nodes, exprs) -> tuple[list[str], list[str]]:
 # ---- mod functions -------------------------------------------------------------------
 
 def buffer_params(graph: Graph | None, prefix: str) -> list[str]:
-    """Kernel parameter names for a graph's captured tensors (pointer, strides, sizes)."""
+    """Kernel parameter names for a graph's captured tensors (pointer, strides, sizes),
+    then its params (`{prefix}p{slot}`)."""
     if graph is None:
         return []
     out = []
@@ -307,19 +322,82 @@ def buffer_params(graph: Graph | None, prefix: str) -> list[str]:
         out.append(f"{prefix}{slot}_ptr")
         out += [f"{prefix}{slot}_s{d}" for d in range(t.dim())]
         out += [f"{prefix}{slot}_n{d}" for d in range(t.dim())]
-    return out
+    return out + param_names(graph, prefix)
 
 
-def buffer_args(graph: Graph | None) -> list:
-    """Launch arguments matching `buffer_params` (same order)."""
+def param_names(graph: Graph | None, prefix: str) -> list[str]:
+    return [] if graph is None else [f"{prefix}p{slot}" for slot in range(len(graph.params))]
+
+
+def buffer_args(graph: Graph | None, buffers=None) -> list:
+    """Launch arguments matching `buffer_params` (same order); `buffers` replaces the
+    graph's captured tensors (same slots) when given."""
     if graph is None:
         return []
     out = []
-    for t in graph.buffers:
+    for t in (graph.buffers if buffers is None else buffers):
         out.append(t)
         out += list(t.stride())
         out += list(t.shape)
-    return out
+    return out + list(graph.params)
+
+
+# ---- lifting constants into kernel arguments -------------------------------------------
+
+# (op, argument position) uses that keep a constant in the source: load indices (bounds
+# tests on literals, and the index math the compiler folds), integer divisors (division by
+# a literal is a multiply-shift; by an argument, a real division), pow exponents (printed
+# as multiplications / sqrt by value).
+_KEEP_LITERAL = {("floordiv", 1), ("mod", 1), ("pow", 1)}
+_INT32 = (-2 ** 31, 2 ** 31)
+
+
+def _liftable(graph: Graph) -> set[int]:
+    """ids of the live consts that become params: finite floats and ints that fit a 32-bit
+    kernel argument, unless some use keeps them literal (_KEEP_LITERAL, load indices)."""
+    live = graph.live_nodes()
+    lift = {id(n) for n in live if n.op == "const" and not isinstance(n.args[0], bool) and (
+        (isinstance(n.args[0], int) and _INT32[0] <= n.args[0] < _INT32[1])
+        or (isinstance(n.args[0], float) and math.isfinite(n.args[0])))}
+    for n in live:
+        for pos, a in enumerate(n.inputs):
+            if (n.op, pos) in _KEEP_LITERAL or (n.op == "load" and pos > 0):
+                lift.discard(id(a))
+    return lift
+
+
+def kernel_graph(graph: Graph | None) -> Graph | None:
+    """`graph` with its Python number constants lifted into `param` leaves: the kernels take
+    them as arguments, so a mod that differs only in such a number (a window width, a
+    softcap, a bias scale) reuses the compiled kernel. Buffer slots are kept. The lifted
+    template is memoised on the graph (copies from the trace cache share it)."""
+    if graph is None:
+        return None
+    stamp = graph._stamp()
+    hit = graph._memo.get("kernel")
+    if hit is None or hit[0] != stamp:
+        hit = graph._memo["kernel"] = (stamp, _lift(graph))
+    return hit[1]._with_buffers(graph.buffers)
+
+
+def _lift(graph: Graph) -> Graph:
+    lift = _liftable(graph)
+    g = Graph(graph.kind, graph.fn_name)
+    g.buffers = list(graph.buffers)
+    m: dict[int, Node] = {}
+    for n in graph.nodes:
+        if n.op == "input":
+            m[id(n)] = g.input(n.args[0])
+        elif n.op == "const":
+            m[id(n)] = g.param(n.args[0]) if id(n) in lift else g.const(n.args[0])
+        elif n.op == "param":
+            m[id(n)] = g.param(graph.params[n.args[0]])
+        elif n.op == "buffer":  # the same slot, whatever order the nodes come in
+            m[id(n)] = g._append(Node("buffer", n.args, n.dtype, n.name))
+        else:
+            m[id(n)] = g.op(n.op, *[m[id(a)] for a in n.args], dtype=n.dtype if n.op == "cast" else None)
+    g.output = m[id(graph.output)]
+    return g.verify()
 
 
 INDEX_INPUTS = {"score": "score", "b": "off_z", "h": "off_h", "q_idx": "q_idx", "kv_idx": "kv_idx"}

@@ -29,6 +29,8 @@ def evaluate(graph: Graph, *, b, h, q_idx, kv_idx, score=None, buffers=None,
                 raise ValueError(f"evaluating a {graph.kind} mod needs input {n.args[0]!r}")
         elif n.op == "const":
             v = n.args[0]
+        elif n.op == "param":
+            v = graph.params[n.args[0]]
         elif n.op == "buffer":
             v = bufs[n.args[0]]
         elif n.op == "cast":

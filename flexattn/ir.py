@@ -13,6 +13,10 @@ Leaves:
     const   args=(value,)    a Python bool/int/float; dtype bool/int64/float32, *weak*
                              (promotes like a Python scalar in torch)
     buffer  args=(slot,)     the captured tensor `graph.buffers[slot]`; dtype = its dtype
+    param   args=(slot,)     a Python int/float passed to the kernels as an argument,
+                             `graph.params[slot]`; typed and weak like a const. Tracing
+                             makes consts only; `flexattn.codegen.kernel_graph` lifts
+                             them into params so that a new value reuses a compiled kernel.
 Everything else takes node args; `load(buffer, i0, i1, ...)` reads buffer[i0, i1, ...]
 with one integer index per buffer dimension (zero for a 0-d buffer).
 
@@ -37,7 +41,7 @@ INPUT_NAMES = ("score", "b", "h", "q_idx", "kv_idx")
 INDEX_DTYPE = torch.int32
 SCORE_DTYPE = torch.float32
 
-LEAF_OPS = frozenset({"input", "const", "buffer"})
+LEAF_OPS = frozenset({"input", "const", "buffer", "param"})
 UNARY_OPS = frozenset({
     "neg", "abs", "exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh", "sigmoid",
     "sin", "cos", "floor", "ceil", "invert",  # invert: logical not on bool, bitwise not on ints
@@ -103,6 +107,8 @@ def _dummy(node: Node):
     """A stand-in value with node's promotion behaviour: Python scalar for consts."""
     if node.op == "const":
         return node.args[0]
+    if node.op == "param":  # any value of its type promotes the same way (a weak scalar)
+        return 2 if node.dtype == torch.int64 else 2.0
     return torch.ones(1, dtype=node.dtype) if node.dtype != torch.bool else torch.ones(1, dtype=torch.bool)
 
 
@@ -118,6 +124,8 @@ def _signature(node) -> object:
     if node.op == "const":
         v = node.args[0]
         return (type(v), "nan" if v != v else v)
+    if node.op == "param":
+        return ("param", node.dtype)
     return node.dtype
 
 
@@ -156,6 +164,7 @@ class Graph:
         self.fn_name = fn_name
         self.nodes: list[Node] = []
         self.buffers: list[torch.Tensor] = []
+        self.params: list[int | float] = []  # values of the `param` leaves, by slot
         self.output: Node | None = None
         self._inputs: dict[str, Node] = {}
         self._consts: dict[tuple, Node] = {}
@@ -176,6 +185,7 @@ class Graph:
         g = Graph.__new__(Graph)
         g.kind, g.fn_name = self.kind, self.fn_name
         g.nodes, g.buffers, g.output = list(self.nodes), list(buffers), self.output
+        g.params = list(self.params)
         g._inputs, g._consts, g._interned = dict(self._inputs), dict(self._consts), dict(self._interned)
         g._memo = self._memo
         return g
@@ -215,6 +225,16 @@ class Graph:
         self.buffers.append(tensor)
         slot = len(self.buffers) - 1
         return self._append(Node("buffer", (slot,), tensor.dtype, f"buf{slot}"))
+
+    def param(self, value) -> Node:
+        """A new kernel-argument leaf holding the Python int or float `value` (never shared:
+        one per lifted constant)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise IRError(f"params are Python ints/floats, got {type(value).__name__}")
+        self.params.append(value)
+        slot = len(self.params) - 1
+        dtype = torch.int64 if isinstance(value, int) else torch.float32
+        return self._append(Node("param", (slot,), dtype, f"p{slot}"))
 
     def op(self, op: str, *args: Node, dtype: torch.dtype | None = None) -> Node:
         if op not in OPS or op in LEAF_OPS:
@@ -262,13 +282,18 @@ class Graph:
 
     def structure_key(self) -> str:
         """Identifies the computation, not the captured values: buffer dtypes and ranks
-        are part of it, buffer contents and sizes are not."""
+        are part of it, buffer contents and sizes are not; param types are, their values
+        are not (const values are)."""
         bufs = ",".join(f"{str(t.dtype)[6:]}[{t.dim()}]" for t in self.buffers)
+        if self.params:  # their types, never their values
+            bufs += ";" + ",".join(type(v).__name__ for v in self.params)
         stamp = self._stamp()
         hit = self._memo.get("body")
         if hit is None or hit[0] != stamp:
-            # the printed buffer comments carry shapes: leave them out (sizes never recompile)
-            body = "\n".join(l for l in str(self).splitlines() if not l.lstrip().startswith("# buf"))
+            # the printed buffer / param comments carry shapes and values: leave them out
+            # (neither recompiles)
+            body = "\n".join(l for l in str(self).splitlines()
+                             if not l.lstrip().startswith(("# buf", "# param")))
             hit = self._memo["body"] = (stamp, body)
         return f"{self.kind}({bufs})\n{hit[1]}"
 
@@ -276,8 +301,10 @@ class Graph:
         lines = [f"def {self.kind}_mod({', '.join(self.input_names)}):  # traced from {self.fn_name}"]
         for i, t in enumerate(self.buffers):
             lines.append(f"    # buf{i}: captured {str(t.dtype)[6:]} tensor of shape {tuple(t.shape)}")
+        for i, v in enumerate(self.params):
+            lines.append(f"    # param p{i} = {v!r} (a kernel argument)")
         for n in self.live_nodes():
-            if n.op in ("input", "buffer"):
+            if n.op in ("input", "buffer", "param"):
                 continue
             if n.op == "const":
                 continue
@@ -301,6 +328,8 @@ class Graph:
                     raise IRError(f"{n.name}: input {n.args[0]!r} is not an input of a {self.kind} mod")
                 if n.op == "buffer" and not (0 <= n.args[0] < len(self.buffers)):
                     raise IRError(f"{n.name}: buffer slot {n.args[0]} out of range")
+                if n.op == "param" and not (0 <= n.args[0] < len(self.params)):
+                    raise IRError(f"{n.name}: param slot {n.args[0]} out of range")
             else:
                 for a in n.args:
                     if not isinstance(a, Node):

@@ -35,7 +35,9 @@ def _blocks_list(blocks: "K._Blocks") -> list[Tensor]:
 def register_plan(plan: "K.Plan") -> str:
     sk = plan.score_graph.structure_key() if plan.score_graph is not None else ""
     mk = plan.mask_graph.structure_key() if plan.mask_graph is not None else ""
-    text = repr((sk, mk, plan.blocks.block, plan.blocks.has_full, sorted(plan.opts.items()), plan.grad_slots))
+    params = (plan.score_graph.params if plan.score_graph is not None else [],
+              plan.mask_graph.params if plan.mask_graph is not None else [])
+    text = repr((sk, mk, params, plan.blocks.block, plan.blocks.has_full, sorted(plan.opts.items()), plan.grad_slots))
     key = hashlib.sha256(text.encode()).hexdigest()[:20]
     _PLANS.setdefault(key, replace(plan, score_bufs=[], mask_bufs=[], dropout_seed=None))
     return key

@@ -6,6 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from flexattn.analyse import EMPTY, FULL, UNDECIDED, BoxAnalyser, analyse_blocks
+from flexattn.codegen import kernel_graph
 from flexattn.evaluate import evaluate
 from flexattn.ir import OPS
 from flexattn.trace import trace_mask
@@ -127,7 +128,22 @@ def test_cases_cover_every_op():
     used = set()
     for fn in CASES.values():
         used |= {n.op for n in trace_mask(fn).live_nodes()}
+        used |= {n.op for n in kernel_graph(trace_mask(fn)).live_nodes()}  # params
     assert used >= set(OPS) - {"input"} - {"buffer"} | {"load"}, set(OPS) - used
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_params_bound_like_the_consts_they_replace(name):
+    """A mod with its constants lifted into params (what the kernels compile) evaluates
+    and analyses exactly like the traced one."""
+    g = trace_mask(CASES[name])
+    lifted = kernel_graph(g)
+    Q, KV, bs = 67, 59, (8, 4)
+    i32 = dict(dtype=torch.int32)
+    idx = dict(b=torch.tensor(0, **i32), h=torch.tensor(0, **i32),
+               q_idx=torch.arange(Q, **i32)[:, None], kv_idx=torch.arange(KV, **i32)[None, :])
+    assert torch.equal(evaluate(lifted, **idx), evaluate(g, **idx))
+    assert torch.equal(analyse_blocks(lifted, 0, 0, Q, KV, bs), analyse_blocks(g, 0, 0, Q, KV, bs))
 
 
 # ---- random boxes (not block-aligned) ------------------------------------------------------

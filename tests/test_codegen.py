@@ -37,7 +37,7 @@ def _src(fn, kind="score"):
     (lambda s, b, h, q, kv: torch.where(q > kv, s, 0.0), "tl.where("),
     (lambda s, b, h, q, kv: s + (q ^ kv), ") ^ ("), (lambda s, b, h, q, kv: s + (q & 3), ") & ("),
     (lambda s, b, h, q, kv: s + (q | kv), ") | ("), (lambda s, b, h, q, kv: s + (~q), "~("),
-    (lambda s, b, h, q, kv: s + q.to(torch.float16), ".to(tl.float16)"),
+    (lambda s, b, h, q, kv: s + q.to(torch.float16), "tl.cast(q_idx, tl.float16)"),
 ])
 def test_printer_ops(fn, expect):
     src = _src(fn)

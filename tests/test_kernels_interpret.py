@@ -46,6 +46,7 @@ GROUPS = {
         dict(name="document", L=3, S=100, Hq=2, E=16, bwd=True, opts={"FORCE_DECODE": True}),
         dict(name="causal", L=64, S=64, dropout=0.3),
         dict(name="alibi_causal", L=64, S=64, dropout=0.2, dtype="float16", Hq=4, Hkv=2),
+        dict(check="new_constants"),
     ],
 }
 
@@ -100,12 +101,53 @@ def _check(name, L=64, S=64, E=32, Ev=None, B=1, Hq=2, Hkv=None, dtype="float32"
             assert torch.equal(a, b), f"{nm} differs between two DETERMINISTIC runs"
 
 
+def _check_new_constants_reuse_kernels():
+    """Mods that differ only in a Python number (window width, softcap) run the kernels
+    compiled for the first one - the numbers are kernel arguments - and stay exact."""
+    import torch
+    import flexattn
+    from flexattn import codegen
+    from flexattn.reference import reference_attention
+    from conftest import assert_close_to_golden, make_qkv
+
+    def window(w):
+        return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx <= w)
+
+    def softcap(c):
+        return lambda score, b, h, q_idx, kv_idx: c * torch.tanh(score / c)
+
+    L = S = 64
+    modules = []
+    for w, c in ((10, 20.0), (23, 2.5), (1, 16.0)):
+        q, k, v = make_qkv(B=1, Hq=2, Hkv=2, L=L, S=S, E=32, dtype=torch.float32)
+        bm = flexattn.create_block_mask(window(w), None, None, L, S, BLOCK_SIZE=32)
+        out = flexattn.flex_attention(q, k, v, score_mod=softcap(c), block_mask=bm,
+                                      kernel_options={"BACKEND": "triton"})
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+        got = torch.autograd.grad(out, [q, k, v], go)
+        modules.append(len(codegen._MODULES))
+        qr, kr, vr = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        ro, _ = reference_attention(qr, kr, vr, softcap(c), window(w))
+        q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+        go64, _ = reference_attention(q64, k64, v64, softcap(c), window(w))
+        assert_close_to_golden(f"out (w={w}, c={c})", out, ro, go64)
+        ref = torch.autograd.grad(ro, [qr, kr, vr], go)
+        gold = torch.autograd.grad(go64, [q64, k64, v64], go.double())
+        for nm, a, r, g in zip(["dq", "dk", "dv"], got, ref, gold):
+            assert_close_to_golden(f"{nm} (w={w}, c={c})", a, r, g)
+    assert modules[0] == modules[1] == modules[2], f"new constants generated new kernel modules: {modules}"
+
+
+CHECKS = {"mod": _check, "new_constants": _check_new_constants_reuse_kernels}
+
+
 def _main(group: str) -> None:
     sys.path[:0] = [ROOT, HERE]
     failures = []
     for case in GROUPS[group]:
         try:
-            _check(**case)
+            case = dict(case)
+            CHECKS[case.pop("check", "mod")](**case)
         except Exception as e:  # noqa: BLE001 - report every failing case, not just the first
             failures.append(f"{case}: {type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}")
     print("RESULT " + json.dumps(failures))
