@@ -21,6 +21,7 @@ VALID_OPTIONS = {
     "DETERMINISTIC": "True: bitwise-identical gradients run to run",
     "ALLOW_TF32": "True: float32 inputs use tf32 matmuls on the GPU (default False: exact)",
     "BACKEND": "'triton' or 'cpu' (read by flex_attention's dispatch)",
+    "AUTOTUNE": "True: time a few tile configs on the first call per shape bucket, keep the fastest (cached on disk)",
     "PRESCALE_QK": "accepted for torch compatibility (no effect)",
     "ROWS_GUARANTEED_SAFE": "accepted for torch compatibility (no effect)",
     "BLOCKS_ARE_CONTIGUOUS": "accepted for torch compatibility (no effect)",

@@ -68,6 +68,8 @@ def check_kernel_options(kernel_options) -> dict:
     for key in ("num_stages", "bwd_num_stages", "decode_num_stages"):
         if key in opts and (not isinstance(opts[key], int) or not 1 <= opts[key] <= 6):
             raise ValueError(f"kernel_options[{key!r}] must be an int in 1..6, got {opts[key]!r}")
+    if "AUTOTUNE" in opts and not isinstance(opts["AUTOTUNE"], bool):
+        raise ValueError(f"kernel_options['AUTOTUNE'] must be True or False, got {opts['AUTOTUNE']!r}")
     return opts
 
 
@@ -307,6 +309,10 @@ def _fill(template: str, score_graph, mask_graph, grad_slots=None) -> str:
     src = template
     for hole, text in parts.items():
         src = src.replace(hole, text)
+    # the mods' params are plain values: no recompile when one becomes 1 or a multiple of 16
+    params = codegen.param_names(score_graph, "sb") + codegen.param_names(mask_graph, "mb")
+    if params:
+        src = src.replace("@triton.jit\ndef flex_", f"@triton.jit(do_not_specialize={params!r})\ndef flex_")
     return codegen.PRELUDE + src
 
 
@@ -331,6 +337,7 @@ def _module(kind: str, score_graph, mask_graph, grad_slots=None):
 
 def generated_source(score_graph, mask_graph, kind: str = "fwd", grad_slots=()) -> str:
     """The Triton source the kernels of `kind` ("fwd", "bwd", "decode") run for these mods."""
+    score_graph, mask_graph = codegen.kernel_graph(score_graph), codegen.kernel_graph(mask_graph)
     if kind == "decode":
         from .decode import DECODE_TEMPLATE
         return _fill(DECODE_TEMPLATE, score_graph, mask_graph)
@@ -354,12 +361,10 @@ class Plan:
     mask_bufs: list
 
 
-def tensor_args(tensors) -> list:
-    """Launch arguments for captured tensors (pointer, strides, sizes): codegen.buffer_params order."""
-    out = []
-    for t in tensors:
-        out += [t, *t.stride(), *t.shape]
-    return out
+def mod_args(graph, buffers) -> list:
+    """Launch arguments of a mod (its captured tensors' pointers, strides and sizes, then
+    its params) in codegen.buffer_params order; `buffers` fill the graph's buffer slots."""
+    return codegen.buffer_args(graph, buffers)
 
 
 def _dot_precision(dtype, opts) -> str:
@@ -376,9 +381,15 @@ def _dropout_args(plan: Plan):
     return 1.0 / (1.0 - plan.dropout_p), signed32(lo), signed32(hi), signed32(dropout_threshold(plan.dropout_p))
 
 
-def _fwd_cfg(plan: Plan, q, v):
+def _fwd_cfg(plan: Plan, q, k, v, base=None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): `base` (default: the autotuned config under
+    kernel_options["AUTOTUNE"], else default_fwd_config) with the keys given in kernel_options
+    applied and the tiles fitted to the BlockMask."""
     o = plan.opts
-    dm, dn, dw, ds = default_fwd_config(q.device, q.dtype, q.shape[-1], v.shape[-1])
+    if base is None and o.get("AUTOTUNE"):
+        from .autotune import tuned_fwd_config  # it builds its candidates through base=
+        return tuned_fwd_config(plan, q, k, v)
+    dm, dn, dw, ds = base or default_fwd_config(q.device, q.dtype, q.shape[-1], v.shape[-1])
     bm = _fit(o.get("BLOCK_M", dm), plan.blocks.block[0], q.shape[2])
     bn = _fit(o.get("BLOCK_N", dn), plan.blocks.block[1], v.shape[2])
     return bm, bn, o.get("num_warps", dw), o.get("num_stages", ds)
@@ -417,7 +428,7 @@ def _needs_i64(*ts) -> bool:
 def forward(plan: Plan, q, k, v, return_lse: bool = True, cfg=None):
     B, Hq, L, E = q.shape
     _, Hkv, S, Ev = v.shape
-    bm_, bn_, warps, stages = cfg or _fwd_cfg(plan, q, v)
+    bm_, bn_, warps, stages = cfg or _fwd_cfg(plan, q, k, v)
     blk = plan.blocks
     out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
@@ -431,7 +442,7 @@ def forward(plan: Plan, q, k, v, return_lse: bool = True, cfg=None):
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *_bm_strides(blk.kv_num, blk.kv_idx), *_bm_strides(full_num, full_idx),
         Hq, L, S, plan.scale, plan.scale * LOG2E, drop_scale, lo, hi, thr,
-        *tensor_args(plan.score_bufs), *tensor_args(plan.mask_bufs))
+        *mod_args(plan.score_graph, plan.score_bufs), *mod_args(plan.mask_graph, plan.mask_bufs))
     kwargs = dict(
         GQA_GROUP=Hq // Hkv, HAS_FULL=blk.has_full, HAS_SCORE_MOD=plan.score_graph is not None,
         HAS_DROPOUT=plan.dropout_p > 0, OUTPUT_LSE=True,
@@ -444,9 +455,15 @@ def forward(plan: Plan, q, k, v, return_lse: bool = True, cfg=None):
     return out, lse
 
 
-def _bwd_cfg(plan: Plan, q, v):
+def _bwd_cfg(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs, base=None):
+    """(BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages): `base` (default: the
+    autotuned config under kernel_options["AUTOTUNE"], else default_bwd_config) with the keys
+    given in kernel_options applied and the tiles fitted to the BlockMask."""
     o = plan.opts
-    dm1, dn1, dm2, dn2, dw, ds = default_bwd_config(q.device, q.dtype, q.shape[-1], v.shape[-1])
+    if base is None and o.get("AUTOTUNE"):
+        from .autotune import tuned_bwd_config  # it builds its candidates through base=
+        return tuned_bwd_config(plan, q, k, v, out, lse, dout, dlse, score_bufs)
+    dm1, dn1, dm2, dn2, dw, ds = base or default_bwd_config(q.device, q.dtype, q.shape[-1], v.shape[-1])
     m1 = o.get("bwd_BLOCK_M", o.get("BLOCK_M1", dm1))
     n1 = o.get("bwd_BLOCK_N", o.get("BLOCK_N1", dn1))
     m2 = o.get("bwd_BLOCK_M", o.get("BLOCK_M2", dm2))
@@ -457,10 +474,10 @@ def _bwd_cfg(plan: Plan, q, v):
             o.get("bwd_num_warps", dw), o.get("bwd_num_stages", ds))
 
 
-def backward(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs):
+def backward(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
     B, Hq, L, E = q.shape
     _, Hkv, S, Ev = v.shape
-    m1, n1, m2, n2, warps, stages = _bwd_cfg(plan, q, v)
+    m1, n1, m2, n2, warps, stages = cfg or _bwd_cfg(plan, q, k, v, out, lse, dout, dlse, score_bufs)
     blk = plan.blocks
     # delta = rowsum(dO * O) (minus dlse: d lse / d s = P folds into the same term) and lse
     # in the log2 domain, in one small kernel (dO keeps its strides: the kernels take any)
@@ -479,7 +496,7 @@ def backward(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs):
         if sbufs[s].stride() != gbufs[grad_slots.index(s)].stride():
             sbufs[s] = sbufs[s].contiguous()
     sg = plan.score_graph
-    sargs = tensor_args(sbufs)
+    sargs = mod_args(sg, sbufs)
     mod = _module("bwd", plan.score_graph, plan.mask_graph, list(grad_slots))
     drop_scale, lo, hi, thr = _dropout_args(plan)
     common = dict(GQA_GROUP=Hq // Hkv, HAS_FULL=blk.has_full, HAS_SCORE_MOD=sg is not None,
@@ -490,7 +507,7 @@ def backward(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs):
                   Q_DIVISIBLE=L % blk.block[0] == 0, KV_DIVISIBLE=S % blk.block[1] == 0,
                   DOT_PRECISION=_dot_precision(q.dtype, plan.opts), DETERMINISTIC=det,
                   OFFS_64=_needs_i64(q, k, v, dout), num_warps=warps, num_stages=stages)
-    margs = tensor_args(plan.mask_bufs)
+    margs = mod_args(plan.mask_graph, plan.mask_bufs)
     full_num = blk.full_kv_num if blk.has_full else blk.kv_num
     full_idx = blk.full_kv_idx if blk.has_full else blk.kv_idx
     launch(mod.flex_bwd_dq, (triton.cdiv(L, m2), B * Hq), (
@@ -554,6 +571,8 @@ def make_plan(q, k, v, *, score_graph, mask_graph, block_mask, scale, kernel_opt
     blocks = _blocks_of(block_mask, B, Hq, L, S, q.device)
     if mask_graph is None and block_mask is not None:
         mask_graph = getattr(block_mask, "mask_graph", None)
+    # the kernels see the mods with their number constants as arguments (codegen.kernel_graph)
+    score_graph, mask_graph = codegen.kernel_graph(score_graph), codegen.kernel_graph(mask_graph)
     if scale is None:
         scale = 1.0 / math.sqrt(E)
     grad_slots = ()
