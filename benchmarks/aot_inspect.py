@@ -3,12 +3,22 @@ ptxas) and report registers / spills / shared memory / whether the loads were pi
 Costs no device time; use it before a GPU run.
 
     python benchmarks/aot_inspect.py               # fwd/bwd for causal, D=128 and 64
+    python benchmarks/aot_inspect.py --kinds bwd --cases dense,causal,document --seq 2048 --loops
+
+Per kernel: registers and spill bytes (ptxas -v on the PTX Triton produced), shared memory,
+async copies, wgmma. With --loops, per scf.for of the TTGIR (in program order: dq walks the
+partial then the full kv blocks; dk/dv the partial then the full q blocks of each GQA head)
+the async_wait counts inside it (num=0 in a loop: the loads are not pipelined), and per
+loop of the SASS (a backward branch) its instruction count and the HGMMA / MUFU.EX2 /
+local-memory (spill) / global-load instructions in it.
 """
 from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 import torch
 import triton
@@ -55,7 +65,79 @@ def compile_sm90(jitfn, args, kwargs):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
-def report(tag, ck):
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def ptxas_usage(ptx):
+    """(registers, spill store bytes, spill load bytes, stack bytes) from ptxas -v on the PTX."""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([os.path.join(_BIN, "ptxas"), "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True)
+    txt = r.stdout + r.stderr
+    regs = re.search(r"Used (\d+) registers", txt)
+    sp = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", txt)
+    spill = tuple(int(sp.group(i)) for i in (2, 3, 1)) if sp else (-1, -1, -1)
+    return (int(regs.group(1)) if regs else -1, *spill)
+
+
+def sass_of(cubin):
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([os.path.join(_BIN, "cuobjdump"), "-sass", path],
+                              capture_output=True, text=True).stdout
+
+
+def sass_loops(sass):
+    """[(start, end, counts)] for each backward branch of the SASS (a loop), in address order."""
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2).strip()))
+    loops = []
+    for addr, text in ins:
+        b = re.search(r"\bBRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)", text)
+        if b and int(b.group(1), 16) < addr and not text.startswith("BRA 0x%x" % addr):
+            lo = int(b.group(1), 16)
+            body = [t for a, t in ins if lo <= a <= addr]
+            ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body]
+            cnt = {"instr": len(body),
+                   "HGMMA": sum(o.startswith("HGMMA") for o in ops),
+                   "MUFU.EX2": sum(o.startswith("MUFU.EX2") for o in ops),
+                   "LDGSTS": sum(o.startswith("LDGSTS") for o in ops),
+                   "LDG": sum(o.startswith("LDG.") or o == "LDG" for o in ops),
+                   "STL/LDL": sum(o.startswith(("STL", "LDL")) for o in ops),
+                   "ISETP": sum(o.startswith("ISETP") for o in ops),
+                   "FSEL/SEL": sum(o.startswith(("FSEL", "SEL")) for o in ops),
+                   "BAR/SYNC": sum(o.startswith(("BAR", "WARPSYNC", "DEPBAR", "WARPGROUP")) for o in ops)}
+            loops.append((lo, addr, cnt))
+    return loops
+
+
+def ttgir_loops(ttgir):
+    """[(async_wait nums inside, number of ops)] per scf.for of the TTGIR, in program order."""
+    out, stack = [], []
+    for line in ttgir.splitlines():
+        if "scf.for" in line:
+            stack.append({"waits": [], "ops": 0})
+            continue
+        if stack:
+            if re.match(r"\s*} loc", line) or re.match(r"\s*}\s*$", line):
+                out.append(stack.pop())
+                continue
+            stack[-1]["ops"] += 1
+            w = re.search(r"ttg\.async_wait.*\{num = (\d+)", line)
+            if w:
+                stack[-1]["waits"].append(int(w.group(1)))
+    return out
+
+
+def report(tag, ck, loops=False):
     md = ck.metadata
     ttgir = ck.asm.get("ttgir", "")
     n_async = len(re.findall(r"async_copy_global_to_local|async_tma_copy", ttgir))
@@ -66,8 +148,15 @@ def report(tag, ck):
     n_cp = len(re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], 0x10", ptx))
     n_cp_all = len(re.findall(r"cp\.async", ptx))
     local = "yes" if ".local" in ptx else "no"
-    print(f"{tag}: shared {md.shared} B, ttgir async copies {n_async}, wgmma {n_wgmma}, "
+    regs, sst, sld, stack = ptxas_usage(ptx)
+    print(f"{tag}: regs {regs}, spill st/ld {sst}/{sld} B (stack {stack} B), shared {md.shared} B, "
+          f"ttgir async copies {n_async}, wgmma {n_wgmma}, "
           f"cp.async 16B {n_cp}/{n_cp_all}, ld.global.v4 {n_v4}/{n_ld}, local mem {local}", flush=True)
+    if loops:
+        for i, lp in enumerate(ttgir_loops(ttgir)):
+            print(f"    ttgir loop {i}: {lp['ops']} ops, async_wait num={lp['waits']}")
+        for i, (lo, hi, cnt) in enumerate(sass_loops(sass_of(ck.asm["cubin"]))):
+            print(f"    sass loop {i} [{lo:#x}-{hi:#x}]: " + ", ".join(f"{k} {v}" for k, v in cnt.items()))
     return ck
 
 
@@ -110,13 +199,13 @@ def capture(kind, case, S=8192, D=128, B=4, H=16, cfg=None, bwd_cfg=None):
     return launches
 
 
-def inspect_case(kind, case, D=128, cfg=None):
+def inspect_case(kind, case, D=128, cfg=None, S=8192, loops=False):
     out = []
-    for kernel, grid, args, kwargs in capture(kind, case, D=D, cfg=cfg):
+    for kernel, grid, args, kwargs in capture(kind, case, S=S, D=D, cfg=cfg):
         ck = compile_sm90(kernel, args, kwargs)
-        tag = f"{kind} {case} D={D} {kernel.__name__} " + \
+        tag = f"{kind} {case} S={S} D={D} {kernel.__name__} " + \
               " ".join(f"{k}={kwargs[k]}" for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in kwargs)
-        out.append(report(tag, ck))
+        out.append(report(tag, ck, loops=loops))
     return out
 
 
@@ -126,18 +215,22 @@ def main():
     p.add_argument("--kinds", default="fwd,bwd")
     p.add_argument("--cases", default="dense,causal,softcap")
     p.add_argument("--dims", default="128,64")
-    p.add_argument("--dump", default=None, help="folder to write ttgir/ptx")
+    p.add_argument("--seq", type=int, default=8192, help="sequence length (Q = KV)")
+    p.add_argument("--loops", action="store_true", help="per-loop pipelining (TTGIR) and SASS counts")
+    p.add_argument("--dump", default=None, help="folder to write ttgir/ptx/sass")
     a = p.parse_args()
     for kind in a.kinds.split(","):
         for D in map(int, a.dims.split(",")):
             for case in a.cases.split(","):
-                for ck in inspect_case(kind, case, D=D):
+                for ck in inspect_case(kind, case, D=D, S=a.seq, loops=a.loops):
                     if a.dump:
                         os.makedirs(a.dump, exist_ok=True)
-                        stem = f"{kind}_{case}_{D}_{ck.metadata.name}"
+                        stem = f"{kind}_{case}_{a.seq}_{D}_{ck.metadata.name}"
                         for ext in ("ttgir", "ptx"):
                             with open(os.path.join(a.dump, f"{stem}.{ext}"), "w") as f:
                                 f.write(ck.asm[ext])
+                        with open(os.path.join(a.dump, f"{stem}.sass"), "w") as f:
+                            f.write(sass_of(ck.asm["cubin"]))
 
 
 if __name__ == "__main__":
