@@ -55,6 +55,10 @@ def flex_attention(query, key, value, score_mod: Optional[Callable] = None,
     kernel_options: {"BACKEND": "auto" | "cpu" | "triton", ...}; "auto" picks the Triton
     kernels for CUDA tensors and the tiled CPU path otherwise. Other keys go to the backend.
     """
+    if torch.compiler.is_compiling():  # dynamo is tracing: the mods are traced outside it
+        from .compiled import flex_attention_compiled
+        return flex_attention_compiled(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
+                                       kernel_options, dropout_p, dropout_seed, generator)
     _check_qkv(query, key, value, enable_gqa)
     B, Hq, L, E = query.shape
     S = key.shape[2]

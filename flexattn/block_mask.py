@@ -8,8 +8,10 @@ tiles), never O(Q_LEN * KV_LEN).
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
+from collections import OrderedDict
 from typing import Callable, Optional
 
 import torch
@@ -176,6 +178,25 @@ def _state_from_blockmask(bm: "BlockMask") -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 # BlockMask
 
+# mask_key -> the traced mask without its captured tensors. Under torch.compile the
+# compiled path (flexattn.compiled) finds a BlockMask's mask here by its `mask_key`, a str
+# that dynamo guards by value: a new BlockMask of the same mask structure (a new document
+# layout, say) reuses the compiled graph, its tensors being graph inputs.
+_MASK_TEMPLATES: "OrderedDict[str, Graph]" = OrderedDict()
+_MASK_TEMPLATES_MAX = 1024
+
+
+def _register_mask_template(graph: Optional[Graph]) -> str:
+    if graph is None:
+        return ""
+    key = hashlib.sha256(graph.structure_key().encode()).hexdigest()[:20]
+    if key not in _MASK_TEMPLATES:
+        _MASK_TEMPLATES[key] = graph._with_buffers([])
+        while len(_MASK_TEMPLATES) > _MASK_TEMPLATES_MAX:
+            _MASK_TEMPLATES.popitem(last=False)
+    return key
+
+
 class BlockMask:
     """Block-sparse mask in torch.nn.attention.flex_attention's BCSR format.
 
@@ -236,6 +257,15 @@ class BlockMask:
         self.mask_mod = mask_mod if mask_mod is not None else noop_mask
         self.seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
         self.mask_graph = mask_graph
+
+    @property
+    def mask_graph(self) -> Optional[Graph]:
+        return self._mask_graph
+
+    @mask_graph.setter
+    def mask_graph(self, graph: Optional[Graph]) -> None:
+        self._mask_graph = graph
+        self.mask_key = _register_mask_template(graph)
 
     # ---- construction --------------------------------------------------------------
     @classmethod

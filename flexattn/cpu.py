@@ -256,6 +256,20 @@ class _FlexAttentionCPU(torch.autograd.Function):
         return (None, dq, dk, dv, *dbufs)
 
 
+def make_plan(dtype, *, score_graph, mask_graph, block_size, kv_blocks, scale, kernel_options, dropout_p,
+              dropout_seed) -> _Plan:
+    """The plan of one call; kv_blocks = (kv_num_blocks, kv_indices, full_kv_num_blocks or
+    None, full_kv_indices or None) of the BlockMask."""
+    q_block, kv_block = block_size
+    tile_m, tile_n = _tile_sizes(kernel_options or {}, q_block, kv_block)
+    kv_num, kv_idx, full_num, full_idx = kv_blocks
+    return _Plan(score_graph=score_graph, mask_graph=mask_graph, scale=float(scale),
+                 q_block=q_block, kv_block=kv_block, tile_m=tile_m, tile_n=tile_n,
+                 kv_num=kv_num, kv_idx=kv_idx, full_num=full_num, full_idx=full_idx,
+                 dropout_p=float(dropout_p), dropout_seed=int(dropout_seed or 0),
+                 compute_dtype=_compute_dtype(dtype))
+
+
 def flex_attention_cpu(q, k, v, *, score_graph, mask_graph, block_mask, scale, return_lse,
                        kernel_options, dropout_p, dropout_seed):
     """Block-sparse tiled attention on CPU tensors -> (out [B,Hq,L,Ev] in q.dtype, lse [B,Hq,L]).
@@ -265,18 +279,10 @@ def flex_attention_cpu(q, k, v, *, score_graph, mask_graph, block_mask, scale, r
     Differentiable w.r.t. q, k, v and the score graph's captured float tensors.
     `kernel_options` may set BLOCK_M / BLOCK_N, tile sizes dividing the BlockMask's blocks.
     """
-    q_block, kv_block = block_mask.BLOCK_SIZE
-    tile_m, tile_n = _tile_sizes(kernel_options or {}, q_block, kv_block)
-    plan = _Plan(
-        score_graph=score_graph, mask_graph=mask_graph, scale=float(scale),
-        q_block=q_block, kv_block=kv_block, tile_m=tile_m, tile_n=tile_n,
-        kv_num=block_mask.kv_num_blocks,
-        kv_idx=block_mask.kv_indices,
-        full_num=block_mask.full_kv_num_blocks,
-        full_idx=block_mask.full_kv_indices,
-        dropout_p=float(dropout_p), dropout_seed=int(dropout_seed or 0),
-        compute_dtype=_compute_dtype(q.dtype),
-    )
+    plan = make_plan(q.dtype, score_graph=score_graph, mask_graph=mask_graph, block_size=block_mask.BLOCK_SIZE,
+                     kv_blocks=(block_mask.kv_num_blocks, block_mask.kv_indices,
+                                block_mask.full_kv_num_blocks, block_mask.full_kv_indices),
+                     scale=scale, kernel_options=kernel_options, dropout_p=dropout_p, dropout_seed=dropout_seed)
     buffers = list(score_graph.buffers) if score_graph is not None else []
     out, lse = _FlexAttentionCPU.apply(plan, q, k, v, *buffers)
     return out, lse

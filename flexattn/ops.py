@@ -1,79 +1,152 @@
-"""flexattn's kernels as torch.library custom ops (fake implementations + autograd), so a
-compiled graph can hold them and `torch.library.opcheck` can check them.
+"""flexattn as torch.library custom ops (fake implementations + autograd), so a compiled
+graph can hold it and `torch.library.opcheck` can check it.
 
     flexattn::fwd(q, k, v, blocks, score_bufs, mask_bufs, plan_key, scale, dropout_p, dropout_seed)
         -> (out, lse)
     flexattn::bwd(q, k, v, out, lse, dout, dlse, blocks, score_bufs, mask_bufs, plan_key, ...)
         -> (dq, dk, dv, buffer grads)
 
-Ops take only tensors and plain values. What is not a tensor - the traced graphs, the
-BlockMask block size, kernel options - lives in `_PLANS` under `plan_key`, a hash of their
-structure (never of captured values), so one compiled graph serves new captured values.
-`blocks` holds the 8 BlockMask tensors (kv_*, full_kv_*, q_*, full_q_*; full ones may be
-empty tensors when the mask has none).
+Ops take only tensors and plain values. What is not a tensor - the backend, the traced
+graphs (as templates: their captured tensors come in `score_bufs` / `mask_bufs`), the
+BlockMask block size, kernel options - is an `OpPlan` in `_PLANS` under `plan_key`, a hash
+of their structure and number constants (never of captured tensor values), so one
+compiled graph serves new values in the captured tensors. `blocks` holds the BlockMask's
+kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices (the full ones are empty
+tensors when the mask has none), then its q_* and full_q_* transposes.
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import kernels as K
-
-_PLANS: dict[str, "K.Plan"] = {}
+from .ir import Graph
 
 
-def _blocks_list(blocks: "K._Blocks") -> list[Tensor]:
-    def t(x, like):
-        return x if x is not None else like.new_empty((0,))
-    return [blocks.kv_num, blocks.kv_idx, t(blocks.full_kv_num, blocks.kv_num), t(blocks.full_kv_idx, blocks.kv_idx),
-            blocks.q_num, blocks.q_idx, t(blocks.full_q_num, blocks.q_num), t(blocks.full_q_idx, blocks.q_idx)]
+@dataclass(frozen=True)
+class OpPlan:
+    backend: str                  # "triton" (the generated kernels) or "cpu" (flexattn.cpu)
+    score_graph: Optional[Graph]  # templates: buffers are bound per call from the op's inputs
+    mask_graph: Optional[Graph]
+    block_size: tuple
+    has_full: bool
+    opts: tuple                   # sorted kernel_options items
+    grad_slots: tuple             # score buffers the backward returns gradients for
 
 
-def register_plan(plan: "K.Plan") -> str:
-    sk = plan.score_graph.structure_key() if plan.score_graph is not None else ""
-    mk = plan.mask_graph.structure_key() if plan.mask_graph is not None else ""
-    params = (plan.score_graph.params if plan.score_graph is not None else [],
-              plan.mask_graph.params if plan.mask_graph is not None else [])
-    text = repr((sk, mk, params, plan.blocks.block, plan.blocks.has_full, sorted(plan.opts.items()), plan.grad_slots))
+_PLANS: dict[str, OpPlan] = {}
+
+
+def _graph_key(g: Optional[Graph]) -> str:
+    return "" if g is None else g.structure_key() + repr(g.params)
+
+
+def register(plan: OpPlan) -> str:
+    """The key under which the ops find `plan` (the same for plans that compute the same)."""
+    text = repr((plan.backend, _graph_key(plan.score_graph), _graph_key(plan.mask_graph), plan.block_size,
+                 plan.has_full, plan.opts, plan.grad_slots))
     key = hashlib.sha256(text.encode()).hexdigest()[:20]
-    _PLANS.setdefault(key, replace(plan, score_bufs=[], mask_bufs=[], dropout_seed=None))
+    if key not in _PLANS:
+        strip = lambda g: None if g is None else g._with_buffers([])  # noqa: E731
+        _PLANS[key] = OpPlan(plan.backend, strip(plan.score_graph), strip(plan.mask_graph), tuple(plan.block_size),
+                             bool(plan.has_full), tuple(plan.opts), tuple(plan.grad_slots))
     return key
 
 
-def _plan(key, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed) -> "K.Plan":
-    base = _PLANS[key]
-    has_full = base.blocks.has_full
-    b = K._Blocks(blocks[0], blocks[1], blocks[2] if has_full else None, blocks[3] if has_full else None,
-                  blocks[4], blocks[5], blocks[6] if has_full else None, blocks[7] if has_full else None,
-                  base.blocks.block)
-    return replace(base, blocks=b, score_bufs=list(score_bufs), mask_bufs=list(mask_bufs), scale=scale,
-                   dropout_p=dropout_p, dropout_seed=dropout_seed)
+def blocks_list(bm) -> list[Tensor]:
+    """The 8 BlockMask tensors in the ops' order (missing full ones as empty tensors)."""
+    def t(x, like):
+        return x if x is not None else like.new_empty((0,))
+    return [bm.kv_num_blocks, bm.kv_indices, t(bm.full_kv_num_blocks, bm.kv_num_blocks),
+            t(bm.full_kv_indices, bm.kv_indices), bm.q_num_blocks, bm.q_indices,
+            t(bm.full_q_num_blocks, bm.q_num_blocks), t(bm.full_q_indices, bm.q_indices)]
+
+
+def _bind(g: Optional[Graph], bufs) -> Optional[Graph]:
+    return None if g is None else g._with_buffers(list(bufs))
+
+
+def _cpu_plan(p: OpPlan, q, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed):
+    from . import cpu
+    full = p.has_full
+    return cpu.make_plan(q.dtype, score_graph=_bind(p.score_graph, score_bufs), mask_graph=_bind(p.mask_graph, mask_bufs),
+                         block_size=p.block_size, kv_blocks=(blocks[0], blocks[1], blocks[2] if full else None,
+                                                             blocks[3] if full else None),
+                         scale=scale, kernel_options=dict(p.opts), dropout_p=dropout_p, dropout_seed=dropout_seed)
+
+
+def _triton_plan(p: OpPlan, q, k, v, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed):
+    from . import kernels as K
+    full = p.has_full
+    b = K._Blocks(blocks[0], blocks[1], blocks[2] if full else None, blocks[3] if full else None,
+                  blocks[4], blocks[5], blocks[6] if full else None, blocks[7] if full else None, p.block_size)
+    sg, mg = _bind(p.score_graph, score_bufs), _bind(p.mask_graph, mask_bufs)
+    K.validate(q, k, v, sg, mg, None)  # head dims, dtypes, devices: raised before any launch
+    return K.Plan(sg, mg, K.expand_blocks(b, q.shape[0], q.shape[1]), scale, dict(p.opts), dropout_p,
+                  dropout_seed, p.grad_slots, list(score_bufs), list(mask_bufs))
 
 
 @torch.library.custom_op("flexattn::fwd", mutates_args=())
 def fwd(q: Tensor, k: Tensor, v: Tensor, blocks: list[Tensor], score_bufs: list[Tensor], mask_bufs: list[Tensor],
         plan_key: str, scale: float, dropout_p: float, dropout_seed: int) -> tuple[Tensor, Tensor]:
-    plan = _plan(plan_key, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed)
-    return K._run_forward(plan, q, k, v)
+    p = _PLANS[plan_key]
+    if p.backend == "cpu":
+        from .cpu import _forward
+        return _forward(_cpu_plan(p, q, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed), q, k, v)
+    from .kernels import _run_forward
+    return _run_forward(_triton_plan(p, q, k, v, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed),
+                        q, k, v)
+
+
+def _lse_dtype(q) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 @fwd.register_fake
 def _fwd_fake(q, k, v, blocks, score_bufs, mask_bufs, plan_key, scale, dropout_p, dropout_seed):
     B, Hq, L, _ = q.shape
-    return q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(B, Hq, L, dtype=torch.float32)
+    return q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(B, Hq, L, dtype=_lse_dtype(q))
+
+
+class _autograd_enabled:
+    """Re-admit the autograd dispatch keys that a custom op's implementation runs without
+    (restored on exit): the CPU backward calls torch.autograd.grad on score_mod's tiles."""
+    _KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.ADInplaceOrView)
+
+    def __enter__(self):
+        self.saved = [torch._C._dispatch_tls_is_dispatch_key_excluded(k) for k in self._KEYS]
+        for k in self._KEYS:
+            torch._C._dispatch_tls_set_dispatch_key_excluded(k, False)
+        self.grad = torch.enable_grad()
+        self.grad.__enter__()
+
+    def __exit__(self, *exc):
+        self.grad.__exit__(*exc)
+        for k, was in zip(self._KEYS, self.saved):
+            torch._C._dispatch_tls_set_dispatch_key_excluded(k, was)
 
 
 @torch.library.custom_op("flexattn::bwd", mutates_args=())
 def bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor,
         blocks: list[Tensor], score_bufs: list[Tensor], mask_bufs: list[Tensor], plan_key: str, scale: float,
         dropout_p: float, dropout_seed: int) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-    plan = _plan(plan_key, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed)
-    dq, dk, dv, buf_grads = K.backward(plan, q, k, v, out, lse, dout, dlse, score_bufs)
+    p = _PLANS[plan_key]
+    if p.backend == "cpu":
+        from .cpu import _backward
+        plan = _cpu_plan(p, q, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed)
+        needs = [j in p.grad_slots for j in range(len(score_bufs))]
+        with _autograd_enabled():  # the CPU backward differentiates score_mod with torch.autograd
+            dq, dk, dv, dbufs = _backward(plan, q, k, v, out, lse, dout, dlse, list(score_bufs), needs)
+        buf_grads = [dbufs[s] for s in p.grad_slots]
+    else:
+        from .kernels import backward
+        plan = _triton_plan(p, q, k, v, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed)
+        dq, dk, dv, buf_grads = backward(plan, q, k, v, out, lse, dout, dlse, list(score_bufs))
     grads = [torch.zeros_like(t) if t.dtype.is_floating_point else t.new_zeros(()) for t in score_bufs]
-    for s, g in zip(plan.grad_slots, buf_grads):
+    for s, g in zip(p.grad_slots, buf_grads):
         grads[s] = g
     return dq, dk, dv, grads
 
@@ -110,26 +183,26 @@ def _backward(ctx, dout, dlse):
 fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def flex_attention_op(plan: "K.Plan", q, k, v):
-    """Run `plan` through the custom op (what flex_attention_triton does under torch.compile)."""
-    key = register_plan(plan)
-    return fwd(q, k, v, _blocks_list(plan.blocks), list(plan.score_bufs), list(plan.mask_bufs), key,
-               plan.scale, plan.dropout_p, int(plan.dropout_seed or 0))
-
-
 def run_opcheck(q, k, v, score_mod=None, mask_mod=None):
     """torch.library.opcheck over flexattn::fwd for these inputs (an ALiBi-style score_mod with
-    a captured per-head tensor and a causal mask by default)."""
+    a captured per-head tensor and a causal mask by default); CUDA inputs run the kernels,
+    CPU inputs the CPU path."""
     from .trace import trace_score
     from .block_mask import create_block_mask
+    from .codegen import kernel_graph
     H, L, S = q.shape[1], q.shape[2], k.shape[2]
     slopes = torch.linspace(0.1, 1.0, H, device=q.device).requires_grad_()
     score_mod = score_mod or (lambda s, b, h, qi, kv: s - slopes[h] * (qi - kv).abs())
     mask_mod = mask_mod or (lambda b, h, qi, kv: qi >= kv)
     bm = create_block_mask(mask_mod, None, None, L, S, device=q.device)
-    plan = K.make_plan(q, k, v, score_graph=trace_score(score_mod), mask_graph=bm.mask_graph, block_mask=bm,
-                       scale=None, kernel_options=None)
-    key = register_plan(plan)
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), _blocks_list(plan.blocks),
-            list(plan.score_bufs), list(plan.mask_bufs), key, plan.scale, 0.0, 0)
+    sg = trace_score(score_mod)
+    backend = "triton" if q.device.type == "cuda" else "cpu"
+    if backend == "triton":
+        sg, mg = kernel_graph(sg), kernel_graph(bm.mask_graph)
+    else:
+        mg = bm.mask_graph
+    grad_slots = tuple(i for i, t in enumerate(sg.buffers) if t.requires_grad)
+    key = register(OpPlan(backend, sg, mg, bm.BLOCK_SIZE, bm.full_kv_num_blocks is not None, (), grad_slots))
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), blocks_list(bm),
+            list(sg.buffers), list(mg.buffers), key, 1.0 / q.shape[-1] ** 0.5, 0.0, 0)
     torch.library.opcheck(fwd, args)

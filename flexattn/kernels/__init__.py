@@ -262,7 +262,11 @@ def _blocks_of_uncached(block_mask, B, Hq, L, S, device) -> _Blocks:
         b = _Blocks(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
                     bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices,
                     tuple(bm.BLOCK_SIZE))
+    return expand_blocks(b, B, Hq)
 
+
+def expand_blocks(b: _Blocks, B: int, Hq: int) -> _Blocks:
+    """`b` as the kernels read it: int32, unit stride along the last dim, broadcast to [B, Hq, ...]."""
     def ex(t):
         if t is None:
             return None
@@ -594,9 +598,6 @@ def flex_attention_triton(q, k, v, *, score_graph=None, mask_graph=None, block_m
     plan = make_plan(q, k, v, score_graph=score_graph, mask_graph=mask_graph, block_mask=block_mask,
                      scale=scale, kernel_options=kernel_options, dropout_p=dropout_p, dropout_seed=dropout_seed)
     score_bufs = list(score_graph.buffers) if score_graph is not None else []
-    if torch.compiler.is_compiling():  # a compiled graph holds the custom op (flexattn.ops)
-        from ..ops import flex_attention_op
-        return flex_attention_op(plan, q, k, v)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                               or any(t.requires_grad for t in score_bufs))
     if needs_grad:

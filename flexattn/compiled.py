@@ -1,0 +1,101 @@
+"""flex_attention inside torch.compile (fullgraph=True included).
+
+Dynamo cannot, and should not, run flexattn's tracer, analysis or code generator: they are
+Python over Python objects. Under compilation `flex_attention` comes here and splits in two:
+
+* `_prepare`, marked `torch.compiler.assume_constant_result`, runs once while dynamo traces
+  the call, on plain Python values: it traces score_mod, takes the mask's template from the
+  BlockMask's `mask_key` (flexattn.block_mask), registers an `ops.OpPlan` and returns its
+  key - a str constant in the graph;
+* the traced part checks the tensors and calls the custom op `flexattn::fwd` with the
+  BlockMask's tensors, the captured tensors and that key. The graph holds the one op;
+  autograd differentiates it with `flexattn::bwd` (flexattn.ops).
+
+Guards (when a compiled graph is reused): the BlockMask's tensors are graph inputs and its
+`mask_key` is guarded by value, so a new BlockMask of the same mask structure (a new
+document layout, say) reuses the graph; score_mod is guarded by identity, so a new closure
+retraces. The tensors a score_mod captures are read when it is traced: update them in
+place (a tensor rebound inside the same closure is not seen), as with any captured global.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import ops
+from .block_mask import _MASK_TEMPLATES, BlockMask, noop_mask
+
+# plan key -> the score_mod's captured tensors (graph inputs of the compiled graph)
+_SCORE_BUFFERS: dict[str, tuple] = {}
+# plan key -> the all-attending BlockMask built for block_mask=None
+_FULL_MASKS: dict[str, BlockMask] = {}
+
+
+@torch.compiler.assume_constant_result
+def _prepare(score_mod, score_mod_id: int, mask_key: str, block_size: tuple, has_full: bool, backend: str,
+             options: tuple, device: str, full_lengths: tuple) -> str:
+    """Trace score_mod and register the op plan; returns the plan key (runs at trace time).
+    full_lengths = (L, S) when no block_mask was given (then an all-attending one is built)."""
+    from .attention import _full_block_mask, _trace_score_mod
+    from .codegen import kernel_graph
+    dev = torch.device(device)
+    score_graph = _trace_score_mod(score_mod, dev)
+    full_mask = None
+    if full_lengths:
+        full_mask = _full_block_mask(*full_lengths, dev)
+        mask_key, block_size, has_full = full_mask.mask_key, full_mask.BLOCK_SIZE, True
+    mask_graph = _MASK_TEMPLATES.get(mask_key) if mask_key else None
+    if mask_key and mask_graph is None:
+        raise RuntimeError("block_mask's traced mask is no longer registered (more than 1024 mask structures "
+                           "were created since); rebuild it with create_block_mask")
+    score_bufs = tuple(score_graph.buffers) if score_graph is not None else ()
+    grad_slots = ()
+    if score_graph is not None:
+        live = {n.args[0].args[0] for n in score_graph.loads()}
+        grad_slots = tuple(i for i, t in enumerate(score_bufs)
+                           if t.requires_grad and t.dtype.is_floating_point and i in live)
+    if backend == "triton":
+        from .kernels import check_kernel_options
+        check_kernel_options(dict(options))
+        score_graph, mask_graph = kernel_graph(score_graph), kernel_graph(mask_graph)
+    key = ops.register(ops.OpPlan(backend, score_graph, mask_graph, tuple(block_size), has_full, options,
+                                  grad_slots))
+    _SCORE_BUFFERS[key] = score_bufs
+    if full_mask is not None:
+        _FULL_MASKS[key] = full_mask
+    return key
+
+
+def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
+                            kernel_options, dropout_p, dropout_seed, generator):
+    """flex_attention's semantics (flexattn.attention), traced by dynamo into one custom op."""
+    from .attention import _check_dropout, _check_kernel_options, _check_qkv, _check_block_mask
+    _check_qkv(query, key, value, enable_gqa)
+    B, Hq, L, E = query.shape
+    S = key.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(E)
+    options = _check_kernel_options(kernel_options)
+    dropout_p = _check_dropout(dropout_p, dropout_seed, generator)
+    if dropout_p > 0 and dropout_seed is None:
+        raise ValueError("dropout_p > 0 inside torch.compile needs an explicit dropout_seed (an int): a seed "
+                         "drawn from a generator would be frozen into the compiled graph")
+    backend = options.pop("BACKEND", "auto")
+    if backend == "auto":
+        backend = "triton" if query.device.type == "cuda" else "cpu"
+    opts = tuple(sorted(options.items()))
+    if block_mask is None:
+        plan_key = _prepare(score_mod, id(score_mod), "", (), False, backend, opts, str(query.device), (L, S))
+        block_mask = _FULL_MASKS[plan_key]
+    else:
+        _check_block_mask(block_mask, B, Hq, L, S, query.device)
+        if block_mask.mask_graph is None and block_mask.mask_mod is not noop_mask:
+            raise ValueError("block_mask has a mask_mod but no traced mask (a sliced BlockMask): inside "
+                             "torch.compile pass a BlockMask from create_block_mask")
+        plan_key = _prepare(score_mod, id(score_mod), block_mask.mask_key, tuple(block_mask.BLOCK_SIZE),
+                            block_mask.full_kv_num_blocks is not None, backend, opts, str(query.device), ())
+    mask_bufs = list(block_mask.mask_graph.buffers) if block_mask.mask_graph is not None else []
+    out, lse = ops.fwd(query, key, value, ops.blocks_list(block_mask), list(_SCORE_BUFFERS[plan_key]), mask_bufs,
+                       plan_key, float(scale), float(dropout_p), int(dropout_seed or 0))
+    return (out, lse) if return_lse else out
