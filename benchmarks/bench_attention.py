@@ -176,28 +176,38 @@ def first_output(args, results):
             return (qi >= kv) & (qi - kv <= w)
         return window
 
+    def make_structure(d):  # an integer divisor stays in the kernel source: new kernels
+        def strided(b, h, qi, kv):
+            return (qi >= kv) & ((qi - kv) % d != d - 1)
+        return strided
+
     # warm both processes' machinery with one unrelated mask
     m0 = make(77)
     torch_flex_c(q, k, v, block_mask=torch_cbm(m0, None, None, S, S, device="cuda"))
     flexattn.flex_attention(q, k, v, block_mask=flexattn.create_block_mask(m0, None, None, S, S, device="cuda"))
     torch.cuda.synchronize()
     rows = []
-    for trial, w in enumerate((333 + int(time.time()) % 1000, 555 + int(time.time()) % 1000)):
-        m = make(w)
+    stamp = int(time.time())
+    # "new constant": a window width never seen (flexattn: a kernel argument, no compile);
+    # "new structure": a mask whose kernel source is new (an integer divisor never seen)
+    trials = [("new constant", make, 333 + stamp % 1000), ("new constant", make, 555 + stamp % 1000),
+              ("new structure", make_structure, 11 + stamp % 97), ("new structure", make_structure, 113 + stamp % 89)]
+    for kind, maker, c in trials:
+        m = maker(c)
         t0 = time.perf_counter()
         bm = torch_cbm(m, None, None, S, S, device="cuda")
         torch_flex_c(q, k, v, block_mask=bm)
         torch.cuda.synchronize()
         t_torch = time.perf_counter() - t0
-        m = make(w + 1)
+        m = maker(c + 1)
         t0 = time.perf_counter()
         bm = flexattn.create_block_mask(m, None, None, S, S, device="cuda")
         flexattn.flex_attention(q, k, v, block_mask=bm)
         torch.cuda.synchronize()
         t_ours = time.perf_counter() - t0
-        rows.append({"window": w, "torch_s": t_torch, "flexattn_s": t_ours, "ratio": t_ours / t_torch})
-        print(f"first output, new mask (window {w}): torch {t_torch:.2f} s, flexattn {t_ours:.2f} s, "
-              f"ratio {t_ours / t_torch:.2f}", flush=True)
+        rows.append({"kind": kind, "constant": c, "torch_s": t_torch, "flexattn_s": t_ours, "ratio": t_ours / t_torch})
+        print(f"first output, {kind} ({c}): torch {t_torch:.3f} s, flexattn {t_ours:.3f} s, "
+              f"ratio {t_ours / t_torch:.3f}", flush=True)
     results["first_output"] = rows
 
 

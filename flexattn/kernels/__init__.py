@@ -13,6 +13,7 @@ prepares the BlockMask tensors and launches.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -123,7 +124,12 @@ def _pow2(n: int) -> int:
 def _device_key(device: torch.device) -> str:
     if device.type != "cuda":
         return "interp"
-    major, minor = torch.cuda.get_device_capability(device)
+    return _cuda_key(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_key(index: int) -> str:  # asked on every call: the capability query is not free
+    major, minor = torch.cuda.get_device_capability(index)
     return f"sm{major}{minor}"
 
 
