@@ -36,7 +36,9 @@ _FULL_MASKS: dict[str, BlockMask] = {}
 def _prepare(score_mod, score_mod_id: int, mask_key: str, block_size: tuple, has_full: bool, backend: str,
              options: tuple, device: str, full_lengths: tuple) -> str:
     """Trace score_mod and register the op plan; returns the plan key (runs at trace time).
-    full_lengths = (L, S) when no block_mask was given (then an all-attending one is built)."""
+    score_mod_id is unused here: computing id(score_mod) in the traced caller is what makes
+    dynamo guard score_mod by identity. full_lengths = (L, S) when no block_mask was given
+    (then an all-attending one is built)."""
     from .attention import _full_block_mask, _trace_score_mod
     from .codegen import kernel_graph
     dev = torch.device(device)
