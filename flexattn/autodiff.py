@@ -39,28 +39,19 @@ class Derivative:
         return self._deps[id(node)]
 
 
-def _copy(graph: Graph) -> tuple[Graph, dict[int, Node]]:
-    g = Graph("score", graph.fn_name)
-    m: dict[int, Node] = {}
-    for n in graph.nodes:
-        if n.op == "input":
-            m[id(n)] = g.input(n.args[0])
-        elif n.op == "const":
-            m[id(n)] = g.const(n.args[0])
-        elif n.op == "param":  # created in slot order, like buffers: same slots
-            m[id(n)] = g.param(graph.params[n.args[0]])
-        elif n.op == "buffer":
-            m[id(n)] = g.buffer(graph.buffers[n.args[0]])
-        else:
-            m[id(n)] = g.op(n.op, *[m[id(a)] for a in n.args], dtype=n.dtype if n.op == "cast" else None)
-    g.output = m[id(graph.output)]
-    g.buffers = list(graph.buffers)  # same slots (buffer leaves are created in slot order)
-    return g, m
+def grad_slots(graph: Graph | None) -> tuple[int, ...]:
+    """Slots of the captured float tensors that require grad and that the output reads:
+    the buffers the backward returns gradients for."""
+    if graph is None:
+        return ()
+    read = {n.args[0].args[0] for n in graph.loads()}
+    return tuple(i for i, t in enumerate(graph.buffers)
+                 if t.requires_grad and t.dtype.is_floating_point and i in read)
 
 
 def differentiate(graph: Graph, grad_slots=()) -> Derivative:
     """d(output)/d(score) and d(output)/d(each load of a buffer in grad_slots), as IR."""
-    g, m = _copy(graph)
+    g = graph.copy()
     grad_slots = set(grad_slots)
     live = g.live_nodes()
 

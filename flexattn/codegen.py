@@ -376,28 +376,12 @@ def kernel_graph(graph: Graph | None) -> Graph | None:
     stamp = graph._stamp()
     hit = graph._memo.get("kernel")
     if hit is None or hit[0] != stamp:
-        hit = graph._memo["kernel"] = (stamp, _lift(graph))
-    return hit[1]._with_buffers(graph.buffers)
+        lift = _liftable(graph)
+        hit = graph._memo["kernel"] = (stamp, graph.copy(lift_consts=lift).verify() if lift else None)
+    # nothing to lift: the graph itself (no copy on the per-call path)
+    return graph if hit[1] is None else hit[1]._with_buffers(graph.buffers)
 
 
-def _lift(graph: Graph) -> Graph:
-    lift = _liftable(graph)
-    g = Graph(graph.kind, graph.fn_name)
-    g.buffers = list(graph.buffers)
-    m: dict[int, Node] = {}
-    for n in graph.nodes:
-        if n.op == "input":
-            m[id(n)] = g.input(n.args[0])
-        elif n.op == "const":
-            m[id(n)] = g.param(n.args[0]) if id(n) in lift else g.const(n.args[0])
-        elif n.op == "param":
-            m[id(n)] = g.param(graph.params[n.args[0]])
-        elif n.op == "buffer":  # the same slot, whatever order the nodes come in
-            m[id(n)] = g._append(Node("buffer", n.args, n.dtype, n.name))
-        else:
-            m[id(n)] = g.op(n.op, *[m[id(a)] for a in n.args], dtype=n.dtype if n.op == "cast" else None)
-    g.output = m[id(graph.output)]
-    return g.verify()
 
 
 INDEX_INPUTS = {"score": "score", "b": "off_z", "h": "off_h", "q_idx": "q_idx", "kv_idx": "kv_idx"}

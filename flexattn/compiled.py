@@ -40,6 +40,7 @@ def _prepare(score_mod, score_mod_id: int, mask_key: str, block_size: tuple, has
     dynamo guard score_mod by identity. full_lengths = (L, S) when no block_mask was given
     (then an all-attending one is built)."""
     from .attention import _full_block_mask, _trace_score_mod
+    from .autodiff import grad_slots as buffer_grad_slots
     from .codegen import kernel_graph
     dev = torch.device(device)
     score_graph = _trace_score_mod(score_mod, dev)
@@ -52,11 +53,7 @@ def _prepare(score_mod, score_mod_id: int, mask_key: str, block_size: tuple, has
         raise RuntimeError("block_mask's traced mask is no longer registered (more than 1024 mask structures "
                            "were created since); rebuild it with create_block_mask")
     score_bufs = tuple(score_graph.buffers) if score_graph is not None else ()
-    grad_slots = ()
-    if score_graph is not None:
-        live = {n.args[0].args[0] for n in score_graph.loads()}
-        grad_slots = tuple(i for i, t in enumerate(score_bufs)
-                           if t.requires_grad and t.dtype.is_floating_point and i in live)
+    grad_slots = buffer_grad_slots(score_graph)
     if backend == "triton":
         from .kernels import check_kernel_options
         check_kernel_options(dict(options))

@@ -190,6 +190,26 @@ class Graph:
         g._memo = self._memo
         return g
 
+    def copy(self, lift_consts=frozenset()) -> "Graph":
+        """A new graph computing the same, node by node, with the same buffer slots and
+        params; the consts whose ids are in `lift_consts` become new `param` leaves."""
+        g = Graph(self.kind, self.fn_name)
+        g.buffers = list(self.buffers)
+        m: dict[int, Node] = {}
+        for n in self.nodes:
+            if n.op == "input":
+                m[id(n)] = g.input(n.args[0])
+            elif n.op == "const":
+                m[id(n)] = g.param(n.args[0]) if id(n) in lift_consts else g.const(n.args[0])
+            elif n.op == "param":
+                m[id(n)] = g.param(self.params[n.args[0]])
+            elif n.op == "buffer":  # the same slot, whatever order the nodes come in
+                m[id(n)] = g._append(Node("buffer", n.args, n.dtype, n.name))
+            else:
+                m[id(n)] = g.op(n.op, *[m[id(a)] for a in n.args], dtype=n.dtype if n.op == "cast" else None)
+        g.output = m[id(self.output)]
+        return g
+
     # ---- building -------------------------------------------------------------------
     def _append(self, node: Node) -> Node:
         node.name = f"{node.op}{len(self.nodes)}" if node.op not in LEAF_OPS else node.name

@@ -189,6 +189,7 @@ def run_opcheck(q, k, v, score_mod=None, mask_mod=None):
     CPU inputs the CPU path."""
     from .trace import trace_score
     from .block_mask import create_block_mask
+    from .autodiff import grad_slots
     from .codegen import kernel_graph
     H, L, S = q.shape[1], q.shape[2], k.shape[2]
     slopes = torch.linspace(0.1, 1.0, H, device=q.device).requires_grad_()
@@ -201,8 +202,7 @@ def run_opcheck(q, k, v, score_mod=None, mask_mod=None):
         sg, mg = kernel_graph(sg), kernel_graph(bm.mask_graph)
     else:
         mg = bm.mask_graph
-    grad_slots = tuple(i for i, t in enumerate(sg.buffers) if t.requires_grad)
-    key = register(OpPlan(backend, sg, mg, bm.BLOCK_SIZE, bm.full_kv_num_blocks is not None, (), grad_slots))
+    key = register(OpPlan(backend, sg, mg, bm.BLOCK_SIZE, bm.full_kv_num_blocks is not None, (), grad_slots(sg)))
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), blocks_list(bm),
             list(sg.buffers), list(mg.buffers), key, 1.0 / q.shape[-1] ** 0.5, 0.0, 0)
     torch.library.opcheck(fwd, args)

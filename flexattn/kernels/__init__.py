@@ -22,6 +22,7 @@ import torch
 import triton
 
 from .. import codegen
+from ..autodiff import grad_slots as buffer_grad_slots
 from ..options import check_option_keys
 from .forward import FWD_TEMPLATE
 from .backward import BWD_TEMPLATE
@@ -371,12 +372,6 @@ class Plan:
     mask_bufs: list
 
 
-def mod_args(graph, buffers) -> list:
-    """Launch arguments of a mod (its captured tensors' pointers, strides and sizes, then
-    its params) in codegen.buffer_params order; `buffers` fill the graph's buffer slots."""
-    return codegen.buffer_args(graph, buffers)
-
-
 def _dot_precision(dtype, opts) -> str:
     if dtype == torch.float32 and not opts.get("ALLOW_TF32", False):
         return "ieee"
@@ -452,7 +447,7 @@ def forward(plan: Plan, q, k, v, return_lse: bool = True, cfg=None):
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *_bm_strides(blk.kv_num, blk.kv_idx), *_bm_strides(full_num, full_idx),
         Hq, L, S, plan.scale, plan.scale * LOG2E, drop_scale, lo, hi, thr,
-        *mod_args(plan.score_graph, plan.score_bufs), *mod_args(plan.mask_graph, plan.mask_bufs))
+        *codegen.buffer_args(plan.score_graph, plan.score_bufs), *codegen.buffer_args(plan.mask_graph, plan.mask_bufs))
     kwargs = dict(
         GQA_GROUP=Hq // Hkv, HAS_FULL=blk.has_full, HAS_SCORE_MOD=plan.score_graph is not None,
         HAS_DROPOUT=plan.dropout_p > 0, OUTPUT_LSE=True,
@@ -506,7 +501,7 @@ def backward(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
         if sbufs[s].stride() != gbufs[grad_slots.index(s)].stride():
             sbufs[s] = sbufs[s].contiguous()
     sg = plan.score_graph
-    sargs = mod_args(sg, sbufs)
+    sargs = codegen.buffer_args(sg, sbufs)
     mod = _module("bwd", plan.score_graph, plan.mask_graph, list(grad_slots))
     drop_scale, lo, hi, thr = _dropout_args(plan)
     common = dict(GQA_GROUP=Hq // Hkv, HAS_FULL=blk.has_full, HAS_SCORE_MOD=sg is not None,
@@ -517,7 +512,7 @@ def backward(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
                   Q_DIVISIBLE=L % blk.block[0] == 0, KV_DIVISIBLE=S % blk.block[1] == 0,
                   DOT_PRECISION=_dot_precision(q.dtype, plan.opts), DETERMINISTIC=det,
                   OFFS_64=_needs_i64(q, k, v, dout), num_warps=warps, num_stages=stages)
-    margs = mod_args(plan.mask_graph, plan.mask_bufs)
+    margs = codegen.buffer_args(plan.mask_graph, plan.mask_bufs)
     full_num = blk.full_kv_num if blk.has_full else blk.kv_num
     full_idx = blk.full_kv_idx if blk.has_full else blk.kv_idx
     launch(mod.flex_bwd_dq, (triton.cdiv(L, m2), B * Hq), (
@@ -585,16 +580,11 @@ def make_plan(q, k, v, *, score_graph, mask_graph, block_mask, scale, kernel_opt
     score_graph, mask_graph = codegen.kernel_graph(score_graph), codegen.kernel_graph(mask_graph)
     if scale is None:
         scale = 1.0 / math.sqrt(E)
-    grad_slots = ()
-    if score_graph is not None:
-        live_loads = {n.args[0].args[0] for n in score_graph.loads()}
-        grad_slots = tuple(i for i, t in enumerate(score_graph.buffers)
-                           if t.requires_grad and t.dtype.is_floating_point and i in live_loads)
     if dropout_p and dropout_seed is None:
         from ..dropout import draw_seed
         dropout_seed = draw_seed()
     return Plan(score_graph, mask_graph, blocks, float(scale), opts, float(dropout_p or 0.0),
-                dropout_seed, grad_slots, list(score_graph.buffers) if score_graph is not None else [],
+                dropout_seed, buffer_grad_slots(score_graph), list(score_graph.buffers) if score_graph is not None else [],
                 list(mask_graph.buffers) if mask_graph is not None else [])
 
 

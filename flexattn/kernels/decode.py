@@ -150,7 +150,8 @@ def _merge(acc, m, l, dtype):
 
 
 def decode_forward(plan, q, k, v):
-    from . import _module, _pow2, _dot_precision, LOG2E, _device_key, mod_args
+    from . import _module, _pow2, _dot_precision, LOG2E, _device_key
+    from ..codegen import buffer_args
     B, Hq, L, E = q.shape
     _, Hkv, S, Ev = v.shape
     G = Hq // Hkv
@@ -181,7 +182,7 @@ def decode_forward(plan, q, k, v):
         blk.kv_num.stride(0), blk.kv_num.stride(1), blk.kv_idx.stride(0), blk.kv_idx.stride(1),
         full_num.stride(0), full_num.stride(1), full_idx.stride(0), full_idx.stride(1),
         Hq, Hkv, L, S, plan.scale, plan.scale * LOG2E, splits,
-        *mod_args(plan.score_graph, plan.score_bufs), *mod_args(plan.mask_graph, plan.mask_bufs),
+        *buffer_args(plan.score_graph, plan.score_bufs), *buffer_args(plan.mask_graph, plan.mask_bufs),
         GQA_GROUP=G, PACK_GQA=pack, HAS_FULL=blk.has_full, HAS_SCORE_MOD=plan.score_graph is not None,
         QK_HEAD=E, QK_HEAD_PAD=_pow2(E), V_HEAD=Ev, V_HEAD_PAD=_pow2(Ev),
         BLOCK_M=block_m, BLOCK_N=block_n, SPARSE_KV_BLOCK=blk.block[1],
