@@ -163,3 +163,34 @@ def test_dropout_same_pattern_as_cpu_and_reference():
                                   block_mask=flexattn.create_block_mask(causal, None, None, L, S),
                                   dropout_p=p, dropout_seed=seed)
     assert (out.detach().float().cpu() - cpu).abs().max() < 0.05  # bf16 inputs vs fp32: same pattern, not a near-miss
+
+
+def test_cached_launch_matches_jit():
+    """Launches through the compiled kernels' own launcher (kernels.launcher) give the JIT
+    path's results bit for bit, across shape classes that share a kernel (hits and misses
+    interleaved: an int stride becoming 1 or a multiple of 16, an unaligned pointer)."""
+    import flexattn
+    from flexattn.kernels import launcher
+    m = make_mod("rel_bias", B=2, H=4, L=300, S=300, device=DEV, requires_grad=True)
+
+    def run(L, offset, det):
+        q, k, v = make_qkv(B=2, Hq=4, L=L, S=L, E=64, dtype=torch.float16, device=DEV, seed=L)
+        if offset:  # same values, a storage that starts 2 elements in: not 16-byte aligned
+            q = torch.empty(q.numel() + offset, dtype=q.dtype, device=DEV)[offset:].view(q.shape).copy_(q) \
+                .detach().requires_grad_()
+        bm = flexattn.create_block_mask(m.mask_mod, None, None, L, L, device=DEV)
+        out = flexattn.flex_attention(q, k, v, score_mod=m.score_mod, block_mask=bm,
+                                      kernel_options={"DETERMINISTIC": det})
+        return [out] + list(torch.autograd.grad(out, [q, k, v, m.captured["bias_table"]], torch.ones_like(out)))
+
+    cases = [(256, 0, True), (17, 0, True), (256, 2, True), (256, 0, True), (300, 0, True), (17, 0, True)]
+    launcher._CACHE.enabled = False
+    try:
+        want = [run(*c) for c in cases]
+    finally:
+        launcher._CACHE.enabled = True
+    for _ in range(2):  # the first pass fills the cache, the second launches from it
+        for c, w in zip(cases, want):
+            for a, b in zip(run(*c), w):
+                assert torch.equal(a, b), c
+    assert launcher._CACHE.entries

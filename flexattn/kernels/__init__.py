@@ -26,6 +26,7 @@ from ..autodiff import grad_slots as buffer_grad_slots
 from ..options import check_option_keys
 from .forward import FWD_TEMPLATE
 from .backward import BWD_TEMPLATE
+from .launcher import launch_cached
 
 LOG2E = 1.4426950408889634
 
@@ -410,7 +411,7 @@ def launch(kernel, grid, args, kwargs, key, shrink="BLOCK_N"):
     kwargs = dict(kwargs, **_SHRUNK.get(key, {}))
     while True:
         try:
-            return kernel[grid](*args, **kwargs)
+            return launch_cached(kernel, grid, args, kwargs)
         except triton.runtime.errors.OutOfResources:
             if kwargs["num_stages"] > 1:
                 kwargs["num_stages"] -= 1

@@ -5,12 +5,14 @@ the work is a memory-bound read of K and V. Here each program takes one slice (s
 row's kv tiles, for all query rows of one (batch, head) - or, when the BlockMask is shared
 by the heads of a GQA group (its H is 1), for all query heads reading the same kv head, so
 K/V are read once per kv head. Each split writes an unnormalised partial (acc, m, l); the
-partials are merged by their log-sum-exp in `_merge`. Same semantics as the forward
+partials are merged by their log-sum-exp in `prep.decode_merge`. Same semantics as the forward
 (mask_mod applied on every visited tile: it is true on full blocks anyway).
 
 Holes: {SCORE_MOD}, {MASK_MOD} and the buffer parameter lists.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -135,22 +137,14 @@ def use_decode(plan, q, v) -> bool:
     return L <= DECODE_MAX_Q and v.shape[2] >= 256
 
 
-def _merge(acc, m, l, dtype):
-    """Combine split partials by log-sum-exp: m, l [B,H,P,L] (log2 domain), acc [B,H,P,L,Dv]."""
-    m_max = m.amax(2, keepdim=True)
-    m_max = torch.where(m_max == float("-inf"), torch.zeros_like(m_max), m_max)
-    w = torch.exp2(m - m_max)
-    l_tot = (l * w).sum(2)
-    out = (acc * w.unsqueeze(-1)).sum(2)
-    empty = l_tot == 0
-    out = out / torch.where(empty, torch.ones_like(l_tot), l_tot).unsqueeze(-1)
-    lse = torch.where(empty, torch.full_like(l_tot, float("-inf")),
-                      (m_max.squeeze(2) + torch.log2(torch.where(empty, torch.ones_like(l_tot), l_tot))) * 0.6931471805599453)
-    return out.to(dtype), lse
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:  # asked on every call: the property query is not free
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def decode_forward(plan, q, k, v):
     from . import _module, _pow2, _dot_precision, LOG2E, _device_key
+    from .launcher import launch_cached
     from ..codegen import buffer_args
     B, Hq, L, E = q.shape
     _, Hkv, S, Ev = v.shape
@@ -166,7 +160,8 @@ def decode_forward(plan, q, k, v):
     while blk.block[1] % block_n:
         block_n //= 2
     base = B * (Hkv if pack else Hq)
-    n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else 4
+    n_sm = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
+        if q.device.type == "cuda" else 4
     max_tiles = blk.kv_idx.shape[-1] * (blk.block[1] // block_n)
     splits = o.get("decode_SPLITS", max(1, min(triton.cdiv(2 * n_sm, base), max_tiles, 64)))
     acc = torch.empty(B, Hq, splits, L, Ev, dtype=torch.float32, device=q.device)
@@ -176,17 +171,18 @@ def decode_forward(plan, q, k, v):
     full_num = blk.full_kv_num if blk.has_full else blk.kv_num
     full_idx = blk.full_kv_idx if blk.has_full else blk.kv_idx
     dk = _device_key(q.device)
-    mod.flex_decode[(splits, base)](
+    launch_cached(mod.flex_decode, (splits, base), (
         q, k, v, acc, m, l, blk.kv_num, blk.kv_idx, full_num, full_idx,
         *q.stride(), *k.stride(), *v.stride(),
         blk.kv_num.stride(0), blk.kv_num.stride(1), blk.kv_idx.stride(0), blk.kv_idx.stride(1),
         full_num.stride(0), full_num.stride(1), full_idx.stride(0), full_idx.stride(1),
         Hq, Hkv, L, S, plan.scale, plan.scale * LOG2E, splits,
-        *buffer_args(plan.score_graph, plan.score_bufs), *buffer_args(plan.mask_graph, plan.mask_bufs),
-        GQA_GROUP=G, PACK_GQA=pack, HAS_FULL=blk.has_full, HAS_SCORE_MOD=plan.score_graph is not None,
-        QK_HEAD=E, QK_HEAD_PAD=_pow2(E), V_HEAD=Ev, V_HEAD_PAD=_pow2(Ev),
-        BLOCK_M=block_m, BLOCK_N=block_n, SPARSE_KV_BLOCK=blk.block[1],
-        DOT_PRECISION=_dot_precision(q.dtype, plan.opts),
-        num_warps=o.get("decode_num_warps", 4), num_stages=o.get("decode_num_stages", 3 if dk != "interp" else 1))
+        *buffer_args(plan.score_graph, plan.score_bufs), *buffer_args(plan.mask_graph, plan.mask_bufs)),
+        dict(GQA_GROUP=G, PACK_GQA=pack, HAS_FULL=blk.has_full, HAS_SCORE_MOD=plan.score_graph is not None,
+             QK_HEAD=E, QK_HEAD_PAD=_pow2(E), V_HEAD=Ev, V_HEAD_PAD=_pow2(Ev),
+             BLOCK_M=block_m, BLOCK_N=block_n, SPARSE_KV_BLOCK=blk.block[1],
+             DOT_PRECISION=_dot_precision(q.dtype, plan.opts),
+             num_warps=o.get("decode_num_warps", 4),
+             num_stages=o.get("decode_num_stages", 3 if dk != "interp" else 1)))
     from .prep import decode_merge
     return decode_merge(acc, m, l, q.dtype)

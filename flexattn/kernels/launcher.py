@@ -1,0 +1,98 @@
+"""Launching compiled Triton kernels without the JIT's per-call work.
+
+`jit_fn[grid](*args, **constexprs)` binds every argument by name, specialises each one,
+builds and hashes a cache key from all of them, checks the kernel's globals and builds
+launch metadata - on every call. Our kernels take 60-170 arguments (strides of every
+tensor, the captured tensors' strides and sizes), so that is tens of microseconds per
+launch, and a short fwd+bwd (four launches) became bound by the host, not the GPU.
+
+`launch_cached` keeps, per (kernel, device, constexprs and options, the specialisation
+features of the arguments), the CompiledKernel the JIT returned the first time, and
+afterwards calls its launcher directly. The features are exactly what Triton specialises
+a launch on (`native_specialize_impl`; see `spec_features`), so two calls with equal
+features get the same binary from the JIT too: the key refines Triton's own, never
+coarsens it. A miss (a new shape class, a new kernel) goes through `jit_fn[grid]`, which
+compiles if it has to. Launch hooks (profilers) and the interpreter take the JIT's path.
+"""
+from __future__ import annotations
+
+import torch
+from triton.runtime.interpreter import InterpretedFunction
+
+_INT32 = (-2 ** 31, 2 ** 31)
+_INT64 = (-2 ** 63, 2 ** 63)
+_MAX_ENTRIES = 4096  # distinct (kernel, shape-class) keys kept; cleared when full
+
+
+def spec_features(args) -> tuple:
+    """What Triton's launch specialisation depends on, per argument: a tensor's dtype and
+    16-byte alignment; an int's being 1 (it becomes a constexpr), its divisibility by 16
+    and its width (i32 / i64 / u64); for anything else (float, bool, None) its type."""
+    out = []
+    for a in args:
+        t = type(a)
+        if t is int:
+            if a == 1:
+                out.append(-1)
+            else:
+                width = 0 if _INT32[0] <= a < _INT32[1] else 2 if _INT64[0] <= a < _INT64[1] else 4
+                out.append(width + (a % 16 == 0))
+        elif isinstance(a, torch.Tensor):
+            out.append((a.dtype, a.data_ptr() % 16 == 0))
+        else:
+            out.append(t)
+    return tuple(out)
+
+
+class _Cache:
+    def __init__(self):
+        self.entries: dict = {}
+        self.enabled = True  # benchmarks/profile_host.py turns it off to compare
+        self._runtime = None
+        self._stream = None
+
+    def hooks_set(self) -> bool:
+        """True when a launch hook (a profiler such as proton) is registered."""
+        if self._runtime is None:
+            from triton import knobs
+            from triton.runtime.driver import driver
+            self._runtime = knobs.runtime
+            self._stream = driver.active.get_current_stream  # the raw stream, as the JIT takes it
+        rt = self._runtime
+        return any(getattr(h, "calls", h) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
+
+
+_CACHE = _Cache()
+
+
+def launch_cached(kernel, grid, args, kwargs):
+    """`kernel[grid](*args, **kwargs)`, through the compiled kernel's own launcher when this
+    (kernel, device, kwargs, argument features) was launched before. Returns what the JIT
+    returned (a CompiledKernel; None under the interpreter)."""
+    if not _CACHE.enabled or isinstance(kernel, InterpretedFunction) or _CACHE.hooks_set():
+        return kernel[grid](*args, **kwargs)
+    device = torch.cuda.current_device()
+    key = (id(kernel), device, tuple(kwargs.items()), spec_features(args))
+    hit = _CACHE.entries.get(key)
+    if hit is not None:
+        ck, tail, _ = hit
+        ck.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+               _CACHE._stream(device), ck.function, ck.packed_metadata, None, None, None, *args, *tail)
+        return ck
+    ck = kernel[grid](*args, **kwargs)
+    if ck is not None and hasattr(ck, "packed_metadata") and getattr(ck, "function", None) is not None:
+        # the launcher takes every parameter in signature order (constexprs too, ignored):
+        # the ones after the positionals come from kwargs or their defaults
+        tail = tuple(kwargs[p.name] if p.name in kwargs else p.default for p in kernel.params[len(args):])
+        if len(_CACHE.entries) >= _MAX_ENTRIES:
+            _CACHE.entries.clear()
+        # the entry holds the kernel, so the id in its key is never reused while it is cached
+        _CACHE.entries[key] = (ck, tail, kernel)
+    return ck
+
+
+def triton_features(args) -> tuple:
+    """Triton's own specialisation of `args` (for tests: spec_features must refine it)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    return tuple(native_specialize_impl(BaseBackend, a, False, True, True) for a in args)

@@ -1,0 +1,39 @@
+"""The cached launcher's key (flexattn.kernels.launcher.spec_features) refines Triton's own
+launch specialisation: two argument lists with equal features must get equal Triton
+specialisations, or a cached binary could be launched for arguments it was not built for."""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from flexattn.kernels.launcher import spec_features, triton_features
+
+
+def _values():
+    base = torch.empty(64, dtype=torch.float32)
+    ints = [0, 1, 2, 15, 16, 17, 32, -1, -16, -17, 2 ** 31 - 16, 2 ** 31 - 1, 2 ** 31, 2 ** 31 + 1, -2 ** 31,
+            -2 ** 31 - 1, -2 ** 31 - 16, 2 ** 32, 2 ** 63 - 1, 2 ** 63, 2 ** 63 + 16, -2 ** 63, 2 ** 64 - 1]
+    tensors = [base, base[1:], base[4:], base.to(torch.bfloat16), base.to(torch.bfloat16)[8:],
+               base.to(torch.bfloat16)[1:], torch.empty(8, dtype=torch.int32), torch.empty(8, dtype=torch.int64)[1:]]
+    return ints + [0.0, 1.0, 2.5, -3.0, True, False, None] + tensors
+
+
+def test_equal_features_mean_equal_triton_specialisation():
+    values = _values()
+    for a, b in itertools.product(values, repeat=2):
+        if spec_features((a,)) == spec_features((b,)):
+            assert triton_features((a,)) == triton_features((b,)), (a, b)
+
+
+def test_features_separate_what_triton_separates():
+    # the refinement is not vacuous: distinct Triton classes get distinct features
+    values = _values()
+    classes = {}
+    for a in values:
+        classes.setdefault(repr(triton_features((a,))), set()).add(spec_features((a,)))
+    seen = set()
+    for feats in classes.values():
+        assert not (feats & seen)
+        seen |= feats
+    assert len(classes) >= 10
