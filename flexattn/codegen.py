@@ -407,8 +407,10 @@ def mod_function(name: str, graph: Graph | None, kind: str, prefix: str) -> str:
             lines.append(f"    return {out}.to(tl.float32)")
     else:
         lines.append(f"    return {out}")
+    # the traced graph as a comment, without the lines on captured shapes and param values:
+    # the source must depend only on the structure (it keys Triton's compile cache)
     lines.append(f"# {graph.kind}_mod {graph.fn_name}:")
-    lines += ["#   " + ln for ln in str(graph).splitlines()]
+    lines += ["#   " + ln for ln in str(graph).splitlines() if not ln.lstrip().startswith(("# buf", "# param"))]
     return "\n".join(lines) + "\n"
 
 

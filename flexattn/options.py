@@ -19,6 +19,7 @@ VALID_OPTIONS = {
     "FORCE_DECODE": "True/False: force the split-KV decode kernel on/off (default: automatic)",
     "FORCE_USE_FLEX_ATTENTION": "torch name: True disables the decode kernel",
     "DETERMINISTIC": "True: bitwise-identical gradients run to run",
+    "TIERED": "True (default): a new mask structure's first calls run through its tile-table form while its own kernels compile in the background",
     "ALLOW_TF32": "True: float32 inputs use tf32 matmuls on the GPU (default False: exact)",
     "BACKEND": "'triton' or 'cpu' (read by flex_attention's dispatch)",
     "AUTOTUNE": "True: time a few tile configs on the first call per shape bucket, keep the fastest (cached on disk)",

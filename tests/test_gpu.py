@@ -194,3 +194,36 @@ def test_cached_launch_matches_jit():
             for a, b in zip(run(*c), w):
                 assert torch.equal(a, b), c
     assert launcher._CACHE.entries
+
+
+def test_tiered_new_mask_structure():
+    """A new mask structure's first call runs through the tile-table kernels (compiled in
+    the background after an earlier new mask), its own kernels compile in the background,
+    and the calls after that - through its own kernels - give the same bits."""
+    import flexattn
+    from flexattn.kernels import tiered
+    from flexattn.reference import reference_attention
+
+    def strided(d):
+        return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & ((q_idx - kv_idx) % d != d - 1)
+    q, k, v = make_qkv(B=2, Hq=4, L=384, S=384, E=64, dtype=torch.bfloat16, device=DEV, seed=3)
+    go = torch.randn_like(q)
+
+    def run(mask):
+        out = flexattn.flex_attention(q, k, v, block_mask=flexattn.create_block_mask(mask, None, None, 384, 384,
+                                                                                       device=DEV))
+        return [out, *torch.autograd.grad(out, [q, k, v], go)]
+    run(strided(97))  # compiles its own kernels now, the tile form's in the background
+    tiered.wait()
+    submitted = len(tiered._submitted)
+    first = run(strided(89))
+    assert len(tiered._submitted) == submitted + 3  # fwd, dq, dk/dv of the new mask sent to compile
+    tiered.wait()
+    again = run(strided(89))
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    qr, kr, vr = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    ro, _ = reference_attention(qr, kr, vr, None, strided(89))
+    q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    g64, _ = reference_attention(q64, k64, v64, None, strided(89))
+    assert_close_to_golden("out", first[0], ro, g64)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -26,7 +26,8 @@ from ..autodiff import grad_slots as buffer_grad_slots
 from ..options import check_option_keys
 from .forward import FWD_TEMPLATE
 from .backward import BWD_TEMPLATE
-from .launcher import launch_cached
+from . import tiered
+from .launcher import launch_cached, next_pow2, cdiv
 
 LOG2E = 1.4426950408889634
 
@@ -71,8 +72,9 @@ def check_kernel_options(kernel_options) -> dict:
     for key in ("num_stages", "bwd_num_stages", "decode_num_stages"):
         if key in opts and (not isinstance(opts[key], int) or not 1 <= opts[key] <= 6):
             raise ValueError(f"kernel_options[{key!r}] must be an int in 1..6, got {opts[key]!r}")
-    if "AUTOTUNE" in opts and not isinstance(opts["AUTOTUNE"], bool):
-        raise ValueError(f"kernel_options['AUTOTUNE'] must be True or False, got {opts['AUTOTUNE']!r}")
+    for key in ("AUTOTUNE", "TIERED"):
+        if key in opts and not isinstance(opts[key], bool):
+            raise ValueError(f"kernel_options[{key!r}] must be True or False, got {opts[key]!r}")
     return opts
 
 
@@ -120,7 +122,7 @@ def validate(q, k, v, score_graph, mask_graph, block_mask) -> None:
 # ---- configs -------------------------------------------------------------------------
 
 def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_pow2(n))
 
 
 def _device_key(device: torch.device) -> str:
@@ -192,7 +194,7 @@ _BWD_OVERRIDE: dict = {}
 
 def _fit(tile: int, block: int, length: int) -> int:
     """Largest power-of-two tile <= the requested one that divides the BlockMask block."""
-    tile = min(tile, block, max(16, triton.next_power_of_2(length)))
+    tile = min(tile, block, max(16, next_pow2(length)))
     while block % tile:
         tile //= 2
     return max(tile, 16)
@@ -371,6 +373,17 @@ class Plan:
     grad_slots: tuple
     score_bufs: list  # the captured tensors the kernels read (the graphs' by default)
     mask_bufs: list
+    tiering: tuple | None = None  # ("compile", other plan): see kernels.tiered
+    modules: dict = field(default_factory=dict)  # kind -> generated module, memo of plan_module
+
+
+def plan_module(plan: Plan, kind: str):
+    """The generated module of `kind` ("fwd", "bwd", "decode") for the plan's mods."""
+    mod = plan.modules.get(kind)
+    if mod is None:
+        mod = plan.modules[kind] = _module(kind, plan.score_graph, plan.mask_graph,
+                                           list(plan.grad_slots) if kind == "bwd" else None)
+    return mod
 
 
 def _dot_precision(dtype, opts) -> str:
@@ -438,11 +451,11 @@ def forward(plan: Plan, q, k, v, return_lse: bool = True, cfg=None):
     blk = plan.blocks
     out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
-    mod = _module("fwd", plan.score_graph, plan.mask_graph)
+    mod = plan_module(plan, "fwd")
     full_num = blk.full_kv_num if blk.has_full else blk.kv_num
     full_idx = blk.full_kv_idx if blk.has_full else blk.kv_idx
     drop_scale, lo, hi, thr = _dropout_args(plan)
-    grid = (triton.cdiv(L, bm_), B * Hq)
+    grid = (cdiv(L, bm_), B * Hq)
     args = (
         q, k, v, out, lse, blk.kv_num, blk.kv_idx, full_num, full_idx,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -503,7 +516,7 @@ def backward(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
             sbufs[s] = sbufs[s].contiguous()
     sg = plan.score_graph
     sargs = codegen.buffer_args(sg, sbufs)
-    mod = _module("bwd", plan.score_graph, plan.mask_graph, list(grad_slots))
+    mod = plan_module(plan, "bwd")
     drop_scale, lo, hi, thr = _dropout_args(plan)
     common = dict(GQA_GROUP=Hq // Hkv, HAS_FULL=blk.has_full, HAS_SCORE_MOD=sg is not None,
                   HAS_DROPOUT=plan.dropout_p > 0,
@@ -516,7 +529,7 @@ def backward(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
     margs = codegen.buffer_args(plan.mask_graph, plan.mask_bufs)
     full_num = blk.full_kv_num if blk.has_full else blk.kv_num
     full_idx = blk.full_kv_idx if blk.has_full else blk.kv_idx
-    launch(mod.flex_bwd_dq, (triton.cdiv(L, m2), B * Hq), (
+    launch(mod.flex_bwd_dq, (cdiv(L, m2), B * Hq), (
         q, k, v, dout, dq, lse2, delta, blk.kv_num, blk.kv_idx, full_num, full_idx,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         *_bm_strides(blk.kv_num, blk.kv_idx), *_bm_strides(full_num, full_idx),
@@ -525,7 +538,7 @@ def backward(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
     fq_num = blk.full_q_num if blk.has_full else blk.q_num
     fq_idx = blk.full_q_idx if blk.has_full else blk.q_idx
     # dk/dv: the kv tile fixes the grid, so a shared-memory fallback shrinks the q tile
-    launch(mod.flex_bwd_dkdv, (triton.cdiv(S, n1), B * Hkv), (
+    launch(mod.flex_bwd_dkdv, (cdiv(S, n1), B * Hkv), (
         q, k, v, dout, dk, dv, lse2, delta, blk.q_num, blk.q_idx, fq_num, fq_idx,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         *_bm_strides(blk.q_num, blk.q_idx), *_bm_strides(fq_num, fq_idx),
@@ -552,6 +565,8 @@ class _FlexTriton(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv, buf_grads = backward(plan, q, k, v, out, lse, dout, dlse, score_bufs)
+        tiered.after_launch("bwd", plan, lambda other: _captured(backward, other, q, k, v, out, lse, dout, dlse,
+                                                                score_bufs))
         grads = [None] * len(score_bufs)
         for s, g in zip(plan.grad_slots, buf_grads):
             grads[s] = g
@@ -560,9 +575,17 @@ class _FlexTriton(torch.autograd.Function):
 
 def _run_forward(plan, q, k, v):
     from .decode import use_decode, decode_forward
-    if use_decode(plan, q, v):
-        return decode_forward(plan, q, k, v)
-    return forward(plan, q, k, v)
+    run, kind = (decode_forward, "decode") if use_decode(plan, q, v) else (forward, "fwd")
+    out, lse = run(plan, q, k, v)
+    tiered.after_launch(kind, plan, lambda other: _captured(run, other, q, k, v))
+    return out, lse
+
+
+def _captured(fn, *args) -> list:
+    """The launches `fn(*args)` makes, recorded instead of run."""
+    with tiered.capture() as launches:
+        fn(*args)
+    return launches
 
 
 def make_plan(q, k, v, *, score_graph, mask_graph, block_mask, scale, kernel_options,
@@ -597,6 +620,9 @@ def flex_attention_triton(q, k, v, *, score_graph=None, mask_graph=None, block_m
     score_bufs = list(score_graph.buffers) if score_graph is not None else []
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                               or any(t.requires_grad for t in score_bufs))
+    from .decode import use_decode
+    kinds = ("decode" if use_decode(plan, q, v) else "fwd",) + (("bwd",) if needs_grad else ())
+    plan = tiered.route(plan, kinds, block_mask, q.device)
     if needs_grad:
         out, lse = _FlexTriton.apply(plan, q, k, v, *score_bufs)
     else:

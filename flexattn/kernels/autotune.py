@@ -41,6 +41,7 @@ import torch
 import triton
 
 from .. import codegen
+from .launcher import next_pow2
 from .. import kernels as K  # attribute access at call time: K.forward / K.backward run the candidates
 
 CACHE_FILE = "autotune.json"
@@ -308,7 +309,7 @@ def _valid_config(entry, n: int):
 # ---- keys -----------------------------------------------------------------------------
 
 def _bucket(n: int) -> int:
-    return triton.next_power_of_2(n)
+    return next_pow2(n)
 
 
 def _memo_key(kind: str, plan: "K.Plan", q, v) -> tuple:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 DECODE_MAX_Q = 16
 
@@ -143,8 +142,8 @@ def _sm_count(index: int) -> int:  # asked on every call: the property query is 
 
 
 def decode_forward(plan, q, k, v):
-    from . import _module, _pow2, _dot_precision, LOG2E, _device_key
-    from .launcher import launch_cached
+    from . import plan_module, _pow2, _dot_precision, LOG2E, _device_key
+    from .launcher import launch_cached, next_pow2, cdiv
     from ..codegen import buffer_args
     B, Hq, L, E = q.shape
     _, Hkv, S, Ev = v.shape
@@ -154,7 +153,7 @@ def decode_forward(plan, q, k, v):
     # pack the GQA group when its heads share the block lists (BlockMask H of 1)
     pack = G > 1 and blk.kv_num.stride(1) == 0 and G * L <= 128
     rows = G * L if pack else L
-    block_m = max(16, triton.next_power_of_2(rows))
+    block_m = max(16, next_pow2(rows))
     block_n = o.get("decode_BLOCK_N", 64 if q.device.type == "cuda" else 32)
     block_n = min(block_n, blk.block[1])
     while blk.block[1] % block_n:
@@ -163,11 +162,11 @@ def decode_forward(plan, q, k, v):
     n_sm = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
         if q.device.type == "cuda" else 4
     max_tiles = blk.kv_idx.shape[-1] * (blk.block[1] // block_n)
-    splits = o.get("decode_SPLITS", max(1, min(triton.cdiv(2 * n_sm, base), max_tiles, 64)))
+    splits = o.get("decode_SPLITS", max(1, min(cdiv(2 * n_sm, base), max_tiles, 64)))
     acc = torch.empty(B, Hq, splits, L, Ev, dtype=torch.float32, device=q.device)
     m = torch.empty(B, Hq, splits, L, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
-    mod = _module("decode", plan.score_graph, plan.mask_graph)
+    mod = plan_module(plan, "decode")
     full_num = blk.full_kv_num if blk.has_full else blk.kv_num
     full_idx = blk.full_kv_idx if blk.has_full else blk.kv_idx
     dk = _device_key(q.device)

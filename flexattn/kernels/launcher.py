@@ -19,29 +19,31 @@ from __future__ import annotations
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
-_INT32 = (-2 ** 31, 2 ** 31)
-_INT64 = (-2 ** 63, 2 ** 63)
+_I32_LO, _I32_HI = -2 ** 31, 2 ** 31 - 1
+_I64_LO, _I64_HI = -2 ** 63, 2 ** 63 - 1
 _MAX_ENTRIES = 4096  # distinct (kernel, shape-class) keys kept; cleared when full
+
+
+def cdiv(a: int, b: int) -> int:
+    """triton.cdiv in plain Python (the same reason as next_pow2)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """triton.next_power_of_2 in plain Python: Triton's is a constexpr_function, whose call
+    costs ~5 us on the GPU host - and the launch path asks it a dozen times per call."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def spec_features(args) -> tuple:
     """What Triton's launch specialisation depends on, per argument: a tensor's dtype and
     16-byte alignment; an int's being 1 (it becomes a constexpr), its divisibility by 16
-    and its width (i32 / i64 / u64); for anything else (float, bool, None) its type."""
-    out = []
-    for a in args:
-        t = type(a)
-        if t is int:
-            if a == 1:
-                out.append(-1)
-            else:
-                width = 0 if _INT32[0] <= a < _INT32[1] else 2 if _INT64[0] <= a < _INT64[1] else 4
-                out.append(width + (a % 16 == 0))
-        elif isinstance(a, torch.Tensor):
-            out.append((a.dtype, a.data_ptr() % 16 == 0))
-        else:
-            out.append(t)
-    return tuple(out)
+    and its width (i32 / i64 / u64); for anything else (float, bool, None) its type.
+    One comprehension, no calls per argument: this runs on every launch."""
+    return tuple([
+        (-1 if a == 1 else (a % 16 == 0) + (0 if _I32_LO <= a <= _I32_HI else 2 if _I64_LO <= a <= _I64_HI else 4))
+        if type(a) is int else (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else type(a)
+        for a in args])
 
 
 class _Cache:
@@ -64,11 +66,18 @@ class _Cache:
 
 _CACHE = _Cache()
 
+# flexattn.kernels.tiered.capture pushes a list here: launches are then recorded in it
+# (kernel, grid, args, kwargs) instead of run
+CAPTURE: list = []
+
 
 def launch_cached(kernel, grid, args, kwargs):
     """`kernel[grid](*args, **kwargs)`, through the compiled kernel's own launcher when this
     (kernel, device, kwargs, argument features) was launched before. Returns what the JIT
     returned (a CompiledKernel; None under the interpreter)."""
+    if CAPTURE:
+        CAPTURE[-1].append((kernel, grid, args, kwargs))
+        return None
     if not _CACHE.enabled or isinstance(kernel, InterpretedFunction) or _CACHE.hooks_set():
         return kernel[grid](*args, **kwargs)
     device = torch.cuda.current_device()
@@ -80,6 +89,8 @@ def launch_cached(kernel, grid, args, kwargs):
                _CACHE._stream(device), ck.function, ck.packed_metadata, None, None, None, *args, *tail)
         return ck
     ck = kernel[grid](*args, **kwargs)
+    from .tiered import note_launched
+    note_launched(kernel)
     if ck is not None and hasattr(ck, "packed_metadata") and getattr(ck, "function", None) is not None:
         # the launcher takes every parameter in signature order (constexprs too, ignored):
         # the ones after the positionals come from kwargs or their defaults

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launcher import launch_cached
+from .launcher import launch_cached, next_pow2, cdiv
 
 LOG2E = 1.4426950408889634
 
@@ -49,9 +49,9 @@ def bwd_prep(out, dout, lse, dlse):
     lse = lse if lse.is_contiguous() else lse.contiguous()
     if dlse is not None and not dlse.is_contiguous():
         dlse = dlse.contiguous()
-    dpad = max(16, triton.next_power_of_2(Dv))
+    dpad = max(16, next_pow2(Dv))
     block = max(16, min(128, 8192 // dpad))
-    launch_cached(_bwd_prep, (triton.cdiv(L, block), B * H), (
+    launch_cached(_bwd_prep, (cdiv(L, block), B * H), (
         out, dout, lse, dlse if dlse is not None else lse, delta, lse2, *out.stride(), *dout.stride(), H, L),
         dict(V_HEAD=Dv, V_HEAD_PAD=dpad, BLOCK=block, HAS_DLSE=dlse is not None, num_warps=4))
     return delta, lse2
@@ -94,6 +94,6 @@ def decode_merge(acc, m, l, dtype):
     out = torch.empty(B, H, QL, Dv, dtype=dtype, device=acc.device)
     lse = torch.empty(B, H, QL, dtype=torch.float32, device=acc.device)
     launch_cached(_decode_merge, (B * H * QL,), (acc, m, l, out, lse, P, *out.stride(), H, QL),
-                  dict(V_HEAD=Dv, V_HEAD_PAD=max(16, triton.next_power_of_2(Dv)),
-                       SPLITS_PAD=max(2, triton.next_power_of_2(P)), num_warps=4))
+                  dict(V_HEAD=Dv, V_HEAD_PAD=max(16, next_pow2(Dv)),
+                       SPLITS_PAD=max(2, next_pow2(P)), num_warps=4))
     return out, lse

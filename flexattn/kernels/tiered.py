@@ -1,0 +1,152 @@
+"""Tiered compilation: a new mask structure's first calls run at once, through the mask's
+tile-table form (flexattn.mask_tiles), while the mask's own kernels compile in a
+background thread; once those are compiled the calls switch to them.
+
+A mask_mod is compiled into the kernels. New numbers in a mask (a window width) and new
+values in its captured tensors (a document layout) are kernel arguments and never
+recompile, but a new mask *expression* costs a Triton compile before its first output
+(1.3-1.6 s on the lent H200's host). The tile-table form reads the mask from a table built
+by evaluating mask_mod once on every partial block; its kernels depend only on the block
+sizes and on which of b, h the mask reads, so they are compiled once and serve every mask.
+Both forms place -inf at exactly the same positions and run the same kernel template, so
+the results are the same bits (tests/test_tiered.py).
+
+Per call (`route`), for the kernels the call needs (forward or decode; backward too when
+it needs gradients):
+* the mask's own kernels compiled (launched before, or compiled in the background): use them;
+* else, if the tile-table kernels are compiled and the table fits: use the tile-table form,
+  and after the launch compile the mask's own kernels in the background (`after_launch`);
+* else: the mask's own kernels, compiled now (as without tiering), and after the launch the
+  tile-table kernels are compiled in the background, so that the next new mask is instant.
+
+GPU only (the interpreter compiles nothing); off with kernel_options={"TIERED": False} and
+under AUTOTUNE (which times the mask's own kernels).
+`wait()` blocks until the background compiles are done. A background compile that fails
+marks its kernels ready, so the next call compiles them in the foreground and raises the
+error where it belongs.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+
+import torch
+
+from .. import codegen
+from . import launcher
+
+# kind -> the kernel names of its generated module
+_KERNELS = {"fwd": ("flex_fwd",), "decode": ("flex_decode",), "bwd": ("flex_bwd_dq", "flex_bwd_dkdv")}
+
+_lock = threading.Lock()
+_compiled: set = set()       # ids of JIT kernels compiled (launched, or warmed in the background)
+_submitted: set = set()      # ids of JIT kernels with a background compile submitted
+_futures: list[Future] = []
+_pool: ThreadPoolExecutor | None = None
+_kept: list = []             # the kernels behind the ids above (ids stay unique while kept)
+
+
+def note_launched(kernel) -> None:
+    """Called after every successful launch of a generated kernel."""
+    if id(kernel) not in _compiled:
+        with _lock:
+            _compiled.add(id(kernel))
+            _kept.append(kernel)
+
+
+def _kernels(kind, plan):
+    from . import plan_module
+    mod = plan_module(plan, kind)
+    return [getattr(mod, name) for name in _KERNELS[kind]]
+
+
+def _ready(kind, plan) -> bool:
+    return all(id(k) in _compiled for k in _kernels(kind, plan))
+
+
+def route(plan, kinds, block_mask, device):
+    """The plan the call runs: `plan` itself, or its tile-table form with `plan.tiering`
+    saying what to compile in the background after the launch."""
+    if (plan.mask_graph is None or block_mask is None or device.type != "cuda"
+            or not plan.opts.get("TIERED", True) or plan.opts.get("AUTOTUNE")
+            or all(_ready(k, plan) for k in kinds)):
+        return plan
+    from ..mask_tiles import tile_table_form
+    form = tile_table_form(block_mask)
+    if form is None:
+        return plan
+    graph = codegen.kernel_graph(form.mask_graph)
+    tiled = replace(plan, mask_graph=graph, mask_bufs=list(graph.buffers), tiering=None, modules={})
+    if all(_ready(k, tiled) for k in kinds):
+        return replace(tiled, tiering=("compile", plan))   # run tiled; compile the mask's own
+    return replace(plan, tiering=("compile", tiled))       # run the mask's own; warm tiled
+
+
+def after_launch(kind, plan, capture_launches) -> None:
+    """After `plan` launched the kernels of `kind`: compile the other form's kernels of
+    `kind` in the background. `capture_launches(other_plan)` runs the launch path of
+    `other_plan` with launches recorded instead of run, and returns them."""
+    if plan.tiering is None:
+        return
+    other = plan.tiering[1]
+    todo = [k for k in _kernels(kind, other) if id(k) not in _compiled and id(k) not in _submitted]
+    if not todo:
+        return
+    launches = [l for l in capture_launches(other) if l[0] in todo]
+    with _lock:
+        _submitted.update(id(k) for k in todo)
+        _kept.extend(todo)
+    device = torch.cuda.current_device()
+    _futures.append(_executor().submit(_compile, device, launches, todo))
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="flexattn-compile")
+    return _pool
+
+
+class _ArgStub:
+    """Stands in for a tensor argument at compile time: what the JIT specialises on (dtype,
+    16-byte alignment), without keeping the tensor alive."""
+
+    def __init__(self, t: torch.Tensor):
+        self.dtype = t.dtype
+        self._ptr = t.data_ptr() % 16
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+
+def _compile(device, launches, kernels) -> None:
+    try:
+        with torch.cuda.device(device):
+            for kernel, grid, args, kwargs in launches:
+                stubs = [_ArgStub(a) if isinstance(a, torch.Tensor) else a for a in args]
+                kernel.warmup(*stubs, grid=grid, **kwargs)
+    finally:
+        # failed or not, the kernels count as compiled: a failure then recurs in the
+        # foreground, at the call that needs them, with its error
+        with _lock:
+            _compiled.update(id(k) for k in kernels)
+
+
+def wait() -> None:
+    """Block until every background compile has finished."""
+    while _futures:
+        _futures.pop(0).exception()  # waits; a failure resurfaces in the foreground (_compile)
+
+
+class capture:
+    """Context: launches through `launcher.launch_cached` are recorded, not run."""
+
+    def __enter__(self):
+        self.launches = []
+        launcher.CAPTURE.append(self.launches)
+        return self.launches
+
+    def __exit__(self, *exc):
+        launcher.CAPTURE.pop()
+        return False

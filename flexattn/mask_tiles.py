@@ -1,0 +1,99 @@
+"""The tile-table form of a BlockMask: its mask_mod evaluated once, exactly, on every
+partial block, and read back by a lookup whose structure does not depend on the mask.
+
+    tiles [P + 1, Q_BLOCK, KV_BLOCK] int8   tiles[s] = the mask on partial block s (tile 0:
+                                            all false, for blocks that are not partial)
+    slots [Bs, Hs, nQ, nKV] int32           slots[b, h, i, j] = s for partial block (i, j)
+
+    tile_lookup(b, h, q_idx, kv_idx) =
+        tiles[slots[b, h, q_idx // Q_BLOCK, kv_idx // KV_BLOCK], q_idx % Q_BLOCK, kv_idx % KV_BLOCK] != 0
+
+(b, h read as literal 0 where the mask does not depend on them.) On every partial block the
+lookup equals mask_mod, and kernels evaluate a mask only on partial blocks, so attention
+with `tile_table_form(bm)` gives bit for bit the result with `bm`. The lookup's IR - and so
+its kernels - depends only on the block sizes and which of b, h it reads: one compiled
+kernel serves every mask. `flexattn.kernels.tiered` runs a new mask structure's first
+calls through it while the mask's own kernels compile.
+
+Memory: Q_BLOCK * KV_BLOCK bytes per partial block (16 KiB at 128 x 128) plus 4 bytes per
+block; `tile_table_form` returns None past `max_bytes`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .block_mask import BlockMask
+from .evaluate import evaluate
+from .trace import trace_mask
+
+DEFAULT_MAX_BYTES = 256 * 2 ** 20
+_TILE_BATCH_ELEMS = 1 << 24  # positions evaluated per batch of partial blocks
+
+
+def _tile_lookup_mod(slots: torch.Tensor, tiles: torch.Tensor, qb: int, kvb: int, uses_b: bool, uses_h: bool):
+    if uses_b and uses_h:
+        def tile_lookup(b, h, q_idx, kv_idx):
+            return tiles[slots[b, h, q_idx // qb, kv_idx // kvb], q_idx % qb, kv_idx % kvb] != 0
+    elif uses_b:
+        def tile_lookup(b, h, q_idx, kv_idx):
+            return tiles[slots[b, 0, q_idx // qb, kv_idx // kvb], q_idx % qb, kv_idx % kvb] != 0
+    elif uses_h:
+        def tile_lookup(b, h, q_idx, kv_idx):
+            return tiles[slots[0, h, q_idx // qb, kv_idx // kvb], q_idx % qb, kv_idx % kvb] != 0
+    else:
+        def tile_lookup(b, h, q_idx, kv_idx):
+            return tiles[slots[0, 0, q_idx // qb, kv_idx // kvb], q_idx % qb, kv_idx % kvb] != 0
+    return tile_lookup
+
+
+def tile_table_form(block_mask: BlockMask, max_bytes: int = DEFAULT_MAX_BYTES) -> Optional[BlockMask]:
+    """`block_mask` with its mask_mod replaced by the tile lookup (same block lists, same
+    results); None when it has no traced mask or its tiles would pass `max_bytes`.
+    Cached on the BlockMask."""
+    cached = block_mask.__dict__.get("_flexattn_tile_form")
+    if cached is not None and cached[0] == max_bytes:
+        return cached[1]
+    form = _build(block_mask, max_bytes)
+    block_mask.__dict__["_flexattn_tile_form"] = (max_bytes, form)
+    return form
+
+
+def _build(bm: BlockMask, max_bytes: int) -> Optional[BlockMask]:
+    graph = bm.mask_graph
+    if graph is None:
+        return None
+    qb, kvb = bm.BLOCK_SIZE
+    Q_LEN, KV_LEN = bm.seq_lengths
+    Bb, Hb, nq = bm.kv_num_blocks.shape
+    nkv = bm.kv_indices.shape[-1]
+    uses_b, uses_h = graph.uses("b"), graph.uses("h")
+    Bs, Hs = (Bb if uses_b else 1), (Hb if uses_h else 1)
+    dev = bm.kv_num_blocks.device
+    num = bm.kv_num_blocks[:Bs, :Hs].to(torch.int64)
+    n_partial = int(num.sum())
+    if (n_partial + 1) * qb * kvb + Bs * Hs * nq * nkv * 4 > max_bytes:
+        return None
+    # the partial blocks, in row-major (b, h, i, j-th listed) order: block s + 1 of the table
+    listed = torch.arange(nkv, device=dev).view(1, 1, 1, nkv) < num[..., None]
+    b_i, h_i, q_i, j_i = torch.nonzero(listed, as_tuple=True)
+    kv_i = bm.kv_indices[:Bs, :Hs][b_i, h_i, q_i, j_i].to(torch.int64)
+    slots = torch.zeros(Bs, Hs, nq, nkv, dtype=torch.int32, device=dev)
+    slots[b_i, h_i, q_i, kv_i] = torch.arange(1, n_partial + 1, dtype=torch.int32, device=dev)
+    tiles = torch.zeros(n_partial + 1, qb, kvb, dtype=torch.int8, device=dev)
+    ar_q = torch.arange(qb, dtype=torch.int32, device=dev)
+    ar_kv = torch.arange(kvb, dtype=torch.int32, device=dev)
+    per = max(1, _TILE_BATCH_ELEMS // (qb * kvb))
+    for s in range(0, n_partial, per):
+        e = min(n_partial, s + per)
+        q = (q_i[s:e].to(torch.int32) * qb)[:, None, None] + ar_q[None, :, None]
+        kv = (kv_i[s:e].to(torch.int32) * kvb)[:, None, None] + ar_kv[None, None, :]
+        # padding positions are evaluated at a clamped index (captured tensors sized to the
+        # lengths stay in bounds) and stored false
+        m = evaluate(graph, b=b_i[s:e].to(torch.int32)[:, None, None], h=h_i[s:e].to(torch.int32)[:, None, None],
+                     q_idx=q.clamp(max=Q_LEN - 1), kv_idx=kv.clamp(max=KV_LEN - 1))
+        tiles[s + 1:e + 1] = (m & (q < Q_LEN) & (kv < KV_LEN)).to(torch.int8)
+    lookup = _tile_lookup_mod(slots, tiles, qb, kvb, uses_b, uses_h)
+    return BlockMask(*(getattr(bm, a) for a in BlockMask._TENSOR_ATTRS), BLOCK_SIZE=bm.BLOCK_SIZE,
+                     mask_mod=lookup, seq_lengths=bm.seq_lengths, mask_graph=trace_mask(lookup))

@@ -1,0 +1,142 @@
+"""The tile-table form of a BlockMask (flexattn.mask_tiles) and the tiered-compilation
+policy that uses it (flexattn.kernels.tiered).
+
+The tile-table form must give attention bit for bit equal to the mask's own: on the CPU
+path, and through the generated kernels under TRITON_INTERPRET=1 (a subprocess, as in
+test_kernels_interpret.py). The policy (which form a call runs, what compiles in the
+background) is checked on CPU by asking it about a CUDA device; the GPU run itself is
+tests/test_gpu.py::test_tiered_new_mask_structure.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flexattn
+from flexattn.mask_tiles import tile_table_form
+from mods_zoo import ZOO_NAMES, make_mod
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MASKED = [n for n in ZOO_NAMES if make_mod(n, B=1, H=1, L=16, S=16, device="cpu").mask_mod is not None]
+
+
+@pytest.mark.parametrize("name", MASKED)
+@pytest.mark.parametrize("B,H,L,S,block", [(2, 3, 200, 333, 64), (1, 2, 129, 1000, 128)])
+def test_tile_form_same_bits_cpu(name, B, H, L, S, block):
+    m = make_mod(name, B=B, H=H, L=L, S=S, device="cpu", requires_grad=True)
+    bm = flexattn.create_block_mask(m.mask_mod, B, H, L, S, BLOCK_SIZE=block)
+    form = tile_table_form(bm)
+    assert torch.equal(form.to_dense(), bm.to_dense())
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, 32, generator=g).requires_grad_() for n in (L, S, S))
+    outs = []
+    for mask in (bm, form):
+        out, lse = flexattn.flex_attention(q, k, v, score_mod=m.score_mod, block_mask=mask, return_lse=True)
+        ins = [q, k, v] + list(m.captured.values())
+        outs.append([out, lse, *torch.autograd.grad(out, ins, torch.ones_like(out), allow_unused=True)])
+    for a, b in zip(*outs):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_tile_form_table_contents_and_limits():
+    causal = lambda b, h, q, kv: q >= kv  # noqa: E731
+    bm = flexattn.create_block_mask(causal, None, None, 300, 300, BLOCK_SIZE=128)
+    form = tile_table_form(bm)
+    slots, tiles = form.mask_graph.buffers
+    # partial: the diagonal, and the last block row (it holds padding rows), numbered row by
+    # row from 1; tile 0 stays empty
+    assert tiles.shape == (6, 128, 128) and not tiles[0].any()
+    assert slots[0, 0].tolist() == [[1, 0, 0], [0, 2, 0], [3, 4, 5]]
+    assert torch.equal(tiles[5][:44, :44].bool(), torch.ones(44, 44, dtype=torch.bool).tril())
+    assert not tiles[5][44:].any() and not tiles[5][:, 44:].any()  # padding is false
+    assert tiles[3][:44].all() and not tiles[3][44:].any()
+    assert tile_table_form(bm) is form  # cached on the BlockMask
+    assert tile_table_form(bm, max_bytes=1000) is None  # 6 tiles of 16 KiB do not fit
+    dense = flexattn.BlockMask.from_kv_blocks(bm.kv_num_blocks, bm.kv_indices)
+    assert tile_table_form(dense) is None  # no traced mask: nothing to tabulate
+
+
+def test_tile_form_one_kernel_source_for_every_mask():
+    from flexattn.kernels import generated_source
+    masks = [lambda b, h, q, kv: q >= kv, lambda b, h, q, kv: (q - kv) % 7 != 3,
+             lambda b, h, q, kv: (kv < 64) | ((q // 32) == (kv // 32))]
+    sources = set()
+    for mask in masks:
+        form = tile_table_form(flexattn.create_block_mask(mask, None, None, 256, 256))
+        sources.add(generated_source(None, form.mask_graph, "fwd"))
+    assert len(sources) == 1
+
+
+def test_policy_routes_new_structures_through_the_tile_form(monkeypatch):
+    from flexattn.kernels import make_plan, plan_module, tiered
+    for name in ("_compiled", "_submitted"):
+        monkeypatch.setattr(tiered, name, set())
+    mask = lambda b, h, q, kv: (q >= kv) & ((q - kv) % 11 != 5)  # noqa: E731
+    bm = flexattn.create_block_mask(mask, None, None, 256, 256)
+    q = k = v = torch.randn(1, 2, 256, 64)
+    cuda = torch.device("cuda")
+    plan = make_plan(q, k, v, score_graph=None, mask_graph=bm.mask_graph, block_mask=bm, scale=None,
+                     kernel_options={})
+
+    def mark_compiled(p, kinds):
+        for kind in kinds:
+            mod = plan_module(p, kind)
+            for n in tiered._KERNELS[kind]:
+                tiered.note_launched(getattr(mod, n))
+
+    # nothing compiled: the mask's own kernels now, the tile form's to warm afterwards
+    first = tiered.route(plan, ("fwd", "bwd"), bm, cuda)
+    assert first.mask_graph is plan.mask_graph and first.tiering[1].mask_graph.buffers[1].dtype == torch.int8
+    # tile form compiled (forward and backward): a new structure runs through it
+    mark_compiled(first.tiering[1], ("fwd", "bwd"))
+    routed = tiered.route(plan, ("fwd", "bwd"), bm, cuda)
+    assert routed.mask_graph.buffers[1].dtype == torch.int8 and routed.tiering[1] is plan
+    # only its forward compiled: a call that needs gradients does not take the tile form
+    monkeypatch.setattr(tiered, "_compiled", set())
+    mark_compiled(first.tiering[1], ("fwd",))
+    assert tiered.route(plan, ("fwd", "bwd"), bm, cuda).mask_graph is plan.mask_graph
+    assert tiered.route(plan, ("fwd",), bm, cuda).tiering[1] is plan
+    # the mask's own compiled: the plan itself, nothing more to do
+    mark_compiled(plan, ("fwd",))
+    assert tiered.route(plan, ("fwd",), bm, cuda) is plan
+    # CPU tensors, TIERED off, AUTOTUNE on: never tiered
+    off = make_plan(q, k, v, score_graph=None, mask_graph=bm.mask_graph, block_mask=bm, scale=None,
+                    kernel_options={"TIERED": False})
+    assert tiered.route(off, ("bwd",), bm, cuda) is off
+    assert tiered.route(plan, ("bwd",), bm, torch.device("cpu")) is plan
+    with pytest.raises(ValueError, match="TIERED"):
+        make_plan(q, k, v, score_graph=None, mask_graph=bm.mask_graph, block_mask=bm, scale=None,
+                  kernel_options={"TIERED": 1})
+
+
+_INTERPRET_CHECK = r'''
+import torch, flexattn
+from flexattn.mask_tiles import tile_table_form
+from mods_zoo import make_mod
+for name, (L, S) in [("document", (96, 160)), ("natten_2d", (64, 64)), ("rel_bias", (80, 48))]:
+    m = make_mod(name, B=2, H=2, L=L, S=S, device="cpu", requires_grad=True)
+    bm = flexattn.create_block_mask(m.mask_mod, 2, 2, L, S, BLOCK_SIZE=32)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, n, 32, generator=g).to(torch.float16).requires_grad_() for n in (L, S, S))
+    res = []
+    for mask in (bm, tile_table_form(bm)):
+        out = flexattn.flex_attention(q, k, v, score_mod=m.score_mod, block_mask=mask,
+                                      kernel_options={"BACKEND": "triton"})
+        res.append([out, *torch.autograd.grad(out, [q, k, v], torch.ones_like(out))])
+    for a, b in zip(*res):
+        assert torch.equal(a, b), name
+print("OK")
+'''
+
+
+def test_tile_form_same_bits_interpreted_kernels():
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _INTERPRET_CHECK], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert "OK" in proc.stdout, proc.stdout + proc.stderr
