@@ -10,7 +10,8 @@ partial block, and read back by a lookup whose structure does not depend on the 
 
 (b, h read as literal 0 where the mask does not depend on them.) On every partial block the
 lookup equals mask_mod, and kernels evaluate a mask only on partial blocks, so attention
-with `tile_table_form(bm)` gives bit for bit the result with `bm`. The lookup's IR - and so
+with `tile_table_form(bm)` masks exactly what `bm` masks (bit for bit the same result on
+the CPU path and in the interpreter; compiled GPU kernels may round differently). The lookup's IR - and so
 its kernels - depends only on the block sizes and which of b, h it reads: one compiled
 kernel serves every mask. `flexattn.kernels.tiered` runs a new mask structure's first
 calls through it while the mask's own kernels compile.

@@ -179,8 +179,9 @@ def test_cached_launch_matches_jit():
             q = torch.empty(q.numel() + offset, dtype=q.dtype, device=DEV)[offset:].view(q.shape).copy_(q) \
                 .detach().requires_grad_()
         bm = flexattn.create_block_mask(m.mask_mod, None, None, L, L, device=DEV)
+        # TIERED off: a new mask's first calls would otherwise run the tile-table kernels
         out = flexattn.flex_attention(q, k, v, score_mod=m.score_mod, block_mask=bm,
-                                      kernel_options={"DETERMINISTIC": det})
+                                      kernel_options={"DETERMINISTIC": det, "TIERED": False})
         return [out] + list(torch.autograd.grad(out, [q, k, v, m.captured["bias_table"]], torch.ones_like(out)))
 
     cases = [(256, 0, True), (17, 0, True), (256, 2, True), (256, 0, True), (300, 0, True), (17, 0, True)]
@@ -199,7 +200,8 @@ def test_cached_launch_matches_jit():
 def test_tiered_new_mask_structure():
     """A new mask structure's first call runs through the tile-table kernels (compiled in
     the background after an earlier new mask), its own kernels compile in the background,
-    and the calls after that - through its own kernels - give the same bits."""
+    and the calls after that run them; both under the numerics rule (the two kernels may
+    round differently: kernels.tiered)."""
     import flexattn
     from flexattn.kernels import tiered
     from flexattn.reference import reference_attention
@@ -220,10 +222,13 @@ def test_tiered_new_mask_structure():
     assert len(tiered._submitted) == submitted + 3  # fwd, dq, dk/dv of the new mask sent to compile
     tiered.wait()
     again = run(strided(89))
-    for a, b in zip(first, again):
-        assert torch.equal(a, b)
+    assert len(tiered._submitted) == submitted + 3  # its own kernels ran: nothing more to compile
     qr, kr, vr = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     ro, _ = reference_attention(qr, kr, vr, None, strided(89))
+    ref = [ro, *torch.autograd.grad(ro, [qr, kr, vr], go)]
     q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
     g64, _ = reference_attention(q64, k64, v64, None, strided(89))
-    assert_close_to_golden("out", first[0], ro, g64)
+    gold = [g64, *torch.autograd.grad(g64, [q64, k64, v64], go.double())]
+    for name, a, b, r, g in zip(["out", "dq", "dk", "dv"], first, again, ref, gold):
+        assert_close_to_golden(name + " (tile form)", a, r, g)
+        assert_close_to_golden(name + " (own kernels)", b, r, g)

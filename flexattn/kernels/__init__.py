@@ -323,8 +323,10 @@ def _fill(template: str, score_graph, mask_graph, grad_slots=None) -> str:
     src = template
     for hole, text in parts.items():
         src = src.replace(hole, text)
-    # the mods' params are plain values: no recompile when one becomes 1 or a multiple of 16
-    params = codegen.param_names(score_graph, "sb") + codegen.param_names(mask_graph, "mb")
+    # the mods' params and the captured tensors' sizes are plain values: no recompile when
+    # one becomes 1 or a multiple of 16
+    params = [n for g, p in ((score_graph, "sb"), (mask_graph, "mb"))
+              for n in codegen.param_names(g, p) + codegen.size_names(g, p)]
     if params:
         src = src.replace("@triton.jit\ndef flex_", f"@triton.jit(do_not_specialize={params!r})\ndef flex_")
     return codegen.PRELUDE + src
@@ -373,7 +375,7 @@ class Plan:
     grad_slots: tuple
     score_bufs: list  # the captured tensors the kernels read (the graphs' by default)
     mask_bufs: list
-    tiering: tuple | None = None  # ("compile", other plan): see kernels.tiered
+    tiering: tuple | None = None  # ("own" | "tile_form", the other plan): see kernels.tiered
     modules: dict = field(default_factory=dict)  # kind -> generated module, memo of plan_module
 
 

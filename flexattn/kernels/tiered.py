@@ -8,8 +8,12 @@ recompile, but a new mask *expression* costs a Triton compile before its first o
 (1.3-1.6 s on the lent H200's host). The tile-table form reads the mask from a table built
 by evaluating mask_mod once on every partial block; its kernels depend only on the block
 sizes and on which of b, h the mask reads, so they are compiled once and serve every mask.
-Both forms place -inf at exactly the same positions and run the same kernel template, so
-the results are the same bits (tests/test_tiered.py).
+Both forms place -inf at exactly the same positions and run the same kernel template: on
+the CPU path and in the interpreter the results are the same bits; compiled for a GPU the
+two kernels may round differently (the compiler fuses multiply-adds around different mask
+code), both within the numerics rule (tests/test_tiered.py, tests/test_gpu.py). So the
+first calls of a new mask can differ in the last bits from its later ones: DETERMINISTIC
+turns tiering off.
 
 Per call (`route`), for the kernels the call needs (forward or decode; backward too when
 it needs gradients):
@@ -19,8 +23,11 @@ it needs gradients):
 * else: the mask's own kernels, compiled now (as without tiering), and after the launch the
   tile-table kernels are compiled in the background, so that the next new mask is instant.
 
-GPU only (the interpreter compiles nothing); off with kernel_options={"TIERED": False} and
-under AUTOTUNE (which times the mask's own kernels).
+GPU only (the interpreter compiles nothing); off with kernel_options={"TIERED": False},
+under DETERMINISTIC (same bits call to call) and under AUTOTUNE (which times the mask's
+own kernels). The background compile competes for the host's CPU (and Python's lock) for
+a second or two: calls made meanwhile are slower. The tile form's kernels are warmed with
+and without full blocks, since a new mask structure often differs from the first in that.
 `wait()` blocks until the background compiles are done. A background compile that fails
 marks its kernels ready, so the next call compiles them in the foreground and raises the
 error where it belongs.
@@ -68,9 +75,9 @@ def _ready(kind, plan) -> bool:
 def route(plan, kinds, block_mask, device):
     """The plan the call runs: `plan` itself, or its tile-table form with `plan.tiering`
     saying what to compile in the background after the launch."""
-    if (plan.mask_graph is None or block_mask is None or device.type != "cuda"
-            or not plan.opts.get("TIERED", True) or plan.opts.get("AUTOTUNE")
-            or all(_ready(k, plan) for k in kinds)):
+    o = plan.opts
+    if (plan.mask_graph is None or block_mask is None or device.type != "cuda" or not o.get("TIERED", True)
+            or o.get("AUTOTUNE") or o.get("DETERMINISTIC") or all(_ready(k, plan) for k in kinds)):
         return plan
     from ..mask_tiles import tile_table_form
     form = tile_table_form(block_mask)
@@ -79,8 +86,8 @@ def route(plan, kinds, block_mask, device):
     graph = codegen.kernel_graph(form.mask_graph)
     tiled = replace(plan, mask_graph=graph, mask_bufs=list(graph.buffers), tiering=None, modules={})
     if all(_ready(k, tiled) for k in kinds):
-        return replace(tiled, tiering=("compile", plan))   # run tiled; compile the mask's own
-    return replace(plan, tiering=("compile", tiled))       # run the mask's own; warm tiled
+        return replace(tiled, tiering=("own", plan))        # run the tile form; compile the mask's own
+    return replace(plan, tiering=("tile_form", tiled))      # run the mask's own; warm the tile form
 
 
 def after_launch(kind, plan, capture_launches) -> None:
@@ -94,6 +101,11 @@ def after_launch(kind, plan, capture_launches) -> None:
     if not todo:
         return
     launches = [l for l in capture_launches(other) if l[0] in todo]
+    if plan.tiering[0] == "tile_form":
+        # the tile form serves masks to come: warm it with and without full blocks too (a new
+        # mask structure often has none, or the first one had none)
+        launches += [(kernel, grid, args, dict(kwargs, HAS_FULL=not kwargs["HAS_FULL"]))
+                     for kernel, grid, args, kwargs in launches if "HAS_FULL" in kwargs]
     with _lock:
         _submitted.update(id(k) for k in todo)
         _kept.extend(todo)
