@@ -329,15 +329,6 @@ def param_names(graph: Graph | None, prefix: str) -> list[str]:
     return [] if graph is None else [f"{prefix}p{slot}" for slot in range(len(graph.params))]
 
 
-def size_names(graph: Graph | None, prefix: str) -> list[str]:
-    """The captured tensors' size parameters: they only bound loads, so the kernels need
-    not be specialised on them (a new length would otherwise recompile when its size
-    changes from or to a multiple of 16)."""
-    if graph is None:
-        return []
-    return [f"{prefix}{slot}_n{d}" for slot, t in enumerate(graph.buffers) for d in range(t.dim())]
-
-
 def buffer_args(graph: Graph | None, buffers=None) -> list:
     """Launch arguments matching `buffer_params` (same order); `buffers` replaces the
     graph's captured tensors (same slots) when given."""

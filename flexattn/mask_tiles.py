@@ -1,8 +1,9 @@
 """The tile-table form of a BlockMask: its mask_mod evaluated once, exactly, on every
 partial block, and read back by a lookup whose structure does not depend on the mask.
 
-    tiles [P + 1, Q_BLOCK, KV_BLOCK] int8   tiles[s] = the mask on partial block s (tile 0:
-                                            all false, for blocks that are not partial)
+    tiles [T, Q_BLOCK, KV_BLOCK] int8       tiles[s] = the mask on partial block s (tile 0 and
+                                            the padding up to T = P + 1 rounded up to a
+                                            multiple of 16: all false)
     slots [Bs, Hs, nQ, nKV] int32           slots[b, h, i, j] = s for partial block (i, j)
 
     tile_lookup(b, h, q_idx, kv_idx) =
@@ -74,7 +75,7 @@ def _build(bm: BlockMask, max_bytes: int) -> Optional[BlockMask]:
     dev = bm.kv_num_blocks.device
     num = bm.kv_num_blocks[:Bs, :Hs].to(torch.int64)
     n_partial = int(num.sum())
-    if (n_partial + 1) * qb * kvb + Bs * Hs * nq * nkv * 4 > max_bytes:
+    if (n_partial + 16) * qb * kvb + Bs * Hs * nq * nkv * 4 > max_bytes:
         return None
     # the partial blocks, in row-major (b, h, i, j-th listed) order: block s + 1 of the table
     listed = torch.arange(nkv, device=dev).view(1, 1, 1, nkv) < num[..., None]
@@ -82,7 +83,9 @@ def _build(bm: BlockMask, max_bytes: int) -> Optional[BlockMask]:
     kv_i = bm.kv_indices[:Bs, :Hs][b_i, h_i, q_i, j_i].to(torch.int64)
     slots = torch.zeros(Bs, Hs, nq, nkv, dtype=torch.int32, device=dev)
     slots[b_i, h_i, q_i, kv_i] = torch.arange(1, n_partial + 1, dtype=torch.int32, device=dev)
-    tiles = torch.zeros(n_partial + 1, qb, kvb, dtype=torch.int8, device=dev)
+    # rows rounded up to a multiple of 16: the kernels are specialised on the captured
+    # tensors' sizes' divisibility by 16, and the tile form must be one kernel for all masks
+    tiles = torch.zeros(-(-(n_partial + 1) // 16) * 16, qb, kvb, dtype=torch.int8, device=dev)
     ar_q = torch.arange(qb, dtype=torch.int32, device=dev)
     ar_kv = torch.arange(kvb, dtype=torch.int32, device=dev)
     per = max(1, _TILE_BATCH_ELEMS // (qb * kvb))

@@ -49,14 +49,14 @@ def test_tile_form_table_contents_and_limits():
     form = tile_table_form(bm)
     slots, tiles = form.mask_graph.buffers
     # partial: the diagonal, and the last block row (it holds padding rows), numbered row by
-    # row from 1; tile 0 stays empty
-    assert tiles.shape == (6, 128, 128) and not tiles[0].any()
+    # row from 1; tile 0 and the rows padding the table to 16 stay empty
+    assert tiles.shape == (16, 128, 128) and not tiles[0].any() and not tiles[6:].any()
     assert slots[0, 0].tolist() == [[1, 0, 0], [0, 2, 0], [3, 4, 5]]
     assert torch.equal(tiles[5][:44, :44].bool(), torch.ones(44, 44, dtype=torch.bool).tril())
     assert not tiles[5][44:].any() and not tiles[5][:, 44:].any()  # padding is false
     assert tiles[3][:44].all() and not tiles[3][44:].any()
     assert tile_table_form(bm) is form  # cached on the BlockMask
-    assert tile_table_form(bm, max_bytes=1000) is None  # 6 tiles of 16 KiB do not fit
+    assert tile_table_form(bm, max_bytes=100_000) is None  # 16 tiles of 16 KiB do not fit
     dense = flexattn.BlockMask.from_kv_blocks(bm.kv_num_blocks, bm.kv_indices)
     assert tile_table_form(dense) is None  # no traced mask: nothing to tabulate
 

@@ -135,9 +135,16 @@ class _ArgStub:
 def _compile(device, launches, kernels) -> None:
     try:
         with torch.cuda.device(device):
+            from triton.runtime.driver import driver
+            max_shared = driver.active.utils.get_device_properties(device)["max_shared_mem"]
             for kernel, grid, args, kwargs in launches:
                 stubs = [_ArgStub(a) if isinstance(a, torch.Tensor) else a for a in args]
-                kernel.warmup(*stubs, grid=grid, **kwargs)
+                kwargs = dict(kwargs)
+                # a config that needs more shared memory than the GPU has makes the launch
+                # fall back to fewer stages (kernels.launch): compile those too
+                while kernel.warmup(*stubs, grid=grid, **kwargs).metadata.shared > max_shared \
+                        and kwargs.get("num_stages", 1) > 1:
+                    kwargs["num_stages"] -= 1
     finally:
         # failed or not, the kernels count as compiled: a failure then recurs in the
         # foreground, at the call that needs them, with its error
