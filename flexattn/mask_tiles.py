@@ -31,6 +31,7 @@ from .evaluate import evaluate
 from .trace import trace_mask
 
 DEFAULT_MAX_BYTES = 256 * 2 ** 20
+_MAX_LISTED = 1 << 28  # blocks over all rows enumerated to find the partial ones
 _TILE_BATCH_ELEMS = 1 << 24  # positions evaluated per batch of partial blocks
 
 
@@ -70,21 +71,29 @@ def _build(bm: BlockMask, max_bytes: int) -> Optional[BlockMask]:
     Q_LEN, KV_LEN = bm.seq_lengths
     Bb, Hb, nq = bm.kv_num_blocks.shape
     nkv = bm.kv_indices.shape[-1]
+    if Bb * Hb * nq * nkv > _MAX_LISTED:
+        return None
     uses_b, uses_h = graph.uses("b"), graph.uses("h")
     Bs, Hs = (Bb if uses_b else 1), (Hb if uses_h else 1)
     dev = bm.kv_num_blocks.device
-    num = bm.kv_num_blocks[:Bs, :Hs].to(torch.int64)
-    n_partial = int(num.sum())
+    # every listed partial block of every row; where the mask does not read b (or h), rows
+    # that differ only in b share one tile per block (the union over b of their partial
+    # blocks), so any row's partial block finds its tile
+    listed = torch.arange(nkv, device=dev).view(1, 1, 1, nkv) < bm.kv_num_blocks.to(torch.int64)[..., None]
+    b_i, h_i, q_i, j_i = torch.nonzero(listed, as_tuple=True)
+    kv_i = bm.kv_indices[b_i, h_i, q_i, j_i].to(torch.int64)
+    flat = ((b_i * uses_b * Hs + h_i * uses_h) * nq + q_i) * nkv + kv_i
+    flat = torch.unique(flat)  # sorted: tile s + 1 is the s-th partial block in (b, h, i, j) order
+    n_partial = flat.numel()
     if (n_partial + 16) * qb * kvb + Bs * Hs * nq * nkv * 4 > max_bytes:
         return None
-    # the partial blocks, in row-major (b, h, i, j-th listed) order: block s + 1 of the table
-    listed = torch.arange(nkv, device=dev).view(1, 1, 1, nkv) < num[..., None]
-    b_i, h_i, q_i, j_i = torch.nonzero(listed, as_tuple=True)
-    kv_i = bm.kv_indices[:Bs, :Hs][b_i, h_i, q_i, j_i].to(torch.int64)
-    slots = torch.zeros(Bs, Hs, nq, nkv, dtype=torch.int32, device=dev)
-    slots[b_i, h_i, q_i, kv_i] = torch.arange(1, n_partial + 1, dtype=torch.int32, device=dev)
-    # rows rounded up to a multiple of 16: the kernels are specialised on the captured
-    # tensors' sizes' divisibility by 16, and the tile form must be one kernel for all masks
+    slots = torch.zeros(Bs * Hs * nq * nkv, dtype=torch.int32, device=dev)
+    slots[flat] = torch.arange(1, n_partial + 1, dtype=torch.int32, device=dev)
+    slots = slots.view(Bs, Hs, nq, nkv)
+    kv_i = flat % nkv
+    q_i = flat // nkv % nq
+    h_i = flat // (nkv * nq) % Hs
+    b_i = flat // (nkv * nq * Hs)
     tiles = torch.zeros(-(-(n_partial + 1) // 16) * 16, qb, kvb, dtype=torch.int8, device=dev)
     ar_q = torch.arange(qb, dtype=torch.int32, device=dev)
     ar_kv = torch.arange(kvb, dtype=torch.int32, device=dev)

@@ -79,7 +79,8 @@ def test_policy_routes_new_structures_through_the_tile_form(monkeypatch):
     mask = lambda b, h, q, kv: (q >= kv) & ((q - kv) % 11 != 5)  # noqa: E731
     bm = flexattn.create_block_mask(mask, None, None, 256, 256)
     q = k = v = torch.randn(1, 2, 256, 64)
-    cuda = torch.device("cuda")
+    class cuda:  # a CUDA query as route sees one: its device and shape
+        device, shape = torch.device("cuda"), q.shape
     plan = make_plan(q, k, v, score_graph=None, mask_graph=bm.mask_graph, block_mask=bm, scale=None,
                      kernel_options={})
 
@@ -108,7 +109,7 @@ def test_policy_routes_new_structures_through_the_tile_form(monkeypatch):
     off = make_plan(q, k, v, score_graph=None, mask_graph=bm.mask_graph, block_mask=bm, scale=None,
                     kernel_options={"TIERED": False})
     assert tiered.route(off, ("bwd",), bm, cuda) is off
-    assert tiered.route(plan, ("bwd",), bm, torch.device("cpu")) is plan
+    assert tiered.route(plan, ("bwd",), bm, q) is plan  # CPU tensors
     with pytest.raises(ValueError, match="TIERED"):
         make_plan(q, k, v, score_graph=None, mask_graph=bm.mask_graph, block_mask=bm, scale=None,
                   kernel_options={"TIERED": 1})
@@ -140,3 +141,37 @@ def test_tile_form_same_bits_interpreted_kernels():
     proc = subprocess.run([sys.executable, "-c", _INTERPRET_CHECK], env=env, capture_output=True, text=True,
                           timeout=600)
     assert "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_tile_form_rows_that_differ_only_in_b():
+    """A mask that does not read b, under block lists that differ per batch row (a BlockMask
+    built from blocks): every row's partial blocks find their tile."""
+    causal = lambda b, h, q, kv: q >= kv  # noqa: E731
+    full = flexattn.create_block_mask(causal, None, None, 256, 256, BLOCK_SIZE=64)
+    kv_num = full.kv_num_blocks.expand(2, 1, -1).clone()
+    kv_idx = full.kv_indices.expand(2, 1, -1, -1).clone()
+    # batch row 1 also treats block (3, 0) as partial (causal is true on all of it: the
+    # kernels evaluate the mask there and get all true)
+    kv_num[1, 0, 3] += 1
+    kv_idx[1, 0, 3, :2] = torch.tensor([0, 3], dtype=kv_idx.dtype)
+    bm = flexattn.BlockMask.from_kv_blocks(kv_num, kv_idx, mask_mod=causal, BLOCK_SIZE=64)
+    form = tile_table_form(bm)
+    slots, tiles = form.mask_graph.buffers
+    assert slots.shape == (1, 1, 4, 4) and slots[0, 0, 3, 0] > 0 and tiles[slots[0, 0, 3, 0]].all()
+    assert torch.equal(form.to_dense(), bm.to_dense())
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 2, 256, 16, generator=g) for _ in range(3))
+    assert torch.equal(flexattn.flex_attention(q, k, v, block_mask=bm), flexattn.flex_attention(q, k, v, block_mask=form))
+
+
+def test_policy_keeps_a_per_row_mask_under_a_broadcast_block_mask():
+    from flexattn.kernels import make_plan, tiered
+    head_band = lambda b, h, q, kv: (q - kv).abs() <= 16 * (h + 1)  # noqa: E731
+    bm = flexattn.create_block_mask(head_band, None, None, 256, 256)  # H=None: one row for all heads
+    q = torch.randn(1, 4, 256, 64)
+    plan = make_plan(q, q, q, score_graph=None, mask_graph=bm.mask_graph, block_mask=bm, scale=None,
+                     kernel_options={})
+
+    class cuda:
+        device, shape = torch.device("cuda"), q.shape
+    assert tiered.route(plan, ("fwd",), bm, cuda) is plan

@@ -624,7 +624,7 @@ def flex_attention_triton(q, k, v, *, score_graph=None, mask_graph=None, block_m
                                               or any(t.requires_grad for t in score_bufs))
     from .decode import use_decode
     kinds = ("decode" if use_decode(plan, q, v) else "fwd",) + (("bwd",) if needs_grad else ())
-    plan = tiered.route(plan, kinds, block_mask, q.device)
+    plan = tiered.route(plan, kinds, block_mask, q)
     if needs_grad:
         out, lse = _FlexTriton.apply(plan, q, k, v, *score_bufs)
     else:

@@ -72,16 +72,22 @@ def _ready(kind, plan) -> bool:
     return all(id(k) in _compiled for k in _kernels(kind, plan))
 
 
-def route(plan, kinds, block_mask, device):
-    """The plan the call runs: `plan` itself, or its tile-table form with `plan.tiering`
-    saying what to compile in the background after the launch."""
+def route(plan, kinds, block_mask, q):
+    """The plan the call on query `q` runs: `plan` itself, or its tile-table form with
+    `plan.tiering` saying what to compile in the background after the launch."""
     o = plan.opts
-    if (plan.mask_graph is None or block_mask is None or device.type != "cuda" or not o.get("TIERED", True)
+    if (plan.mask_graph is None or block_mask is None or q.device.type != "cuda" or not o.get("TIERED", True)
             or o.get("AUTOTUNE") or o.get("DETERMINISTIC") or all(_ready(k, plan) for k in kinds)):
         return plan
     from ..mask_tiles import tile_table_form
     form = tile_table_form(block_mask)
     if form is None:
+        return plan
+    # a mask that reads b (or h) through a BlockMask broadcast over b (or h) is evaluated
+    # per row by the kernels, but tabulated once: the table would not cover the other rows
+    slots = form.mask_graph.buffers[0]
+    if (plan.mask_graph.uses("b") and slots.shape[0] != q.shape[0]) or \
+            (plan.mask_graph.uses("h") and slots.shape[1] != q.shape[1]):
         return plan
     graph = codegen.kernel_graph(form.mask_graph)
     tiled = replace(plan, mask_graph=graph, mask_bufs=list(graph.buffers), tiering=None, modules={})
