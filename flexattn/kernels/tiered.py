@@ -77,7 +77,8 @@ def route(plan, kinds, block_mask, q):
     `plan.tiering` saying what to compile in the background after the launch."""
     o = plan.opts
     if (plan.mask_graph is None or block_mask is None or q.device.type != "cuda" or not o.get("TIERED", True)
-            or o.get("AUTOTUNE") or o.get("DETERMINISTIC") or all(_ready(k, plan) for k in kinds)):
+            or o.get("AUTOTUNE") or o.get("DETERMINISTIC") or all(_ready(k, plan) for k in kinds)
+            or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):  # the table syncs
         return plan
     from ..mask_tiles import tile_table_form
     form = tile_table_form(block_mask)
@@ -106,7 +107,9 @@ def after_launch(kind, plan, capture_launches) -> None:
     todo = [k for k in _kernels(kind, other) if id(k) not in _compiled and id(k) not in _submitted]
     if not todo:
         return
-    launches = [l for l in capture_launches(other) if l[0] in todo]
+    # the job keeps stand-ins, not the tensors: the capture's own outputs are freed now
+    launches = [(kernel, grid, [_ArgStub(a) if isinstance(a, torch.Tensor) else a for a in args], kwargs)
+                for kernel, grid, args, kwargs in capture_launches(other) if kernel in todo]
     if plan.tiering[0] == "tile_form":
         # the tile form serves masks to come: warm it with and without full blocks too (a new
         # mask structure often has none, or the first one had none)
@@ -116,6 +119,7 @@ def after_launch(kind, plan, capture_launches) -> None:
         _submitted.update(id(k) for k in todo)
         _kept.extend(todo)
     device = torch.cuda.current_device()
+    _futures[:] = [f for f in _futures if not f.done()]
     _futures.append(_executor().submit(_compile, device, launches, todo))
 
 
@@ -143,8 +147,7 @@ def _compile(device, launches, kernels) -> None:
         with torch.cuda.device(device):
             from triton.runtime.driver import driver
             max_shared = driver.active.utils.get_device_properties(device)["max_shared_mem"]
-            for kernel, grid, args, kwargs in launches:
-                stubs = [_ArgStub(a) if isinstance(a, torch.Tensor) else a for a in args]
+            for kernel, grid, stubs, kwargs in launches:
                 kwargs = dict(kwargs)
                 # a config that needs more shared memory than the GPU has makes the launch
                 # fall back to fewer stages (kernels.launch): compile those too
