@@ -78,22 +78,14 @@ def launch_parts(case, B, H, S, D):
         dev = driver.active.get_current_device()
         stream = driver.active.get_current_stream(dev)
         kernel_cache, key_cache, target, backend, binder = kernel.device_caches[dev]
-        kw = dict(kwargs)
-        kw["debug"] = False
         from triton import knobs
-        kw["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        kw = dict(kwargs, debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode)
         ck = kernel[grid](*args, **kwargs)
         bound, spec, opts = binder(*args, **kw)
         full = tuple(bound.values())
-        n = 200
 
         def t(f):
-            torch.cuda.synchronize()
-            s = time.perf_counter()
-            for _ in range(n):
-                f()
-            torch.cuda.synchronize()
-            return (time.perf_counter() - s) / n * 1e6
+            return per_call_us(f, 200)
         r = {"kernel": kernel.__name__, "n_args": len(args),
              "jit_launch_us": t(lambda: kernel[grid](*args, **kwargs)),
              "cached_launch_us": t(lambda: launch_cached(kernel, grid, args, kwargs)),

@@ -2,9 +2,9 @@
 
 `jit_fn[grid](*args, **constexprs)` binds every argument by name, specialises each one,
 builds and hashes a cache key from all of them, checks the kernel's globals and builds
-launch metadata - on every call. Our kernels take 60-170 arguments (strides of every
-tensor, the captured tensors' strides and sizes), so that is tens of microseconds per
-launch, and a short fwd+bwd (four launches) became bound by the host, not the GPU.
+launch metadata - on every call. Our kernels take 46-60 arguments (the strides of every
+tensor), more with captured tensors (their pointers, strides and sizes): 40-55 us per
+launch on the H200's host, and a short fwd+bwd (four launches) was bound by the host.
 
 `launch_cached` keeps, per (kernel, device, constexprs and options, the specialisation
 features of the arguments), the CompiledKernel the JIT returned the first time, and
@@ -12,7 +12,9 @@ afterwards calls its launcher directly. The features are exactly what Triton spe
 a launch on (`native_specialize_impl`; see `spec_features`), so two calls with equal
 features get the same binary from the JIT too: the key refines Triton's own, never
 coarsens it. A miss (a new shape class, a new kernel) goes through `jit_fn[grid]`, which
-compiles if it has to. Launch hooks (profilers) and the interpreter take the JIT's path.
+compiles if it has to. Launch hooks (profilers), the interpreter and Triton releases
+before 3.4 (no `triton.knobs`; the launcher's calling convention was checked on 3.6) take
+the JIT's path.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def spec_features(args) -> tuple:
     """What Triton's launch specialisation depends on, per argument: a tensor's dtype and
     16-byte alignment; an int's being 1 (it becomes a constexpr), its divisibility by 16
     and its width (i32 / i64 / u64); for anything else (float, bool, None) its type.
-    One comprehension, no calls per argument: this runs on every launch."""
+    One comprehension with no Python function call per argument: it runs on every launch."""
     return tuple([
         (-1 if a == 1 else (a % 16 == 0) + (0 if _I32_LO <= a <= _I32_HI else 2 if _I64_LO <= a <= _I64_HI else 4))
         if type(a) is int else (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else type(a)
@@ -49,17 +51,19 @@ def spec_features(args) -> tuple:
 class _Cache:
     def __init__(self):
         self.entries: dict = {}
-        self.enabled = True  # benchmarks/profile_host.py turns it off to compare
-        self._runtime = None
-        self._stream = None
+        try:
+            from triton import knobs
+            self._runtime = knobs.runtime
+        except ImportError:  # Triton < 3.4
+            self._runtime = None
+        self.enabled = self._runtime is not None  # benchmarks/profile_host.py turns it off to compare
+        self.stream = None  # the raw current stream of a device, as the JIT takes it
 
     def hooks_set(self) -> bool:
         """True when a launch hook (a profiler such as proton) is registered."""
-        if self._runtime is None:
-            from triton import knobs
+        if self.stream is None:
             from triton.runtime.driver import driver
-            self._runtime = knobs.runtime
-            self._stream = driver.active.get_current_stream  # the raw stream, as the JIT takes it
+            self.stream = driver.active.get_current_stream
         rt = self._runtime
         return any(getattr(h, "calls", h) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
 
@@ -86,7 +90,7 @@ def launch_cached(kernel, grid, args, kwargs):
     if hit is not None:
         ck, tail, _ = hit
         ck.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-               _CACHE._stream(device), ck.function, ck.packed_metadata, None, None, None, *args, *tail)
+               _CACHE.stream(device), ck.function, ck.packed_metadata, None, None, None, *args, *tail)
         return ck
     ck = kernel[grid](*args, **kwargs)
     from .tiered import note_launched

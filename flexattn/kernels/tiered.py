@@ -5,7 +5,7 @@ background thread; once those are compiled the calls switch to them.
 A mask_mod is compiled into the kernels. New numbers in a mask (a window width) and new
 values in its captured tensors (a document layout) are kernel arguments and never
 recompile, but a new mask *expression* costs a Triton compile before its first output
-(1.3-1.6 s on the lent H200's host). The tile-table form reads the mask from a table built
+(1.2-1.7 s on the lent H200's host). The tile-table form reads the mask from a table built
 by evaluating mask_mod once on every partial block; its kernels depend only on the block
 sizes and on which of b, h the mask reads, so they are compiled once and serve every mask.
 Both forms place -inf at exactly the same positions and run the same kernel template: on
@@ -28,6 +28,10 @@ under DETERMINISTIC (same bits call to call) and under AUTOTUNE (which times the
 own kernels). The background compile competes for the host's CPU (and Python's lock) for
 a second or two: calls made meanwhile are slower. The tile form's kernels are warmed with
 and without full blocks, since a new mask structure often differs from the first in that.
+To know what to compile, the other form's launches are captured by running its launch
+path with launches recorded (kernels.launcher.CAPTURE): that allocates its outputs once,
+freed at once. "Compiled" is tracked per kernel, not per shape: a later call with another
+shape class compiles in the foreground, as without tiering.
 `wait()` blocks until the background compiles are done. A background compile that fails
 marks its kernels ready, so the next call compiles them in the foreground and raises the
 error where it belongs.
