@@ -499,25 +499,30 @@ def _sliced_mask_mod_error(b, h, q_idx, kv_idx):
 # ---------------------------------------------------------------------------------------
 # Builders
 
+def evaluate_block_tiles(graph: Graph, b, h, qi: torch.Tensor, kj: torch.Tensor,
+                         block: tuple[int, int], Q_LEN: int, KV_LEN: int) -> torch.Tensor:
+    """bool [n, Q_BLOCK, KV_BLOCK]: the mask on blocks (qi[n], kj[n]); b, h int32 tensors
+    that broadcast against [n, 1, 1] (0-d for one row). Padding positions (>= Q_LEN /
+    KV_LEN) are evaluated at a clamped index (so captured tensors sized to the lengths are
+    never read out of bounds) and then counted False."""
+    qb, kvb = block
+    dev = qi.device
+    q = (qi.to(torch.int32) * qb)[:, None, None] + torch.arange(qb, dtype=torch.int32, device=dev)[None, :, None]
+    kv = (kj.to(torch.int32) * kvb)[:, None, None] + torch.arange(kvb, dtype=torch.int32, device=dev)[None, None, :]
+    m = evaluate(graph, b=b, h=h, q_idx=q.clamp(max=Q_LEN - 1), kv_idx=kv.clamp(max=KV_LEN - 1))
+    return m & (q < Q_LEN) & (kv < KV_LEN)
+
+
 def _evaluate_blocks(graph: Graph, b: int, h: int, qi: torch.Tensor, kj: torch.Tensor,
                      block: tuple[int, int], Q_LEN: int, KV_LEN: int, device) -> torch.Tensor:
-    """Exact state (int8 EMPTY/PARTIAL/FULL) of the blocks (qi[n], kj[n]), batched tiles.
-
-    Padding positions (>= Q_LEN / KV_LEN) are evaluated at a clamped index (so captured
-    tensors sized to the lengths are never read out of bounds) and then counted False."""
+    """Exact state (int8 EMPTY/PARTIAL/FULL) of the blocks (qi[n], kj[n]), batched tiles."""
     qb, kvb = block
     out = torch.empty(qi.numel(), dtype=torch.int8, device=device)
     per = max(1, _TILE_BATCH_ELEMS // (qb * kvb))
-    ar_q = torch.arange(qb, dtype=torch.int32, device=device)
-    ar_kv = torch.arange(kvb, dtype=torch.int32, device=device)
     bt = torch.tensor(b, dtype=torch.int32, device=device)
     ht = torch.tensor(h, dtype=torch.int32, device=device)
     for s in range(0, qi.numel(), per):
-        q = (qi[s:s + per].to(torch.int32) * qb)[:, None, None] + ar_q[None, :, None]
-        kv = (kj[s:s + per].to(torch.int32) * kvb)[:, None, None] + ar_kv[None, None, :]
-        valid = (q < Q_LEN) & (kv < KV_LEN)
-        m = evaluate(graph, b=bt, h=ht, q_idx=q.clamp(max=Q_LEN - 1), kv_idx=kv.clamp(max=KV_LEN - 1))
-        m = m & valid
+        m = evaluate_block_tiles(graph, bt, ht, qi[s:s + per], kj[s:s + per], block, Q_LEN, KV_LEN)
         anyv = m.flatten(1).any(1)
         allv = m.flatten(1).all(1)
         out[s:s + per] = torch.where(allv, FULL, torch.where(anyv, PARTIAL, EMPTY)).to(torch.int8)

@@ -26,8 +26,7 @@ from typing import Optional
 
 import torch
 
-from .block_mask import BlockMask
-from .evaluate import evaluate
+from .block_mask import BlockMask, evaluate_block_tiles
 from .trace import trace_mask
 
 DEFAULT_MAX_BYTES = 256 * 2 ** 20
@@ -36,18 +35,11 @@ _TILE_BATCH_ELEMS = 1 << 24  # positions evaluated per batch of partial blocks
 
 
 def _tile_lookup_mod(slots: torch.Tensor, tiles: torch.Tensor, qb: int, kvb: int, uses_b: bool, uses_h: bool):
-    if uses_b and uses_h:
-        def tile_lookup(b, h, q_idx, kv_idx):
-            return tiles[slots[b, h, q_idx // qb, kv_idx // kvb], q_idx % qb, kv_idx % kvb] != 0
-    elif uses_b:
-        def tile_lookup(b, h, q_idx, kv_idx):
-            return tiles[slots[b, 0, q_idx // qb, kv_idx // kvb], q_idx % qb, kv_idx % kvb] != 0
-    elif uses_h:
-        def tile_lookup(b, h, q_idx, kv_idx):
-            return tiles[slots[0, h, q_idx // qb, kv_idx // kvb], q_idx % qb, kv_idx % kvb] != 0
-    else:
-        def tile_lookup(b, h, q_idx, kv_idx):
-            return tiles[slots[0, 0, q_idx // qb, kv_idx // kvb], q_idx % qb, kv_idx % kvb] != 0
+    def tile_lookup(b, h, q_idx, kv_idx):
+        # b, h as literal 0 where the mask does not read them (a Python branch on a closure
+        # bool, not on a traced value)
+        slot = slots[b if uses_b else 0, h if uses_h else 0, q_idx // qb, kv_idx // kvb]
+        return tiles[slot, q_idx % qb, kv_idx % kvb] != 0
     return tile_lookup
 
 
@@ -95,18 +87,12 @@ def _build(bm: BlockMask, max_bytes: int) -> Optional[BlockMask]:
     h_i = flat // (nkv * nq) % Hs
     b_i = flat // (nkv * nq * Hs)
     tiles = torch.zeros(-(-(n_partial + 1) // 16) * 16, qb, kvb, dtype=torch.int8, device=dev)
-    ar_q = torch.arange(qb, dtype=torch.int32, device=dev)
-    ar_kv = torch.arange(kvb, dtype=torch.int32, device=dev)
     per = max(1, _TILE_BATCH_ELEMS // (qb * kvb))
     for s in range(0, n_partial, per):
         e = min(n_partial, s + per)
-        q = (q_i[s:e].to(torch.int32) * qb)[:, None, None] + ar_q[None, :, None]
-        kv = (kv_i[s:e].to(torch.int32) * kvb)[:, None, None] + ar_kv[None, None, :]
-        # padding positions are evaluated at a clamped index (captured tensors sized to the
-        # lengths stay in bounds) and stored false
-        m = evaluate(graph, b=b_i[s:e].to(torch.int32)[:, None, None], h=h_i[s:e].to(torch.int32)[:, None, None],
-                     q_idx=q.clamp(max=Q_LEN - 1), kv_idx=kv.clamp(max=KV_LEN - 1))
-        tiles[s + 1:e + 1] = (m & (q < Q_LEN) & (kv < KV_LEN)).to(torch.int8)
+        tiles[s + 1:e + 1] = evaluate_block_tiles(graph, b_i[s:e].to(torch.int32)[:, None, None],
+                                                  h_i[s:e].to(torch.int32)[:, None, None], q_i[s:e], kv_i[s:e],
+                                                  (qb, kvb), Q_LEN, KV_LEN).to(torch.int8)
     lookup = _tile_lookup_mod(slots, tiles, qb, kvb, uses_b, uses_h)
     return BlockMask(*(getattr(bm, a) for a in BlockMask._TENSOR_ATTRS), BLOCK_SIZE=bm.BLOCK_SIZE,
                      mask_mod=lookup, seq_lengths=bm.seq_lengths, mask_graph=trace_mask(lookup))
