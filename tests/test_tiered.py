@@ -74,8 +74,9 @@ def test_tile_form_one_kernel_source_for_every_mask():
 
 def test_policy_routes_new_structures_through_the_tile_form(monkeypatch):
     from flexattn.kernels import make_plan, plan_module, tiered
-    for name in ("_compiled", "_submitted"):
-        monkeypatch.setattr(tiered, name, set())
+    from flexattn.kernels import launcher
+    for module, name in ((tiered, "_compiled"), (tiered, "_submitted"), (launcher, "LAUNCHED")):
+        monkeypatch.setattr(module, name, {})
     mask = lambda b, h, q, kv: (q >= kv) & ((q - kv) % 11 != 5)  # noqa: E731
     bm = flexattn.create_block_mask(mask, None, None, 256, 256)
     q = k = v = torch.randn(1, 2, 256, 64)
@@ -87,8 +88,7 @@ def test_policy_routes_new_structures_through_the_tile_form(monkeypatch):
     def mark_compiled(p, kinds):
         for kind in kinds:
             mod = plan_module(p, kind)
-            for n in tiered._KERNELS[kind]:
-                tiered.note_launched(getattr(mod, n))
+            tiered.mark_compiled([getattr(mod, n) for n in tiered._KERNELS[kind]])
 
     # nothing compiled: the mask's own kernels now, the tile form's to warm afterwards
     first = tiered.route(plan, ("fwd", "bwd"), bm, cuda)
@@ -98,7 +98,7 @@ def test_policy_routes_new_structures_through_the_tile_form(monkeypatch):
     routed = tiered.route(plan, ("fwd", "bwd"), bm, cuda)
     assert routed.mask_graph.buffers[1].dtype == torch.int8 and routed.tiering[1] is plan
     # only its forward compiled: a call that needs gradients does not take the tile form
-    monkeypatch.setattr(tiered, "_compiled", set())
+    monkeypatch.setattr(tiered, "_compiled", {})
     mark_compiled(first.tiering[1], ("fwd",))
     assert tiered.route(plan, ("fwd", "bwd"), bm, cuda).mask_graph is plan.mask_graph
     assert tiered.route(plan, ("fwd",), bm, cuda).tiering[1] is plan

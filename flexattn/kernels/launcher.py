@@ -57,15 +57,20 @@ class _Cache:
         except ImportError:  # Triton < 3.4
             self._runtime = None
         self.enabled = self._runtime is not None  # benchmarks/profile_host.py turns it off to compare
-        self.stream = None  # the raw current stream of a device, as the JIT takes it
+        self._get_stream = None
 
     def hooks_set(self) -> bool:
         """True when a launch hook (a profiler such as proton) is registered."""
-        if self.stream is None:
-            from triton.runtime.driver import driver
-            self.stream = driver.active.get_current_stream
         rt = self._runtime
         return any(getattr(h, "calls", h) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
+
+    def stream(self, device: int):
+        """The device's current raw stream, as the JIT takes it (the driver is looked up on
+        first use: importing flexattn must not initialise CUDA)."""
+        if self._get_stream is None:
+            from triton.runtime.driver import driver
+            self._get_stream = driver.active.get_current_stream
+        return self._get_stream(device)
 
 
 _CACHE = _Cache()
@@ -73,6 +78,9 @@ _CACHE = _Cache()
 # flexattn.kernels.tiered.capture pushes a list here: launches are then recorded in it
 # (kernel, grid, args, kwargs) instead of run
 CAPTURE: list = []
+# id -> JIT kernel, for every kernel launched (so compiled and loaded) in this process;
+# kernels.tiered reads it. Holding the kernel keeps its id unique.
+LAUNCHED: dict = {}
 
 
 def launch_cached(kernel, grid, args, kwargs):
@@ -88,21 +96,19 @@ def launch_cached(kernel, grid, args, kwargs):
     key = (id(kernel), device, tuple(kwargs.items()), spec_features(args))
     hit = _CACHE.entries.get(key)
     if hit is not None:
-        ck, tail, _ = hit
+        ck, tail = hit
         ck.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
                _CACHE.stream(device), ck.function, ck.packed_metadata, None, None, None, *args, *tail)
         return ck
     ck = kernel[grid](*args, **kwargs)
-    from .tiered import note_launched
-    note_launched(kernel)
+    LAUNCHED.setdefault(id(kernel), kernel)
     if ck is not None and hasattr(ck, "packed_metadata") and getattr(ck, "function", None) is not None:
         # the launcher takes every parameter in signature order (constexprs too, ignored):
         # the ones after the positionals come from kwargs or their defaults
         tail = tuple(kwargs[p.name] if p.name in kwargs else p.default for p in kernel.params[len(args):])
         if len(_CACHE.entries) >= _MAX_ENTRIES:
             _CACHE.entries.clear()
-        # the entry holds the kernel, so the id in its key is never reused while it is cached
-        _CACHE.entries[key] = (ck, tail, kernel)
+        _CACHE.entries[key] = (ck, tail)  # the id in the key stays unique: LAUNCHED holds the kernel
     return ck
 
 

@@ -50,20 +50,18 @@ from . import launcher
 # kind -> the kernel names of its generated module
 _KERNELS = {"fwd": ("flex_fwd",), "decode": ("flex_decode",), "bwd": ("flex_bwd_dq", "flex_bwd_dkdv")}
 
+# id -> JIT kernel (holding it keeps the id unique); kernels launched in the foreground are
+# in launcher.LAUNCHED
 _lock = threading.Lock()
-_compiled: set = set()       # ids of JIT kernels compiled (launched, or warmed in the background)
-_submitted: set = set()      # ids of JIT kernels with a background compile submitted
+_compiled: dict = {}   # compiled in the background (or failed there: see _compile)
+_submitted: dict = {}  # sent to a background compile
 _futures: list[Future] = []
 _pool: ThreadPoolExecutor | None = None
-_kept: list = []             # the kernels behind the ids above (ids stay unique while kept)
 
 
-def note_launched(kernel) -> None:
-    """Called after every successful launch of a generated kernel."""
-    if id(kernel) not in _compiled:
-        with _lock:
-            _compiled.add(id(kernel))
-            _kept.append(kernel)
+def mark_compiled(kernels) -> None:
+    with _lock:
+        _compiled.update((id(k), k) for k in kernels)
 
 
 def _kernels(kind, plan):
@@ -73,7 +71,7 @@ def _kernels(kind, plan):
 
 
 def _ready(kind, plan) -> bool:
-    return all(id(k) in _compiled for k in _kernels(kind, plan))
+    return all(id(k) in launcher.LAUNCHED or id(k) in _compiled for k in _kernels(kind, plan))
 
 
 def route(plan, kinds, block_mask, q):
@@ -108,7 +106,8 @@ def after_launch(kind, plan, capture_launches) -> None:
     if plan.tiering is None:
         return
     other = plan.tiering[1]
-    todo = [k for k in _kernels(kind, other) if id(k) not in _compiled and id(k) not in _submitted]
+    todo = [k for k in _kernels(kind, other)
+            if id(k) not in launcher.LAUNCHED and id(k) not in _compiled and id(k) not in _submitted]
     if not todo:
         return
     # the job keeps stand-ins, not the tensors: the capture's own outputs are freed now
@@ -120,8 +119,7 @@ def after_launch(kind, plan, capture_launches) -> None:
         launches += [(kernel, grid, args, dict(kwargs, HAS_FULL=not kwargs["HAS_FULL"]))
                      for kernel, grid, args, kwargs in launches if "HAS_FULL" in kwargs]
     with _lock:
-        _submitted.update(id(k) for k in todo)
-        _kept.extend(todo)
+        _submitted.update((id(k), k) for k in todo)
     device = torch.cuda.current_device()
     _futures[:] = [f for f in _futures if not f.done()]
     _futures.append(_executor().submit(_compile, device, launches, todo))
@@ -161,8 +159,7 @@ def _compile(device, launches, kernels) -> None:
     finally:
         # failed or not, the kernels count as compiled: a failure then recurs in the
         # foreground, at the call that needs them, with its error
-        with _lock:
-            _compiled.update(id(k) for k in kernels)
+        mark_compiled(kernels)
 
 
 def wait() -> None:
