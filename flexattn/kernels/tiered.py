@@ -70,8 +70,12 @@ def _kernels(kind, plan):
     return [getattr(mod, name) for name in _KERNELS[kind]]
 
 
+def _is_compiled(kernel) -> bool:
+    return id(kernel) in launcher.LAUNCHED or id(kernel) in _compiled
+
+
 def _ready(kind, plan) -> bool:
-    return all(id(k) in launcher.LAUNCHED or id(k) in _compiled for k in _kernels(kind, plan))
+    return all(_is_compiled(k) for k in _kernels(kind, plan))
 
 
 def route(plan, kinds, block_mask, q):
@@ -106,8 +110,7 @@ def after_launch(kind, plan, capture_launches) -> None:
     if plan.tiering is None:
         return
     other = plan.tiering[1]
-    todo = [k for k in _kernels(kind, other)
-            if id(k) not in launcher.LAUNCHED and id(k) not in _compiled and id(k) not in _submitted]
+    todo = [k for k in _kernels(kind, other) if not _is_compiled(k) and id(k) not in _submitted]
     if not todo:
         return
     # the job keeps stand-ins, not the tensors: the capture's own outputs are freed now
