@@ -3,9 +3,10 @@
     python benchmarks/host_overhead.py --case causal [--bwd] [--decode] [--profile cumtime]
 
 Runs the Triton path's launch preparation on CPU tensors with the kernel launches replaced
-by the cached launcher's key computation (`launcher.spec_features`), so what is timed is
-flexattn's own Python per call: checks, plan, configs, argument assembly - not Triton's
-launcher and not the GPU. Costs no device time; on the lent H200's host the same Python
+by the cached launcher's key computation (`launcher.spec_features`) - and a replayed call's
+direct launches (kernels.replay) by nothing - so what is timed is flexattn's own Python per
+call: checks, signature, plan, configs, argument assembly - not Triton's launcher and not
+the GPU. Costs no device time; on the lent H200's host the same Python
 ran about 3x slower than on a 2-core CI machine (compare benchmarks/profile_host.py there).
 """
 from __future__ import annotations
@@ -39,6 +40,10 @@ def main():
     def no_launch(kernel, grid, args, kwargs):
         launcher.spec_features(args)  # the key a cached launch computes
     K.launch_cached = prep.launch_cached = launcher.launch_cached = no_launch
+    # a replayed call (kernels.replay) launches its kept entries directly: that launch too is skipped
+    launcher.compiled_entry = lambda kernel, args, kwargs: (None, ())
+    launcher.run_compiled = lambda entry, grid3, stream, args: None
+    launcher.current_stream = lambda: 0
     K._device_key = lambda device: "sm90"  # the GPU configs
     decode._sm_count = lambda index: 132
     if a.decode:

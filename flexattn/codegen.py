@@ -377,7 +377,9 @@ def kernel_graph(graph: Graph | None) -> Graph | None:
     hit = graph._memo.get("kernel")
     if hit is None or hit[0] != stamp:
         lift = _liftable(graph)
-        hit = graph._memo["kernel"] = (stamp, graph.copy(lift_consts=lift).verify() if lift else None)
+        # the memo keeps a buffer-less template: it outlives the call's captured tensors
+        lifted = graph.copy(lift_consts=lift).verify()._with_buffers([]) if lift else None
+        hit = graph._memo["kernel"] = (stamp, lifted)
     # nothing to lift: the graph itself (no copy on the per-call path)
     return graph if hit[1] is None else hit[1]._with_buffers(graph.buffers)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import triton
@@ -26,7 +26,7 @@ from ..autodiff import grad_slots as buffer_grad_slots
 from ..options import check_option_keys
 from .forward import FWD_TEMPLATE
 from .backward import BWD_TEMPLATE
-from . import tiered
+from . import replay, tiered
 from .launcher import launch_cached, next_pow2, cdiv
 
 LOG2E = 1.4426950408889634
@@ -553,26 +553,27 @@ def backward(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
 
 
 class _FlexTriton(torch.autograd.Function):
+    """`run` (a _Planned or a _CachedCall) does the launches; mask_bufs are the call's
+    captured mask tensors (no gradients flow into them)."""
+
     @staticmethod
-    def forward(ctx, plan, q, k, v, *score_bufs):
-        out, lse = _run_forward(plan, q, k, v)
-        ctx.plan = plan
+    def forward(ctx, run, mask_bufs, q, k, v, *score_bufs):
+        out, lse = run.forward(q, k, v, score_bufs, mask_bufs)
+        ctx.run, ctx.mask_bufs = run, mask_bufs
         ctx.save_for_backward(q, k, v, out, lse, *score_bufs)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, *score_bufs = ctx.saved_tensors
-        plan = ctx.plan
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv, buf_grads = backward(plan, q, k, v, out, lse, dout, dlse, score_bufs)
-        tiered.after_launch("bwd", plan, lambda other: _captured(backward, other, q, k, v, out, lse, dout, dlse,
-                                                                score_bufs))
+        run = ctx.run
+        dq, dk, dv, buf_grads = run.backward(q, k, v, out, lse, dout, dlse, score_bufs, ctx.mask_bufs)
         grads = [None] * len(score_bufs)
-        for s, g in zip(plan.grad_slots, buf_grads):
+        for s, g in zip(run.grad_slots, buf_grads):
             grads[s] = g
-        return (None, dq, dk, dv, *grads)
+        return (None, None, dq, dk, dv, *grads)
 
 
 def _run_forward(plan, q, k, v):
@@ -581,6 +582,87 @@ def _run_forward(plan, q, k, v):
     out, lse = run(plan, q, k, v)
     tiered.after_launch(kind, plan, lambda other: _captured(run, other, q, k, v))
     return out, lse
+
+
+def _run_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs):
+    grads = backward(plan, q, k, v, out, lse, dout, dlse, score_bufs)
+    tiered.after_launch("bwd", plan, lambda other: _captured(backward, other, q, k, v, out, lse, dout, dlse,
+                                                            score_bufs))
+    return grads
+
+
+class _Planned:
+    """A call that is not cached: its plan (with the call's captured tensors) runs the
+    normal launch path."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.grad_slots = plan.grad_slots
+
+    def forward(self, q, k, v, score_bufs, mask_bufs):
+        return _run_forward(self.plan, q, k, v)
+
+    def backward(self, q, k, v, out, lse, dout, dlse, score_bufs, mask_bufs):
+        return _run_backward(self.plan, q, k, v, out, lse, dout, dlse, score_bufs)
+
+
+class _CachedCall:
+    """A call signature seen before (kernels.replay): its plan with the mods' captured
+    tensors unbound, and per launch path (forward or decode; backward per dout / dlse
+    layout) its replay, recorded the first time the path runs (None: not replayable)."""
+
+    def __init__(self, plan, kinds, score_graph, mask_graph):
+        # the modules are picked by the graphs' structure, which reads the captured tensors'
+        # dtypes and ranks: generate them while the plan has those tensors
+        for kind in kinds:
+            plan_module(plan, kind)
+        strip = lambda g: None if g is None else g._with_buffers([])  # noqa: E731
+        self.plan = replace(plan, score_graph=strip(plan.score_graph), mask_graph=strip(plan.mask_graph),
+                            score_bufs=[], mask_bufs=[])
+        self.fwd_kind = kinds[0]
+        self.grad_slots = plan.grad_slots
+        self.replays: dict = {}
+        self.keep = [g._memo for g in (score_graph, mask_graph) if g is not None]  # see replay._graph_key
+
+    def plan_for(self, score_bufs, mask_bufs) -> Plan:
+        """The cached plan bound to this call's captured tensors."""
+        p = self.plan
+        bind = lambda g, bufs: None if g is None else g._with_buffers(list(bufs))  # noqa: E731
+        return replace(p, score_graph=bind(p.score_graph, score_bufs), mask_graph=bind(p.mask_graph, mask_bufs),
+                       score_bufs=list(score_bufs), mask_bufs=list(mask_bufs))
+
+    def _run(self, key, inputs, fn, args_of, results_of):
+        """fn(*args_of()) through its replay for `key` when there is one; the first time, run
+        normally and record the replay. Returns (the replay's result tensors, or fn's value;
+        whether it was replayed)."""
+        rep = self.replays.get(key)
+        if rep is not None:
+            result = rep(inputs)
+            if result is not None:
+                return result, True
+        args = args_of()
+        value = fn(*args)
+        if key not in self.replays:
+            self.replays[key] = replay.Replay.record(fn, args, inputs, results_of)
+        return value, False
+
+    def forward(self, q, k, v, score_bufs, mask_bufs):
+        from .decode import decode_forward
+        fn = decode_forward if self.fwd_kind == "decode" else forward
+        (out, lse), _ = self._run(self.fwd_kind, (q, k, v, *score_bufs, *mask_bufs), fn,
+                                  lambda: (self.plan_for(score_bufs, mask_bufs), q, k, v), lambda r: r)
+        return out, lse
+
+    def backward(self, q, k, v, out, lse, dout, dlse, score_bufs, mask_bufs):
+        key = ("bwd", dout.stride(), None if dlse is None else dlse.stride())
+        inputs = (q, k, v, out, lse, dout, *([] if dlse is None else [dlse]), *score_bufs, *mask_bufs)
+        # gradients into captured tensors start as zeros: such a backward is not replayable
+        # (the recording sees the zeros); its replay would return dq, dk, dv only
+        value, replayed = self._run(
+            key, inputs, backward,
+            lambda: (self.plan_for(score_bufs, mask_bufs), q, k, v, out, lse, dout, dlse, score_bufs),
+            lambda r: [*r[:3], *r[3]])
+        return (*value, []) if replayed else value
 
 
 def _captured(fn, *args) -> list:
@@ -617,16 +699,30 @@ def make_plan(q, k, v, *, score_graph, mask_graph, block_mask, scale, kernel_opt
 def flex_attention_triton(q, k, v, *, score_graph=None, mask_graph=None, block_mask=None, scale=None,
                           return_lse=False, kernel_options=None, dropout_p=0.0, dropout_seed=None):
     """(out [B,Hq,L,Ev] in q.dtype, lse [B,Hq,L] float32 natural log) - see CONTRACTS.md."""
-    plan = make_plan(q, k, v, score_graph=score_graph, mask_graph=mask_graph, block_mask=block_mask,
-                     scale=scale, kernel_options=kernel_options, dropout_p=dropout_p, dropout_seed=dropout_seed)
-    score_bufs = list(score_graph.buffers) if score_graph is not None else []
+    if mask_graph is None and block_mask is not None:
+        mask_graph = getattr(block_mask, "mask_graph", None)
+    score_bufs = score_graph.buffers if score_graph is not None else []
+    mask_bufs = mask_graph.buffers if mask_graph is not None else []
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                               or any(t.requires_grad for t in score_bufs))
-    from .decode import use_decode
-    kinds = ("decode" if use_decode(plan, q, v) else "fwd",) + (("bwd",) if needs_grad else ())
-    plan = tiered.route(plan, kinds, block_mask, q)
+    # a call like one before replays its launches (kernels.replay); dropout draws a new seed
+    key = calls = run = None
+    if not dropout_p:
+        key = replay.call_key(q, k, v, score_graph, mask_graph, block_mask, scale, kernel_options, needs_grad)
+        calls = replay.calls_of(block_mask)
+        run = replay.lookup(calls, key)
+    if run is None:
+        plan = make_plan(q, k, v, score_graph=score_graph, mask_graph=mask_graph, block_mask=block_mask,
+                         scale=scale, kernel_options=kernel_options, dropout_p=dropout_p,
+                         dropout_seed=dropout_seed)
+        from .decode import use_decode
+        kinds = ("decode" if use_decode(plan, q, v) else "fwd",) + (("bwd",) if needs_grad else ())
+        routed = tiered.route(plan, kinds, block_mask, q)
+        if calls is not None and routed is plan:  # tiering settled: the same plan every call
+            run = _CachedCall(plan, kinds, score_graph, mask_graph)
+            replay.store(calls, key, run)
+        else:
+            run = _Planned(routed)
     if needs_grad:
-        out, lse = _FlexTriton.apply(plan, q, k, v, *score_bufs)
-    else:
-        out, lse = _run_forward(plan, q, k, v)
-    return out, lse
+        return _FlexTriton.apply(run, mask_bufs, q, k, v, *score_bufs)
+    return run.forward(q, k, v, score_bufs, mask_bufs)

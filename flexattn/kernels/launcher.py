@@ -96,10 +96,9 @@ def launch_cached(kernel, grid, args, kwargs):
     key = (id(kernel), device, tuple(kwargs.items()), spec_features(args))
     hit = _CACHE.entries.get(key)
     if hit is not None:
-        ck, tail = hit
-        ck.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-               _CACHE.stream(device), ck.function, ck.packed_metadata, None, None, None, *args, *tail)
-        return ck
+        run_compiled(hit, (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1),
+                     _CACHE.stream(device), args)
+        return hit[0]
     ck = kernel[grid](*args, **kwargs)
     LAUNCHED.setdefault(id(kernel), kernel)
     if ck is not None and hasattr(ck, "packed_metadata") and getattr(ck, "function", None) is not None:
@@ -110,6 +109,29 @@ def launch_cached(kernel, grid, args, kwargs):
             _CACHE.entries.clear()
         _CACHE.entries[key] = (ck, tail)  # the id in the key stays unique: LAUNCHED holds the kernel
     return ck
+
+
+def run_compiled(entry, grid3, stream, args) -> None:
+    """Launch a cache entry (CompiledKernel, trailing parameters) on a 3-d grid."""
+    ck, tail = entry
+    ck.run(grid3[0], grid3[1], grid3[2], stream, ck.function, ck.packed_metadata, None, None, None, *args, *tail)
+
+
+def compiled_entry(kernel, args, kwargs):
+    """The cache entry a launch of these arguments would take (None: it would go through
+    the JIT - interpreter, no entry yet). kernels.replay keeps it to launch directly."""
+    if not _CACHE.enabled or isinstance(kernel, InterpretedFunction) or not torch.cuda.is_available():
+        return None
+    return _CACHE.entries.get((id(kernel), torch.cuda.current_device(), tuple(kwargs.items()), spec_features(args)))
+
+
+def direct_launch_ok() -> bool:
+    """Whether a kept entry may be launched directly now (no recording, no launch hooks)."""
+    return not CAPTURE and _CACHE.enabled and not _CACHE.hooks_set()
+
+
+def current_stream():
+    return _CACHE.stream(torch.cuda.current_device())
 
 
 def triton_features(args) -> tuple:

@@ -1,0 +1,199 @@
+"""Replayed calls (flexattn.kernels.replay): a call like one before re-runs its recorded
+launches with only its own tensors swapped in.
+
+A replay must give the bits of the normal path - forward, decode, backward - and notice
+what changes the launches: new captured values (read through the pointer: same launches),
+a rebound capture, new shapes or options, inputs of another alignment, dropout. The cache
+must hold no captured tensor. The kernels run under TRITON_INTERPRET=1 in a subprocess
+(as in test_kernels_interpret.py); the recording's own rules are checked in-process.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from flexattn.kernels import launcher, replay
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def test_recording_gives_up_on_tensors_not_made_by_empty():
+    x = torch.randn(4, 4)
+
+    def allocates(x):
+        launcher.launch_cached("kernel", (1,), (x, torch.empty(3), x.contiguous()), {})
+        return [torch.empty_like(x)]
+
+    rep = replay.Replay.record(allocates, (x,), (x,), lambda r: r)
+    assert rep is not None
+    (step,) = rep.steps
+    assert step.slots == ((0, 0), (1, 1), (2, 0))  # x is the input; the empty tensor is fresh
+    assert [f[0] for f in rep.fresh] == [(3,), (4, 4)] and rep.results == [2]
+
+    def zeros(x):
+        launcher.launch_cached("kernel", (1,), (x, torch.zeros(3)), {})
+        return []
+
+    def copies(x):
+        launcher.launch_cached("kernel", (1,), (x.t().contiguous(),), {})
+        return []
+
+    assert replay.Replay.record(zeros, (x,), (x,), lambda r: r) is None
+    assert replay.Replay.record(copies, (x,), (x,), lambda r: r) is None
+
+
+def test_unhashable_options_are_not_cached():
+    calls: dict = {}
+    key = replay.call_key(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), None, None,
+                          None, None, {"BLOCK_M": [16]}, False)
+    assert replay.lookup(calls, key) is None
+    replay.store(calls, key, object())
+    assert calls == {}
+
+
+_INTERPRET_CHECKS = r'''
+import gc, json, weakref
+import torch, flexattn
+import flexattn.kernels as K
+from flexattn.kernels import replay
+from mods_zoo import make_mod
+
+failures = []
+OPTS = {"BACKEND": "triton"}
+
+
+def check(cond, what):
+    if not cond:
+        failures.append(what)
+
+
+class Count:
+    """Counts the normal launch paths run (plans made, forward / decode / backward)."""
+    def __init__(self):
+        import flexattn.kernels.decode as D
+        self.n = {}
+        for mod, name in ((K, "make_plan"), (K, "forward"), (K, "backward"), (D, "decode_forward")):
+            setattr(mod, name, self._counted(name, getattr(mod, name)))
+
+    def _counted(self, name, fn):
+        def counted(*a, **kw):
+            self.n[name] = self.n.get(name, 0) + 1
+            return fn(*a, **kw)
+        return counted
+
+    def take(self):
+        n, self.n = self.n, {}
+        return n
+
+
+count = Count()
+
+
+def qkv(B, Hq, Hkv, L, S, E, dtype, grad, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda h, n: torch.randn(B, h, n, E, generator=g).to(dtype).requires_grad_(grad)
+    return mk(Hq, L), mk(Hkv, S), mk(Hkv, S)
+
+
+def run(q, k, v, m, bm, grad, opts=OPTS):
+    out, lse = flexattn.flex_attention(q, k, v, score_mod=m.score_mod, block_mask=bm, enable_gqa=q.shape[1] != k.shape[1],
+                                       return_lse=True, kernel_options=opts)
+    if not grad:
+        return [out, lse]
+    ins = [q, k, v] + [t for t in m.captured.values() if t.requires_grad]
+    return [out, lse, *torch.autograd.grad(out, ins, torch.cos(out))]
+
+
+# 1. the replay gives the normal path's bits, and skips it
+cases = [dict(name="causal"), dict(name="document", dtype=torch.float16, Hq=4, Hkv=2),
+         dict(name="alibi_causal"), dict(name="softcap", L=40, S=72),
+         dict(name="rel_bias", buf_grad=True), dict(name="causal", L=3, S=200, decode=True),
+         dict(name="document", L=2, S=130, decode=True, Hq=4, Hkv=2)]
+for c in cases:
+    name, L, S = c["name"], c.get("L", 64), c.get("S", 64)
+    Hq, Hkv, dtype = c.get("Hq", 2), c.get("Hkv", 2), c.get("dtype", torch.float32)
+    grad = not c.get("decode")
+    m = make_mod(name, B=1, H=Hq, L=L, S=S, requires_grad=c.get("buf_grad", False))
+    bm = flexattn.create_block_mask(m.mask_mod, 1, Hq, L, S, BLOCK_SIZE=32) if m.mask_mod else None
+    opts = dict(OPTS, FORCE_DECODE=True) if c.get("decode") else OPTS
+    q, k, v = qkv(1, Hq, Hkv, L, S, 32, dtype, grad)
+    count.take()
+    first = run(q, k, v, m, bm, grad, opts)
+    n1 = count.take()
+    second = run(q, k, v, m, bm, grad, opts)
+    n2 = count.take()
+    tag = f"{name}{' decode' if c.get('decode') else ''}"
+    check(all(torch.equal(a, b) for a, b in zip(first, second)), f"{tag}: replay differs from the normal path")
+    fwd = "decode_forward" if c.get("decode") else "forward"
+    check(n1.get("make_plan") == 1 and n1.get(fwd) == 2, f"{tag}: first call {n1}")  # run, then record
+    # captured tensors with gradients: the backward starts them as zeros, so it is not replayed
+    expect = {"backward": 1} if c.get("buf_grad") else {}
+    check(n2 == expect, f"{tag}: second call ran {n2}, expected {expect}")
+
+# 2. new values in a captured tensor are read (same launches); a rebound capture re-plans
+#    and the cache keeps no captured tensor alive
+L = S = 64
+bias = torch.randn(L, S)
+holder = {"bias": bias}
+score = lambda s, b, h, qi, kvi: s + holder["bias"][qi, kvi]
+causal = lambda b, h, qi, kvi: qi >= kvi
+bm = flexattn.create_block_mask(causal, None, None, L, S, BLOCK_SIZE=32)
+q, k, v = qkv(1, 2, 2, L, S, 32, torch.float32, False)
+with torch.no_grad():
+    flexattn.flex_attention(q, k, v, score_mod=score, block_mask=bm, kernel_options=OPTS)
+    bias.mul_(-2.0)
+    count.take()
+    got = flexattn.flex_attention(q, k, v, score_mod=score, block_mask=bm, kernel_options=OPTS)
+    check(count.take() == {}, "in-place values: not replayed")
+    replay.calls_of(bm).clear()
+    want = flexattn.flex_attention(q, k, v, score_mod=score, block_mask=bm, kernel_options=OPTS)
+    check(torch.equal(got, want), "in-place values: the replay read stale values")
+    old = weakref.ref(holder["bias"])
+    del bias
+    holder["bias"] = torch.randn(L, S)
+    count.take()
+    got = flexattn.flex_attention(q, k, v, score_mod=score, block_mask=bm, kernel_options=OPTS)
+    check(count.take().get("make_plan") == 1, "rebound capture: not re-planned")
+    gc.collect()
+    check(old() is None, "the cache keeps a captured tensor alive")
+    replay.calls_of(bm).clear()
+    check(torch.equal(got, flexattn.flex_attention(q, k, v, score_mod=score, block_mask=bm, kernel_options=OPTS)),
+          "rebound capture: wrong result")
+
+    # 3. other shapes, other options: their own entries; dropout: never cached
+    calls = replay.calls_of(bm)
+    n = len(calls)
+    flexattn.flex_attention(q, k, v, block_mask=bm, kernel_options=dict(OPTS, BLOCK_M=16))
+    flexattn.flex_attention(q[:, :1], k[:, :1], v[:, :1], block_mask=bm, kernel_options=OPTS)
+    check(len(calls) == n + 2, f"shapes / options: {len(calls) - n} new entries, expected 2")
+    flexattn.flex_attention(q, k, v, block_mask=bm, kernel_options=OPTS, dropout_p=0.3)
+    check(len(calls) == n + 2, "dropout: cached")
+
+    # 4. inputs of another 16-byte alignment take the normal path (the kernel was specialised)
+    base = torch.randn(1 * 2 * L * 32 + 1)
+    q_off = base[1:].view(1, 2, L, 32)  # 4 bytes off
+    q_al = base[:-1].view(1, 2, L, 32).clone()
+    q_off.copy_(q_al)
+    flexattn.flex_attention(q_al, k, v, block_mask=bm, kernel_options=OPTS)
+    count.take()
+    a = flexattn.flex_attention(q_off, k, v, block_mask=bm, kernel_options=OPTS)
+    n_off = count.take()
+    b = flexattn.flex_attention(q_al, k, v, block_mask=bm, kernel_options=OPTS)
+    n_al = count.take()
+    check(n_off == {"forward": 1} and n_al == {}, f"alignment: {n_off} then {n_al}")
+    check(torch.equal(a, b), "alignment: results differ")
+print(json.dumps(failures))
+'''
+
+
+def test_replays_interpreted_kernels():
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _INTERPRET_CHECKS], env=env, capture_output=True, text=True,
+                          timeout=900)
+    lines = proc.stdout.strip().splitlines()
+    assert lines and lines[-1] == "[]", proc.stdout[-3000:] + proc.stderr[-5000:]
