@@ -2,8 +2,9 @@
 
     PYTHONPATH=. python3 benchmarks/profile_host.py [--case causal] [--seq 2048]
 
-Prints: the wall time per call when the GPU work is tiny (B=H=1, S=256: host-bound), the
-cost of each Triton launch taken apart (the JIT's argument binding, its cache key, the
+Prints: the wall time per call when the GPU work is tiny (B=H=1, S=256: host-bound) through
+the JIT's launches, cached launches and replayed calls (kernels.replay), the cost of each
+Triton launch taken apart (the JIT's argument binding, its cache key, the
 compiled kernel's own launcher), a cProfile of fwd+bwd calls, and the time to first output
 for a never-seen mask structure split into BlockMask, Triton compile stages and the rest.
 """
@@ -169,11 +170,19 @@ def first_output_parts():
         print(s.getvalue()[-6000:])
 
 
+MODES = (("jit", False, False), ("cached", True, False), ("replayed", True, True))  # (name, launch cache, replay)
+
+
+def set_mode(launch_cache: bool, replayed: bool) -> None:
+    from flexattn.kernels import launcher, replay
+    launcher._CACHE.enabled, replay.ENABLED = launch_cache, replayed
+
+
 def gpu_time_ab(cases, S):
-    """do_bench medians (as bench_attention.py takes them): JIT vs cached launches vs torch flex."""
+    """do_bench medians (as bench_attention.py takes them): torch flex vs our calls through
+    the JIT's launches, cached launches (kernels.launcher) and replays (kernels.replay)."""
     from torch.nn.attention.flex_attention import flex_attention as torch_flex, create_block_mask as torch_cbm
     import flexattn
-    from flexattn.kernels import launcher
     from bench_attention import bench, mods
     torch_flex_c = torch.compile(torch_flex, dynamic=False)
     for case in cases:
@@ -183,18 +192,16 @@ def gpu_time_ab(cases, S):
         tbm = torch_cbm(mm, None, None, S, S, device="cuda") if mm else None
         fbm = flexattn.create_block_mask(mm, None, None, S, S, device="cuda") if mm else None
         row = {}
-        for name, fn in (("torch", lambda: torch_flex_c(q, k, v, score_mod=sm, block_mask=tbm)),
-                         ("jit", lambda: flexattn.flex_attention(q, k, v, score_mod=sm, block_mask=fbm)),
-                         ("cached", lambda: flexattn.flex_attention(q, k, v, score_mod=sm, block_mask=fbm))):
-            launcher._CACHE.enabled = name != "jit"
+        for name, fn, mode in [("torch", lambda: torch_flex_c(q, k, v, score_mod=sm, block_mask=tbm), MODES[-1])] + [
+                (m[0], lambda: flexattn.flex_attention(q, k, v, score_mod=sm, block_mask=fbm), m) for m in MODES]:
+            set_mode(*mode[1:])
             with torch.no_grad():
                 row[name + "_fwd"] = bench(fn)
             row[name + "_fwdbwd"] = bench(fn, backward=True, grads=(q, k, v))
-        launcher._CACHE.enabled = True
-        print(f"{case} S={S} ms: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items())
-              + f" | ratio fwd jit {row['torch_fwd'] / row['jit_fwd']:.2f} cached {row['torch_fwd'] / row['cached_fwd']:.2f}"
-              + f", fwd+bwd jit {row['torch_fwdbwd'] / row['jit_fwdbwd']:.2f} cached "
-                f"{row['torch_fwdbwd'] / row['cached_fwdbwd']:.2f}", flush=True)
+        set_mode(True, True)
+        print(f"{case} S={S} ms: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()) + " | ratio vs torch "
+              + ", ".join(f"{m} fwd {row['torch_fwd'] / row[m + '_fwd']:.2f} fwd+bwd "
+                          f"{row['torch_fwdbwd'] / row[m + '_fwdbwd']:.2f}" for m, _, _ in MODES), flush=True)
 
 
 def main():
@@ -205,17 +212,18 @@ def main():
     p.add_argument("--ab-cases", default="causal,document")
     a = p.parse_args()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    from flexattn.kernels import launcher
     fwd, fwdbwd, _ = host_bound(a.case, 1, 1, 256, 128)
     fwd2, fwdbwd2, _ = host_bound(a.case, 4, 16, a.seq, 128)
-    for enabled in (False, True, False, True):
-        launcher._CACHE.enabled = enabled
-        tag = "cached launches" if enabled else "JIT launches   "
+    for mode in MODES + MODES:
+        set_mode(*mode[1:])
+        tag = f"{mode[0]:>8}"
         print(f"{tag}: host-bound (B=H=1, S=256, {a.case}): fwd {per_call_us(fwd):.1f} us/call, "
               f"fwd+bwd {per_call_us(fwdbwd):.1f} us/call | B=4 H=16 S={a.seq}: fwd {per_call_us(fwd2, 100):.1f} "
               f"us/call, fwd+bwd {per_call_us(fwdbwd2, 100):.1f} us/call (wall, back to back)", flush=True)
     print(f"autograd.Function fwd+bwd of 3 tiny tensors: {autograd_cost():.1f} us/call")
+    set_mode(True, False)  # the normal path, whose launches launch_parts takes apart
     launch_parts(a.case, 1, 1, 256, 128)
+    set_mode(True, True)
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(200):

@@ -110,13 +110,25 @@ def _run(q, k, v, *, score_graph, mask_graph, block_mask, scale, return_lse, ker
                              f"move the inputs with .cpu() or use BACKEND='auto'")
         from .cpu import flex_attention_cpu
         return flex_attention_cpu(q, k, v, **args)
-    try:
-        from .kernels import flex_attention_triton
-    except ImportError as e:
-        raise NotImplementedError(
-            f"the Triton backend (flexattn.kernels.flex_attention_triton) is not available ({e}); "
-            f"run on CPU tensors with kernel_options={{'BACKEND': 'cpu'}}") from e
-    return flex_attention_triton(q, k, v, **args)
+    return _kernels().flex_attention_triton(q, k, v, **args)
+
+
+_KERNELS = None
+
+
+def _kernels():
+    """flexattn.kernels, imported on first use (importing flexattn must not need Triton) and
+    kept: an import statement per call costs microseconds."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            from . import kernels
+        except ImportError as e:
+            raise NotImplementedError(
+                f"the Triton backend (flexattn.kernels.flex_attention_triton) is not available ({e}); "
+                f"run on CPU tensors with kernel_options={{'BACKEND': 'cpu'}}") from e
+        _KERNELS = kernels
+    return _KERNELS
 
 
 # ---------------------------------------------------------------------------------------

@@ -198,6 +198,41 @@ def test_cached_launch_matches_jit():
     assert launcher._CACHE.entries
 
 
+def test_replayed_calls_match_the_normal_path():
+    """A call like one before replays its recorded launches (kernels.replay), straight
+    through the compiled kernels' launchers: the normal path's bits, forward, backward and
+    decode; inputs of another alignment take the normal path again."""
+    import flexattn
+    from flexattn.kernels import replay
+    for name, L, S, grad in (("causal", 512, 512, True), ("alibi_causal", 384, 384, True),
+                             ("document", 256, 640, True), ("causal", 1, 2048, False)):
+        m = make_mod(name, B=2, H=4, L=L, S=S, device=DEV)
+        q, k, v = make_qkv(B=2, Hq=4, Hkv=2, L=L, S=S, E=64, dtype=torch.bfloat16, device=DEV, seed=L,
+                           requires_grad=grad)
+        go = torch.randn(q.shape, dtype=q.dtype, device=DEV)
+        bm = flexattn.create_block_mask(m.mask_mod, None, None, L, S, device=DEV)
+
+        def run(q):
+            out = flexattn.flex_attention(q, k, v, score_mod=m.score_mod, block_mask=bm, enable_gqa=True,
+                                          kernel_options={"TIERED": False})
+            return [out, *torch.autograd.grad(out, [q, k, v], go)] if grad else [out]
+
+        first, second, third = run(q), run(q), run(q)
+        (call,) = replay.calls_of(bm).values()
+        steps = [s for r in call.replays.values() for s in r.steps]
+        assert steps and all(s.compiled is not None for s in steps), name  # direct launches
+        for a, b, c in zip(first, second, third):
+            assert torch.equal(a, b) and torch.equal(a, c), name
+        # a storage 2 elements in: not 16-byte aligned; a replay here would launch a kernel
+        # specialised for aligned pointers. Compared with the first call of a fresh cache
+        off = torch.empty(q.numel() + 2, dtype=q.dtype, device=DEV)[2:].view(q.shape).copy_(q.detach())
+        off.requires_grad_(grad)
+        got = run(off)
+        replay.calls_of(bm).clear()
+        for a, b in zip(got, run(off)):
+            assert torch.equal(a, b), name
+
+
 def test_tiered_new_mask_structure():
     """A new mask structure's first call runs through the tile-table kernels (compiled in
     the background after an earlier new mask), its own kernels compile in the background,

@@ -620,6 +620,8 @@ class _CachedCall:
         self.plan = replace(plan, score_graph=strip(plan.score_graph), mask_graph=strip(plan.mask_graph),
                             score_bufs=[], mask_bufs=[])
         self.fwd_kind = kinds[0]
+        from .decode import decode_forward
+        self.fwd_fn = decode_forward if self.fwd_kind == "decode" else forward
         self.grad_slots = plan.grad_slots
         self.replays: dict = {}
         self.keep = [g._memo for g in (score_graph, mask_graph) if g is not None]  # see replay._graph_key
@@ -647,9 +649,7 @@ class _CachedCall:
         return value, False
 
     def forward(self, q, k, v, score_bufs, mask_bufs):
-        from .decode import decode_forward
-        fn = decode_forward if self.fwd_kind == "decode" else forward
-        (out, lse), _ = self._run(self.fwd_kind, (q, k, v, *score_bufs, *mask_bufs), fn,
+        (out, lse), _ = self._run(self.fwd_kind, (q, k, v, *score_bufs, *mask_bufs), self.fwd_fn,
                                   lambda: (self.plan_for(score_bufs, mask_bufs), q, k, v), lambda r: r)
         return out, lse
 
@@ -707,7 +707,7 @@ def flex_attention_triton(q, k, v, *, score_graph=None, mask_graph=None, block_m
                                               or any(t.requires_grad for t in score_bufs))
     # a call like one before replays its launches (kernels.replay); dropout draws a new seed
     key = calls = run = None
-    if not dropout_p:
+    if not dropout_p and replay.ENABLED:
         key = replay.call_key(q, k, v, score_graph, mask_graph, block_mask, scale, kernel_options, needs_grad)
         calls = replay.calls_of(block_mask)
         run = replay.lookup(calls, key)

@@ -37,6 +37,7 @@ from torch.overrides import TorchFunctionMode
 from . import launcher
 
 MAX_CALLS = 16  # signatures kept per BlockMask (the oldest is dropped first)
+ENABLED = True  # benchmarks/profile_host.py turns it off to compare
 _NO_MASK_CALLS: dict = {}  # calls made without a BlockMask
 
 
