@@ -75,18 +75,9 @@ def _floormod(a, b):
 
 @triton.jit
 def _tanh(x):
-    # tanh(|x|) = (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 1]: one exp2, and 1 / (1 + e)
-    # (a value in [1, 2]) by Newton's method from the linear seed 24/17 - 8/17 d, whose
-    # relative error 1/17 squares per step (3.5e-3, 1.2e-5, 1.4e-10): fused multiply-adds
-    # only. A division would take the special-function unit a second time per score, and
-    # with the softmax's exp2 that unit bounds a softcap kernel. |error| ~ 1e-7 absolute.
-    e = tl.exp2(-2.8853900817779268 * tl.abs(x))
-    d = 1.0 + e
-    r = 1.411764705882353 - 0.47058823529411764 * d
-    r = r + r * (1.0 - d * r)
-    r = r + r * (1.0 - d * r)
-    r = r + r * (1.0 - d * r)
-    t = (1.0 - e) * r
+    # tanh through one exp2: |error| ~ 1e-7 absolute, much cheaper than libdevice's tanh
+    e = tl.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|)
+    t = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -t, t)
 '''
 
