@@ -80,12 +80,15 @@ def lookup(calls: dict, key):
 
 
 def store(calls: dict, key, call) -> None:
+    """Keep `call` under `key` (not if the key is not hashable), dropping the oldest entry
+    when full."""
     try:
-        if len(calls) >= MAX_CALLS:
-            calls.pop(next(iter(calls)))
-        calls[key] = call
+        hash(key)
     except TypeError:
-        pass
+        return
+    if len(calls) >= MAX_CALLS:
+        calls.pop(next(iter(calls)))
+    calls[key] = call
 
 
 _ALLOCATORS = frozenset({torch.empty, torch.empty_like, torch.empty_strided, torch.Tensor.new_empty})
