@@ -75,11 +75,23 @@ def _floormod(a, b):
 
 @triton.jit
 def _tanh(x):
-    # tanh through one exp2: |error| ~ 1e-7 absolute, much cheaper than libdevice's tanh
-    e = tl.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|)
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
-'''
+    # tanh(x) = 2 / (1 + exp(-2x)) - 1: one exp2, one reciprocal, one fma (signs and
+    # infinities come out of the formula: no abs, no select). |error| <= 3e-7 absolute.
+    return 2.0 * _rcp(1.0 + tl.exp2(-2.8853900817779268 * x)) - 1.0
+''' + ('''
+
+@triton.jit
+def _rcp(x):
+    # the hardware reciprocal (1 ulp): a division would add range checks and rescaling
+    # (five instructions per element), and a softcap kernel is bound by instruction issue
+    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+''' if os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None else '''
+
+@triton.jit
+def _rcp(x):
+    return 1.0 / x  # the interpreter runs no inline assembly; AMD GPUs no PTX
+''')
 
 
 # Leaves that promote like Python scalars (torch's "weak" types): a const, or a param
@@ -218,6 +230,10 @@ class TritonPrinter:
     def _print_mul(self, n, a, b): return self._binop(n, a, b, "*")
 
     def _print_truediv(self, n, a, b):
+        if n.args[1].op in WEAK_LEAVES and n.args[0].op not in WEAK_LEAVES:
+            # by a number: multiply by its reciprocal, a scalar computed once (a division per
+            # element costs a reciprocal and range checks; x * (1/c) is within 1.5 ulp of x / c)
+            return self._out(n, f"({self._float_arg(n, 0, a)}) * (1.0 / ({self._float_arg(n, 1, b)}))")
         return self._out(n, f"({self._float_arg(n, 0, a)}) / ({self._float_arg(n, 1, b)})")
 
     def _print_floordiv(self, n, a, b):
