@@ -76,8 +76,10 @@ def _floormod(a, b):
 @triton.jit
 def _tanh(x):
     # tanh(x) = 2 / (1 + exp(-2x)) - 1: one exp2, one reciprocal, one fma (signs and
-    # infinities come out of the formula: no abs, no select). |error| <= 3e-7 absolute.
-    return 2.0 * _rcp(1.0 + tl.exp2(-2.8853900817779268 * x)) - 1.0
+    # infinities come out of the formula: no abs, no select). In float32 whatever the
+    # dtype: |error| <= 3e-7 absolute.
+    t = 2.0 * _rcp(1.0 + tl.exp2(-2.8853900817779268 * x.to(tl.float32))) - 1.0
+    return t.to(x.dtype)
 ''' + ('''
 
 @triton.jit
