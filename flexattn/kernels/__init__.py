@@ -9,7 +9,9 @@ grad). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
 
 Layering: `forward.py` / `backward.py` / `decode.py` hold the kernel templates;
 `flexattn.codegen` fills their holes with the mods; this module picks tile configs,
-prepares the BlockMask tensors and launches.
+prepares the BlockMask tensors and launches (through `launcher.py`); `tiered.py` chooses
+between a new mask's own kernels and its tile-table form; `replay.py` re-runs the recorded
+launches of a call whose signature was seen before.
 """
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ def launch_cached(kernel, grid, args, kwargs):
     if not _CACHE.enabled or isinstance(kernel, InterpretedFunction) or _CACHE.hooks_set():
         return kernel[grid](*args, **kwargs)
     device = torch.cuda.current_device()
-    key = (id(kernel), device, tuple(kwargs.items()), spec_features(args))
+    key = _entry_key(kernel, device, args, kwargs)
     hit = _CACHE.entries.get(key)
     if hit is not None:
         run_compiled(hit, (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1),
@@ -122,7 +122,11 @@ def compiled_entry(kernel, args, kwargs):
     the JIT - interpreter, no entry yet). kernels.replay keeps it to launch directly."""
     if not _CACHE.enabled or isinstance(kernel, InterpretedFunction) or not torch.cuda.is_available():
         return None
-    return _CACHE.entries.get((id(kernel), torch.cuda.current_device(), tuple(kwargs.items()), spec_features(args)))
+    return _CACHE.entries.get(_entry_key(kernel, torch.cuda.current_device(), args, kwargs))
+
+
+def _entry_key(kernel, device, args, kwargs) -> tuple:
+    return (id(kernel), device, tuple(kwargs.items()), spec_features(args))
 
 
 def direct_launch_ok() -> bool:
