@@ -258,6 +258,12 @@ class BlockMask:
         self.seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
         self.mask_graph = mask_graph
 
+    def __getstate__(self) -> dict:
+        # copies and pickles leave out what the kernels cache on a mask (`_flexattn_*`: its
+        # kernels' view of the block lists, the tile-table form, replayed calls holding
+        # compiled kernels): derived state, rebuilt on first use
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_flexattn_")}
+
     @property
     def mask_graph(self) -> Optional[Graph]:
         return self._mask_graph

@@ -197,3 +197,21 @@ def test_replays_interpreted_kernels():
                           timeout=900)
     lines = proc.stdout.strip().splitlines()
     assert lines and lines[-1] == "[]", proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def test_copies_of_a_block_mask_leave_the_kernel_caches_behind():
+    """A BlockMask that served kernel calls (caches of compiled kernels on it) still deep-copies
+    and pickles: the caches are derived state and stay behind."""
+    import copy
+    import io
+    import flexattn
+    bm = flexattn.create_block_mask(_causal, None, None, 64, 64, BLOCK_SIZE=32)
+    bm.__dict__["_flexattn_calls"] = {"key": torch.nn}  # a module object, as a cached call holds: not picklable
+    for dup in (copy.deepcopy(bm), copy.copy(bm)):
+        assert "_flexattn_calls" not in dup.__dict__
+        assert torch.equal(dup.to_dense(), bm.to_dense())
+    torch.save(bm, io.BytesIO())
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
