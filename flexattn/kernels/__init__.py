@@ -29,7 +29,7 @@ from ..options import check_option_keys
 from .forward import FWD_TEMPLATE
 from .backward import BWD_TEMPLATE
 from . import replay, tiered
-from .launcher import launch_cached, next_pow2, cdiv
+from .launcher import launch_cached, next_pow2, cdiv, recording
 
 LOG2E = 1.4426950408889634
 
@@ -669,7 +669,7 @@ class _CachedCall:
 
 def _captured(fn, *args) -> list:
     """The launches `fn(*args)` makes, recorded instead of run."""
-    with tiered.capture() as launches:
+    with recording() as launches:
         fn(*args)
     return launches
 

@@ -75,12 +75,27 @@ class _Cache:
 
 _CACHE = _Cache()
 
-# flexattn.kernels.tiered.capture pushes a list here: launches are then recorded in it
-# (kernel, grid, args, kwargs) instead of run
+# `recording()` pushes a list here: launches are then recorded in it (kernel, grid, args,
+# kwargs) instead of run
 CAPTURE: list = []
 # id -> JIT kernel, for every kernel launched (so compiled and loaded) in this process;
 # kernels.tiered reads it. Holding the kernel keeps its id unique.
 LAUNCHED: dict = {}
+
+
+class recording:
+    """Context: launches through `launch_cached` are recorded (into the list it yields), not
+    run. kernels.tiered learns what to compile in the background from it; kernels.replay
+    what to replay."""
+
+    def __enter__(self) -> list:
+        self.launches: list = []
+        CAPTURE.append(self.launches)
+        return self.launches
+
+    def __exit__(self, *exc):
+        CAPTURE.pop()
+        return False
 
 
 def launch_cached(kernel, grid, args, kwargs):

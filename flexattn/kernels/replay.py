@@ -10,7 +10,7 @@ The host work in between - checks, the plan, configs, argument assembly, the lau
 specialisation key - is the same every time, and at 2K tokens it took longer than the GPU.
 
 So the first call of a signature runs the normal path (which compiles). Then its launch
-path runs once more with launches recorded (`launcher.CAPTURE`) under a torch function
+path runs once more with launches recorded (`launcher.recording`) under a torch function
 mode that notes every tensor it creates, and becomes a `Replay`: per launch the compiled
 kernel, the grid and an argument template with slots for the per-call tensors; per
 allocation its shape, strides and dtype. Later calls allocate those and call each
@@ -152,13 +152,8 @@ class Replay:
         return value that a replay returns."""
         device = inputs[0].device
         mode = _Creations(device)
-        launches: list = []
-        launcher.CAPTURE.append(launches)
-        try:
-            with mode:
-                value = fn(*args)
-        finally:
-            launcher.CAPTURE.pop()
+        with launcher.recording() as launches, mode:
+            value = fn(*args)
         if mode.other is not None:
             return None
         slot_of = {id(t): i for i, t in enumerate(inputs)}

@@ -29,7 +29,7 @@ own kernels). The background compile competes for the host's CPU (and Python's l
 a second or two: calls made meanwhile are slower. The tile form's kernels are warmed with
 and without full blocks, since a new mask structure often differs from the first in that.
 To know what to compile, the other form's launches are captured by running its launch
-path with launches recorded (kernels.launcher.CAPTURE): that allocates its outputs once,
+path with launches recorded (kernels.launcher.recording): that allocates its outputs once,
 freed at once. "Compiled" is tracked per kernel, not per shape: a later call with another
 shape class compiles in the foreground, as without tiering.
 `wait()` blocks until the background compiles are done. A background compile that fails
@@ -169,16 +169,3 @@ def wait() -> None:
     """Block until every background compile has finished."""
     while _futures:
         _futures.pop(0).exception()  # waits; a failure resurfaces in the foreground (_compile)
-
-
-class capture:
-    """Context: launches through `launcher.launch_cached` are recorded, not run."""
-
-    def __enter__(self):
-        self.launches = []
-        launcher.CAPTURE.append(self.launches)
-        return self.launches
-
-    def __exit__(self, *exc):
-        launcher.CAPTURE.pop()
-        return False
