@@ -111,8 +111,7 @@ def launch_cached(kernel, grid, args, kwargs):
     key = _entry_key(kernel, device, args, kwargs)
     hit = _CACHE.entries.get(key)
     if hit is not None:
-        run_compiled(hit, (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1),
-                     _CACHE.stream(device), args)
+        run_compiled(hit, grid3(grid), _CACHE.stream(device), args)
         return hit[0]
     ck = kernel[grid](*args, **kwargs)
     LAUNCHED.setdefault(id(kernel), kernel)
@@ -126,10 +125,15 @@ def launch_cached(kernel, grid, args, kwargs):
     return ck
 
 
-def run_compiled(entry, grid3, stream, args) -> None:
-    """Launch a cache entry (CompiledKernel, trailing parameters) on a 3-d grid."""
+def grid3(grid) -> tuple:
+    """A 1-3 d grid as the 3-d one a compiled kernel's launcher takes."""
+    return (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+
+
+def run_compiled(entry, grid, stream, args) -> None:
+    """Launch a cache entry (CompiledKernel, trailing parameters) on a 3-d `grid3`."""
     ck, tail = entry
-    ck.run(grid3[0], grid3[1], grid3[2], stream, ck.function, ck.packed_metadata, None, None, None, *args, *tail)
+    ck.run(grid[0], grid[1], grid[2], stream, ck.function, ck.packed_metadata, None, None, None, *args, *tail)
 
 
 def compiled_entry(kernel, args, kwargs):

@@ -132,7 +132,7 @@ class _Step:
 
     def __init__(self, kernel, grid, template, slots, kwargs, compiled):
         self.kernel, self.grid, self.kwargs, self.compiled = kernel, grid, kwargs, compiled
-        self.grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        self.grid3 = launcher.grid3(grid)
         self.template, self.slots = template, slots
 
 
