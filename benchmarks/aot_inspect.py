@@ -190,7 +190,7 @@ def capture(kind, case, S=8192, D=128, B=4, H=16, cfg=None, bwd_cfg=None):
             out = torch.empty_like(q)
             lse = torch.empty(B, H, S)
             try:
-                K.backward(plan, q, k, v, out, lse, torch.empty_like(q), None, [])
+                K.backward(plan, q, k, v, out, lse, torch.empty_like(q), None, plan.score_bufs)
             finally:
                 prep.bwd_prep = orig_prep
     finally:

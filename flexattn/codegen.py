@@ -24,8 +24,11 @@ Semantics that differ between torch and Triton and are handled here:
 
 Arithmetic that costs fewer instructions per score than a literal translation (a softcap
 kernel is bound by instruction issue; `benchmarks/aot_inspect.py` counts them): tanh as
-2 / (1 + exp(-2x)) - 1 with the hardware reciprocal, and a division by a number as a
-multiply by its reciprocal (within 1.5 ulp of the division).
+2 / (1 + exp(-2x)) - 1 with the hardware reciprocal, a division by a number as a
+multiply by its reciprocal (within 1.5 ulp of the division), and, when the indices are
+small (`small_indices`), an index difference used as a float (ALiBi's `kv - q`) as the
+difference of the indices converted once per row and column: bit-identical, and it saves
+an integer add and an int-to-float conversion per score.
 """
 from __future__ import annotations
 
@@ -101,6 +104,15 @@ def _rcp(x):
 ''')
 
 
+# `small_indices`: every index input (b, h, q_idx, kv_idx) of an in-range position is below
+# SMALL_INDEX_LIMIT. Then any partial sum of up to FLOAT_INDEX_TERMS of them (or of integer
+# literals that small) is below 2^24, so exact in float32: the sum computed in float32 from
+# the converted inputs rounds once, at the end, like the int32 sum converted - the same bits.
+SMALL_INDEX_LIMIT = 2 ** 22
+FLOAT_INDEX_TERMS = 4
+INDEX_INPUT_NAMES = ("b", "h", "q_idx", "kv_idx")
+
+
 # Leaves that promote like Python scalars (torch's "weak" types): a const, or a param
 # (a const lifted into a kernel argument).
 WEAK_LEAVES = ("const", "param")
@@ -126,15 +138,20 @@ class TritonPrinter:
     """Prints the live nodes of an IR graph (plus any extra output nodes) as Triton lines.
 
     `input_names` maps IR input names to Triton variable names; `buf_prefix` names the
-    buffer arguments (`{buf_prefix}{slot}_ptr`, `_s{d}`, `_n{d}`).
+    buffer arguments (`{buf_prefix}{slot}_ptr`, `_s{d}`, `_n{d}`). `small_indices`: the
+    kernel's index inputs are below SMALL_INDEX_LIMIT (an int sum of indices converted to
+    float32 is then printed as a float32 sum of the converted indices: `_float_index`).
     """
 
-    def __init__(self, graph: Graph, input_names: dict[str, str], buf_prefix: str = "sb"):
+    def __init__(self, graph: Graph, input_names: dict[str, str], buf_prefix: str = "sb",
+                 small_indices: bool = False):
         self.graph = graph
         self.input_names = input_names
         self.buf_prefix = buf_prefix
+        self.small_indices = small_indices
         self.lines: list[str] = []
         self.names: dict[int, str] = {}
+        self.float_names: dict[int, str] = {}  # node id -> its float32 twin (_float_index)
 
     # ---- driver ------------------------------------------------------------------------
     def print_nodes(self, outputs: list[Node]) -> list[str]:
@@ -184,7 +201,45 @@ class TritonPrinter:
             return expr
         if dst == torch.bool:
             return f"({expr} != 0)"
+        if dst == torch.float32 and self._index_terms(src) is not None:
+            return self._float_index(src)
         return f"tl.cast({expr}, {TL_DTYPES[dst]})"
+
+    def _index_terms(self, n: Node) -> int | None:
+        """How many index inputs / small literals int32 node n sums (+, -, unary -), or None
+        when it is anything else, has more than FLOAT_INDEX_TERMS, or indices are not small."""
+        if not self.small_indices or n.dtype != torch.int32:
+            return None
+        if n.op == "input":
+            return 1 if n.args[0] in INDEX_INPUT_NAMES else None
+        if n.op == "const":
+            v = n.args[0]
+            return 1 if type(v) is int and abs(v) < SMALL_INDEX_LIMIT else None
+        if n.op in ("add", "sub", "neg"):
+            counts = [self._index_terms(a) for a in n.args]
+            if None in counts or sum(counts) > FLOAT_INDEX_TERMS:
+                return None
+            return sum(counts)
+        return None
+
+    def _float_index(self, n: Node) -> str:
+        """n (for which _index_terms is not None) as float32, computed from the index inputs
+        converted to float32 - once per row or column of the tile, not once per score."""
+        name = self.float_names.get(id(n))
+        if name is not None:
+            return name
+        if n.op == "const":
+            return _lit(float(n.args[0]))
+        if n.op == "input":
+            expr = f"tl.cast({self.input_names[n.args[0]]}, tl.float32)"
+        elif n.op == "neg":
+            expr = f"-({self._float_index(n.args[0])})"
+        else:
+            a, b = (self._float_index(x) for x in n.args)
+            expr = f"({a}) {'+' if n.op == 'add' else '-'} ({b})"
+        name = self.float_names[id(n)] = f"f_{n.name}"
+        self.lines.append(f"{name} = {expr}")
+        return name
 
     def _out(self, n: Node, expr: str) -> str:
         # Scalar-only subexpressions (consts, params) stay scalars; tensors are cast to the IR dtype.
@@ -412,17 +467,18 @@ def kernel_graph(graph: Graph | None) -> Graph | None:
 INDEX_INPUTS = {"score": "score", "b": "off_z", "h": "off_h", "q_idx": "q_idx", "kv_idx": "kv_idx"}
 
 
-def mod_function(name: str, graph: Graph | None, kind: str, prefix: str) -> str:
+def mod_function(name: str, graph: Graph | None, kind: str, prefix: str, small_indices: bool = False) -> str:
     """`@triton.jit def name(score, off_z, off_h, q_idx, kv_idx, *bufs)` for a score mod
     (returns the new score, float32) or `name(off_z, off_h, q_idx, kv_idx, *bufs)` for a mask
-    mod (returns a bool tile or scalar). graph None: identity score / all-true mask."""
+    mod (returns a bool tile or scalar). graph None: identity score / all-true mask.
+    small_indices: see TritonPrinter."""
     params = (["score"] if kind == "score" else []) + ["off_z", "off_h", "q_idx", "kv_idx"]
     params += buffer_params(graph, prefix)
     lines = ["@triton.jit", f"def {name}({', '.join(params)}):"]
     if graph is None:
         lines.append("    return score" if kind == "score" else "    return True")
         return "\n".join(lines) + "\n"
-    pr = TritonPrinter(graph, INDEX_INPUTS, prefix)
+    pr = TritonPrinter(graph, INDEX_INPUTS, prefix, small_indices)
     (out,) = pr.print_nodes([graph.output])
     lines += ["    " + ln for ln in pr.lines]
     if kind == "score":
@@ -439,7 +495,8 @@ def mod_function(name: str, graph: Graph | None, kind: str, prefix: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def mod_backward_function(name: str, graph: Graph | None, prefix: str, grad_bufs: list[int]) -> str:
+def mod_backward_function(name: str, graph: Graph | None, prefix: str, grad_bufs: list[int],
+                          small_indices: bool = False) -> str:
     """`@triton.jit def name(score, grad, valid, off_z, off_h, q_idx, kv_idx, *bufs, *grad_bufs,
     Q_AXIS, ACCUM)`: returns d(score_mod)/d(score) * grad, and atomically adds the gradient of every
     load of a captured float tensor in `grad_bufs` (slots) into `gb<slot>_ptr` (float32, same
@@ -458,7 +515,7 @@ def mod_backward_function(name: str, graph: Graph | None, prefix: str, grad_bufs
         lines.append("    return grad")
         return "\n".join(lines) + "\n"
     d = differentiate(graph, grad_bufs)
-    pr = TritonPrinter(d.graph, INDEX_INPUTS, prefix)
+    pr = TritonPrinter(d.graph, INDEX_INPUTS, prefix, small_indices)
     index_nodes = [i for load, _ in d.load_grads for i in load.args[1:]]
     outs = pr.print_nodes([d.dscore] + [g for _, g in d.load_grads] + index_nodes)
     lines += ["    " + ln for ln in pr.lines]

@@ -86,7 +86,7 @@ def _triton_plan(p: OpPlan, q, k, v, blocks, score_bufs, mask_bufs, scale, dropo
     sg, mg = _bind(p.score_graph, score_bufs), _bind(p.mask_graph, mask_bufs)
     K.validate(q, k, v, sg, mg, None)  # head dims, dtypes, devices: raised before any launch
     return K.Plan(sg, mg, K.expand_blocks(b, q.shape[0], q.shape[1]), scale, dict(p.opts), dropout_p,
-                  dropout_seed, p.grad_slots, list(score_bufs), list(mask_bufs))
+                  dropout_seed, p.grad_slots, list(score_bufs), list(mask_bufs), K.small_indices(q, k))
 
 
 @torch.library.custom_op("flexattn::fwd", mutates_args=())

@@ -135,7 +135,7 @@ def scenario_failing():
     def flaky(plan, q, k, v, return_lse=True, cfg=None):
         if cfg is not None and (mode["fail"] == "all" or cfg[0] == 16):
             if mode["fail"] == "shrink":  # what launch() records when a config lacks shared memory
-                mod = K._module("fwd", plan.score_graph, plan.mask_graph)
+                mod = K.plan_module(plan, "fwd")
                 K._SHRUNK[("fwd", id(mod), q.dtype, q.shape[-1], v.shape[-1], *cfg)] = {"num_stages": 1}
             else:
                 raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")

@@ -114,6 +114,77 @@ def _with_output(graph, node):
     return g
 
 
+def _index_src(fn, small):
+    g = codegen.kernel_graph(trace_score(fn))  # what the kernels print: consts lifted to params
+    return codegen.mod_function("score_mod", g, "score", "sb", small_indices=small)
+
+
+def test_small_index_sums_are_converted_per_row_and_column():
+    """ALiBi's `kv - q` used as a float: with small indices, the difference of the indices
+    converted once (an [M, 1] and a [1, N] tile), never a conversion per score."""
+    alibi = lambda s, b, h, q, kv: s + 0.5 * (kv - q)  # noqa: E731
+    small = _index_src(alibi, True)
+    assert "f_kv_idx = tl.cast(kv_idx, tl.float32)" in small and "f_q_idx = tl.cast(q_idx, tl.float32)" in small
+    assert "(f_kv_idx) - (f_q_idx)" in small and "tl.cast(v_sub" not in small, small
+    assert "tl.cast(v_sub" in _index_src(alibi, False)  # large indices: the int difference, converted
+    # the sum of four indices is exact in float32 below SMALL_INDEX_LIMIT; five are not
+    four = _index_src(lambda s, b, h, q, kv: s + ((kv - q) + (h - b)), True)
+    assert "tl.cast(v_" not in four and "f_h = tl.cast(off_h, tl.float32)" in four, four
+    assert "tl.cast(v_" in _index_src(lambda s, b, h, q, kv: s + ((kv - q) + (kv - q) + kv), True)
+    # a product, a lifted constant (its size is a runtime value) and int64 are not index sums
+    for fn in (lambda s, b, h, q, kv: s + (kv * 2 - q), lambda s, b, h, q, kv: s + (kv - q + 3),
+               lambda s, b, h, q, kv: s + (kv.to(torch.int64) - q)):
+        assert "tl.cast(v_" in _index_src(fn, True), fn
+
+
+def test_small_indices_bound():
+    from flexattn.kernels import small_indices
+    lim = codegen.SMALL_INDEX_LIMIT
+    assert codegen.FLOAT_INDEX_TERMS * lim <= 2 ** 24  # every partial sum stays exact in float32
+    meta = lambda *shape: torch.empty(shape, device="meta")  # noqa: E731
+    assert small_indices(meta(2, 16, lim - 1, 8), meta(2, 16, 64, 8))
+    assert not small_indices(meta(2, 16, 64, 8), meta(2, 16, lim, 8))
+    assert not small_indices(meta(1, lim, 64, 8), meta(1, lim, 64, 8))
+
+
+def test_small_index_sums_are_bit_identical_in_triton():
+    """The float32 sum of converted indices equals the converted int32 sum, bit for bit, for
+    indices up to SMALL_INDEX_LIMIT (the interpreter rounds like the GPU: IEEE float32)."""
+    code = r'''
+import torch, triton, triton.language as tl
+from flexattn import codegen
+from flexattn.trace import trace_score
+mod_fn = lambda s, b, h, q, kv: s + ((kv - q) - (h - b))
+g = codegen.kernel_graph(trace_score(mod_fn))
+src = (codegen.mod_function("mod_small", g, "score", "sb", small_indices=True)
+       + codegen.mod_function("mod_int", g, "score", "sb", small_indices=False))
+mod = codegen.load_module(codegen.PRELUDE + src + """
+@triton.jit
+def k(QI, KI, OUT_SMALL, OUT_INT, M: tl.constexpr, N: tl.constexpr):
+    q = tl.load(QI + tl.arange(0, M))[:, None]
+    kv = tl.load(KI + tl.arange(0, N))[None, :]
+    z = tl.zeros([M, N], tl.float32)
+    o = tl.arange(0, M)[:, None] * N + tl.arange(0, N)[None, :]
+    tl.store(OUT_SMALL + o, mod_small(z, 3, 7, q, kv))
+    tl.store(OUT_INT + o, mod_int(z, 3, 7, q, kv))
+""", "smallindex")
+lim = codegen.SMALL_INDEX_LIMIT
+gen = torch.Generator().manual_seed(0)
+for lo, hi in ((0, 64), (lim - 4096, lim), (0, lim)):
+    qi = torch.randint(lo, hi, (32,), generator=gen, dtype=torch.int32)
+    ki = torch.randint(lo, hi, (32,), generator=gen, dtype=torch.int32)
+    qi[0], ki[0] = lim - 1, 0  # the extreme difference
+    a, b = torch.empty(32, 32), torch.empty(32, 32)
+    mod.k[(1,)](qi, ki, a, b, M=32, N=32)
+    assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (lo, hi, (a - b).abs().max())
+    assert torch.equal(b, (ki[None, :] - qi[:, None] - 4).float())
+print("OK")
+'''
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_floor_semantics_in_triton():
     """// and % on negative integers follow Python/torch (floor), not Triton (truncate)."""
     code = r'''

@@ -47,12 +47,17 @@ GROUPS = {
         dict(name="causal", L=64, S=64, dropout=0.3),
         dict(name="alibi_causal", L=64, S=64, dropout=0.2, dtype="float16", Hq=4, Hkv=2),
         dict(check="new_constants"),
+        # the forward takes the row max before scaling only when the scale is positive: a
+        # negative one reverses the max, and 0 * -inf (a masked score) is NaN
+        dict(name="causal", L=64, S=64, scale=-0.3),
+        dict(name="sliding_window", L=64, S=64, scale=0.0),
+        dict(name="alibi_causal", L=64, S=64, scale=-0.2),
     ],
 }
 
 
 def _check(name, L=64, S=64, E=32, Ev=None, B=1, Hq=2, Hkv=None, dtype="float32", bwd=True, block=32,
-           opts=None, noncontig=False, deterministic=False, dropout=0.0):
+           opts=None, noncontig=False, deterministic=False, dropout=0.0, scale=None):
     import torch
     import flexattn
     from flexattn.reference import reference_attention
@@ -72,15 +77,15 @@ def _check(name, L=64, S=64, E=32, Ev=None, B=1, Hq=2, Hkv=None, dtype="float32"
     if deterministic:
         options["DETERMINISTIC"] = True
     seed = 1234
-    out, lse = flexattn.flex_attention(q, k, v, score_mod=m.score_mod, block_mask=bm, enable_gqa=Hq != Hkv,
-                                       return_lse=True, kernel_options=options, dropout_p=dropout,
-                                       dropout_seed=seed if dropout else None)
+    out, lse = flexattn.flex_attention(q, k, v, score_mod=m.score_mod, block_mask=bm, scale=scale,
+                                       enable_gqa=Hq != Hkv, return_lse=True, kernel_options=options,
+                                       dropout_p=dropout, dropout_seed=seed if dropout else None)
     keep = dropout_mask(seed, B, Hq, L, S, dropout) if dropout else None
     qr, kr, vr = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    ro, rl = reference_attention(qr, kr, vr, m_ref.score_mod, m_ref.mask_mod, enable_gqa=True,
+    ro, rl = reference_attention(qr, kr, vr, m_ref.score_mod, m_ref.mask_mod, scale=scale, enable_gqa=True,
                                  dropout_keep=keep, dropout_p=dropout)
     q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    go64, gl = reference_attention(q64, k64, v64, m64.score_mod, m64.mask_mod, enable_gqa=True,
+    go64, gl = reference_attention(q64, k64, v64, m64.score_mod, m64.mask_mod, scale=scale, enable_gqa=True,
                                    dropout_keep=keep, dropout_p=dropout)
     assert_close_to_golden("out", out, ro, go64)
     assert_close_to_golden("lse", lse, rl.float() if dtype != torch.float32 else rl, gl)

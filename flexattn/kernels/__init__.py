@@ -306,19 +306,20 @@ def _lead(params: list[str]) -> str:
     return "".join(", " + p for p in params)
 
 
-def _fill(template: str, score_graph, mask_graph, grad_slots=None) -> str:
+def _fill(template: str, score_graph, mask_graph, grad_slots=None, small_indices=False) -> str:
     sp = codegen.buffer_params(score_graph, "sb")
     mp = codegen.buffer_params(mask_graph, "mb")
     parts = {
-        "{SCORE_MOD}": codegen.mod_function("score_mod", score_graph, "score", "sb"),
-        "{MASK_MOD}": codegen.mod_function("mask_mod", mask_graph, "mask", "mb"),
+        "{SCORE_MOD}": codegen.mod_function("score_mod", score_graph, "score", "sb", small_indices),
+        "{MASK_MOD}": codegen.mod_function("mask_mod", mask_graph, "mask", "mb", small_indices),
         "{SCORE_BUF_PARAMS_TRAIL}": _trail(sp), "{MASK_BUF_PARAMS_TRAIL}": _trail(mp),
         "{SCORE_BUF_ARGS_TRAIL}": _trail(sp), "{MASK_BUF_ARGS_TRAIL}": _trail(mp),
         "{SCORE_BUF_ARGS}": _lead(sp), "{MASK_BUF_ARGS}": _lead(mp),
     }
     if grad_slots is not None:
         gp = [f"gsb{s}_ptr" for s in grad_slots]
-        parts["{SCORE_MOD_BWD}"] = codegen.mod_backward_function("score_mod_bwd", score_graph, "sb", grad_slots)
+        parts["{SCORE_MOD_BWD}"] = codegen.mod_backward_function("score_mod_bwd", score_graph, "sb", grad_slots,
+                                                                small_indices)
         parts["{GRAD_BUF_PARAMS_TRAIL}"] = _trail(gp)
         parts["{GRAD_BUF_ARGS_TRAIL}"] = _trail(gp)
         parts["{GRAD_BUF_ARGS}"] = _lead(gp)
@@ -337,30 +338,32 @@ def _fill(template: str, score_graph, mask_graph, grad_slots=None) -> str:
 _SRC_CACHE: dict = {}
 
 
-def _module(kind: str, score_graph, mask_graph, grad_slots=None):
-    """The generated module for (kind, score structure, mask structure, grad slots)."""
+def _module(kind: str, score_graph, mask_graph, grad_slots=None, small_indices=False):
+    """The generated module for (kind, score structure, mask structure, grad slots, whether
+    the indices are below codegen.SMALL_INDEX_LIMIT)."""
     key = (kind, score_graph.structure_key() if score_graph is not None else None,
            mask_graph.structure_key() if mask_graph is not None else None,
-           tuple(grad_slots) if grad_slots is not None else None)
+           tuple(grad_slots) if grad_slots is not None else None, small_indices)
     mod = _SRC_CACHE.get(key)
     if mod is None:
         if kind == "decode":
             from .decode import DECODE_TEMPLATE as template  # noqa: N811
         else:
             template = {"fwd": FWD_TEMPLATE, "bwd": BWD_TEMPLATE}[kind]
-        mod = codegen.load_module(_fill(template, score_graph, mask_graph, grad_slots), f"flex_{kind}")
+        mod = codegen.load_module(_fill(template, score_graph, mask_graph, grad_slots, small_indices), f"flex_{kind}")
         _SRC_CACHE[key] = mod
     return mod
 
 
-def generated_source(score_graph, mask_graph, kind: str = "fwd", grad_slots=()) -> str:
-    """The Triton source the kernels of `kind` ("fwd", "bwd", "decode") run for these mods."""
+def generated_source(score_graph, mask_graph, kind: str = "fwd", grad_slots=(), small_indices=True) -> str:
+    """The Triton source the kernels of `kind` ("fwd", "bwd", "decode") run for these mods
+    (by default for batch, heads and lengths below codegen.SMALL_INDEX_LIMIT)."""
     score_graph, mask_graph = codegen.kernel_graph(score_graph), codegen.kernel_graph(mask_graph)
     if kind == "decode":
         from .decode import DECODE_TEMPLATE
-        return _fill(DECODE_TEMPLATE, score_graph, mask_graph)
+        return _fill(DECODE_TEMPLATE, score_graph, mask_graph, small_indices=small_indices)
     return _fill(FWD_TEMPLATE if kind == "fwd" else BWD_TEMPLATE, score_graph, mask_graph,
-                 list(grad_slots) if kind == "bwd" else None)
+                 list(grad_slots) if kind == "bwd" else None, small_indices)
 
 
 # ---- launches ------------------------------------------------------------------------
@@ -377,6 +380,7 @@ class Plan:
     grad_slots: tuple
     score_bufs: list  # the captured tensors the kernels read (the graphs' by default)
     mask_bufs: list
+    small_indices: bool = False  # batch, heads and lengths below codegen.SMALL_INDEX_LIMIT
     tiering: tuple | None = None  # ("own" | "tile_form", the other plan): see kernels.tiered
     modules: dict = field(default_factory=dict)  # kind -> generated module, memo of plan_module
 
@@ -386,7 +390,7 @@ def plan_module(plan: Plan, kind: str):
     mod = plan.modules.get(kind)
     if mod is None:
         mod = plan.modules[kind] = _module(kind, plan.score_graph, plan.mask_graph,
-                                           list(plan.grad_slots) if kind == "bwd" else None)
+                                           list(plan.grad_slots) if kind == "bwd" else None, plan.small_indices)
     return mod
 
 
@@ -473,7 +477,7 @@ def forward(plan: Plan, q, k, v, return_lse: bool = True, cfg=None):
         BLOCK_M=bm_, BLOCK_N=bn_, SPARSE_Q_BLOCK=blk.block[0], SPARSE_KV_BLOCK=blk.block[1],
         Q_DIVISIBLE=L % blk.block[0] == 0, KV_DIVISIBLE=S % blk.block[1] == 0,
         DOT_PRECISION=_dot_precision(q.dtype, plan.opts), OFFS_64=_needs_i64(k, v),
-        num_warps=warps, num_stages=stages)
+        SCALE_POSITIVE=plan.scale > 0, num_warps=warps, num_stages=stages)
     launch(mod.flex_fwd, grid, args, kwargs, ("fwd", id(mod), q.dtype, E, Ev, bm_, bn_, warps, stages))
     return out, lse
 
@@ -695,7 +699,13 @@ def make_plan(q, k, v, *, score_graph, mask_graph, block_mask, scale, kernel_opt
         dropout_seed = draw_seed()
     return Plan(score_graph, mask_graph, blocks, float(scale), opts, float(dropout_p or 0.0),
                 dropout_seed, buffer_grad_slots(score_graph), list(score_graph.buffers) if score_graph is not None else [],
-                list(mask_graph.buffers) if mask_graph is not None else [])
+                list(mask_graph.buffers) if mask_graph is not None else [],
+                small_indices=small_indices(q, k))
+
+
+def small_indices(q, k) -> bool:
+    """Whether batch, heads and lengths are below codegen.SMALL_INDEX_LIMIT (Plan.small_indices)."""
+    return max(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) < codegen.SMALL_INDEX_LIMIT
 
 
 def flex_attention_triton(q, k, v, *, score_graph=None, mask_graph=None, block_mask=None, scale=None,

@@ -456,7 +456,7 @@ def tuned_fwd_config(plan: "K.Plan", q, k, v) -> tuple:
         return K._fwd_cfg(plan, q, k, v, base=cfg)
 
     def launch_keys(cfg):
-        mod = K._module("fwd", plan.score_graph, plan.mask_graph)
+        mod = K.plan_module(plan, "fwd")
         return [("fwd", id(mod), q.dtype, E, Ev, *cfg)]
 
     candidates = _unique(fit(c) for c in fwd_candidates(q.device, q.dtype, E, Ev))
@@ -478,7 +478,7 @@ def tuned_bwd_config(plan: "K.Plan", q, k, v, out, lse, dout, dlse, score_bufs) 
 
     def launch_keys(cfg):
         m1, n1, m2, n2, warps, stages = cfg
-        mod = K._module("bwd", plan.score_graph, plan.mask_graph, list(plan.grad_slots))
+        mod = K.plan_module(plan, "bwd")
         return [("dq", id(mod), q.dtype, E, Ev, m2, n2, warps, stages),
                 ("dkdv", id(mod), q.dtype, E, Ev, m1, n1, warps, stages)]
 

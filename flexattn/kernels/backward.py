@@ -109,12 +109,12 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, idx_ptr, n_blocks,
         k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kk, KV_LEN, CHECK_N, QK_HEAD, QK_HEAD_PAD, OFFS_64)
         v = _load_rows(v_base, offs_n, offs_dv, stride_vn, stride_vk, KV_LEN, CHECK_N, V_HEAD, V_HEAD_PAD, OFFS_64)
         kv_idx = offs_n[None, :]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * SCALE
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if HAS_SCORE_MOD:
-            s_mod = score_mod(s, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS})
+            s = qk * SCALE
+            p = tl.exp2(score_mod(s, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}) * LOG2E - lse2[:, None])
         else:
-            s_mod = s
-        p = tl.exp2(s_mod * LOG2E - lse2[:, None])
+            p = tl.exp2(qk * (SCALE * LOG2E) - lse2[:, None])  # one FMA per score
         if IS_FULL and Q_DIVISIBLE and not HAS_SCORE_MOD:
             valid = True  # nothing to mask: skip the validity tile
         else:
@@ -173,12 +173,12 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, idx_ptr, n_
             lse2 = tl.load(lse_base + offs_m, mask=offs_m < Q_LEN, other=float("inf"))
             delta = tl.load(delta_base + offs_m, mask=offs_m < Q_LEN, other=0.0)
         q_idx = offs_m[None, :]
-        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * SCALE
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         if HAS_SCORE_MOD:
-            sT_mod = score_mod(sT, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS})
+            sT = qkT * SCALE
+            pT = tl.exp2(score_mod(sT, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}) * LOG2E - lse2[None, :])
         else:
-            sT_mod = sT
-        pT = tl.exp2(sT_mod * LOG2E - lse2[None, :])
+            pT = tl.exp2(qkT * (SCALE * LOG2E) - lse2[None, :])  # one FMA per score
         if IS_FULL and KV_DIVISIBLE and not HAS_SCORE_MOD:
             valid = True  # nothing to mask: skip the validity tile
         else:

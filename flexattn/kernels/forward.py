@@ -42,7 +42,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, idx_ptr, n_blocks,
                QK_HEAD: tl.constexpr, QK_HEAD_PAD: tl.constexpr,
                V_HEAD: tl.constexpr, V_HEAD_PAD: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
-               KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr, OFFS_64: tl.constexpr):
+               KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
+               SCALE_POSITIVE: tl.constexpr):
     MULT: tl.constexpr = SPARSE_KV_BLOCK // BLOCK_N
     LOG2E: tl.constexpr = 1.4426950408889634
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -84,24 +85,32 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, idx_ptr, n_blocks,
                 k = tl.load(k_ptrs, mask=offs_d[None, :] < QK_HEAD, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         kv_idx = offs_n[None, :]
+        # t * TO_LOG2 is the score in the log2 domain. The multiply by the positive TO_LOG2
+        # waits for the exp2's argument, where it fuses with the shift (one FMA per score):
+        # max(t) * TO_LOG2 == max(t * TO_LOG2) exactly, rounding being monotone.
         if HAS_SCORE_MOD:
-            s = score_mod(qk * SCALE, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}) * LOG2E
-        else:
-            s = qk * SCALE_LOG2  # scale and log2(e) folded into one multiply
+            t = score_mod(qk * SCALE, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS})
+            TO_LOG2 = LOG2E
+        elif SCALE_POSITIVE:
+            t = qk
+            TO_LOG2 = SCALE_LOG2
+        else:  # a scale <= 0 reverses the max (and 0 * -inf is NaN): scale first
+            t = qk * SCALE_LOG2
+            TO_LOG2 = 1.0
         if not IS_FULL:
             keep = mask_mod(off_z, off_h, q_idx, kv_idx{MASK_BUF_ARGS})
             if not KV_DIVISIBLE:
                 keep = keep & (kv_idx < KV_LEN)
-            s = tl.where(keep, s, float("-inf"))
+            t = tl.where(keep, t, float("-inf"))
         # online softmax; m_i is -inf while a row has seen nothing (then use 0 as the shift).
         # On a full block without a score_mod every score is finite, so m_new is too.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(t, 1) * TO_LOG2)
         if IS_FULL and not HAS_SCORE_MOD:
             m_shift = m_new
         else:
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(s - m_shift[:, None])
+        p = tl.exp2(t * TO_LOG2 - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             p = tl.where(dropout_keep_triton(seed_lo, seed_hi, drop_threshold, off_z, off_h, q_idx, kv_idx), p, 0.0)
@@ -141,7 +150,7 @@ def flex_fwd(Q, K, V, OUT, LSE,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              SPARSE_Q_BLOCK: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
              Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-             OFFS_64: tl.constexpr = True):
+             OFFS_64: tl.constexpr = True, SCALE_POSITIVE: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_zh = tl.program_id(1)
     off_z = pid_zh // HQ
@@ -177,7 +186,7 @@ def flex_fwd(Q, K, V, OUT, LSE,
                                seed_lo, seed_hi, drop_threshold,
                                {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
                                False, HAS_SCORE_MOD, HAS_DROPOUT, QK_HEAD, QK_HEAD_PAD, V_HEAD, V_HEAD_PAD,
-                               BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK, KV_DIVISIBLE, DOT_PRECISION, OFFS_64)
+                               BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK, KV_DIVISIBLE, DOT_PRECISION, OFFS_64, SCALE_POSITIVE)
     if HAS_FULL:
         n_full = tl.load(FULL_KV_NUM + off_z * stride_fnz + off_h * stride_fnh + sparse_m * stride_fnm)
         fidx_ptr = FULL_KV_IDX + off_z.to(tl.int64) * stride_fiz + off_h * stride_fih + sparse_m * stride_fim
@@ -187,7 +196,7 @@ def flex_fwd(Q, K, V, OUT, LSE,
                                    seed_lo, seed_hi, drop_threshold,
                                    {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
                                    True, HAS_SCORE_MOD, HAS_DROPOUT, QK_HEAD, QK_HEAD_PAD, V_HEAD, V_HEAD_PAD,
-                                   BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK, KV_DIVISIBLE, DOT_PRECISION, OFFS_64)
+                                   BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK, KV_DIVISIBLE, DOT_PRECISION, OFFS_64, SCALE_POSITIVE)
 
     # fully masked rows (l == 0): output 0 and lse -inf, never NaN
     empty = l_i == 0.0
