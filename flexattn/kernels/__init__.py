@@ -338,9 +338,17 @@ def _fill(template: str, score_graph, mask_graph, grad_slots=None, small_indices
 _SRC_CACHE: dict = {}
 
 
+# The kernels whose mods take small index sums in float32 (codegen's small_indices). Not the
+# backward: its dk/dv kernel holds the kv axis fixed, the compiler hoists the broadcast float
+# kv tile out of the loop, and at D=128 (already at 255 registers) that spilled: ALiBi
+# fwd+bwd went from 1.06-1.08x to 1.01-1.05x torch on the H200 (run 10).
+FLOAT_INDEX_KINDS = ("fwd", "decode")
+
+
 def _module(kind: str, score_graph, mask_graph, grad_slots=None, small_indices=False):
     """The generated module for (kind, score structure, mask structure, grad slots, whether
     the indices are below codegen.SMALL_INDEX_LIMIT)."""
+    small_indices = small_indices and kind in FLOAT_INDEX_KINDS
     key = (kind, score_graph.structure_key() if score_graph is not None else None,
            mask_graph.structure_key() if mask_graph is not None else None,
            tuple(grad_slots) if grad_slots is not None else None, small_indices)
@@ -359,6 +367,7 @@ def generated_source(score_graph, mask_graph, kind: str = "fwd", grad_slots=(), 
     """The Triton source the kernels of `kind` ("fwd", "bwd", "decode") run for these mods
     (by default for batch, heads and lengths below codegen.SMALL_INDEX_LIMIT)."""
     score_graph, mask_graph = codegen.kernel_graph(score_graph), codegen.kernel_graph(mask_graph)
+    small_indices = small_indices and kind in FLOAT_INDEX_KINDS
     if kind == "decode":
         from .decode import DECODE_TEMPLATE
         return _fill(DECODE_TEMPLATE, score_graph, mask_graph, small_indices=small_indices)
