@@ -78,6 +78,8 @@ def main():
                 call()
             pr.disable()
             pstats.Stats(pr).sort_stats(a.profile).print_stats(30)
+            if os.environ.get("CALLERS"):
+                pstats.Stats(pr).print_callers(os.environ["CALLERS"])
 
 
 if __name__ == "__main__":
