@@ -345,21 +345,32 @@ _SRC_CACHE: dict = {}
 FLOAT_INDEX_KINDS = ("fwd", "decode")
 
 
+def _source(kind: str, score_graph, mask_graph, grad_slots, float_indices: bool) -> str:
+    """The Triton source of `kind`'s template filled for these (kernel) graphs; grad_slots
+    only for "bwd"; float_indices: _float_indices' answer."""
+    if kind == "decode":
+        from .decode import DECODE_TEMPLATE as template  # noqa: N811
+    else:
+        template = {"fwd": FWD_TEMPLATE, "bwd": BWD_TEMPLATE}[kind]
+    return _fill(template, score_graph, mask_graph, list(grad_slots) if kind == "bwd" else None, float_indices)
+
+
+def _float_indices(kind: str, small_indices: bool) -> bool:
+    """Whether `kind`'s mods print small index sums in float32 (FLOAT_INDEX_KINDS)."""
+    return small_indices and kind in FLOAT_INDEX_KINDS
+
+
 def _module(kind: str, score_graph, mask_graph, grad_slots=None, small_indices=False):
     """The generated module for (kind, score structure, mask structure, grad slots, whether
     the indices are below codegen.SMALL_INDEX_LIMIT)."""
-    small_indices = small_indices and kind in FLOAT_INDEX_KINDS
+    float_indices = _float_indices(kind, small_indices)
     key = (kind, score_graph.structure_key() if score_graph is not None else None,
            mask_graph.structure_key() if mask_graph is not None else None,
-           tuple(grad_slots) if grad_slots is not None else None, small_indices)
+           tuple(grad_slots) if grad_slots is not None else None, float_indices)
     mod = _SRC_CACHE.get(key)
     if mod is None:
-        if kind == "decode":
-            from .decode import DECODE_TEMPLATE as template  # noqa: N811
-        else:
-            template = {"fwd": FWD_TEMPLATE, "bwd": BWD_TEMPLATE}[kind]
-        mod = codegen.load_module(_fill(template, score_graph, mask_graph, grad_slots, small_indices), f"flex_{kind}")
-        _SRC_CACHE[key] = mod
+        src = _source(kind, score_graph, mask_graph, grad_slots, float_indices)
+        mod = _SRC_CACHE[key] = codegen.load_module(src, f"flex_{kind}")
     return mod
 
 
@@ -367,12 +378,7 @@ def generated_source(score_graph, mask_graph, kind: str = "fwd", grad_slots=(), 
     """The Triton source the kernels of `kind` ("fwd", "bwd", "decode") run for these mods
     (by default for batch, heads and lengths below codegen.SMALL_INDEX_LIMIT)."""
     score_graph, mask_graph = codegen.kernel_graph(score_graph), codegen.kernel_graph(mask_graph)
-    small_indices = small_indices and kind in FLOAT_INDEX_KINDS
-    if kind == "decode":
-        from .decode import DECODE_TEMPLATE
-        return _fill(DECODE_TEMPLATE, score_graph, mask_graph, small_indices=small_indices)
-    return _fill(FWD_TEMPLATE if kind == "fwd" else BWD_TEMPLATE, score_graph, mask_graph,
-                 list(grad_slots) if kind == "bwd" else None, small_indices)
+    return _source(kind, score_graph, mask_graph, grad_slots, _float_indices(kind, small_indices))
 
 
 # ---- launches ------------------------------------------------------------------------
