@@ -34,12 +34,12 @@ def main():
     a = p.parse_args()
     import flexattn
     import flexattn.kernels as K
-    from flexattn.kernels import decode, launcher, prep
+    from flexattn.kernels import decode, launcher, merge
     from bench_attention import mods
 
     def no_launch(kernel, grid, args, kwargs):
         launcher.spec_features(args)  # the key a cached launch computes
-    K.launch_cached = prep.launch_cached = launcher.launch_cached = no_launch
+    K.launch_cached = merge.launch_cached = launcher.launch_cached = no_launch
     # a replayed call (kernels.replay) launches its kept entries directly: that launch too is skipped
     launcher.compiled_entry = lambda kernel, args, kwargs: (None, ())
     launcher.run_compiled = lambda entry, grid3, stream, args: None

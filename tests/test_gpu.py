@@ -14,7 +14,7 @@ DEV = "cuda"
 
 
 def _check(name, *, B=2, Hq=4, Hkv=None, L=256, S=256, E=64, Ev=None, dtype=torch.bfloat16, bwd=True,
-           block=128, opts=None, seed=0):
+           block=128, opts=None, seed=0, lse_grad=False):
     import flexattn
     from flexattn.reference import reference_attention
     Hkv = Hkv or Hq
@@ -34,10 +34,17 @@ def _check(name, *, B=2, Hq=4, Hkv=None, L=256, S=256, E=64, Ev=None, dtype=torc
     if not bwd:
         return
     go = torch.randn_like(out)
-    ins = [q, k, v] + list(m.captured.values())
-    got = torch.autograd.grad(out, ins, go)
-    ref = torch.autograd.grad(ro, [qr, kr, vr] + list(m_ref.captured.values()), go, allow_unused=True)
-    gold = torch.autograd.grad(go64, [q64, k64, v64] + list(m64.captured.values()), go.double(), allow_unused=True)
+    # with lse_grad, backpropagate through out and lse together (an empty row's -inf lse: none)
+    glse = torch.randn(lse.shape, device=DEV, dtype=torch.float64).masked_fill(gl.isinf(), 0.0) if lse_grad else None
+
+    def grads(o, l, inputs):
+        if glse is None:
+            return torch.autograd.grad(o, inputs, go.to(o.dtype), allow_unused=True)
+        return torch.autograd.grad((o, l.masked_fill(l.isinf(), 0.0)), inputs,
+                                   (go.to(o.dtype), glse.to(l.dtype)), allow_unused=True)
+    got = grads(out, lse, [q, k, v] + list(m.captured.values()))
+    ref = grads(ro, rl, [qr, kr, vr] + list(m_ref.captured.values()))
+    gold = grads(go64, gl, [q64, k64, v64] + list(m64.captured.values()))
     for nm, a, r, g in zip(["dq", "dk", "dv"] + list(m.captured), got, ref, gold):
         assert_close_to_golden(nm, a, r, g)
 
@@ -58,6 +65,11 @@ def test_shapes(L, S, E, Ev):
 @pytest.mark.parametrize("name", ["causal", "rel_bias", "softcap"])
 def test_gqa_and_small_blocks(name):
     _check(name, Hq=8, Hkv=2, L=384, S=320, E=128, block=64)
+
+
+@pytest.mark.parametrize("name", ["empty_rows", "alibi_causal"])
+def test_lse_gradient(name):
+    _check(name, Hq=8, Hkv=4, L=300, S=400, E=64, lse_grad=True)
 
 
 def test_fp32():

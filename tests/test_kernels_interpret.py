@@ -52,12 +52,16 @@ GROUPS = {
         dict(name="causal", L=64, S=64, scale=-0.3),
         dict(name="sliding_window", L=64, S=64, scale=0.0),
         dict(name="alibi_causal", L=64, S=64, scale=-0.2),
+        # a gradient into lse as well as out (the dq kernel folds dlse into delta), with
+        # fully masked rows (lse -inf) and a length that is not a multiple of the block
+        dict(name="empty_rows", L=80, S=80, lse_grad=True),
+        dict(name="alibi_causal", L=50, S=70, Hq=4, Hkv=2, dtype="float16", lse_grad=True),
     ],
 }
 
 
 def _check(name, L=64, S=64, E=32, Ev=None, B=1, Hq=2, Hkv=None, dtype="float32", bwd=True, block=32,
-           opts=None, noncontig=False, deterministic=False, dropout=0.0, scale=None):
+           opts=None, noncontig=False, deterministic=False, dropout=0.0, scale=None, lse_grad=False):
     import torch
     import flexattn
     from flexattn.reference import reference_attention
@@ -93,9 +97,22 @@ def _check(name, L=64, S=64, E=32, Ev=None, B=1, Hq=2, Hkv=None, dtype="float32"
         return
     go = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
     ins = [q, k, v] + list(m.captured.values())
-    got = torch.autograd.grad(out, ins, go)
-    ref = torch.autograd.grad(ro, [qr, kr, vr] + list(m_ref.captured.values()), go, allow_unused=True)
-    gold = torch.autograd.grad(go64, [q64, k64, v64] + list(m64.captured.values()), go.double(), allow_unused=True)
+    ref_ins = [qr, kr, vr] + list(m_ref.captured.values())
+    gold_ins = [q64, k64, v64] + list(m64.captured.values())
+    if lse_grad:  # backpropagate through out and lse together (an empty row's lse is -inf: no gradient)
+        glse = torch.randn(lse.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+        glse = glse.masked_fill(gl.isinf(), 0.0)
+
+        def grad_with_lse(o, l, g, inputs):
+            return torch.autograd.grad((o, l.masked_fill(l.isinf(), 0.0)), inputs,
+                                       (g.to(o.dtype), glse.to(l.dtype)), allow_unused=True)
+        got = grad_with_lse(out, lse, go, ins)
+        ref = grad_with_lse(ro, rl, go, ref_ins)
+        gold = grad_with_lse(go64, gl, go, gold_ins)
+    else:
+        got = torch.autograd.grad(out, ins, go)
+        ref = torch.autograd.grad(ro, ref_ins, go, allow_unused=True)
+        gold = torch.autograd.grad(go64, gold_ins, go.double(), allow_unused=True)
     for nm, a, r, g in zip(["dq", "dk", "dv"] + list(m.captured), got, ref, gold):
         assert_close_to_golden(nm, a, torch.zeros_like(a) if r is None else r,
                                torch.zeros_like(a, dtype=torch.float64) if g is None else g)

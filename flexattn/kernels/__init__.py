@@ -521,10 +521,13 @@ def backward(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
     _, Hkv, S, Ev = v.shape
     m1, n1, m2, n2, warps, stages = cfg or _bwd_cfg(plan, q, k, v, out, lse, dout, dlse, score_bufs)
     blk = plan.blocks
-    # delta = rowsum(dO * O) (minus dlse: d lse / d s = P folds into the same term) and lse
-    # in the log2 domain, in one small kernel (dO keeps its strides: the kernels take any)
-    from .prep import bwd_prep
-    delta, lse2 = bwd_prep(out, dout, lse, dlse)
+    # delta = rowsum(dO * O) - dlse and lse in the log2 domain: the dq kernel computes and
+    # writes them, the dk/dv kernel (launched after it) reads them
+    delta = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(delta)
+    lse = lse if lse.is_contiguous() else lse.contiguous()  # both read as flat [B*Hq*L]
+    if dlse is not None and not dlse.is_contiguous():
+        dlse = dlse.contiguous()
     dq = torch.empty_like(q)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -553,11 +556,12 @@ def backward(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
     full_num = blk.full_kv_num if blk.has_full else blk.kv_num
     full_idx = blk.full_kv_idx if blk.has_full else blk.kv_idx
     launch(mod.flex_bwd_dq, (cdiv(L, m2), B * Hq), (
-        q, k, v, dout, dq, lse2, delta, blk.kv_num, blk.kv_idx, full_num, full_idx,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        q, k, v, dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
+        blk.kv_num, blk.kv_idx, full_num, full_idx,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *out.stride(),
         *_bm_strides(blk.kv_num, blk.kv_idx), *_bm_strides(full_num, full_idx),
         Hq, L, S, plan.scale, drop_scale, lo, hi, thr, *sargs, *margs, *gbufs),
-        dict(BLOCK_M=m2, BLOCK_N=n2, **common), ("dq", id(mod), q.dtype, E, Ev, m2, n2, warps, stages))
+        dict(BLOCK_M=m2, BLOCK_N=n2, HAS_DLSE=dlse is not None, **common), ("dq", id(mod), q.dtype, E, Ev, m2, n2, warps, stages))
     fq_num = blk.full_q_num if blk.has_full else blk.q_num
     fq_idx = blk.full_q_idx if blk.has_full else blk.q_idx
     # dk/dv: the kv tile fixes the grid, so a shared-memory fallback shrinks the q tile

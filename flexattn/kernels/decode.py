@@ -5,7 +5,7 @@ the work is a memory-bound read of K and V. Here each program takes one slice (s
 row's kv tiles, for all query rows of one (batch, head) - or, when the BlockMask is shared
 by the heads of a GQA group (its H is 1), for all query heads reading the same kv head, so
 K/V are read once per kv head. Each split writes an unnormalised partial (acc, m, l); the
-partials are merged by their log-sum-exp in `prep.decode_merge`. Same semantics as the forward
+partials are merged by their log-sum-exp in `merge.decode_merge`. Same semantics as the forward
 (mask_mod applied on every visited tile: it is true on full blocks anyway).
 
 Holes: {SCORE_MOD}, {MASK_MOD} and the buffer parameter lists.
@@ -183,5 +183,5 @@ def decode_forward(plan, q, k, v):
              DOT_PRECISION=_dot_precision(q.dtype, plan.opts),
              num_warps=o.get("decode_num_warps", 4),
              num_stages=o.get("decode_num_stages", 3 if dk != "interp" else 1)))
-    from .prep import decode_merge
+    from .merge import decode_merge
     return decode_merge(acc, m, l, q.dtype)
