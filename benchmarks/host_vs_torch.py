@@ -14,7 +14,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 import triton
@@ -22,16 +21,7 @@ import triton
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-
-def per_call_us(fn, n=400):
-    for _ in range(30):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e6
+from profile_host import per_call_us  # noqa: E402  (wall time per call, back to back, synchronised)
 
 
 def calls(case, S=256, D=64):
@@ -76,7 +66,7 @@ def main():
         times = {key: [] for key in fns}
         for _ in range(a.rounds):
             for key, f in fns.items():
-                times[key].append(per_call_us(f))
+                times[key].append(per_call_us(f, 400))
         for kind in ("fwd", "fwd+bwd"):
             ours, theirs = statistics.median(times[("flexattn", kind)]), statistics.median(times[("torch", kind)])
             print(f"{case:>14} {kind:>7}: flexattn {ours:6.1f} us/call, torch {theirs:6.1f} us/call "
