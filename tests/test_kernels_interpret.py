@@ -97,22 +97,18 @@ def _check(name, L=64, S=64, E=32, Ev=None, B=1, Hq=2, Hkv=None, dtype="float32"
         return
     go = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
     ins = [q, k, v] + list(m.captured.values())
-    ref_ins = [qr, kr, vr] + list(m_ref.captured.values())
-    gold_ins = [q64, k64, v64] + list(m64.captured.values())
-    if lse_grad:  # backpropagate through out and lse together (an empty row's lse is -inf: no gradient)
-        glse = torch.randn(lse.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-        glse = glse.masked_fill(gl.isinf(), 0.0)
+    # with lse_grad, backpropagate through out and lse together (an empty row's -inf lse: none)
+    glse = torch.randn(lse.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    glse = glse.masked_fill(gl.isinf(), 0.0) if lse_grad else None
 
-        def grad_with_lse(o, l, g, inputs):
-            return torch.autograd.grad((o, l.masked_fill(l.isinf(), 0.0)), inputs,
-                                       (g.to(o.dtype), glse.to(l.dtype)), allow_unused=True)
-        got = grad_with_lse(out, lse, go, ins)
-        ref = grad_with_lse(ro, rl, go, ref_ins)
-        gold = grad_with_lse(go64, gl, go, gold_ins)
-    else:
-        got = torch.autograd.grad(out, ins, go)
-        ref = torch.autograd.grad(ro, ref_ins, go, allow_unused=True)
-        gold = torch.autograd.grad(go64, gold_ins, go.double(), allow_unused=True)
+    def grads(o, l, inputs):
+        if glse is None:
+            return torch.autograd.grad(o, inputs, go.to(o.dtype), allow_unused=True)
+        return torch.autograd.grad((o, l.masked_fill(l.isinf(), 0.0)), inputs,
+                                   (go.to(o.dtype), glse.to(l.dtype)), allow_unused=True)
+    got = grads(out, lse, ins)
+    ref = grads(ro, rl, [qr, kr, vr] + list(m_ref.captured.values()))
+    gold = grads(go64, gl, [q64, k64, v64] + list(m64.captured.values()))
     for nm, a, r, g in zip(["dq", "dk", "dv"] + list(m.captured), got, ref, gold):
         assert_close_to_golden(nm, a, torch.zeros_like(a) if r is None else r,
                                torch.zeros_like(a, dtype=torch.float64) if g is None else g)
