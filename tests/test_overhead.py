@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import flexattn.attention as attention_module
-import flexattn.trace as trace_module
+import flexattn.trace_cache as trace_module
 from flexattn import create_block_mask, flex_attention
 from flexattn.block_mask import and_masks, or_masks
 from flexattn.ir import Graph, IRError, infer_dtype
