@@ -65,7 +65,7 @@ def worker(impl, mask, N, device, reps, compare):
     import torch
     mod = make_mask(mask, N, device)
     if impl == "flexattn":
-        from flexattn.block_mask import create_block_mask
+        from flexattn.build_mask import create_block_mask
         build = lambda: create_block_mask(mod, None, None, N, N, device=device)  # noqa: E731
     else:
         from torch.nn.attention.flex_attention import create_block_mask
@@ -98,7 +98,7 @@ def worker(impl, mask, N, device, reps, compare):
         out["delta_mb"] = (peak - base_rss) / 1024
     out["sparsity"] = bm.sparsity()
     if compare and impl == "torch":
-        from flexattn.block_mask import create_block_mask as ours_cbm
+        from flexattn.build_mask import create_block_mask as ours_cbm
         ours = ours_cbm(mod, None, None, N, N, device=device)
         out["identical"] = _identical(ours, bm)
     return out

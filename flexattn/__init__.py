@@ -17,8 +17,8 @@ _EXPORTS = {
     "TraceError": "trace", "trace_mask": "trace", "trace_score": "trace",
     "Graph": "ir", "Node": "ir", "IRError": "ir",
     "evaluate": "evaluate",
-    "BlockMask": "block_mask", "create_block_mask": "block_mask", "create_mask": "block_mask",
-    "and_masks": "block_mask", "or_masks": "block_mask", "noop_mask": "block_mask",
+    "BlockMask": "block_mask", "create_block_mask": "build_mask", "create_mask": "build_mask",
+    "and_masks": "masks", "or_masks": "masks", "noop_mask": "masks",
     "flex_attention": "attention",
     "dropout_mask": "dropout",
 }

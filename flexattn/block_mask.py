@@ -1,77 +1,26 @@
-"""BlockMask: the block-sparse (BCSR) description of a mask, and its builders.
+"""BlockMask: the block-sparse (BCSR) description of a mask. Its docstring is the
+specification of the format.
 
-`create_block_mask` traces the mask_mod, lets `flexattn.analyse` decide most blocks
-(full / empty) by interval arithmetic, and evaluates exactly (`flexattn.evaluate`, tile by
-tile) only the blocks the analysis leaves undecided. The result is identical to evaluating
-the mask everywhere and reducing per block, and memory stays O(#blocks + one batch of
-tiles), never O(Q_LEN * KV_LEN).
+Built by `flexattn.build_mask.create_block_mask` (re-exported as
+`flexattn.create_block_mask`) or from block indices with `BlockMask.from_kv_blocks`.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
-from collections import OrderedDict
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from .evaluate import evaluate
+from .block_states import EMPTY, FULL, PARTIAL, cdiv, evaluate_blocks
 from .ir import Graph
-from .trace import check_arity, check_buffers_device, trace_mask
+from .mask_registry import register_mask_template
+from .masks import noop_mask
+from .trace import trace_mask
 
 _DEFAULT_BLOCK = 128
-# Block states in the int8 state matrix every builder goes through.
-EMPTY, PARTIAL, FULL = 0, 1, 2
-# Elements per batch of exactly evaluated tiles (bounds the memory of the exact pass).
-_TILE_BATCH_ELEMS = 1 << 22
-# Boxes analysed per call (a chunk of q-block rows against every kv block).
-_ANALYSE_CHUNK_ELEMS = 1 << 21
 # Rows of the [rows, nKV] state matrix processed at once when deriving indices.
 _ROW_CHUNK_ELEMS = 1 << 17  # small enough to stay in cache
-
-
-# ---------------------------------------------------------------------------------------
-# Mask combinators (traceable: they only use & and |)
-
-def noop_mask(b, h, q_idx, kv_idx):
-    """Attend everywhere."""
-    return torch.ones_like(q_idx, dtype=torch.bool)
-
-
-def and_masks(*mask_mods: Callable) -> Callable:
-    """The mask_mod that is true where every one of `mask_mods` is true."""
-    _check_mods(mask_mods, "and_masks")
-
-    def and_mask(b, h, q_idx, kv_idx):
-        out = mask_mods[0](b, h, q_idx, kv_idx)
-        for m in mask_mods[1:]:
-            out = out & m(b, h, q_idx, kv_idx)
-        return out
-
-    and_mask.__name__ = "and_masks(" + ", ".join(getattr(m, "__name__", "?") for m in mask_mods) + ")"
-    return and_mask
-
-
-def or_masks(*mask_mods: Callable) -> Callable:
-    """The mask_mod that is true where at least one of `mask_mods` is true."""
-    _check_mods(mask_mods, "or_masks")
-
-    def or_mask(b, h, q_idx, kv_idx):
-        out = mask_mods[0](b, h, q_idx, kv_idx)
-        for m in mask_mods[1:]:
-            out = out | m(b, h, q_idx, kv_idx)
-        return out
-
-    or_mask.__name__ = "or_masks(" + ", ".join(getattr(m, "__name__", "?") for m in mask_mods) + ")"
-    return or_mask
-
-
-def _check_mods(mods, fn):
-    if not mods:
-        raise TypeError(f"{fn}() needs at least one mask_mod, got none")
-    for i, m in enumerate(mods):
-        check_arity(m, "mask", f"{fn} argument {i}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -98,35 +47,17 @@ def _positive(name, value, allow_none=False) -> int:
     return value
 
 
-def _check_device(device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} but this torch build sees no CUDA device; "
-                         f"pass device='cpu' (or the device of your query tensor)")
-    return device
-
-
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
 # ---------------------------------------------------------------------------------------
 # State matrix <-> ordered indices
 
-def _ordered_from_state(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(num [.., R], indices [.., R, C]) int32 from a bool matrix sel [.., R, C].
+def _ordered_from_codes(state: torch.Tensor, codes, transpose: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(num [.., R], indices [.., R, C]) int32 of the bool matrix `state == code` [.., R, C],
+    for each code (of state.transpose(-2, -1) when `transpose`).
 
     Row r lists its selected columns ascending in indices[..., r, :num[r]]; the rest of the
     row holds the unselected columns, ascending, so every row is a permutation of 0..C-1
-    (torch's convention: stray reads past num stay in bounds). Done in row chunks with
-    cumsum + scatter: O(R*C), no sort, memory O(chunk) beyond the outputs.
-    """
-    return _ordered_from_codes(sel, (True,))[0]
-
-
-def _ordered_from_codes(state: torch.Tensor, codes, transpose: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """_ordered_from_state(state == code) for each code (of state.transpose(-2, -1) when
-    `transpose`), reading `state` once, in row chunks small enough to stay in cache; the
+    (torch's convention: stray reads past num stay in bounds). Reads `state` once, in row
+    chunks small enough to stay in cache (cumsum + scatter: O(R*C), no sort); the
     transposed chunks are cut from column slabs, so no transposed copy is ever built."""
     *lead, R, C = state.shape
     if transpose:
@@ -177,25 +108,6 @@ def _state_from_blockmask(bm: "BlockMask") -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------
 # BlockMask
-
-# mask_key -> the traced mask without its captured tensors. Under torch.compile the
-# compiled path (flexattn.compiled) finds a BlockMask's mask here by its `mask_key`, a str
-# that dynamo guards by value: a new BlockMask of the same mask structure (a new document
-# layout, say) reuses the compiled graph, its tensors being graph inputs.
-_MASK_TEMPLATES: "OrderedDict[str, Graph]" = OrderedDict()
-_MASK_TEMPLATES_MAX = 1024
-
-
-def _register_mask_template(graph: Optional[Graph]) -> str:
-    if graph is None:
-        return ""
-    key = hashlib.sha256(graph.structure_key().encode()).hexdigest()[:20]
-    if key not in _MASK_TEMPLATES:
-        _MASK_TEMPLATES[key] = graph._with_buffers([])
-        while len(_MASK_TEMPLATES) > _MASK_TEMPLATES_MAX:
-            _MASK_TEMPLATES.popitem(last=False)
-    return key
-
 
 class BlockMask:
     """Block-sparse mask in torch.nn.attention.flex_attention's BCSR format.
@@ -257,21 +169,14 @@ class BlockMask:
         self.mask_mod = mask_mod if mask_mod is not None else noop_mask
         self.seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
         self.mask_graph = mask_graph
+        # the key the torch.compile path finds the mask graph by (flexattn.mask_registry)
+        self.mask_key = register_mask_template(mask_graph)
 
     def __getstate__(self) -> dict:
         # copies and pickles leave out what the kernels cache on a mask (`_flexattn_*`: its
         # kernels' view of the block lists, the tile-table form, replayed calls holding
         # compiled kernels): derived state, rebuilt on first use
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_flexattn_")}
-
-    @property
-    def mask_graph(self) -> Optional[Graph]:
-        return self._mask_graph
-
-    @mask_graph.setter
-    def mask_graph(self, graph: Optional[Graph]) -> None:
-        self._mask_graph = graph
-        self.mask_key = _register_mask_template(graph)
 
     # ---- construction --------------------------------------------------------------
     @classmethod
@@ -378,7 +283,7 @@ class BlockMask:
             max_r = max_c = grid_size
         else:
             max_r, max_c = grid_size
-        rs, cs = max(1, _cdiv(nr, max_r)), max(1, _cdiv(nc, max_c))
+        rs, cs = max(1, cdiv(nr, max_r)), max(1, cdiv(nc, max_c))
         out = []
         for k, bidx in enumerate(itertools.product(*[range(n) for n in lead])):
             if k == limit:
@@ -449,8 +354,11 @@ class BlockMask:
         bm = BlockMask.from_kv_blocks(take(self.kv_num_blocks), take(self.kv_indices),
                                       take(self.full_kv_num_blocks), take(self.full_kv_indices),
                                       BLOCK_SIZE=self.BLOCK_SIZE, seq_lengths=self.seq_lengths,
-                                      compute_q_blocks=self.q_indices is not None)
-        bm.mask_mod, bm.mask_graph = (self.mask_mod, self.mask_graph) if keep else (_sliced_mask_mod_error, None)
+                                      compute_q_blocks=self.q_indices is not None,
+                                      mask_mod=self.mask_mod if keep else None,
+                                      mask_graph=self.mask_graph if keep else None)
+        if not keep:
+            bm.mask_mod = _sliced_mask_mod_error
         return bm
 
     def crop(self, new_q_len: int, new_kv_len: int) -> "BlockMask":
@@ -466,7 +374,7 @@ class BlockMask:
             raise ValueError(f"crop can only shorten: the mask has lengths (Q_LEN={Q}, KV_LEN={KV}), asked for "
                              f"({new_q_len}, {new_kv_len}); build a new mask with create_block_mask for longer ones")
         qb, kvb = self.BLOCK_SIZE
-        nq, nkv = _cdiv(new_q_len, qb), _cdiv(new_kv_len, kvb)
+        nq, nkv = cdiv(new_q_len, qb), cdiv(new_kv_len, kvb)
         state = self.block_states()[..., :nq, :nkv].clone()
         B, H = state.shape[:2]
         # Only the new edge row / column changes: it may now contain padding.
@@ -488,7 +396,7 @@ class BlockMask:
                         continue
                     qi = qi + (rs.start or 0)
                     kj = kj + (cs.start or 0)
-                    res = _evaluate_blocks(self.mask_graph, b, h, qi.to(self.device), kj.to(self.device),
+                    res = evaluate_blocks(self.mask_graph, b, h, qi.to(self.device), kj.to(self.device),
                                            (qb, kvb), new_q_len, new_kv_len, self.device)
                     state[b, h, qi, kj] = res
         return BlockMask._from_state(state, self.BLOCK_SIZE, self.mask_mod, (new_q_len, new_kv_len),
@@ -500,145 +408,3 @@ class BlockMask:
 def _sliced_mask_mod_error(b, h, q_idx, kv_idx):
     raise RuntimeError("this BlockMask was sliced, so its mask_mod no longer applies at the sliced indices; "
                        "build the mask for the sliced shape with create_block_mask instead")
-
-
-# ---------------------------------------------------------------------------------------
-# Builders
-
-def evaluate_block_tiles(graph: Graph, b, h, qi: torch.Tensor, kj: torch.Tensor,
-                         block: tuple[int, int], Q_LEN: int, KV_LEN: int) -> torch.Tensor:
-    """bool [n, Q_BLOCK, KV_BLOCK]: the mask on blocks (qi[n], kj[n]); b, h int32 tensors
-    that broadcast against [n, 1, 1] (0-d for one row). Padding positions (>= Q_LEN /
-    KV_LEN) are evaluated at a clamped index (so captured tensors sized to the lengths are
-    never read out of bounds) and then counted False."""
-    qb, kvb = block
-    dev = qi.device
-    q = (qi.to(torch.int32) * qb)[:, None, None] + torch.arange(qb, dtype=torch.int32, device=dev)[None, :, None]
-    kv = (kj.to(torch.int32) * kvb)[:, None, None] + torch.arange(kvb, dtype=torch.int32, device=dev)[None, None, :]
-    m = evaluate(graph, b=b, h=h, q_idx=q.clamp(max=Q_LEN - 1), kv_idx=kv.clamp(max=KV_LEN - 1))
-    return m & (q < Q_LEN) & (kv < KV_LEN)
-
-
-def _evaluate_blocks(graph: Graph, b: int, h: int, qi: torch.Tensor, kj: torch.Tensor,
-                     block: tuple[int, int], Q_LEN: int, KV_LEN: int, device) -> torch.Tensor:
-    """Exact state (int8 EMPTY/PARTIAL/FULL) of the blocks (qi[n], kj[n]), batched tiles."""
-    qb, kvb = block
-    out = torch.empty(qi.numel(), dtype=torch.int8, device=device)
-    per = max(1, _TILE_BATCH_ELEMS // (qb * kvb))
-    bt = torch.tensor(b, dtype=torch.int32, device=device)
-    ht = torch.tensor(h, dtype=torch.int32, device=device)
-    for s in range(0, qi.numel(), per):
-        m = evaluate_block_tiles(graph, bt, ht, qi[s:s + per], kj[s:s + per], block, Q_LEN, KV_LEN)
-        anyv = m.flatten(1).any(1)
-        allv = m.flatten(1).all(1)
-        out[s:s + per] = torch.where(allv, FULL, torch.where(anyv, PARTIAL, EMPTY)).to(torch.int8)
-    return out
-
-
-def _sample_blocks(graph: Graph, b: int, h: int, qi: torch.Tensor, kj: torch.Tensor,
-                   block: tuple[int, int], Q_LEN: int, KV_LEN: int, device) -> torch.Tensor:
-    """PARTIAL where a few sample points of the block (its corners and centre, real
-    positions only) already show both a true and a false value - or a true value in a
-    block with padding -, else UNDECIDED. Exact: such a block is neither full nor empty.
-    Cheap: 5 evaluations per block instead of Q_BLOCK * KV_BLOCK."""
-    from .analyse import UNDECIDED
-
-    qb, kvb = block
-    q0 = qi.to(torch.int64) * qb
-    k0 = kj.to(torch.int64) * kvb
-    q1 = torch.clamp(q0 + qb - 1, max=Q_LEN - 1)
-    k1 = torch.clamp(k0 + kvb - 1, max=KV_LEN - 1)
-    qs = torch.stack([q0, q0, q1, q1, (q0 + q1) // 2], 1).to(torch.int32)
-    ks = torch.stack([k0, k1, k0, k1, (k0 + k1) // 2], 1).to(torch.int32)
-    v = evaluate(graph, b=torch.tensor(b, dtype=torch.int32, device=device),
-                 h=torch.tensor(h, dtype=torch.int32, device=device), q_idx=qs, kv_idx=ks)
-    anyv, allv = v.any(1), v.all(1)
-    padded = ((q0 + qb) > Q_LEN) | ((k0 + kvb) > KV_LEN)
-    partial = anyv & (~allv | padded)
-    return torch.where(partial, torch.tensor(PARTIAL, dtype=torch.int8, device=device),
-                       torch.tensor(UNDECIDED, dtype=torch.int8, device=device))
-
-
-def _block_states(graph: Graph, Bm: int, Hm: int, Q_LEN: int, KV_LEN: int, block, device) -> torch.Tensor:
-    """int8 [Bm, Hm, nQ, nKV] of EMPTY / PARTIAL / FULL: analysis first, exact evaluation
-    of the undecided blocks after, one chunk of q-block rows at a time."""
-    from .analyse import BoxAnalyser, UNDECIDED
-
-    qb, kvb = block
-    nq, nkv = _cdiv(Q_LEN, qb), _cdiv(KV_LEN, kvb)
-    state = torch.empty(Bm, Hm, nq, nkv, dtype=torch.int8, device=device)
-    analyser = BoxAnalyser(graph, Q_LEN, KV_LEN, device=device)
-    # Index ranges of the real (unpadded) positions of each block, inclusive.
-    kv_lo = torch.arange(nkv, dtype=torch.int64, device=device) * kvb
-    kv_hi = torch.clamp(kv_lo + kvb - 1, max=KV_LEN - 1)
-    chunk = max(1, _ANALYSE_CHUNK_ELEMS // max(nkv, 1))
-    for b, h in itertools.product(range(Bm), range(Hm)):
-        for r0 in range(0, nq, chunk):
-            r1 = min(nq, r0 + chunk)
-            q_lo = torch.arange(r0, r1, dtype=torch.int64, device=device) * qb
-            q_hi = torch.clamp(q_lo + qb - 1, max=Q_LEN - 1)
-            st = analyser.decide(b, h, q_lo[:, None], q_hi[:, None], kv_lo[None, :], kv_hi[None, :])
-            st = st.expand(r1 - r0, nkv).contiguous()
-            # A block with padding is never full; the analysis saw only its real positions.
-            # Padding lives only in the last block row / column.
-            if r1 == nq and Q_LEN % qb:
-                st[-1][st[-1] == FULL] = PARTIAL
-            if KV_LEN % kvb:
-                col = st[:, -1]
-                st[:, -1] = torch.where(col == FULL, torch.tensor(PARTIAL, dtype=torch.int8, device=device), col)
-            und = st == UNDECIDED
-            if bool(und.any()):
-                qi, kj = torch.nonzero(und, as_tuple=True)
-                res = _sample_blocks(graph, b, h, qi + r0, kj, block, Q_LEN, KV_LEN, device)
-                rest = res == UNDECIDED
-                if bool(rest.any()):
-                    res[rest] = _evaluate_blocks(graph, b, h, qi[rest] + r0, kj[rest], block, Q_LEN, KV_LEN, device)
-                st[qi, kj] = res
-            state[b, h, r0:r1] = st
-    return state
-
-
-def _checked_mask_args(mask_mod, B, H, Q_LEN, KV_LEN, device):
-    """Validate the arguments shared by create_block_mask and create_mask and trace the mod:
-    (graph, B, H, Q_LEN, KV_LEN, device) with B / H None made 1."""
-    check_arity(mask_mod, "mask", "mask_mod")
-    B = _positive("B", B, allow_none=True)
-    H = _positive("H", H, allow_none=True)
-    Q_LEN = _positive("Q_LEN", Q_LEN)
-    KV_LEN = _positive("KV_LEN", KV_LEN)
-    device = _check_device(device)
-    graph = trace_mask(mask_mod)
-    check_buffers_device(graph, device, "mask_mod")
-    return graph, B, H, Q_LEN, KV_LEN, device
-
-
-def create_block_mask(mask_mod: Callable, B: Optional[int], H: Optional[int], Q_LEN: int, KV_LEN: int,
-                      device="cpu", BLOCK_SIZE=_DEFAULT_BLOCK, _compile: bool = False) -> BlockMask:
-    """Exact BlockMask of `mask_mod` for a [B, H, Q_LEN, KV_LEN] attention.
-
-    B / H None mean 1 (the mask broadcasts over batch / heads). A mask that does not read
-    b (or h) is analysed once and broadcast to B (or H). `_compile` is accepted for torch
-    compatibility and ignored (nothing here needs compiling)."""
-    graph, B, H, Q_LEN, KV_LEN, device = _checked_mask_args(mask_mod, B, H, Q_LEN, KV_LEN, device)
-    block = _block_size(BLOCK_SIZE)
-    Bm = B if graph.uses("b") else 1
-    Hm = H if graph.uses("h") else 1
-    state = _block_states(graph, Bm, Hm, Q_LEN, KV_LEN, block, device)
-    state = state.expand(B, H, *state.shape[2:])
-    if Bm != B or Hm != H:
-        # derive indices once for the distinct masks, then broadcast (copy) them
-        bm = BlockMask._from_state(state[:Bm, :Hm], block, mask_mod, (Q_LEN, KV_LEN), graph)
-        t = {a: getattr(bm, a).expand(B, H, *getattr(bm, a).shape[2:]).contiguous() for a in BlockMask._TENSOR_ATTRS}
-        return BlockMask(**t, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(Q_LEN, KV_LEN), mask_graph=graph)
-    return BlockMask._from_state(state, block, mask_mod, (Q_LEN, KV_LEN), graph)
-
-
-def create_mask(mask_mod: Callable, B: Optional[int], H: Optional[int], Q_LEN: int, KV_LEN: int,
-                device="cpu") -> torch.Tensor:
-    """Dense bool mask [B, H, Q_LEN, KV_LEN] (B / H None mean 1). O(B*H*Q*KV) memory:
-    for inspection and tests; attention uses create_block_mask."""
-    graph, B, H, Q_LEN, KV_LEN, device = _checked_mask_args(mask_mod, B, H, Q_LEN, KV_LEN, device)
-    i32 = dict(dtype=torch.int32, device=device)
-    return evaluate(graph, b=torch.arange(B, **i32)[:, None, None, None], h=torch.arange(H, **i32)[None, :, None, None],
-                    q_idx=torch.arange(Q_LEN, **i32)[None, None, :, None],
-                    kv_idx=torch.arange(KV_LEN, **i32)[None, None, None, :]).contiguous()

@@ -24,7 +24,8 @@ import math
 import torch
 
 from . import ops
-from .block_mask import _MASK_TEMPLATES, BlockMask, noop_mask
+from .block_mask import BlockMask, noop_mask
+from .mask_registry import _MASK_TEMPLATES
 
 # plan key -> the score_mod's captured tensors (graph inputs of the compiled graph)
 _SCORE_BUFFERS: dict[str, tuple] = {}

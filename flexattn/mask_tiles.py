@@ -26,7 +26,8 @@ from typing import Optional
 
 import torch
 
-from .block_mask import BlockMask, evaluate_block_tiles
+from .block_mask import BlockMask
+from .block_states import evaluate_block_tiles
 from .trace import trace_mask
 
 DEFAULT_MAX_BYTES = 256 * 2 ** 20

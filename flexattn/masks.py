@@ -26,9 +26,12 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from .trace import check_arity
+
 __all__ = [
     "causal", "sliding_window", "band", "prefix_lm", "document", "dilated_sliding_window",
     "chunked", "full", "padding", "doc_ids_from_cu_seqlens", "alignment_offset",
+    "noop_mask", "and_masks", "or_masks",
 ]
 
 MaskMod = Callable
@@ -359,3 +362,46 @@ def _pad_ids(ids: torch.Tensor, length: Optional[int], fill: int) -> torch.Tenso
         return ids
     pad = torch.full((*ids.shape[:-1], length - ids.shape[-1]), fill, dtype=ids.dtype, device=ids.device)
     return torch.cat([ids, pad], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------
+# Combinators (traceable: they only use & and |)
+
+def noop_mask(b, h, q_idx, kv_idx):
+    """Attend everywhere."""
+    return torch.ones_like(q_idx, dtype=torch.bool)
+
+
+def and_masks(*mask_mods: Callable) -> Callable:
+    """The mask_mod that is true where every one of `mask_mods` is true."""
+    _check_mods(mask_mods, "and_masks")
+
+    def and_mask(b, h, q_idx, kv_idx):
+        out = mask_mods[0](b, h, q_idx, kv_idx)
+        for m in mask_mods[1:]:
+            out = out & m(b, h, q_idx, kv_idx)
+        return out
+
+    and_mask.__name__ = "and_masks(" + ", ".join(getattr(m, "__name__", "?") for m in mask_mods) + ")"
+    return and_mask
+
+
+def or_masks(*mask_mods: Callable) -> Callable:
+    """The mask_mod that is true where at least one of `mask_mods` is true."""
+    _check_mods(mask_mods, "or_masks")
+
+    def or_mask(b, h, q_idx, kv_idx):
+        out = mask_mods[0](b, h, q_idx, kv_idx)
+        for m in mask_mods[1:]:
+            out = out | m(b, h, q_idx, kv_idx)
+        return out
+
+    or_mask.__name__ = "or_masks(" + ", ".join(getattr(m, "__name__", "?") for m in mask_mods) + ")"
+    return or_mask
+
+
+def _check_mods(mods, fn):
+    if not mods:
+        raise TypeError(f"{fn}() needs at least one mask_mod, got none")
+    for i, m in enumerate(mods):
+        check_arity(m, "mask", f"{fn} argument {i}")

@@ -117,7 +117,8 @@ class FlashAttention(nn.Module):
     def flash_attn(self, q, k, v, mask=None, attn_bias=None):
         """The flexattn path (block-sparse kernels)."""
         from .attention import flex_attention
-        from .block_mask import and_masks, create_block_mask
+        from .build_mask import create_block_mask
+        from .masks import and_masks
         from .varlen import create_varlen_block_mask
 
         q, k, v, mask_mods, keep_shape, score_mod = self._prepare(q, k, v, mask, attn_bias)
@@ -135,7 +136,7 @@ class FlashAttention(nn.Module):
                               enable_gqa=q.shape[1] != k.shape[1], dropout_p=p)
 
     def _dense_attn(self, q, k, v, mask=None, attn_bias=None):
-        from .block_mask import and_masks
+        from .masks import and_masks
         from .dropout import draw_seed, dropout_mask
         from .reference import reference_attention
 

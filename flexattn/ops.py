@@ -188,7 +188,7 @@ def run_opcheck(q, k, v, score_mod=None, mask_mod=None):
     a captured per-head tensor and a causal mask by default); CUDA inputs run the kernels,
     CPU inputs the CPU path."""
     from .trace import trace_score
-    from .block_mask import create_block_mask
+    from .build_mask import create_block_mask
     from .autodiff import grad_slots
     from .codegen import kernel_graph
     H, L, S = q.shape[1], q.shape[2], k.shape[2]

@@ -30,6 +30,9 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from . import masks as _masks
+from .block_mask import BlockMask, _block_size
+from .block_states import EMPTY, FULL, PARTIAL
+from .trace import trace_mask
 
 __all__ = ["create_varlen_block_mask", "varlen_mask_mod", "cu_seqlens_from_lengths"]
 
@@ -149,9 +152,6 @@ def create_varlen_block_mask(cu_seqlens_q, cu_seqlens_kv=None, *, causal: bool =
     The returned mask's ``mask_mod`` is `varlen_mask_mod` of the same arguments, so the
     kernels evaluate the boundary blocks with it.
     """
-    from .block_mask import BlockMask, _block_size, EMPTY, PARTIAL, FULL
-    from .trace import trace_mask
-
     cu_q = _masks._as_cu(cu_seqlens_q, "cu_seqlens_q")
     cu_k = cu_q if cu_seqlens_kv is None else _masks._as_cu(cu_seqlens_kv, "cu_seqlens_kv")
     if len(cu_q) != len(cu_k):

@@ -33,7 +33,8 @@ def save_mask_png(block_mask_or_mask_mod, path: str, *, b: int = 0, h: int = 0, 
     Block level (default): each block coloured empty / partial / full. A mask_mod is first
     built into a BlockMask with Q_LEN / KV_LEN / BLOCK_SIZE. element_level=True draws the
     dense mask itself (needs the mask_mod and at most 4096 x 4096 positions)."""
-    from .block_mask import BlockMask, create_block_mask, create_mask
+    from .block_mask import BlockMask
+    from .build_mask import create_block_mask, create_mask
     plt = _plt()
     if isinstance(block_mask_or_mask_mod, BlockMask):
         bm = block_mask_or_mask_mod

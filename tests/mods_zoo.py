@@ -33,7 +33,7 @@ class ZooMod:
 
 def _and_masks(*mods):
     try:
-        from flexattn.block_mask import and_masks
+        from flexattn.masks import and_masks
         return and_masks(*mods)
     except ImportError:  # block_mask.py not written yet: an equivalent local composition
         def combined(b, h, q_idx, kv_idx):
@@ -46,7 +46,7 @@ def _and_masks(*mods):
 
 def _or_masks(*mods):
     try:
-        from flexattn.block_mask import or_masks
+        from flexattn.masks import or_masks
         return or_masks(*mods)
     except ImportError:
         def combined(b, h, q_idx, kv_idx):

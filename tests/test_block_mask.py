@@ -10,7 +10,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from flexattn.block_mask import (BlockMask, and_masks, create_block_mask, create_mask, noop_mask, or_masks)
+from flexattn.block_mask import BlockMask
+from flexattn.build_mask import create_block_mask, create_mask
+from flexattn.masks import and_masks, noop_mask, or_masks
 from flexattn.trace import TraceError
 
 EMPTY, PARTIAL, FULL = 0, 1, 2

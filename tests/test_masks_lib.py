@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flexattn import masks, mods
-from flexattn.block_mask import create_block_mask, create_mask
+from flexattn.build_mask import create_block_mask, create_mask
 from flexattn.varlen import create_varlen_block_mask, cu_seqlens_from_lengths
 
 

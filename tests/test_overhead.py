@@ -17,7 +17,7 @@ import torch
 import flexattn.attention as attention_module
 import flexattn.trace_cache as trace_module
 from flexattn import create_block_mask, flex_attention
-from flexattn.block_mask import and_masks, or_masks
+from flexattn.masks import and_masks, or_masks
 from flexattn.ir import Graph, IRError, infer_dtype
 from flexattn.reference import reference_attention
 from flexattn.trace import TraceError, clear_trace_cache, set_trace_cache_enabled, trace_mask, trace_score

@@ -222,7 +222,8 @@ def flash_attention_score(query, key, value, head_num, real_shift=None, drop_mas
     """FlashAttentionScore: see the module docstring for every argument. Returns attention_out
     (the query's shape, layout and dtype). Differentiable w.r.t. query, key, value and real_shift."""
     from ..attention import flex_attention
-    from ..block_mask import and_masks, create_block_mask
+    from ..build_mask import create_block_mask
+    from ..masks import and_masks
     from ..varlen import create_varlen_block_mask, varlen_mask_mod
 
     # ---- arguments -----------------------------------------------------------------
