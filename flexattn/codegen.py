@@ -1,7 +1,8 @@
-"""IR -> Triton: an expression printer, kernel-source assembly, and the on-disk cache.
+"""IR -> Triton: an expression printer and the mod functions the kernel templates call.
 
 The kernels in `flexattn.kernels` are real Triton source templates with a few named
-holes (`{SCORE_MOD}`, `{MASK_MOD}`, `{SCORE_BUF_PARAMS}`, ...). This module fills them:
+holes (`{SCORE_MOD}`, `{MASK_MOD}`, `{SCORE_BUF_PARAMS_TRAIL}`, ...). This module prints
+what goes into them:
 
 * `TritonPrinter` prints one IR graph as the body of a `@triton.jit` helper: one
   `_print_<op>` method per IR op; ops in `UNSUPPORTED` (and anything without a method)
@@ -12,10 +13,10 @@ holes (`{SCORE_MOD}`, `{MASK_MOD}`, `{SCORE_BUF_PARAMS}`, ...). This module fill
 * Captured tensors become three kinds of argument per buffer slot: a pointer, one stride
   and one size per dimension (`sb0_ptr, sb0_s0, sb0_n0, ...`). Loads are bounds-checked
   (out-of-range reads give 0) and address math is int64.
-* `load_module(source)` writes generated source to the cache directory, keyed by the hash
-  of the source itself, and imports it. The source depends only on the graphs'
-  `structure_key()`, dtypes, head dims and options - never on captured values - so new
-  values in a captured tensor never recompile.
+
+The pass that runs before printing (number constants lifted into kernel arguments) is
+`flexattn.lift_params.kernel_graph`; the on-disk cache of generated source is
+`flexattn.source_cache` (both re-exported here for the kernels).
 
 Semantics that differ between torch and Triton and are handled here:
 * `//` and `%` on integers: torch floors, Triton truncates -> `_floordiv` / `_floormod`.
@@ -32,16 +33,14 @@ an integer add and an int-to-float conversion per score.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import math
 import os
-import sys
-import tempfile
 
 import torch
 
 from .ir import Graph, Node
+from .lift_params import kernel_graph  # noqa: F401 (re-exported for the kernels)
+from .source_cache import load_module, source_key  # noqa: F401 (re-exported for the kernels)
 
 # Ops the printer declares unsupported (with the reason shown to the user).
 UNSUPPORTED = {
@@ -420,50 +419,6 @@ def buffer_args(graph: Graph | None, buffers=None) -> list:
     return out + list(graph.params)
 
 
-# ---- lifting constants into kernel arguments -------------------------------------------
-
-# (op, argument position) uses that keep a constant in the source: load indices (bounds
-# tests on literals, and the index math the compiler folds), integer divisors (division by
-# a literal is a multiply-shift; by an argument, a real division), pow exponents (printed
-# as multiplications / sqrt by value).
-_KEEP_LITERAL = {("floordiv", 1), ("mod", 1), ("pow", 1)}
-_INT32 = (-2 ** 31, 2 ** 31)
-
-
-def _liftable(graph: Graph) -> set[int]:
-    """ids of the live consts that become params: finite floats and ints that fit a 32-bit
-    kernel argument, unless some use keeps them literal (_KEEP_LITERAL, load indices)."""
-    live = graph.live_nodes()
-    lift = {id(n) for n in live if n.op == "const" and not isinstance(n.args[0], bool) and (
-        (isinstance(n.args[0], int) and _INT32[0] <= n.args[0] < _INT32[1])
-        or (isinstance(n.args[0], float) and math.isfinite(n.args[0])))}
-    for n in live:
-        for pos, a in enumerate(n.inputs):
-            if (n.op, pos) in _KEEP_LITERAL or (n.op == "load" and pos > 0):
-                lift.discard(id(a))
-    return lift
-
-
-def kernel_graph(graph: Graph | None) -> Graph | None:
-    """`graph` with its Python number constants lifted into `param` leaves: the kernels take
-    them as arguments, so a mod that differs only in such a number (a window width, a
-    softcap, a bias scale) reuses the compiled kernel. Buffer slots are kept. The lifted
-    template is memoised on the graph (copies from the trace cache share it)."""
-    if graph is None:
-        return None
-    stamp = graph._stamp()
-    hit = graph._memo.get("kernel")
-    if hit is None or hit[0] != stamp:
-        lift = _liftable(graph)
-        # the memo keeps a buffer-less template: it outlives the call's captured tensors
-        lifted = graph.copy(lift_consts=lift).verify()._with_buffers([]) if lift else None
-        hit = graph._memo["kernel"] = (stamp, lifted)
-    # nothing to lift: the graph itself (no copy on the per-call path)
-    return graph if hit[1] is None else hit[1]._with_buffers(graph.buffers)
-
-
-
-
 INDEX_INPUTS = {"score": "score", "b": "off_z", "h": "off_h", "q_idx": "q_idx", "kv_idx": "kv_idx"}
 
 
@@ -548,38 +503,3 @@ def mod_backward_function(name: str, graph: Graph | None, prefix: str, grad_bufs
     ds = outs[0]
     lines.append(f"    return tl.where(valid, grad * ({ds}), 0.0)")
     return "\n".join(lines) + "\n"
-
-
-# ---- source cache --------------------------------------------------------------------
-
-def cache_dir() -> str:
-    d = os.environ.get("FLEXATTN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "flexattn")
-    os.makedirs(d, exist_ok=True)
-    return d
-
-
-_MODULES: dict[str, object] = {}
-
-
-def source_key(source: str) -> str:
-    return hashlib.sha256(source.encode()).hexdigest()[:24]
-
-
-def load_module(source: str, stem: str = "kernel"):
-    """Import generated `source` (cached in memory and on disk by its hash)."""
-    key = source_key(source)
-    if key in _MODULES:
-        return _MODULES[key]
-    path = os.path.join(cache_dir(), f"{stem}_{key}.py")
-    if not os.path.exists(path):
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(source)
-        os.replace(tmp, path)  # atomic: concurrent processes never see half a file
-    name = f"flexattn_generated_{stem}_{key}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    _MODULES[key] = mod
-    return mod

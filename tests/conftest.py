@@ -1,4 +1,5 @@
-"""Shared test helpers: the numerics rule, input builders, and the `gpu` marker.
+"""Shared test helpers: the numerics rule, input builders, the `gpu` marker, and a
+temporary kernel cache for the whole session (FLEXATTN_CACHE_DIR).
 
 Import helpers in a test file with `from conftest import assert_close_to_golden, make_qkv`
 (pytest puts tests/ on sys.path), and the mods with `from mods_zoo import make_mod`.
@@ -78,6 +79,20 @@ def grads_of(outputs, inputs, grad_outputs):
     """torch.autograd.grad that tolerates inputs that do not get a gradient (returns zeros)."""
     grads = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_kernel_cache(tmp_path_factory):
+    """Generated kernels and autotune results go to a session tmp directory (inherited by
+    the subprocesses tests start), never into the user's cache."""
+    d = tmp_path_factory.mktemp("flexattn_cache")
+    previous = os.environ.get("FLEXATTN_CACHE_DIR")
+    os.environ["FLEXATTN_CACHE_DIR"] = str(d)
+    yield d
+    if previous is None:
+        os.environ.pop("FLEXATTN_CACHE_DIR", None)
+    else:
+        os.environ["FLEXATTN_CACHE_DIR"] = previous
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from flexattn import codegen
+from flexattn import codegen, lift_params, source_cache
 from flexattn.autodiff import differentiate
 from flexattn.trace import trace_mask, trace_score
 
@@ -80,15 +80,43 @@ def test_source_ignores_captured_values():
         return lambda s, b, h, q, kv: s + t[q % 8]
     a = generated_source(trace_score(make(t1)), None)
     b = generated_source(trace_score(make(t2)), None)
-    assert a == b and codegen.source_key(a) == codegen.source_key(b)
+    assert a == b and source_cache.source_key(a) == source_cache.source_key(b)
     c = generated_source(trace_score(lambda s, b, h, q, kv: s + t1[q % 5]), None)
     assert c != a
 
 
 def test_cache_dir_override(tmp_path, monkeypatch):
     monkeypatch.setenv("FLEXATTN_CACHE_DIR", str(tmp_path))
-    mod = codegen.load_module(codegen.PRELUDE + "\nX = 42\n", "unit")
+    mod = source_cache.load_module(codegen.PRELUDE + "\nX = 42\n", "unit")
     assert mod.X == 42 and any(p.name.startswith("unit_") for p in tmp_path.iterdir())
+
+
+def test_cache_dir_follows_xdg(tmp_path, monkeypatch):
+    """Without FLEXATTN_CACHE_DIR: $XDG_CACHE_HOME/flexattn when it is an absolute path,
+    else ~/.cache/flexattn (unset, empty or relative: the XDG Base Directory default)."""
+    monkeypatch.delenv("FLEXATTN_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert source_cache.cache_dir() == str(tmp_path / "xdg" / "flexattn")
+    assert (tmp_path / "xdg" / "flexattn").is_dir()
+    home_cache = str(tmp_path / "home" / ".cache" / "flexattn")
+    for value in ("", "relative/dir"):
+        monkeypatch.setenv("XDG_CACHE_HOME", value)
+        assert source_cache.cache_dir() == home_cache
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert source_cache.cache_dir() == home_cache
+    monkeypatch.setenv("FLEXATTN_CACHE_DIR", str(tmp_path / "override"))  # the override wins
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert source_cache.cache_dir() == str(tmp_path / "override")
+
+
+def test_suite_uses_a_temporary_cache(tmp_path_factory):
+    """conftest points FLEXATTN_CACHE_DIR at a session tmp directory: the suite never writes
+    into the user's cache, and the autotuner's file lives in the same directory."""
+    from flexattn.kernels import autotune
+    d = os.environ.get("FLEXATTN_CACHE_DIR")
+    assert d and os.path.realpath(d).startswith(os.path.realpath(tmp_path_factory.getbasetemp()) + os.sep)
+    assert os.path.dirname(autotune.cache_path()) == source_cache.cache_dir() == d
 
 
 def test_derivative_ir():
@@ -115,7 +143,7 @@ def _with_output(graph, node):
 
 
 def _index_src(fn, small):
-    g = codegen.kernel_graph(trace_score(fn))  # what the kernels print: consts lifted to params
+    g = lift_params.kernel_graph(trace_score(fn))  # what the kernels print: consts lifted to params
     return codegen.mod_function("score_mod", g, "score", "sb", small_indices=small)
 
 
@@ -152,13 +180,13 @@ def test_small_index_sums_are_bit_identical_in_triton():
     indices up to SMALL_INDEX_LIMIT (the interpreter rounds like the GPU: IEEE float32)."""
     code = r'''
 import torch, triton, triton.language as tl
-from flexattn import codegen
+from flexattn import codegen, lift_params, source_cache
 from flexattn.trace import trace_score
 mod_fn = lambda s, b, h, q, kv: s + ((kv - q) - (h - b))
-g = codegen.kernel_graph(trace_score(mod_fn))
+g = lift_params.kernel_graph(trace_score(mod_fn))
 src = (codegen.mod_function("mod_small", g, "score", "sb", small_indices=True)
        + codegen.mod_function("mod_int", g, "score", "sb", small_indices=False))
-mod = codegen.load_module(codegen.PRELUDE + src + """
+mod = source_cache.load_module(codegen.PRELUDE + src + """
 @triton.jit
 def k(QI, KI, OUT_SMALL, OUT_INT, M: tl.constexpr, N: tl.constexpr):
     q = tl.load(QI + tl.arange(0, M))[:, None]
@@ -189,8 +217,8 @@ def test_floor_semantics_in_triton():
     """// and % on negative integers follow Python/torch (floor), not Triton (truncate)."""
     code = r'''
 import torch, triton, triton.language as tl
-from flexattn import codegen
-mod = codegen.load_module(codegen.PRELUDE + """
+from flexattn import codegen, lift_params, source_cache
+mod = source_cache.load_module(codegen.PRELUDE + """
 @triton.jit
 def k(A, B, Q, R, N: tl.constexpr):
     o = tl.arange(0, N)

@@ -124,7 +124,7 @@ def _check_new_constants_reuse_kernels():
     compiled for the first one - the numbers are kernel arguments - and stay exact."""
     import torch
     import flexattn
-    from flexattn import codegen
+    from flexattn import source_cache
     from flexattn.reference import reference_attention
     from conftest import assert_close_to_golden, make_qkv
 
@@ -143,7 +143,7 @@ def _check_new_constants_reuse_kernels():
                                       kernel_options={"BACKEND": "triton"})
         go = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
         got = torch.autograd.grad(out, [q, k, v], go)
-        modules.append(len(codegen._MODULES))
+        modules.append(len(source_cache._MODULES))
         qr, kr, vr = [x.detach().clone().requires_grad_() for x in (q, k, v)]
         ro, _ = reference_attention(qr, kr, vr, softcap(c), window(w))
         q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]

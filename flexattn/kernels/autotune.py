@@ -3,7 +3,7 @@
 On the first forward (and, separately, the first backward) for a tuning key, every config
 of a small candidate set runs once (that is the compile), is then timed, and the fastest is
 kept: in memory (a later call costs one dict lookup) and in `autotune.json` in
-`flexattn.codegen.cache_dir()` (a later process reads it and times nothing).
+`flexattn.source_cache.cache_dir()` (a later process reads it and times nothing).
 
 The tuning key: kernel (fwd/bwd), device name and capability, dtype, head dims E and Ev, the
 score/mask graphs' structure keys, BlockMask block size, whether it has full blocks, GQA
@@ -40,7 +40,7 @@ import warnings
 import torch
 import triton
 
-from .. import codegen
+from .. import source_cache
 from .launcher import next_pow2
 from .. import kernels as K  # attribute access at call time: K.forward / K.backward run the candidates
 
@@ -225,7 +225,7 @@ _WARNED: set = set()
 
 
 def cache_path() -> str:
-    return os.path.join(codegen.cache_dir(), CACHE_FILE)
+    return os.path.join(source_cache.cache_dir(), CACHE_FILE)
 
 
 def _warn_once(tag, message: str) -> None:
