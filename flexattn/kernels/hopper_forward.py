@@ -1,0 +1,405 @@
+"""Hopper (sm90) forward kernel in Gluon: TMA loads by a producer warp, async wgmma, the
+online softmax of one tile overlapping the QK^T wgmma of the next.
+
+The same block-sparse walk as the Triton forward (`forward.py`): one program owns BLOCK_M
+query rows of one (batch, query head); it visits the row's partial kv blocks (mask_mod
+applied) and then its full kv blocks (mask_mod skipped); empty blocks are never loaded.
+
+Partitions (gl.warp_specialize):
+  * producer, 1 warp: reads the BlockMask index lists and issues the TMA loads of each K
+    and V tile into a STAGES-deep ring of shared-memory slots. Slot s is filled once
+    `kv_empty[s]` says the consumer is done with it; K and V of a slot have their own
+    `k_ready` / `v_ready` barriers, so QK^T starts before V has landed.
+  * consumer (the default partition), num_warps warps = num_warps // 4 warpgroups that
+    split BLOCK_M rows: S = Q K^T by wgmma from shared memory, score_mod / mask_mod on S in
+    registers, online softmax in the exp2 domain, O += P V by wgmma with P from registers.
+    While the softmax of tile t runs, the wgmma of S for tile t+1 is already in flight.
+
+Glossary of constexpr names:
+  BLOCK_M / BLOCK_N       query rows per program / kv columns per tile
+  SPARSE_Q_BLOCK / SPARSE_KV_BLOCK   the BlockMask's block sizes (multiples of the tiles)
+  QK_HEAD / V_HEAD        head dims of q,k and of v (multiples of 16)
+  STAGES                  K/V ring depth
+  GQA_GROUP               query heads per kv head
+  HAS_FULL / HAS_SCORE_MOD   full-block lists present / a score_mod to apply
+  KV_DIVISIBLE            KV_LEN is a multiple of SPARSE_KV_BLOCK (no tile holds padding)
+  SCALE_POSITIVE          scale > 0: the row max may be taken before scaling
+
+K, V, Q and O are read and written through rank-4 TMA descriptors over [B, H, S, D]: a
+tile past the end of a head is zero-filled on load and clipped on store, never read from
+or written into the next head.
+
+Holes filled by `flexattn.codegen`: {SCORE_MOD} / {MASK_MOD} and the captured tensors'
+parameter lists {SCORE_BUF_PARAMS_TRAIL} / {MASK_BUF_PARAMS_TRAIL}, passed on by
+{SCORE_BUF_ARGS_TRAIL} / {MASK_BUF_ARGS_TRAIL} and into the mods by {SCORE_BUF_ARGS} /
+{MASK_BUF_ARGS}.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+HOPPER_FWD_TEMPLATE = r'''
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+
+{SCORE_MOD}
+
+{MASK_MOD}
+
+
+@gluon.jit
+def _kv_tile_start(idx_ptr, t, n_blocks, SPARSE_KV_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr):
+    # first kv position of tile t of this row's list (0 past the end: never used)
+    MULT: gl.constexpr = SPARSE_KV_BLOCK // BLOCK_N
+    j = t // MULT
+    blk = gl.load(idx_ptr + j, mask=j < n_blocks, other=0)
+    return blk * SPARSE_KV_BLOCK + (t % MULT) * BLOCK_N
+
+
+@gluon.jit
+def _produce_list(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty,
+                  idx_ptr, n_blocks, off_z, off_hkv, it,
+                  SPARSE_KV_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    MULT: gl.constexpr = SPARSE_KV_BLOCK // BLOCK_N
+    for t in range(n_blocks * MULT):
+        start_n = _kv_tile_start(idx_ptr, t, n_blocks, SPARSE_KV_BLOCK, BLOCK_N)
+        s = it % STAGES
+        # a fresh barrier counts as having completed the phase before 0: the first
+        # STAGES waits pass at once
+        mbarrier.wait(kv_empty.index(s), ((it // STAGES) & 1) ^ 1)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [off_z, off_hkv, start_n, 0], k_ready.index(s),
+                                        k_ring.index(s).reshape(k_desc.block_type.shape))
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [off_z, off_hkv, start_n, 0], v_ready.index(s),
+                                        v_ring.index(s).reshape(v_desc.block_type.shape))
+        it += 1
+    return it
+
+
+@gluon.jit
+def _producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty,
+              idx_ptr, n_part, fidx_ptr, n_full, off_z, off_hkv,
+              HAS_FULL: gl.constexpr, SPARSE_KV_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr):
+    it = _produce_list(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty,
+                       idx_ptr, n_part, off_z, off_hkv, gl.to_tensor(0),
+                       SPARSE_KV_BLOCK=SPARSE_KV_BLOCK, BLOCK_N=BLOCK_N, STAGES=STAGES)
+    if HAS_FULL:
+        _produce_list(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty,
+                      fidx_ptr, n_full, off_z, off_hkv, it,
+                      SPARSE_KV_BLOCK=SPARSE_KV_BLOCK, BLOCK_N=BLOCK_N, STAGES=STAGES)
+
+
+@gluon.jit
+def _issue_qk(q_smem, k_ring, k_ready, s_zero, it, STAGES: gl.constexpr):
+    # S = Q K^T of tile `it`, asynchronous (K waited for here)
+    s = it % STAGES
+    mbarrier.wait(k_ready.index(s), (it // STAGES) & 1)
+    return warpgroup_mma(q_smem, k_ring.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _issue_pv(p, v_ring, v_ready, acc, it, STAGES: gl.constexpr):
+    # O += P V of tile `it`, asynchronous (V waited for here)
+    s = it % STAGES
+    mbarrier.wait(v_ready.index(s), (it // STAGES) & 1)
+    return warpgroup_mma(p, v_ring.index(s), acc, is_async=True)
+
+
+@gluon.jit
+def _softmax_tile(qk, l_i, m_i, start_n, off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
+                  {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}
+                  p_layout: gl.constexpr, P_DTYPE: gl.constexpr, IS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr,
+                  KV_DIVISIBLE: gl.constexpr, SCALE_POSITIVE: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The online-softmax step of one S tile: (P as the A operand of the P V wgmma, the
+    factor that rescales O, l, m)."""
+    LOG2E: gl.constexpr = 1.4426950408889634
+    s_layout: gl.constexpr = qk.type.layout
+    kv_idx = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)), 0)
+    # t * TO_LOG2 is the score in the log2 domain; the multiply waits for exp2's argument,
+    # where it fuses with the shift (max(t) * c == max(t * c) for c > 0)
+    if HAS_SCORE_MOD:
+        t = score_mod(qk * SCALE, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS})
+        TO_LOG2 = LOG2E
+    elif SCALE_POSITIVE:
+        t = qk
+        TO_LOG2 = SCALE_LOG2
+    else:  # a scale <= 0 reverses the max (and 0 * -inf is NaN): scale first
+        t = qk * SCALE_LOG2
+        TO_LOG2 = 1.0
+    if not IS_FULL:
+        keep = mask_mod(off_z, off_h, q_idx, kv_idx{MASK_BUF_ARGS})
+        if not KV_DIVISIBLE:
+            keep = keep & (kv_idx < KV_LEN)
+        t = gl.where(keep, t, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(t, 1) * TO_LOG2)
+    if IS_FULL and not HAS_SCORE_MOD:
+        m_shift = m_new
+    else:  # a row that has seen nothing keeps m = -inf: shift by 0 instead
+        m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_shift)
+    p = gl.exp2(t * TO_LOG2 - gl.expand_dims(m_shift, 1))
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return gl.convert_layout(p.to(P_DTYPE), p_layout), alpha, l_i, m_new
+
+
+@gluon.jit
+def _consume_list(acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, kv_empty, s_zero,
+                  idx_ptr, n_blocks, t0, it,
+                  off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
+                  {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}
+                  IS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr, KV_DIVISIBLE: gl.constexpr,
+                  SCALE_POSITIVE: gl.constexpr, SPARSE_KV_BLOCK: gl.constexpr,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    # Tiles t0.. of one list; `it` counts tiles over both lists (ring slot and phase).
+    # Invariant at the top of an iteration: P of tile it-1 is in registers, its P V not yet
+    # issued; O holds the sum over tiles < it-1, rescaled to tile it-1's row max.
+    # Each iteration issues S(it) and then P V(it-1), waits for S(it) only, and runs the
+    # softmax of S(it) while P V(it-1) is on the tensor cores.
+    MULT: gl.constexpr = SPARSE_KV_BLOCK // BLOCK_N
+    o_layout: gl.constexpr = acc.type.layout
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    for t in range(t0, n_blocks * MULT):
+        start_n = _kv_tile_start(idx_ptr, t, n_blocks, SPARSE_KV_BLOCK, BLOCK_N)
+        s_tok = _issue_qk(q_smem, k_ring, k_ready, s_zero, it, STAGES)
+        o_tok = _issue_pv(p, v_ring, v_ready, acc, it - 1, STAGES)
+        qk = warpgroup_mma_wait(1, deps=(s_tok, ))
+        p, alpha, l_i, m_i = _softmax_tile(
+            qk, l_i, m_i, start_n, off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
+            {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
+            p_layout=p_layout, P_DTYPE=v_ring.dtype, IS_FULL=IS_FULL, HAS_SCORE_MOD=HAS_SCORE_MOD, KV_DIVISIBLE=KV_DIVISIBLE,
+            SCALE_POSITIVE=SCALE_POSITIVE, BLOCK_N=BLOCK_N)
+        acc = warpgroup_mma_wait(0, deps=(o_tok, ))
+        mbarrier.arrive(kv_empty.index((it - 1) % STAGES), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        it += 1
+    return acc, l_i, m_i, p, it
+
+
+@gluon.jit
+def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty,
+              idx_ptr, n_part, fidx_ptr, n_full,
+              off_z, off_h, start_m, KV_LEN, SCALE, SCALE_LOG2,
+              {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}
+              HAS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, V_HEAD: gl.constexpr,
+              SPARSE_KV_BLOCK: gl.constexpr, KV_DIVISIBLE: gl.constexpr, SCALE_POSITIVE: gl.constexpr,
+              STAGES: gl.constexpr, num_warps: gl.constexpr):
+    MULT: gl.constexpr = SPARSE_KV_BLOCK // BLOCK_N
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, V_HEAD, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, V_HEAD], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    q_idx = gl.expand_dims(start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout)), 1)
+    n_part_tiles = n_part * MULT
+    n_total = n_part_tiles
+    if HAS_FULL:
+        n_total += n_full * MULT
+    mbarrier.wait(q_bar, 0)
+    if n_total > 0:
+        # tile 0, peeled: S waited for at once. It is treated as a partial tile whichever
+        # list it comes from (mask_mod is true everywhere on a full block)
+        if n_part_tiles > 0:
+            start_n = _kv_tile_start(idx_ptr, 0, n_part, SPARSE_KV_BLOCK, BLOCK_N)
+        else:
+            start_n = _kv_tile_start(fidx_ptr, 0, n_full, SPARSE_KV_BLOCK, BLOCK_N)
+        qk = warpgroup_mma_wait(0, deps=(_issue_qk(q_smem, k_ring, k_ready, s_zero, 0, STAGES), ))
+        p, alpha, l_i, m_i = _softmax_tile(
+            qk, l_i, m_i, start_n, off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
+            {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
+            p_layout=p_layout, P_DTYPE=v_ring.dtype, IS_FULL=False, HAS_SCORE_MOD=HAS_SCORE_MOD, KV_DIVISIBLE=KV_DIVISIBLE,
+            SCALE_POSITIVE=SCALE_POSITIVE, BLOCK_N=BLOCK_N)
+        acc, l_i, m_i, p, it = _consume_list(
+            acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, kv_empty, s_zero,
+            idx_ptr, n_part, 1, gl.to_tensor(1), off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
+            {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
+            IS_FULL=False, HAS_SCORE_MOD=HAS_SCORE_MOD, KV_DIVISIBLE=KV_DIVISIBLE, SCALE_POSITIVE=SCALE_POSITIVE,
+            SPARSE_KV_BLOCK=SPARSE_KV_BLOCK, BLOCK_N=BLOCK_N, STAGES=STAGES)
+        if HAS_FULL:
+            acc, l_i, m_i, p, it = _consume_list(
+                acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, kv_empty, s_zero,
+                fidx_ptr, n_full, gl.where(n_part_tiles > 0, 0, 1), it, off_z, off_h, q_idx, KV_LEN,
+                SCALE, SCALE_LOG2,
+                {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
+                IS_FULL=True, HAS_SCORE_MOD=HAS_SCORE_MOD, KV_DIVISIBLE=KV_DIVISIBLE,
+                SCALE_POSITIVE=SCALE_POSITIVE, SPARSE_KV_BLOCK=SPARSE_KV_BLOCK, BLOCK_N=BLOCK_N, STAGES=STAGES)
+        # the last tile's P V
+        acc = warpgroup_mma_wait(0, deps=(_issue_pv(p, v_ring, v_ready, acc, it - 1, STAGES), ))
+        mbarrier.arrive(kv_empty.index((it - 1) % STAGES), count=1)
+    return acc, l_i, m_i
+
+
+@gluon.jit
+def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE,
+                    KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
+                    stride_nz, stride_nh, stride_nm,
+                    stride_iz, stride_ih, stride_im,
+                    stride_fnz, stride_fnh, stride_fnm,
+                    stride_fiz, stride_fih, stride_fim,
+                    HQ, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
+                    {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}
+                    GQA_GROUP: gl.constexpr, HAS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    SPARSE_Q_BLOCK: gl.constexpr, SPARSE_KV_BLOCK: gl.constexpr,
+                    KV_DIVISIBLE: gl.constexpr, SCALE_POSITIVE: gl.constexpr,
+                    STAGES: gl.constexpr, num_warps: gl.constexpr):
+    # q/k/v/o descriptors: rank 4 over [B, H, S, D] with [1, 1, rows, D_PAD] boxes, D_PAD the
+    # head dim rounded up to a power of two. A box past the end of a head's rows or of the
+    # head dim is zero-filled on load (zeros add nothing to Q K^T; their P V columns are
+    # clipped on store), never read from another head
+    QK_HEAD: gl.constexpr = q_desc.block_type.shape[3]
+    V_HEAD: gl.constexpr = v_desc.block_type.shape[3]
+    gl.static_assert(SPARSE_KV_BLOCK % BLOCK_N == 0)
+    gl.static_assert(SPARSE_Q_BLOCK % BLOCK_M == 0)
+    gl.static_assert(BLOCK_M == 16 * num_warps)
+    pid_m = gl.program_id(0)
+    pid_zh = gl.program_id(1)
+    off_z = pid_zh // HQ
+    off_h = pid_zh % HQ
+    off_hkv = off_h // GQA_GROUP
+    start_m = pid_m * BLOCK_M
+    sparse_m = start_m // SPARSE_Q_BLOCK
+
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, QK_HEAD],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, QK_HEAD], dtype))
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, QK_HEAD],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_N, QK_HEAD], dtype))
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, V_HEAD],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_N, V_HEAD], dtype))
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(s), count=1)
+        mbarrier.init(v_ready.index(s), count=1)
+        mbarrier.init(kv_empty.index(s), count=1)
+    fence_async_shared()
+    # load q: it stays in shared memory throughout, the A operand of every S wgmma
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [off_z, off_h, start_m, 0], q_bar,
+                                    q_smem.reshape(q_desc.block_type.shape))
+
+    n_part = gl.load(KV_NUM + off_z * stride_nz + off_h * stride_nh + sparse_m * stride_nm)
+    idx_ptr = KV_IDX + off_z.to(gl.int64) * stride_iz + off_h * stride_ih + sparse_m * stride_im
+    n_full = 0
+    fidx_ptr = idx_ptr
+    if HAS_FULL:
+        n_full = gl.load(FULL_KV_NUM + off_z * stride_fnz + off_h * stride_fnh + sparse_m * stride_fnm)
+        fidx_ptr = FULL_KV_IDX + off_z.to(gl.int64) * stride_fiz + off_h * stride_fih + sparse_m * stride_fim
+
+    acc, l_i, m_i = gl.warp_specialize([
+        (_consumer, (q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty,
+                     idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, start_m, KV_LEN, SCALE, SCALE_LOG2,
+                     {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
+                     HAS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
+                     SCALE_POSITIVE, STAGES, num_warps)),
+        (_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty,
+                     idx_ptr, n_part, fidx_ptr, n_full, off_z, off_hkv,
+                     HAS_FULL, SPARSE_KV_BLOCK, BLOCK_N, STAGES)),
+    ], [1], [24])
+
+    # fully masked rows (l == 0): output 0 and lse -inf, never NaN
+    o_layout: gl.constexpr = acc.type.layout
+    empty = l_i == 0.0
+    l_safe = gl.where(empty, 1.0, l_i)
+    acc = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout)), 1)
+    # O through shared memory (q's buffer when the shapes agree: the last S wgmma is done)
+    # and a TMA store, which clips the rows past Q_LEN
+    if QK_HEAD == V_HEAD:
+        o_smem = q_smem
+    else:
+        o_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, V_HEAD],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, V_HEAD], dtype))
+    o_smem.store(acc.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [off_z, off_h, start_m, 0], o_smem.reshape(o_desc.block_type.shape))
+    LN2: gl.constexpr = 0.6931471805599453
+    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
+    offs_lm = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc.type.layout))
+    lse = gl.convert_layout(lse, gl.SliceLayout(1, acc.type.layout))
+    gl.store(LSE + pid_zh.to(gl.int64) * Q_LEN + offs_lm, lse, mask=offs_lm < Q_LEN)
+    tma.store_wait(pendings=0)
+'''
+
+
+# ---- host side -----------------------------------------------------------------------
+
+def hopper_fwd_config(d: int, dv: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, STAGES, num_warps): two consumer warpgroups of 64 rows each; the
+    kv tile shrinks with the head dim so that S, P and O fit the registers (D=256: O alone
+    is 128 fp32 registers a thread) and two K/V stages fit shared memory."""
+    if max(d, dv) <= 128:
+        return 128, 128, 2, 8
+    return 128, 64, 2, 8
+
+
+def hopper_unsupported(q, k, v, block_size, dropout_p: float) -> str | None:
+    """Why the Hopper forward cannot take this call (None: it can). Checked before launch;
+    the Triton kernels serve the rest."""
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"dtype {q.dtype} (bf16 / fp16 only)"
+    if dropout_p:
+        return "dropout"
+    e, ev = q.shape[-1], v.shape[-1]
+    if e % 8 or ev % 8 or max(e, ev) > 128:
+        # at 256, O alone is 128 fp32 registers a thread and the consumer spills
+        return f"head dims {e}/{ev} (multiples of 8 up to 128)"
+    bm, bn, _, _ = hopper_fwd_config(e, ev)
+    if block_size[0] % bm or block_size[1] % bn:
+        return f"BlockMask block {tuple(block_size)} (multiples of {bm} x {bn})"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * t.element_size()) % 16 for st in t.stride()[:-1]):
+            return f"{name} layout (TMA needs a contiguous last dim and 16-byte aligned strides)"
+    return None
+
+
+def hopper_forward_kwargs(q, v, blocks, scale: float, has_score_mod: bool) -> dict:
+    """The Hopper kernel's constexprs and launch options for a call."""
+    bm, bn, stages, warps = hopper_fwd_config(q.shape[-1], v.shape[-1])
+    return dict(GQA_GROUP=q.shape[1] // v.shape[1], HAS_FULL=blocks.has_full, HAS_SCORE_MOD=has_score_mod,
+                BLOCK_M=bm, BLOCK_N=bn, SPARSE_Q_BLOCK=blocks.block[0], SPARSE_KV_BLOCK=blocks.block[1],
+                KV_DIVISIBLE=v.shape[2] % blocks.block[1] == 0, SCALE_POSITIVE=scale > 0,
+                STAGES=stages, num_warps=warps)
+
+
+def descriptor(t, rows: int):
+    """A TMA descriptor over t [B, H, S, D] with [1, 1, rows, D rounded up to a power of
+    two] boxes (the kernel's shared-memory tiles)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    gdt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    d = 1 << (t.shape[-1] - 1).bit_length()
+    swizzle = gl.NVMMASharedLayout.get_default_for([rows, d], gdt).swizzle_byte_width
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, d],
+                            gl.NVMMASharedLayout(swizzle, 16, rank=4))
+
+
+def launch_hopper_forward(kernel, blocks, q, k, v, scale: float, has_score_mod: bool, buffer_args):
+    """Run `kernel` (a filled flex_fwd_hopper) over the BlockMask view `blocks`; returns
+    (out [B,Hq,L,Ev] in q.dtype, lse [B,Hq,L] float32, natural log)."""
+    B, Hq, L, E = q.shape
+    _, Hkv, S, Ev = v.shape
+    kw = hopper_forward_kwargs(q, v, blocks, scale, has_score_mod)
+    bm, bn = kw["BLOCK_M"], kw["BLOCK_N"]
+    out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
+    full_num = blocks.full_kv_num if blocks.has_full else blocks.kv_num
+    full_idx = blocks.full_kv_idx if blocks.has_full else blocks.kv_idx
+    kernel[(triton.cdiv(L, bm), B * Hq)](
+        descriptor(q, bm), descriptor(k, bn), descriptor(v, bn), descriptor(out, bm), lse,
+        blocks.kv_num, blocks.kv_idx, full_num, full_idx,
+        *blocks.kv_num.stride()[:3], *blocks.kv_idx.stride()[:3], *full_num.stride()[:3], *full_idx.stride()[:3],
+        Hq, L, S, scale, scale * 1.4426950408889634, *buffer_args, **kw)
+    return out, lse
