@@ -280,3 +280,50 @@ def test_tiered_new_mask_structure():
     for name, a, b, r, g in zip(["out", "dq", "dk", "dv"], first, again, ref, gold):
         assert_close_to_golden(name + " (tile form)", a, r, g)
         assert_close_to_golden(name + " (own kernels)", b, r, g)
+
+
+# ---- the Hopper (Gluon) forward: sm90 only --------------------------------------------
+
+HOPPER = {"BACKEND": "hopper"}
+
+
+def _needs_sm90():
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper forward runs on sm90 only")
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_hopper_zoo(name):
+    # forward on the Hopper kernel, backward on the Triton kernels (from its out and lse)
+    _needs_sm90()
+    _check(name, L=512, S=512, E=128, opts=HOPPER)
+
+
+@pytest.mark.parametrize("L,S,E,Ev,dtype", [(17, 129, 96, 96, torch.float16), (1000, 113, 128, 64, torch.bfloat16),
+                                            (129, 513, 80, 80, torch.bfloat16), (300, 300, 64, 128, torch.float16),
+                                            (255, 1000, 128, 128, torch.float16)])
+def test_hopper_shapes(L, S, E, Ev, dtype):
+    _needs_sm90()
+    _check("document", B=1, Hq=2, L=L, S=S, E=E, Ev=Ev, dtype=dtype, opts=HOPPER)
+
+
+@pytest.mark.parametrize("name", ["causal", "rel_bias", "softcap", "empty_rows"])
+def test_hopper_gqa(name):
+    _needs_sm90()
+    _check(name, Hq=8, Hkv=2, L=384, S=320, E=128, opts=HOPPER, lse_grad=name == "empty_rows")
+
+
+def test_hopper_auto_dispatch_and_refusals():
+    import flexattn
+    _needs_sm90()
+    q, k, v = make_qkv(B=1, Hq=2, L=256, S=256, E=128, dtype=torch.bfloat16, device=DEV, requires_grad=False)
+    forced = flexattn.flex_attention(q, k, v, kernel_options=HOPPER)
+    auto = flexattn.flex_attention(q, k, v)
+    triton_ = flexattn.flex_attention(q, k, v, kernel_options={"BACKEND": "triton"})
+    assert torch.equal(forced, auto)  # auto takes the Hopper forward at head dim 128
+    assert (forced.float() - triton_.float()).abs().max() < 2e-2
+    with pytest.raises(ValueError, match="dropout"):
+        flexattn.flex_attention(q, k, v, kernel_options=HOPPER, dropout_p=0.1)
+    with pytest.raises(ValueError, match="head dims"):
+        q2 = torch.randn(1, 2, 256, 256, device=DEV, dtype=torch.bfloat16)
+        flexattn.flex_attention(q2, q2, q2, kernel_options=HOPPER)

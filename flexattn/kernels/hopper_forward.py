@@ -337,31 +337,59 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE,
 # ---- host side -----------------------------------------------------------------------
 
 def hopper_fwd_config(d: int, dv: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, STAGES, num_warps): two consumer warpgroups of 64 rows each; the
-    kv tile shrinks with the head dim so that S, P and O fit the registers (D=256: O alone
-    is 128 fp32 registers a thread) and two K/V stages fit shared memory."""
-    if max(d, dv) <= 128:
-        return 128, 128, 2, 8
-    return 128, 64, 2, 8
+    """(BLOCK_M, BLOCK_N, STAGES, num_warps): two consumer warpgroups of 64 rows each (the
+    producer warp pads the program to 12 warps, so a thread gets 168 registers: S, P and O
+    of a 64 x 128 tile fit without spilling up to head dim 128) and two K/V stages
+    (three measured no faster on the H200)."""
+    return 128, 128, 2, 8
 
 
 def hopper_unsupported(q, k, v, block_size, dropout_p: float) -> str | None:
-    """Why the Hopper forward cannot take this call (None: it can). Checked before launch;
-    the Triton kernels serve the rest."""
+    """Why the Hopper forward cannot take this call (None: it can)."""
     if q.dtype not in (torch.bfloat16, torch.float16):
-        return f"dtype {q.dtype} (bf16 / fp16 only)"
+        return f"dtype {q.dtype} (bfloat16 / float16 only)"
     if dropout_p:
-        return "dropout"
+        return "dropout_p > 0"
     e, ev = q.shape[-1], v.shape[-1]
     if e % 8 or ev % 8 or max(e, ev) > 128:
-        # at 256, O alone is 128 fp32 registers a thread and the consumer spills
-        return f"head dims {e}/{ev} (multiples of 8 up to 128)"
+        # at 256, O alone is 128 fp32 registers a thread: the consumer spills
+        return f"head dims {e} / {ev} (multiples of 8 up to 128)"
     bm, bn, _, _ = hopper_fwd_config(e, ev)
     if block_size[0] % bm or block_size[1] % bn:
-        return f"BlockMask block {tuple(block_size)} (multiples of {bm} x {bn})"
-    for name, t in (("q", q), ("k", k), ("v", v)):
+        return f"BlockMask BLOCK_SIZE {tuple(block_size)} (multiples of ({bm}, {bn}))"
+    for name, t in (("query", q), ("key", k), ("value", v)):
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * t.element_size()) % 16 for st in t.stride()[:-1]):
-            return f"{name} layout (TMA needs a contiguous last dim and 16-byte aligned strides)"
+            return f"{name} strides {tuple(t.stride())} (TMA needs a contiguous last dim, 16-byte aligned strides)"
+    return None
+
+
+# Where "auto" takes the Hopper forward: head dims that pad to 128. Measured on the H200
+# (B=4, H=16, S=8K, bf16): 1.03-1.09x the Triton kernels on six of the seven cases of
+# benchmarks/RESULTS.md at D=128 (ALiBi 0.92x), 0.66-0.87x at D=64.
+AUTO_HEAD_DIMS = range(65, 129)
+
+
+def use_hopper(capability, q, k, v, block_size, dropout_p: float, request: str) -> bool:
+    """Whether the forward runs the Hopper kernel. request: "auto" (sm90, a supported call,
+    head dims in AUTO_HEAD_DIMS), "hopper" (a ValueError naming why not, if it cannot) or
+    "triton" (never)."""
+    if request == "triton":
+        return False
+    why = None if tuple(capability) == (9, 0) else f"compute capability {tuple(capability)} (sm90 only)"
+    why = why or gluon_missing() or hopper_unsupported(q, k, v, block_size, dropout_p)
+    if request == "hopper" and why:
+        raise ValueError(f"kernel_options['BACKEND'] = 'hopper': this call cannot run the Hopper forward: {why}; "
+                         f"use BACKEND='auto' to fall back to the Triton kernels")
+    return why is None and (request == "hopper" or max(q.shape[-1], v.shape[-1]) in AUTO_HEAD_DIMS)
+
+
+def gluon_missing() -> str | None:
+    """Why Triton's Gluon Hopper API is not available (None: it is)."""
+    try:
+        from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma  # noqa: F401
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return f"triton {triton.__version__} has no Gluon Hopper API (triton >= 3.5)"
     return None
 
 
