@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from .ir import Graph, Node, OPS
+from .ir import COMPARE_OPS, OPS, Graph, Node, _dummy
 
 EMPTY, FULL, UNDECIDED = 0, 2, 3
 _F64 = torch.float64
@@ -89,8 +89,7 @@ class BoxAnalyser:
         self.box = tuple(torch.as_tensor(x, device=self.device).to(_F64) for x in (q_lo, q_hi, kv_lo, kv_hi))
         env: dict[int, AV] = {}
         for n in self.nodes:
-            env[id(n)] = _HANDLED[n.op](self, n, [env[id(a)] for a in n.inputs] if n.op not in
-                                        ("input", "const", "param", "buffer") else [])
+            env[id(n)] = _HANDLED[n.op](self, n, [env[id(a)] for a in n.inputs])  # leaves: none
         out = self.as_bool(env[id(self.graph.output)])
         full = torch.as_tensor(out.lo, device=self.device)
         possible = torch.as_tensor(out.hi, device=self.device)
@@ -249,8 +248,7 @@ def _buffer(A, n, _):
 def _compute_dtype(n: Node) -> torch.dtype:
     """dtype torch computes a binary op in: the node's own for arithmetic, the promoted
     operand dtype for comparisons."""
-    if n.op in ("lt", "le", "gt", "ge", "eq", "ne"):
-        from .ir import _dummy
+    if n.op in COMPARE_OPS:
         a, b = (_dummy(x) for x in n.args)
         if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
             a = torch.as_tensor(a).reshape(1)
@@ -638,7 +636,7 @@ def _buf_info(A: BoxAnalyser, slot: int):
     if slot not in A._buf_info:
         t = A.graph.buffers[slot]
         has_nan = bool(torch.isnan(t).any()) if t.dtype.is_floating_point else False
-        exceeds = bool((t.abs() > _EXACT_INT).any()) if t.dtype in (torch.int64,) else False
+        exceeds = bool((t.abs() > _EXACT_INT).any()) if t.dtype == torch.int64 else False
         A._buf_info[slot] = (has_nan, exceeds)
     return A._buf_info[slot]
 
@@ -649,7 +647,7 @@ def _table(A: BoxAnalyser, key, vec: torch.Tensor, level: int):
     if level in levels:
         return levels[level]
     if level == 0:
-        v = vec.to(_F64) if vec.dtype != torch.bool else vec.to(_F64)
+        v = vec.to(_F64)
         levels[0] = (v, v)
         return levels[0]
     below = max(l for l in range(level) if l in levels or l == 0)
@@ -737,8 +735,7 @@ def _load(A: BoxAnalyser, n: Node, args):
     unk = A.unknown(dt)
     lo = torch.where(inside, out.lo, unk.lo)
     hi = torch.where(inside, out.hi, unk.hi)
-    nan_out = out.nan if not dt.is_floating_point else _or(out.nan, ~inside)
-    return AV(dt, lo=lo, hi=hi, nan=nan_out if dt.is_floating_point else False)
+    return AV(dt, lo=lo, hi=hi, nan=_or(out.nan, ~inside) if dt.is_floating_point else False)
 
 
 def _const_value(A, dt, v):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ir import Graph, Node
+from .ir import BITWISE_OPS, COMPARE_OPS, LEAF_OPS, OPS, Graph, Node
 
 LN2 = math.log(2.0)
 
@@ -59,7 +59,7 @@ def differentiate(graph: Graph, grad_slots=()) -> Derivative:
     for n in g.nodes:
         if n.op == "input":
             deps[id(n)] = {n.args[0]}
-        elif n.op in ("const", "param", "buffer"):
+        elif n.op in LEAF_OPS:
             deps[id(n)] = set()
         else:
             deps[id(n)] = set().union(*[deps[id(a)] for a in n.args])
@@ -71,7 +71,7 @@ def differentiate(graph: Graph, grad_slots=()) -> Derivative:
             active.add(id(n))
         elif n.op == "load" and n.args[0].args[0] in grad_slots and n.dtype.is_floating_point:
             active.add(id(n))
-        elif n.op not in ("input", "const", "param", "buffer", "load") and n.dtype.is_floating_point \
+        elif n.op not in _SOURCES and n.dtype.is_floating_point \
                 and any(id(a) in active for a in n.args):
             active.add(id(n))
 
@@ -84,73 +84,14 @@ def differentiate(graph: Graph, grad_slots=()) -> Derivative:
             return
         adj[id(node)] = val if id(node) not in adj else g.op("add", adj[id(node)], val)
 
-    op = g.op
+    ctx = _Context(g, acc, active, zero, one)
     for n in reversed(live):
-        if id(n) not in adj or n.op in ("input", "const", "param", "buffer", "load"):
+        if id(n) not in adj or n.op in _SOURCES:
             continue
-        ga = adj[id(n)]
-        a = n.args
-        if n.op == "add":
-            acc(a[0], ga); acc(a[1], ga)
-        elif n.op == "sub":
-            acc(a[0], ga); acc(a[1], op("neg", ga))
-        elif n.op == "mul":
-            acc(a[0], op("mul", ga, a[1])); acc(a[1], op("mul", ga, a[0]))
-        elif n.op == "truediv":
-            acc(a[0], op("truediv", ga, a[1]))
-            if id(a[1]) in active:
-                acc(a[1], op("neg", op("truediv", op("mul", ga, n), a[1])))
-        elif n.op == "neg":
-            acc(a[0], op("neg", ga))
-        elif n.op == "abs":
-            acc(a[0], op("where", op("gt", a[0], zero), ga,
-                         op("where", op("lt", a[0], zero), op("neg", ga), zero)))
-        elif n.op == "exp":
-            acc(a[0], op("mul", ga, n))
-        elif n.op == "exp2":
-            acc(a[0], op("mul", op("mul", ga, n), g.const(LN2)))
-        elif n.op == "log":
-            acc(a[0], op("truediv", ga, a[0]))
-        elif n.op == "log2":
-            acc(a[0], op("truediv", ga, op("mul", a[0], g.const(LN2))))
-        elif n.op == "sqrt":
-            acc(a[0], op("truediv", op("mul", ga, g.const(0.5)), n))
-        elif n.op == "rsqrt":
-            acc(a[0], op("mul", op("mul", ga, g.const(-0.5)), op("truediv", n, a[0])))
-        elif n.op == "tanh":
-            acc(a[0], op("mul", ga, op("sub", one, op("mul", n, n))))
-        elif n.op == "sigmoid":
-            acc(a[0], op("mul", op("mul", ga, n), op("sub", one, n)))
-        elif n.op == "sin":
-            acc(a[0], op("mul", ga, op("cos", a[0])))
-        elif n.op == "cos":
-            acc(a[0], op("neg", op("mul", ga, op("sin", a[0]))))
-        elif n.op in ("floor", "ceil", "floordiv"):
-            pass  # piecewise constant
-        elif n.op == "mod":  # a - b * floor(a / b)
-            acc(a[0], ga)
-            if id(a[1]) in active:
-                acc(a[1], op("neg", op("mul", ga, op("floor", op("truediv", a[0], a[1])))))
-        elif n.op == "pow":
-            if a[1].op == "const":
-                e = a[1].args[0]
-                acc(a[0], op("mul", ga, op("mul", g.const(float(e)), op("pow", a[0], g.const(float(e) - 1.0)))))
-            else:
-                acc(a[0], op("mul", ga, op("mul", a[1], op("pow", a[0], op("sub", a[1], one)))))
-                acc(a[1], op("mul", ga, op("mul", n, op("log", a[0]))))
-        elif n.op in ("minimum", "maximum"):
-            win = "lt" if n.op == "minimum" else "gt"
-            half = op("mul", ga, g.const(0.5))
-            tie = op("eq", a[0], a[1])
-            acc(a[0], op("where", op(win, a[0], a[1]), ga, op("where", tie, half, zero)))
-            acc(a[1], op("where", op(win, a[1], a[0]), ga, op("where", tie, half, zero)))
-        elif n.op == "where":
-            acc(a[1], op("where", a[0], ga, zero)); acc(a[2], op("where", a[0], zero, ga))
-        elif n.op == "cast":
-            if a[0].dtype.is_floating_point:
-                acc(a[0], ga if ga.dtype == a[0].dtype else op("cast", ga, dtype=a[0].dtype))
-        else:
+        rule = RULES.get(n.op)
+        if rule is None:
             raise NotImplementedError(f"no derivative rule for {n.op}")
+        rule(ctx, n, n.args, adj[id(n)])
 
     score = g.input("score")
     dscore = adj.get(id(score), zero)
@@ -168,3 +109,135 @@ def differentiate(graph: Graph, grad_slots=()) -> Derivative:
             deps[id(n)] = set().union(*[deps[id(x)] for x in n.inputs]) if n.inputs else \
                 ({n.args[0]} if n.op == "input" else set())
     return Derivative(g, dscore, load_grads, deps)
+
+
+# ---------------------------------------------------------------------------------------
+# Rules, one per op: rule(ctx, n, args, ga) adds the adjoint of n's args given ga, n's own.
+
+class _Context:
+    __slots__ = ("g", "op", "acc", "active", "zero", "one")
+
+    def __init__(self, g, acc, active, zero, one):
+        self.g, self.op, self.acc, self.active, self.zero, self.one = g, g.op, acc, active, zero, one
+
+
+def _add(c, n, a, ga):
+    c.acc(a[0], ga); c.acc(a[1], ga)
+
+
+def _sub(c, n, a, ga):
+    c.acc(a[0], ga); c.acc(a[1], c.op("neg", ga))
+
+
+def _mul(c, n, a, ga):
+    c.acc(a[0], c.op("mul", ga, a[1])); c.acc(a[1], c.op("mul", ga, a[0]))
+
+
+def _truediv(c, n, a, ga):
+    c.acc(a[0], c.op("truediv", ga, a[1]))
+    if id(a[1]) in c.active:
+        c.acc(a[1], c.op("neg", c.op("truediv", c.op("mul", ga, n), a[1])))
+
+
+def _neg(c, n, a, ga):
+    c.acc(a[0], c.op("neg", ga))
+
+
+def _abs(c, n, a, ga):
+    op, zero = c.op, c.zero
+    c.acc(a[0], op("where", op("gt", a[0], zero), ga, op("where", op("lt", a[0], zero), op("neg", ga), zero)))
+
+
+def _exp(c, n, a, ga):
+    c.acc(a[0], c.op("mul", ga, n))
+
+
+def _exp2(c, n, a, ga):
+    c.acc(a[0], c.op("mul", c.op("mul", ga, n), c.g.const(LN2)))
+
+
+def _log(c, n, a, ga):
+    c.acc(a[0], c.op("truediv", ga, a[0]))
+
+
+def _log2(c, n, a, ga):
+    c.acc(a[0], c.op("truediv", ga, c.op("mul", a[0], c.g.const(LN2))))
+
+
+def _sqrt(c, n, a, ga):
+    c.acc(a[0], c.op("truediv", c.op("mul", ga, c.g.const(0.5)), n))
+
+
+def _rsqrt(c, n, a, ga):
+    c.acc(a[0], c.op("mul", c.op("mul", ga, c.g.const(-0.5)), c.op("truediv", n, a[0])))
+
+
+def _tanh(c, n, a, ga):
+    c.acc(a[0], c.op("mul", ga, c.op("sub", c.one, c.op("mul", n, n))))
+
+
+def _sigmoid(c, n, a, ga):
+    c.acc(a[0], c.op("mul", c.op("mul", ga, n), c.op("sub", c.one, n)))
+
+
+def _sin(c, n, a, ga):
+    c.acc(a[0], c.op("mul", ga, c.op("cos", a[0])))
+
+
+def _cos(c, n, a, ga):
+    c.acc(a[0], c.op("neg", c.op("mul", ga, c.op("sin", a[0]))))
+
+
+def _piecewise_constant(c, n, a, ga):
+    pass
+
+
+def _mod(c, n, a, ga):  # a - b * floor(a / b)
+    c.acc(a[0], ga)
+    if id(a[1]) in c.active:
+        c.acc(a[1], c.op("neg", c.op("mul", ga, c.op("floor", c.op("truediv", a[0], a[1])))))
+
+
+def _pow(c, n, a, ga):
+    op, g = c.op, c.g
+    if a[1].op == "const":
+        e = a[1].args[0]
+        c.acc(a[0], op("mul", ga, op("mul", g.const(float(e)), op("pow", a[0], g.const(float(e) - 1.0)))))
+    else:
+        c.acc(a[0], op("mul", ga, op("mul", a[1], op("pow", a[0], op("sub", a[1], c.one)))))
+        c.acc(a[1], op("mul", ga, op("mul", n, op("log", a[0]))))
+
+
+def _minmax(win):
+    def rule(c, n, a, ga):
+        op, zero = c.op, c.zero
+        half = op("mul", ga, c.g.const(0.5))
+        tie = op("eq", a[0], a[1])
+        c.acc(a[0], op("where", op(win, a[0], a[1]), ga, op("where", tie, half, zero)))
+        c.acc(a[1], op("where", op(win, a[1], a[0]), ga, op("where", tie, half, zero)))
+    return rule
+
+
+def _where(c, n, a, ga):
+    c.acc(a[1], c.op("where", a[0], ga, c.zero)); c.acc(a[2], c.op("where", a[0], c.zero, ga))
+
+
+def _cast(c, n, a, ga):
+    if a[0].dtype.is_floating_point:
+        c.acc(a[0], ga if ga.dtype == a[0].dtype else c.op("cast", ga, dtype=a[0].dtype))
+
+
+RULES = {
+    "add": _add, "sub": _sub, "mul": _mul, "truediv": _truediv, "neg": _neg, "abs": _abs,
+    "exp": _exp, "exp2": _exp2, "log": _log, "log2": _log2, "sqrt": _sqrt, "rsqrt": _rsqrt,
+    "tanh": _tanh, "sigmoid": _sigmoid, "sin": _sin, "cos": _cos,
+    "floor": _piecewise_constant, "ceil": _piecewise_constant, "floordiv": _piecewise_constant,
+    "mod": _mod, "pow": _pow, "minimum": _minmax("lt"), "maximum": _minmax("gt"),
+    "where": _where, "cast": _cast,
+}
+# Where derivatives start (the score input, loads of captured tensors) or stop (leaves).
+_SOURCES = LEAF_OPS | {"load"}
+# Ops whose result is never a float (bool or integer), so it never carries a derivative.
+NOT_DIFFERENTIABLE = COMPARE_OPS | BITWISE_OPS | {"invert"}
+assert set(RULES) | NOT_DIFFERENTIABLE | _SOURCES == set(OPS), \
+    f"autodiff rules missing for {set(OPS) - set(RULES) - NOT_DIFFERENTIABLE - _SOURCES}"

@@ -38,7 +38,7 @@ import os
 
 import torch
 
-from .ir import Graph, Node
+from .ir import LEAF_OPS, OPS, Graph, Node
 from .lift_params import kernel_graph  # noqa: F401 (re-exported for the kernels)
 from .source_cache import load_module, source_key  # noqa: F401 (re-exported for the kernels)
 
@@ -368,6 +368,14 @@ class TritonPrinter:
             return f"tl.load({buf}_ptr)"
         offs, ok = index_terms(buf, n.args[1:], idx)
         return f"tl.load({buf}_ptr + {' + '.join(offs)}, mask={' & '.join(ok)}, other=0)"
+
+
+# Every IR op is printed: leaves by `emit`, the rest by a `_print_<op>` method, except
+# what UNSUPPORTED declares (pow has a method for constant exponents and is declared for
+# the rest).
+PRINTED = frozenset(op for op in OPS if hasattr(TritonPrinter, f"_print_{op}"))
+assert LEAF_OPS | PRINTED | set(UNSUPPORTED) == set(OPS), \
+    f"Triton printer rules missing for {set(OPS) - LEAF_OPS - PRINTED - set(UNSUPPORTED)}"
 
 
 def index_terms(buf: str, index_nodes, exprs) -> tuple[list[str], list[str]]:

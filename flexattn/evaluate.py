@@ -12,8 +12,7 @@ import torch
 from .ir import Graph, Node, TORCH_IMPL
 
 
-def evaluate(graph: Graph, *, b, h, q_idx, kv_idx, score=None, buffers=None,
-             check_bounds: bool = True) -> torch.Tensor:
+def evaluate(graph: Graph, *, b, h, q_idx, kv_idx, score=None, buffers=None) -> torch.Tensor:
     """Run `graph` on the given inputs; returns a tensor of their broadcast shape.
 
     `buffers` replaces `graph.buffers` (same order) - the CPU backward passes copies that
@@ -36,7 +35,7 @@ def evaluate(graph: Graph, *, b, h, q_idx, kv_idx, score=None, buffers=None,
         elif n.op == "cast":
             v = _as_tensor(env[id(n.args[0])], values).to(n.dtype)
         elif n.op == "load":
-            v = _load(graph, n, env[id(n.args[0])], [env[id(a)] for a in n.args[1:]], check_bounds)
+            v = _load(graph, n, env[id(n.args[0])], [env[id(a)] for a in n.args[1:]])
         else:
             v = TORCH_IMPL[n.op](*[env[id(a)] for a in n.args])
         env[id(n)] = v
@@ -58,13 +57,13 @@ def _as_tensor(v, values) -> torch.Tensor:
     return torch.tensor(v, device=device)
 
 
-def _load(graph: Graph, node: Node, buf: torch.Tensor, indices: list, check_bounds: bool):
+def _load(graph: Graph, node: Node, buf: torch.Tensor, indices: list):
     if not indices:
         return buf
     idx = []
     for dim, i in enumerate(indices):
         i = torch.as_tensor(i, device=buf.device)
-        if check_bounds and i.numel():
+        if i.numel():
             lo, hi = int(i.min()), int(i.max())
             if lo < 0 or hi >= buf.shape[dim]:
                 raise IndexError(

@@ -208,3 +208,17 @@ def test_arity_errors_and_kind_mixups():
         trace_score(lambda s, b, h, q, kv: q > kv)
     with pytest.raises(TypeError, match="must be a callable"):
         trace_mask(3)
+
+
+def test_every_interpreter_covers_the_op_set():
+    """Each interpreter handles every IR op or lists it as unsupported (tinygrad's GroupOp
+    style: the op groups of flexattn.ir are the single list)."""
+    from flexattn import analyse, autodiff, codegen, ir
+
+    assert set(analyse._HANDLED) == set(ir.OPS)
+    handled = set(autodiff.RULES) | autodiff.NOT_DIFFERENTIABLE | ir.LEAF_OPS | {"load"}
+    assert handled == set(ir.OPS) and not set(autodiff.RULES) & autodiff.NOT_DIFFERENTIABLE
+    assert ir.LEAF_OPS | codegen.PRINTED | set(codegen.UNSUPPORTED) == set(ir.OPS)
+    assert not codegen.PRINTED & ir.LEAF_OPS
+    # evaluate: leaves, cast and load by hand, everything else through ir.TORCH_IMPL
+    assert set(ir.TORCH_IMPL) | ir.LEAF_OPS | {"cast", "load"} == set(ir.OPS)
