@@ -5,9 +5,10 @@ Python over Python objects. Under compilation `flex_attention` comes here and sp
 
 * `_prepare`, marked `torch.compiler.assume_constant_result`, runs once while dynamo traces
   the call, on plain Python values: it traces score_mod, takes the mask's template from the
-  BlockMask's `mask_key` (flexattn.block_mask), registers an `ops.OpPlan` and returns its
+  BlockMask's `mask_key` (flexattn.block_mask), registers an `ops.OpSpec` and returns its
   key - a str constant in the graph;
-* the traced part checks the tensors and calls the custom op `flexattn::fwd` with the
+* the traced part runs flex_attention's front half (flexattn.front.check_arguments: the
+  same checks, scale and backend choice as an eager call) and calls the custom op `flexattn::fwd` with the
   BlockMask's tensors, the captured tensors and that key. The graph holds the one op;
   autograd differentiates it with `flexattn::bwd` (flexattn.ops).
 
@@ -19,35 +20,37 @@ place (a tensor rebound inside the same closure is not seen), as with any captur
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import ops
-from .block_mask import BlockMask, noop_mask
+from .autodiff import grad_slots as buffer_grad_slots
+from .block_mask import BlockMask
+from .masks import noop_mask
+from .checks import check_block_mask
+from .codegen import kernel_graph
+from .front import check_arguments, trace_score_mod
+from .full_mask import full_block_mask
 from .mask_registry import _MASK_TEMPLATES
+from .options import check_kernel_options
 
-# plan key -> the score_mod's captured tensors (graph inputs of the compiled graph)
+# spec key -> the score_mod's captured tensors (graph inputs of the compiled graph)
 _SCORE_BUFFERS: dict[str, tuple] = {}
-# plan key -> the all-attending BlockMask built for block_mask=None
+# spec key -> the all-attending BlockMask built for block_mask=None
 _FULL_MASKS: dict[str, BlockMask] = {}
 
 
 @torch.compiler.assume_constant_result
 def _prepare(score_mod, score_mod_id: int, mask_key: str, block_size: tuple, has_full: bool, backend: str,
              options: tuple, device: str, full_lengths: tuple) -> str:
-    """Trace score_mod and register the op plan; returns the plan key (runs at trace time).
+    """Trace score_mod and register the op spec; returns the spec key (runs at trace time).
     score_mod_id is unused here: computing id(score_mod) in the traced caller is what makes
     dynamo guard score_mod by identity. full_lengths = (L, S) when no block_mask was given
     (then an all-attending one is built)."""
-    from .attention import _full_block_mask, _trace_score_mod
-    from .autodiff import grad_slots as buffer_grad_slots
-    from .codegen import kernel_graph
     dev = torch.device(device)
-    score_graph = _trace_score_mod(score_mod, dev)
+    score_graph = trace_score_mod(score_mod, dev)
     full_mask = None
     if full_lengths:
-        full_mask = _full_block_mask(*full_lengths, dev)
+        full_mask = full_block_mask(*full_lengths, dev)
         mask_key, block_size, has_full = full_mask.mask_key, full_mask.BLOCK_SIZE, True
     mask_graph = _MASK_TEMPLATES.get(mask_key) if mask_key else None
     if mask_key and mask_graph is None:
@@ -56,10 +59,9 @@ def _prepare(score_mod, score_mod_id: int, mask_key: str, block_size: tuple, has
     score_bufs = tuple(score_graph.buffers) if score_graph is not None else ()
     grad_slots = buffer_grad_slots(score_graph)
     if backend == "triton":
-        from .kernels import check_kernel_options
         check_kernel_options(dict(options))
         score_graph, mask_graph = kernel_graph(score_graph), kernel_graph(mask_graph)
-    key = ops.register(ops.OpPlan(backend, score_graph, mask_graph, tuple(block_size), has_full, options,
+    key = ops.register(ops.OpSpec(backend, score_graph, mask_graph, tuple(block_size), has_full, options,
                                   grad_slots))
     _SCORE_BUFFERS[key] = score_bufs
     if full_mask is not None:
@@ -70,32 +72,24 @@ def _prepare(score_mod, score_mod_id: int, mask_key: str, block_size: tuple, has
 def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
                             kernel_options, dropout_p, dropout_seed, generator):
     """flex_attention's semantics (flexattn.attention), traced by dynamo into one custom op."""
-    from .attention import _check_dropout, _check_kernel_options, _check_qkv, _check_block_mask
-    _check_qkv(query, key, value, enable_gqa)
-    B, Hq, L, E = query.shape
-    S = key.shape[2]
-    if scale is None:
-        scale = 1.0 / math.sqrt(E)
-    options = _check_kernel_options(kernel_options)
-    dropout_p = _check_dropout(dropout_p, dropout_seed, generator)
-    if dropout_p > 0 and dropout_seed is None:
+    args = check_arguments(query, key, value, scale, enable_gqa, kernel_options, dropout_p, dropout_seed, generator)
+    if args.dropout_p > 0 and dropout_seed is None:
         raise ValueError("dropout_p > 0 inside torch.compile needs an explicit dropout_seed (an int): a seed "
                          "drawn from a generator would be frozen into the compiled graph")
-    backend = options.pop("BACKEND", "auto")
-    if backend == "auto":
-        backend = "triton" if query.device.type == "cuda" else "cpu"
-    opts = tuple(sorted(options.items()))
+    B, Hq, L, _ = query.shape
+    S = key.shape[2]
+    opts = tuple(sorted(args.options.items()))
     if block_mask is None:
-        plan_key = _prepare(score_mod, id(score_mod), "", (), False, backend, opts, str(query.device), (L, S))
-        block_mask = _FULL_MASKS[plan_key]
+        spec_key = _prepare(score_mod, id(score_mod), "", (), False, args.backend, opts, str(query.device), (L, S))
+        block_mask = _FULL_MASKS[spec_key]
     else:
-        _check_block_mask(block_mask, B, Hq, L, S, query.device)
+        check_block_mask(block_mask, B, Hq, L, S, query.device)
         if block_mask.mask_graph is None and block_mask.mask_mod is not noop_mask:
             raise ValueError("block_mask has a mask_mod but no traced mask (a sliced BlockMask): inside "
                              "torch.compile pass a BlockMask from create_block_mask")
-        plan_key = _prepare(score_mod, id(score_mod), block_mask.mask_key, tuple(block_mask.BLOCK_SIZE),
-                            block_mask.full_kv_num_blocks is not None, backend, opts, str(query.device), ())
+        spec_key = _prepare(score_mod, id(score_mod), block_mask.mask_key, tuple(block_mask.BLOCK_SIZE),
+                            block_mask.full_kv_num_blocks is not None, args.backend, opts, str(query.device), ())
     mask_bufs = list(block_mask.mask_graph.buffers) if block_mask.mask_graph is not None else []
-    out, lse = ops.fwd(query, key, value, ops.blocks_list(block_mask), list(_SCORE_BUFFERS[plan_key]), mask_bufs,
-                       plan_key, float(scale), float(dropout_p), int(dropout_seed or 0))
+    out, lse = ops.fwd(query, key, value, ops.blocks_list(block_mask), list(_SCORE_BUFFERS[spec_key]), mask_bufs,
+                       spec_key, args.scale, args.dropout_p, int(dropout_seed or 0))
     return (out, lse) if return_lse else out

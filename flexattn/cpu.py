@@ -24,6 +24,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from .call import attend, needs_grad
 from .evaluate import evaluate
 from .dropout import dropout_keep
 from .ir import Graph
@@ -34,8 +35,9 @@ CPU_OPTION_KEYS = ("BLOCK_M", "BLOCK_N")
 
 
 @dataclass
-class _Plan:
-    """Everything about one call except the tensors autograd tracks."""
+class CpuRun:
+    """Everything about one call except the tensors autograd tracks; runs it for
+    flexattn.call (forward / backward, gradients for the captured tensors in grad_slots)."""
     score_graph: Optional[Graph]
     mask_graph: Optional[Graph]
     scale: float
@@ -51,6 +53,13 @@ class _Plan:
     dropout_p: float
     dropout_seed: int
     compute_dtype: torch.dtype
+    grad_slots: tuple = ()  # the score_mod's captured float tensors that require grad
+
+    def forward(self, q, k, v, score_bufs, mask_bufs):
+        return _forward(self, q, k, v)
+
+    def backward(self, q, k, v, out, lse, dout, dlse, score_bufs, mask_bufs):
+        return _backward(self, q, k, v, out, lse, dout, dlse, score_bufs)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -78,11 +87,11 @@ class _KVTile:
     partial: bool          # evaluate the mask_mod on this tile
 
 
-def _kv_tiles(plan: _Plan, i: int, S: int) -> Iterator[_KVTile]:
+def _kv_tiles(run: CpuRun, i: int, S: int) -> Iterator[_KVTile]:
     """kv tiles of q-block i: partial blocks, then full blocks, slot by slot."""
-    device = plan.kv_num.device
-    sub = torch.arange(plan.tile_n, device=device)
-    for num, idx, partial in ((plan.kv_num, plan.kv_idx, True), (plan.full_num, plan.full_idx, False)):
+    device = run.kv_num.device
+    sub = torch.arange(run.tile_n, device=device)
+    for num, idx, partial in ((run.kv_num, run.kv_idx, True), (run.full_num, run.full_idx, False)):
         if num is None:
             continue
         num_i = num[:, :, i]
@@ -91,19 +100,19 @@ def _kv_tiles(plan: _Plan, i: int, S: int) -> Iterator[_KVTile]:
         for j in range(n_slots):
             blk = idx[:, :, i, j].long().clamp(0, max(n_kv_blocks - 1, 0))  # unused slots may hold anything
             slot_ok = (j < num_i)[..., None]
-            for start in range(0, plan.kv_block, plan.tile_n):
-                pos = blk[..., None] * plan.kv_block + start + sub
+            for start in range(0, run.kv_block, run.tile_n):
+                pos = blk[..., None] * run.kv_block + start + sub
                 valid = slot_ok & (pos < S)
                 if not bool(valid.any()):
                     continue
                 yield _KVTile(pos.clamp(max=S - 1), valid[..., None, :], partial)
 
 
-def _q_tiles(plan: _Plan, L: int) -> Iterator[tuple[int, int, int]]:
+def _q_tiles(run: CpuRun, L: int) -> Iterator[tuple[int, int, int]]:
     """(q-block index, first row, end row) of every q-tile."""
-    for i in range(math.ceil(L / plan.q_block)):
-        for q0 in range(i * plan.q_block, min(L, (i + 1) * plan.q_block), plan.tile_m):
-            yield i, q0, min(L, q0 + plan.tile_m, (i + 1) * plan.q_block)
+    for i in range(math.ceil(L / run.q_block)):
+        for q0 in range(i * run.q_block, min(L, (i + 1) * run.q_block), run.tile_m):
+            yield i, q0, min(L, q0 + run.tile_m, (i + 1) * run.q_block)
 
 
 class _Indices:
@@ -121,55 +130,55 @@ class _Indices:
         return torch.arange(q0, q1, dtype=torch.int32, device=device).view(1, 1, -1, 1)
 
 
-def _scores(plan: _Plan, idx: _Indices, qt, kt, q_idx, tile: _KVTile, *, s0=None, buffers=None):
+def _scores(run: CpuRun, idx: _Indices, qt, kt, q_idx, tile: _KVTile, *, s0=None, buffers=None):
     """(pre-mod score, post-mod score with -inf outside mask/valid, the keep-able mask)."""
     kv_idx = tile.pos.to(torch.int32)[..., None, :]
     if s0 is None:
-        s0 = (qt @ kt.transpose(-1, -2)) * plan.scale
+        s0 = (qt @ kt.transpose(-1, -2)) * run.scale
     s = s0
-    if plan.score_graph is not None:
-        s = evaluate(plan.score_graph, score=s0, b=idx.b, h=idx.h, q_idx=q_idx, kv_idx=kv_idx,
-                     buffers=buffers).to(plan.compute_dtype)
+    if run.score_graph is not None:
+        s = evaluate(run.score_graph, score=s0, b=idx.b, h=idx.h, q_idx=q_idx, kv_idx=kv_idx,
+                     buffers=buffers).to(run.compute_dtype)
     allowed = tile.valid
-    if tile.partial and plan.mask_graph is not None:
-        allowed = allowed & evaluate(plan.mask_graph, b=idx.b, h=idx.h, q_idx=q_idx, kv_idx=kv_idx)
+    if tile.partial and run.mask_graph is not None:
+        allowed = allowed & evaluate(run.mask_graph, b=idx.b, h=idx.h, q_idx=q_idx, kv_idx=kv_idx)
     return s0, s, allowed
 
 
-def _keep(plan: _Plan, idx: _Indices, q_idx, tile: _KVTile):
-    return dropout_keep(plan.dropout_seed, plan.dropout_p, idx.b, idx.h, q_idx, tile.pos[..., None, :])
+def _keep(run: CpuRun, idx: _Indices, q_idx, tile: _KVTile):
+    return dropout_keep(run.dropout_seed, run.dropout_p, idx.b, idx.h, q_idx, tile.pos[..., None, :])
 
 
 # ---------------------------------------------------------------------------------------
 # Forward
 
-def _forward(plan: _Plan, q, k, v):
+def _forward(run: CpuRun, q, k, v):
     B, Hq, L, _ = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
-    cdt, dev = plan.compute_dtype, q.device
+    cdt, dev = run.compute_dtype, q.device
     idx = _Indices(B, Hq, Hkv, dev)
     out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=dev)
     lse = torch.empty(B, Hq, L, dtype=cdt, device=dev)
-    drop_scale = 1.0 / (1.0 - plan.dropout_p)
-    for i, q0, q1 in _q_tiles(plan, L):
+    drop_scale = 1.0 / (1.0 - run.dropout_p)
+    for i, q0, q1 in _q_tiles(run, L):
         M = q1 - q0
         qt = q[:, :, q0:q1].to(cdt)
         q_idx = idx.q(q0, q1, dev)
         m = torch.full((B, Hq, M, 1), NEG_INF, dtype=cdt, device=dev)   # running row max
         l = torch.zeros(B, Hq, M, 1, dtype=cdt, device=dev)             # running sum of exp
         acc = torch.zeros(B, Hq, M, Ev, dtype=cdt, device=dev)
-        for tile in _kv_tiles(plan, i, S):
+        for tile in _kv_tiles(run, i, S):
             kt = k[idx.gb, idx.gh, tile.pos].to(cdt)
             vt = v[idx.gb, idx.gh, tile.pos].to(cdt)
-            _, s, allowed = _scores(plan, idx, qt, kt, q_idx, tile)
+            _, s, allowed = _scores(run, idx, qt, kt, q_idx, tile)
             s = s.masked_fill(~allowed, NEG_INF)
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))
             m_safe = m_new.masked_fill(m_new == NEG_INF, 0.0)   # rows with nothing yet: no -inf - -inf
             alpha = torch.exp(m - m_safe)
             p = torch.exp(s - m_safe)
             l = l * alpha + p.sum(-1, keepdim=True)
-            if plan.dropout_p > 0:
-                p = p * _keep(plan, idx, q_idx, tile) * drop_scale
+            if run.dropout_p > 0:
+                p = p * _keep(run, idx, q_idx, tile) * drop_scale
             acc = acc * alpha + p @ vt
             m = m_new
         empty = l == 0
@@ -181,47 +190,48 @@ def _forward(plan: _Plan, q, k, v):
 # ---------------------------------------------------------------------------------------
 # Backward
 
-def _backward(plan: _Plan, q, k, v, out, lse, dout, dlse, buffers, buffer_needs_grad):
+def _backward(run: CpuRun, q, k, v, out, lse, dout, dlse, buffers):
+    """(dq, dk, dv, [gradient of each captured tensor in run.grad_slots])."""
     B, Hq, L, _ = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    cdt, dev = plan.compute_dtype, q.device
+    cdt, dev = run.compute_dtype, q.device
     idx = _Indices(B, Hq, Hkv, dev)
     dq = torch.zeros(q.shape, dtype=cdt, device=dev)
     dk = torch.zeros(k.shape, dtype=cdt, device=dev)
     dv = torch.zeros(v.shape, dtype=cdt, device=dev)
     # copies of the captured tensors that require grad: autograd.grad on each tile fills them
-    grad_bufs = [b.detach().requires_grad_(True) if need else b for b, need in zip(buffers, buffer_needs_grad)]
-    grad_slots = [j for j, need in enumerate(buffer_needs_grad) if need]
+    grad_slots = run.grad_slots
+    grad_bufs = [b.detach().requires_grad_(True) if j in grad_slots else b for j, b in enumerate(buffers)]
     dbufs = [torch.zeros_like(buffers[j]) for j in grad_slots]
     dout = dout.to(cdt)
     delta = (dout * out.to(cdt)).sum(-1, keepdim=True)                   # rowsum(dO * O)
     dlse = torch.zeros_like(delta) if dlse is None else dlse.to(cdt).unsqueeze(-1)
     # rows with lse = -inf are fully masked: +inf makes every p = exp(s - lse) exactly 0
     lse_safe = torch.where(lse == NEG_INF, float("inf"), lse).unsqueeze(-1).to(cdt)
-    drop_scale = 1.0 / (1.0 - plan.dropout_p)
-    for i, q0, q1 in _q_tiles(plan, L):
+    drop_scale = 1.0 / (1.0 - run.dropout_p)
+    for i, q0, q1 in _q_tiles(run, L):
         qt = q[:, :, q0:q1].to(cdt)
         dot = dout[:, :, q0:q1]
         q_idx = idx.q(q0, q1, dev)
         row = (slice(None), slice(None), slice(q0, q1))
         dqt = torch.zeros_like(qt)
-        for tile in _kv_tiles(plan, i, S):
+        for tile in _kv_tiles(run, i, S):
             kt = k[idx.gb, idx.gh, tile.pos].to(cdt)
             vt = v[idx.gb, idx.gh, tile.pos].to(cdt)
-            s0 = (qt @ kt.transpose(-1, -2)) * plan.scale
+            s0 = (qt @ kt.transpose(-1, -2)) * run.scale
             with torch.enable_grad():
-                if plan.score_graph is not None:
+                if run.score_graph is not None:
                     s0.requires_grad_(True)
-                _, s, allowed = _scores(plan, idx, qt, kt, q_idx, tile, s0=s0, buffers=grad_bufs)
+                _, s, allowed = _scores(run, idx, qt, kt, q_idx, tile, s0=s0, buffers=grad_bufs)
             p = torch.exp(s.detach().masked_fill(~allowed, NEG_INF) - lse_safe[row])
             dp = dot @ vt.transpose(-1, -2)
-            if plan.dropout_p > 0:
-                keep = _keep(plan, idx, q_idx, tile).to(cdt) * drop_scale  # bool * float would be float32
+            if run.dropout_p > 0:
+                keep = _keep(run, idx, q_idx, tile).to(cdt) * drop_scale  # bool * float would be float32
                 pd, dp = p * keep, dp * keep
             else:
                 pd = p
             ds = p * (dp - delta[row] + dlse[row])
-            if plan.score_graph is not None:
+            if run.score_graph is not None:
                 wrt = [s0] + [grad_bufs[j] for j in grad_slots]
                 grads = torch.autograd.grad(s, wrt, ds, allow_unused=True) if s.requires_grad else [None] * len(wrt)
                 # a score_mod that ignores `score` passes no gradient to it
@@ -230,48 +240,29 @@ def _backward(plan: _Plan, q, k, v, out, lse, dout, dlse, buffers, buffer_needs_
                 for n, g in enumerate(grads[1:]):
                     if g is not None:
                         dbufs[n] += g
-            dqt += (ds @ kt) * plan.scale
-            dk.index_put_((idx.gb, idx.gh, tile.pos), (ds.transpose(-1, -2) @ qt) * plan.scale, accumulate=True)
+            dqt += (ds @ kt) * run.scale
+            dk.index_put_((idx.gb, idx.gh, tile.pos), (ds.transpose(-1, -2) @ qt) * run.scale, accumulate=True)
             dv.index_put_((idx.gb, idx.gh, tile.pos), pd.transpose(-1, -2) @ dot, accumulate=True)
         dq[row] = dqt
-    all_dbufs = [None] * len(buffers)
-    for n, j in enumerate(grad_slots):
-        all_dbufs[j] = dbufs[n]
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), all_dbufs
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbufs
 
 
-class _FlexAttentionCPU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, plan, q, k, v, *buffers):
-        out, lse = _forward(plan, q, k, v)
-        ctx.plan = plan
-        ctx.save_for_backward(q, k, v, out, lse, *buffers)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, *buffers = ctx.saved_tensors
-        needs = [ctx.needs_input_grad[4 + j] and buffers[j].is_floating_point() for j in range(len(buffers))]
-        dq, dk, dv, dbufs = _backward(ctx.plan, q, k, v, out, lse, dout, dlse, buffers, needs)
-        return (None, dq, dk, dv, *dbufs)
-
-
-def make_plan(dtype, *, score_graph, mask_graph, block_size, kv_blocks, scale, kernel_options, dropout_p,
-              dropout_seed) -> _Plan:
-    """The plan of one call; kv_blocks = (kv_num_blocks, kv_indices, full_kv_num_blocks or
-    None, full_kv_indices or None) of the BlockMask."""
+def make_run(dtype, *, score_graph, mask_graph, block_size, kv_blocks, scale, kernel_options, dropout_p,
+             dropout_seed, grad_slots=()) -> CpuRun:
+    """The run of one call; kv_blocks = (kv_num_blocks, kv_indices, full_kv_num_blocks or
+    None, full_kv_indices or None) of the BlockMask; grad_slots: see CpuRun."""
     q_block, kv_block = block_size
     tile_m, tile_n = _tile_sizes(kernel_options or {}, q_block, kv_block)
     kv_num, kv_idx, full_num, full_idx = kv_blocks
-    return _Plan(score_graph=score_graph, mask_graph=mask_graph, scale=float(scale),
+    return CpuRun(score_graph=score_graph, mask_graph=mask_graph, scale=float(scale),
                  q_block=q_block, kv_block=kv_block, tile_m=tile_m, tile_n=tile_n,
                  kv_num=kv_num, kv_idx=kv_idx, full_num=full_num, full_idx=full_idx,
                  dropout_p=float(dropout_p), dropout_seed=int(dropout_seed or 0),
-                 compute_dtype=_compute_dtype(dtype))
+                 compute_dtype=_compute_dtype(dtype), grad_slots=tuple(grad_slots))
 
 
-def flex_attention_cpu(q, k, v, *, score_graph, mask_graph, block_mask, scale, return_lse,
-                       kernel_options, dropout_p, dropout_seed):
+def flex_attention_cpu(q, k, v, *, score_graph, mask_graph, block_mask, scale, kernel_options, dropout_p,
+                       dropout_seed):
     """Block-sparse tiled attention on CPU tensors -> (out [B,Hq,L,Ev] in q.dtype, lse [B,Hq,L]).
 
     Inputs are validated by flexattn.attention.flex_attention; `block_mask` is a BlockMask
@@ -279,10 +270,17 @@ def flex_attention_cpu(q, k, v, *, score_graph, mask_graph, block_mask, scale, r
     Differentiable w.r.t. q, k, v and the score graph's captured float tensors.
     `kernel_options` may set BLOCK_M / BLOCK_N, tile sizes dividing the BlockMask's blocks.
     """
-    plan = make_plan(q.dtype, score_graph=score_graph, mask_graph=mask_graph, block_size=block_mask.BLOCK_SIZE,
-                     kv_blocks=(block_mask.kv_num_blocks, block_mask.kv_indices,
-                                block_mask.full_kv_num_blocks, block_mask.full_kv_indices),
-                     scale=scale, kernel_options=kernel_options, dropout_p=dropout_p, dropout_seed=dropout_seed)
     buffers = list(score_graph.buffers) if score_graph is not None else []
-    out, lse = _FlexAttentionCPU.apply(plan, q, k, v, *buffers)
-    return out, lse
+    run = make_run(q.dtype, score_graph=score_graph, mask_graph=mask_graph, block_size=block_mask.BLOCK_SIZE,
+                   kv_blocks=(block_mask.kv_num_blocks, block_mask.kv_indices,
+                              block_mask.full_kv_num_blocks, block_mask.full_kv_indices),
+                   scale=scale, kernel_options=kernel_options, dropout_p=dropout_p, dropout_seed=dropout_seed,
+                   grad_slots=float_grad_slots(buffers))
+    mask_bufs = list(mask_graph.buffers) if mask_graph is not None else []
+    return attend(run, q, k, v, buffers, mask_bufs, needs_grad(q, k, v, buffers))
+
+
+def float_grad_slots(buffers) -> tuple:
+    """The CPU path's gradient slots: every captured float tensor that requires grad (read
+    by score_mod or not: an unread one gets a zero gradient)."""
+    return tuple(j for j, b in enumerate(buffers) if b.requires_grad and b.is_floating_point())

@@ -7,7 +7,7 @@ all see the same pattern without storing it. The hash is implemented twice, bit 
 * `dropout_hash` - torch, vectorised, int64 tensors holding values in [0, 2**32);
   products are split into 16-bit halves so nothing ever overflows int64;
 * `dropout_hash_triton` - a `@triton.jit` function in uint32 arithmetic (wrapping), for
-  the kernels to call on their tiles.
+  the kernels to call on their tiles (flexattn.dropout_triton, loaded on first access).
 
 The hash (all arithmetic mod 2**32; `mix` is a 32-bit avalanche finaliser, bijective):
 
@@ -23,8 +23,6 @@ kept probabilities are multiplied by 1 / (1 - p). p == 0 keeps everything.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 MASK32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9
@@ -105,31 +103,15 @@ def dropout_mask(seed: int, B: int, H: int, L: int, S: int, p: float, device="cp
 
 
 # ---- Triton ----------------------------------------------------------------------------
+# The @triton.jit twins (dropout_hash_triton, dropout_keep_triton) live in
+# flexattn.dropout_triton and are read from here by the kernels (`from flexattn.dropout
+# import dropout_keep_triton`); loaded on first access, so the CPU path never imports Triton.
 
-@triton.jit
-def _mix_triton(x):
-    x = x ^ (x >> 16)
-    x = x * 0x7FEB352D
-    x = x ^ (x >> 15)
-    x = x * 0x846CA68B
-    return x ^ (x >> 16)
+_TRITON_NAMES = ("dropout_hash_triton", "dropout_keep_triton")
 
 
-@triton.jit
-def dropout_hash_triton(seed_lo, seed_hi, b, hq, q_idx, kv_idx):
-    """uint32 hash; arguments are int32 (seed halves as `signed32`) scalars or tensors that
-    broadcast, e.g. q_idx [M, 1] and kv_idx [1, N]. Bit-identical to `dropout_hash`."""
-    x = _mix_triton(seed_hi.to(tl.uint32, bitcast=True) ^ 0x9E3779B9)
-    x = _mix_triton(x ^ seed_lo.to(tl.uint32, bitcast=True))
-    x = _mix_triton(x ^ b.to(tl.uint32, bitcast=True))
-    x = _mix_triton(x ^ hq.to(tl.uint32, bitcast=True))
-    x = _mix_triton(x ^ q_idx.to(tl.uint32, bitcast=True))
-    return _mix_triton(x ^ (kv_idx.to(tl.uint32, bitcast=True) * 0x9E3779B9))
-
-
-@triton.jit
-def dropout_keep_triton(seed_lo, seed_hi, threshold, b, hq, q_idx, kv_idx):
-    """True where kept: hash >= threshold (threshold = dropout_threshold(p), passed as a
-    signed32 int32 kernel argument and compared as uint32)."""
-    h = dropout_hash_triton(seed_lo, seed_hi, b, hq, q_idx, kv_idx)
-    return h >= threshold.to(tl.uint32, bitcast=True)
+def __getattr__(name):
+    if name in _TRITON_NAMES:
+        from . import dropout_triton
+        return getattr(dropout_triton, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,14 +1,17 @@
 """flexattn as torch.library custom ops (fake implementations + autograd), so a compiled
 graph can hold it and `torch.library.opcheck` can check it.
 
-    flexattn::fwd(q, k, v, blocks, score_bufs, mask_bufs, plan_key, scale, dropout_p, dropout_seed)
+    flexattn::fwd(q, k, v, blocks, score_bufs, mask_bufs, spec_key, scale, dropout_p, dropout_seed)
         -> (out, lse)
-    flexattn::bwd(q, k, v, out, lse, dout, dlse, blocks, score_bufs, mask_bufs, plan_key, ...)
+    flexattn::bwd(q, k, v, out, lse, dout, dlse, blocks, score_bufs, mask_bufs, spec_key, ...)
         -> (dq, dk, dv, buffer grads)
+
+Both run the backend's run (flexattn.call: the CPU path's CpuRun, the kernels' PlannedRun),
+and bwd spreads its gradients with flexattn.call.scatter_buffer_grads, as eager calls do.
 
 Ops take only tensors and plain values. What is not a tensor - the backend, the traced
 graphs (as templates: their captured tensors come in `score_bufs` / `mask_bufs`), the
-BlockMask block size, kernel options - is an `OpPlan` in `_PLANS` under `plan_key`, a hash
+BlockMask block size, kernel options - is an `OpSpec` in `_SPECS` under `spec_key`, a hash
 of their structure and number constants (never of captured tensor values), so one
 compiled graph serves new values in the captured tensors. `blocks` holds the BlockMask's
 kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices (the full ones are empty
@@ -16,6 +19,7 @@ tensors when the mask has none), then its q_* and full_q_* transposes.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from typing import Optional
@@ -23,11 +27,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import cpu
+from .call import scatter_buffer_grads
+from .checks import check_kernel_inputs
 from .ir import Graph
 
 
 @dataclass(frozen=True)
-class OpPlan:
+class OpSpec:
     backend: str                  # "triton" (the generated kernels) or "cpu" (flexattn.cpu)
     score_graph: Optional[Graph]  # templates: buffers are bound per call from the op's inputs
     mask_graph: Optional[Graph]
@@ -37,22 +44,22 @@ class OpPlan:
     grad_slots: tuple             # score buffers the backward returns gradients for
 
 
-_PLANS: dict[str, OpPlan] = {}
+_SPECS: dict[str, OpSpec] = {}
 
 
 def _graph_key(g: Optional[Graph]) -> str:
     return "" if g is None else g.structure_key() + repr(g.params)
 
 
-def register(plan: OpPlan) -> str:
-    """The key under which the ops find `plan` (the same for plans that compute the same)."""
-    text = repr((plan.backend, _graph_key(plan.score_graph), _graph_key(plan.mask_graph), plan.block_size,
-                 plan.has_full, plan.opts, plan.grad_slots))
+def register(spec: OpSpec) -> str:
+    """The key under which the ops find `spec` (the same for specs that compute the same)."""
+    text = repr((spec.backend, _graph_key(spec.score_graph), _graph_key(spec.mask_graph), spec.block_size,
+                 spec.has_full, spec.opts, spec.grad_slots))
     key = hashlib.sha256(text.encode()).hexdigest()[:20]
-    if key not in _PLANS:
+    if key not in _SPECS:
         strip = lambda g: None if g is None else g._with_buffers([])  # noqa: E731
-        _PLANS[key] = OpPlan(plan.backend, strip(plan.score_graph), strip(plan.mask_graph), tuple(plan.block_size),
-                             bool(plan.has_full), tuple(plan.opts), tuple(plan.grad_slots))
+        _SPECS[key] = OpSpec(spec.backend, strip(spec.score_graph), strip(spec.mask_graph), tuple(spec.block_size),
+                             bool(spec.has_full), tuple(spec.opts), tuple(spec.grad_slots))
     return key
 
 
@@ -69,36 +76,26 @@ def _bind(g: Optional[Graph], bufs) -> Optional[Graph]:
     return None if g is None else g._with_buffers(list(bufs))
 
 
-def _cpu_plan(p: OpPlan, q, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed):
-    from . import cpu
+def _run_of(p: OpSpec, q, k, v, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed):
+    """The backend's run (flexattn.call) for spec `p` bound to this call's tensors."""
     full = p.has_full
-    return cpu.make_plan(q.dtype, score_graph=_bind(p.score_graph, score_bufs), mask_graph=_bind(p.mask_graph, mask_bufs),
-                         block_size=p.block_size, kv_blocks=(blocks[0], blocks[1], blocks[2] if full else None,
-                                                             blocks[3] if full else None),
-                         scale=scale, kernel_options=dict(p.opts), dropout_p=dropout_p, dropout_seed=dropout_seed)
-
-
-def _triton_plan(p: OpPlan, q, k, v, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed):
-    from . import kernels as K
-    full = p.has_full
-    b = K._Blocks(blocks[0], blocks[1], blocks[2] if full else None, blocks[3] if full else None,
-                  blocks[4], blocks[5], blocks[6] if full else None, blocks[7] if full else None, p.block_size)
     sg, mg = _bind(p.score_graph, score_bufs), _bind(p.mask_graph, mask_bufs)
-    K.validate(q, k, v, sg, mg, None)  # head dims, dtypes, devices: raised before any launch
-    return K.Plan(sg, mg, K.expand_blocks(b, q.shape[0], q.shape[1]), scale, dict(p.opts), dropout_p,
-                  dropout_seed, p.grad_slots, list(score_bufs), list(mask_bufs), K.small_indices(q, k))
+    if p.backend == "cpu":
+        return cpu.make_run(q.dtype, score_graph=sg, mask_graph=mg, block_size=p.block_size,
+                            kv_blocks=(blocks[0], blocks[1], blocks[2] if full else None, blocks[3] if full else None),
+                            scale=scale, kernel_options=dict(p.opts), dropout_p=dropout_p, dropout_seed=dropout_seed,
+                            grad_slots=p.grad_slots)
+    from . import kernels as K  # the Triton backend: loaded by the first call that uses it
+    check_kernel_inputs(q, k, v, sg, mg, None)  # head dims, dtypes, devices: raised before any launch
+    b = K.expand_blocks(K.KernelBlocks.from_list(blocks, p.block_size, full), q.shape[0], q.shape[1])
+    return K.PlannedRun(K.build_plan(q, k, sg, mg, b, scale, dict(p.opts), dropout_p, dropout_seed, p.grad_slots))
 
 
 @torch.library.custom_op("flexattn::fwd", mutates_args=())
 def fwd(q: Tensor, k: Tensor, v: Tensor, blocks: list[Tensor], score_bufs: list[Tensor], mask_bufs: list[Tensor],
-        plan_key: str, scale: float, dropout_p: float, dropout_seed: int) -> tuple[Tensor, Tensor]:
-    p = _PLANS[plan_key]
-    if p.backend == "cpu":
-        from .cpu import _forward
-        return _forward(_cpu_plan(p, q, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed), q, k, v)
-    from .kernels import _run_forward
-    return _run_forward(_triton_plan(p, q, k, v, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed),
-                        q, k, v)
+        spec_key: str, scale: float, dropout_p: float, dropout_seed: int) -> tuple[Tensor, Tensor]:
+    run = _run_of(_SPECS[spec_key], q, k, v, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed)
+    return run.forward(q, k, v, score_bufs, mask_bufs)
 
 
 def _lse_dtype(q) -> torch.dtype:
@@ -106,7 +103,7 @@ def _lse_dtype(q) -> torch.dtype:
 
 
 @fwd.register_fake
-def _fwd_fake(q, k, v, blocks, score_bufs, mask_bufs, plan_key, scale, dropout_p, dropout_seed):
+def _fwd_fake(q, k, v, blocks, score_bufs, mask_bufs, spec_key, scale, dropout_p, dropout_seed):
     B, Hq, L, _ = q.shape
     return q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(B, Hq, L, dtype=_lse_dtype(q))
 
@@ -131,39 +128,30 @@ class _autograd_enabled:
 
 @torch.library.custom_op("flexattn::bwd", mutates_args=())
 def bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor,
-        blocks: list[Tensor], score_bufs: list[Tensor], mask_bufs: list[Tensor], plan_key: str, scale: float,
+        blocks: list[Tensor], score_bufs: list[Tensor], mask_bufs: list[Tensor], spec_key: str, scale: float,
         dropout_p: float, dropout_seed: int) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-    p = _PLANS[plan_key]
-    if p.backend == "cpu":
-        from .cpu import _backward
-        plan = _cpu_plan(p, q, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed)
-        needs = [j in p.grad_slots for j in range(len(score_bufs))]
-        with _autograd_enabled():  # the CPU backward differentiates score_mod with torch.autograd
-            dq, dk, dv, dbufs = _backward(plan, q, k, v, out, lse, dout, dlse, list(score_bufs), needs)
-        buf_grads = [dbufs[s] for s in p.grad_slots]
-    else:
-        from .kernels import backward
-        plan = _triton_plan(p, q, k, v, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed)
-        dq, dk, dv, buf_grads = backward(plan, q, k, v, out, lse, dout, dlse, list(score_bufs))
-    grads = [torch.zeros_like(t) if t.dtype.is_floating_point else t.new_zeros(()) for t in score_bufs]
-    for s, g in zip(p.grad_slots, buf_grads):
-        grads[s] = g
-    return dq, dk, dv, grads
+    p = _SPECS[spec_key]
+    run = _run_of(p, q, k, v, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed)
+    # the CPU backward differentiates score_mod with torch.autograd
+    with _autograd_enabled() if p.backend == "cpu" else contextlib.nullcontext():
+        dq, dk, dv, buf_grads = run.backward(q, k, v, out, lse, dout, dlse, list(score_bufs), mask_bufs)
+    zeros = lambda t: torch.zeros_like(t) if t.dtype.is_floating_point else t.new_zeros(())  # noqa: E731
+    return dq, dk, dv, scatter_buffer_grads(score_bufs, p.grad_slots, buf_grads, zeros)
 
 
 @bwd.register_fake
-def _bwd_fake(q, k, v, out, lse, dout, dlse, blocks, score_bufs, mask_bufs, plan_key, scale, dropout_p,
+def _bwd_fake(q, k, v, out, lse, dout, dlse, blocks, score_bufs, mask_bufs, spec_key, scale, dropout_p,
               dropout_seed):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             [torch.empty_like(t) if t.dtype.is_floating_point else t.new_empty(()) for t in score_bufs])
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, blocks, score_bufs, mask_bufs, plan_key, scale, dropout_p, dropout_seed = inputs
+    q, k, v, blocks, score_bufs, mask_bufs, spec_key, scale, dropout_p, dropout_seed = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *blocks, *score_bufs, *mask_bufs)
     ctx.n = (len(blocks), len(score_bufs))
-    ctx.args = (plan_key, scale, dropout_p, dropout_seed)
+    ctx.args = (spec_key, scale, dropout_p, dropout_seed)
 
 
 def _backward(ctx, dout, dlse):
@@ -202,7 +190,7 @@ def run_opcheck(q, k, v, score_mod=None, mask_mod=None):
         sg, mg = kernel_graph(sg), kernel_graph(bm.mask_graph)
     else:
         mg = bm.mask_graph
-    key = register(OpPlan(backend, sg, mg, bm.BLOCK_SIZE, bm.full_kv_num_blocks is not None, (), grad_slots(sg)))
+    key = register(OpSpec(backend, sg, mg, bm.BLOCK_SIZE, bm.full_kv_num_blocks is not None, (), grad_slots(sg)))
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), blocks_list(bm),
             list(sg.buffers), list(mg.buffers), key, 1.0 / q.shape[-1] ** 0.5, 0.0, 0)
     torch.library.opcheck(fwd, args)

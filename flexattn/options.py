@@ -1,9 +1,15 @@
-"""The kernel_options keys every backend accepts, in a module with no heavy imports.
+"""kernel_options: the keys every backend accepts, the values the Triton kernels take, and
+the backend choice - in a module with no heavy imports (no Triton).
 
-`flex_attention` checks the keys before dispatching (so a typo raises on the CPU path too,
-which uses few of them), and the Triton backend checks their values.
+`flex_attention` (eager and compiled) checks the keys before dispatching (so a typo raises
+on the CPU path too, which uses few of them) and picks the backend (`choose_backend`); the
+Triton backend checks their values (`check_kernel_options`).
 """
 from __future__ import annotations
+
+import os
+
+import torch
 
 # kernel_options keys: ours, plus torch FlexAttention's names (mapped or accepted).
 VALID_OPTIONS = {
@@ -38,3 +44,48 @@ def check_option_keys(kernel_options: dict) -> dict:
         raise ValueError(f"kernel_options: unknown key(s) {unknown}; valid keys are "
                          f"{sorted(VALID_OPTIONS)}: check the spelling")
     return dict(kernel_options)
+
+
+BACKENDS = ("auto", "cpu", "triton")
+
+_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "bwd_BLOCK_M", "bwd_BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2",
+              "decode_BLOCK_N")
+_WARP_KEYS = ("num_warps", "bwd_num_warps", "decode_num_warps")
+_STAGE_KEYS = ("num_stages", "bwd_num_stages", "decode_num_stages")
+_FLAG_KEYS = ("AUTOTUNE", "TIERED")
+
+
+def check_kernel_options(kernel_options) -> dict:
+    """A copy of `kernel_options` whose keys are known and whose values the Triton kernels take."""
+    opts = check_option_keys(kernel_options or {})
+    for key in _TILE_KEYS:
+        if key in opts:
+            v = opts[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 16 or v & (v - 1):
+                raise ValueError(f"kernel_options[{key!r}] must be a power of two >= 16, got {v!r}")
+    for key in _WARP_KEYS:
+        if key in opts and opts[key] not in (1, 2, 4, 8, 16):
+            raise ValueError(f"kernel_options[{key!r}] must be one of 1, 2, 4, 8, 16, got {opts[key]!r}")
+    for key in _STAGE_KEYS:
+        if key in opts and (not isinstance(opts[key], int) or not 1 <= opts[key] <= 6):
+            raise ValueError(f"kernel_options[{key!r}] must be an int in 1..6, got {opts[key]!r}")
+    for key in _FLAG_KEYS:
+        if key in opts and not isinstance(opts[key], bool):
+            raise ValueError(f"kernel_options[{key!r}] must be True or False, got {opts[key]!r}")
+    return opts
+
+
+def choose_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """"cpu" or "triton" for kernel_options["BACKEND"] (already checked to be in BACKENDS).
+    "auto" picks the Triton kernels for CUDA tensors; for others the environment variable
+    FLEXATTN_BACKEND ("cpu" by default; "triton" sends CPU tensors through the kernels under
+    TRITON_INTERPRET=1, as the front ends' tests do), except float64, which only the CPU path
+    takes."""
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        return "triton"
+    env = os.environ.get("FLEXATTN_BACKEND", "cpu")
+    if env not in ("cpu", "triton"):
+        raise ValueError(f"environment variable FLEXATTN_BACKEND must be 'cpu' or 'triton', got {env!r}")
+    return "cpu" if dtype == torch.float64 else env

@@ -127,20 +127,20 @@ def scenario_restrict():
 def scenario_failing():
     """Candidates that fail: raising OutOfResources, or making launch() shrink them."""
     import triton
-    import flexattn.kernels as K
+    from flexattn.kernels import forward, launcher
     _count_measurements()
-    original = K.forward
+    original = forward.flex_forward
     mode = {}
 
-    def flaky(plan, q, k, v, return_lse=True, cfg=None):
+    def flaky(plan, q, k, v, cfg=None):
         if cfg is not None and (mode["fail"] == "all" or cfg[0] == 16):
             if mode["fail"] == "shrink":  # what launch() records when a config lacks shared memory
-                mod = K.plan_module(plan, "fwd")
-                K._SHRUNK[("fwd", id(mod), q.dtype, q.shape[-1], v.shape[-1], *cfg)] = {"num_stages": 1}
+                mod = plan.module("fwd")
+                launcher.SHRUNK[("fwd", id(mod), q.dtype, q.shape[-1], v.shape[-1], *cfg)] = {"num_stages": 1}
             else:
                 raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
-        return original(plan, q, k, v, return_lse=return_lse, cfg=cfg)
-    K.forward = flaky
+        return original(plan, q, k, v, cfg=cfg)
+    forward.flex_forward = flaky
     res = {}
     for fail, L in (("raise", 64), ("shrink", 128), ("all", 256)):
         mode["fail"] = fail

@@ -14,9 +14,10 @@ import weakref
 import pytest
 import torch
 
-import flexattn.attention as attention_module
+import flexattn.front as front_module
 import flexattn.trace_cache as trace_module
 from flexattn import create_block_mask, flex_attention
+from flexattn.full_mask import build_full_block_mask, full_block_mask
 from flexattn.masks import and_masks, or_masks
 from flexattn.ir import Graph, IRError, infer_dtype
 from flexattn.reference import reference_attention
@@ -376,7 +377,7 @@ def test_flex_attention_reuses_the_block_masks_graph(monkeypatch):
     q, k, v = qkv()
     bm = create_block_mask(mask_mod, None, None, S, S, BLOCK_SIZE=(8, 8))
     calls = []
-    monkeypatch.setattr(attention_module, "trace_mask", lambda *a: calls.append(a))
+    monkeypatch.setattr(front_module, "trace_mask", lambda *a: calls.append(a))
     out = flex_attention(q, k, v, block_mask=bm)
     assert calls == []
     torch.testing.assert_close(out, reference_attention(q, k, v, None, mask_mod)[0])
@@ -384,10 +385,10 @@ def test_flex_attention_reuses_the_block_masks_graph(monkeypatch):
 
 def test_full_block_mask_is_cached_and_correct():
     for L, Skv in ((S, S), (130, 129), (1, 200)):
-        a = attention_module._full_block_mask(L, Skv, torch.device("cpu"))
-        assert attention_module._full_block_mask(L, Skv, torch.device("cpu")) is a
+        a = full_block_mask(L, Skv, torch.device("cpu"))
+        assert full_block_mask(L, Skv, torch.device("cpu")) is a
         dense = a.to_dense()
-        fresh = attention_module._build_full_block_mask(L, Skv, torch.device("cpu")).to_dense()
+        fresh = build_full_block_mask(L, Skv, torch.device("cpu")).to_dense()
         assert torch.equal(dense, fresh)
     g = torch.Generator().manual_seed(1)
     q = torch.randn(1, 1, 130, 8, generator=g, dtype=torch.float64)

@@ -58,8 +58,7 @@ def test_unhashable_options_are_not_cached():
 _INTERPRET_CHECKS = r'''
 import gc, json, weakref
 import torch, flexattn
-import flexattn.kernels as K
-from flexattn.kernels import replay
+from flexattn.kernels import calls, replay
 from mods_zoo import make_mod
 
 failures = []
@@ -74,10 +73,10 @@ def check(cond, what):
 class Count:
     """Counts the normal launch paths run (plans made, forward / decode / backward)."""
     def __init__(self):
-        import flexattn.kernels.decode as D
         self.n = {}
-        for mod, name in ((K, "make_plan"), (K, "forward"), (K, "backward"), (D, "decode_forward")):
-            setattr(mod, name, self._counted(name, getattr(mod, name)))
+        for name, label in (("make_plan", "make_plan"), ("flex_forward", "forward"), ("flex_backward", "backward"),
+                            ("decode_forward", "decode_forward")):
+            setattr(calls, name, self._counted(label, getattr(calls, name)))
 
     def _counted(self, name, fn):
         def counted(*a, **kw):

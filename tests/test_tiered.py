@@ -73,7 +73,8 @@ def test_tile_form_one_kernel_source_for_every_mask():
 
 
 def test_policy_routes_new_structures_through_the_tile_form(monkeypatch):
-    from flexattn.kernels import make_plan, plan_module, tiered
+    from flexattn.kernels import make_plan, tiered
+    from flexattn.kernels.source import KERNEL_NAMES
     from flexattn.kernels import launcher
     for module, name in ((tiered, "_compiled"), (tiered, "_submitted"), (launcher, "LAUNCHED")):
         monkeypatch.setattr(module, name, {})
@@ -87,8 +88,8 @@ def test_policy_routes_new_structures_through_the_tile_form(monkeypatch):
 
     def mark_compiled(p, kinds):
         for kind in kinds:
-            mod = plan_module(p, kind)
-            tiered.mark_compiled([getattr(mod, n) for n in tiered._KERNELS[kind]])
+            mod = p.module(kind)
+            tiered.mark_compiled([getattr(mod, n) for n in KERNEL_NAMES[kind]])
 
     # nothing compiled: the mask's own kernels now, the tile form's to warm afterwards
     first = tiered.route(plan, ("fwd", "bwd"), bm, cuda)

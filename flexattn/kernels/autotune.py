@@ -12,8 +12,9 @@ changes the compiled kernel (dropout on/off, tf32, the backward's gradient slots
 DETERMINISTIC, the Triton version, the kernel template) and the keys the caller fixed.
 
 Invariants:
-* Every candidate goes through `_fwd_cfg` / `_bwd_cfg(..., base=candidate)`: the keys given in
-  kernel_options override the candidate's values and the tiles are fitted to the BlockMask.
+* Every candidate goes through `forward.fwd_config` / `backward.bwd_config(..., base=candidate)`:
+  the keys given in kernel_options override the candidate's values and the tiles are fitted
+  to the BlockMask.
   So each candidate is valid and agrees with the fixed keys; duplicates are dropped after
   that. The default config is always candidate 0: tuning never keeps a config that measured
   slower than the default.
@@ -41,13 +42,15 @@ import torch
 import triton
 
 from .. import source_cache
+from . import backward, forward, launcher
+from .config import config_class, default_bwd_config, default_fwd_config, device_key
 from .launcher import next_pow2
-from .. import kernels as K  # attribute access at call time: K.forward / K.backward run the candidates
+from .source import TEMPLATES
 
 CACHE_FILE = "autotune.json"
 QUIET_ENV = "FLEXATTN_AUTOTUNE_QUIET"
 
-# kernel_options keys that fix a value of the forward / backward config (see _fwd_cfg, _bwd_cfg)
+# kernel_options keys that fix a value of the forward / backward config (see fwd_config, bwd_config)
 FWD_FIXED_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 BWD_FIXED_KEYS = ("bwd_BLOCK_M", "bwd_BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2",
                   "bwd_num_warps", "bwd_num_stages")
@@ -93,25 +96,14 @@ BWD_CANDIDATES = {
 }
 
 
-def _candidate_class(device, dtype, d: int, dv: int) -> tuple[str, int]:
-    dk = K._device_key(device)
-    if dk == "interp":
-        return "interp", 0
-    dmax = max(K._pow2(d), K._pow2(dv))
-    if dtype == torch.float32:
-        return "fp32", 128 if dmax <= 128 else 256
-    arch = "sm90" if dk.startswith("sm9") or dk.startswith("sm1") else "sm80"
-    return arch, 64 if dmax <= 64 else 128 if dmax <= 128 else 256
-
-
 def fwd_candidates(device, dtype, d: int, dv: int) -> list[tuple]:
     """The forward configs tried (before fixed keys and fitting): the default first."""
-    return [K.default_fwd_config(device, dtype, d, dv), *FWD_CANDIDATES[_candidate_class(device, dtype, d, dv)]]
+    return [default_fwd_config(device, dtype, d, dv), *FWD_CANDIDATES[config_class(device, dtype, d, dv)]]
 
 
 def bwd_candidates(device, dtype, d: int, dv: int) -> list[tuple]:
     """The backward configs tried (before fixed keys and fitting): the default first."""
-    return [K.default_bwd_config(device, dtype, d, dv), *BWD_CANDIDATES[_candidate_class(device, dtype, d, dv)]]
+    return [default_bwd_config(device, dtype, d, dv), *BWD_CANDIDATES[config_class(device, dtype, d, dv)]]
 
 
 def _unique(configs) -> list[tuple]:
@@ -312,7 +304,7 @@ def _bucket(n: int) -> int:
     return next_pow2(n)
 
 
-def _memo_key(kind: str, plan: "K.Plan", q, v) -> tuple:
+def _memo_key(kind: str, plan: "Plan", q, v) -> tuple:
     """In-memory key: cheap to build from what the call already has (no hashing of text)."""
     o = plan.opts
     sg, mg = plan.score_graph, plan.mask_graph
@@ -331,7 +323,7 @@ def _digest(text) -> str:
 def _device_name(device) -> str:
     if device.type != "cuda":
         return "interp"
-    return f"{torch.cuda.get_device_name(device)} {K._device_key(device)}"
+    return f"{torch.cuda.get_device_name(device)} {device_key(device)}"
 
 
 def disk_key(memo_key: tuple) -> str:
@@ -344,7 +336,7 @@ def disk_key(memo_key: tuple) -> str:
     if kind == "bwd":
         parts += [f"grads={','.join(map(str, extra[0]))}", f"deterministic={int(extra[1])}"]
     parts += ["fixed=" + ",".join(f"{k}={val}" for k, val in fixed), f"triton={triton.__version__}",
-              f"kernel={_digest(K.FWD_TEMPLATE if kind == 'fwd' else K.BWD_TEMPLATE)}"]
+              f"kernel={_digest(TEMPLATES[kind])}"]
     return "|".join(parts)
 
 
@@ -361,10 +353,10 @@ def clear_memory() -> None:
 
 def _shrunk(launch_keys) -> bool:
     """True if `launch` had to shrink one of these launches (it retries a config that lacks
-    shared memory with fewer stages / smaller tiles and records that in `_SHRUNK`, keyed
+    shared memory with fewer stages / smaller tiles and records that in `launcher.SHRUNK`, keyed
     (kernel, id(module), dtype, E, Ev, tile_m, tile_n, warps, stages)): such a candidate did
     not fit as given, so it is skipped rather than timed as a smaller config."""
-    return any(k in K._SHRUNK for k in launch_keys)
+    return any(k in launcher.SHRUNK for k in launch_keys)
 
 
 def _choose(memo_key, candidates, run, launch_keys, fit, device, title) -> tuple:
@@ -444,8 +436,8 @@ def _title(kind, q, v) -> str:
             f"L={q.shape[2]} S={v.shape[2]}")
 
 
-def tuned_fwd_config(plan: "K.Plan", q, k, v) -> tuple:
-    """The forward config for this call under AUTOTUNE (what _fwd_cfg returns)."""
+def tuned_fwd_config(plan: "Plan", q, k, v) -> tuple:
+    """The forward config for this call under AUTOTUNE (fitted as forward.fwd_config)."""
     memo_key = _memo_key("fwd", plan, q, v)
     hit = _MEMORY.get(memo_key)
     if hit is not None:
@@ -453,19 +445,19 @@ def tuned_fwd_config(plan: "K.Plan", q, k, v) -> tuple:
     E, Ev = q.shape[-1], v.shape[-1]
 
     def fit(cfg):
-        return K._fwd_cfg(plan, q, k, v, base=cfg)
+        return forward.fwd_config(plan, q, k, v, base=cfg)
 
     def launch_keys(cfg):
-        mod = K.plan_module(plan, "fwd")
+        mod = plan.module("fwd")
         return [("fwd", id(mod), q.dtype, E, Ev, *cfg)]
 
     candidates = _unique(fit(c) for c in fwd_candidates(q.device, q.dtype, E, Ev))
-    return _choose(memo_key, candidates, lambda cfg: K.forward(plan, q, k, v, cfg=cfg), launch_keys, fit,
+    return _choose(memo_key, candidates, lambda cfg: forward.flex_forward(plan, q, k, v, cfg=cfg), launch_keys, fit,
                    q.device, _title("fwd", q, v))
 
 
-def tuned_bwd_config(plan: "K.Plan", q, k, v, out, lse, dout, dlse, score_bufs) -> tuple:
-    """The backward config for this call under AUTOTUNE (what _bwd_cfg returns); candidates
+def tuned_bwd_config(plan: "Plan", q, k, v, out, lse, dout, dlse, score_bufs) -> tuple:
+    """The backward config for this call under AUTOTUNE (fitted as backward.bwd_config); candidates
     are timed on the call's own out, lse and gradients."""
     memo_key = _memo_key("bwd", plan, q, v)
     hit = _MEMORY.get(memo_key)
@@ -474,16 +466,16 @@ def tuned_bwd_config(plan: "K.Plan", q, k, v, out, lse, dout, dlse, score_bufs) 
     E, Ev = q.shape[-1], v.shape[-1]
 
     def fit(cfg):
-        return K._bwd_cfg(plan, q, k, v, out, lse, dout, dlse, score_bufs, base=cfg)
+        return backward.bwd_config(plan, q, k, v, base=cfg)
 
     def launch_keys(cfg):
         m1, n1, m2, n2, warps, stages = cfg
-        mod = K.plan_module(plan, "bwd")
+        mod = plan.module("bwd")
         return [("dq", id(mod), q.dtype, E, Ev, m2, n2, warps, stages),
                 ("dkdv", id(mod), q.dtype, E, Ev, m1, n1, warps, stages)]
 
     def run(cfg):
-        K.backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=cfg)
+        backward.flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=cfg)
 
     candidates = _unique(fit(c) for c in bwd_candidates(q.device, q.dtype, E, Ev))
     return _choose(memo_key, candidates, run, launch_keys, fit, q.device, _title("bwd", q, v))

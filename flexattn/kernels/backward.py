@@ -15,6 +15,14 @@ Holes: {SCORE_MOD}, {MASK_MOD}, {SCORE_MOD_BWD} and the buffer parameter lists.
 """
 from __future__ import annotations
 
+import torch
+
+from ..codegen import buffer_args
+from . import config, launcher
+from .blocks import bm_strides, kv_lists, q_lists
+from .config import dot_precision, dropout_args, fit_tile, needs_i64, pad_dim
+from .launcher import cdiv
+
 BWD_TEMPLATE = r'''
 from flexattn.dropout import dropout_keep_triton
 
@@ -360,3 +368,82 @@ def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA,
     tl.store(dv_base + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :] * stride_dvk,
              dv.to(DV.dtype.element_ty), mask=(offs_dv[None, :] < V_HEAD) & out_ok)
 '''
+
+
+def bwd_config(plan, q, k, v, base=None) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages): `base` (default:
+    config.default_bwd_config) with the keys given in kernel_options applied and the tiles
+    fitted to the BlockMask."""
+    o = plan.opts
+    dm1, dn1, dm2, dn2, dw, ds = base or config.default_bwd_config(q.device, q.dtype, q.shape[-1], v.shape[-1])
+    m1 = o.get("bwd_BLOCK_M", o.get("BLOCK_M1", dm1))
+    n1 = o.get("bwd_BLOCK_N", o.get("BLOCK_N1", dn1))
+    m2 = o.get("bwd_BLOCK_M", o.get("BLOCK_M2", dm2))
+    n2 = o.get("bwd_BLOCK_N", o.get("BLOCK_N2", dn2))
+    qb, kvb = plan.blocks.block
+    L, S = q.shape[2], v.shape[2]
+    return (fit_tile(m1, qb, L), fit_tile(n1, kvb, S), fit_tile(m2, qb, L), fit_tile(n2, kvb, S),
+            o.get("bwd_num_warps", dw), o.get("bwd_num_stages", ds))
+
+
+def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
+    """Launch the dq kernel, then the dk/dv kernel -> (dq, dk, dv, [gradient of each captured
+    tensor in plan.grad_slots]). cfg: see bwd_config (its default)."""
+    B, Hq, L, E = q.shape
+    _, Hkv, S, Ev = v.shape
+    m1, n1, m2, n2, warps, stages = cfg or bwd_config(plan, q, k, v)
+    blk = plan.blocks
+    # delta = rowsum(dO * O) - dlse and lse in the log2 domain: the dq kernel computes and
+    # writes them, the dk/dv kernel (launched after it) reads them
+    delta = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(delta)
+    lse = lse if lse.is_contiguous() else lse.contiguous()  # both read as flat [B*Hq*L]
+    if dlse is not None and not dlse.is_contiguous():
+        dlse = dlse.contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    grad_slots = plan.grad_slots
+    det = bool(plan.opts.get("DETERMINISTIC", False))
+    gbufs = [torch.zeros(score_bufs[s].shape, dtype=torch.int64 if det else torch.float32, device=q.device)
+             for s in grad_slots]
+    # the atomics index the gradient buffers with the captured tensors' strides
+    sbufs = list(score_bufs)
+    for s in grad_slots:
+        if sbufs[s].stride() != gbufs[grad_slots.index(s)].stride():
+            sbufs[s] = sbufs[s].contiguous()
+    sg = plan.score_graph
+    sargs = buffer_args(sg, sbufs)
+    mod = plan.module("bwd")
+    drop_scale, lo, hi, thr = dropout_args(plan)
+    common = dict(GQA_GROUP=Hq // Hkv, HAS_FULL=blk.has_full, HAS_SCORE_MOD=sg is not None,
+                  HAS_DROPOUT=plan.dropout_p > 0,
+                  QK_HEAD=E, QK_HEAD_PAD=pad_dim(E), V_HEAD=Ev, V_HEAD_PAD=pad_dim(Ev),
+                  SPARSE_Q_BLOCK=blk.block[0], SPARSE_KV_BLOCK=blk.block[1],
+                  # "divisible" = no block holds padding: then no tile needs bounds checks
+                  Q_DIVISIBLE=L % blk.block[0] == 0, KV_DIVISIBLE=S % blk.block[1] == 0,
+                  DOT_PRECISION=dot_precision(q.dtype, plan.opts), DETERMINISTIC=det,
+                  OFFS_64=needs_i64(q, k, v, dout), num_warps=warps, num_stages=stages)
+    margs = buffer_args(plan.mask_graph, plan.mask_bufs)
+    kv_num, kv_idx, full_num, full_idx = kv_lists(blk)
+    launcher.launch(mod.flex_bwd_dq, (cdiv(L, m2), B * Hq), (
+        q, k, v, dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
+        kv_num, kv_idx, full_num, full_idx,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *out.stride(),
+        *bm_strides(kv_num, kv_idx), *bm_strides(full_num, full_idx),
+        Hq, L, S, plan.scale, drop_scale, lo, hi, thr, *sargs, *margs, *gbufs),
+        dict(BLOCK_M=m2, BLOCK_N=n2, HAS_DLSE=dlse is not None, **common),
+        ("dq", id(mod), q.dtype, E, Ev, m2, n2, warps, stages))
+    q_num, q_idx, fq_num, fq_idx = q_lists(blk)
+    # dk/dv: the kv tile fixes the grid, so a shared-memory fallback shrinks the q tile
+    launcher.launch(mod.flex_bwd_dkdv, (cdiv(S, n1), B * Hkv), (
+        q, k, v, dout, dk, dv, lse2, delta, q_num, q_idx, fq_num, fq_idx,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+        *bm_strides(q_num, q_idx), *bm_strides(fq_num, fq_idx),
+        Hq, Hkv, L, S, plan.scale, drop_scale, lo, hi, thr, *sargs, *margs, *gbufs),
+        dict(BLOCK_M=m1, BLOCK_N=n1, **common), ("dkdv", id(mod), q.dtype, E, Ev, m1, n1, warps, stages),
+        shrink="BLOCK_M")
+    if det:
+        gbufs = [g.double() / 4294967296.0 for g in gbufs]
+    buf_grads = [g.to(score_bufs[s].dtype) for g, s in zip(gbufs, grad_slots)]
+    return dq, dk, dv, buf_grads

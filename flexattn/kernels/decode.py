@@ -16,6 +16,13 @@ import functools
 
 import torch
 
+from ..codegen import buffer_args
+from . import config
+from .blocks import kv_lists
+from .config import LOG2E, dot_precision, fit_tile, pad_dim
+from .launcher import cdiv, launch_cached
+from .merge import decode_merge
+
 DECODE_MAX_Q = 16
 
 DECODE_TEMPLATE = r'''
@@ -142,9 +149,7 @@ def _sm_count(index: int) -> int:  # asked on every call: the property query is 
 
 
 def decode_forward(plan, q, k, v):
-    from . import plan_module, _pow2, _dot_precision, LOG2E, _device_key
-    from .launcher import launch_cached, next_pow2, cdiv
-    from ..codegen import buffer_args
+    """Launch the split-KV decode kernel and merge its partials -> (out, lse) as flex_forward."""
     B, Hq, L, E = q.shape
     _, Hkv, S, Ev = v.shape
     G = Hq // Hkv
@@ -153,11 +158,8 @@ def decode_forward(plan, q, k, v):
     # pack the GQA group when its heads share the block lists (BlockMask H of 1)
     pack = G > 1 and blk.kv_num.stride(1) == 0 and G * L <= 128
     rows = G * L if pack else L
-    block_m = max(16, next_pow2(rows))
-    block_n = o.get("decode_BLOCK_N", 64 if q.device.type == "cuda" else 32)
-    block_n = min(block_n, blk.block[1])
-    while blk.block[1] % block_n:
-        block_n //= 2
+    block_m = pad_dim(rows)
+    block_n = fit_tile(o.get("decode_BLOCK_N", 64 if q.device.type == "cuda" else 32), blk.block[1], blk.block[1])
     base = B * (Hkv if pack else Hq)
     n_sm = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
         if q.device.type == "cuda" else 4
@@ -166,22 +168,20 @@ def decode_forward(plan, q, k, v):
     acc = torch.empty(B, Hq, splits, L, Ev, dtype=torch.float32, device=q.device)
     m = torch.empty(B, Hq, splits, L, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
-    mod = plan_module(plan, "decode")
-    full_num = blk.full_kv_num if blk.has_full else blk.kv_num
-    full_idx = blk.full_kv_idx if blk.has_full else blk.kv_idx
-    dk = _device_key(q.device)
+    mod = plan.module("decode")
+    kv_num, kv_idx, full_num, full_idx = kv_lists(blk)
+    dk = config.device_key(q.device)
     launch_cached(mod.flex_decode, (splits, base), (
-        q, k, v, acc, m, l, blk.kv_num, blk.kv_idx, full_num, full_idx,
+        q, k, v, acc, m, l, kv_num, kv_idx, full_num, full_idx,
         *q.stride(), *k.stride(), *v.stride(),
-        blk.kv_num.stride(0), blk.kv_num.stride(1), blk.kv_idx.stride(0), blk.kv_idx.stride(1),
+        kv_num.stride(0), kv_num.stride(1), kv_idx.stride(0), kv_idx.stride(1),
         full_num.stride(0), full_num.stride(1), full_idx.stride(0), full_idx.stride(1),
         Hq, Hkv, L, S, plan.scale, plan.scale * LOG2E, splits,
         *buffer_args(plan.score_graph, plan.score_bufs), *buffer_args(plan.mask_graph, plan.mask_bufs)),
         dict(GQA_GROUP=G, PACK_GQA=pack, HAS_FULL=blk.has_full, HAS_SCORE_MOD=plan.score_graph is not None,
-             QK_HEAD=E, QK_HEAD_PAD=_pow2(E), V_HEAD=Ev, V_HEAD_PAD=_pow2(Ev),
+             QK_HEAD=E, QK_HEAD_PAD=pad_dim(E), V_HEAD=Ev, V_HEAD_PAD=pad_dim(Ev),
              BLOCK_M=block_m, BLOCK_N=block_n, SPARSE_KV_BLOCK=blk.block[1],
-             DOT_PRECISION=_dot_precision(q.dtype, plan.opts),
+             DOT_PRECISION=dot_precision(q.dtype, plan.opts),
              num_warps=o.get("decode_num_warps", 4),
              num_stages=o.get("decode_num_stages", 3 if dk != "interp" else 1)))
-    from .merge import decode_merge
     return decode_merge(acc, m, l, q.dtype)

@@ -15,6 +15,14 @@ captured tensors' pointer / stride / size parameters, threaded through every cal
 """
 from __future__ import annotations
 
+import torch
+
+from ..codegen import buffer_args
+from . import config, launcher
+from .blocks import bm_strides, kv_lists
+from .config import LOG2E, dot_precision, dropout_args, fit_tile, needs_i64, pad_dim
+from .launcher import cdiv
+
 FWD_TEMPLATE = r'''
 from flexattn.dropout import dropout_keep_triton
 
@@ -217,3 +225,44 @@ def flex_fwd(Q, K, V, OUT, LSE,
         else:
             tl.store(lse_ptr, lse, mask=offs_m < Q_LEN)
 '''
+
+
+def fwd_config(plan, q, k, v, base=None) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): `base` (default: config.default_fwd_config)
+    with the keys given in kernel_options applied and the tiles fitted to the BlockMask."""
+    o = plan.opts
+    dm, dn, dw, ds = base or config.default_fwd_config(q.device, q.dtype, q.shape[-1], v.shape[-1])
+    bm = fit_tile(o.get("BLOCK_M", dm), plan.blocks.block[0], q.shape[2])
+    bn = fit_tile(o.get("BLOCK_N", dn), plan.blocks.block[1], v.shape[2])
+    return bm, bn, o.get("num_warps", dw), o.get("num_stages", ds)
+
+
+def flex_forward(plan, q, k, v, cfg=None):
+    """Launch the forward -> (out [B, Hq, L, Ev] in q.dtype, lse [B, Hq, L] float32, natural
+    log). cfg: (BLOCK_M, BLOCK_N, num_warps, num_stages), default fwd_config."""
+    B, Hq, L, E = q.shape
+    _, Hkv, S, Ev = v.shape
+    bm_, bn_, warps, stages = cfg or fwd_config(plan, q, k, v)
+    blk = plan.blocks
+    out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
+    mod = plan.module("fwd")
+    kv_num, kv_idx, full_num, full_idx = kv_lists(blk)
+    drop_scale, lo, hi, thr = dropout_args(plan)
+    grid = (cdiv(L, bm_), B * Hq)
+    args = (
+        q, k, v, out, lse, kv_num, kv_idx, full_num, full_idx,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *bm_strides(kv_num, kv_idx), *bm_strides(full_num, full_idx),
+        Hq, L, S, plan.scale, plan.scale * LOG2E, drop_scale, lo, hi, thr,
+        *buffer_args(plan.score_graph, plan.score_bufs), *buffer_args(plan.mask_graph, plan.mask_bufs))
+    kwargs = dict(
+        GQA_GROUP=Hq // Hkv, HAS_FULL=blk.has_full, HAS_SCORE_MOD=plan.score_graph is not None,
+        HAS_DROPOUT=plan.dropout_p > 0, OUTPUT_LSE=True,
+        QK_HEAD=E, QK_HEAD_PAD=pad_dim(E), V_HEAD=Ev, V_HEAD_PAD=pad_dim(Ev),
+        BLOCK_M=bm_, BLOCK_N=bn_, SPARSE_Q_BLOCK=blk.block[0], SPARSE_KV_BLOCK=blk.block[1],
+        Q_DIVISIBLE=L % blk.block[0] == 0, KV_DIVISIBLE=S % blk.block[1] == 0,
+        DOT_PRECISION=dot_precision(q.dtype, plan.opts), OFFS_64=needs_i64(k, v),
+        SCALE_POSITIVE=plan.scale > 0, num_warps=warps, num_stages=stages)
+    launcher.launch(mod.flex_fwd, grid, args, kwargs, ("fwd", id(mod), q.dtype, E, Ev, bm_, bn_, warps, stages))
+    return out, lse

@@ -19,6 +19,7 @@ the JIT's path.
 from __future__ import annotations
 
 import torch
+from triton.runtime.errors import OutOfResources
 from triton.runtime.interpreter import InterpretedFunction
 
 _I32_LO, _I32_HI = -2 ** 31, 2 ** 31 - 1
@@ -162,3 +163,26 @@ def triton_features(args) -> tuple:
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
     return tuple(native_specialize_impl(BaseBackend, a, False, True, True) for a in args)
+
+
+# launch key -> the kwargs `launch` fell back to (fewer stages, a smaller loop tile)
+SHRUNK: dict = {}
+
+
+def launch(kernel, grid, args, kwargs, key, shrink="BLOCK_N"):
+    """`launch_cached`; if the config needs more shared memory than the GPU has (a
+    captured-tensor gather can add scratch), retry with fewer stages, then a smaller
+    inner-loop tile (`shrink`: the tile the loop walks, never the one the grid is made of);
+    remember that under `key` (kernel kind, id(module), dtype, E, Ev, tiles, warps, stages)."""
+    kwargs = dict(kwargs, **SHRUNK.get(key, {}))
+    while True:
+        try:
+            return launch_cached(kernel, grid, args, kwargs)
+        except OutOfResources:
+            if kwargs["num_stages"] > 1:
+                kwargs["num_stages"] -= 1
+            elif kwargs[shrink] > 16:
+                kwargs[shrink] //= 2
+            else:
+                raise
+            SHRUNK[key] = {"num_stages": kwargs["num_stages"], shrink: kwargs[shrink]}

@@ -45,10 +45,9 @@ from dataclasses import replace
 import torch
 
 from .. import codegen
+from ..mask_tiles import tile_table_form
 from . import launcher
-
-# kind -> the kernel names of its generated module
-_KERNELS = {"fwd": ("flex_fwd",), "decode": ("flex_decode",), "bwd": ("flex_bwd_dq", "flex_bwd_dkdv")}
+from .source import KERNEL_NAMES
 
 # id -> JIT kernel (holding it keeps the id unique); kernels launched in the foreground are
 # in launcher.LAUNCHED
@@ -65,9 +64,8 @@ def mark_compiled(kernels) -> None:
 
 
 def _kernels(kind, plan):
-    from . import plan_module
-    mod = plan_module(plan, kind)
-    return [getattr(mod, name) for name in _KERNELS[kind]]
+    mod = plan.module(kind)
+    return [getattr(mod, name) for name in KERNEL_NAMES[kind]]
 
 
 def _is_compiled(kernel) -> bool:
@@ -86,7 +84,6 @@ def route(plan, kinds, block_mask, q):
             or o.get("AUTOTUNE") or o.get("DETERMINISTIC") or all(_ready(k, plan) for k in kinds)
             or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):  # the table syncs
         return plan
-    from ..mask_tiles import tile_table_form
     form = tile_table_form(block_mask)
     if form is None:
         return plan
@@ -155,7 +152,7 @@ def _compile(device, launches, kernels) -> None:
             for kernel, grid, stubs, kwargs in launches:
                 kwargs = dict(kwargs)
                 # a config that needs more shared memory than the GPU has makes the launch
-                # fall back to fewer stages (kernels.launch): compile those too
+                # fall back to fewer stages (launcher.launch): compile those too
                 while kernel.warmup(*stubs, grid=grid, **kwargs).metadata.shared > max_shared \
                         and kwargs.get("num_stages", 1) > 1:
                     kwargs["num_stages"] -= 1

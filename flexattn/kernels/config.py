@@ -1,0 +1,120 @@
+"""What every launcher shares: the device class, the tile rules, and the launch arguments
+common to the kernels.
+
+The tile / warp / stage rules are written once, as tables keyed by `config_class` (the
+device class and the padded head dim's bucket): the defaults here, the autotuner's other
+candidates in `autotune.py`. The interpreter (TRITON_INTERPRET=1) is its own class with
+small tiles, so the CPU tests stay fast.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..dropout import dropout_threshold, signed32, split_seed
+from .launcher import next_pow2
+
+LOG2E = 1.4426950408889634  # log2(e): the kernels' softmax runs in the exp2 domain
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward, per config_class.
+# sm90 measured on H100 (S=8K): D<=64 128x128/4/3 1.05x torch (8 warps 0.85x); D=128
+# 128x128/8/3 492 TFLOP/s dense vs 457-463 for 128x64/8/3, 128x128/8/2, 128x64/8/4.
+# 3 stages: with 2 the pipeliner issues the next K/V copy at the end of an iteration and
+# waits on it at the start of the next (no overlap); 128x128x3 stages needs 224 KB of
+# shared memory (the launch falls back if it lacks it: launcher.launch)
+DEFAULT_FWD = {
+    ("interp", 0): (32, 32, 4, 1),
+    ("fp32", 128): (64, 32, 4, 3), ("fp32", 256): (32, 32, 4, 2),
+    ("sm90", 64): (128, 128, 4, 3), ("sm90", 128): (128, 128, 8, 3), ("sm90", 256): (64, 64, 4, 2),
+    ("sm80", 64): (128, 64, 4, 3), ("sm80", 128): (128, 64, 8, 3), ("sm80", 256): (64, 32, 4, 2),
+}
+# (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages) of the backward: tiles of
+# the dk/dv kernel (q tile walked, kv tile owned) and of the dq kernel (q tile owned, kv tile
+# walked). sm90 measured on H100 (S=8K, benchmarks/sweep_configs.py): D=128 best with the dq
+# kernel owning 128 q rows and walking 64-wide kv tiles (64x128 for dq: 0.83x of it); D=64
+# best with 64-square tiles and 4 warps (1.05-1.09x the 128-row dq config)
+DEFAULT_BWD = {
+    ("interp", 0): (32, 32, 32, 32, 4, 1),
+    ("fp32", 128): (32, 32, 32, 32, 4, 1), ("fp32", 256): (16, 16, 16, 16, 4, 1),
+    ("sm90", 64): (64, 64, 64, 64, 4, 3), ("sm90", 128): (64, 128, 128, 64, 8, 3),
+    ("sm90", 256): (32, 64, 32, 64, 4, 2),
+    ("sm80", 64): (64, 64, 64, 64, 4, 2), ("sm80", 128): (64, 64, 64, 64, 4, 2),
+    ("sm80", 256): (32, 32, 32, 32, 4, 1),
+}
+
+
+def pad_dim(n: int) -> int:
+    """A head dim (or row count) padded to the power of two >= 16 the kernels' tiles take."""
+    return max(16, next_pow2(n))
+
+
+def device_key(device: torch.device) -> str:
+    """"interp" off CUDA (the interpreter), else the GPU's "sm<major><minor>"."""
+    if device.type != "cuda":
+        return "interp"
+    return _cuda_key(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_key(index: int) -> str:  # asked on every call: the capability query is not free
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm{major}{minor}"
+
+
+def config_class(device, dtype, d: int, dv: int) -> tuple[str, int]:
+    """The key of the config tables: ("interp", 0), ("fp32", 128 | 256), or ("sm90" | "sm80",
+    64 | 128 | 256) by the padded head dims. "sm90" is Hopper and newer (the class the
+    defaults were measured on), "sm80" everything older; float32 has its own small tiles
+    (twice the shared memory per element)."""
+    dk = device_key(device)
+    if dk == "interp":
+        return "interp", 0
+    dmax = max(pad_dim(d), pad_dim(dv))
+    if dtype == torch.float32:
+        return "fp32", 128 if dmax <= 128 else 256
+    arch = "sm90" if dk.startswith("sm9") or dk.startswith("sm1") else "sm80"
+    return arch, 64 if dmax <= 64 else 128 if dmax <= 128 else 256
+
+
+def default_fwd_config(device, dtype, d: int, dv: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward."""
+    return DEFAULT_FWD[config_class(device, dtype, d, dv)]
+
+
+def default_bwd_config(device, dtype, d: int, dv: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages) for the backward."""
+    return DEFAULT_BWD[config_class(device, dtype, d, dv)]
+
+
+def fit_tile(tile: int, block: int, length: int) -> int:
+    """Largest power-of-two tile <= the requested one (and the padded length) that divides
+    the BlockMask block."""
+    tile = min(tile, block, max(16, next_pow2(length)))
+    while block % tile:
+        tile //= 2
+    return max(tile, 16)
+
+
+def dot_precision(dtype, opts) -> str:
+    """"ieee" for float32 unless kernel_options ALLOW_TF32, else "tf32"."""
+    if dtype == torch.float32 and not opts.get("ALLOW_TF32", False):
+        return "ieee"
+    return "tf32"
+
+
+def needs_i64(*ts) -> bool:
+    """True when an offset inside one (batch, head) slice of a [B, H, S, D] tensor can pass
+    2^31 elements (then the kernels do their in-head address math in int64)."""
+    for t in ts:
+        if sum((n - 1) * abs(st) for n, st in zip(t.shape[2:], t.stride()[2:])) >= 2 ** 31 - 1:
+            return True
+    return False
+
+
+def dropout_args(plan) -> tuple:
+    """(1 / (1 - p), seed_lo, seed_hi, threshold) as the kernels take them (see flexattn.dropout)."""
+    if plan.dropout_p <= 0.0:
+        return 1.0, 0, 0, 0
+    lo, hi = split_seed(plan.dropout_seed)
+    return 1.0 / (1.0 - plan.dropout_p), signed32(lo), signed32(hi), signed32(dropout_threshold(plan.dropout_p))

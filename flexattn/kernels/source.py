@@ -1,0 +1,103 @@
+"""The kernels' Triton source: a template (forward.py, backward.py, decode.py) with its
+holes filled by `flexattn.codegen` for the call's mods, loaded as a module and cached per
+(kind, mod structures, gradient slots, index width).
+"""
+from __future__ import annotations
+
+import re
+
+from .. import codegen
+from .backward import BWD_TEMPLATE
+from .decode import DECODE_TEMPLATE
+from .forward import FWD_TEMPLATE
+from .interpreter import apply_interpreter_fix
+
+TEMPLATES = {"fwd": FWD_TEMPLATE, "bwd": BWD_TEMPLATE, "decode": DECODE_TEMPLATE}
+# kind -> the kernel names of its generated module
+KERNEL_NAMES = {"fwd": ("flex_fwd",), "decode": ("flex_decode",), "bwd": ("flex_bwd_dq", "flex_bwd_dkdv")}
+
+# The kernels whose mods take small index sums in float32 (codegen's small_indices). Not the
+# backward: its dk/dv kernel holds the kv axis fixed, the compiler hoists the broadcast float
+# kv tile out of the loop, and at D=128 (already at 255 registers) that spilled: ALiBi
+# fwd+bwd went from 1.06-1.08x to 1.01-1.05x torch on the H200 (run 10).
+FLOAT_INDEX_KINDS = ("fwd", "decode")
+
+_HOLE = re.compile(r"\{[A-Z][A-Z0-9_]*\}")
+
+
+def _trail(params: list[str]) -> str:
+    return "".join(p + ", " for p in params)
+
+
+def _lead(params: list[str]) -> str:
+    return "".join(", " + p for p in params)
+
+
+def fill(template: str, score_graph, mask_graph, grad_slots=None, small_indices=False) -> str:
+    """`template` with its holes filled for these (kernel) graphs, after codegen.PRELUDE;
+    ValueError if a hole is left."""
+    sp = codegen.buffer_params(score_graph, "sb")
+    mp = codegen.buffer_params(mask_graph, "mb")
+    parts = {
+        "{SCORE_MOD}": codegen.mod_function("score_mod", score_graph, "score", "sb", small_indices),
+        "{MASK_MOD}": codegen.mod_function("mask_mod", mask_graph, "mask", "mb", small_indices),
+        "{SCORE_BUF_PARAMS_TRAIL}": _trail(sp), "{MASK_BUF_PARAMS_TRAIL}": _trail(mp),
+        "{SCORE_BUF_ARGS_TRAIL}": _trail(sp), "{MASK_BUF_ARGS_TRAIL}": _trail(mp),
+        "{SCORE_BUF_ARGS}": _lead(sp), "{MASK_BUF_ARGS}": _lead(mp),
+    }
+    if grad_slots is not None:
+        gp = [f"gsb{s}_ptr" for s in grad_slots]
+        parts["{SCORE_MOD_BWD}"] = codegen.mod_backward_function("score_mod_bwd", score_graph, "sb", grad_slots,
+                                                                small_indices)
+        parts["{GRAD_BUF_PARAMS_TRAIL}"] = _trail(gp)
+        parts["{GRAD_BUF_ARGS_TRAIL}"] = _trail(gp)
+        parts["{GRAD_BUF_ARGS}"] = _lead(gp)
+    src = template
+    for hole, text in parts.items():
+        src = src.replace(hole, text)
+    left = sorted(set(_HOLE.findall(src)))
+    if left:
+        raise ValueError(f"kernel template: hole(s) {left} left unfilled; fill() knows {sorted(parts)}")
+    # the mods' params are plain values: no recompile when one becomes 1 or a multiple of 16.
+    # (Captured tensors' sizes stay specialised: a size divisible by 16 lets Triton prove a
+    # gather's bounds mask constant over 16 lanes - doc_id[kv] - measured 9% on document 8K.)
+    params = codegen.param_names(score_graph, "sb") + codegen.param_names(mask_graph, "mb")
+    if params:
+        src = src.replace("@triton.jit\ndef flex_", f"@triton.jit(do_not_specialize={params!r})\ndef flex_")
+    return codegen.PRELUDE + src
+
+
+def float_indices(kind: str, small_indices: bool) -> bool:
+    """Whether `kind`'s mods print small index sums in float32 (FLOAT_INDEX_KINDS)."""
+    return small_indices and kind in FLOAT_INDEX_KINDS
+
+
+def source(kind: str, score_graph, mask_graph, grad_slots, small_indices: bool) -> str:
+    """The Triton source of `kind` ("fwd", "bwd", "decode") for these (kernel) graphs;
+    grad_slots only for "bwd"; small_indices: Plan.small_indices."""
+    return fill(TEMPLATES[kind], score_graph, mask_graph, list(grad_slots) if kind == "bwd" else None,
+                float_indices(kind, small_indices))
+
+
+_MODULES: dict = {}
+
+
+def load(kind: str, score_graph, mask_graph, grad_slots=None, small_indices=False):
+    """The generated module for (kind, score structure, mask structure, grad slots, whether
+    the indices are below codegen.SMALL_INDEX_LIMIT)."""
+    key = (kind, score_graph.structure_key() if score_graph is not None else None,
+           mask_graph.structure_key() if mask_graph is not None else None,
+           tuple(grad_slots) if grad_slots is not None else None, float_indices(kind, small_indices))
+    mod = _MODULES.get(key)
+    if mod is None:
+        apply_interpreter_fix()
+        src = source(kind, score_graph, mask_graph, grad_slots, small_indices)
+        mod = _MODULES[key] = codegen.load_module(src, f"flex_{kind}")
+    return mod
+
+
+def generated_source(score_graph, mask_graph, kind: str = "fwd", grad_slots=(), small_indices=True) -> str:
+    """The Triton source the kernels of `kind` ("fwd", "bwd", "decode") run for these mods
+    (by default for batch, heads and lengths below codegen.SMALL_INDEX_LIMIT)."""
+    score_graph, mask_graph = codegen.kernel_graph(score_graph), codegen.kernel_graph(mask_graph)
+    return source(kind, score_graph, mask_graph, grad_slots, small_indices)
