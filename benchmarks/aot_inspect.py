@@ -166,30 +166,33 @@ def capture(kind, case, S=8192, D=128, B=4, H=16, cfg=None, bwd_cfg=None):
     """Run the launch path on CPU tensors but capture each launch (kernel, args, kwargs)
     instead of running it; `cfg`/`bwd_cfg` override the tile config (GPU defaults)."""
     import flexattn
-    import flexattn.kernels as K
+    from flexattn.kernels import config, launcher, make_plan
+    from flexattn.kernels.backward import flex_backward
+    from flexattn.kernels.forward import flex_forward
     from flexattn.trace import trace_score
     from bench_attention import mods
     sm, mm = mods(case, S, H, "cpu")
     q, k, v = [torch.empty(B, H, S, D, dtype=torch.bfloat16) for _ in range(3)]
     bm = flexattn.create_block_mask(mm, None, None, S, S) if mm else None
     sg = trace_score(sm) if sm else None
-    plan = K.make_plan(q, k, v, score_graph=sg, mask_graph=bm.mask_graph if bm else None, block_mask=bm,
-                       scale=None, kernel_options=None)
+    plan = make_plan(q, k, v, score_graph=sg, mask_graph=bm.mask_graph if bm else None, block_mask=bm,
+                     scale=None, kernel_options=None)
     launches = []
-    orig = K.launch
-    K.launch = lambda kernel, grid, args, kwargs, key, shrink="BLOCK_N": launches.append((kernel, grid, args, kwargs))
-    old_dk = K._device_key
-    K._device_key = lambda d: "sm90"
+    orig = launcher.launch
+    launcher.launch = lambda kernel, grid, args, kwargs, key, shrink="BLOCK_N": launches.append(
+        (kernel, grid, args, kwargs))
+    old_dk = config.device_key
+    config.device_key = lambda d: "sm90"
     try:
         if kind == "fwd":
-            K.forward(plan, q, k, v, cfg=cfg)
+            flex_forward(plan, q, k, v, cfg=cfg)
         else:
             out = torch.empty_like(q)
             lse = torch.empty(B, H, S)
-            K.backward(plan, q, k, v, out, lse, torch.empty_like(q), None, plan.score_bufs)
+            flex_backward(plan, q, k, v, out, lse, torch.empty_like(q), None, plan.score_bufs)
     finally:
-        K.launch = orig
-        K._device_key = old_dk
+        launcher.launch = orig
+        config.device_key = old_dk
     return launches
 
 

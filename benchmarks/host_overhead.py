@@ -33,18 +33,17 @@ def main():
     p.add_argument("--profile", default=None, help="cProfile sort key (cumtime, tottime)")
     a = p.parse_args()
     import flexattn
-    import flexattn.kernels as K
-    from flexattn.kernels import decode, launcher, merge
+    from flexattn.kernels import config, decode, launcher, merge
     from bench_attention import mods
 
     def no_launch(kernel, grid, args, kwargs):
         launcher.spec_features(args)  # the key a cached launch computes
-    K.launch_cached = merge.launch_cached = launcher.launch_cached = no_launch
+    decode.launch_cached = merge.launch_cached = launcher.launch_cached = no_launch
     # a replayed call (kernels.replay) launches its kept entries directly: that launch too is skipped
     launcher.compiled_entry = lambda kernel, args, kwargs: (None, ())
     launcher.run_compiled = lambda entry, grid3, stream, args: None
     launcher.current_stream = lambda: 0
-    K._device_key = lambda device: "sm90"  # the GPU configs
+    config.device_key = lambda device: "sm90"  # the GPU configs
     decode._sm_count = lambda index: 132
     if a.decode:
         B, Hq, Hkv, L, S, D = 8, 32, 8, 1, 8192, 128

@@ -56,22 +56,22 @@ def host_bound(case, B, H, S, D):
 
 def launch_parts(case, B, H, S, D):
     """Capture the launches of one fwd+bwd and time each one's pieces."""
-    import flexattn.kernels as K
     from triton.runtime.jit import compute_cache_key
+    from flexattn.kernels import launcher
     from flexattn.kernels.launcher import launch_cached, spec_features
     fwd, fwdbwd, _ = host_bound(case, B, H, S, D)
     fwdbwd()
     captured = []
-    orig = K.launch
+    orig = launcher.launch
 
     def rec(kernel, grid, args, kwargs, key, shrink="BLOCK_N"):
-        captured.append((kernel, grid, args, dict(kwargs, **K._SHRUNK.get(key, {}))))
+        captured.append((kernel, grid, args, dict(kwargs, **launcher.SHRUNK.get(key, {}))))
         return orig(kernel, grid, args, kwargs, key, shrink)
-    K.launch = rec
+    launcher.launch = rec
     try:
         fwdbwd()
     finally:
-        K.launch = orig
+        launcher.launch = orig
     torch.cuda.synchronize()
     from triton.runtime.driver import driver
     rows = []

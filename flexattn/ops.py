@@ -28,9 +28,13 @@ import torch
 from torch import Tensor
 
 from . import cpu
+from .autodiff import grad_slots
+from .build_mask import create_block_mask
 from .call import scatter_buffer_grads
 from .checks import check_kernel_inputs
+from .codegen import kernel_graph
 from .ir import Graph
+from .trace import trace_score
 
 
 @dataclass(frozen=True)
@@ -175,10 +179,6 @@ def run_opcheck(q, k, v, score_mod=None, mask_mod=None):
     """torch.library.opcheck over flexattn::fwd for these inputs (an ALiBi-style score_mod with
     a captured per-head tensor and a causal mask by default); CUDA inputs run the kernels,
     CPU inputs the CPU path."""
-    from .trace import trace_score
-    from .build_mask import create_block_mask
-    from .autodiff import grad_slots
-    from .codegen import kernel_graph
     H, L, S = q.shape[1], q.shape[2], k.shape[2]
     slopes = torch.linspace(0.1, 1.0, H, device=q.device).requires_grad_()
     score_mod = score_mod or (lambda s, b, h, qi, kv: s - slopes[h] * (qi - kv).abs())

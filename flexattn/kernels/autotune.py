@@ -438,44 +438,34 @@ def _title(kind, q, v) -> str:
 
 def tuned_fwd_config(plan: "Plan", q, k, v) -> tuple:
     """The forward config for this call under AUTOTUNE (fitted as forward.fwd_config)."""
-    memo_key = _memo_key("fwd", plan, q, v)
-    hit = _MEMORY.get(memo_key)
-    if hit is not None:
-        return hit
-    E, Ev = q.shape[-1], v.shape[-1]
-
-    def fit(cfg):
-        return forward.fwd_config(plan, q, k, v, base=cfg)
-
-    def launch_keys(cfg):
-        mod = plan.module("fwd")
-        return [("fwd", id(mod), q.dtype, E, Ev, *cfg)]
-
-    candidates = _unique(fit(c) for c in fwd_candidates(q.device, q.dtype, E, Ev))
-    return _choose(memo_key, candidates, lambda cfg: forward.flex_forward(plan, q, k, v, cfg=cfg), launch_keys, fit,
-                   q.device, _title("fwd", q, v))
+    return _tuned("fwd", plan, q, k, v, lambda cfg: forward.flex_forward(plan, q, k, v, cfg=cfg))
 
 
 def tuned_bwd_config(plan: "Plan", q, k, v, out, lse, dout, dlse, score_bufs) -> tuple:
     """The backward config for this call under AUTOTUNE (fitted as backward.bwd_config); candidates
     are timed on the call's own out, lse and gradients."""
-    memo_key = _memo_key("bwd", plan, q, v)
+    return _tuned("bwd", plan, q, k, v,
+                  lambda cfg: backward.flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=cfg))
+
+
+_KINDS = {  # kind -> (its candidates, its fitting, its launch keys)
+    "fwd": (fwd_candidates, forward.fwd_config, lambda mod, q, v, cfg: [forward.fwd_launch_key(mod, q, v, cfg)]),
+    "bwd": (bwd_candidates, backward.bwd_config, backward.bwd_launch_keys),
+}
+
+
+def _tuned(kind, plan: "Plan", q, k, v, run) -> tuple:
+    """The config of `kind` for this call: remembered, read from the cache file, or timed
+    now by `run(candidate)`."""
+    memo_key = _memo_key(kind, plan, q, v)
     hit = _MEMORY.get(memo_key)
     if hit is not None:
         return hit
-    E, Ev = q.shape[-1], v.shape[-1]
+    candidates_of, config_of, keys_of = _KINDS[kind]
 
     def fit(cfg):
-        return backward.bwd_config(plan, q, k, v, base=cfg)
+        return config_of(plan, q, k, v, base=cfg)
 
-    def launch_keys(cfg):
-        m1, n1, m2, n2, warps, stages = cfg
-        mod = plan.module("bwd")
-        return [("dq", id(mod), q.dtype, E, Ev, m2, n2, warps, stages),
-                ("dkdv", id(mod), q.dtype, E, Ev, m1, n1, warps, stages)]
-
-    def run(cfg):
-        backward.flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=cfg)
-
-    candidates = _unique(fit(c) for c in bwd_candidates(q.device, q.dtype, E, Ev))
-    return _choose(memo_key, candidates, run, launch_keys, fit, q.device, _title("bwd", q, v))
+    candidates = _unique(fit(c) for c in candidates_of(q.device, q.dtype, q.shape[-1], v.shape[-1]))
+    return _choose(memo_key, candidates, run, lambda cfg: keys_of(plan.module(kind), q, v, cfg), fit, q.device,
+                   _title(kind, q, v))

@@ -386,12 +386,22 @@ def bwd_config(plan, q, k, v, base=None) -> tuple[int, int, int, int, int, int]:
             o.get("bwd_num_warps", dw), o.get("bwd_num_stages", ds))
 
 
+def bwd_launch_keys(mod, q, v, cfg) -> tuple:
+    """The keys under which launcher.launch remembers shared-memory fallbacks of the dq and
+    the dk/dv launch."""
+    m1, n1, m2, n2, warps, stages = cfg
+    E, Ev = q.shape[-1], v.shape[-1]
+    return (("dq", id(mod), q.dtype, E, Ev, m2, n2, warps, stages),
+            ("dkdv", id(mod), q.dtype, E, Ev, m1, n1, warps, stages))
+
+
 def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
     """Launch the dq kernel, then the dk/dv kernel -> (dq, dk, dv, [gradient of each captured
     tensor in plan.grad_slots]). cfg: see bwd_config (its default)."""
     B, Hq, L, E = q.shape
     _, Hkv, S, Ev = v.shape
-    m1, n1, m2, n2, warps, stages = cfg or bwd_config(plan, q, k, v)
+    cfg = cfg or bwd_config(plan, q, k, v)
+    m1, n1, m2, n2, warps, stages = cfg
     blk = plan.blocks
     # delta = rowsum(dO * O) - dlse and lse in the log2 domain: the dq kernel computes and
     # writes them, the dk/dv kernel (launched after it) reads them
@@ -425,6 +435,7 @@ def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
                   DOT_PRECISION=dot_precision(q.dtype, plan.opts), DETERMINISTIC=det,
                   OFFS_64=needs_i64(q, k, v, dout), num_warps=warps, num_stages=stages)
     margs = buffer_args(plan.mask_graph, plan.mask_bufs)
+    dq_key, dkdv_key = bwd_launch_keys(mod, q, v, cfg)
     kv_num, kv_idx, full_num, full_idx = kv_lists(blk)
     launcher.launch(mod.flex_bwd_dq, (cdiv(L, m2), B * Hq), (
         q, k, v, dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
@@ -432,8 +443,7 @@ def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *out.stride(),
         *bm_strides(kv_num, kv_idx), *bm_strides(full_num, full_idx),
         Hq, L, S, plan.scale, drop_scale, lo, hi, thr, *sargs, *margs, *gbufs),
-        dict(BLOCK_M=m2, BLOCK_N=n2, HAS_DLSE=dlse is not None, **common),
-        ("dq", id(mod), q.dtype, E, Ev, m2, n2, warps, stages))
+        dict(BLOCK_M=m2, BLOCK_N=n2, HAS_DLSE=dlse is not None, **common), dq_key)
     q_num, q_idx, fq_num, fq_idx = q_lists(blk)
     # dk/dv: the kv tile fixes the grid, so a shared-memory fallback shrinks the q tile
     launcher.launch(mod.flex_bwd_dkdv, (cdiv(S, n1), B * Hkv), (
@@ -441,8 +451,7 @@ def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         *bm_strides(q_num, q_idx), *bm_strides(fq_num, fq_idx),
         Hq, Hkv, L, S, plan.scale, drop_scale, lo, hi, thr, *sargs, *margs, *gbufs),
-        dict(BLOCK_M=m1, BLOCK_N=n1, **common), ("dkdv", id(mod), q.dtype, E, Ev, m1, n1, warps, stages),
-        shrink="BLOCK_M")
+        dict(BLOCK_M=m1, BLOCK_N=n1, **common), dkdv_key, shrink="BLOCK_M")
     if det:
         gbufs = [g.double() / 4294967296.0 for g in gbufs]
     buf_grads = [g.to(score_bufs[s].dtype) for g, s in zip(gbufs, grad_slots)]

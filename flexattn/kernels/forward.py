@@ -237,12 +237,18 @@ def fwd_config(plan, q, k, v, base=None) -> tuple[int, int, int, int]:
     return bm, bn, o.get("num_warps", dw), o.get("num_stages", ds)
 
 
+def fwd_launch_key(mod, q, v, cfg) -> tuple:
+    """The key under which launcher.launch remembers a shared-memory fallback of this launch."""
+    return ("fwd", id(mod), q.dtype, q.shape[-1], v.shape[-1], *cfg)
+
+
 def flex_forward(plan, q, k, v, cfg=None):
     """Launch the forward -> (out [B, Hq, L, Ev] in q.dtype, lse [B, Hq, L] float32, natural
     log). cfg: (BLOCK_M, BLOCK_N, num_warps, num_stages), default fwd_config."""
     B, Hq, L, E = q.shape
     _, Hkv, S, Ev = v.shape
-    bm_, bn_, warps, stages = cfg or fwd_config(plan, q, k, v)
+    cfg = cfg or fwd_config(plan, q, k, v)
+    bm_, bn_, warps, stages = cfg
     blk = plan.blocks
     out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
@@ -264,5 +270,5 @@ def flex_forward(plan, q, k, v, cfg=None):
         Q_DIVISIBLE=L % blk.block[0] == 0, KV_DIVISIBLE=S % blk.block[1] == 0,
         DOT_PRECISION=dot_precision(q.dtype, plan.opts), OFFS_64=needs_i64(k, v),
         SCALE_POSITIVE=plan.scale > 0, num_warps=warps, num_stages=stages)
-    launcher.launch(mod.flex_fwd, grid, args, kwargs, ("fwd", id(mod), q.dtype, E, Ev, bm_, bn_, warps, stages))
+    launcher.launch(mod.flex_fwd, grid, args, kwargs, fwd_launch_key(mod, q, v, cfg))
     return out, lse
