@@ -17,7 +17,7 @@ class Arguments(NamedTuple):
     """flex_attention's checked non-tensor arguments."""
     scale: float
     backend: str    # "cpu" or "triton"
-    options: dict   # kernel_options without BACKEND
+    options: dict   # kernel_options; BACKEND only as the kernels' forward choice ("triton" / "hopper")
     dropout_p: float
 
 
@@ -29,7 +29,10 @@ def check_arguments(query, key, value, scale, enable_gqa, kernel_options, dropou
     scale = check_scale(scale, query.shape[-1])
     options = dict(check_options_arg(kernel_options))
     dropout_p = check_dropout(dropout_p, dropout_seed, generator)
-    backend = choose_backend(options.pop("BACKEND", "auto"), query.device, query.dtype)
+    request = options.pop("BACKEND", "auto")
+    backend = choose_backend(request, query.device, query.dtype)
+    if backend == "triton" and request in ("triton", "hopper"):
+        options["BACKEND"] = request  # the kernels read it: which forward kernel (kernels.hopper_forward)
     if backend == "cpu" and query.device.type != "cpu":
         raise ValueError(f"kernel_options['BACKEND'] = 'cpu' needs CPU tensors, but query is on {query.device}; "
                          f"move the inputs with .cpu() or use BACKEND='auto'")

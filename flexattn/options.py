@@ -27,7 +27,8 @@ VALID_OPTIONS = {
     "DETERMINISTIC": "True: bitwise-identical gradients run to run",
     "TIERED": "True (default): a new mask structure's first calls run through its tile-table form while its own kernels compile in the background",
     "ALLOW_TF32": "True: float32 inputs use tf32 matmuls on the GPU (default False: exact)",
-    "BACKEND": "'triton' or 'cpu' (read by flex_attention's dispatch)",
+    "BACKEND": "'auto', 'cpu', 'triton' (the Triton kernels only) or 'hopper' (the Hopper forward, "
+               "sm90: an error naming why if the call cannot take it)",
     "AUTOTUNE": "True: time a few tile configs on the first call per shape bucket, keep the fastest (cached on disk)",
     "PRESCALE_QK": "accepted for torch compatibility (no effect)",
     "ROWS_GUARANTEED_SAFE": "accepted for torch compatibility (no effect)",
@@ -46,7 +47,7 @@ def check_option_keys(kernel_options: dict) -> dict:
     return dict(kernel_options)
 
 
-BACKENDS = ("auto", "cpu", "triton")
+BACKENDS = ("auto", "cpu", "triton", "hopper")
 
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "bwd_BLOCK_M", "bwd_BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2",
               "decode_BLOCK_N")
@@ -76,11 +77,17 @@ def check_kernel_options(kernel_options) -> dict:
 
 
 def choose_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """"cpu" or "triton" for kernel_options["BACKEND"] (already checked to be in BACKENDS).
-    "auto" picks the Triton kernels for CUDA tensors; for others the environment variable
-    FLEXATTN_BACKEND ("cpu" by default; "triton" sends CPU tensors through the kernels under
-    TRITON_INTERPRET=1, as the front ends' tests do), except float64, which only the CPU path
-    takes."""
+    """"cpu" or "triton" (the GPU kernels) for kernel_options["BACKEND"] (already checked to be
+    in BACKENDS). "auto" picks the GPU kernels for CUDA tensors; for others the environment
+    variable FLEXATTN_BACKEND ("cpu" by default; "triton" sends CPU tensors through the
+    kernels under TRITON_INTERPRET=1, as the front ends' tests do), except float64, which only
+    the CPU path takes. "triton" and "hopper" are the GPU kernels; which forward kernel runs
+    there is the kernels' choice (flexattn.kernels.hopper_forward.use_hopper)."""
+    if backend == "hopper":
+        if device.type != "cuda":
+            raise ValueError(f"kernel_options['BACKEND'] = 'hopper' needs CUDA tensors on an sm90 GPU, but query is "
+                             f"on {device}; use BACKEND='auto'")
+        return "triton"
     if backend != "auto":
         return backend
     if device.type == "cuda":

@@ -1,5 +1,6 @@
 """Which forward kernel a call gets (kernels.hopper_forward.use_hopper), decided from the
-device's compute capability and the call alone: testable without a GPU."""
+device's compute capability (as kernels.config.device_key names it) and the call alone:
+testable without a GPU."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 hf = pytest.importorskip("flexattn.kernels.hopper_forward")
 
-SM90, SM80, SM100 = (9, 0), (8, 0), (10, 0)
+SM90, SM80, SM100 = "sm90", "sm80", "sm100"
 BLOCK = (128, 128)
 
 

@@ -9,8 +9,10 @@ from dataclasses import replace
 from ..call import attend, needs_grad
 from . import autotune, replay, tiered
 from .backward import flex_backward
+from .config import device_key
 from .decode import decode_forward, use_decode
 from .forward import flex_forward
+from .hopper_forward import hopper_forward, use_hopper
 from .launcher import recording
 from .plan import Plan, make_plan
 
@@ -28,14 +30,26 @@ def launch_bwd(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs):
     return flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=cfg)
 
 
-def fwd_path(plan: Plan, q, v) -> tuple:
-    """(kind, launch function) of the forward this call takes: "decode" or "fwd"."""
-    return ("decode", decode_forward) if use_decode(plan, q, v) else ("fwd", launch_fwd)
+def forward_launch(kind: str):
+    """The launch function of a forward kind ("decode", "fwd", "fwd_hopper")."""
+    return {"decode": decode_forward, "fwd": launch_fwd, "fwd_hopper": hopper_forward}[kind]
+
+
+def fwd_path(plan: Plan, q, k, v) -> str:
+    """The kind of forward this call takes (see forward_launch): the split-KV decode kernel for
+    short queries, else the Hopper forward where kernels.hopper_forward.use_hopper says so,
+    else the Triton forward."""
+    if use_decode(plan, q, v):
+        return "decode"
+    if use_hopper(device_key(q.device), q, k, v, plan.blocks.block, plan.dropout_p, plan.opts.get("BACKEND", "auto")):
+        return "fwd_hopper"
+    return "fwd"
 
 
 def run_forward(plan: Plan, q, k, v):
     """The forward of `plan`, then (tiered) the other form's kernels compiled in the background."""
-    kind, fn = fwd_path(plan, q, v)
+    kind = fwd_path(plan, q, k, v)
+    fn = forward_launch(kind)
     out, lse = fn(plan, q, k, v)
     tiered.after_launch(kind, plan, lambda other: _captured(fn, other, q, k, v))
     return out, lse
@@ -84,7 +98,7 @@ class CachedRun:
         self.plan = replace(plan, score_graph=strip(plan.score_graph), mask_graph=strip(plan.mask_graph),
                             score_bufs=[], mask_bufs=[])
         self.fwd_kind = kinds[0]
-        self.fwd_fn = decode_forward if self.fwd_kind == "decode" else launch_fwd
+        self.fwd_fn = forward_launch(self.fwd_kind)
         self.grad_slots = plan.grad_slots
         self.replays: dict = {}
         self.keep = [g._memo for g in (score_graph, mask_graph) if g is not None]  # see replay._graph_key
@@ -147,7 +161,7 @@ def flex_attention_triton(q, k, v, *, score_graph=None, mask_graph=None, block_m
         plan = make_plan(q, k, v, score_graph=score_graph, mask_graph=mask_graph, block_mask=block_mask,
                          scale=scale, kernel_options=kernel_options, dropout_p=dropout_p,
                          dropout_seed=dropout_seed)
-        kinds = (fwd_path(plan, q, v)[0],) + (("bwd",) if grad else ())
+        kinds = (fwd_path(plan, q, k, v),) + (("bwd",) if grad else ())
         routed = tiered.route(plan, kinds, block_mask, q)
         if calls is not None and routed is plan:  # tiering settled: the same plan every call
             run = CachedRun(plan, kinds, score_graph, mask_graph)

@@ -39,6 +39,12 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..codegen import buffer_args
+from . import launcher
+from .blocks import bm_strides, kv_lists
+from .config import LOG2E
+from .launcher import cdiv, next_pow2
+
 HOPPER_FWD_TEMPLATE = r'''
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -251,17 +257,27 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                     SPARSE_Q_BLOCK: gl.constexpr, SPARSE_KV_BLOCK: gl.constexpr,
                     KV_DIVISIBLE: gl.constexpr, SCALE_POSITIVE: gl.constexpr,
-                    STAGES: gl.constexpr, num_warps: gl.constexpr):
+                    STAGES: gl.constexpr, LAST_ROWS_FIRST: gl.constexpr,
+                    QK_HEAD_PAD: gl.constexpr, V_HEAD_PAD: gl.constexpr, FP16: gl.constexpr,
+                    num_warps: gl.constexpr):
     # q/k/v/o descriptors: rank 4 over [B, H, S, D] with [1, 1, rows, D_PAD] boxes, D_PAD the
     # head dim rounded up to a power of two. A box past the end of a head's rows or of the
     # head dim is zero-filled on load (zeros add nothing to Q K^T; their P V columns are
     # clipped on store), never read from another head
     QK_HEAD: gl.constexpr = q_desc.block_type.shape[3]
     V_HEAD: gl.constexpr = v_desc.block_type.shape[3]
+    # the descriptors' static properties, also passed as constexprs (the host's launch cache
+    # tells launches apart by their constexprs)
+    gl.static_assert(QK_HEAD == QK_HEAD_PAD and V_HEAD == V_HEAD_PAD)
+    gl.static_assert((q_desc.dtype == gl.float16) == FP16)
     gl.static_assert(SPARSE_KV_BLOCK % BLOCK_N == 0)
     gl.static_assert(SPARSE_Q_BLOCK % BLOCK_M == 0)
     gl.static_assert(BLOCK_M == 16 * num_warps)
+    # LAST_ROWS_FIRST: the last query rows start first; under a causal mask they have the
+    # most kv blocks, and the short programs then fill the tail of the grid
     pid_m = gl.program_id(0)
+    if LAST_ROWS_FIRST:
+        pid_m = gl.num_programs(0) - 1 - pid_m
     pid_zh = gl.program_id(1)
     off_z = pid_zh // HQ
     off_h = pid_zh % HQ
@@ -339,8 +355,8 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE,
 def hopper_fwd_config(d: int, dv: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, STAGES, num_warps): two consumer warpgroups of 64 rows each (the
     producer warp pads the program to 12 warps, so a thread gets 168 registers: S, P and O
-    of a 64 x 128 tile fit without spilling up to head dim 128) and two K/V stages
-    (three measured no faster on the H200)."""
+    of a 64 x 128 tile fit without spilling up to head dim 128) and two K/V stages (three
+    measured no faster on the H200)."""
     return 128, 128, 2, 8
 
 
@@ -369,13 +385,14 @@ def hopper_unsupported(q, k, v, block_size, dropout_p: float) -> str | None:
 AUTO_HEAD_DIMS = range(65, 129)
 
 
-def use_hopper(capability, q, k, v, block_size, dropout_p: float, request: str) -> bool:
-    """Whether the forward runs the Hopper kernel. request: "auto" (sm90, a supported call,
-    head dims in AUTO_HEAD_DIMS), "hopper" (a ValueError naming why not, if it cannot) or
-    "triton" (never)."""
+def use_hopper(device: str, q, k, v, block_size, dropout_p: float, request: str) -> bool:
+    """Whether the forward runs the Hopper kernel. device: config.device_key ("sm90", ...,
+    "interp"); request: kernel_options["BACKEND"] as the kernels see it - "auto" (sm90, a
+    supported call, head dims in AUTO_HEAD_DIMS), "hopper" (a ValueError naming why not, if
+    it cannot) or "triton" (never)."""
     if request == "triton":
         return False
-    why = None if tuple(capability) == (9, 0) else f"compute capability {tuple(capability)} (sm90 only)"
+    why = None if device == "sm90" else f"compute capability {device} (sm90 only)"
     why = why or gluon_missing() or hopper_unsupported(q, k, v, block_size, dropout_p)
     if request == "hopper" and why:
         raise ValueError(f"kernel_options['BACKEND'] = 'hopper': this call cannot run the Hopper forward: {why}; "
@@ -393,41 +410,38 @@ def gluon_missing() -> str | None:
     return None
 
 
-def hopper_forward_kwargs(q, v, blocks, scale: float, has_score_mod: bool) -> dict:
-    """The Hopper kernel's constexprs and launch options for a call."""
-    bm, bn, stages, warps = hopper_fwd_config(q.shape[-1], v.shape[-1])
-    return dict(GQA_GROUP=q.shape[1] // v.shape[1], HAS_FULL=blocks.has_full, HAS_SCORE_MOD=has_score_mod,
-                BLOCK_M=bm, BLOCK_N=bn, SPARSE_Q_BLOCK=blocks.block[0], SPARSE_KV_BLOCK=blocks.block[1],
-                KV_DIVISIBLE=v.shape[2] % blocks.block[1] == 0, SCALE_POSITIVE=scale > 0,
-                STAGES=stages, num_warps=warps)
-
-
 def descriptor(t, rows: int):
     """A TMA descriptor over t [B, H, S, D] with [1, 1, rows, D rounded up to a power of
     two] boxes (the kernel's shared-memory tiles)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     gdt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
-    d = 1 << (t.shape[-1] - 1).bit_length()
+    d = next_pow2(t.shape[-1])
     swizzle = gl.NVMMASharedLayout.get_default_for([rows, d], gdt).swizzle_byte_width
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, d],
                             gl.NVMMASharedLayout(swizzle, 16, rank=4))
 
 
-def launch_hopper_forward(kernel, blocks, q, k, v, scale: float, has_score_mod: bool, buffer_args):
-    """Run `kernel` (a filled flex_fwd_hopper) over the BlockMask view `blocks`; returns
-    (out [B,Hq,L,Ev] in q.dtype, lse [B,Hq,L] float32, natural log)."""
+def hopper_forward(plan, q, k, v):
+    """Launch the Hopper forward of `plan` -> (out [B, Hq, L, Ev] in q.dtype, lse [B, Hq, L]
+    float32, natural log)."""
     B, Hq, L, E = q.shape
     _, Hkv, S, Ev = v.shape
-    kw = hopper_forward_kwargs(q, v, blocks, scale, has_score_mod)
-    bm, bn = kw["BLOCK_M"], kw["BLOCK_N"]
+    bm, bn, stages, warps = hopper_fwd_config(E, Ev)
+    blk = plan.blocks
     out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
-    full_num = blocks.full_kv_num if blocks.has_full else blocks.kv_num
-    full_idx = blocks.full_kv_idx if blocks.has_full else blocks.kv_idx
-    kernel[(triton.cdiv(L, bm), B * Hq)](
-        descriptor(q, bm), descriptor(k, bn), descriptor(v, bn), descriptor(out, bm), lse,
-        blocks.kv_num, blocks.kv_idx, full_num, full_idx,
-        *blocks.kv_num.stride()[:3], *blocks.kv_idx.stride()[:3], *full_num.stride()[:3], *full_idx.stride()[:3],
-        Hq, L, S, scale, scale * 1.4426950408889634, *buffer_args, **kw)
+    kv_num, kv_idx, full_num, full_idx = kv_lists(blk)
+    args = (descriptor(q, bm), descriptor(k, bn), descriptor(v, bn), descriptor(out, bm), lse,
+            kv_num, kv_idx, full_num, full_idx, *bm_strides(kv_num, kv_idx), *bm_strides(full_num, full_idx),
+            Hq, L, S, plan.scale, plan.scale * LOG2E,
+            *buffer_args(plan.score_graph, plan.score_bufs), *buffer_args(plan.mask_graph, plan.mask_bufs))
+    # the descriptors' dtype and box widths are in the constexprs too: the launch cache keys
+    # on constexprs and tensor features, and sees a descriptor by its type only
+    kwargs = dict(GQA_GROUP=Hq // Hkv, HAS_FULL=blk.has_full, HAS_SCORE_MOD=plan.score_graph is not None,
+                  BLOCK_M=bm, BLOCK_N=bn, SPARSE_Q_BLOCK=blk.block[0], SPARSE_KV_BLOCK=blk.block[1],
+                  KV_DIVISIBLE=S % blk.block[1] == 0, SCALE_POSITIVE=plan.scale > 0, STAGES=stages,
+                  LAST_ROWS_FIRST=True, QK_HEAD_PAD=next_pow2(E), V_HEAD_PAD=next_pow2(Ev),
+                  FP16=q.dtype == torch.float16, num_warps=warps)
+    launcher.launch_cached(plan.module("fwd_hopper").flex_fwd_hopper, (cdiv(L, bm), B * Hq), args, kwargs)
     return out, lse

@@ -24,6 +24,8 @@ Invariants:
   cached plan, so the template holds the tensor the normal path would pass.
 * The cache holds no captured tensor of the mods: they are per-call inputs, and the cached
   plan keeps buffer-less graphs (rebound per call where the normal path runs).
+* A host-side TMA descriptor argument (the Hopper forward's) is rebuilt per call over the
+  call's tensor, with the recorded box and layout; one over any other tensor is not replayed.
 * A compiled kernel is specialised on its tensors' 16-byte alignment: a call whose inputs
   differ in it from the recording's takes the normal path.
 Calls with dropout (a new seed each call) and calls while tiered compilation has not
@@ -128,12 +130,13 @@ class _Creations(TorchFunctionMode):
 
 
 class _Step:
-    __slots__ = ("kernel", "grid", "grid3", "template", "slots", "kwargs", "compiled")
+    __slots__ = ("kernel", "grid", "grid3", "template", "slots", "descriptor_slots", "kwargs", "compiled")
 
-    def __init__(self, kernel, grid, template, slots, kwargs, compiled):
+    def __init__(self, kernel, grid, template, slots, descriptor_slots, kwargs, compiled):
         self.kernel, self.grid, self.kwargs, self.compiled = kernel, grid, kwargs, compiled
         self.grid3 = launcher.grid3(grid)
         self.template, self.slots = template, slots
+        self.descriptor_slots = descriptor_slots  # (position, tensor slot, the recorded descriptor)
 
 
 class Replay:
@@ -171,15 +174,21 @@ class Replay:
 
         steps = []
         for kernel, grid, largs, kwargs in launches:
-            template, slots = list(largs), []
+            template, slots, descriptor_slots = list(largs), [], []
             for pos, a in enumerate(largs):
                 if isinstance(a, torch.Tensor):
                     i = slot(a)
                     if i is not None:
                         template[pos] = None
                         slots.append((pos, i))
+                elif is_descriptor(a):  # a TMA descriptor (the Hopper forward) over a per-call tensor
+                    i = slot(a.base)
+                    if i is None:
+                        return None
+                    template[pos] = None
+                    descriptor_slots.append((pos, i, a))
             entry = launcher.compiled_entry(kernel, [lookup_stand_in(a) for a in largs], kwargs)
-            steps.append(_Step(kernel, tuple(grid), template, tuple(slots), kwargs, entry))
+            steps.append(_Step(kernel, tuple(grid), template, tuple(slots), tuple(descriptor_slots), kwargs, entry))
         results = [slot(t) for t in results_of(value)]
         if any(i is None for i in results):
             return None
@@ -199,6 +208,8 @@ class Replay:
             args = step.template.copy()
             for pos, i in step.slots:
                 args[pos] = tensors[i]
+            for pos, i, recorded in step.descriptor_slots:
+                args[pos] = rebind(recorded, tensors[i])
             if direct and step.compiled is not None:
                 if stream is None:
                     stream = launcher.current_stream()
@@ -206,6 +217,16 @@ class Replay:
             else:  # the interpreter, a profiler's launch hooks, a kernel not in the launch cache
                 launcher.launch_cached(step.kernel, step.grid, args, step.kwargs)
         return [tensors[i] for i in self.results]
+
+
+def is_descriptor(a) -> bool:
+    """Whether a launch argument is a host-side TMA descriptor (it holds its tensor)."""
+    return type(a).__name__ == "TensorDescriptor" and hasattr(a, "base")
+
+
+def rebind(desc, t):
+    """`desc` (a TMA descriptor recorded over a tensor like `t`) over `t`."""
+    return type(desc)(t, list(t.shape), list(t.stride()), desc.block_shape, desc.layout, desc.padding)
 
 
 def _alignment(tensors) -> tuple:

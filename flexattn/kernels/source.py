@@ -10,17 +10,19 @@ from .. import codegen
 from .backward import BWD_TEMPLATE
 from .decode import DECODE_TEMPLATE
 from .forward import FWD_TEMPLATE
+from .hopper_forward import HOPPER_FWD_TEMPLATE
 from .interpreter import apply_interpreter_fix
 
-TEMPLATES = {"fwd": FWD_TEMPLATE, "bwd": BWD_TEMPLATE, "decode": DECODE_TEMPLATE}
+TEMPLATES = {"fwd": FWD_TEMPLATE, "bwd": BWD_TEMPLATE, "decode": DECODE_TEMPLATE, "fwd_hopper": HOPPER_FWD_TEMPLATE}
 # kind -> the kernel names of its generated module
-KERNEL_NAMES = {"fwd": ("flex_fwd",), "decode": ("flex_decode",), "bwd": ("flex_bwd_dq", "flex_bwd_dkdv")}
+KERNEL_NAMES = {"fwd": ("flex_fwd",), "decode": ("flex_decode",), "bwd": ("flex_bwd_dq", "flex_bwd_dkdv"),
+                "fwd_hopper": ("flex_fwd_hopper",)}
 
 # The kernels whose mods take small index sums in float32 (codegen's small_indices). Not the
 # backward: its dk/dv kernel holds the kv axis fixed, the compiler hoists the broadcast float
 # kv tile out of the loop, and at D=128 (already at 255 registers) that spilled: ALiBi
 # fwd+bwd went from 1.06-1.08x to 1.01-1.05x torch on the H200 (run 10).
-FLOAT_INDEX_KINDS = ("fwd", "decode")
+FLOAT_INDEX_KINDS = ("fwd", "decode", "fwd_hopper")
 
 _HOLE = re.compile(r"\{[A-Z][A-Z0-9_]*\}")
 
@@ -63,7 +65,8 @@ def fill(template: str, score_graph, mask_graph, grad_slots=None, small_indices=
     # gather's bounds mask constant over 16 lanes - doc_id[kv] - measured 9% on document 8K.)
     params = codegen.param_names(score_graph, "sb") + codegen.param_names(mask_graph, "mb")
     if params:
-        src = src.replace("@triton.jit\ndef flex_", f"@triton.jit(do_not_specialize={params!r})\ndef flex_")
+        for jit in ("@triton.jit", "@gluon.jit"):  # the Hopper template is Gluon source
+            src = src.replace(f"{jit}\ndef flex_", f"{jit}(do_not_specialize={params!r})\ndef flex_")
     return codegen.PRELUDE + src
 
 
@@ -73,7 +76,7 @@ def float_indices(kind: str, small_indices: bool) -> bool:
 
 
 def source(kind: str, score_graph, mask_graph, grad_slots, small_indices: bool) -> str:
-    """The Triton source of `kind` ("fwd", "bwd", "decode") for these (kernel) graphs;
+    """The Triton source of `kind` ("fwd", "bwd", "decode", "fwd_hopper") for these (kernel) graphs;
     grad_slots only for "bwd"; small_indices: Plan.small_indices."""
     return fill(TEMPLATES[kind], score_graph, mask_graph, list(grad_slots) if kind == "bwd" else None,
                 float_indices(kind, small_indices))
