@@ -56,3 +56,53 @@ def test_forced_hopper_names_why_it_cannot(why, args):
         hf.use_hopper(args.get("cap", SM90), q, k, v, args.get("block", BLOCK), args.get("dropout", 0.0), "hopper")
     assert not hf.use_hopper(args.get("cap", SM90), q, k, v, args.get("block", BLOCK), args.get("dropout", 0.0),
                              "auto")
+
+
+def _compile_sm90(score_mod, mask_mod, E=128):
+    """The Hopper forward compiled for sm_90a with Triton's bundled ptxas (no GPU needed):
+    the generated Gluon source must build, whatever the mods."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    import triton
+    from flexattn import codegen
+    from flexattn.kernels.source import source
+    from flexattn.codegen import load_module
+    from flexattn.trace import trace_mask, trace_score
+    sg = codegen.kernel_graph(trace_score(score_mod)) if score_mod else None
+    mg = codegen.kernel_graph(trace_mask(mask_mod)) if mask_mod else None
+    fn = load_module(source("fwd_hopper", sg, mg, None, True), "flex_fwd_hopper").flex_fwd_hopper
+    layout = gl.NVMMASharedLayout(128, 16, rank=4)
+    desc = lambda rows: f"tensordesc<bf16[1, 1, {rows}, {E}],{layout!r}>"  # noqa: E731
+    types = dict(q_desc=desc(128), k_desc=desc(128), v_desc=desc(128), o_desc=desc(128), LSE="*fp32",
+                 KV_NUM="*i32", KV_IDX="*i32", FULL_KV_NUM="*i32", FULL_KV_IDX="*i32", SCALE="fp32", SCALE_LOG2="fp32")
+    consts = dict(GQA_GROUP=1, HAS_FULL=True, HAS_SCORE_MOD=sg is not None, BLOCK_M=128, BLOCK_N=128,
+                  SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, KV_DIVISIBLE=False, SCALE_POSITIVE=True, STAGES=2,
+                  LAST_ROWS_FIRST=True, QK_HEAD_PAD=E, V_HEAD_PAD=E, FP16=False, num_warps=8)
+    sig, cst = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name], cst[(i,)] = "constexpr", consts[name]
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32" if name.startswith("sb") else "*i64"
+        else:
+            sig[name] = types.get(name, "fp32" if name[1:].startswith("bp") else "i32")
+    return triton.compile(GluonASTSource(fn, sig, cst, {}), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=8))
+
+
+@pytest.mark.slow
+def test_hopper_source_compiles_for_sm90():
+    if hf.gluon_missing():
+        pytest.skip(hf.gluon_missing())
+    doc = torch.arange(1000) // 300
+
+    def document(b, h, q, kv):
+        return (doc[q] == doc[kv]) & (q >= kv)
+
+    def softcap(score, b, h, q, kv):
+        return 30.0 * torch.tanh(score / 30.0)
+
+    for score_mod, mask_mod in ((softcap, lambda b, h, q, kv: q >= kv), (None, document)):
+        kernel = _compile_sm90(score_mod, mask_mod)
+        assert "wgmma.mma_async" in kernel.asm["ptx"] and "cp.async.bulk.tensor" in kernel.asm["ptx"]
