@@ -1,5 +1,5 @@
-"""Hopper (sm90) forward kernel in Gluon: TMA loads by a producer warp, async wgmma, the
-online softmax of one tile overlapping the QK^T wgmma of the next.
+"""Hopper (sm90) forward kernel in Gluon: TMA loads by a producer warp, asynchronous wgmma,
+the online softmax of one tile overlapping the P V wgmma of the one before.
 
 The same block-sparse walk as the Triton forward (`forward.py`): one program owns BLOCK_M
 query rows of one (batch, query head); it visits the row's partial kv blocks (mask_mod
@@ -13,13 +13,17 @@ Partitions (gl.warp_specialize):
   * consumer (the default partition), num_warps warps = num_warps // 4 warpgroups that
     split BLOCK_M rows: S = Q K^T by wgmma from shared memory, score_mod / mask_mod on S in
     registers, online softmax in the exp2 domain, O += P V by wgmma with P from registers.
-    While the softmax of tile t runs, the wgmma of S for tile t+1 is already in flight.
+    Each iteration issues S of tile t and then P V of tile t-1, waits for S alone, and runs
+    the softmax of tile t while P V of tile t-1 is still on the tensor cores.
 
 Glossary of constexpr names:
   BLOCK_M / BLOCK_N       query rows per program / kv columns per tile
   SPARSE_Q_BLOCK / SPARSE_KV_BLOCK   the BlockMask's block sizes (multiples of the tiles)
-  QK_HEAD / V_HEAD        head dims of q,k and of v (multiples of 16)
+  QK_HEAD / V_HEAD        the descriptors' box widths: head dims of q,k and of v rounded up
+                          to a power of two (QK_HEAD_PAD / V_HEAD_PAD / FP16 restate the
+                          descriptors' static shape and dtype for the host's launch cache)
   STAGES                  K/V ring depth
+  LAST_ROWS_FIRST         program 0 takes the last query rows
   GQA_GROUP               query heads per kv head
   HAS_FULL / HAS_SCORE_MOD   full-block lists present / a score_mod to apply
   KV_DIVISIBLE            KV_LEN is a multiple of SPARSE_KV_BLOCK (no tile holds padding)
