@@ -539,6 +539,42 @@ def _bitwise(op):
     return rule
 
 
+def _shift(op):
+    """`a << k` is a * 2**k wrapped to the dtype (exact where the product stays in range:
+    `interval` and `aff_value` give the whole range where it may not); `a >> k` is
+    floor(a / 2**k). Out-of-range amounts follow torch: 0 for <<, the sign fill for >>
+    (floor(a / 2**(bits - 1)) on a signed type, 0 on uint8). Both are monotone in each
+    operand for amounts inside [0, bits), so a ranged amount is bounded at the corners;
+    one that may leave that range gives the dtype's whole range."""
+    def rule(A, n, args):
+        dt, (a, b) = _promote2(A, n, args)
+        bits = torch.iinfo(dt).bits
+        signed = dt != torch.uint8
+        if b.is_point:
+            k = b.aff[2]
+            if op == "lshift":
+                if not 0 <= k < bits:
+                    return A.aff_value(dt, (0, 0, 0))
+                if a.aff is not None:
+                    return A.aff_value(dt, tuple(c << k for c in a.aff))
+                lo, hi = (A.t(v) for v in A.bounds(a))
+                return A.interval(dt, lo * 2.0 ** k, hi * 2.0 ** k)
+            if not 0 <= k < bits:
+                k = bits - 1 if signed else bits
+            lo, hi = (A.t(v) for v in A.bounds(a))
+            return A.interval(dt, torch.floor(lo / 2.0 ** k), torch.floor(hi / 2.0 ** k))
+        blo, bhi = (A.t(v) for v in A.bounds(b))
+        if op == "lshift":
+            f = lambda x, y: x * torch.exp2(y)  # noqa: E731
+        else:
+            f = lambda x, y: torch.floor(x / torch.exp2(y))  # noqa: E731
+        lo, hi, _, _ = _corners(A, f, a, b)
+        bad = (blo < 0) | (bhi > bits - 1)
+        dmin, dmax = _int_range(dt)
+        return A.interval(dt, torch.where(bad, dmin, lo), torch.where(bad, dmax, hi))
+    return rule
+
+
 def _compare_bounds(A, op, a, b):
     """Bool AV of `a op b` from (lo, hi, nan) triples."""
     alo, ahi, anan = a
@@ -758,6 +794,8 @@ _HANDLED = {
     "tanh": _unary_monotone(torch.tanh), "sigmoid": _unary_monotone(torch.sigmoid),
     "floor": _unary_monotone(torch.floor), "ceil": _unary_monotone(torch.ceil),
     "sin": _trig(0.0), "cos": _trig(math.pi / 2),
+    "erf": _unary_monotone(torch.erf), "log1p": _unary_monotone(torch.log1p, domain_lo=-1.0),
+    "lshift": _shift("lshift"), "rshift": _shift("rshift"),
     "add": _add_sub(+1), "sub": _add_sub(-1), "mul": _mul, "truediv": _truediv,
     "floordiv": _floordiv, "mod": _mod, "pow": _pow,
     "minimum": _minmax(torch.minimum), "maximum": _minmax(torch.maximum),

@@ -13,7 +13,7 @@ what torch FlexAttention rejects.
 
 Rules follow torch's autograd formulas, including its conventions at kinks:
 abs'(0) = 0, maximum/minimum split the gradient evenly on ties, floor/ceil/round and
-integer casts have zero derivative.
+integer casts have zero derivative. Integer ops (comparisons, bit ops, shifts) carry none.
 """
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ir import BITWISE_OPS, COMPARE_OPS, LEAF_OPS, OPS, Graph, Node
+from .ir import BITWISE_OPS, COMPARE_OPS, LEAF_OPS, OPS, SHIFT_OPS, Graph, Node
 
 LN2 = math.log(2.0)
+TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 
 
 @dataclass
@@ -188,6 +189,15 @@ def _cos(c, n, a, ga):
     c.acc(a[0], c.op("neg", c.op("mul", ga, c.op("sin", a[0]))))
 
 
+def _erf(c, n, a, ga):  # 2 / sqrt(pi) * exp(-x^2)
+    op, g = c.op, c.g
+    c.acc(a[0], op("mul", ga, op("mul", g.const(TWO_OVER_SQRT_PI), op("exp", op("neg", op("mul", a[0], a[0]))))))
+
+
+def _log1p(c, n, a, ga):
+    c.acc(a[0], c.op("truediv", ga, c.op("add", a[0], c.one)))
+
+
 def _piecewise_constant(c, n, a, ga):
     pass
 
@@ -230,7 +240,7 @@ def _cast(c, n, a, ga):
 RULES = {
     "add": _add, "sub": _sub, "mul": _mul, "truediv": _truediv, "neg": _neg, "abs": _abs,
     "exp": _exp, "exp2": _exp2, "log": _log, "log2": _log2, "sqrt": _sqrt, "rsqrt": _rsqrt,
-    "tanh": _tanh, "sigmoid": _sigmoid, "sin": _sin, "cos": _cos,
+    "tanh": _tanh, "sigmoid": _sigmoid, "sin": _sin, "cos": _cos, "erf": _erf, "log1p": _log1p,
     "floor": _piecewise_constant, "ceil": _piecewise_constant, "floordiv": _piecewise_constant,
     "mod": _mod, "pow": _pow, "minimum": _minmax("lt"), "maximum": _minmax("gt"),
     "where": _where, "cast": _cast,
@@ -238,6 +248,6 @@ RULES = {
 # Where derivatives start (the score input, loads of captured tensors) or stop (leaves).
 _SOURCES = LEAF_OPS | {"load"}
 # Ops whose result is never a float (bool or integer), so it never carries a derivative.
-NOT_DIFFERENTIABLE = COMPARE_OPS | BITWISE_OPS | {"invert"}
+NOT_DIFFERENTIABLE = COMPARE_OPS | BITWISE_OPS | SHIFT_OPS | {"invert"}
 assert set(RULES) | NOT_DIFFERENTIABLE | _SOURCES == set(OPS), \
     f"autodiff rules missing for {set(OPS) - set(RULES) - NOT_DIFFERENTIABLE - _SOURCES}"

@@ -269,6 +269,22 @@ class TritonPrinter:
     def _print_sin(self, n, a): return self._unary_math("tl.sin")(n, a)
     def _print_cos(self, n, a): return self._unary_math("tl.cos")(n, a)
 
+    def _print_erf(self, n, a):
+        if n.dtype in (torch.float32, torch.float64):
+            return self._unary_math("tl.erf")(n, a)
+        # libdevice has erf for float32 / float64 only: a 16-bit value goes through float32
+        return self._out(n, f"tl.erf({self._cast(a, n.args[0], torch.float32)})")
+
+    def _print_log1p(self, n, a):
+        # log1p(x) = log(u) * x / (u - 1) with u = 1 + x (Goldberg): within a few ulp of
+        # the exact value also for tiny x, where log(1 + x) would lose it all; u == 1
+        # (x below half an ulp of 1) gives x, u == inf (x == inf) gives inf
+        x = self._float_arg(n, 0, a)
+        u = f"u_{n.name}"
+        self.lines.append(f"{u} = 1.0 + ({x})")
+        return self._out(n, f"tl.where(({u} == 1.0) | ({u} == float('inf')), {x}, "
+                            f"tl.log({u}) * (({x}) / ({u} - 1.0)))")
+
     def _print_floor(self, n, a):
         return a if not n.dtype.is_floating_point else self._unary_math("tl.floor")(n, a)
 
@@ -337,6 +353,25 @@ class TritonPrinter:
     def _print_and(self, n, a, b): return self._binop(n, a, b, "&")
     def _print_or(self, n, a, b): return self._binop(n, a, b, "|")
     def _print_xor(self, n, a, b): return self._binop(n, a, b, "^")
+
+    def _shift(self, n, a, b, op):
+        """torch's shifts: amounts outside [0, bits) give 0 (<<) or the sign fill (>>; Triton's
+        >> on a signed type is arithmetic, as torch's); Triton (LLVM) leaves them undefined,
+        so a non-literal amount is tested at run time."""
+        dt = n.dtype
+        bits = torch.iinfo(dt).bits
+        x, k = n.args
+        a = self._cast(a, x, dt)
+        fill = f"tl.where(({a}) < 0, -1, 0)" if op == ">>" and dt != torch.uint8 else f"({a}) * 0"
+        if k.op == "const":
+            amount = int(k.args[0])
+            return self._out(n, f"({a}) {op} {amount}" if 0 <= amount < bits else fill)
+        b = self._cast(b, k, dt)
+        ok = f"(({b}) >= 0) & (({b}) < {bits})"
+        return self._out(n, f"tl.where({ok}, ({a}) {op} tl.where({ok}, {b}, 0), {fill})")
+
+    def _print_lshift(self, n, a, b): return self._shift(n, a, b, "<<")
+    def _print_rshift(self, n, a, b): return self._shift(n, a, b, ">>")
 
     def _compare(self, n, a, b, op):
         x, y = n.args

@@ -45,13 +45,18 @@ LEAF_OPS = frozenset({"input", "const", "buffer", "param"})
 UNARY_OPS = frozenset({
     "neg", "abs", "exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh", "sigmoid",
     "sin", "cos", "floor", "ceil", "invert",  # invert: logical not on bool, bitwise not on ints
+    "erf", "log1p",
 })
 BINARY_ARITH_OPS = frozenset({
     "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "minimum", "maximum",
 })
 BITWISE_OPS = frozenset({"and", "or", "xor"})  # logical on bool, bitwise on ints
+# Shifts on integers with torch's semantics: `>>` is arithmetic (sign-filling) on signed
+# types; an amount that is negative or at least the bit width gives 0 for `<<` and the
+# sign fill (0 or -1) for `>>`.
+SHIFT_OPS = frozenset({"lshift", "rshift"})
 COMPARE_OPS = frozenset({"lt", "le", "gt", "ge", "eq", "ne"})
-BINARY_OPS = BINARY_ARITH_OPS | BITWISE_OPS | COMPARE_OPS
+BINARY_OPS = BINARY_ARITH_OPS | BITWISE_OPS | SHIFT_OPS | COMPARE_OPS
 OTHER_OPS = frozenset({"where", "cast", "load"})
 OPS = LEAF_OPS | UNARY_OPS | BINARY_OPS | OTHER_OPS
 
@@ -61,7 +66,7 @@ TORCH_IMPL: dict[str, Callable[..., Any]] = {
     "neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "exp2": torch.exp2,
     "log": torch.log, "log2": torch.log2, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
     "tanh": torch.tanh, "sigmoid": torch.sigmoid, "sin": torch.sin, "cos": torch.cos,
-    "floor": torch.floor, "ceil": torch.ceil,
+    "floor": torch.floor, "ceil": torch.ceil, "erf": torch.erf, "log1p": torch.log1p,
     "invert": lambda x: torch.logical_not(x) if x.dtype == torch.bool else torch.bitwise_not(x),
     "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
     "truediv": lambda a, b: a / b, "floordiv": lambda a, b: a // b,
@@ -71,15 +76,25 @@ TORCH_IMPL: dict[str, Callable[..., Any]] = {
     "minimum": lambda a, b: torch.minimum(torch.as_tensor(a), torch.as_tensor(b)),
     "maximum": lambda a, b: torch.maximum(torch.as_tensor(a), torch.as_tensor(b)),
     "and": lambda a, b: a & b, "or": lambda a, b: a | b, "xor": lambda a, b: a ^ b,
+    # torch's shifts, also when both operands are Python ints (Python's shifts raise on a
+    # negative amount and never wrap)
+    "lshift": lambda a, b: _tensor_if_both_scalars(a, b, lambda x, y: x << y),
+    "rshift": lambda a, b: _tensor_if_both_scalars(a, b, lambda x, y: x >> y),
     "lt": lambda a, b: a < b, "le": lambda a, b: a <= b, "gt": lambda a, b: a > b,
     "ge": lambda a, b: a >= b, "eq": lambda a, b: a == b, "ne": lambda a, b: a != b,
     "where": lambda c, a, b: torch.where(c, a, b),
 }
 
+def _tensor_if_both_scalars(a, b, fn):
+    if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+        a = torch.as_tensor(a)
+    return fn(a, b)
+
+
 # Infix spellings for printing (and for Python-like codegen).
 INFIX = {
     "add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "mod": "%",
-    "pow": "**", "and": "&", "or": "|", "xor": "^", "lt": "<", "le": "<=", "gt": ">",
+    "pow": "**", "and": "&", "or": "|", "xor": "^", "lshift": "<<", "rshift": ">>", "lt": "<", "le": "<=", "gt": ">",
     "ge": ">=", "eq": "==", "ne": "!=",
 }
 

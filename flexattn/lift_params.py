@@ -4,8 +4,8 @@
 differs only in such a number (a window width, a softcap, a bias scale) reuses the
 compiled kernel. Constants stay literal where a use needs the literal: load indices
 (bounds tests on literals, index math the compiler folds), integer divisors (division by a
-literal is a multiply-shift; by an argument, a real division) and pow exponents (printed
-as multiplications / sqrt by value).
+literal is a multiply-shift; by an argument, a real division), pow exponents (printed
+as multiplications / sqrt by value) and shift amounts.
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from .ir import Graph
 # (op, argument position) uses that keep a constant in the source: load indices (bounds
 # tests on literals, and the index math the compiler folds), integer divisors (division by
 # a literal is a multiply-shift; by an argument, a real division), pow exponents (printed
-# as multiplications / sqrt by value).
-_KEEP_LITERAL = {("floordiv", 1), ("mod", 1), ("pow", 1)}
+# as multiplications / sqrt by value), shift amounts (a literal amount inside [0, bits)
+# prints as a bare shift; an argument needs torch's range handling at run time).
+_KEEP_LITERAL = {("floordiv", 1), ("mod", 1), ("pow", 1), ("lshift", 1), ("rshift", 1)}
 _INT32 = (-2 ** 31, 2 ** 31)
 
 

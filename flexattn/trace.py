@@ -21,6 +21,7 @@ import sys
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from . import trace_cache
 from .ir import Graph, Node, IRError
@@ -158,11 +159,32 @@ class Proxy:
     def __ge__(self, o): return self._emit("ge", self, o)
     def __eq__(self, o): return self._emit("eq", self, o)  # type: ignore[override]
     def __ne__(self, o): return self._emit("ne", self, o)  # type: ignore[override]
+    def __lshift__(self, o): return self._emit("lshift", self, o)
+    def __rlshift__(self, o): return self._emit("lshift", o, self)
+    def __rshift__(self, o): return self._emit("rshift", self, o)
+    def __rrshift__(self, o): return self._emit("rshift", o, self)
     def __neg__(self): return self._emit("neg", self)
     def __pos__(self): return self
     def __abs__(self): return self._emit("abs", self)
     def __invert__(self): return self._emit("invert", self)
     __hash__ = object.__hash__
+
+    # math.floor / math.ceil on a tensor give a tensor (torch's Tensor.__floor__ does too)
+    def __floor__(self): return self._emit("floor", self)
+    def __ceil__(self): return self._emit("ceil", self)
+
+    def _unsupported_operator(name):
+        def raiser(self, *_):
+            raise self._state.fail(f"the operator {name} on a traced value is not supported in a mod",
+                                   "rewrite it with the supported ops listed in flexattn.trace.SUPPORTED "
+                                   "(e.g. torch.floor, torch.where, // and %)")
+        return raiser
+
+    __matmul__ = __rmatmul__ = _unsupported_operator("@ (matrix product)")
+    __divmod__ = __rdivmod__ = _unsupported_operator("divmod()")
+    __round__ = _unsupported_operator("round()")
+    __trunc__ = _unsupported_operator("math.trunc()")
+    del _unsupported_operator
 
     # -- tensor methods ---------------------------------------------------------------
     def abs(self): return self._emit("abs", self)
@@ -179,6 +201,11 @@ class Proxy:
     def cos(self): return self._emit("cos", self)
     def floor(self): return self._emit("floor", self)
     def ceil(self): return self._emit("ceil", self)
+    def erf(self): return self._emit("erf", self)
+    def log1p(self): return self._emit("log1p", self)
+    def relu(self): return _relu(self._state, self)
+    def bitwise_left_shift(self, o): return self._emit("lshift", self, o)
+    def bitwise_right_shift(self, o): return self._emit("rshift", self, o)
     def logical_not(self): return self._emit("invert", self.to(torch.bool))
     def logical_and(self, o): return self._emit("and", self.to(torch.bool), _as_bool(self._state, o))
     def logical_or(self, o): return self._emit("or", self.to(torch.bool), _as_bool(self._state, o))
@@ -207,11 +234,25 @@ class Proxy:
     def where(self, condition, other):
         return _where(self._state, condition, self, other)
 
+    @property
+    def device(self) -> torch.device:
+        """A placeholder: a traced mod runs wherever the attention runs, so `.to(device)` is
+        a no-op and any device read here is as good as another."""
+        return torch.device("cpu")
+
     def to(self, *args, **kwargs):
+        """`.to(dtype)`, `.to(other)` (other's dtype), `.to(device[, dtype])`, keywords
+        `dtype=`, `device=`, `non_blocking=`, `copy=`, `memory_format=`: a cast to the dtype,
+        if any; device moves are no-ops (a traced value lives where the kernels run)."""
         dtype = kwargs.get("dtype")
         for a in args:
             if isinstance(a, torch.dtype):
                 dtype = a
+            elif isinstance(a, (Proxy, torch.Tensor)):
+                dtype = a.dtype
+            elif not isinstance(a, (torch.device, str, int, bool)):
+                raise self._state.fail(f".to() with an argument of type {type(a).__name__} ({a!r})",
+                                       "pass a dtype, a device or a tensor: x.to(torch.float32)")
         if dtype is None:  # .to(device) and friends: values stay where they are
             return self
         if dtype not in _CASTABLE:
@@ -221,6 +262,29 @@ class Proxy:
         return self._emit("cast", self, dtype=dtype)
 
     def type(self, dtype): return self.to(dtype)
+    def type_as(self, other): return self.to(other.dtype)
+
+    # -- constructors of scalars: torch's and_masks / or_masks start from
+    # b.new_ones((), dtype=torch.bool); the result is a constant (of self's dtype unless
+    # `dtype=` says otherwise; `device=` and the other keywords change nothing here)
+    def new_ones(self, *size, dtype=None, **kwargs): return self._new_scalar("new_ones", size, 1, dtype)
+    def new_zeros(self, *size, dtype=None, **kwargs): return self._new_scalar("new_zeros", size, 0, dtype)
+
+    def new_full(self, size, fill_value, *, dtype=None, **kwargs):
+        return self._new_scalar("new_full", (size,), fill_value, dtype)
+
+    def new_tensor(self, data, *, dtype=None, **kwargs):
+        return self._new_scalar("new_tensor", ((),), data, dtype)
+
+    def _new_scalar(self, method, size, value, dtype):
+        size = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        if len(size) != 0:
+            raise self._state.fail(f".{method}() of shape {tuple(size)}: a mod computes one value per "
+                                   f"(b, h, q_idx, kv_idx)", f"use the shape (): x.{method}(())")
+        dtype = dtype if dtype is not None else self.dtype
+        if dtype == torch.bool and isinstance(value, (bool, int, float)):
+            value = bool(value)  # a bool constant as it is: no cast node
+        return Proxy(self._lift(value), self._state).to(dtype)
     def float(self): return self.to(torch.float32)
     def double(self): return self.to(torch.float64)
     def half(self): return self.to(torch.float16)
@@ -389,6 +453,50 @@ def _to(state, x, *args, **kwargs):
     return _proxy_of(state, x).to(*args, **kwargs)
 
 
+def _relu(state, x):
+    # where(x <= 0, 0, x): NaN stays NaN (as torch.relu), and the derivative at 0 is 0 (as
+    # torch's threshold_backward), which maximum(x, 0) - ties split evenly - would not give
+    p = _proxy_of(state, x)
+    return _where(state, p <= 0, 0, p)
+
+
+_SQRT1_2 = 0.7071067811865476               # M_SQRT1_2
+_GELU_BETA = 0.7978845608028654             # M_SQRT2 * M_2_SQRTPI * 0.5 = sqrt(2 / pi)
+_GELU_KAPPA = 0.044715
+
+
+def _gelu(state, x, approximate="none"):
+    """torch's formulas (aten's GeluKernel): erf form, or its tanh approximation."""
+    p = _proxy_of(state, x)
+    if approximate == "none":
+        return p * 0.5 * (1 + p._emit("erf", p * _SQRT1_2))
+    if approximate == "tanh":
+        inner = _GELU_BETA * (p + _GELU_KAPPA * (p * p * p))
+        return 0.5 * p * (1 + p._emit("tanh", inner))
+    raise state.fail(f"gelu with approximate={approximate!r}", "use approximate='none' or 'tanh'")
+
+
+def _silu(state, x, inplace=False):
+    p = _proxy_of(state, x)
+    return p * p._emit("sigmoid", p)
+
+
+def _softplus(state, x, beta=1.0, threshold=20.0):
+    """torch's softplus: x where x * beta > threshold, else log1p(exp(x * beta)) / beta. The
+    exponent is zeroed where the linear branch is taken, so its derivative there is 0 * a
+    finite number (never inf * 0 = NaN), as torch's softplus_backward."""
+    for name, v in (("beta", beta), ("threshold", threshold)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise state.fail(f"softplus with a {name} of type {type(v).__name__}", f"pass {name} as a Python number")
+    p = _proxy_of(state, x)
+    xb = p * beta if beta != 1 else p
+    linear = xb > threshold
+    soft = _where(state, linear, 0.0, xb).exp().log1p()
+    if beta != 1:
+        soft = soft / beta
+    return _where(state, linear, p, soft)
+
+
 def _full_like(value):
     def handler(state, x, *args, dtype=None, **kwargs):
         v = args[0] if value is None else value
@@ -446,6 +554,21 @@ for _name in ["abs", "exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh", "sig
 TORCH_FUNCTIONS[torch.square] = TORCH_FUNCTIONS[T.square] = lambda s, x: _proxy_of(s, x).square()
 TORCH_FUNCTIONS[torch.reciprocal] = TORCH_FUNCTIONS[T.reciprocal] = lambda s, x: _proxy_of(s, x).reciprocal()
 TORCH_FUNCTIONS[torch.special.expit] = _unary("sigmoid")
+for _f in (torch.erf, T.erf, torch.special.erf):
+    TORCH_FUNCTIONS[_f] = _unary("erf")
+for _f in (torch.log1p, T.log1p, torch.special.log1p):
+    TORCH_FUNCTIONS[_f] = _unary("log1p")
+for _f in (torch.bitwise_left_shift, T.bitwise_left_shift, T.__lshift__):
+    TORCH_FUNCTIONS[_f] = _binary("lshift")
+for _f in (torch.bitwise_right_shift, T.bitwise_right_shift, T.__rshift__):
+    TORCH_FUNCTIONS[_f] = _binary("rshift")
+TORCH_FUNCTIONS[T.__rlshift__] = _binary("lshift", swap=True)
+TORCH_FUNCTIONS[T.__rrshift__] = _binary("rshift", swap=True)
+for _f in (torch.relu, T.relu, F.relu):
+    TORCH_FUNCTIONS[_f] = lambda s, x, inplace=False: _relu(s, x)
+TORCH_FUNCTIONS[F.gelu] = _gelu
+TORCH_FUNCTIONS[F.silu] = _silu
+TORCH_FUNCTIONS[F.softplus] = _softplus
 
 SUPPORTED = sorted({getattr(f, "__qualname__", None) or getattr(f, "__name__", "?") for f in TORCH_FUNCTIONS})
 

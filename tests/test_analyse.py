@@ -116,6 +116,16 @@ CASES = {
     "neg_abs_float": lambda b, h, q, kv: -(kv.float() - q.float()).abs() > -5.5,
     "const_mask": lambda b, h, q, kv: torch.ones_like(q, dtype=torch.bool),
     "big_consts": lambda b, h, q, kv: q + 2 ** 40 > kv,
+    # shifts: by constants (affine for <<), of negative values (arithmetic >>), by amounts
+    # that leave [0, bits) (0 for <<, the sign fill for >>), wrapping, unsigned, by ranges
+    "shift_const": lambda b, h, q, kv: ((q >> 3) == (kv >> 3)) & ((q << 2) - (kv << 2) <= 40),
+    "shift_negative": lambda b, h, q, kv: ((q - kv) >> 2) >= -3,
+    "shift_out_of_range": lambda b, h, q, kv: (((q - 30) >> 40) == -1) | (((kv + 1) << 33) != 0) | ((q >> -1) < 0),
+    "shift_wraps": lambda b, h, q, kv: (q << 26) > (kv << 26),
+    "shift_uint8": lambda b, h, q, kv: ((q.to(torch.uint8) >> 9) == 0) & ((kv.to(torch.uint8) << 3) > 100),
+    "shift_by_index": lambda b, h, q, kv: ((q >> (kv % 5)) > 3) | ((kv << (q % 40 - 4)) > 50),
+    "morton": lambda b, h, q, kv: ((q >> 3) - (kv >> 3)).abs() + ((q & 7) - (kv & 7)).abs() <= 3,
+    "erf_log1p": lambda b, h, q, kv: torch.erf((q - kv).float() / 9) > torch.log1p((kv - 40).float() / 10) - 0.5,
 }
 
 

@@ -36,6 +36,8 @@ _SYMPY = {
     "log": sympy.log, "log2": lambda a: sympy.log(a, 2), "sqrt": sympy.sqrt, "rsqrt": lambda a: 1 / sympy.sqrt(a),
     "tanh": sympy.tanh, "sigmoid": lambda a: 1 / (1 + sympy.exp(-a)), "sin": sympy.sin, "cos": sympy.cos,
     "floor": sympy.floor, "ceil": sympy.ceiling, "invert": sympy.Not,
+    "erf": sympy.erf, "log1p": lambda a: sympy.log(1 + a),
+    "lshift": lambda a, b: a * 2 ** b, "rshift": lambda a, b: sympy.floor(a / 2 ** b),
     "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
     "truediv": lambda a, b: a / b, "floordiv": _floor_div, "mod": lambda a, b: sympy.Mod(a, b),
     "pow": lambda a, b: a ** b, "minimum": sympy.Min, "maximum": sympy.Max,

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from flexattn.codegen import kernel_graph
 from flexattn.evaluate import evaluate
@@ -39,6 +40,12 @@ SCORE_MODS = {
     "per_head_scale": lambda s, b, h, q, kv: s * slopes[h],
     "nested": lambda s, b, h, q, kv: s + offsets[doc[q]].float() - offsets[doc[kv]].float(),
     "python_consts": lambda s, b, h, q, kv: s * math.pi + 3 - 0.5,
+    "erf_log1p_relu": lambda s, b, h, q, kv: torch.erf(s) + s.erf() + torch.special.erf(s / 2)
+    + torch.log1p(s.abs()) + s.log1p() + F.relu(s) + torch.relu(s - 1) + s.relu() + (q - 4).relu(),
+    "shift_indices": lambda s, b, h, q, kv: s + ((q >> 1) - (kv << 2) + (1 << h) + (q - kv).bitwise_right_shift(1)
+                                                 + torch.bitwise_left_shift(kv, 1)).float(),
+    "to_device_dtype_other": lambda s, b, h, q, kv: s.to(s.device) + q.to(s) + kv.to(s.device, torch.float64)
+    + (q - kv).to(dtype=torch.float16, non_blocking=True) + q.type_as(s),
 }
 
 MASK_MODS = {
@@ -50,6 +57,13 @@ MASK_MODS = {
     "natten": lambda b, h, q, kv: ((q // 3 - kv // 3).abs() <= 1) & ((q % 3 - kv % 3).abs() <= 1),
     "logical": lambda b, h, q, kv: torch.logical_and(q >= kv, torch.logical_not(kv > 4)) | torch.logical_or(b > 0, h > 1),
     "const_true": lambda b, h, q, kv: torch.ones_like(q, dtype=torch.bool),
+    # torch's and_masks / or_masks start from these
+    "new_ones_zeros": lambda b, h, q, kv: (b.new_ones((), dtype=torch.bool) & (q >= kv))
+    | q.new_zeros((), dtype=torch.bool) | (kv.new_full((), 3) == kv) | (q.new_tensor(2) == q)
+    | (q.new_ones(()) + kv.new_zeros([]) == q),
+    "morton": lambda b, h, q, kv: ((q >> 2) - (kv >> 2)).abs() + (((q & 3) << 1) - ((kv & 3) << 1)).abs() <= 4,
+    "shift_negative_and_wide": lambda b, h, q, kv: (((q - 5) >> 1) == ((kv - 5) >> 1))
+    | (((q - kv) >> (kv % 40)) == -1) | ((kv << (q % 40)) == 0) | ((q.long() << 40) > 2 ** 45),
 }
 
 
@@ -65,6 +79,83 @@ def test_score_mods_trace_and_evaluate_like_eager(name):
     want = fn(score, b, h, q, kv)
     assert got.dtype == want.dtype
     torch.testing.assert_close(got, want.expand_as(got), rtol=0, atol=0, equal_nan=True)
+
+
+# torch fuses these (one kernel per activation); the IR spells them with erf, tanh, exp,
+# log1p and sigmoid nodes, by torch's own formulas. In float64 they agree to rounding; in
+# float32, to a few ulp of the result.
+ACTIVATIONS = {
+    "gelu": lambda s: F.gelu(s),
+    "gelu_tanh": lambda s: F.gelu(s, approximate="tanh"),
+    "silu": lambda s: F.silu(s),
+    "softplus": lambda s: F.softplus(s),
+    "softplus_beta_threshold": lambda s: F.softplus(s, beta=2.0, threshold=3.0),
+    "softplus_large": lambda s: F.softplus(s * 30),
+    "sigmoid": lambda s: torch.sigmoid(s) + F.sigmoid(s) + s.sigmoid(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activations_trace_and_evaluate_like_eager(name):
+    f = ACTIVATIONS[name]
+    g = trace_score(lambda s, b, h, q, kv: f(s))
+    x = torch.cat([torch.linspace(-12, 12, 2001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 30.0, -90.0])])
+    zero = torch.tensor(0, dtype=torch.int32)
+    run = lambda s: evaluate(g, score=s, b=zero, h=zero, q_idx=zero, kv_idx=zero)  # noqa: E731
+    gold = f(x.double())
+    got64 = run(x.double())
+    assert got64.dtype == torch.float64
+    torch.testing.assert_close(got64, gold, rtol=1e-14, atol=1e-15)
+    # float32: the numerics rule against torch's own float32 kernel
+    got32, ref32 = run(x), f(x)
+    assert got32.dtype == ref32.dtype == torch.float32
+    err, ref_err = (got32.double() - gold).abs().max(), (ref32.double() - gold).abs().max()
+    assert err <= 2 * ref_err + 1e-7, (err, ref_err)
+
+
+def test_activation_errors_are_trace_errors():
+    with pytest.raises(TraceError, match="gelu with approximate='fast'"):
+        trace_score(lambda s, b, h, q, kv: F.gelu(s, approximate="fast"))
+    with pytest.raises(TraceError, match="softplus with a beta of type Proxy"):
+        trace_score(lambda s, b, h, q, kv: F.softplus(s, beta=s))
+    with pytest.raises(TraceError, match=r"rshift is not defined for dtypes float32, int64"):
+        trace_score(lambda s, b, h, q, kv: s >> 1)
+
+
+@pytest.mark.parametrize("expr, what", [
+    (lambda b, h, q, kv: q @ kv, r"the operator @ \(matrix product\)"),
+    (lambda b, h, q, kv: kv.__rmatmul__(q), r"the operator @ \(matrix product\)"),
+    (lambda b, h, q, kv: divmod(q, 3)[0] > 0, r"the operator divmod\(\)"),
+    (lambda b, h, q, kv: round(q) > 0, r"the operator round\(\)"),
+    (lambda b, h, q, kv: math.trunc(q) > 0, r"the operator math.trunc\(\)"),
+    (lambda b, h, q, kv: q.new_ones((2,)) > 0, r"(?s)new_ones\(\) of shape \(2,\).*x.new_ones\(\(\)\)"),
+    (lambda b, h, q, kv: q.to([1]) > 0, r"\.to\(\) with an argument of type list"),
+    (lambda b, h, q, kv: q.new_empty(()) > 0, r"\.new_empty\(\) is not supported"),
+])
+def test_unsupported_operators_are_trace_errors(expr, what):
+    """Never a raw TypeError: the operator is named, with the line."""
+    with pytest.raises(TraceError, match=what) as e:
+        trace_mask(expr)
+    assert "test_trace_ir.py" in str(e.value)
+
+
+def test_math_floor_ceil_on_traced_values():
+    fn = lambda s, b, h, q, kv: s + math.floor(s / 3) + math.ceil(s * 2) + math.floor(q).float()  # noqa: E731
+    g = trace_score(fn)
+    got = evaluate(g, score=score, b=b, h=h, q_idx=q, kv_idx=kv)
+    want = score + torch.floor(score / 3) + torch.ceil(score * 2) + q.float()
+    torch.testing.assert_close(got, want.expand_as(got), rtol=0, atol=0)
+
+
+def test_scalar_constructors_and_device_moves_in_the_ir():
+    g = trace_mask(lambda b, h, q, kv: b.new_ones((), dtype=torch.bool) & (q >= kv).to(q.device))
+    text = str(g)
+    assert "True & " in text and "cast" not in text  # a bool constant, no cast, no device op
+    g = trace_score(lambda s, b, h, q, kv: s + q.new_full((), 2.5))  # q's dtype: int32, truncated
+    assert "2.5.to(torch.int32)" in str(g)
+    torch.testing.assert_close(evaluate(g, score=score, b=b, h=h, q_idx=q, kv_idx=kv), (score + 2).expand(B, H, Q, KV))
+    g = trace_score(lambda s, b, h, q, kv: s + q.new_tensor(2.5, dtype=torch.float64))
+    assert evaluate(g, score=score, b=b, h=h, q_idx=q, kv_idx=kv).dtype == torch.float64
 
 
 @pytest.mark.parametrize("name", sorted(MASK_MODS))
@@ -173,8 +264,8 @@ def test_python_and_or_bool_on_proxy():
 
 
 def test_unsupported_torch_function_is_named():
-    with pytest.raises(TraceError, match=r"torch\.erf is not supported"):
-        trace_score(lambda s, b, h, q, kv: torch.erf(s))
+    with pytest.raises(TraceError, match=r"torch\.lgamma is not supported"):
+        trace_score(lambda s, b, h, q, kv: torch.lgamma(s))
     with pytest.raises(TraceError, match=r"\.cumsum\(\) is not supported"):
         trace_score(lambda s, b, h, q, kv: s.cumsum(0))
 
