@@ -37,7 +37,14 @@ def evaluate(graph: Graph, *, b, h, q_idx, kv_idx, score=None, buffers=None) -> 
         elif n.op == "load":
             v = _load(graph, n, env[id(n.args[0])], [env[id(a)] for a in n.args[1:]])
         else:
-            v = TORCH_IMPL[n.op](*[env[id(a)] for a in n.args])
+            args = [env[id(a)] for a in n.args]
+            if len(args) == 1 and not isinstance(args[0], torch.Tensor):
+                # torch's unary functions take tensors only (a derivative graph negates
+                # constants): a 0-d tensor promotes like the Python number, and float64
+                # keeps the number as it is
+                x = args[0]
+                args = [torch.as_tensor(x, dtype=torch.float64) if isinstance(x, float) else torch.as_tensor(x)]
+            v = TORCH_IMPL[n.op](*args)
         env[id(n)] = v
     out = _as_tensor(env[id(graph.output)], values)
     # A score graph is traced with a float32 score; evaluated on a float64 score (the CPU
