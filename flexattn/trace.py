@@ -375,9 +375,26 @@ class _PartialIndex:
     def _bad(self, *a, **k):
         return self.__getattr__("")
 
-    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = _bad
+    def _row_reduction(self, *a, **k):
+        raise self.state.fail(
+            f"a row of a captured tensor of shape {tuple(self.tensor.shape)} (its last dimension left open) is "
+            f"reduced inside the mod (torch.dot, (a * b).sum(-1)); mods compute one scalar per (b, h, q_idx, kv_idx)",
+            "the rows' dot product is an attention score term: concatenate the rows to the head dimension of q "
+            "and k instead (q = torch.cat([q, q_rope], -1), k = torch.cat([k, k_rope], -1), and pass scale= "
+            "explicitly: the default 1/sqrt(E) follows the new E), or precompute a [.., L, S] bias table and index it with b, h, q_idx, kv_idx")
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __truediv__ = _bad
+    __mul__ = __rmul__ = __matmul__ = __rmatmul__ = sum = _row_reduction
     __lt__ = __le__ = __gt__ = __ge__ = __eq__ = __ne__ = __and__ = __or__ = __bool__ = _bad
     __hash__ = object.__hash__
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        part = next(a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, _PartialIndex))
+        if func in (torch.dot, T.dot, torch.inner, T.inner, torch.vdot, torch.sum, T.sum, torch.mul, T.mul,
+                    T.__mul__, T.__rmul__, torch.matmul, T.matmul, T.__matmul__):
+            return part._row_reduction()
+        return part._bad()
 
 
 def _as_tuple(item):

@@ -270,6 +270,25 @@ def test_unsupported_torch_function_is_named():
         trace_score(lambda s, b, h, q, kv: s.cumsum(0))
 
 
+@pytest.mark.parametrize("mod", [
+    lambda s, b, h, q, kv: s + (rows[b, h, q] * rows[b, h // 2, kv]).sum(-1),
+    lambda s, b, h, q, kv: s + torch.dot(rows[b, h, q], rows[b, h // 2, kv]),
+    lambda s, b, h, q, kv: s + torch.sum(rows[b, h, q] * rows[b, h, kv], -1),
+    lambda s, b, h, q, kv: s + rows[b, h, q] @ rows[b, h, kv],
+])
+def test_row_reductions_name_the_construct_and_the_workaround(mod):
+    """MLA's RoPE score_mod reduces gathered rows; the IR holds scalars only, so this is a
+    TraceError (never a raw TypeError) that says what to do instead."""
+    with pytest.raises(TraceError) as e:
+        trace_score(mod)
+    msg = str(e.value)
+    assert "captured tensor of shape (2, 4, 9, 8)" in msg and "torch.dot, (a * b).sum(-1)" in msg
+    assert "torch.cat([q, q_rope], -1)" in msg and "test_trace_ir.py" in msg
+
+
+rows = torch.randn(2, 4, 9, 8)
+
+
 def test_captured_tensor_on_wrong_device():
     g = trace_mask(MASK_MODS["doc"])
     with pytest.raises(TraceError) as e:
