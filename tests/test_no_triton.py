@@ -1,6 +1,8 @@
 """The CPU path needs no Triton: with `import triton` made to fail, `import flexattn`,
 create_block_mask and flex_attention (forward and backward, with dropout) on CPU tensors
-work, and no triton module is ever loaded."""
+work, and no triton module is ever loaded by flexattn. (torch is imported first: a CUDA
+build of torch may import Triton itself when it starts; its triton modules are then dropped
+from sys.modules, so that an import of triton by flexattn meets the block.)"""
 from __future__ import annotations
 
 import os
@@ -20,8 +22,10 @@ _SCRIPT = textwrap.dedent('''
             return None
 
 
-    sys.meta_path.insert(0, NoTriton())
     import torch
+    for name in [m for m in sys.modules if m == "triton" or m.startswith("triton.")]:
+        del sys.modules[name]
+    sys.meta_path.insert(0, NoTriton())
     import flexattn
     from flexattn import create_block_mask, flex_attention
     from flexattn.reference import reference_attention
