@@ -11,7 +11,16 @@ dS = P * (dP - delta) is chained through the score_mod's derivative
 also adds the gradients of captured float tensors (float32 atomics, or
 as int64 fixed-point atomics when DETERMINISTIC: bitwise reproducible).
 
-Holes: {SCORE_MOD}, {MASK_MOD}, {SCORE_MOD_BWD} and the buffer parameter lists.
+The shared helpers (_head_base, _block_list, _tile_start, _tile_ptrs, _load_tile,
+_store_tile) come from `common_source`.
+
+Holes filled by `flexattn.kernels.source.fill`: {SCORE_MOD} / {MASK_MOD} (the mods'
+@triton.jit functions), {SCORE_MOD_BWD} (`score_mod_bwd`: the score_mod's derivative, which
+also accumulates the captured tensors' gradients), and the parameter lists of the captured
+tensors and of their gradients: {SCORE_BUF_PARAMS_TRAIL} / {MASK_BUF_PARAMS_TRAIL} /
+{GRAD_BUF_PARAMS_TRAIL} in a signature and {SCORE_BUF_ARGS_TRAIL} / {MASK_BUF_ARGS_TRAIL} /
+{GRAD_BUF_ARGS_TRAIL} in a call (each name followed by ", "), {SCORE_BUF_ARGS} /
+{MASK_BUF_ARGS} / {GRAD_BUF_ARGS} at the end of the mods' calls (each preceded by ", ").
 """
 from __future__ import annotations
 
@@ -24,6 +33,23 @@ from .config import dot_precision, dropout_args, fit_tile, needs_i64, pad_dim
 from .launcher import cdiv
 
 BWD_TEMPLATE = r'''
+# Sub notation for these kernels:
+#   Q_LEN / KV_LEN        query / key-value sequence lengths (runtime)
+#   HQ, HKV, GQA_GROUP    query heads, kv heads, query heads per kv head (HQ = HKV * GQA_GROUP)
+#   QK_HEAD, V_HEAD       head dims of q/k and of v; *_PAD: the power of two >= them (tl.arange)
+#   BLOCK_M, BLOCK_N      q tile and kv tile: dq walks kv tiles for one q tile of BLOCK_M rows,
+#                         dk/dv walks q tiles for one kv tile of BLOCK_N rows
+#   SPARSE_Q_BLOCK, SPARSE_KV_BLOCK  the BlockMask's block sizes: whole numbers of tiles
+#   HAS_FULL              the BlockMask has full blocks (walked second, mask_mod skipped)
+#   IS_FULL               (_dq_tiles, _dkdv_tiles) the walked blocks are the full ones
+#   HAS_SCORE_MOD, HAS_DROPOUT  a score_mod (its derivative is chained in) / dropout
+#   HAS_DLSE              the lse has a gradient too (folded into delta)
+#   Q_DIVISIBLE / KV_DIVISIBLE  Q_LEN / KV_LEN divide the tiles: no bounds masks on that axis
+#   DOT_PRECISION         tl.dot's input_precision ("ieee", "tf32")
+#   DETERMINISTIC         captured-tensor gradients by int64 fixed-point atomics (reproducible)
+#   OFFS_64               in-head offsets of the walked tiles in int64 (a span passes 2^31)
+#   LSE2, DELTA           per row: lse * log2(e) (+inf for an empty row), rowsum(dO * O) - dlse
+#   DROP_SCALE            1 / (1 - dropout p)
 from flexattn.dropout import dropout_keep_triton
 
 {SCORE_MOD}
@@ -31,15 +57,6 @@ from flexattn.dropout import dropout_keep_triton
 {MASK_MOD}
 
 {SCORE_MOD_BWD}
-
-
-@triton.jit
-def _tile_start(idx_ptr, t, n_blocks, SPARSE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
-    # first position of tile t of the walked axis (0 past the end: never used)
-    MULT: tl.constexpr = SPARSE_BLOCK // BLOCK
-    j = t // MULT
-    blk = tl.load(idx_ptr + j, mask=j < n_blocks, other=0)
-    return blk * SPARSE_BLOCK + (t % MULT) * BLOCK
 
 
 @triton.jit
@@ -77,23 +94,6 @@ def _grouped_order(BLOCK: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(base, offs_r, offs_c, stride_r, stride_c, R_LEN, CHECK_R: tl.constexpr,
-               C: tl.constexpr, C_PAD: tl.constexpr, OFFS_64: tl.constexpr):
-    """tile [rows, cols] of a (batch, head) slice; masks only where they can matter"""
-    if OFFS_64:
-        ptrs = base + offs_r[:, None].to(tl.int64) * stride_r + offs_c[None, :].to(tl.int64) * stride_c
-    else:
-        ptrs = base + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
-    if CHECK_R:
-        if C == C_PAD:
-            return tl.load(ptrs, mask=offs_r[:, None] < R_LEN, other=0.0)
-        return tl.load(ptrs, mask=(offs_r[:, None] < R_LEN) & (offs_c[None, :] < C), other=0.0)
-    if C == C_PAD:
-        return tl.load(ptrs)
-    return tl.load(ptrs, mask=offs_c[None, :] < C, other=0.0)
-
-
-@triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, idx_ptr, n_blocks,
               off_z, off_h, offs_m, Q_LEN, KV_LEN, SCALE,
               stride_kn, stride_kk, stride_vn, stride_vk,
@@ -112,13 +112,15 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, idx_ptr, n_blocks,
     offs_dv = tl.arange(0, V_HEAD_PAD)
     q_idx = offs_m[:, None]
     CHECK_N: tl.constexpr = not IS_FULL and not KV_DIVISIBLE
-    nxt = _tile_start(idx_ptr, 0, n_blocks, SPARSE_KV_BLOCK, BLOCK_N)
+    nxt = _tile_start(idx_ptr, 0, n_blocks, SPARSE_BLOCK=SPARSE_KV_BLOCK, BLOCK=BLOCK_N)
     for it in range(0, n_blocks * MULT):
         start_n = nxt
-        nxt = _tile_start(idx_ptr, it + 1, n_blocks, SPARSE_KV_BLOCK, BLOCK_N)
+        nxt = _tile_start(idx_ptr, it + 1, n_blocks, SPARSE_BLOCK=SPARSE_KV_BLOCK, BLOCK=BLOCK_N)
         offs_n = start_n + offs_n0
-        k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kk, KV_LEN, CHECK_N, QK_HEAD, QK_HEAD_PAD, OFFS_64)
-        v = _load_rows(v_base, offs_n, offs_dv, stride_vn, stride_vk, KV_LEN, CHECK_N, V_HEAD, V_HEAD_PAD, OFFS_64)
+        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kk, KV_LEN,
+                       CHECK_R=CHECK_N, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=OFFS_64)
+        v = _load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vk, KV_LEN,
+                       CHECK_R=CHECK_N, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=OFFS_64)
         kv_idx = offs_n[None, :]
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if HAS_SCORE_MOD:
@@ -145,7 +147,8 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, idx_ptr, n_blocks,
                           dp * DROP_SCALE, 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_SCORE_MOD:
-            ds = score_mod_bwd(s, ds, valid, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}{GRAD_BUF_ARGS}, 0, True, DETERMINISTIC)
+            ds = score_mod_bwd(s, ds, valid, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}{GRAD_BUF_ARGS},
+                               Q_AXIS=0, ACCUM=True, FIXED_POINT=DETERMINISTIC)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
@@ -170,13 +173,15 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, idx_ptr, n_
     offs_dv = tl.arange(0, V_HEAD_PAD)
     kv_idx = offs_n[:, None]
     CHECK_M: tl.constexpr = not IS_FULL and not Q_DIVISIBLE
-    nxt = _tile_start(idx_ptr, 0, n_blocks, SPARSE_Q_BLOCK, BLOCK_M)
+    nxt = _tile_start(idx_ptr, 0, n_blocks, SPARSE_BLOCK=SPARSE_Q_BLOCK, BLOCK=BLOCK_M)
     for it in range(0, n_blocks * MULT):
         start_m = nxt
-        nxt = _tile_start(idx_ptr, it + 1, n_blocks, SPARSE_Q_BLOCK, BLOCK_M)
+        nxt = _tile_start(idx_ptr, it + 1, n_blocks, SPARSE_BLOCK=SPARSE_Q_BLOCK, BLOCK=BLOCK_M)
         offs_m = start_m + offs_m0
-        q = _load_rows(q_base, offs_m, offs_d, stride_qm, stride_qk, Q_LEN, CHECK_M, QK_HEAD, QK_HEAD_PAD, OFFS_64)
-        do = _load_rows(do_base, offs_m, offs_dv, stride_dom, stride_dok, Q_LEN, CHECK_M, V_HEAD, V_HEAD_PAD, OFFS_64)
+        q = _load_tile(q_base, offs_m, offs_d, stride_qm, stride_qk, Q_LEN,
+                       CHECK_R=CHECK_M, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=OFFS_64)
+        do = _load_tile(do_base, offs_m, offs_dv, stride_dom, stride_dok, Q_LEN,
+                        CHECK_R=CHECK_M, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=OFFS_64)
         if IS_FULL or Q_DIVISIBLE:
             lse2 = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
@@ -210,7 +215,8 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, idx_ptr, n_
             dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
         if HAS_SCORE_MOD:
-            dsT = score_mod_bwd(sT, dsT, valid, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}{GRAD_BUF_ARGS}, 1, False, DETERMINISTIC)
+            dsT = score_mod_bwd(sT, dsT, valid, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}{GRAD_BUF_ARGS},
+                                Q_AXIS=1, ACCUM=False, FIXED_POINT=DETERMINISTIC)
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -239,7 +245,11 @@ def flex_bwd_dq(Q, K, V, DO, DQ, OUT, LSE, DLSE, LSE2, DELTA,
                 SPARSE_Q_BLOCK: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
                 Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 DETERMINISTIC: tl.constexpr, HAS_DLSE: tl.constexpr, OFFS_64: tl.constexpr = True):
-    pid_m, pid_zh = _grouped_order(BLOCK_M, True)
+    tl.static_assert(SPARSE_Q_BLOCK % BLOCK_M == 0, "a BlockMask q block must hold whole q tiles")
+    tl.static_assert(SPARSE_KV_BLOCK % BLOCK_N == 0, "a BlockMask kv block must hold whole kv tiles")
+    tl.static_assert(QK_HEAD_PAD >= QK_HEAD and (QK_HEAD_PAD & (QK_HEAD_PAD - 1)) == 0)
+    tl.static_assert(V_HEAD_PAD >= V_HEAD and (V_HEAD_PAD & (V_HEAD_PAD - 1)) == 0)
+    pid_m, pid_zh = _grouped_order(BLOCK=BLOCK_M, REVERSE=True)
     off_z = pid_zh // HQ
     off_h = pid_zh % HQ
     off_hkv = off_h // GQA_GROUP
@@ -247,17 +257,20 @@ def flex_bwd_dq(Q, K, V, DO, DQ, OUT, LSE, DLSE, LSE2, DELTA,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, QK_HEAD_PAD)
     offs_dv = tl.arange(0, V_HEAD_PAD)
-    q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-    do_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
-    k_base = K + off_z.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
-    v_base = V + off_z.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
+    q_base = _head_base(Q, off_z, off_h, stride_qz, stride_qh)
+    do_base = _head_base(DO, off_z, off_h, stride_doz, stride_doh)
+    k_base = _head_base(K, off_z, off_hkv, stride_kz, stride_kh)
+    v_base = _head_base(V, off_z, off_hkv, stride_vz, stride_vh)
     row_ok = offs_m < Q_LEN
-    q = _load_rows(q_base, offs_m, offs_d, stride_qm, stride_qk, Q_LEN, not Q_DIVISIBLE, QK_HEAD, QK_HEAD_PAD, True)
-    do = _load_rows(do_base, offs_m, offs_dv, stride_dom, stride_dok, Q_LEN, not Q_DIVISIBLE, V_HEAD, V_HEAD_PAD, True)
+    q = _load_tile(q_base, offs_m, offs_d, stride_qm, stride_qk, Q_LEN,
+                   CHECK_R=not Q_DIVISIBLE, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=True)
+    do = _load_tile(do_base, offs_m, offs_dv, stride_dom, stride_dok, Q_LEN,
+                    CHECK_R=not Q_DIVISIBLE, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=True)
     # this tile's delta and lse2, written out for the dk/dv kernel; rows past Q_LEN get
     # delta 0 (o and dO load as 0) and lse2 +inf (P = 0) and are not stored
-    o_base = OUT + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
-    o = _load_rows(o_base, offs_m, offs_dv, stride_om, stride_ok, Q_LEN, not Q_DIVISIBLE, V_HEAD, V_HEAD_PAD, True)
+    o_base = _head_base(OUT, off_z, off_h, stride_oz, stride_oh)
+    o = _load_tile(o_base, offs_m, offs_dv, stride_om, stride_ok, Q_LEN,
+                   CHECK_R=not Q_DIVISIBLE, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     rows = pid_zh.to(tl.int64) * Q_LEN + offs_m
     if HAS_DLSE:  # d lse / d s = P: the lse's gradient folds into delta
@@ -269,29 +282,34 @@ def flex_bwd_dq(Q, K, V, DO, DQ, OUT, LSE, DLSE, LSE2, DELTA,
     dq = tl.zeros([BLOCK_M, QK_HEAD_PAD], dtype=tl.float32)
 
     sparse_m = start_m // SPARSE_Q_BLOCK
-    n_part = tl.load(KV_NUM + off_z * stride_nz + off_h * stride_nh + sparse_m * stride_nm)
-    idx_ptr = KV_IDX + off_z.to(tl.int64) * stride_iz + off_h * stride_ih + sparse_m * stride_im
+    n_part, idx_ptr = _block_list(KV_NUM, KV_IDX, off_z, off_h, sparse_m,
+                                  stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im)
     dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, idx_ptr, n_part,
                    off_z, off_h, offs_m, Q_LEN, KV_LEN, SCALE,
                    stride_kn, stride_kk, stride_vn, stride_vk,
                    seed_lo, seed_hi, drop_threshold, DROP_SCALE,
                    {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}{GRAD_BUF_ARGS_TRAIL}
-                   False, HAS_SCORE_MOD, HAS_DROPOUT, QK_HEAD, QK_HEAD_PAD, V_HEAD, V_HEAD_PAD,
-                   BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK, Q_DIVISIBLE, KV_DIVISIBLE, DOT_PRECISION, DETERMINISTIC, OFFS_64)
+                   IS_FULL=False, HAS_SCORE_MOD=HAS_SCORE_MOD, HAS_DROPOUT=HAS_DROPOUT, QK_HEAD=QK_HEAD,
+                   QK_HEAD_PAD=QK_HEAD_PAD, V_HEAD=V_HEAD, V_HEAD_PAD=V_HEAD_PAD, BLOCK_M=BLOCK_M,
+                   BLOCK_N=BLOCK_N, SPARSE_KV_BLOCK=SPARSE_KV_BLOCK, Q_DIVISIBLE=Q_DIVISIBLE,
+                   KV_DIVISIBLE=KV_DIVISIBLE, DOT_PRECISION=DOT_PRECISION, DETERMINISTIC=DETERMINISTIC,
+                   OFFS_64=OFFS_64)
     if HAS_FULL:
-        n_full = tl.load(FULL_KV_NUM + off_z * stride_fnz + off_h * stride_fnh + sparse_m * stride_fnm)
-        fidx_ptr = FULL_KV_IDX + off_z.to(tl.int64) * stride_fiz + off_h * stride_fih + sparse_m * stride_fim
+        n_full, fidx_ptr = _block_list(FULL_KV_NUM, FULL_KV_IDX, off_z, off_h, sparse_m,
+                                       stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim)
         dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, fidx_ptr, n_full,
                        off_z, off_h, offs_m, Q_LEN, KV_LEN, SCALE,
                        stride_kn, stride_kk, stride_vn, stride_vk,
                        seed_lo, seed_hi, drop_threshold, DROP_SCALE,
                        {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}{GRAD_BUF_ARGS_TRAIL}
-                       True, HAS_SCORE_MOD, HAS_DROPOUT, QK_HEAD, QK_HEAD_PAD, V_HEAD, V_HEAD_PAD,
-                       BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK, Q_DIVISIBLE, KV_DIVISIBLE, DOT_PRECISION, DETERMINISTIC, OFFS_64)
+                       IS_FULL=True, HAS_SCORE_MOD=HAS_SCORE_MOD, HAS_DROPOUT=HAS_DROPOUT, QK_HEAD=QK_HEAD,
+                       QK_HEAD_PAD=QK_HEAD_PAD, V_HEAD=V_HEAD, V_HEAD_PAD=V_HEAD_PAD, BLOCK_M=BLOCK_M,
+                       BLOCK_N=BLOCK_N, SPARSE_KV_BLOCK=SPARSE_KV_BLOCK, Q_DIVISIBLE=Q_DIVISIBLE,
+                       KV_DIVISIBLE=KV_DIVISIBLE, DOT_PRECISION=DOT_PRECISION, DETERMINISTIC=DETERMINISTIC,
+                       OFFS_64=OFFS_64)
     dq = dq * SCALE
-    dq_base = DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh
-    tl.store(dq_base + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqk,
-             dq.to(DQ.dtype.element_ty), mask=(offs_d[None, :] < QK_HEAD) & row_ok[:, None])
+    _store_tile(_head_base(DQ, off_z, off_h, stride_dqz, stride_dqh), offs_m, offs_d, stride_dqm, stride_dqk, Q_LEN,
+                dq.to(DQ.dtype.element_ty), CHECK_R=True, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=True)
 
 
 @triton.jit
@@ -317,56 +335,65 @@ def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   SPARSE_Q_BLOCK: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
                   Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                DETERMINISTIC: tl.constexpr, OFFS_64: tl.constexpr = True):
-    pid_n, pid_zh = _grouped_order(BLOCK_N, False)
+                  DETERMINISTIC: tl.constexpr, OFFS_64: tl.constexpr = True):
+    tl.static_assert(SPARSE_Q_BLOCK % BLOCK_M == 0, "a BlockMask q block must hold whole q tiles")
+    tl.static_assert(SPARSE_KV_BLOCK % BLOCK_N == 0, "a BlockMask kv block must hold whole kv tiles")
+    tl.static_assert(QK_HEAD_PAD >= QK_HEAD and (QK_HEAD_PAD & (QK_HEAD_PAD - 1)) == 0)
+    tl.static_assert(V_HEAD_PAD >= V_HEAD and (V_HEAD_PAD & (V_HEAD_PAD - 1)) == 0)
+    pid_n, pid_zh = _grouped_order(BLOCK=BLOCK_N, REVERSE=False)
     off_z = pid_zh // HKV
     off_hkv = pid_zh % HKV
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, QK_HEAD_PAD)
     offs_dv = tl.arange(0, V_HEAD_PAD)
-    col_ok = offs_n < KV_LEN
     # load k and v: they stay on chip throughout
-    k_base = K + off_z.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
-    v_base = V + off_z.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
-    k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kk, KV_LEN, not KV_DIVISIBLE, QK_HEAD, QK_HEAD_PAD, True)
-    v = _load_rows(v_base, offs_n, offs_dv, stride_vn, stride_vk, KV_LEN, not KV_DIVISIBLE, V_HEAD, V_HEAD_PAD, True)
+    k_base = _head_base(K, off_z, off_hkv, stride_kz, stride_kh)
+    v_base = _head_base(V, off_z, off_hkv, stride_vz, stride_vh)
+    k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kk, KV_LEN,
+                   CHECK_R=not KV_DIVISIBLE, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=True)
+    v = _load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vk, KV_LEN,
+                   CHECK_R=not KV_DIVISIBLE, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=True)
     dk = tl.zeros([BLOCK_N, QK_HEAD_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, V_HEAD_PAD], dtype=tl.float32)
     sparse_n = start_n // SPARSE_KV_BLOCK
     # the query heads sharing this kv head, in a fixed order (deterministic, no atomics)
     for g in range(0, GQA_GROUP):
         off_h = off_hkv * GQA_GROUP + g
-        q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-        do_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
+        q_base = _head_base(Q, off_z, off_h, stride_qz, stride_qh)
+        do_base = _head_base(DO, off_z, off_h, stride_doz, stride_doh)
         row = (off_z * HQ + off_h).to(tl.int64) * Q_LEN
-        n_part = tl.load(Q_NUM + off_z * stride_nz + off_h * stride_nh + sparse_n * stride_nm)
-        idx_ptr = Q_IDX + off_z.to(tl.int64) * stride_iz + off_h * stride_ih + sparse_n * stride_im
+        n_part, idx_ptr = _block_list(Q_NUM, Q_IDX, off_z, off_h, sparse_n,
+                                      stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE2 + row, DELTA + row, idx_ptr, n_part,
                              off_z, off_h, offs_n, Q_LEN, KV_LEN, SCALE,
                              stride_qm, stride_qk, stride_dom, stride_dok,
                              seed_lo, seed_hi, drop_threshold, DROP_SCALE,
                              {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}{GRAD_BUF_ARGS_TRAIL}
-                             False, HAS_SCORE_MOD, HAS_DROPOUT, QK_HEAD, QK_HEAD_PAD, V_HEAD, V_HEAD_PAD,
-                             BLOCK_M, BLOCK_N, SPARSE_Q_BLOCK, Q_DIVISIBLE, KV_DIVISIBLE, DOT_PRECISION, DETERMINISTIC, OFFS_64)
+                             IS_FULL=False, HAS_SCORE_MOD=HAS_SCORE_MOD, HAS_DROPOUT=HAS_DROPOUT,
+                             QK_HEAD=QK_HEAD, QK_HEAD_PAD=QK_HEAD_PAD, V_HEAD=V_HEAD, V_HEAD_PAD=V_HEAD_PAD,
+                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPARSE_Q_BLOCK=SPARSE_Q_BLOCK,
+                             Q_DIVISIBLE=Q_DIVISIBLE, KV_DIVISIBLE=KV_DIVISIBLE, DOT_PRECISION=DOT_PRECISION,
+                             DETERMINISTIC=DETERMINISTIC, OFFS_64=OFFS_64)
         if HAS_FULL:
-            n_full = tl.load(FULL_Q_NUM + off_z * stride_fnz + off_h * stride_fnh + sparse_n * stride_fnm)
-            fidx_ptr = FULL_Q_IDX + off_z.to(tl.int64) * stride_fiz + off_h * stride_fih + sparse_n * stride_fim
+            n_full, fidx_ptr = _block_list(FULL_Q_NUM, FULL_Q_IDX, off_z, off_h, sparse_n,
+                                           stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim)
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE2 + row, DELTA + row, fidx_ptr, n_full,
                                  off_z, off_h, offs_n, Q_LEN, KV_LEN, SCALE,
                                  stride_qm, stride_qk, stride_dom, stride_dok,
                                  seed_lo, seed_hi, drop_threshold, DROP_SCALE,
                                  {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}{GRAD_BUF_ARGS_TRAIL}
-                                 True, HAS_SCORE_MOD, HAS_DROPOUT, QK_HEAD, QK_HEAD_PAD, V_HEAD, V_HEAD_PAD,
-                                 BLOCK_M, BLOCK_N, SPARSE_Q_BLOCK, Q_DIVISIBLE, KV_DIVISIBLE, DOT_PRECISION, DETERMINISTIC, OFFS_64)
+                                 IS_FULL=True, HAS_SCORE_MOD=HAS_SCORE_MOD, HAS_DROPOUT=HAS_DROPOUT,
+                                 QK_HEAD=QK_HEAD, QK_HEAD_PAD=QK_HEAD_PAD, V_HEAD=V_HEAD,
+                                 V_HEAD_PAD=V_HEAD_PAD, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                                 SPARSE_Q_BLOCK=SPARSE_Q_BLOCK, Q_DIVISIBLE=Q_DIVISIBLE,
+                                 KV_DIVISIBLE=KV_DIVISIBLE, DOT_PRECISION=DOT_PRECISION,
+                                 DETERMINISTIC=DETERMINISTIC, OFFS_64=OFFS_64)
     dk = dk * SCALE
-    out_ok = col_ok[:, None]
-    dk_base = DK + off_z.to(tl.int64) * stride_dkz + off_hkv.to(tl.int64) * stride_dkh
-    dv_base = DV + off_z.to(tl.int64) * stride_dvz + off_hkv.to(tl.int64) * stride_dvh
-    tl.store(dk_base + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :] * stride_dkk,
-             dk.to(DK.dtype.element_ty), mask=(offs_d[None, :] < QK_HEAD) & out_ok)
-    tl.store(dv_base + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :] * stride_dvk,
-             dv.to(DV.dtype.element_ty), mask=(offs_dv[None, :] < V_HEAD) & out_ok)
+    _store_tile(_head_base(DK, off_z, off_hkv, stride_dkz, stride_dkh), offs_n, offs_d, stride_dkn, stride_dkk, KV_LEN,
+                dk.to(DK.dtype.element_ty), CHECK_R=True, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=True)
+    _store_tile(_head_base(DV, off_z, off_hkv, stride_dvz, stride_dvh), offs_n, offs_dv, stride_dvn, stride_dvk, KV_LEN,
+                dv.to(DV.dtype.element_ty), CHECK_R=True, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=True)
 '''
 
 

@@ -8,7 +8,13 @@ K/V are read once per kv head. Each split writes an unnormalised partial (acc, m
 partials are merged by their log-sum-exp in `merge.decode_merge`. Same semantics as the forward
 (mask_mod applied on every visited tile: it is true on full blocks anyway).
 
-Holes: {SCORE_MOD}, {MASK_MOD} and the buffer parameter lists.
+The shared helpers (_head_base, _block_list, _load_tile, _online_softmax) come from
+`common_source`.
+
+Holes filled by `flexattn.kernels.source.fill`: {SCORE_MOD} / {MASK_MOD} (the mods'
+@triton.jit functions), {SCORE_BUF_PARAMS_TRAIL} / {MASK_BUF_PARAMS_TRAIL} (the captured
+tensors' parameters in the signature, each followed by ", ") and {SCORE_BUF_ARGS} /
+{MASK_BUF_ARGS} (the same names at the end of the mods' calls, each preceded by ", ").
 """
 from __future__ import annotations
 
@@ -26,6 +32,18 @@ from .merge import decode_merge
 DECODE_MAX_Q = 16
 
 DECODE_TEMPLATE = r'''
+# Sub notation for this kernel:
+#   Q_LEN / KV_LEN        query / key-value sequence lengths (runtime; Q_LEN <= BLOCK_M)
+#   HQ, HKV, GQA_GROUP    query heads, kv heads, query heads per kv head (HQ = HKV * GQA_GROUP)
+#   PACK_GQA              one program takes every query head of a kv head (rows = head, position)
+#   QK_HEAD, V_HEAD       head dims of q/k and of v; *_PAD: the power of two >= them (tl.arange)
+#   BLOCK_M               rows of the program's one q tile (all the queries, >= Q_LEN or GQA_GROUP * Q_LEN)
+#   BLOCK_N               the kv tile of one loop step
+#   SPARSE_KV_BLOCK       the BlockMask's kv block size: a whole number of kv tiles
+#   SPLITS                programs per row of tiles (grid axis 0): each walks a slice of the tiles
+#   HAS_FULL, HAS_SCORE_MOD  the BlockMask has full blocks / a score_mod is applied
+#   DOT_PRECISION         tl.dot's input_precision ("ieee", "tf32")
+#   SCALE_LOG2            SCALE * log2(e)
 {SCORE_MOD}
 
 {MASK_MOD}
@@ -47,6 +65,10 @@ def flex_decode(Q, K, V, ACC, M_OUT, L_OUT,
                 V_HEAD: tl.constexpr, V_HEAD_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
+    tl.static_assert(SPARSE_KV_BLOCK % BLOCK_N == 0, "a BlockMask kv block must hold whole kv tiles")
+    tl.static_assert(QK_HEAD_PAD >= QK_HEAD and (QK_HEAD_PAD & (QK_HEAD_PAD - 1)) == 0)
+    tl.static_assert(V_HEAD_PAD >= V_HEAD and (V_HEAD_PAD & (V_HEAD_PAD - 1)) == 0)
+    tl.static_assert(BLOCK_M >= 16 and (BLOCK_M & (BLOCK_M - 1)) == 0, "tl.dot needs >= 16 rows")
     MULT: tl.constexpr = SPARSE_KV_BLOCK // BLOCK_N
     LOG2E: tl.constexpr = 1.4426950408889634
     pid_s = tl.program_id(0)
@@ -70,20 +92,19 @@ def flex_decode(Q, K, V, ACC, M_OUT, L_OUT,
     q_pos = tl.where(row_ok, q_pos, 0)
     offs_d = tl.arange(0, QK_HEAD_PAD)
     offs_dv = tl.arange(0, V_HEAD_PAD)
-    q_ptrs = Q + off_z.to(tl.int64) * stride_qz + off_h[:, None].to(tl.int64) * stride_qh \
+    q_ptrs = _head_base(Q, off_z, off_h[:, None], stride_qz, stride_qh) \
         + q_pos[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qk
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < QK_HEAD), other=0.0)
-    k_base = K + off_z.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
-    v_base = V + off_z.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
+    k_base = _head_base(K, off_z, off_hkv, stride_kz, stride_kh)
+    v_base = _head_base(V, off_z, off_hkv, stride_vz, stride_vh)
 
     # the row's kv tiles: partial blocks then full blocks (q rows all sit in q block 0)
-    n_part = tl.load(KV_NUM + off_z * stride_nz + h0 * stride_nh)
-    idx_ptr = KV_IDX + off_z.to(tl.int64) * stride_iz + h0 * stride_ih
+    n_part, idx_ptr = _block_list(KV_NUM, KV_IDX, off_z, h0, 0, stride_nz, stride_nh, 0, stride_iz, stride_ih, 0)
     n_full = 0
     fidx_ptr = idx_ptr
     if HAS_FULL:
-        n_full = tl.load(FULL_KV_NUM + off_z * stride_fnz + h0 * stride_fnh)
-        fidx_ptr = FULL_KV_IDX + off_z.to(tl.int64) * stride_fiz + h0 * stride_fih
+        n_full, fidx_ptr = _block_list(FULL_KV_NUM, FULL_KV_IDX, off_z, h0, 0,
+                                       stride_fnz, stride_fnh, 0, stride_fiz, stride_fih, 0)
     n_tiles = (n_part + n_full) * MULT
     per = tl.cdiv(n_tiles, SPLITS)
     lo = pid_s * per
@@ -96,6 +117,8 @@ def flex_decode(Q, K, V, ACC, M_OUT, L_OUT,
     h_tile = off_h[:, None]
     offs_n0 = tl.arange(0, BLOCK_N)
     for it in range(lo, hi):
+        # tile `it` of the partial blocks followed by the full ones (_tile_start's walk
+        # over one list, here over two: the full list's load is masked below its start)
         j = it // MULT
         is_part = j < n_part
         blk_p = tl.load(idx_ptr + j, mask=is_part, other=0)
@@ -103,8 +126,8 @@ def flex_decode(Q, K, V, ACC, M_OUT, L_OUT,
         blk = tl.where(is_part, blk_p, blk_f)
         offs_n = blk * SPARSE_KV_BLOCK + (it % MULT) * BLOCK_N + offs_n0
         n_ok = offs_n < KV_LEN
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kk,
-                    mask=n_ok[:, None] & (offs_d[None, :] < QK_HEAD), other=0.0)
+        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kk, KV_LEN,
+                       CHECK_R=True, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=True)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         kv_idx = offs_n[None, :]
         if HAS_SCORE_MOD:
@@ -113,15 +136,11 @@ def flex_decode(Q, K, V, ACC, M_OUT, L_OUT,
             s = qk * SCALE_LOG2
         keep = mask_mod(off_z, h_tile, q_idx, kv_idx{MASK_BUF_ARGS}) & n_ok[None, :]
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vk,
-                    mask=n_ok[:, None] & (offs_dv[None, :] < V_HEAD), other=0.0)
+        # s is in the log2 domain already: TO_LOG2 = 1
+        m_i, alpha, p, l_i = _online_softmax(m_i, l_i, s, 1.0, FINITE=False)
+        v = _load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vk, KV_LEN,
+                       CHECK_R=True, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=True)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
 
     # partials: [B, HQ, SPLITS, Q_LEN, ...] (contiguous), unnormalised
     part = ((off_z * HQ + off_h).to(tl.int64) * SPLITS + pid_s) * Q_LEN + q_pos

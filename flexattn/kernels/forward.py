@@ -7,11 +7,15 @@ empty blocks are never visited. A BlockMask block may hold several kernel tiles
 index two tiles ahead (so the pipelined K/V prefetch never waits on it). Masks are
 constexpr-conditional: none on the head dim when it is a power of two, none on the kv axis
 in full blocks or when the lengths divide the block; in-head offsets are int32 unless a
-head's K/V span passes 2^31 elements (OFFS_64).
+head's K/V span passes 2^31 elements (OFFS_64). The shared helpers (_head_base,
+_block_list, _tile_start, _load_tile, _online_softmax) come from `common_source`.
 
-Holes filled by `flexattn.codegen`: {SCORE_MOD} / {MASK_MOD} (the `score_mod` and
-`mask_mod` @triton.jit functions) and {SCORE_BUF_PARAMS} / {MASK_BUF_PARAMS} (their
-captured tensors' pointer / stride / size parameters, threaded through every call).
+Holes filled by `flexattn.kernels.source.fill`: {SCORE_MOD} / {MASK_MOD} (the `score_mod`
+and `mask_mod` @triton.jit functions printed by `flexattn.codegen`), and the captured
+tensors' pointer / stride / size parameters of each: {SCORE_BUF_PARAMS_TRAIL} /
+{MASK_BUF_PARAMS_TRAIL} in a signature, {SCORE_BUF_ARGS_TRAIL} / {MASK_BUF_ARGS_TRAIL} in a
+call (each name followed by ", "), {SCORE_BUF_ARGS} / {MASK_BUF_ARGS} at the end of the
+mods' calls (each name preceded by ", ").
 """
 from __future__ import annotations
 
@@ -24,20 +28,25 @@ from .config import LOG2E, dot_precision, dropout_args, fit_tile, needs_i64, pad
 from .launcher import cdiv
 
 FWD_TEMPLATE = r'''
+# Sub notation for this kernel:
+#   Q_LEN / KV_LEN        query / key-value sequence lengths (runtime)
+#   HQ, GQA_GROUP         query heads; query heads per kv head (kv head = query head // GQA_GROUP)
+#   QK_HEAD, V_HEAD       head dims of q/k and of v; *_PAD: the power of two >= them (tl.arange)
+#   BLOCK_M, BLOCK_N      the kernel's q tile (one program) and kv tile (one loop step)
+#   SPARSE_Q_BLOCK, SPARSE_KV_BLOCK  the BlockMask's block sizes: whole numbers of tiles
+#   HAS_FULL              the BlockMask has full blocks (walked second, mask_mod skipped)
+#   IS_FULL               (_fwd_tiles) the walked blocks are the full ones
+#   HAS_SCORE_MOD, HAS_DROPOUT, OUTPUT_LSE  what the kernel computes besides softmax(qk)v
+#   Q_DIVISIBLE / KV_DIVISIBLE  Q_LEN / KV_LEN divide the tiles: no bounds masks on that axis
+#   DOT_PRECISION         tl.dot's input_precision ("ieee", "tf32")
+#   OFFS_64               in-head K/V offsets in int64 (a head's span passes 2^31 elements)
+#   SCALE_POSITIVE        SCALE > 0: the scale may wait for the exp2 (see _online_softmax)
+#   SCALE_LOG2            SCALE * log2(e); DROP_SCALE: 1 / (1 - dropout p)
 from flexattn.dropout import dropout_keep_triton
 
 {SCORE_MOD}
 
 {MASK_MOD}
-
-
-@triton.jit
-def _tile_start(idx_ptr, t, n_blocks, SPARSE_KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
-    # first kv position of tile t of this row (0 past the end: the value is never used)
-    MULT: tl.constexpr = SPARSE_KV_BLOCK // BLOCK_N
-    j = t // MULT
-    blk = tl.load(idx_ptr + j, mask=j < n_blocks, other=0)
-    return blk * SPARSE_KV_BLOCK + (t % MULT) * BLOCK_N
 
 
 @triton.jit
@@ -61,41 +70,21 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, idx_ptr, n_blocks,
     # full blocks never hold padding (an edge block is never full): no bounds check there;
     # head-dim masks only when the head dim is padded to a power of two
     CHECK_N: tl.constexpr = not IS_FULL and not KV_DIVISIBLE
-    if OFFS_64:
-        k_cols = offs_d[None, :].to(tl.int64) * stride_kk
-        v_cols = offs_dv[None, :].to(tl.int64) * stride_vk
-    else:
-        k_cols = offs_d[None, :] * stride_kk
-        v_cols = offs_dv[None, :] * stride_vk
     # the block index is read two tiles ahead, so the address of the tile the pipeline
     # prefetches never waits on a load of the index list
-    n_tiles = n_blocks * MULT
-    nxt = _tile_start(idx_ptr, 0, n_blocks, SPARSE_KV_BLOCK, BLOCK_N)
-    for it in range(0, n_tiles):
+    nxt = _tile_start(idx_ptr, 0, n_blocks, SPARSE_BLOCK=SPARSE_KV_BLOCK, BLOCK=BLOCK_N)
+    for it in range(0, n_blocks * MULT):
         start_n = nxt
-        nxt = _tile_start(idx_ptr, it + 1, n_blocks, SPARSE_KV_BLOCK, BLOCK_N)
+        nxt = _tile_start(idx_ptr, it + 1, n_blocks, SPARSE_BLOCK=SPARSE_KV_BLOCK, BLOCK=BLOCK_N)
         offs_n = start_n + offs_n0
-        if OFFS_64:
-            rows = offs_n[:, None].to(tl.int64)
-        else:
-            rows = offs_n[:, None]
-        k_ptrs = k_base + rows * stride_kn + k_cols
-        v_ptrs = v_base + rows * stride_vn + v_cols
-        if CHECK_N:
-            if QK_HEAD == QK_HEAD_PAD:
-                k = tl.load(k_ptrs, mask=offs_n[:, None] < KV_LEN, other=0.0)
-            else:
-                k = tl.load(k_ptrs, mask=(offs_n[:, None] < KV_LEN) & (offs_d[None, :] < QK_HEAD), other=0.0)
-        else:
-            if QK_HEAD == QK_HEAD_PAD:
-                k = tl.load(k_ptrs)
-            else:
-                k = tl.load(k_ptrs, mask=offs_d[None, :] < QK_HEAD, other=0.0)
+        # both tiles' addresses first, v's load after the softmax: the order the loop was
+        # scheduled in (addresses computed at v's load cost 2 instructions in the causal loop)
+        k_ptrs = _tile_ptrs(k_base, offs_n, offs_d, stride_kn, stride_kk, OFFS_64=OFFS_64)
+        v_ptrs = _tile_ptrs(v_base, offs_n, offs_dv, stride_vn, stride_vk, OFFS_64=OFFS_64)
+        k = _load_at(k_ptrs, offs_n, offs_d, KV_LEN, CHECK_R=CHECK_N, C=QK_HEAD, C_PAD=QK_HEAD_PAD)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         kv_idx = offs_n[None, :]
-        # t * TO_LOG2 is the score in the log2 domain. The multiply by the positive TO_LOG2
-        # waits for the exp2's argument, where it fuses with the shift (one FMA per score):
-        # max(t) * TO_LOG2 == max(t * TO_LOG2) exactly, rounding being monotone.
+        # t * TO_LOG2 is the score in the log2 domain (_online_softmax applies TO_LOG2)
         if HAS_SCORE_MOD:
             t = score_mod(qk * SCALE, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS})
             TO_LOG2 = LOG2E
@@ -110,30 +99,12 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, idx_ptr, n_blocks,
             if not KV_DIVISIBLE:
                 keep = keep & (kv_idx < KV_LEN)
             t = tl.where(keep, t, float("-inf"))
-        # online softmax; m_i is -inf while a row has seen nothing (then use 0 as the shift).
-        # On a full block without a score_mod every score is finite, so m_new is too.
-        m_new = tl.maximum(m_i, tl.max(t, 1) * TO_LOG2)
-        if IS_FULL and not HAS_SCORE_MOD:
-            m_shift = m_new
-        else:
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(t * TO_LOG2 - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        # on a full block without a score_mod every score is finite
+        m_i, alpha, p, l_i = _online_softmax(m_i, l_i, t, TO_LOG2, FINITE=IS_FULL and not HAS_SCORE_MOD)
         if HAS_DROPOUT:
             p = tl.where(dropout_keep_triton(seed_lo, seed_hi, drop_threshold, off_z, off_h, q_idx, kv_idx), p, 0.0)
-        if CHECK_N:
-            if V_HEAD == V_HEAD_PAD:
-                v = tl.load(v_ptrs, mask=offs_n[:, None] < KV_LEN, other=0.0)
-            else:
-                v = tl.load(v_ptrs, mask=(offs_n[:, None] < KV_LEN) & (offs_dv[None, :] < V_HEAD), other=0.0)
-        else:
-            if V_HEAD == V_HEAD_PAD:
-                v = tl.load(v_ptrs)
-            else:
-                v = tl.load(v_ptrs, mask=offs_dv[None, :] < V_HEAD, other=0.0)
+        v = _load_at(v_ptrs, offs_n, offs_dv, KV_LEN, CHECK_R=CHECK_N, C=V_HEAD, C_PAD=V_HEAD_PAD)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -159,6 +130,10 @@ def flex_fwd(Q, K, V, OUT, LSE,
              SPARSE_Q_BLOCK: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
              Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
              OFFS_64: tl.constexpr = True, SCALE_POSITIVE: tl.constexpr = False):
+    tl.static_assert(SPARSE_Q_BLOCK % BLOCK_M == 0, "a q tile must lie in one BlockMask q block")
+    tl.static_assert(SPARSE_KV_BLOCK % BLOCK_N == 0, "a BlockMask kv block must hold whole kv tiles")
+    tl.static_assert(QK_HEAD_PAD >= QK_HEAD and (QK_HEAD_PAD & (QK_HEAD_PAD - 1)) == 0)
+    tl.static_assert(V_HEAD_PAD >= V_HEAD and (V_HEAD_PAD & (V_HEAD_PAD - 1)) == 0)
     pid_m = tl.program_id(0)
     pid_zh = tl.program_id(1)
     off_z = pid_zh // HQ
@@ -169,53 +144,51 @@ def flex_fwd(Q, K, V, OUT, LSE,
     offs_d = tl.arange(0, QK_HEAD_PAD)
     offs_dv = tl.arange(0, V_HEAD_PAD)
 
-    # batch/head offsets in int64: B*H*S*D can pass 2^31
-    q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-    k_base = K + off_z.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
-    v_base = V + off_z.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
+    q_base = _head_base(Q, off_z, off_h, stride_qz, stride_qh)
+    k_base = _head_base(K, off_z, off_hkv, stride_kz, stride_kh)
+    v_base = _head_base(V, off_z, off_hkv, stride_vz, stride_vh)
 
-    # load q: it stays in registers throughout
-    q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qk
-    if Q_DIVISIBLE and QK_HEAD == QK_HEAD_PAD:
-        q = tl.load(q_ptrs)
-    else:
-        q = tl.load(q_ptrs, mask=(offs_d[None, :] < QK_HEAD) & (offs_m[:, None] < Q_LEN), other=0.0)
+    # q stays in registers throughout
+    q = _load_tile(q_base, offs_m, offs_d, stride_qm, stride_qk, Q_LEN,
+                   CHECK_R=not Q_DIVISIBLE, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=True)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, V_HEAD_PAD], dtype=tl.float32)
 
     sparse_m = start_m // SPARSE_Q_BLOCK
-    n_part = tl.load(KV_NUM + off_z * stride_nz + off_h * stride_nh + sparse_m * stride_nm)
-    idx_ptr = KV_IDX + off_z.to(tl.int64) * stride_iz + off_h * stride_ih + sparse_m * stride_im
+    n_part, idx_ptr = _block_list(KV_NUM, KV_IDX, off_z, off_h, sparse_m,
+                                  stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, idx_ptr, n_part,
                                off_z, off_h, offs_m, KV_LEN, SCALE, SCALE_LOG2,
                                stride_kn, stride_kk, stride_vn, stride_vk,
                                seed_lo, seed_hi, drop_threshold,
                                {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
-                               False, HAS_SCORE_MOD, HAS_DROPOUT, QK_HEAD, QK_HEAD_PAD, V_HEAD, V_HEAD_PAD,
-                               BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK, KV_DIVISIBLE, DOT_PRECISION, OFFS_64, SCALE_POSITIVE)
+                               IS_FULL=False, HAS_SCORE_MOD=HAS_SCORE_MOD, HAS_DROPOUT=HAS_DROPOUT,
+                               QK_HEAD=QK_HEAD, QK_HEAD_PAD=QK_HEAD_PAD, V_HEAD=V_HEAD, V_HEAD_PAD=V_HEAD_PAD,
+                               BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPARSE_KV_BLOCK=SPARSE_KV_BLOCK,
+                               KV_DIVISIBLE=KV_DIVISIBLE, DOT_PRECISION=DOT_PRECISION, OFFS_64=OFFS_64,
+                               SCALE_POSITIVE=SCALE_POSITIVE)
     if HAS_FULL:
-        n_full = tl.load(FULL_KV_NUM + off_z * stride_fnz + off_h * stride_fnh + sparse_m * stride_fnm)
-        fidx_ptr = FULL_KV_IDX + off_z.to(tl.int64) * stride_fiz + off_h * stride_fih + sparse_m * stride_fim
+        n_full, fidx_ptr = _block_list(FULL_KV_NUM, FULL_KV_IDX, off_z, off_h, sparse_m,
+                                       stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, fidx_ptr, n_full,
                                    off_z, off_h, offs_m, KV_LEN, SCALE, SCALE_LOG2,
                                    stride_kn, stride_kk, stride_vn, stride_vk,
                                    seed_lo, seed_hi, drop_threshold,
                                    {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
-                                   True, HAS_SCORE_MOD, HAS_DROPOUT, QK_HEAD, QK_HEAD_PAD, V_HEAD, V_HEAD_PAD,
-                                   BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK, KV_DIVISIBLE, DOT_PRECISION, OFFS_64, SCALE_POSITIVE)
+                                   IS_FULL=True, HAS_SCORE_MOD=HAS_SCORE_MOD, HAS_DROPOUT=HAS_DROPOUT,
+                                   QK_HEAD=QK_HEAD, QK_HEAD_PAD=QK_HEAD_PAD, V_HEAD=V_HEAD, V_HEAD_PAD=V_HEAD_PAD,
+                                   BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPARSE_KV_BLOCK=SPARSE_KV_BLOCK,
+                                   KV_DIVISIBLE=KV_DIVISIBLE, DOT_PRECISION=DOT_PRECISION, OFFS_64=OFFS_64,
+                                   SCALE_POSITIVE=SCALE_POSITIVE)
 
     # fully masked rows (l == 0): output 0 and lse -inf, never NaN
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc * (DROP_SCALE / l_safe)[:, None]
-    o_base = OUT + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
-    o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_ok
-    if Q_DIVISIBLE and V_HEAD == V_HEAD_PAD:
-        tl.store(o_ptrs, acc.to(OUT.dtype.element_ty))
-    else:
-        tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_dv[None, :] < V_HEAD) & (offs_m[:, None] < Q_LEN))
+    _store_tile(_head_base(OUT, off_z, off_h, stride_oz, stride_oh), offs_m, offs_dv, stride_om, stride_ok, Q_LEN,
+                acc.to(OUT.dtype.element_ty), CHECK_R=not Q_DIVISIBLE, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=True)
     if OUTPUT_LSE:
         LN2: tl.constexpr = 0.6931471805599453
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)

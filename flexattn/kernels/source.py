@@ -8,12 +8,15 @@ import re
 
 from .. import codegen
 from .backward import BWD_TEMPLATE
+from .common_source import COMMON_SOURCE
 from .decode import DECODE_TEMPLATE
 from .forward import FWD_TEMPLATE
 from .hopper_forward import HOPPER_FWD_TEMPLATE
 from .interpreter import apply_interpreter_fix
 
-TEMPLATES = {"fwd": FWD_TEMPLATE, "bwd": BWD_TEMPLATE, "decode": DECODE_TEMPLATE, "fwd_hopper": HOPPER_FWD_TEMPLATE}
+# each Triton template after the shared helpers it calls (common_source); the Gluon one alone
+TEMPLATES = {"fwd": COMMON_SOURCE + FWD_TEMPLATE, "bwd": COMMON_SOURCE + BWD_TEMPLATE,
+             "decode": COMMON_SOURCE + DECODE_TEMPLATE, "fwd_hopper": HOPPER_FWD_TEMPLATE}
 # kind -> the kernel names of its generated module
 KERNEL_NAMES = {"fwd": ("flex_fwd",), "decode": ("flex_decode",), "bwd": ("flex_bwd_dq", "flex_bwd_dkdv"),
                 "fwd_hopper": ("flex_fwd_hopper",)}
