@@ -126,3 +126,15 @@ def test_same_seed_same_result_and_manual_seed():
 def test_dropout_zero_is_no_dropout():
     q, k, v = make_qkv(1, 2, 2, 30, 30, 16, requires_grad=False)
     assert torch.equal(flex_attention(q, k, v, dropout_p=0.0, dropout_seed=1), flex_attention(q, k, v))
+
+
+def test_kernels_never_specialise_the_seed():
+    # a seed whose low or high 32 bits are 1 (seed 1, 2**32 + 1) would otherwise become a
+    # compile-time constant: a recompile per such seed, and the dropout hash failed to
+    # compile with it (seen on the H200)
+    pytest.importorskip("triton")
+    from flexattn.kernels.source import DROPOUT_VALUES, load
+    for kind, names in (("fwd", ("flex_fwd",)), ("bwd", ("flex_bwd_dq", "flex_bwd_dkdv"))):
+        mod = load(kind, None, None, [] if kind == "bwd" else None)
+        for name in names:
+            assert set(DROPOUT_VALUES) <= set(getattr(mod, name).do_not_specialize), (kind, name)

@@ -27,6 +27,9 @@ KERNEL_NAMES = {"fwd": ("flex_fwd",), "decode": ("flex_decode",), "bwd": ("flex_
 # fwd+bwd went from 1.06-1.08x to 1.01-1.05x torch on the H200 (run 10).
 FLOAT_INDEX_KINDS = ("fwd", "decode", "fwd_hopper")
 
+# kernel parameters that carry the call's dropout seed (see fill)
+DROPOUT_VALUES = ("seed_lo", "seed_hi", "drop_threshold")
+
 _HOLE = re.compile(r"\{[A-Z][A-Z0-9_]*\}")
 
 
@@ -67,6 +70,9 @@ def fill(template: str, score_graph, mask_graph, grad_slots=None, small_indices=
     # (Captured tensors' sizes stay specialised: a size divisible by 16 lets Triton prove a
     # gather's bounds mask constant over 16 lanes - doc_id[kv] - measured 9% on document 8K.)
     params = codegen.param_names(score_graph, "sb") + codegen.param_names(mask_graph, "mb")
+    # nor the dropout seed's halves and threshold: a value that is 1 would become a constexpr
+    # (a recompile per such seed, and the dropout hash does not compile with a constexpr seed)
+    params = [p for p in DROPOUT_VALUES if f"{p}," in template] + params
     if params:
         for jit in ("@triton.jit", "@gluon.jit"):  # the Hopper template is Gluon source
             src = src.replace(f"{jit}\ndef flex_", f"{jit}(do_not_specialize={params!r})\ndef flex_")
