@@ -106,3 +106,10 @@ def test_hopper_source_compiles_for_sm90():
     for score_mod, mask_mod in ((softcap, lambda b, h, q, kv: q >= kv), (None, document)):
         kernel = _compile_sm90(score_mod, mask_mod)
         assert "wgmma.mma_async" in kernel.asm["ptx"] and "cp.async.bulk.tensor" in kernel.asm["ptx"]
+
+
+def test_hopper_backend_refuses_cpu_tensors():
+    import flexattn
+    q = torch.randn(1, 2, 64, 64)
+    with pytest.raises(ValueError, match="'hopper' needs CUDA tensors"):
+        flexattn.flex_attention(q, q, q, kernel_options={"BACKEND": "hopper"})

@@ -40,6 +40,8 @@ parameter lists {SCORE_BUF_PARAMS_TRAIL} / {MASK_BUF_PARAMS_TRAIL}, passed on by
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -404,6 +406,7 @@ def use_hopper(device: str, q, k, v, block_size, dropout_p: float, request: str)
     return why is None and (request == "hopper" or max(q.shape[-1], v.shape[-1]) in AUTO_HEAD_DIMS)
 
 
+@functools.lru_cache(maxsize=None)
 def gluon_missing() -> str | None:
     """Why Triton's Gluon Hopper API is not available (None: it is)."""
     try:
