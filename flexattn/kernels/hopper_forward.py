@@ -57,6 +57,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 
+# the TMA copies are tma.async_load / async_store from Triton 3.9 on (the older names raise there)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+
 {SCORE_MOD}
 
 {MASK_MOD}
@@ -83,10 +87,10 @@ def _produce_list(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty,
         # STAGES waits pass at once
         mbarrier.wait(kv_empty.index(s), ((it // STAGES) & 1) ^ 1)
         mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [off_z, off_hkv, start_n, 0], k_ready.index(s),
+        _tma_load(k_desc, [off_z, off_hkv, start_n, 0], k_ready.index(s),
                                         k_ring.index(s).reshape(k_desc.block_type.shape))
         mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [off_z, off_hkv, start_n, 0], v_ready.index(s),
+        _tma_load(v_desc, [off_z, off_hkv, start_n, 0], v_ready.index(s),
                                         v_ring.index(s).reshape(v_desc.block_type.shape))
         it += 1
     return it
@@ -310,7 +314,7 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE,
     fence_async_shared()
     # load q: it stays in shared memory throughout, the A operand of every S wgmma
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [off_z, off_h, start_m, 0], q_bar,
+    _tma_load(q_desc, [off_z, off_h, start_m, 0], q_bar,
                                     q_smem.reshape(q_desc.block_type.shape))
 
     n_part = gl.load(KV_NUM + off_z * stride_nz + off_h * stride_nh + sparse_m * stride_nm)
@@ -346,7 +350,7 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE,
                                            gl.NVMMASharedLayout.get_default_for([BLOCK_M, V_HEAD], dtype))
     o_smem.store(acc.to(dtype))
     fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [off_z, off_h, start_m, 0], o_smem.reshape(o_desc.block_type.shape))
+    _tma_store(o_desc, [off_z, off_h, start_m, 0], o_smem.reshape(o_desc.block_type.shape))
     LN2: gl.constexpr = 0.6931471805599453
     lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
     offs_lm = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc.type.layout))
