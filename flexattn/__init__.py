@@ -19,7 +19,8 @@ _EXPORTS = {
     "evaluate": "evaluate",
     "BlockMask": "block_mask", "create_block_mask": "build_mask", "create_mask": "build_mask",
     "and_masks": "masks", "or_masks": "masks", "noop_mask": "masks",
-    "flex_attention": "attention",
+    "flex_attention": "attention", "AuxRequest": "attention", "AuxOutput": "attention",
+    "FlexKernelOptions": "attention",
     "dropout_mask": "dropout",
 }
 

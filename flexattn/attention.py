@@ -13,7 +13,7 @@ what was expected, what came and the fix - never a deep traceback or a wrong ans
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -24,11 +24,55 @@ from .dropout import draw_seed
 from .front import check_arguments, mask_graph_of, trace_score_mod
 from .full_mask import full_block_mask
 
+try:  # torch >= 2.9: the same classes, so code that imports them from torch passes them here
+    from torch.nn.attention.flex_attention import AuxOutput, AuxRequest
+except ImportError:  # older torch: the same NamedTuples, defined here
+    class AuxRequest(NamedTuple):
+        """Which auxiliary outputs flex_attention(..., return_aux=AuxRequest(...)) returns."""
+        lse: bool = False
+        max_scores: bool = False
+
+    class AuxOutput(NamedTuple):
+        """flex_attention's auxiliary outputs; a field is None unless it was requested."""
+        lse: Optional[torch.Tensor] = None
+        max_scores: Optional[torch.Tensor] = None
+
+try:
+    from torch.nn.attention.flex_attention import FlexKernelOptions
+except ImportError:
+    FlexKernelOptions = dict
+
+
+def check_aux(return_lse, return_aux) -> bool:
+    """Whether the lse is returned; raises as torch does for return_lse with return_aux,
+    and for what flexattn does not compute."""
+    if return_aux is None:
+        return bool(return_lse)
+    if return_lse:
+        raise ValueError("Cannot specify both return_lse and return_aux. return_lse is deprecated, please use "
+                         "return_aux=AuxRequest(lse=True) instead.")
+    if not (isinstance(return_aux, tuple) and hasattr(return_aux, "lse") and hasattr(return_aux, "max_scores")):
+        raise TypeError(f"return_aux must be an AuxRequest (torch.nn.attention.flex_attention.AuxRequest or "
+                        f"flexattn.AuxRequest) or None, got {type(return_aux).__name__}")
+    if return_aux.max_scores:
+        raise NotImplementedError("return_aux=AuxRequest(max_scores=True): flexattn does not compute the row "
+                                  "maxima of the scores; request AuxRequest(lse=True) (the lse bounds them: "
+                                  "max <= lse)")
+    return bool(return_aux.lse)
+
+
+def finish(out, lse, return_lse, return_aux):
+    """flex_attention's return value: out, (out, lse), or (out, AuxOutput) for return_aux."""
+    if return_aux is not None:
+        return out, AuxOutput(lse=lse if return_aux.lse else None, max_scores=None)
+    return (out, lse) if return_lse else out
+
 
 def flex_attention(query, key, value, score_mod: Optional[Callable] = None,
                    block_mask: Optional[BlockMask] = None, scale: Optional[float] = None,
                    enable_gqa: bool = False, return_lse: bool = False,
-                   kernel_options: Optional[dict] = None, *, dropout_p: float = 0.0,
+                   kernel_options: Optional[dict] = None, *, return_aux: Optional[AuxRequest] = None,
+                   dropout_p: float = 0.0,
                    dropout_seed: Optional[int] = None, generator: Optional[torch.Generator] = None):
     """Attention with a traced score_mod and a block-sparse mask.
 
@@ -37,7 +81,10 @@ def flex_attention(query, key, value, score_mod: Optional[Callable] = None,
     hq // (Hq // Hkv)). block_mask: a BlockMask for (L, S) from create_block_mask, or None
     (attend everywhere). Returns out [B, Hq, L, Ev] in query.dtype, and with return_lse=True
     also lse [B, Hq, L] (natural log; float32, float64 for float64 inputs). Fully masked
-    rows give out 0 and lse -inf.
+    rows give out 0 and lse -inf. return_aux=AuxRequest(lse=True) (torch >= 2.9's form;
+    torch's or flexattn's AuxRequest) returns (out, AuxOutput(lse=lse, max_scores=None))
+    instead; giving both return_lse and return_aux raises ValueError, as torch does.
+    max_scores=True raises NotImplementedError (not computed).
 
     dropout_p in [0, 1) drops probabilities after the softmax (kept ones scaled by
     1 / (1 - dropout_p)) with a counter-based hash of (seed, b, hq, q_idx, kv_idx); the
@@ -51,7 +98,8 @@ def flex_attention(query, key, value, score_mod: Optional[Callable] = None,
     if torch.compiler.is_compiling():  # dynamo is tracing: the mods are traced outside it
         from .compiled import flex_attention_compiled  # (torch.compile only: not loaded before)
         return flex_attention_compiled(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
-                                       kernel_options, dropout_p, dropout_seed, generator)
+                                       kernel_options, dropout_p, dropout_seed, generator, return_aux)
+    check_aux(return_lse, return_aux)
     args = check_arguments(query, key, value, scale, enable_gqa, kernel_options, dropout_p, dropout_seed, generator)
     B, Hq, L, _ = query.shape
     S = key.shape[2]
@@ -67,7 +115,7 @@ def flex_attention(query, key, value, score_mod: Optional[Callable] = None,
     out, lse = run(query, key, value, score_graph=score_graph, mask_graph=mask_graph, block_mask=block_mask,
                    scale=args.scale, kernel_options=args.options, dropout_p=args.dropout_p,
                    dropout_seed=0 if dropout_seed is None else int(dropout_seed))
-    return (out, lse) if return_lse else out
+    return finish(out, lse, return_lse, return_aux)
 
 
 _KERNELS = None

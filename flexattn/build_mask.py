@@ -9,12 +9,14 @@ from typing import Callable, Optional
 import torch
 
 from .block_mask import _DEFAULT_BLOCK, BlockMask, _block_size, _positive
-from .block_states import exact_block_states
+from .block_states import FULL, PARTIAL, exact_block_states
 from .evaluate import evaluate
 from .trace import check_arity, check_buffers_device, trace_mask
 
 
 def _check_device(device) -> torch.device:
+    if device is None:  # torch's default: the current accelerator, else the CPU
+        device = torch.accelerator.current_accelerator() or "cpu"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} but this torch build sees no CUDA device; "
@@ -37,17 +39,35 @@ def _checked_mask_args(mask_mod, B, H, Q_LEN, KV_LEN, device):
 
 
 def create_block_mask(mask_mod: Callable, B: Optional[int], H: Optional[int], Q_LEN: int, KV_LEN: int,
-                      device="cpu", BLOCK_SIZE=_DEFAULT_BLOCK, _compile: bool = False) -> BlockMask:
+                      device=None, BLOCK_SIZE=_DEFAULT_BLOCK, _compile: bool = False,
+                      separate_full_blocks: bool = True, compute_dq_write_order: bool = False,
+                      dq_kv_order: bool = True) -> BlockMask:
     """Exact BlockMask of `mask_mod` for a [B, H, Q_LEN, KV_LEN] attention.
 
-    B / H None mean 1 (the mask broadcasts over batch / heads). A mask that does not read
-    b (or h) is analysed once and broadcast to B (or H). `_compile` is accepted for torch
-    compatibility and ignored (nothing here needs compiling)."""
+    torch's signature and defaults. B / H None mean 1 (the mask broadcasts over batch /
+    heads); a mask that does not read b (or h) is analysed once and broadcast to B (or H).
+    device=None is torch's default: the current accelerator, else the CPU.
+    separate_full_blocks=False stores every visited block as partial (the mask runs on all
+    of them), as torch does. Accepted with no effect: `_compile` (nothing here needs
+    compiling), `compute_dq_write_order` / `dq_kv_order` (torch's metadata for its FLASH
+    backend's deterministic backward, which flexattn's kernels do not read).
+
+    Inside torch.compile the mask is built outside the graph (one graph break: dynamo does
+    not trace flexattn's tracer); the BlockMask's tensors then enter the graph as inputs."""
+    if torch.compiler.is_compiling():
+        return _create_block_mask_outside_graph(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE,
+                                                separate_full_blocks)
+    return _create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, separate_full_blocks)
+
+
+def _create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, separate_full_blocks) -> BlockMask:
     graph, B, H, Q_LEN, KV_LEN, device = _checked_mask_args(mask_mod, B, H, Q_LEN, KV_LEN, device)
     block = _block_size(BLOCK_SIZE)
     Bm = B if graph.uses("b") else 1
     Hm = H if graph.uses("h") else 1
     state = exact_block_states(graph, Bm, Hm, Q_LEN, KV_LEN, block, device)
+    if not separate_full_blocks:
+        state = torch.where(state == FULL, torch.full_like(state, PARTIAL), state)
     state = state.expand(B, H, *state.shape[2:])
     if Bm != B or Hm != H:
         # derive indices once for the distinct masks, then broadcast (copy) them
@@ -55,6 +75,11 @@ def create_block_mask(mask_mod: Callable, B: Optional[int], H: Optional[int], Q_
         t = {a: getattr(bm, a).expand(B, H, *getattr(bm, a).shape[2:]).contiguous() for a in BlockMask._TENSOR_ATTRS}
         return BlockMask(**t, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(Q_LEN, KV_LEN), mask_graph=graph)
     return BlockMask._from_state(state, block, mask_mod, (Q_LEN, KV_LEN), graph)
+
+
+@torch.compiler.disable
+def _create_block_mask_outside_graph(*args) -> BlockMask:
+    return _create_block_mask(*args)
 
 
 def create_mask(mask_mod: Callable, B: Optional[int], H: Optional[int], Q_LEN: int, KV_LEN: int,

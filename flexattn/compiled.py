@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
+from .attention import check_aux, finish
 from .autodiff import grad_slots as buffer_grad_slots
 from .block_mask import BlockMask
 from .masks import noop_mask
@@ -70,9 +71,10 @@ def _prepare(score_mod, score_mod_id: int, mask_key: str, block_size: tuple, has
 
 
 def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
-                            kernel_options, dropout_p, dropout_seed, generator):
+                            kernel_options, dropout_p, dropout_seed, generator, return_aux=None):
     """flex_attention's semantics (flexattn.attention), traced by dynamo into one custom op."""
     args = check_arguments(query, key, value, scale, enable_gqa, kernel_options, dropout_p, dropout_seed, generator)
+    check_aux(return_lse, return_aux)
     if args.dropout_p > 0 and dropout_seed is None:
         raise ValueError("dropout_p > 0 inside torch.compile needs an explicit dropout_seed (an int): a seed "
                          "drawn from a generator would be frozen into the compiled graph")
@@ -92,4 +94,4 @@ def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, ena
     mask_bufs = list(block_mask.mask_graph.buffers) if block_mask.mask_graph is not None else []
     out, lse = ops.fwd(query, key, value, ops.blocks_list(block_mask), list(_SCORE_BUFFERS[spec_key]), mask_bufs,
                        spec_key, args.scale, args.dropout_p, int(dropout_seed or 0))
-    return (out, lse) if return_lse else out
+    return finish(out, lse, return_lse, return_aux)

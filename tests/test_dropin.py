@@ -1,0 +1,179 @@
+"""Code written for torch.nn.attention.flex_attention, run on flexattn after swapping the
+import: return_aux / AuxRequest, enable_gqa with equal heads, non-contiguous q/k/v from
+view(...).transpose(1, 2), torch's create_block_mask keywords, and torch.compile as
+Hugging Face transformers uses it (fresh score_mod closures per call, transposed inputs
+with a backward, a mask built inside a compiled forward). CPU path; the kernels under
+TRITON_INTERPRET=1 where noted."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.testing import CompileCounter
+
+import flexattn
+
+tfa = pytest.importorskip("torch.nn.attention.flex_attention")
+
+
+def dense(q, k, v, score_mod=None, mask_mod=None, scale=None):
+    """float64 dense attention: (out, lse) with torch's semantics (GQA by head repeat)."""
+    q, k, v = (t.double() for t in (q, k, v))
+    B, Hq, L, E = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(Hq // Hkv, 1)
+    v = v.repeat_interleave(Hq // Hkv, 1)
+    s = q @ k.transpose(-1, -2) * (1 / math.sqrt(E) if scale is None else scale)
+    b = torch.arange(B)[:, None, None, None]
+    h = torch.arange(Hq)[None, :, None, None]
+    qi = torch.arange(L)[None, None, :, None]
+    kv = torch.arange(S)[None, None, None, :]
+    if score_mod is not None:
+        s = score_mod(s, b, h, qi, kv)
+    if mask_mod is not None:
+        s = s.masked_fill(~mask_mod(b, h, qi, kv).expand_as(s), -math.inf)
+    lse = torch.logsumexp(s, -1)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v, lse
+
+
+def transposed(B, H, S, E, dtype=torch.float32, seed=0):
+    """A (B, H, S, E) tensor made as transformers makes q/k/v: (B, S, H*E) -> view -> transpose."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, S, H * E, generator=g, dtype=dtype).view(B, S, H, E).transpose(1, 2)
+
+
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+# ---- return_aux ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("request_cls", [tfa.AuxRequest, flexattn.AuxRequest])
+def test_return_aux_lse_matches_torch(request_cls):
+    q, k, v = (torch.randn(2, 2, 40, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    bm = flexattn.create_block_mask(causal, None, None, 40, 40, device="cpu", BLOCK_SIZE=16)
+    out, aux = flexattn.flex_attention(q, k, v, block_mask=bm, return_aux=request_cls(lse=True))
+    assert isinstance(aux, tfa.AuxOutput) and aux.max_scores is None
+    tbm = tfa.create_block_mask(causal, None, None, 40, 40, device="cpu", BLOCK_SIZE=16)
+    tout, taux = tfa.flex_attention(q, k, v, block_mask=tbm, return_aux=tfa.AuxRequest(lse=True))
+    torch.testing.assert_close(out, tout, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(aux.lse, taux.lse, atol=1e-5, rtol=1e-5)
+    ref_out, ref_lse = dense(q, k, v, mask_mod=causal)
+    torch.testing.assert_close(aux.lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+    # lse not requested: AuxOutput(None, None), as torch
+    out2, aux2 = flexattn.flex_attention(q, k, v, block_mask=bm, return_aux=request_cls())
+    assert aux2 == tfa.AuxOutput(None, None) and torch.equal(out2, out)
+
+
+def test_return_aux_lse_is_differentiable():
+    q, k, v = (torch.randn(1, 2, 24, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+               .requires_grad_() for i in range(3))
+    out, aux = flexattn.flex_attention(q, k, v, return_aux=flexattn.AuxRequest(lse=True))
+    got = torch.autograd.grad((out.sum() + aux.lse.sin().sum()), [q, k, v])
+    ro, rl = dense(q, k, v)
+    want = torch.autograd.grad((ro.sum() + rl.sin().sum()), [q, k, v])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-8)
+
+
+def test_return_aux_errors_as_torch():
+    q = torch.randn(1, 1, 16, 8)
+    with pytest.raises(ValueError, match="Cannot specify both return_lse and return_aux"):
+        flexattn.flex_attention(q, q, q, return_lse=True, return_aux=flexattn.AuxRequest(lse=True))
+    with pytest.raises(ValueError, match="Cannot specify both return_lse and return_aux"):
+        tfa.flex_attention(q, q, q, return_lse=True, return_aux=tfa.AuxRequest(lse=True))
+    with pytest.raises(NotImplementedError, match="max_scores"):
+        flexattn.flex_attention(q, q, q, return_aux=flexattn.AuxRequest(max_scores=True))
+    with pytest.raises(TypeError, match="return_aux must be an AuxRequest"):
+        flexattn.flex_attention(q, q, q, return_aux=True)
+
+
+def test_names_exist():
+    assert flexattn.AuxRequest is tfa.AuxRequest and flexattn.AuxOutput is tfa.AuxOutput
+    assert flexattn.FlexKernelOptions is tfa.FlexKernelOptions
+
+
+# ---- enable_gqa with equal heads, non-contiguous inputs --------------------------------
+
+def test_enable_gqa_equal_heads_and_transposed_inputs():
+    q, k, v = transposed(2, 3, 33, 8, seed=1), transposed(2, 3, 33, 8, seed=2), transposed(2, 3, 33, 8, seed=3)
+    assert not q.is_contiguous()
+    for t in (q, k, v):
+        t.requires_grad_()
+    bm = flexattn.create_block_mask(causal, None, None, 33, 33, device="cpu", BLOCK_SIZE=16)
+    out, aux = flexattn.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_aux=flexattn.AuxRequest(lse=True))
+    ro, rl = dense(q, k, v, mask_mod=causal)
+    torch.testing.assert_close(out.double(), ro, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(aux.lse.double(), rl, atol=2e-5, rtol=2e-5)
+    got = torch.autograd.grad(out.sum(), [q, k, v])
+    want = torch.autograd.grad(ro.sum(), [q, k, v])
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g.double(), w.double(), atol=2e-5, rtol=2e-5)
+
+
+def test_transposed_inputs_kernels_interpreted(monkeypatch):
+    pytest.importorskip("triton")
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels run here only under TRITON_INTERPRET=1")
+    from flexattn import kernels
+    q, k, v = (transposed(1, 2, 32, 16, seed=i).requires_grad_() for i in range(3))
+    bm = flexattn.create_block_mask(causal, None, None, 32, 32, device="cpu", BLOCK_SIZE=16)
+    sm = lambda s, b, h, qi, kv: s - 0.1 * (qi - kv)  # noqa: E731
+    from flexattn.front import trace_score_mod
+    out, lse = kernels.flex_attention_triton(q, k, v, score_graph=trace_score_mod(sm, q.device),
+                                             mask_graph=bm.mask_graph, block_mask=bm, scale=0.25)
+    ro, rl = dense(q, k, v, score_mod=sm, mask_mod=causal, scale=0.25)
+    torch.testing.assert_close(out.double(), ro, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), rl, atol=1e-4, rtol=1e-4)
+
+
+# ---- create_block_mask keywords -------------------------------------------------------
+
+def test_create_block_mask_torch_keywords():
+    def sliding(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < 20)
+    want = tfa.create_block_mask(sliding, 1, 2, 70, 70, device="cpu", BLOCK_SIZE=16).to_dense()
+    for kw in (dict(_compile=True), dict(separate_full_blocks=True), dict(compute_dq_write_order=False),
+               dict(dq_kv_order=True), dict(device=None)):
+        bm = flexattn.create_block_mask(sliding, 1, 2, 70, 70, **{"device": "cpu", **kw}, BLOCK_SIZE=16)
+        assert torch.equal(bm.to_dense(), want), kw
+    assert flexattn.create_block_mask(sliding, 1, 2, 70, 70, BLOCK_SIZE=16).kv_indices.device.type == (
+        (torch.accelerator.current_accelerator() or torch.device("cpu")).type)
+    # separate_full_blocks=False: every visited block is partial (the mask runs on all of them)
+    bm = flexattn.create_block_mask(sliding, 1, 2, 70, 70, device="cpu", BLOCK_SIZE=16, separate_full_blocks=False)
+    tbm = tfa.create_block_mask(sliding, 1, 2, 70, 70, device="cpu", BLOCK_SIZE=16, separate_full_blocks=False)
+    assert torch.equal(bm.to_dense(), tbm.to_dense())
+    assert bm.full_kv_num_blocks is None or int(bm.full_kv_num_blocks.sum()) == 0
+    assert torch.equal(bm.kv_num_blocks, tbm.kv_num_blocks)
+    q, k, v = (torch.randn(1, 2, 70, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    torch.testing.assert_close(flexattn.flex_attention(q, k, v, block_mask=bm).double(),
+                               dense(q, k, v, mask_mod=sliding)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_create_block_mask_dq_write_order_keywords_accepted():
+    want = flexattn.create_block_mask(causal, 1, 1, 40, 40, device="cpu", BLOCK_SIZE=16)
+    for order in (False, True):
+        bm = flexattn.create_block_mask(causal, 1, 1, 40, 40, device="cpu", BLOCK_SIZE=16,
+                                        compute_dq_write_order=True, dq_kv_order=order)
+        for a in flexattn.BlockMask._TENSOR_ATTRS:
+            assert torch.equal(getattr(bm, a), getattr(want, a)), a
+
+
+def test_transposed_inputs_kernels_run_interpreted():
+    """test_transposed_inputs_kernels_interpreted in a fresh process with TRITON_INTERPRET=1
+    (it must be set before any @triton.jit function is built)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                        "-k", "test_transposed_inputs_kernels_interpreted"], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=600)
+    assert "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
