@@ -14,11 +14,23 @@ Python over Python objects. Under compilation `flex_attention` comes here and sp
 
 Guards (when a compiled graph is reused): the BlockMask's tensors are graph inputs and its
 `mask_key` is guarded by value, so a new BlockMask of the same mask structure (a new
-document layout, say) reuses the graph; score_mod is guarded by identity, so a new closure
-retraces. The tensors a score_mod captures are read when it is traced: update them in
-place (a tensor rebound inside the same closure is not seen), as with any captured global.
+document layout, say) reuses the graph.
+
+score_mod is guarded by its code and what its closure holds, not by identity, when it is a
+plain function (no defaults) whose closure cells hold only tensors and Python scalars /
+strings / None, and whose captured tensors are all closure cells: the cells are read in
+the traced code, so the tensors are graph inputs (guarded by dtype and shape, as any
+input) and every other cell is compared with the value the trace saw (a guard on its
+value). A fresh closure of the same code per call - as Hugging Face transformers builds
+one per layer call - then reuses one graph and reads its own tensors. Any other score_mod
+(defaults, a bound method, a module, tensors reached through globals or containers) is
+guarded by identity: a new one retraces, and its captured tensors are read when it is
+traced (update them in place; a tensor rebound inside the same closure is not seen), as
+with any captured global.
 """
 from __future__ import annotations
+
+import types
 
 import torch
 
@@ -38,15 +50,67 @@ from .options import check_kernel_options
 _SCORE_BUFFERS: dict[str, tuple] = {}
 # spec key -> the all-attending BlockMask built for block_mask=None
 _FULL_MASKS: dict[str, BlockMask] = {}
+# spec key -> (cell index of each captured tensor, ((cell index, value) of each other cell)), or None
+_CELL_PLANS: dict[str, object] = {}
+
+
+def _plain_closure(score_mod) -> bool:
+    """Whether score_mod can be guarded by code and closure contents (see the module doc)."""
+    return type(score_mod) is types.FunctionType and not score_mod.__defaults__ and not score_mod.__kwdefaults__
+
+
+def _plan_cells(score_mod, score_bufs):
+    """(slots, values): each captured tensor's closure cell, and the value of every other
+    cell; None when score_mod is not a plain closure over tensors and scalars."""
+    if score_mod is None or not _plain_closure(score_mod):
+        return None
+    contents = [c.cell_contents for c in (score_mod.__closure__ or ())]  # (an empty cell raises: traced it would too)
+    if not all(isinstance(x, torch.Tensor) or type(x) in _SCALARS for x in contents):
+        return None
+    slots = []
+    for t in score_bufs:
+        found = [i for i, x in enumerate(contents) if x is t]
+        if not found:
+            return None  # a tensor reached another way (a global, a container): guarded by identity
+        slots.append(found[0])
+    return tuple(slots), tuple((i, x) for i, x in enumerate(contents) if not isinstance(x, torch.Tensor))
 
 
 @torch.compiler.assume_constant_result
-def _prepare(score_mod, score_mod_id: int, mask_key: str, block_size: tuple, has_full: bool, backend: str,
+def _cell_plan(spec_key: str, plain: bool):
+    """The cell plan of `spec_key`'s score_mod as a constant of the graph (None: by identity)."""
+    return _CELL_PLANS.get(spec_key) if plain else None
+
+
+def _score_buffers(score_mod, spec_key: str) -> list:
+    """The score_mod's captured tensors for the op (traced by dynamo): read from the closure
+    cells when the plan allows it (guards on code and contents), else the ones the trace
+    saw, with score_mod guarded by identity."""
+    plan = _cell_plan(spec_key, score_mod is not None and _plain_closure(score_mod))
+    if plan is None:
+        if score_mod is not None:
+            id(score_mod)  # (makes dynamo guard score_mod by identity)
+        return list(_SCORE_BUFFERS[spec_key])
+    slots, values = plan
+    cells = score_mod.__closure__
+    for i, value in values:
+        if cells[i].cell_contents != value:  # (folded at trace time: dynamo guards the cell's value)
+            raise AssertionError("unreachable: a guarded closure cell changed")
+    bufs = [cells[i].cell_contents for i in slots]
+    for t in bufs:
+        torch._dynamo.mark_static(t)  # the trace depends on their shapes
+    return bufs
+
+
+_SCALARS = (type(None), bool, int, float, str)
+
+
+@torch.compiler.assume_constant_result
+def _prepare(score_mod, mask_key: str, block_size: tuple, has_full: bool, backend: str,
              options: tuple, device: str, full_lengths: tuple) -> str:
     """Trace score_mod and register the op spec; returns the spec key (runs at trace time).
-    score_mod_id is unused here: computing id(score_mod) in the traced caller is what makes
-    dynamo guard score_mod by identity. full_lengths = (L, S) when no block_mask was given
-    (then an all-attending one is built)."""
+    full_lengths = (L, S) when no block_mask was given (then an all-attending one is built).
+    `_cell_plan(key)` then says how the traced caller finds the captured tensors."""
     dev = torch.device(device)
     score_graph = trace_score_mod(score_mod, dev)
     full_mask = None
@@ -65,6 +129,7 @@ def _prepare(score_mod, score_mod_id: int, mask_key: str, block_size: tuple, has
     key = ops.register(ops.OpSpec(backend, score_graph, mask_graph, tuple(block_size), has_full, options,
                                   grad_slots))
     _SCORE_BUFFERS[key] = score_bufs
+    _CELL_PLANS[key] = _plan_cells(score_mod, score_bufs)
     if full_mask is not None:
         _FULL_MASKS[key] = full_mask
     return key
@@ -82,16 +147,16 @@ def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, ena
     S = key.shape[2]
     opts = tuple(sorted(args.options.items()))
     if block_mask is None:
-        spec_key = _prepare(score_mod, id(score_mod), "", (), False, args.backend, opts, str(query.device), (L, S))
+        spec_key = _prepare(score_mod, "", (), False, args.backend, opts, str(query.device), (L, S))
         block_mask = _FULL_MASKS[spec_key]
     else:
         check_block_mask(block_mask, B, Hq, L, S, query.device)
         if block_mask.mask_graph is None and block_mask.mask_mod is not noop_mask:
             raise ValueError("block_mask has a mask_mod but no traced mask (a sliced BlockMask): inside "
                              "torch.compile pass a BlockMask from create_block_mask")
-        spec_key = _prepare(score_mod, id(score_mod), block_mask.mask_key, tuple(block_mask.BLOCK_SIZE),
+        spec_key = _prepare(score_mod, block_mask.mask_key, tuple(block_mask.BLOCK_SIZE),
                             block_mask.full_kv_num_blocks is not None, args.backend, opts, str(query.device), ())
     mask_bufs = list(block_mask.mask_graph.buffers) if block_mask.mask_graph is not None else []
-    out, lse = ops.fwd(query, key, value, ops.blocks_list(block_mask), list(_SCORE_BUFFERS[spec_key]), mask_bufs,
+    out, lse = ops.fwd(query, key, value, ops.blocks_list(block_mask), _score_buffers(score_mod, spec_key), mask_bufs,
                        spec_key, args.scale, args.dropout_p, int(dropout_seed or 0))
     return finish(out, lse, return_lse, return_aux)

@@ -99,7 +99,8 @@ def _run_of(p: OpSpec, q, k, v, blocks, score_bufs, mask_bufs, scale, dropout_p,
 def fwd(q: Tensor, k: Tensor, v: Tensor, blocks: list[Tensor], score_bufs: list[Tensor], mask_bufs: list[Tensor],
         spec_key: str, scale: float, dropout_p: float, dropout_seed: int) -> tuple[Tensor, Tensor]:
     run = _run_of(_SPECS[spec_key], q, k, v, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed)
-    return run.forward(q, k, v, score_bufs, mask_bufs)
+    out, lse = run.forward(q, k, v, score_bufs, mask_bufs)
+    return out.contiguous(), lse.contiguous()  # the strides _fwd_fake promises, whatever the inputs' strides
 
 
 def _lse_dtype(q) -> torch.dtype:
@@ -139,15 +140,18 @@ def bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
     # the CPU backward differentiates score_mod with torch.autograd
     with _autograd_enabled() if p.backend == "cpu" else contextlib.nullcontext():
         dq, dk, dv, buf_grads = run.backward(q, k, v, out, lse, dout, dlse, list(score_bufs), mask_bufs)
-    zeros = lambda t: torch.zeros_like(t) if t.dtype.is_floating_point else t.new_zeros(())  # noqa: E731
-    return dq, dk, dv, scatter_buffer_grads(score_bufs, p.grad_slots, buf_grads, zeros)
+    zeros = lambda t: t.new_zeros(t.shape) if t.dtype.is_floating_point else t.new_zeros(())  # noqa: E731
+    grads = scatter_buffer_grads(score_bufs, p.grad_slots, buf_grads, zeros)
+    # contiguous, as _bwd_fake promises: a backend may return gradients in the inputs' strides or not
+    # (transposed q/k/v from view(...).transpose(1, 2) are common), and a compiled graph checks them
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), [g.contiguous() for g in grads]
 
 
 @bwd.register_fake
 def _bwd_fake(q, k, v, out, lse, dout, dlse, blocks, score_bufs, mask_bufs, spec_key, scale, dropout_p,
               dropout_seed):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            [torch.empty_like(t) if t.dtype.is_floating_point else t.new_empty(()) for t in score_bufs])
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            [t.new_empty(t.shape) if t.dtype.is_floating_point else t.new_empty(()) for t in score_bufs])
 
 
 def _setup(ctx, inputs, output):

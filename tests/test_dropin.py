@@ -177,3 +177,142 @@ def test_transposed_inputs_kernels_run_interpreted():
                         "-k", "test_transposed_inputs_kernels_interpreted"], env=env, cwd=root,
                        capture_output=True, text=True, timeout=600)
     assert "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+# ---- torch.compile -------------------------------------------------------------------
+
+def test_fake_strides_equal_real_strides_for_transposed_inputs():
+    """flexattn::fwd / flexattn::bwd: the fake (meta) implementations give the outputs and
+    gradients the sizes and strides the real ones return, for transposed q/k/v."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from flexattn import ops
+    from flexattn.codegen import kernel_graph  # noqa: F401  (ops' import path)
+    from flexattn.autodiff import grad_slots
+    q, k, v = (transposed(1, 2, 40, 8, seed=i) for i in range(3))
+    slopes = torch.tensor([0.1, 0.3])
+    bm = flexattn.create_block_mask(causal, None, None, 40, 40, device="cpu", BLOCK_SIZE=16)
+    sg = flexattn.trace_score(lambda s, b, h, qi, kv: s - slopes[h] * (qi - kv))
+    key = ops.register(ops.OpSpec("cpu", sg, bm.mask_graph, bm.BLOCK_SIZE, bm.full_kv_num_blocks is not None, (),
+                                  grad_slots(sg)))
+    rest = (ops.blocks_list(bm), list(sg.buffers), list(bm.mask_graph.buffers), key, 0.3, 0.0, 0)
+    out, lse = ops.fwd(q, k, v, *rest)
+    dout = transposed(1, 2, 40, 8, seed=7)
+    real = ops.bwd(q, k, v, out, lse, dout, torch.zeros_like(lse), *rest)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fq, fk, fv, fo, fl, fd = (mode.from_tensor(t) for t in (q, k, v, out, lse, dout))
+        fake_fwd = ops.fwd(fq, fk, fv, *rest)
+        fake = ops.bwd(fq, fk, fv, fo, fl, fd, torch.zeros_like(fl), *rest)
+    for r, f in zip([out, lse, *real[:3], *real[3]], [*fake_fwd, *fake[:3], *fake[3]]):
+        assert (r.shape, r.stride()) == (f.shape, f.stride())
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_fwd_bwd_with_transposed_inputs(backend):
+    """fwd + bwd of transposed q/k/v under torch.compile: inductor checks every custom op
+    output's strides against the fake's (AssertionError: expected ... stride otherwise)."""
+    if backend == "inductor":
+        import shutil
+        if shutil.which("g++") is None and shutil.which("c++") is None:
+            pytest.skip("inductor on CPU needs a C++ compiler")
+    torch._dynamo.reset()
+    q, k, v = (transposed(1, 2, 40, 8, seed=i).requires_grad_() for i in range(3))
+    bm = flexattn.create_block_mask(causal, None, None, 40, 40, device="cpu", BLOCK_SIZE=16)
+    sm = lambda s, b, h, qi, kv: s - 0.05 * (qi - kv)  # noqa: E731
+    f = torch.compile(lambda q, k, v: flexattn.flex_attention(q, k, v, score_mod=sm, block_mask=bm,
+                                                              return_aux=flexattn.AuxRequest(lse=True)),
+                      fullgraph=True, backend=backend)
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch(force_disable_caches=True):  # (a cached graph would not run the fake again)
+        out, aux = f(q, k, v)
+        got = torch.autograd.grad(out.sum() + aux.lse.sum(), [q, k, v])
+    ro, rl = dense(q, k, v, score_mod=sm, mask_mod=causal)
+    torch.testing.assert_close(out.double(), ro, atol=2e-5, rtol=2e-5)
+    want = torch.autograd.grad(ro.sum() + rl.sum(), [q, k, v])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w.double(), atol=2e-5, rtol=2e-5)
+
+
+def _counting(fn, fullgraph=True):
+    cnt = CompileCounter()
+    return torch.compile(fn, backend=cnt, fullgraph=fullgraph), cnt
+
+
+def _strict_recompiles():
+    """recompile_limit 2, and hitting it raises (instead of falling back to eager)."""
+    patch = dict(recompile_limit=2)
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        patch["fail_on_recompile_limit_hit"] = True
+    return torch._dynamo.config.patch(**patch)
+
+
+@_strict_recompiles()
+def test_fresh_closure_per_call_reuses_one_graph():
+    """transformers builds a new score_mod closure (same code, new captured values) on every
+    layer call: one graph serves them all, each call reads its own captured tensor."""
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 2, 32, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    f, cnt = _counting(lambda q, k, v, mod: flexattn.flex_attention(q, k, v, score_mod=mod))
+
+    def make(bias, softcap):
+        def score_mod(score, b, h, q_idx, kv_idx):
+            if softcap is not None:
+                score = softcap * torch.tanh(score / softcap)
+            return score + bias[h] * (q_idx - kv_idx)
+        return score_mod
+
+    for i in range(12):
+        bias = torch.randn(2, generator=torch.Generator().manual_seed(100 + i))
+        mod = make(bias, 20.0)
+        got = f(q, k, v, mod)
+        torch.testing.assert_close(got.double(), dense(q, k, v, score_mod=mod)[0], atol=2e-5, rtol=2e-5)
+    assert cnt.frame_count == 1
+    # a different captured number is a different mod: it recompiles, and is right
+    mod = make(bias, 5.0)
+    torch.testing.assert_close(f(q, k, v, mod).double(), dense(q, k, v, score_mod=mod)[0], atol=2e-5, rtol=2e-5)
+    assert cnt.frame_count == 2
+
+
+@_strict_recompiles()
+def test_fresh_closure_gradients_reach_each_calls_tensor():
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 2, 24, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    f, cnt = _counting(lambda q, k, v, mod: flexattn.flex_attention(q, k, v, score_mod=mod), fullgraph=True)
+    for i in range(4):
+        bias = torch.randn(2, generator=torch.Generator().manual_seed(i)).requires_grad_()
+        mod = (lambda t: lambda s, b, h, qi, kv: s + t[h])(bias)
+        (g,) = torch.autograd.grad(f(q, k, v, mod).square().sum(), [bias])
+        (w,) = torch.autograd.grad(dense(q, k, v, score_mod=mod)[0].square().sum(), [bias])
+        torch.testing.assert_close(g.double(), w.double(), atol=1e-4, rtol=1e-4)
+    assert cnt.frame_count == 1
+
+
+class _MaskInForward(torch.nn.Module):
+    def __init__(self, window):
+        super().__init__()
+        self.window = window
+
+    def forward(self, q, k, v):
+        w = self.window
+
+        def sliding(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < w)
+        bm = flexattn.create_block_mask(sliding, None, None, q.shape[2], k.shape[2], device=q.device, _compile=True)
+        return flexattn.flex_attention(q, k, v, block_mask=bm) * 2
+
+
+def test_create_block_mask_inside_compiled_forward():
+    """fullgraph=False: the mask is built outside the graph (one break), the attention inside."""
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 2, 48, 8, generator=torch.Generator().manual_seed(i)).requires_grad_()
+               for i in range(3))
+    m = _MaskInForward(20)
+    f, cnt = _counting(m, fullgraph=False)
+    out = f(q, k, v)
+    ro = dense(q, k, v, mask_mod=lambda b, h, qi, kv: (qi >= kv) & (qi - kv < 20))[0] * 2
+    torch.testing.assert_close(out.double(), ro, atol=2e-5, rtol=2e-5)
+    got = torch.autograd.grad(out.sum(), [q, k, v])
+    want = torch.autograd.grad(ro.sum(), [q, k, v])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w.double(), atol=2e-5, rtol=2e-5)
+    f(q, k, v)
+    assert cnt.frame_count <= 2  # the graph before the mask (none here) and the one after it
