@@ -316,3 +316,77 @@ def test_create_block_mask_inside_compiled_forward():
         torch.testing.assert_close(g.double(), w.double(), atol=2e-5, rtol=2e-5)
     f(q, k, v)
     assert cnt.frame_count <= 2  # the graph before the mask (none here) and the one after it
+
+
+# ---- the pattern of transformers' flex integration -------------------------------------
+
+class _Layer(torch.nn.Module):
+    """An attention layer calling flex_attention the way transformers' flex_attention_forward
+    does: q/k/v from view(...).transpose(1, 2), enable_gqa=True, return_aux=AuxRequest(lse=True),
+    a fresh score_mod closure per call (softcap, a score mask tensor, a causal offset),
+    kernel_options=None, scale given; the flex call is torch.compile'd on its own."""
+
+    def __init__(self, flex, hidden=32, heads=4, kv_heads=2, head_dim=8, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.flex, self.heads, self.kv_heads, self.head_dim = flex, heads, kv_heads, head_dim
+        self.wq = torch.nn.Parameter(torch.randn(hidden, heads * head_dim, generator=g) / hidden ** 0.5)
+        self.wk = torch.nn.Parameter(torch.randn(hidden, kv_heads * head_dim, generator=g) / hidden ** 0.5)
+        self.wv = torch.nn.Parameter(torch.randn(hidden, kv_heads * head_dim, generator=g) / hidden ** 0.5)
+
+    def qkv(self, x):
+        B, S, _ = x.shape
+        q = (x @ self.wq).view(B, S, self.heads, self.head_dim).transpose(1, 2)
+        k = (x @ self.wk).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = (x @ self.wv).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x, score_mask, softcap, offset):
+        q, k, v = self.qkv(x)
+
+        def score_mod(score, batch_idx, head_idx, q_idx, kv_idx):
+            if softcap is not None:
+                score = softcap * torch.tanh(score / softcap)
+            if score_mask is not None:
+                score = score + score_mask[batch_idx][0][q_idx][kv_idx]
+            return torch.where(q_idx + offset >= kv_idx, score, -float("inf"))
+
+        out, aux = self.flex(q, k, v, score_mod=score_mod, block_mask=None, enable_gqa=True,
+                             scale=self.head_dim ** -0.5, kernel_options=None,
+                             return_aux=flexattn.AuxRequest(lse=True))
+        return out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1), aux.lse
+
+    def reference(self, x, score_mask, softcap, offset):
+        q, k, v = (t.double() for t in self.qkv(x))
+        B, S = x.shape[:2]
+        k = k.repeat_interleave(self.heads // self.kv_heads, 1)
+        v = v.repeat_interleave(self.heads // self.kv_heads, 1)
+        s = q @ k.transpose(-1, -2) * self.head_dim ** -0.5
+        s = softcap * torch.tanh(s / softcap) + score_mask.double()
+        qi, kv = torch.arange(S)[:, None], torch.arange(S)[None, :]
+        s = s.masked_fill(~(qi + offset >= kv), -math.inf)
+        return (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(B, S, -1), torch.logsumexp(s, -1)
+
+
+@_strict_recompiles()
+def test_transformers_flex_forward_pattern_compiled():
+    torch._dynamo.reset()
+    cnt = CompileCounter()
+    flex = torch.compile(flexattn.flex_attention, backend=cnt)
+    layers = [_Layer(flex, kv_heads=2 if i % 2 else 4, seed=i) for i in range(4)]  # GQA and equal heads
+    B, S = 2, 24
+    for step in range(3):  # 12 layer calls, each with a fresh closure over a new score mask
+        g = torch.Generator().manual_seed(50 + step)
+        x = torch.randn(B, S, 32, generator=g, requires_grad=True)
+        score_mask = torch.randn(B, 1, S, S, generator=g) * 0.5
+        for layer in layers:
+            out, lse = layer(x, score_mask, 30.0, 2)
+            ro, rl = layer.reference(x, score_mask, 30.0, 2)
+            torch.testing.assert_close(out.double(), ro, atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(lse.double(), rl, atol=2e-5, rtol=2e-5)
+            params = [x, layer.wq, layer.wk, layer.wv]
+            got = torch.autograd.grad(out.square().sum() + lse.sum(), params)
+            want = torch.autograd.grad(ro.square().sum() + rl.sum(), params)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a.double(), b.double(), atol=5e-5, rtol=5e-5)
+    assert cnt.frame_count == 2  # one graph per kv head count, whatever the closures
