@@ -106,6 +106,77 @@ def _state_from_blockmask(bm: "BlockMask") -> torch.Tensor:
     return state
 
 
+def _first(bad: torch.Tensor) -> tuple[int, ...]:
+    """The index of the first True of `bad` (row-major), as a tuple of ints."""
+    return tuple(int(x) for x in torch.nonzero(bad.reshape(bad.shape))[0])
+
+
+def _checked_state(num_name: str, idx_name: str, num: torch.Tensor, idx: torch.Tensor, n_blocks: int,
+                   where: str) -> torch.Tensor:
+    """Bool [.., R, n_blocks]: the blocks row r lists in idx[r, :num[r]], after checking that
+    every count is in [0, n_blocks] and every listed index in [0, n_blocks) and listed once.
+    ValueError naming the field, the row and the fix otherwise. Vectorised: O(R * C)."""
+    for name, t in ((num_name, num), (idx_name, idx)):
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f"{where}: {name} must be an integer tensor (int32), got dtype {t.dtype}")
+    C = idx.shape[-1]
+    num = num.to(torch.int64)
+    bad = (num < 0) | (num > min(C, n_blocks))
+    if bool(bad.any()):
+        row = _first(bad)
+        n = int(num[row])
+        why = "is negative" if n < 0 else (f"is larger than the {n_blocks} kv block(s) of the mask" if n > n_blocks
+                                           else f"is larger than {idx_name}'s row length {C}")
+        raise ValueError(f"{where}: {num_name}{list(row)} = {n} {why}; a count must be in [0, {min(C, n_blocks)}]: "
+                         f"fix the count of row {row} (blocks per row never exceed ceil(KV_LEN / KV_BLOCK))")
+    listed = torch.arange(C, device=idx.device) < num.unsqueeze(-1)
+    idx64 = idx.to(torch.int64)
+    bad = listed & ((idx64 < 0) | (idx64 >= n_blocks))
+    if bool(bad.any()):
+        pos = _first(bad)
+        raise ValueError(f"{where}: {idx_name}{list(pos)} = {int(idx64[pos])} is outside the {n_blocks} kv block(s) "
+                         f"[0, {n_blocks}) of the mask (KV_LEN / KV_BLOCK): it is listed in row {pos[:-1]} "
+                         f"(within its first {int(num[pos[:-1]])} entries); fix the index, or pass seq_lengths that "
+                         f"cover it")
+    counts = torch.zeros(*idx.shape[:-1], n_blocks + 1, dtype=torch.int32, device=idx.device)
+    counts.scatter_add_(-1, torch.where(listed, idx64, n_blocks), torch.ones_like(idx, dtype=torch.int32))
+    counts = counts[..., :n_blocks]
+    bad = counts > 1
+    if bool(bad.any()):
+        pos = _first(bad)
+        raise ValueError(f"{where}: kv block {pos[-1]} is listed {int(counts[pos])} times in row {pos[:-1]} of "
+                         f"{idx_name} (within its first {int(num[pos[:-1]])} entries); each block may be listed "
+                         f"once per row: remove the repeat")
+    return counts > 0
+
+
+def _validate_kv_blocks(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, n_blocks: int,
+                        where: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(partial state, full state or None) [.., nQ, n_blocks] of checked kv block lists (see
+    _checked_state); also no block may be both partial and full in a row."""
+    partial = _checked_state("kv_num_blocks", "kv_indices", kv_num_blocks, kv_indices, n_blocks, where)
+    full = None
+    if full_kv_num_blocks is not None:
+        if full_kv_num_blocks.shape != kv_num_blocks.shape or full_kv_indices.shape[:-1] != kv_indices.shape[:-1]:
+            raise ValueError(f"{where}: full_kv_num_blocks {tuple(full_kv_num_blocks.shape)} and full_kv_indices "
+                             f"{tuple(full_kv_indices.shape)} must have the leading shape of kv_num_blocks "
+                             f"{tuple(kv_num_blocks.shape)}: one row per (batch, head, q block)")
+        full = _checked_state("full_kv_num_blocks", "full_kv_indices", full_kv_num_blocks, full_kv_indices,
+                              n_blocks, where)
+        both = partial & full
+        if bool(both.any()):
+            pos = _first(both)
+            raise ValueError(f"{where}: kv block {pos[-1]} of row {pos[:-1]} is listed both in kv_indices "
+                             f"(partial) and in full_kv_indices (full); a block is one or the other: list a block "
+                             f"whose mask is true everywhere as full only, any other non-empty block as partial only")
+    return partial, full
+
+
+def _n_kv_blocks(kv_indices: torch.Tensor, seq_lengths, kv_block: int) -> int:
+    """How many kv blocks an index may name: those covering KV_LEN (and present in the rows)."""
+    return min(kv_indices.shape[-1], cdiv(int(seq_lengths[1]), kv_block))
+
+
 # ---------------------------------------------------------------------------------------
 # BlockMask
 
@@ -199,26 +270,44 @@ class BlockMask:
             seq_lengths = (kv_indices.shape[-2] * qb, kv_indices.shape[-1] * kvb)
         if mask_mod is not None and mask_graph is None:
             mask_graph = trace_mask(mask_mod)
+        ncols = kv_indices.shape[-1]
+        partial, full = _validate_kv_blocks(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+                                            _n_kv_blocks(kv_indices, seq_lengths, kvb), "BlockMask.from_kv_blocks")
         q_num = q_idx = fq_num = fq_idx = None
         if compute_q_blocks:
-            ncols = kv_indices.shape[-1]
-            ((q_num, q_idx),) = _ordered_from_codes(_state_from_ordered(kv_num_blocks, kv_indices, ncols),
-                                                    (True,), transpose=True)
-            if full_kv_num_blocks is not None:
-                ((fq_num, fq_idx),) = _ordered_from_codes(
-                    _state_from_ordered(full_kv_num_blocks, full_kv_indices, ncols), (True,), transpose=True)
-        return cls(kv_num_blocks.to(torch.int32), kv_indices.to(torch.int32),
-                   None if full_kv_num_blocks is None else full_kv_num_blocks.to(torch.int32),
-                   None if full_kv_indices is None else full_kv_indices.to(torch.int32),
-                   q_num, q_idx, fq_num, fq_idx, (qb, kvb), mask_mod, seq_lengths, mask_graph)
+            pad = ncols - partial.shape[-1]  # columns no index may name (past KV_LEN)
+            ((q_num, q_idx),) = _ordered_from_codes(torch.nn.functional.pad(partial, (0, pad)), (True,),
+                                                    transpose=True)
+            if full is not None:
+                ((fq_num, fq_idx),) = _ordered_from_codes(torch.nn.functional.pad(full, (0, pad)), (True,),
+                                                          transpose=True)
+        bm = cls(kv_num_blocks.to(torch.int32), kv_indices.to(torch.int32),
+                 None if full_kv_num_blocks is None else full_kv_num_blocks.to(torch.int32),
+                 None if full_kv_indices is None else full_kv_indices.to(torch.int32),
+                 q_num, q_idx, fq_num, fq_idx, (qb, kvb), mask_mod, seq_lengths, mask_graph)
+        bm._flexattn_checked = True
+        return bm
 
     @classmethod
     def _from_state(cls, state: torch.Tensor, BLOCK_SIZE, mask_mod, seq_lengths, mask_graph) -> "BlockMask":
         """From an int8 state matrix [B, H, nQ, nKV] of EMPTY / PARTIAL / FULL."""
         (kv_num, kv_idx), (fkv_num, fkv_idx) = _ordered_from_codes(state, (PARTIAL, FULL))
         (q_num, q_idx), (fq_num, fq_idx) = _ordered_from_codes(state, (PARTIAL, FULL), transpose=True)
-        return cls(kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx,
-                   BLOCK_SIZE, mask_mod, seq_lengths, mask_graph)
+        bm = cls(kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx,
+                 BLOCK_SIZE, mask_mod, seq_lengths, mask_graph)
+        bm._flexattn_checked = True  # built from a state matrix: valid by construction
+        return bm
+
+    def validate(self) -> "BlockMask":
+        """Check the kv block lists (counts and indices in range, no block listed twice in a
+        row, none both partial and full) once; ValueError naming the field, the row and the
+        fix. Masks from create_block_mask / from_kv_blocks are checked when built; one built
+        with the constructor is checked on its first use. Returns self."""
+        if not getattr(self, "_flexattn_checked", False):
+            _validate_kv_blocks(self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices,
+                                _n_kv_blocks(self.kv_indices, self.seq_lengths, self.BLOCK_SIZE[1]), "BlockMask")
+            self._flexattn_checked = True
+        return self
 
     # ---- reading -------------------------------------------------------------------
     def as_tuple(self, flatten: bool = True):

@@ -135,13 +135,14 @@ def _scores(run: CpuRun, idx: _Indices, qt, kt, q_idx, tile: _KVTile, *, s0=None
     kv_idx = tile.pos.to(torch.int32)[..., None, :]
     if s0 is None:
         s0 = (qt @ kt.transpose(-1, -2)) * run.scale
-    s = s0
-    if run.score_graph is not None:
-        s = evaluate(run.score_graph, score=s0, b=idx.b, h=idx.h, q_idx=q_idx, kv_idx=kv_idx,
-                     buffers=buffers).to(run.compute_dtype)
     allowed = tile.valid
     if tile.partial and run.mask_graph is not None:
         allowed = allowed & evaluate(run.mask_graph, b=idx.b, h=idx.h, q_idx=q_idx, kv_idx=kv_idx)
+    s = s0
+    if run.score_graph is not None:
+        # captured-tensor reads must be in bounds only where the mask keeps (elsewhere clamped)
+        s = evaluate(run.score_graph, score=s0, b=idx.b, h=idx.h, q_idx=q_idx, kv_idx=kv_idx,
+                     buffers=buffers, where=allowed).to(run.compute_dtype)
     return s0, s, allowed
 
 
@@ -270,6 +271,7 @@ def flex_attention_cpu(q, k, v, *, score_graph, mask_graph, block_mask, scale, k
     Differentiable w.r.t. q, k, v and the score graph's captured float tensors.
     `kernel_options` may set BLOCK_M / BLOCK_N, tile sizes dividing the BlockMask's blocks.
     """
+    block_mask.validate()  # hand-built block lists: checked once per mask
     buffers = list(score_graph.buffers) if score_graph is not None else []
     run = make_run(q.dtype, score_graph=score_graph, mask_graph=mask_graph, block_size=block_mask.BLOCK_SIZE,
                    kv_blocks=(block_mask.kv_num_blocks, block_mask.kv_indices,

@@ -12,11 +12,15 @@ import torch
 from .ir import Graph, Node, TORCH_IMPL
 
 
-def evaluate(graph: Graph, *, b, h, q_idx, kv_idx, score=None, buffers=None) -> torch.Tensor:
+def evaluate(graph: Graph, *, b, h, q_idx, kv_idx, score=None, buffers=None, where=None) -> torch.Tensor:
     """Run `graph` on the given inputs; returns a tensor of their broadcast shape.
 
     `buffers` replaces `graph.buffers` (same order) - the CPU backward passes copies that
     require grad. Loads out of a buffer's bounds raise IndexError naming the buffer.
+    `where` (bool, broadcastable to the inputs; the CPU path passes the positions the mask
+    keeps): only loads at those positions must be in bounds; elsewhere an index out of
+    bounds is clamped into them, so what the result holds there is unspecified (the caller
+    discards it) but nothing raises.
     """
     values = {"b": b, "h": h, "q_idx": q_idx, "kv_idx": kv_idx, "score": score}
     bufs = graph.buffers if buffers is None else buffers
@@ -35,7 +39,7 @@ def evaluate(graph: Graph, *, b, h, q_idx, kv_idx, score=None, buffers=None) -> 
         elif n.op == "cast":
             v = _as_tensor(env[id(n.args[0])], values).to(n.dtype)
         elif n.op == "load":
-            v = _load(graph, n, env[id(n.args[0])], [env[id(a)] for a in n.args[1:]])
+            v = _load(graph, n, env[id(n.args[0])], [env[id(a)] for a in n.args[1:]], where)
         else:
             args = [env[id(a)] for a in n.args]
             if len(args) == 1 and not isinstance(args[0], torch.Tensor):
@@ -64,7 +68,7 @@ def _as_tensor(v, values) -> torch.Tensor:
     return torch.tensor(v, device=device)
 
 
-def _load(graph: Graph, node: Node, buf: torch.Tensor, indices: list):
+def _load(graph: Graph, node: Node, buf: torch.Tensor, indices: list, where=None):
     if not indices:
         return buf
     idx = []
@@ -72,6 +76,15 @@ def _load(graph: Graph, node: Node, buf: torch.Tensor, indices: list):
         i = torch.as_tensor(i, device=buf.device)
         if i.numel():
             lo, hi = int(i.min()), int(i.max())
+            if (lo < 0 or hi >= buf.shape[dim]) and where is not None:
+                out = (i < 0) | (i >= buf.shape[dim])
+                kept = out & where
+                if bool(kept.any()):   # report the first index read at a kept position
+                    bad = torch.broadcast_to(i, kept.shape)[kept]
+                    lo, hi = int(bad.min()), int(bad.max())
+                else:                  # only positions the mask removes: read in bounds, discarded
+                    lo, hi = 0, 0
+                    i = i.clamp(0, buf.shape[dim] - 1)
             if lo < 0 or hi >= buf.shape[dim]:
                 raise IndexError(
                     f"{graph.kind}_mod {graph.fn_name!r} reads buf{node.args[0].args[0]} (a captured tensor of "

@@ -88,6 +88,10 @@ def choose_backend(backend: str, device: torch.device, dtype: torch.dtype) -> st
             raise ValueError(f"kernel_options['BACKEND'] = 'hopper' needs CUDA tensors on an sm90 GPU, but query is "
                              f"on {device}; use BACKEND='auto'")
         return "triton"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"kernel_options['BACKEND'] = 'triton' runs the GPU kernels, which need CUDA tensors, but "
+                         f"query is on {device}; use BACKEND='cpu' or 'auto' for {device} tensors (or set "
+                         f"TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's interpreter)")
     if backend != "auto":
         return backend
     if device.type == "cuda":

@@ -82,7 +82,7 @@ class Proxy:
         return _lift(self._state, value)
 
     def _emit(self, op: str, *args, dtype=None) -> "Proxy":
-        nodes = [self._lift(a) for a in args]
+        nodes = _widen_for_constants(self._state, op, [self._lift(a) for a in args])
         try:
             node = self._state.graph.op(op, *nodes, dtype=dtype)
         except (RuntimeError, TypeError, IRError) as e:
@@ -352,7 +352,26 @@ def _where(state: _TraceState, cond, a, b) -> Proxy:
     if cond_node.dtype != torch.bool:
         raise state.fail(f"torch.where's condition has dtype {cond_node.dtype}",
                          "compare to get a bool, e.g. torch.where(x > 0, a, b)")
-    return Proxy(state.graph.op("where", cond_node, _lift(state, a), _lift(state, b)), state)
+    a_node, b_node = _widen_for_constants(state, "where", [_lift(state, a), _lift(state, b)])
+    return Proxy(state.graph.op("where", cond_node, a_node, b_node), state)
+
+
+_NARROW_INTS = (torch.int8, torch.uint8, torch.int16, torch.int32)
+_INT32_RANGE = (-2 ** 31, 2 ** 31)
+
+
+def _widen_for_constants(state: _TraceState, op: str, nodes: list) -> list:
+    """Operands of `op` with the narrow integer ones cast to int64 where an integer constant
+    operand does not fit int32 (`q_idx < 2**40`, `q_idx + 2**31`): torch would wrap the
+    constant into the index's int32 (or compare against the wrapped value), while Python and
+    torch's int64 indices keep its value. Shift amounts and pow exponents are left alone."""
+    if op in ("cast", "load", "lshift", "rshift", "pow"):
+        return nodes
+    if not any(n.op == "const" and type(n.args[0]) is int and not _INT32_RANGE[0] <= n.args[0] < _INT32_RANGE[1]
+               for n in nodes):
+        return nodes
+    return [state.graph.op("cast", n, dtype=torch.int64) if n.op != "const" and n.dtype in _NARROW_INTS else n
+            for n in nodes]
 
 
 # ---------------------------------------------------------------------------------------
