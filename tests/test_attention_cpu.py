@@ -205,7 +205,9 @@ def test_visits_only_listed_blocks(monkeypatch):
     real = cpu._scores
 
     def counting(plan, idx, qt, kt, q_idx, tile, **kw):
-        visited.append((int(q_idx.min()) // 16, int(tile.pos.min()) // 16, tile.partial))
+        pos = tile.pos.flatten() if tile.valid is None else tile.pos.expand(tile.valid[..., 0, :].shape)[tile.valid[..., 0, :]]
+        for j in sorted(set((pos // 16).tolist())):
+            visited.append((int(q_idx.min()) // 16, j, tile.partial))
         return real(plan, idx, qt, kt, q_idx, tile, **kw)
 
     monkeypatch.setattr(cpu, "_scores", counting)
@@ -213,6 +215,32 @@ def test_visits_only_listed_blocks(monkeypatch):
     flex_attention(q, k, v, block_mask=create_block_mask(make_mod("causal", B=1, H=2, L=64, S=64).mask_mod,
                                                          None, None, 64, 64, BLOCK_SIZE=16))
     assert sorted(visited) == sorted([(i, j, i == j) for i in range(4) for j in range(i + 1)])
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_chunks_per_call_do_not_grow_with_blocks(monkeypatch, per_head):
+    # a q-tile meets its partial blocks in one chunk and its full blocks in another (while
+    # they fit _CHUNK_ELEMS): the torch operations per call grow with q-tiles, not blocks
+    import flexattn.cpu as cpu
+    calls = []
+    real = cpu._scores
+
+    def counting(plan, idx, qt, kt, q_idx, tile, **kw):
+        calls.append(tile.pos.shape[-1])
+        return real(plan, idx, qt, kt, q_idx, tile, **kw)
+
+    monkeypatch.setattr(cpu, "_scores", counting)
+    H = 2
+    for L in (256, 1024):
+        calls.clear()
+        q, k, v = make_qkv(1, H, H, L, L, 16)
+        mask = (lambda b, h, qi, ki: qi >= ki + h) if per_head else (lambda b, h, qi, ki: qi >= ki)
+        bm = create_block_mask(mask, None, H if per_head else None, L, L, BLOCK_SIZE=16)
+        out = flex_attention(q, k, v, block_mask=bm)
+        assert len(calls) <= 2 * (L // 16), (L, len(calls))
+        n_fwd = len(calls)
+        out.sum().backward()
+        assert len(calls) - n_fwd <= 2 * (L // 16), (L, len(calls))
 
 
 def test_block_mask_from_kv_blocks_without_full_blocks():

@@ -1,0 +1,130 @@
+"""flexattn's CPU path vs torch.compile(flex_attention) on CPU vs SDPA (dense bool mask for
+the sparse masks), 2 threads, float32 by default.
+
+    PYTHONPATH=$PWD python benchmarks/bench_cpu.py [--S 4096] [--dtype float32] [--busy]
+        [--no-compiled] [--reps 3] [--json out.json]
+
+Prints one table (median seconds of --reps runs after one warm-up) for forward and
+fwd+bwd; torch.compile(flex_attention) has no CPU backward, so its fwd+bwd column is '-'.
+--busy starts two processes that burn a CPU each for the duration of the timing (the
+machine's two cores are then contended, as on a shared machine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import time
+import warnings
+
+import torch
+
+import flexattn
+
+MASKS = ("dense", "causal", "sliding", "document")
+
+
+def mask_mod_of(name, S):
+    if name == "dense":
+        return None
+    if name == "causal":
+        return lambda b, h, q, k: q >= k
+    if name == "sliding":
+        return lambda b, h, q, k: (q >= k) & (q - k < 256)
+    doc = torch.arange(S) // max(1, S // 6)  # six documents
+
+    def document(b, h, q, k):
+        return (doc[q] == doc[k]) & (q >= k)
+    return document
+
+
+def _burn(stop):
+    x = 0
+    while not stop.is_set():
+        for _ in range(100000):
+            x += 1
+
+
+def timeit(fn, reps):
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts), max(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--S", type=int, nargs="+", default=[4096])
+    ap.add_argument("--masks", nargs="+", default=list(MASKS))
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--busy", action="store_true")
+    ap.add_argument("--no-compiled", action="store_true")
+    ap.add_argument("--no-bwd", action="store_true")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    dtype = getattr(torch, a.dtype)
+    B, H, D = 1, 8, 64
+    from torch.nn.attention.flex_attention import create_block_mask as torch_cbm
+    from torch.nn.attention.flex_attention import flex_attention as torch_flex
+    compiled = None if a.no_compiled else torch.compile(torch_flex)
+    stop, procs = mp.Event(), []
+    if a.busy:
+        procs = [mp.Process(target=_burn, args=(stop,), daemon=True) for _ in range(2)]
+        for p in procs:
+            p.start()
+    rows = []
+    try:
+        for S in a.S:
+            for name in a.masks:
+                g = torch.Generator().manual_seed(0)
+                q, k, v = [torch.randn(B, H, S, D, generator=g, dtype=dtype).requires_grad_() for _ in range(3)]
+                mm = mask_mod_of(name, S)
+                bm = None if mm is None else flexattn.create_block_mask(mm, None, None, S, S)
+                tbm = None if mm is None else torch_cbm(mm, None, None, S, S, device="cpu")
+                dense = None if mm is None else flexattn.create_mask(mm, None, None, S, S)
+                attn_mask = None if name in ("dense", "causal") else dense
+                causal = name == "causal"
+                r = {"S": S, "mask": name, "dtype": a.dtype, "busy": a.busy}
+
+                def ours():
+                    return flexattn.flex_attention(q, k, v, block_mask=bm, kernel_options={"BACKEND": "cpu"})
+
+                def sdpa():
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                                            is_causal=causal)
+                with torch.no_grad():
+                    r["flexattn_fwd"] = timeit(ours, a.reps)
+                    r["sdpa_fwd"] = timeit(sdpa, a.reps)
+                    if compiled is not None:
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            r["compiled_fwd"] = timeit(lambda: compiled(q, k, v, block_mask=tbm), a.reps)
+                if not a.no_bwd:
+                    r["flexattn_fwdbwd"] = timeit(lambda: ours().sum().backward(), a.reps)
+                    r["sdpa_fwdbwd"] = timeit(lambda: sdpa().sum().backward(), a.reps)
+                rows.append(r)
+                f = lambda key: "-" if key not in r else f"{r[key][0]:.3f} ({r[key][1]:.3f})"
+                print(f"S={S:6d} {name:9s} fwd: flexattn {f('flexattn_fwd')}  compiled {f('compiled_fwd')}  "
+                      f"sdpa {f('sdpa_fwd')} | fwd+bwd: flexattn {f('flexattn_fwdbwd')}  sdpa {f('sdpa_fwdbwd')}",
+                      flush=True)
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(timeout=5)
+    print(f"(median (worst) seconds of {a.reps}; {a.threads} threads; {os.cpu_count()} CPUs; "
+          f"load average {os.getloadavg()}; busy={a.busy})")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
