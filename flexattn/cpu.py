@@ -218,10 +218,12 @@ def _keep(run: CpuRun, idx: _Indices, q_idx, tile: _KVTile):
 _THREADS_LOCK = threading.Lock()
 
 
-def _over_q_tiles(run: CpuRun, tiles: list, fn, new_acc) -> list:
+def _over_q_tiles(run: CpuRun, tiles: list, fn, new_acc, dynamic: bool) -> list:
     """Call fn(i, q0, q1, acc) for every q-tile; returns the accumulators (one per thread).
-    Threads take the next tile when done with one (the costliest - most listed blocks -
-    first), so a thread the OS deschedules holds up no other."""
+    dynamic: threads take the next tile when done with one (the costliest - most listed
+    blocks - first), so a thread the OS deschedules holds up no other; otherwise the tiles,
+    costliest first, are dealt round-robin, so which tiles sum into which accumulator, in
+    which order, is the same on every run (bitwise-reproducible gradients)."""
     total = torch.get_num_threads()
     n = min(total, len(tiles))
     if n <= 1 or not _THREADS_LOCK.acquire(blocking=False):   # one pool at a time; others run here
@@ -232,17 +234,22 @@ def _over_q_tiles(run: CpuRun, tiles: list, fn, new_acc) -> list:
     try:
         cost = run.kv_num.sum((0, 1)) + (0 if run.full_num is None else run.full_num.sum((0, 1)))
         cost = cost.tolist()
-        order = iter(sorted(tiles, key=lambda t: -cost[t[0]] * (t[2] - t[1])))
+        ranked = sorted(tiles, key=lambda t: -cost[t[0]] * (t[2] - t[1]))
+        shared = iter(ranked)
         take = threading.Lock()
         grad_mode = torch.is_grad_enabled()
         accs = [new_acc() for _ in range(n)]
 
         def work(w):
             torch.set_num_threads(1)   # this thread's operations: one thread each
+            mine = None if dynamic else iter(ranked[w::n])
             with torch.set_grad_enabled(grad_mode):
                 while True:
-                    with take:
-                        t = next(order, None)
+                    if mine is None:
+                        with take:
+                            t = next(shared, None)
+                    else:
+                        t = next(mine, None)
                     if t is None:
                         return
                     fn(*t, accs[w])
@@ -295,7 +302,7 @@ def _forward(run: CpuRun, q, k, v):
         out[:, :, q0:q1] = (acc / torch.where(empty, 1.0, l)).to(q.dtype)
         lse[:, :, q0:q1] = torch.where(empty, NEG_INF, m + torch.log(torch.where(empty, 1.0, l))).squeeze(-1)
 
-    _over_q_tiles(run, list(_q_tiles(run, L)), q_tile, lambda: None)
+    _over_q_tiles(run, list(_q_tiles(run, L)), q_tile, lambda: None, dynamic=True)
     return out, lse
 
 
@@ -366,7 +373,7 @@ def _backward(run: CpuRun, q, k, v, out, lse, dout, dlse, buffers):
         return (torch.zeros(k.shape, dtype=cdt, device=dev), torch.zeros(v.shape, dtype=cdt, device=dev),
                 [torch.zeros_like(buffers[j]) for j in grad_slots])
 
-    for dk_w, dv_w, dbufs_w in _over_q_tiles(run, list(_q_tiles(run, L)), q_tile, new_accs):
+    for dk_w, dv_w, dbufs_w in _over_q_tiles(run, list(_q_tiles(run, L)), q_tile, new_accs, dynamic=False):
         dk += dk_w
         dv += dv_w
         for n, g in enumerate(dbufs_w):

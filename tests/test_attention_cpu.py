@@ -254,3 +254,17 @@ def test_block_mask_from_kv_blocks_without_full_blocks():
     q, k, v = make_qkv(1, 2, 2, 40, 40, 16, requires_grad=False)
     torch.testing.assert_close(flex_attention(q, k, v, block_mask=bm),
                                reference_attention(q, k, v, mask_mod=mask)[0])
+
+
+def test_gradients_reproducible_with_threads():
+    # the backward deals q-tiles to threads in a fixed order: bitwise-identical gradients
+    m = make_mod("alibi_causal", B=1, H=2, L=300, S=300, requires_grad=True)
+    bm = create_block_mask(m.mask_mod, None, None, 300, 300, BLOCK_SIZE=32)
+    q, k, v = make_qkv(1, 2, 2, 300, 300, 16)
+    runs = []
+    for _ in range(3):
+        out = flex_attention(q, k, v, m.score_mod, bm)
+        runs.append(torch.autograd.grad(out.square().sum(), [q, k, v] + list(m.captured.values())))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
