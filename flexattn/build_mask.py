@@ -16,7 +16,10 @@ from .trace import check_arity, check_buffers_device, trace_mask
 
 def _check_device(device) -> torch.device:
     if device is None:  # torch's default: the current accelerator, else the CPU
-        device = torch.accelerator.current_accelerator() or "cpu"
+        # (a CUDA build of torch names cuda as its accelerator on a machine without a GPU too)
+        accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+        available = accelerator is not None and accelerator.is_available()
+        device = accelerator.current_accelerator() if available else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} but this torch build sees no CUDA device; "
