@@ -29,6 +29,10 @@ Glossary of constexpr names:
   KV_DIVISIBLE            KV_LEN is a multiple of SPARSE_KV_BLOCK (no tile holds padding)
   SCALE_POSITIVE          scale > 0: the row max may be taken before scaling
 
+The tile walk (`_tile_start`) and the online-softmax step (`_online_softmax`) are the Triton
+kernels' own, from common_source (prepended to this template too): a @triton.jit function
+called from a Gluon kernel compiles with the layouts of the tensors it is given.
+
 K, V, Q and O are read and written through rank-4 TMA descriptors over [B, H, S, D]: a
 tile past the end of a head is zero-filled on load and clipped on store, never read from
 or written into the next head.
@@ -67,21 +71,12 @@ _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_globa
 
 
 @gluon.jit
-def _kv_tile_start(idx_ptr, t, n_blocks, SPARSE_KV_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr):
-    # first kv position of tile t of this row's list (0 past the end: never used)
-    MULT: gl.constexpr = SPARSE_KV_BLOCK // BLOCK_N
-    j = t // MULT
-    blk = gl.load(idx_ptr + j, mask=j < n_blocks, other=0)
-    return blk * SPARSE_KV_BLOCK + (t % MULT) * BLOCK_N
-
-
-@gluon.jit
 def _produce_list(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty,
                   idx_ptr, n_blocks, off_z, off_hkv, it,
                   SPARSE_KV_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     MULT: gl.constexpr = SPARSE_KV_BLOCK // BLOCK_N
     for t in range(n_blocks * MULT):
-        start_n = _kv_tile_start(idx_ptr, t, n_blocks, SPARSE_KV_BLOCK, BLOCK_N)
+        start_n = _tile_start(idx_ptr, t, n_blocks, SPARSE_KV_BLOCK, BLOCK_N)
         s = it % STAGES
         # a fresh barrier counts as having completed the phase before 0: the first
         # STAGES waits pass at once
@@ -136,8 +131,7 @@ def _softmax_tile(qk, l_i, m_i, start_n, off_z, off_h, q_idx, KV_LEN, SCALE, SCA
     LOG2E: gl.constexpr = 1.4426950408889634
     s_layout: gl.constexpr = qk.type.layout
     kv_idx = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)), 0)
-    # t * TO_LOG2 is the score in the log2 domain; the multiply waits for exp2's argument,
-    # where it fuses with the shift (max(t) * c == max(t * c) for c > 0)
+    # t * TO_LOG2 is the score in the log2 domain (common_source._online_softmax)
     if HAS_SCORE_MOD:
         t = score_mod(qk * SCALE, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS})
         TO_LOG2 = LOG2E
@@ -152,14 +146,7 @@ def _softmax_tile(qk, l_i, m_i, start_n, off_z, off_h, q_idx, KV_LEN, SCALE, SCA
         if not KV_DIVISIBLE:
             keep = keep & (kv_idx < KV_LEN)
         t = gl.where(keep, t, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(t, 1) * TO_LOG2)
-    if IS_FULL and not HAS_SCORE_MOD:
-        m_shift = m_new
-    else:  # a row that has seen nothing keeps m = -inf: shift by 0 instead
-        m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = gl.exp2(m_i - m_shift)
-    p = gl.exp2(t * TO_LOG2 - gl.expand_dims(m_shift, 1))
-    l_i = l_i * alpha + gl.sum(p, 1)
+    m_new, alpha, p, l_i = _online_softmax(m_i, l_i, t, TO_LOG2, FINITE=IS_FULL and not HAS_SCORE_MOD)
     return gl.convert_layout(p.to(P_DTYPE), p_layout), alpha, l_i, m_new
 
 
@@ -180,7 +167,7 @@ def _consume_list(acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, kv
     o_layout: gl.constexpr = acc.type.layout
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     for t in range(t0, n_blocks * MULT):
-        start_n = _kv_tile_start(idx_ptr, t, n_blocks, SPARSE_KV_BLOCK, BLOCK_N)
+        start_n = _tile_start(idx_ptr, t, n_blocks, SPARSE_KV_BLOCK, BLOCK_N)
         s_tok = _issue_qk(q_smem, k_ring, k_ready, s_zero, it, STAGES)
         o_tok = _issue_pv(p, v_ring, v_ready, acc, it - 1, STAGES)
         qk = warpgroup_mma_wait(1, deps=(s_tok, ))
@@ -225,9 +212,9 @@ def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty,
         # tile 0, peeled: S waited for at once. It is treated as a partial tile whichever
         # list it comes from (mask_mod is true everywhere on a full block)
         if n_part_tiles > 0:
-            start_n = _kv_tile_start(idx_ptr, 0, n_part, SPARSE_KV_BLOCK, BLOCK_N)
+            start_n = _tile_start(idx_ptr, 0, n_part, SPARSE_KV_BLOCK, BLOCK_N)
         else:
-            start_n = _kv_tile_start(fidx_ptr, 0, n_full, SPARSE_KV_BLOCK, BLOCK_N)
+            start_n = _tile_start(fidx_ptr, 0, n_full, SPARSE_KV_BLOCK, BLOCK_N)
         qk = warpgroup_mma_wait(0, deps=(_issue_qk(q_smem, k_ring, k_ready, s_zero, 0, STAGES), ))
         p, alpha, l_i, m_i = _softmax_tile(
             qk, l_i, m_i, start_n, off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,

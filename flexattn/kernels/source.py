@@ -16,7 +16,7 @@ from .interpreter import apply_interpreter_fix
 
 # each Triton template after the shared helpers it calls (common_source); the Gluon one alone
 TEMPLATES = {"fwd": COMMON_SOURCE + FWD_TEMPLATE, "bwd": COMMON_SOURCE + BWD_TEMPLATE,
-             "decode": COMMON_SOURCE + DECODE_TEMPLATE, "fwd_hopper": HOPPER_FWD_TEMPLATE}
+             "decode": COMMON_SOURCE + DECODE_TEMPLATE, "fwd_hopper": COMMON_SOURCE + HOPPER_FWD_TEMPLATE}
 # kind -> the kernel names of its generated module
 KERNEL_NAMES = {"fwd": ("flex_fwd",), "decode": ("flex_decode",), "bwd": ("flex_bwd_dq", "flex_bwd_dkdv"),
                 "fwd_hopper": ("flex_fwd_hopper",)}
