@@ -1,0 +1,160 @@
+"""The communication plan: which kv blocks each rank's queries visit, who owns them, what
+goes where - a function of the Layout and the global BlockMask only, so every rank derives
+the same plan without talking, and the benchmark computes it without any process group.
+
+    world_plan(layout, block_mask)        -> WorldPlan (all ranks: needs, volumes, work)
+    rank_plan(layout, block_mask, rank)   -> RankPlan  (one rank: its P2P lists, its local
+                                             BlockMask over the compact kv buffer)
+
+A rank's compact kv buffer holds the kv blocks its queries visit, in ascending global
+order: its own blocks are copied, the others are received from their owners. Its local
+BlockMask is the global one's rows for its q-blocks, with columns renumbered onto the
+compact buffer; its mods see global positions (flexattn.distributed.global_mods).
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+import torch
+
+from ..block_mask import BlockMask
+from ..block_states import FULL, PARTIAL
+from ..trace import trace_mask
+from .global_mods import global_mask_mod
+from .layout import Layout
+from .mask_rows import row_states, row_work, visited_columns
+
+
+def q_block_rows(layout: Layout, rank: int, q_block: int) -> torch.Tensor:
+    """int64: the global q-block of each local q-block of `rank`, in local order."""
+    per = layout.chunk // q_block
+    starts = torch.tensor(layout.chunks[rank], dtype=torch.int64) * per
+    return (starts[:, None] + torch.arange(per)).reshape(-1)
+
+
+@dataclass
+class WorldPlan:
+    """Every rank's kv needs under one layout (see the module doc). Block ids are global kv
+    blocks (of the BlockMask's KV_BLOCK); `remote[r]` are the blocks rank r receives."""
+    layout: Layout
+    block_size: tuple
+    n_kv_blocks: int
+    kv_owner: torch.Tensor            # [n_kv_blocks] rank that holds each kv block
+    kv_local: torch.Tensor            # [n_kv_blocks] its block offset inside that rank's shard
+    needed: list                      # per rank: int64 ascending kv blocks its queries visit
+    remote: list                      # per rank: the needed blocks held elsewhere
+    work: list                        # per rank: non-empty blocks of its q rows (over batch, heads)
+
+    def imbalance(self) -> float:
+        mean = sum(self.work) / len(self.work)
+        return max(self.work) / mean if mean else 1.0
+
+    def recv_from(self, rank: int, peer: int) -> torch.Tensor:
+        """The kv blocks `rank` receives from `peer`, ascending."""
+        r = self.remote[rank]
+        return r[self.kv_owner[r] == peer]
+
+    def volume(self, bytes_per_block: int) -> tuple[list, list]:
+        """(sent, received) bytes per rank for one exchange of kv blocks of `bytes_per_block`
+        (the forward's K/V fetch; the backward sends the same blocks' dK/dV back)."""
+        P = self.layout.world_size
+        received = [len(r) * bytes_per_block for r in self.remote]
+        sent = [0] * P
+        for r in range(P):
+            counts = torch.bincount(self.kv_owner[self.remote[r]], minlength=P)
+            for s in range(P):
+                sent[s] += int(counts[s]) * bytes_per_block
+        return sent, received
+
+
+def world_plan(layout: Layout, bm: BlockMask) -> WorldPlan:
+    Q, KV = bm.seq_lengths
+    qb, kvb = bm.BLOCK_SIZE
+    n_kv = -(-KV // kvb)
+    owner_chunk, slot_chunk = layout.owners()
+    blocks = torch.arange(n_kv, dtype=torch.int64)
+    start = blocks * kvb
+    kv_owner = owner_chunk[start // layout.chunk]
+    kv_local = (slot_chunk[start // layout.chunk] * layout.chunk + start % layout.chunk) // kvb
+    work_rows = row_work(bm)
+    needed, remote, work = [], [], []
+    for r in range(layout.world_size):
+        rows = q_block_rows(layout, r, qb)
+        need = torch.nonzero(visited_columns(bm, rows)[:n_kv]).flatten()
+        needed.append(need)
+        remote.append(need[kv_owner[need] != r])
+        work.append(int(work_rows[rows[rows < work_rows.numel()]].sum()))
+    return WorldPlan(layout, (qb, kvb), n_kv, kv_owner, kv_local, needed, remote, work)
+
+
+@dataclass
+class RankPlan:
+    """One rank's part of a WorldPlan, ready to run (see exchange.fetch_kv)."""
+    rank: int
+    kv_block: int
+    n_compact: int                    # kv blocks in the compact buffer
+    local_from: torch.Tensor          # own blocks: offsets in the local shard (blocks) ...
+    local_to: torch.Tensor            # ... and their slots in the compact buffer
+    recv: list                        # [(peer, compact slots)] blocks received, per peer
+    send: list                        # [(peer, local block offsets)] blocks sent, per peer
+    q_pos: torch.Tensor               # int32 [local_len]: global position of each local query
+    kv_pos: torch.Tensor              # int32 [n_compact * kv_block]: of each compact kv slot
+    local_state: torch.Tensor = field(repr=False)   # int8 [Bm, Hm, nq_local, n_compact]
+    seq_len: int = 0
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    def on(self, bm: BlockMask, device) -> tuple:
+        """(q_pos, kv_pos, local BlockMask) on `device`: the local mask has the compact kv
+        columns and a mask_mod on global positions. Built once per device."""
+        key = str(torch.device(device))
+        if key not in self._masks:
+            q_pos, kv_pos = self.q_pos.to(device), self.kv_pos.to(device)
+            mod = global_mask_mod(bm, q_pos, kv_pos, self.seq_len)
+            local = BlockMask._from_state(self.local_state.to(device), bm.BLOCK_SIZE, mod,
+                                          (q_pos.numel(), kv_pos.numel()), trace_mask(mod, "block_mask.mask_mod"))
+            self._masks[key] = (q_pos, kv_pos, local)
+        return self._masks[key]
+
+
+def _rank_plan(layout: Layout, bm: BlockMask, rank: int) -> RankPlan:
+    wp = world_plan(layout, bm)
+    qb, kvb = bm.BLOCK_SIZE
+    Q, KV = bm.seq_lengths
+    need = wp.needed[rank]
+    slot_of = torch.full((wp.n_kv_blocks,), -1, dtype=torch.int64)
+    slot_of[need] = torch.arange(need.numel())
+    own = need[wp.kv_owner[need] == rank]
+    recv, send = [], []
+    for peer in range(layout.world_size):
+        if peer == rank:
+            continue
+        got = wp.recv_from(rank, peer)
+        if got.numel():
+            recv.append((peer, slot_of[got]))
+        gives = wp.recv_from(peer, rank)
+        if gives.numel():
+            send.append((peer, wp.kv_local[gives]))
+    rows = q_block_rows(layout, rank, qb)
+    state = row_states(bm, rows)[..., need.to(bm.kv_indices.device)].cpu()
+    # an edge block holds padding: never full (the mask also rules the padding out)
+    if Q % qb:
+        state[:, :, rows == Q // qb] = torch.where(state[:, :, rows == Q // qb] == FULL, PARTIAL,
+                                                   state[:, :, rows == Q // qb])
+    if KV % kvb and need.numel() and int(need[-1]) == KV // kvb:
+        last = state[..., -1]
+        state[..., -1] = torch.where(last == FULL, torch.tensor(PARTIAL, dtype=torch.int8), last)
+    kv_pos = (need[:, None] * kvb + torch.arange(kvb)).reshape(-1)
+    return RankPlan(rank, kvb, need.numel(), wp.kv_local[own], slot_of[own], recv, send,
+                    layout.positions(rank).to(torch.int32), kv_pos.to(torch.int32), state, Q)
+
+
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def rank_plan(layout: Layout, bm: BlockMask, rank: int) -> RankPlan:
+    """`rank`'s plan for `bm` under `layout`, memoised on the mask (one per layout and rank)."""
+    memo = _PLANS.setdefault(bm, {})
+    key = (layout.key(), rank)
+    if key not in memo:
+        memo[key] = _rank_plan(layout, bm, rank)
+    return memo[key]
