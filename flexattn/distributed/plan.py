@@ -80,7 +80,8 @@ def world_plan(layout: Layout, bm: BlockMask) -> WorldPlan:
     needed, remote, work = [], [], []
     for r in range(layout.world_size):
         rows = q_block_rows(layout, r, qb)
-        need = torch.nonzero(visited_columns(bm, rows)[:n_kv]).flatten()
+        per = layout.chunk // qb
+        need = torch.nonzero(visited_columns(bm, [(c * per, (c + 1) * per) for c in layout.chunks[r]])[:n_kv]).flatten()
         needed.append(need)
         remote.append(need[kv_owner[need] != r])
         work.append(int(work_rows[rows[rows < work_rows.numel()]].sum()))

@@ -1,0 +1,124 @@
+"""Context parallelism: bytes each rank sends and receives per training step, and load
+imbalance, from flexattn.distributed's plan (no GPU, no process group: the plan is a
+function of the layout and the BlockMask, the same on every rank).
+
+Masks: causal, causal sliding window of 4K, causal documents of 1K..32K tokens; at 128K and
+1M tokens over 2, 4 and 8 ranks; layouts "contiguous", "head_tail" and the work-balanced one
+(`balance=block_mask`). K/V: one sequence, 8 kv heads, head dim 128, bf16 (4 KiB per token
+for K and V together), BLOCK_SIZE 128.
+
+One step = forward + backward. flexattn.distributed: the forward fetches the kv blocks a
+rank's queries visit from their owners; the backward sends those blocks' dK/dV back - so a
+rank sends and receives (fetched + given) blocks per step. Baselines at their minimum volume:
+all-gather of K/V in the forward + reduce-scatter of dK/dV in the backward, and a full ring
+passing K/V in the forward and dK/dV in the backward (K/V kept from the forward): both move
+2 * (P-1)/P * N tokens' worth per rank and step. Imbalance: max / mean non-empty blocks per
+rank. The issue's targets are checked at the end (exit status 1 if one is missed).
+
+    python benchmarks/bench_context_parallel.py            # prints the table, writes the JSON
+    python benchmarks/bench_context_parallel.py --quick    # 128K only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from flexattn import create_block_mask, masks  # noqa: E402
+from flexattn.distributed import balanced_layout, make_layout, world_plan  # noqa: E402
+
+BLOCK = 128
+KV_HEADS, HEAD_DIM, ELEM = 8, 128, 2
+TOKEN_BYTES = KV_HEADS * 2 * HEAD_DIM * ELEM          # K and V of one token
+BLOCK_BYTES = BLOCK * TOKEN_BYTES
+SIZES = {"128K": 128 * 1024, "1M": 1024 * 1024}
+WORLDS = (2, 4, 8)
+LAYOUTS = ("contiguous", "head_tail", "balanced")
+
+
+def documents(N: int) -> torch.Tensor:
+    """Document ids of documents of 1K..32K tokens (seeded), the last one cut at N."""
+    g = torch.Generator().manual_seed(0)
+    lens = []
+    while sum(lens) < N:
+        lens.append(int(torch.randint(1024, 32 * 1024 + 1, (1,), generator=g)))
+    return torch.repeat_interleave(torch.arange(len(lens), dtype=torch.int32), torch.tensor(lens))[:N]
+
+
+def mask_of(name: str, N: int):
+    if name == "causal":
+        return masks.causal()
+    if name == "sliding_window_4K":
+        return masks.sliding_window(4096 - 1, 0)
+    return masks.document(documents(N), inner=masks.causal())
+
+
+def row(mask: str, size: str, P: int, layout_name: str, bm) -> dict:
+    N = SIZES[size]
+    layout = balanced_layout(bm, P) if layout_name == "balanced" else make_layout(layout_name, N, P, BLOCK)
+    plan = world_plan(layout, bm)
+    sent, received = plan.volume(BLOCK_BYTES)
+    step = [s + r for s, r in zip(sent, received)]   # sent == received per step (see the doc)
+    baseline = 2 * (P - 1) * layout.padded_len // P * TOKEN_BYTES
+    return {"mask": mask, "tokens": size, "ranks": P, "layout": layout_name if layout_name != "balanced"
+            else f"balanced ({layout.name})", "fwd_recv_max_MiB": max(received) / 2 ** 20,
+            "fwd_sent_max_MiB": max(sent) / 2 ** 20, "step_max_MiB": max(step) / 2 ** 20,
+            "step_mean_MiB": sum(step) / len(step) / 2 ** 20, "allgather_ring_step_MiB": baseline / 2 ** 20,
+            "vs_allgather": max(step) / baseline, "imbalance": plan.imbalance()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="128K tokens only")
+    ap.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "bench_context_parallel.json"))
+    args = ap.parse_args()
+    rows = []
+    for size in (("128K",) if args.quick else tuple(SIZES)):
+        for mask in ("causal", "sliding_window_4K", "document_32K"):
+            t0 = time.perf_counter()
+            bm = create_block_mask(mask_of(mask, SIZES[size]), None, None, SIZES[size], SIZES[size], device="cpu",
+                                   BLOCK_SIZE=BLOCK)
+            t_mask = time.perf_counter() - t0
+            for P in WORLDS:
+                t0 = time.perf_counter()
+                for lay in LAYOUTS:
+                    rows.append(row(mask, size, P, lay, bm))
+                print(f"# {mask} {size}: mask {t_mask:.2f} s, plans for {P} ranks {time.perf_counter() - t0:.2f} s",
+                      file=sys.stderr)
+    head = ("mask", "tokens", "ranks", "layout", "fwd recv max MiB", "fwd sent max MiB", "step max MiB",
+            "step mean MiB", "all-gather / ring MiB", "max / all-gather", "imbalance")
+    keys = ("mask", "tokens", "ranks", "layout", "fwd_recv_max_MiB", "fwd_sent_max_MiB", "step_max_MiB",
+            "step_mean_MiB", "allgather_ring_step_MiB", "vs_allgather", "imbalance")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        print("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) and k in ("vs_allgather", "imbalance")
+                                else f"{r[k]:.0f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+    with open(args.json, "w") as f:
+        json.dump({"token_bytes": TOKEN_BYTES, "block": BLOCK, "rows": rows}, f, indent=1)
+
+    # the targets: per mask, the work-balanced layout (the one flex_attention derives from the mask)
+    missed = []
+    for r in rows:
+        if not r["layout"].startswith("balanced"):
+            continue
+        what = f"{r['mask']} {r['tokens']} over {r['ranks']} ranks"
+        if r["imbalance"] > 1.10:
+            missed.append(f"{what}: imbalance {r['imbalance']:.3f} > 1.10")
+        if r["mask"] == "causal" and r["vs_allgather"] > 1.0:
+            missed.append(f"{what}: {r['vs_allgather']:.3f} x the ring's volume > 1.0")
+        if r["mask"] != "causal" and r["tokens"] == "1M" and r["ranks"] == 8 and r["vs_allgather"] > 0.25:
+            missed.append(f"{what}: {r['vs_allgather']:.3f} x an all-gather > 0.25")
+    print("\ntargets (work-balanced layout): " + ("all met" if not missed else "MISSED:\n  " + "\n  ".join(missed)))
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
