@@ -34,13 +34,15 @@ class Case:
     N: int = 200                 # not a multiple of 2 * world * BLOCK: padded
     Hq: int = 2
     Hkv: int = 2
-    backend: str = "cpu"
+    backend: str = "cpu"         # kernel_options BACKEND ("triton" on CPU: the kernels, interpreted)
+    device: str = "cpu"
+    dtype: str = "float32"
 
     @property
     def name(self) -> str:
         extra = "".join(f"-{x}" for x in (self.score, f"N{self.N}", f"gqa{self.Hq}x{self.Hkv}"
                                           if self.Hq != self.Hkv else "", self.backend if self.backend != "cpu"
-                                          else "") if x)
+                                          else "", self.dtype if self.dtype != "float32" else "") if x)
         return f"{self.mask}-{self.balance}{extra}"
 
 
@@ -62,18 +64,19 @@ ERRORS = ("unequal_shards", "mask_for_other_lengths", "ranks_disagree_on_balance
 def _mods(case: Case, N: int, dtype):
     """(mask_mod, score_mod, captured float tensors that require grad) in `dtype`."""
     from flexattn import masks
+    dev = case.device
     if case.mask == "causal":
         mask = masks.causal()
     elif case.mask == "sliding":
         mask = masks.sliding_window(23, 0)
     elif case.mask == "document":
         lengths = torch.tensor([37, 5, 60, 21, 90, 33, 70, 44])
-        mask = masks.document(torch.repeat_interleave(torch.arange(len(lengths)), lengths)[:N])
+        mask = masks.document(torch.repeat_interleave(torch.arange(len(lengths)), lengths)[:N].to(dev))
     else:
         mask = masks.prefix_lm(41)
     captured, score = [], None
     if case.score == "alibi":
-        slopes = torch.linspace(0.05, 0.3, case.Hq, dtype=torch.float64).to(dtype).requires_grad_()
+        slopes = torch.linspace(0.05, 0.3, case.Hq, dtype=torch.float64).to(dtype).to(dev).requires_grad_()
         captured = [slopes]
 
         def score(s, b, h, q, kv):
@@ -88,19 +91,19 @@ def _attention_check(case: Case, group) -> None:
     from flexattn import create_block_mask
     from flexattn import distributed as cp
     from flexattn.reference import reference_attention
-    N, gqa = case.N, case.Hq != case.Hkv
-    q, k, v = make_qkv(B=2, Hq=case.Hq, Hkv=case.Hkv, L=N, E=16, seed=N)
+    N, gqa, dev, dtype = case.N, case.Hq != case.Hkv, case.device, getattr(torch, case.dtype)
+    q, k, v = make_qkv(B=2, Hq=case.Hq, Hkv=case.Hkv, L=N, E=16, seed=N, dtype=dtype, device=dev)
     g = torch.Generator().manual_seed(1)
-    dout = torch.randn(2, case.Hq, N, 16, generator=g)
-    dlse = torch.randn(2, case.Hq, N, generator=g)
-    mask, score, caps = _mods(case, N, torch.float32)
+    dout = torch.randn(2, case.Hq, N, 16, generator=g).to(dtype).to(dev)
+    dlse = torch.randn(2, case.Hq, N, generator=g).to(dev)
+    mask, score, caps = _mods(case, N, dtype)
     _, score64, caps64 = _mods(case, N, torch.float64)
     golden = reference_attention(*(t.double() for t in (q, k, v)), score64, mask, enable_gqa=gqa)
     golden_grads = grads_of(golden, [q, k, v, *caps64], [dout.double(), dlse.double()])
     ref = reference_attention(q, k, v, score, mask, enable_gqa=gqa)
     ref_grads = grads_of(ref, [q, k, v, *caps], [dout, dlse])
 
-    bm = create_block_mask(mask, None, None, N, N, device="cpu", BLOCK_SIZE=BLOCK)
+    bm = create_block_mask(mask, None, None, N, N, device=dev, BLOCK_SIZE=BLOCK)
     balance = bm if case.balance == "mask" else case.balance
 
     def sh(t):
@@ -110,7 +113,7 @@ def _attention_check(case: Case, group) -> None:
         return cp.unshard(t, 2, group, balance, seq_len=N, block_size=BLOCK)
 
     qs, ks, vs = (sh(t).requires_grad_() for t in (q, k, v))
-    options = {"BACKEND": case.backend}
+    options = {"BACKEND": case.backend} if case.device == "cpu" else None
     out, lse = cp.flex_attention(qs, ks, vs, score, bm, group=group, balance=balance, enable_gqa=gqa,
                                  return_lse=True, kernel_options=options)
     grads = grads_of((out, lse), [qs, ks, vs, *caps], [sh(dout), sh(dlse)])

@@ -68,6 +68,9 @@ class WorldPlan:
 
 
 def world_plan(layout: Layout, bm: BlockMask) -> WorldPlan:
+    """Every rank's kv needs for the global BlockMask `bm` under `layout`: the kv blocks each
+    rank's q-block rows visit (any batch / head), which of them are held elsewhere, the
+    non-empty blocks per rank. No process group needed (the benchmark calls it directly)."""
     Q, KV = bm.seq_lengths
     qb, kvb = bm.BLOCK_SIZE
     n_kv = -(-KV // kvb)
