@@ -156,7 +156,7 @@ def balanced_layout(block_mask: BlockMask, world_size: int) -> Layout:
         rows_per_chunk = chunk // qb
         padded = torch.nn.functional.pad(work, (0, C * rows_per_chunk - work.numel()))
         chunk_work = padded[:C * rows_per_chunk].reshape(C, rows_per_chunk).sum(1).tolist()
-        candidates.append(Layout(world_size, Q, chunk, _deal(chunk_work, world_size), f"balanced/{k}"))
+        candidates.append(Layout(world_size, Q, chunk, _deal(chunk_work, world_size), f"{C} chunks by work"))
     scored = [(layout_stats(lay, block_mask), i, lay) for i, lay in enumerate(candidates)]
     even = [s for s in scored if s[0][0] <= _IMBALANCE_OK]
     best = min(even, key=lambda s: (s[0][1], s[0][0], s[1])) if even else min(scored, key=lambda s: (s[0][0], s[1]))

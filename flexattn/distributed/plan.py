@@ -140,13 +140,13 @@ def _rank_plan(layout: Layout, bm: BlockMask, rank: int) -> RankPlan:
             send.append((peer, wp.kv_local[gives]))
     rows = q_block_rows(layout, rank, qb)
     state = row_states(bm, rows)[..., need.to(bm.kv_indices.device)].cpu()
-    # an edge block holds padding: never full (the mask also rules the padding out)
+    # an edge block holds padding, so it is never full (the local mask rules the padding out)
+    edge = torch.zeros(state.shape[-2:], dtype=torch.bool)
     if Q % qb:
-        state[:, :, rows == Q // qb] = torch.where(state[:, :, rows == Q // qb] == FULL, PARTIAL,
-                                                   state[:, :, rows == Q // qb])
-    if KV % kvb and need.numel() and int(need[-1]) == KV // kvb:
-        last = state[..., -1]
-        state[..., -1] = torch.where(last == FULL, torch.tensor(PARTIAL, dtype=torch.int8), last)
+        edge[rows == Q // qb] = True
+    if KV % kvb:
+        edge[:, need == KV // kvb] = True
+    state = torch.where(edge & (state == FULL), torch.tensor(PARTIAL, dtype=torch.int8), state)
     kv_pos = (need[:, None] * kvb + torch.arange(kvb)).reshape(-1)
     return RankPlan(rank, kvb, need.numel(), wp.kv_local[own], slot_of[own], recv, send,
                     layout.positions(rank).to(torch.int32), kv_pos.to(torch.int32), state, Q)
