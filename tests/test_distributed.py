@@ -201,15 +201,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_world(world: int, tmp_path) -> list:
-    ctx = mp.start_processes(_world_main, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False,
+def run_world(main, world: int, tmp_path, what: str = "gloo") -> list:
+    """Spawn `world` processes of main(rank, world, port, out_dir), each writing
+    out_dir/rank{r}.json; their reports. Fails the test if they are not done by the deadline."""
+    ctx = mp.start_processes(main, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + DEADLINE_S
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail(f"the world of {world} ranks did not finish within {DEADLINE_S} s (a hang)")
+            pytest.fail(f"the {what} world of {world} ranks did not finish within {DEADLINE_S} s (a hang)")
     return [json.load(open(os.path.join(tmp_path, f"rank{r}.json"))) for r in range(world)]
 
 
@@ -219,7 +221,7 @@ def reports(tmp_path_factory):
 
     def report(world):
         if world not in out:
-            out[world] = _run_world(world, tmp_path_factory.mktemp(f"world{world}"))
+            out[world] = run_world(_world_main, world, tmp_path_factory.mktemp(f"world{world}"))
         return out[world]
     return report
 

@@ -10,14 +10,12 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import time
 import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from test_distributed import DEADLINE_S, Case, _attention_check, _free_port
+from test_distributed import DEADLINE_S, Case, _attention_check, run_world
 
 pytestmark = pytest.mark.gpu
 
@@ -47,16 +45,7 @@ def _world_main(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     world = min(2, torch.cuda.device_count())
-    out = tmp_path_factory.mktemp("nccl")
-    ctx = mp.start_processes(_world_main, args=(world, _free_port(), str(out)), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the NCCL world of {world} ranks did not finish within {DEADLINE_S} s (a hang)")
-    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(world)]
+    return run_world(_world_main, world, tmp_path_factory.mktemp("nccl"), "NCCL")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

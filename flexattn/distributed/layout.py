@@ -122,7 +122,7 @@ def _deal(work: list, world_size: int) -> tuple:
     return tuple(tuple(sorted(cs)) for cs in out)
 
 
-def layout_stats(layout: Layout, block_mask: BlockMask) -> tuple[float, int]:
+def _stats(layout: Layout, block_mask: BlockMask) -> tuple[float, int]:
     """(imbalance = max / mean non-empty blocks per rank, most kv blocks a rank fetches)."""
     from .plan import world_plan  # (plan imports layout)
     plan = world_plan(layout, block_mask)
@@ -135,8 +135,8 @@ _BALANCED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def balanced_layout(block_mask: BlockMask, world_size: int) -> Layout:
     """The work-balanced layout of `block_mask`'s sequence over `world_size` ranks.
 
-    Candidates: the sequence in P*k chunks (k in 1, 2, 4, ..., 32 while a chunk holds at
-    least one block), dealt to ranks by work (non-empty blocks of the chunk's q rows,
+    Candidates: the sequence in P*k chunks (k in 1, 2, 4, ..., 32 while no chunk is all
+    padding), dealt to ranks by work (non-empty blocks of the chunk's q rows,
     costliest first to the least loaded rank), plus "head_tail". Among those whose imbalance
     (max / mean non-empty blocks per rank) is at most 1.05 the one whose busiest rank fetches
     the fewest kv blocks wins; if none is that even, the most even one. Memoised per mask."""
@@ -157,7 +157,7 @@ def balanced_layout(block_mask: BlockMask, world_size: int) -> Layout:
         padded = torch.nn.functional.pad(work, (0, C * rows_per_chunk - work.numel()))
         chunk_work = padded[:C * rows_per_chunk].reshape(C, rows_per_chunk).sum(1).tolist()
         candidates.append(Layout(world_size, Q, chunk, _deal(chunk_work, world_size), f"{C} chunks by work"))
-    scored = [(layout_stats(lay, block_mask), i, lay) for i, lay in enumerate(candidates)]
+    scored = [(_stats(lay, block_mask), i, lay) for i, lay in enumerate(candidates)]
     even = [s for s in scored if s[0][0] <= _IMBALANCE_OK]
     best = min(even, key=lambda s: (s[0][1], s[0][0], s[1])) if even else min(scored, key=lambda s: (s[0][0], s[1]))
     memo[world_size] = best[2]
