@@ -55,7 +55,7 @@ CASES = {
         Case("sliding", "contiguous", Hq=4, Hkv=1, N=261), Case("prefix_lm", "mask", N=250)],
 }
 ERRORS = ("unequal_shards", "mask_for_other_lengths", "ranks_disagree_on_balance", "layout_for_other_world",
-          "unshard_unequal_shards")
+          "unshard_unequal_shards", "score_mod_fails_to_trace_on_one_rank")
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,6 +162,11 @@ def _error_check(name: str, rank: int, world: int, group):
         kwargs["balance"] = "contiguous" if rank == 0 else "head_tail"
     elif name == "layout_for_other_world":
         kwargs["balance"] = cp.make_layout("head_tail", N, world * 2, BLOCK)
+    elif name == "score_mod_fails_to_trace_on_one_rank":
+        def branching(score, b, h, q_idx, kv_idx):
+            return score if q_idx > kv_idx else -score  # Python control flow on an index: TraceError
+
+        args = (q, k, v, branching if rank == 1 else None, bm)
     elif name == "unshard_unequal_shards":
         call, args, kwargs = cp.unshard, (q if rank else q[:, :, :-BLOCK], 2, group, "head_tail"), \
             {"seq_len": N, "block_size": BLOCK}
@@ -248,7 +253,7 @@ def test_bad_input_raises_on_every_rank(reports, world, name):
     assert all(g[0] == "ValueError" for g in got), f"{name}: expected ValueError on every rank, got {got}"
     expected = {"unequal_shards": f"rank {world - 1}", "mask_for_other_lengths": "rank 1",
                 "ranks_disagree_on_balance": "disagree on layout", "layout_for_other_world": "Layout for",
-                "unshard_unequal_shards": "rank 0"}[name]
+                "unshard_unequal_shards": "rank 0", "score_mod_fails_to_trace_on_one_rank": "rank 1: TraceError"}[name]
     assert all(expected in g[1] for g in got), f"{name}: every rank's message should name {expected!r}: {got}"
 
 

@@ -23,10 +23,11 @@ def check_group(group, where: str) -> tuple[int, int]:
 
 
 def local_error(check: Callable[[], None]) -> Optional[str]:
-    """The text of the ValueError / TypeError `check()` raises, or None."""
+    """The text of the exception `check()` raises, or None. Any exception: one rank raising
+    alone would leave the others waiting in `agree`."""
     try:
         check()
-    except (ValueError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - reported on every rank by agree
         return f"{type(e).__name__}: {e}"
     return None
 

@@ -71,6 +71,11 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         found["layout"] = _layout_for(query, key, block_mask, balance, world)
         B, Hq = query.shape[:2]
         check_block_mask(block_mask, B, Hq, *block_mask.seq_lengths, query.device)
+        # which captured tensors get gradients decides the backward's collectives: compared too
+        graph = trace_score_mod(score_mod, query.device)
+        grads = torch.is_grad_enabled()
+        found["captured"] = [] if graph is None else [(tuple(t.shape), grads and t.requires_grad)
+                                                      for t in graph.buffers]
 
     error = local_error(check)
     facts = {} if error else {
@@ -79,7 +84,8 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         "block_mask": (block_mask.seq_lengths, block_mask.BLOCK_SIZE, tuple(block_mask.kv_num_blocks.shape),
                        int(block_mask.kv_num_blocks.sum()),
                        None if block_mask.full_kv_num_blocks is None else int(block_mask.full_kv_num_blocks.sum())),
-        "scale": scale, "enable_gqa": bool(enable_gqa), "score_mod given": score_mod is not None}
+        "scale": scale, "enable_gqa": bool(enable_gqa), "score_mod given": score_mod is not None,
+        "score_mod's captured tensors (shape, requires_grad)": found["captured"]}
     agree(WHERE, error, facts, group)
 
     plan = rank_plan(found["layout"], block_mask, rank)
