@@ -17,6 +17,12 @@ rank. The issue's targets are checked at the end (exit status 1 if one is missed
 
     python benchmarks/bench_context_parallel.py            # prints the table, writes the JSON
     python benchmarks/bench_context_parallel.py --quick    # 128K only
+    python benchmarks/bench_context_parallel.py --local-cost   # the design check below
+
+--local-cost times one rank's local work two ways on the CPU path (forward + backward, median
+of 3): the one call flexattn.distributed makes over the compact buffer of fetched blocks, and
+one call per source rank's blocks merged by their lse (what a ring or an overlapped fetch
+computes), and gives each one's largest difference from a float64 run of the one call.
 """
 from __future__ import annotations
 
@@ -74,11 +80,79 @@ def row(mask: str, size: str, P: int, layout_name: str, bm) -> dict:
             "vs_allgather": max(step) / baseline, "imbalance": plan.imbalance()}
 
 
+def _merge(parts):
+    """(out, lse) of attention over the union of disjoint kv sets from each set's (out, lse)."""
+    lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)   # rows no set reaches
+    out = sum(p[0].float() * torch.exp(p[1] - safe)[..., None] for p in parts)
+    return out.to(parts[0][0].dtype), lse
+
+
+def local_cost(N: int = 8192, P: int = 4, rank: int = 0, H: int = 4, D: int = 64, reps: int = 3) -> None:
+    """Print the --local-cost comparison (see the module doc) for causal and document masks."""
+    from flexattn import flex_attention, trace_mask
+    from flexattn.block_mask import BlockMask
+    from flexattn.distributed.global_mods import global_mask_mod
+    from flexattn.distributed.plan import rank_plan
+    print(f"one rank's local work (rank {rank} of {P}, head_tail, N={N}, H={H}, D={D}, float32, CPU path, "
+          f"forward + backward, median of {reps})")
+    print("| mask | kv blocks (own + per peer) | one call s | per-source calls + lse merge s | "
+          "one call max abs diff | merged max abs diff |")
+    print("|---|---|---|---|---|---|")
+    for name in ("causal", "documents of 1500"):
+        docs = torch.arange(N, dtype=torch.int32) // 1500   # documents of 1500 tokens
+        mod = masks.causal() if name == "causal" else masks.document(docs, inner=masks.causal())
+        bm = create_block_mask(mod, None, None, N, N, device="cpu", BLOCK_SIZE=BLOCK)
+        rp = rank_plan(make_layout("head_tail", N, P, BLOCK), bm, rank)
+        q_pos, kv_pos, whole = rp.on(bm, "cpu")
+        groups = [rp.local_to] + [slots for _, slots in rp.recv]
+        blocks = kv_pos.view(-1, BLOCK)
+        parts_bm = []
+        for slots in groups:
+            pos = blocks[slots].reshape(-1)
+            mod_g = global_mask_mod(bm, q_pos, pos, N)
+            parts_bm.append(BlockMask._from_state(rp.local_state[..., slots], bm.BLOCK_SIZE, mod_g,
+                                                  (q_pos.numel(), pos.numel()), trace_mask(mod_g)))
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, H, q_pos.numel(), D, generator=g)
+        k, v = (torch.randn(1, H, kv_pos.numel(), D, generator=g) for _ in range(2))
+        dout = torch.randn(q.shape, generator=g)
+
+        def one(q, k, v):
+            return flex_attention(q, k, v, block_mask=whole)
+
+        def merged(q, k, v):
+            kb, vb = k.view(1, H, -1, BLOCK, D), v.view(1, H, -1, BLOCK, D)
+            return _merge([flex_attention(q, kb[:, :, s].flatten(2, 3), vb[:, :, s].flatten(2, 3), block_mask=m,
+                                          return_lse=True) for s, m in zip(groups, parts_bm)])[0]
+
+        def timed(fn):
+            times = []
+            for _ in range(reps):
+                x = [t.clone().requires_grad_() for t in (q, k, v)]
+                t0 = time.perf_counter()
+                out = fn(*x)
+                out.backward(dout)
+                times.append(time.perf_counter() - t0)
+            return sorted(times)[reps // 2], out.detach()
+
+        t_one, o_one = timed(one)
+        t_merged, o_merged = timed(merged)
+        gold = flex_attention(q.double(), k.double(), v.double(), block_mask=whole)
+        sizes = " + ".join(str(len(s)) for s in groups)
+        print(f"| {name} | {sizes} | {t_one:.3f} | {t_merged:.3f} | {(o_one.double() - gold).abs().max():.1e} | "
+              f"{(o_merged.double() - gold).abs().max():.1e} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="128K tokens only")
+    ap.add_argument("--local-cost", action="store_true", help="only the one-call vs merged-calls comparison")
     ap.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "bench_context_parallel.json"))
     args = ap.parse_args()
+    if args.local_cost:
+        local_cost()
+        return 0
     rows = []
     for size in (("128K",) if args.quick else tuple(SIZES)):
         for mask in ("causal", "sliding_window_4K", "document_32K"):
