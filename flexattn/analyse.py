@@ -774,6 +774,53 @@ def _load(A: BoxAnalyser, n: Node, args):
     return AV(dt, lo=lo, hi=hi, nan=_or(out.nan, ~inside) if dt.is_floating_point else False)
 
 
+def _sign(A, n, args):
+    """sign is monotone; torch.sign(NaN) is 0 (not NaN), so a maybe-NaN input widens the
+    bounds to include 0 instead of flagging the result."""
+    (x,) = args
+    if n.dtype == torch.bool:
+        return x
+    lo, hi = (torch.sign(A.t(v)) for v in A.bounds(x))
+    if n.dtype.is_floating_point and not (isinstance(x.nan, bool) and not x.nan):
+        nan = torch.as_tensor(x.nan, device=A.device)
+        lo, hi = torch.where(nan, lo.clamp(max=0), lo), torch.where(nan, hi.clamp(min=0), hi)
+    return A.interval(n.dtype, lo, hi, rounded=False)
+
+
+def _isnan(A, n, args):
+    (x,) = args
+    return AV(torch.bool, lo=False, hi=x.nan if x.dtype.is_floating_point else False)
+
+
+def _isinf(A, n, args):
+    (x,) = args
+    if not x.dtype.is_floating_point:
+        return AV(torch.bool, lo=False, hi=False)
+    lo, hi = (A.t(v) for v in A.bounds(x))
+    surely = (lo == hi) & torch.isinf(lo)
+    if not (isinstance(x.nan, bool) and not x.nan):
+        surely = surely & ~torch.as_tensor(x.nan, device=A.device)
+    return AV(torch.bool, lo=surely, hi=torch.isinf(lo) | torch.isinf(hi))
+
+
+def _fmod(A, n, args):
+    """|fmod(a, b)| <= |a| with a's sign (or zero): between min(a.lo, 0) and max(a.hi, 0);
+    exact (no rounding). Floats: NaN where a may be NaN or infinite, or b NaN or zero."""
+    dt, (x, y) = _promote2(A, n, args)
+    lo, hi = (A.t(v) for v in A.bounds(x))
+    if not dt.is_floating_point:
+        return A.interval(dt, lo.clamp(max=0), hi.clamp(min=0))
+    ylo, yhi = (A.t(v) for v in A.bounds(y))
+    nan = _or(_or(x.nan, y.nan), torch.isinf(lo) | torch.isinf(hi) | ((ylo <= 0) & (yhi >= 0)))
+    return A.interval(dt, lo.clamp(max=0), hi.clamp(min=0), nan, rounded=False)
+
+
+def _atan2(A, n, args):
+    """atan2 lies in [-pi, pi] (widened for rounding); NaN only from a NaN operand."""
+    dt, (y, x) = _promote2(A, n, args)
+    return A.interval(dt, -math.pi, math.pi, _or(y.nan, x.nan))
+
+
 def _const_value(A, dt, v):
     if dt == torch.bool:
         return AV(dt, lo=bool(v), hi=bool(v))
@@ -795,6 +842,9 @@ _HANDLED = {
     "floor": _unary_monotone(torch.floor), "ceil": _unary_monotone(torch.ceil),
     "sin": _trig(0.0), "cos": _trig(math.pi / 2),
     "erf": _unary_monotone(torch.erf), "log1p": _unary_monotone(torch.log1p, domain_lo=-1.0),
+    "expm1": _unary_monotone(torch.expm1), "trunc": _unary_monotone(torch.trunc),
+    "round": _unary_monotone(torch.round), "sign": _sign, "isnan": _isnan, "isinf": _isinf,
+    "fmod": _fmod, "atan2": _atan2,
     "lshift": _shift("lshift"), "rshift": _shift("rshift"),
     "add": _add_sub(+1), "sub": _add_sub(-1), "mul": _mul, "truediv": _truediv,
     "floordiv": _floordiv, "mod": _mod, "pow": _pow,

@@ -12,8 +12,8 @@ times gets one entry per read (their contributions add up), which is how we supp
 what torch FlexAttention rejects.
 
 Rules follow torch's autograd formulas, including its conventions at kinks:
-abs'(0) = 0, maximum/minimum split the gradient evenly on ties, floor/ceil/round and
-integer casts have zero derivative. Integer ops (comparisons, bit ops, shifts) carry none.
+abs'(0) = 0, maximum/minimum split the gradient evenly on ties, floor/ceil/round/trunc/sign
+and integer casts have zero derivative. Integer ops (comparisons, bit ops, shifts) carry none.
 """
 from __future__ import annotations
 
@@ -198,8 +198,26 @@ def _log1p(c, n, a, ga):
     c.acc(a[0], c.op("truediv", ga, c.op("add", a[0], c.one)))
 
 
+def _expm1(c, n, a, ga):  # exp(x) = expm1(x) + 1, as torch's expm1_backward
+    c.acc(a[0], c.op("mul", ga, c.op("add", n, c.one)))
+
+
 def _piecewise_constant(c, n, a, ga):
     pass
+
+
+def _fmod(c, n, a, ga):  # a - b * trunc(a / b)
+    c.acc(a[0], ga)
+    if id(a[1]) in c.active:
+        c.acc(a[1], c.op("neg", c.op("mul", ga, c.op("trunc", c.op("truediv", a[0], a[1])))))
+
+
+def _atan2(c, n, a, ga):  # d/dy = x / (x^2 + y^2), d/dx = -y / (x^2 + y^2)
+    op = c.op
+    y, x = a
+    r2 = op("add", op("mul", x, x), op("mul", y, y))
+    c.acc(y, op("truediv", op("mul", ga, x), r2))
+    c.acc(x, op("neg", op("truediv", op("mul", ga, y), r2)))
 
 
 def _mod(c, n, a, ga):  # a - b * floor(a / b)
@@ -242,12 +260,14 @@ RULES = {
     "exp": _exp, "exp2": _exp2, "log": _log, "log2": _log2, "sqrt": _sqrt, "rsqrt": _rsqrt,
     "tanh": _tanh, "sigmoid": _sigmoid, "sin": _sin, "cos": _cos, "erf": _erf, "log1p": _log1p,
     "floor": _piecewise_constant, "ceil": _piecewise_constant, "floordiv": _piecewise_constant,
+    "expm1": _expm1, "sign": _piecewise_constant, "trunc": _piecewise_constant, "round": _piecewise_constant,
+    "fmod": _fmod, "atan2": _atan2,
     "mod": _mod, "pow": _pow, "minimum": _minmax("lt"), "maximum": _minmax("gt"),
     "where": _where, "cast": _cast,
 }
 # Where derivatives start (the score input, loads of captured tensors) or stop (leaves).
 _SOURCES = LEAF_OPS | {"load"}
 # Ops whose result is never a float (bool or integer), so it never carries a derivative.
-NOT_DIFFERENTIABLE = COMPARE_OPS | BITWISE_OPS | SHIFT_OPS | {"invert"}
+NOT_DIFFERENTIABLE = COMPARE_OPS | BITWISE_OPS | SHIFT_OPS | {"invert", "isnan", "isinf"}
 assert set(RULES) | NOT_DIFFERENTIABLE | _SOURCES == set(OPS), \
     f"autodiff rules missing for {set(OPS) - set(RULES) - NOT_DIFFERENTIABLE - _SOURCES}"

@@ -87,6 +87,30 @@ def _tanh(x):
     # dtype: |error| <= 3e-7 absolute.
     t = 2.0 * _rcp(1.0 + tl.exp2(-2.8853900817779268 * x.to(tl.float32))) - 1.0
     return t.to(x.dtype)
+
+
+@triton.jit
+def _atan2(y, x):
+    # torch.atan2 in float32: t = min(|x|, |y|) / max(|x|, |y|) in [0, 1], atan(t) by
+    # Cephes' atanf polynomial (|t| <= tan(pi/8) after t -> (t - 1) / (t + 1) past it),
+    # then the octant and quadrant from |y| > |x|, the sign of x and the sign of y (a -0.0
+    # counts as negative: 1 / -0.0 = -inf), as C's atan2 for zeros and infinities
+    y = y.to(tl.float32)
+    x = x.to(tl.float32)
+    ax = tl.abs(x)
+    ay = tl.abs(y)
+    hi = tl.maximum(ax, ay)
+    lo = tl.minimum(ax, ay)
+    t = tl.where(hi == 0.0, 0.0, tl.where(lo == float('inf'), 1.0, lo / hi))
+    big = t > 0.41421356237309503
+    u = tl.where(big, (t - 1.0) / (t + 1.0), t)
+    z = u * u
+    a = (((0.0805374449538 * z - 0.138776856032) * z + 0.199777106478) * z - 0.333329491539) * z * u + u
+    a = tl.where(big, 0.7853981633974483 + a, a)
+    a = tl.where(ay > ax, 1.5707963267948966 - a, a)
+    a = tl.where((x < 0.0) | ((x == 0.0) & (1.0 / x < 0.0)), 3.141592653589793 - a, a)
+    a = tl.where((y < 0.0) | ((y == 0.0) & (1.0 / y < 0.0)), -a, a)
+    return tl.where((x != x) | (y != y), float('nan'), a)
 ''' + ('''
 
 @triton.jit
@@ -250,6 +274,11 @@ class TritonPrinter:
         """Argument i of float-valued node n, cast to n's dtype (torch computes in it)."""
         return self._cast(expr, n.args[i], n.dtype)
 
+    def _wide_arg(self, n: Node, i: int, expr: str) -> str:
+        """Argument i of float-valued node n in n's dtype, or float32 for a 16-bit n (tl.floor,
+        tl.exp and friends take float32 / float64 only; the result is cast back by _out)."""
+        return self._cast(expr, n.args[i], torch.float32 if n.dtype.itemsize < 4 else n.dtype)
+
     def _unary_math(self, fn: str):
         def p(n, a):
             return self._out(n, f"{fn}({self._float_arg(n, 0, a)})")
@@ -284,6 +313,51 @@ class TritonPrinter:
         self.lines.append(f"{u} = 1.0 + ({x})")
         return self._out(n, f"tl.where(({u} == 1.0) | ({u} == float('inf')), {x}, "
                             f"tl.log({u}) * (({x}) / ({u} - 1.0)))")
+
+    def _print_expm1(self, n, a):
+        # expm1(x) = (u - 1) * x / log(u) with u = exp(x) (Kahan): the rounding of u cancels
+        # between the two factors, so it keeps full precision for tiny x where exp(x) - 1
+        # would lose it all; u == 1 gives x, u == inf gives inf, u - 1 == -1 gives -1
+        x = self._wide_arg(n, 0, a)
+        u = f"u_{n.name}"
+        self.lines.append(f"{u} = tl.exp({x})")
+        return self._out(n, f"tl.where({u} == 1.0, {x}, tl.where(({u} == float('inf')) | ({u} - 1.0 == -1.0), "
+                            f"{u} - 1.0, ({u} - 1.0) * (({x}) / tl.log({u}))))")
+
+    def _print_sign(self, n, a):
+        if n.dtype == torch.bool:
+            return a
+        x = self._float_arg(n, 0, a)
+        if n.dtype.is_floating_point:  # NaN and -0.0 give 0.0, as torch.sign
+            return self._out(n, f"tl.where(({x}) > 0, 1.0, tl.where(({x}) < 0, -1.0, 0.0))")
+        return self._out(n, f"tl.cast(({x}) > 0, {TL_DTYPES[n.dtype]}) - tl.cast(({x}) < 0, {TL_DTYPES[n.dtype]})")
+
+    def _print_trunc(self, n, a):
+        if not n.dtype.is_floating_point:
+            return a
+        x = self._wide_arg(n, 0, a)
+        return self._out(n, f"tl.where(({x}) < 0, tl.ceil({x}), tl.floor({x}))")
+
+    def _print_round(self, n, a):
+        # half to even: r = floor(x), d = x - r (exact); up when d > 1/2, or d == 1/2 and r
+        # odd; a zero result takes x's sign (x * 0.0), as torch.round(-0.3) == -0.0
+        if not n.dtype.is_floating_point:
+            return a
+        x = self._wide_arg(n, 0, a)
+        r, d, y = f"r_{n.name}", f"d_{n.name}", f"y_{n.name}"
+        self.lines.append(f"{r} = tl.floor({x})")
+        self.lines.append(f"{d} = ({x}) - {r}")
+        self.lines.append(f"{y} = tl.where(({d} > 0.5) | (({d} == 0.5) & ({r} - 2.0 * tl.floor({r} * 0.5) != 0.0)), "
+                          f"{r} + 1.0, {r})")
+        return self._out(n, f"tl.where({y} == 0.0, ({x}) * 0.0, {y})")
+
+    def _print_isnan(self, n, a):
+        return f"({a}) != ({a})"  # False for integers
+
+    def _print_isinf(self, n, a):
+        if not n.args[0].dtype.is_floating_point:
+            return f"({a}) != ({a})"
+        return f"tl.abs({a}) == float('inf')"
 
     def _print_floor(self, n, a):
         return a if not n.dtype.is_floating_point else self._unary_math("tl.floor")(n, a)
@@ -323,6 +397,16 @@ class TritonPrinter:
             a, b = self._float_arg(n, 0, a), self._float_arg(n, 1, b)
             return self._out(n, f"({a}) - tl.floor(({a}) / ({b})) * ({b})")
         return self._out(n, f"_floormod({a}, {b})")
+
+    def _print_fmod(self, n, a, b):
+        # Triton's % is C's remainder (LLVM frem / srem): the dividend's sign, as torch.fmod;
+        # both operands cast, so two numbers do not meet Python's %
+        dt = TL_DTYPES[n.dtype]
+        return self._out(n, f"tl.cast({self._cast(a, n.args[0], n.dtype)}, {dt}) % "
+                            f"tl.cast({self._cast(b, n.args[1], n.dtype)}, {dt})")
+
+    def _print_atan2(self, n, a, b):
+        return self._out(n, f"_atan2({self._float_arg(n, 0, a)}, {self._float_arg(n, 1, b)})")
 
     def _print_pow(self, n, a, b):
         e = n.args[1].args[0]  # a constant exponent (non-constant ones are UNSUPPORTED)

@@ -45,10 +45,13 @@ LEAF_OPS = frozenset({"input", "const", "buffer", "param"})
 UNARY_OPS = frozenset({
     "neg", "abs", "exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh", "sigmoid",
     "sin", "cos", "floor", "ceil", "invert",  # invert: logical not on bool, bitwise not on ints
-    "erf", "log1p",
+    "erf", "log1p", "expm1",
+    "sign", "trunc", "round",  # round: half to even, as torch.round
+    "isnan", "isinf",          # bool results (False for integers)
 })
 BINARY_ARITH_OPS = frozenset({
     "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "minimum", "maximum",
+    "fmod", "atan2",  # fmod: C's remainder (the dividend's sign), as torch.fmod
 })
 BITWISE_OPS = frozenset({"and", "or", "xor"})  # logical on bool, bitwise on ints
 # Shifts on integers with torch's semantics: `>>` is arithmetic (sign-filling) on signed
@@ -67,6 +70,10 @@ TORCH_IMPL: dict[str, Callable[..., Any]] = {
     "log": torch.log, "log2": torch.log2, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
     "tanh": torch.tanh, "sigmoid": torch.sigmoid, "sin": torch.sin, "cos": torch.cos,
     "floor": torch.floor, "ceil": torch.ceil, "erf": torch.erf, "log1p": torch.log1p,
+    "expm1": torch.expm1, "sign": torch.sign, "trunc": torch.trunc, "round": torch.round,
+    "isnan": torch.isnan, "isinf": torch.isinf,
+    "fmod": lambda a, b: torch.fmod(_weak_tensor(a, b), b),
+    "atan2": lambda a, b: torch.atan2(_weak_tensor(a, b), _weak_tensor(b, a)),
     "invert": lambda x: torch.logical_not(x) if x.dtype == torch.bool else torch.bitwise_not(x),
     "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
     "truediv": lambda a, b: a / b, "floordiv": lambda a, b: a // b,
@@ -84,6 +91,14 @@ TORCH_IMPL: dict[str, Callable[..., Any]] = {
     "ge": lambda a, b: a >= b, "eq": lambda a, b: a == b, "ne": lambda a, b: a != b,
     "where": lambda c, a, b: torch.where(c, a, b),
 }
+
+def _weak_tensor(x, other):
+    """x, a Python number, as a 0-d tensor of the dtype it promotes to with `other` (for the
+    torch functions that take no number in that place); a tensor x as it is."""
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.as_tensor(x, dtype=torch.result_type(other, x) if isinstance(other, torch.Tensor) else None)
+
 
 def _tensor_if_both_scalars(a, b, fn):
     if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):

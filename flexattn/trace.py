@@ -203,6 +203,21 @@ class Proxy:
     def ceil(self): return self._emit("ceil", self)
     def erf(self): return self._emit("erf", self)
     def log1p(self): return self._emit("log1p", self)
+    def expm1(self): return self._emit("expm1", self)
+    def sign(self): return self._emit("sign", self)
+    sgn = sign
+    def trunc(self): return self._emit("trunc", self)
+    fix = trunc
+    def frac(self): return self - self._emit("trunc", self)
+    def round(self, decimals=0): return _round(self._state, self, decimals=decimals)
+    def fmod(self, o): return self._emit("fmod", self, o)
+    def atan2(self, o): return self._emit("atan2", self, o)
+    arctan2 = atan2
+    def isnan(self): return self._emit("isnan", self)
+    def isinf(self): return self._emit("isinf", self)
+    def isfinite(self): return ~(self._emit("isnan", self) | self._emit("isinf", self))
+    def isposinf(self): return self._emit("isinf", self) & (self > 0)
+    def isneginf(self): return self._emit("isinf", self) & (self < 0)
     def relu(self): return _relu(self._state, self)
     def bitwise_left_shift(self, o): return self._emit("lshift", self, o)
     def bitwise_right_shift(self, o): return self._emit("rshift", self, o)
@@ -533,6 +548,24 @@ def _softplus(state, x, beta=1.0, threshold=20.0):
     return _where(state, linear, p, soft)
 
 
+def _round(state, x, decimals=0):
+    """torch.round: half to even; with `decimals`, aten's formula (x * 10^d rounded, then
+    divided by 10^d; for d < 0, x / 10^-d rounded, then multiplied)."""
+    p = _proxy_of(state, x)
+    if not isinstance(decimals, int) or isinstance(decimals, bool):
+        raise state.fail(f"round with decimals of type {type(decimals).__name__}", "pass decimals as a Python int")
+    if decimals == 0:
+        return p._emit("round", p)
+    if not p.dtype.is_floating_point:
+        raise state.fail(f"round(decimals={decimals}) of an integer value (torch does not define it)",
+                         "round integers with decimals=0, or cast to a float first")
+    if decimals > 0:
+        ten = 10.0 ** decimals
+        return (p * ten)._emit("round", p * ten) / ten
+    ten = 10.0 ** -decimals
+    return (p / ten)._emit("round", p / ten) * ten
+
+
 def _full_like(value):
     def handler(state, x, *args, dtype=None, **kwargs):
         v = args[0] if value is None else value
@@ -594,6 +627,21 @@ for _f in (torch.erf, T.erf, torch.special.erf):
     TORCH_FUNCTIONS[_f] = _unary("erf")
 for _f in (torch.log1p, T.log1p, torch.special.log1p):
     TORCH_FUNCTIONS[_f] = _unary("log1p")
+for _f in (torch.expm1, T.expm1, torch.special.expm1):
+    TORCH_FUNCTIONS[_f] = _unary("expm1")
+for _f in (torch.sign, T.sign, torch.sgn, T.sgn):
+    TORCH_FUNCTIONS[_f] = _unary("sign")
+for _f in (torch.trunc, T.trunc, torch.fix, T.fix):
+    TORCH_FUNCTIONS[_f] = _unary("trunc")
+for _f in (torch.round, T.round, torch.special.round):
+    TORCH_FUNCTIONS[_f] = lambda s, x, decimals=0: _round(s, x, decimals=decimals)
+for _name in ("frac", "isnan", "isinf", "isfinite", "isposinf", "isneginf"):
+    TORCH_FUNCTIONS[getattr(torch, _name)] = TORCH_FUNCTIONS[getattr(T, _name)] = \
+        (lambda n: lambda s, x: getattr(_proxy_of(s, x), n)())(_name)
+for _f in (torch.fmod, T.fmod):
+    TORCH_FUNCTIONS[_f] = _binary("fmod")
+for _f in (torch.atan2, T.atan2, torch.arctan2, T.arctan2):
+    TORCH_FUNCTIONS[_f] = _binary("atan2")
 for _f in (torch.bitwise_left_shift, T.bitwise_left_shift, T.__lshift__):
     TORCH_FUNCTIONS[_f] = _binary("lshift")
 for _f in (torch.bitwise_right_shift, T.bitwise_right_shift, T.__rshift__):

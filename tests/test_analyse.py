@@ -126,6 +126,13 @@ CASES = {
     "shift_by_index": lambda b, h, q, kv: ((q >> (kv % 5)) > 3) | ((kv << (q % 40 - 4)) > 50),
     "morton": lambda b, h, q, kv: ((q >> 3) - (kv >> 3)).abs() + ((q & 7) - (kv & 7)).abs() <= 3,
     "erf_log1p": lambda b, h, q, kv: torch.erf((q - kv).float() / 9) > torch.log1p((kv - 40).float() / 10) - 0.5,
+    "expm1_trunc_round": lambda b, h, q, kv: (torch.expm1((q - kv).float() / 20) > 0.3)
+    | (torch.trunc((q - kv).float() / 3.5) == torch.round((kv - q).float() / 2.5)),
+    "sign": lambda b, h, q, kv: (torch.sign(kv - 30) * torch.sign(q - 20) > 0) ^ (torch.sign(FLOAT_TABLE[q % 8]) >= 0),
+    "fmod": lambda b, h, q, kv: (torch.fmod(q - kv, 5) == -2) | (torch.fmod((q - 30).float(), 4.5) > 2.0),
+    "atan2": lambda b, h, q, kv: torch.atan2((q - 30).float(), (kv - 20).float()) > 1.0,
+    "isnan_isinf": lambda b, h, q, kv: (~torch.isnan(FLOAT_TABLE[q % 8]) & (torch.isinf(FLOAT_TABLE[kv % 8]) | (q > kv)))
+    | torch.isnan(q) | torch.isinf(kv),
 }
 
 

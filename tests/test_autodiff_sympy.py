@@ -36,7 +36,12 @@ _SYMPY = {
     "log": sympy.log, "log2": lambda a: sympy.log(a, 2), "sqrt": sympy.sqrt, "rsqrt": lambda a: 1 / sympy.sqrt(a),
     "tanh": sympy.tanh, "sigmoid": lambda a: 1 / (1 + sympy.exp(-a)), "sin": sympy.sin, "cos": sympy.cos,
     "floor": sympy.floor, "ceil": sympy.ceiling, "invert": sympy.Not,
-    "erf": sympy.erf, "log1p": lambda a: sympy.log(1 + a),
+    "erf": sympy.erf, "log1p": lambda a: sympy.log(1 + a), "expm1": lambda a: sympy.exp(a) - 1,
+    "sign": sympy.sign, "trunc": lambda a: sympy.Piecewise((sympy.floor(a), a >= 0), (sympy.ceiling(a), True)),
+    "round": lambda a: sympy.floor(a + sympy.Rational(1, 2)),  # (half to even differs only on ties)
+    "isnan": lambda a: sympy.false, "isinf": lambda a: sympy.false,
+    "fmod": lambda a, b: a - b * sympy.Piecewise((sympy.floor(a / b), a / b >= 0), (sympy.ceiling(a / b), True)),
+    "atan2": sympy.atan2,
     "lshift": lambda a, b: a * 2 ** b, "rshift": lambda a, b: sympy.floor(a / 2 ** b),
     "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
     "truediv": lambda a, b: a / b, "floordiv": _floor_div, "mod": lambda a, b: sympy.Mod(a, b),

@@ -158,6 +158,12 @@ SCORE_MODS = {
     "erf_sigmoid": lambda s, b, h, q, kv: torch.erf(s / 2) * 3 + torch.sigmoid(s) - s.sigmoid() * s,
     "log1p": lambda s, b, h, q, kv: torch.log1p(s.abs()) - torch.log1p(-0.5 * torch.sigmoid(s)),
     "gelu_bias_shift": lambda s, b, h, q, kv: F.gelu(s + ((q >> 2) - (kv >> 2)).float() * 0.1),
+    "expm1_fmod_atan2": lambda s, b, h, q, kv: torch.expm1(s * 0.3) - torch.fmod(s, 0.7) * 2
+    + torch.atan2(s, (q - kv).float() + 0.5) + torch.atan2((kv - q).float() * 0.1 + 0.3, s) + s.fmod(q.float() + 1.5),
+    "rounding": lambda s, b, h, q, kv: s + torch.round(s * 2) * 0.1 + torch.trunc(s) * 0.2 + torch.sign(s) * 0.3
+    + s.frac() + torch.round(s, decimals=1),
+    "nan_inf_guards": lambda s, b, h, q, kv: torch.where(torch.isnan(s) | torch.isinf(s * 1e37), 0.0, s)
+    + torch.isfinite(s).float(),
 }
 
 
@@ -220,6 +226,24 @@ PRINTED_MODS = {
     "erf_log1p": ("score", "lambda s, b, h, q, kv: torch.erf(s) + torch.log1p(s.abs() * 1e-6) * 1e6"
                            " + torch.log1p(s * 0.03) + torch.log1p(s * 0 + float('inf')).clamp(max=7.0)"
                            " + torch.erf((q - kv).half()).float()"),
+    # rounding ops on exact halves and signed zeros (1 / +-0 -> +-inf, clamped), NaN's sign 0
+    "round_trunc_sign": ("score", "lambda s, b, h, q, kv: torch.round((q - kv).float() * 0.5) + torch.round(s * 3.3)"
+                                  " + (1 / torch.round(s * 0.01)).clamp(-5, 5) + torch.trunc(s / 7)"
+                                  " + (1 / torch.trunc(s * 0.02)).clamp(-5, 5) + torch.round(s, decimals=1)"
+                                  " + torch.sign(s) + torch.sign(q - kv).float() + torch.sign(s * 0 / 0)"
+                                  " + torch.round(q - kv).float() + torch.round((q - kv).half() * 0.5).float()"),
+    "expm1": ("score", "lambda s, b, h, q, kv: torch.expm1(s * 0.2) + torch.expm1(s * 1e-6) * 1e6"
+                       " + torch.expm1(s * 5).clamp(max=50.0) + torch.expm1(s * 0 - float('inf'))"
+                       " + torch.expm1((q - kv).half() * 0.125).float()"),
+    # atan2 in every quadrant, on the axes, at signed zeros and infinities; fmod of both signs
+    "fmod_atan2": ("score", "lambda s, b, h, q, kv: torch.fmod(s, 2.5) + torch.fmod(s, -1.3) + torch.fmod(q - kv, 7).float()"
+                            " + torch.fmod(kv - 40, q + 1).float() + torch.atan2(s, (q - kv).float())"
+                            " + torch.atan2((q - kv).float(), s) + torch.atan2(s * 0, s * 0 - 1)"
+                            " + torch.atan2(s * 0, s * 0) + torch.atan2(1 / (s * 0), s) + torch.atan2(s, 1 / (s * 0))"
+                            " + torch.atan2(1 / (s * 0), 1 / (s * 0)) + torch.atan2(q, kv)"),
+    "isnan_isinf": ("score", "lambda s, b, h, q, kv: torch.isnan(s * 0 / 0).float() + torch.isinf(1 / (s * 0)).float()"
+                             " + torch.isinf(s).float() * 3 + torch.isnan(q).float() + torch.isinf(kv).float()"
+                             " + torch.isfinite(s).float() * 5 + torch.where(s.isposinf() | (1 / (s * 0)).isneginf(), 7.0, 0.0)"),
 }
 
 _PRINTED_SCRIPT = r'''
@@ -281,3 +305,18 @@ def test_printed_shifts_are_bare_for_literal_amounts():
     assert ">> 1" in body and ">> 8" in body and "tl.where" not in body  # no run-time range test
     assert "sbp" in src  # the masks (and the radius) are kernel arguments, the amounts are not
     assert not any(f">> sbp{i}" in src for i in range(len(g.params)))
+
+
+def test_unsupported_pointwise_op_names_op_line_and_fix():
+    def mod(score, b, h, q_idx, kv_idx):
+        return torch.tan(score)
+    with pytest.raises(flexattn.TraceError) as e:
+        flexattn.trace_score(mod)
+    msg = str(e.value)
+    assert "torch.tan is not supported" in msg and "return torch.tan(score)" in msg and "fix:" in msg
+    with pytest.raises(flexattn.TraceError, match=r"\.tan\(\) is not supported"):
+        flexattn.trace_score(lambda s, b, h, q, kv: s.tan())
+    with pytest.raises(flexattn.TraceError, match=r"round\(decimals=1\) of an integer value"):
+        flexattn.trace_mask(lambda b, h, q, kv: (q - kv).round(decimals=1) == 0)
+    with pytest.raises(flexattn.TraceError, match="round with decimals of type float"):
+        flexattn.trace_score(lambda s, b, h, q, kv: s.round(decimals=1.5))

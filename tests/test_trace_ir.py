@@ -46,6 +46,15 @@ SCORE_MODS = {
                                                  + torch.bitwise_left_shift(kv, 1)).float(),
     "to_device_dtype_other": lambda s, b, h, q, kv: s.to(s.device) + q.to(s) + kv.to(s.device, torch.float64)
     + (q - kv).to(dtype=torch.float16, non_blocking=True) + q.type_as(s),
+    "rounding_sign_expm1": lambda s, b, h, q, kv: torch.expm1(s) + s.expm1() + torch.special.expm1(s / 8)
+    + torch.sign(s) + s.sgn() + torch.sign(q - kv) + torch.trunc(s * 1.7) + s.fix() + torch.round(s * 2.5)
+    + s.round(decimals=1) + torch.round(s * 300, decimals=-2) + s.frac() + torch.round(q - kv),
+    "fmod_atan2": lambda s, b, h, q, kv: torch.fmod(s, 0.7) + s.fmod(-1.1) + torch.fmod(q - kv, 3)
+    + torch.fmod(kv, q + 1).float() + torch.atan2(s, (q - kv).float()) + s.arctan2(s - 1) + torch.atan2(q, kv)
+    + torch.remainder(s, 0.9) + (q - kv).remainder(-4),
+    "nan_inf_tests": lambda s, b, h, q, kv: torch.where(torch.isnan(s / s) | s.isinf() | torch.isinf(q), 1.0, s)
+    + torch.isfinite(1 / (q - kv)).float() + (1 / (s * 0)).isposinf().float() - torch.isneginf(1 / (s * 0)).float()
+    + torch.isnan(kv).float(),
 }
 
 MASK_MODS = {
