@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from .block_mask import BlockMask
+from .block_mask import BlockMask, as_block_mask
 from .checks import check_block_mask
 from .cpu import flex_attention_cpu
 from .dropout import draw_seed
@@ -79,11 +79,13 @@ def flex_attention(query, key, value, score_mod: Optional[Callable] = None,
     query [B, Hq, L, E], key [B, Hkv, S, E], value [B, Hkv, S, Ev] (same dtype and device;
     Hq == Hkv, or Hq a multiple of Hkv with enable_gqa=True: query head hq reads kv head
     hq // (Hq // Hkv)). block_mask: a BlockMask for (L, S) from create_block_mask, or None
-    (attend everywhere). Returns out [B, Hq, L, Ev] in query.dtype, and with return_lse=True
-    also lse [B, Hq, L] (natural log; float32, float64 for float64 inputs). Fully masked
-    rows give out 0 and lse -inf. return_aux=AuxRequest(lse=True) (torch >= 2.9's form;
-    torch's or flexattn's AuxRequest) returns (out, AuxOutput(lse=lse, max_scores=None))
-    instead; giving both return_lse and return_aux raises ValueError, as torch does.
+    (attend everywhere); a torch.nn.attention.flex_attention.BlockMask is taken too
+    (BlockMask.from_torch, once per mask). Returns out [B, Hq, L, Ev] in query.dtype, and
+    with return_lse=True also lse [B, Hq, L] (natural log; float32, float64 for float64
+    inputs). Fully masked rows give out 0 and lse -inf. return_aux=AuxRequest(lse=True)
+    (torch >= 2.9's form; torch's or flexattn's AuxRequest) returns (out,
+    AuxOutput(lse=lse, max_scores=None)) instead; giving both return_lse and return_aux
+    raises ValueError, as torch does.
     max_scores=True raises NotImplementedError (not computed).
 
     dropout_p in [0, 1) drops probabilities after the softmax (kept ones scaled by
@@ -95,6 +97,8 @@ def flex_attention(query, key, value, score_mod: Optional[Callable] = None,
     kernel_options: {"BACKEND": "auto" | "cpu" | "triton", ...}; "auto" picks the Triton
     kernels for CUDA tensors and the tiled CPU path otherwise. Other keys go to the backend.
     """
+    if block_mask is not None and not isinstance(block_mask, BlockMask):
+        block_mask = _as_block_mask(block_mask)  # a torch BlockMask: converted once (cached on it)
     if torch.compiler.is_compiling():  # dynamo is tracing: the mods are traced outside it
         from .compiled import flex_attention_compiled  # (torch.compile only: not loaded before)
         return flex_attention_compiled(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
@@ -119,6 +123,8 @@ def flex_attention(query, key, value, score_mod: Optional[Callable] = None,
 
 
 _KERNELS = None
+# the conversion runs outside a compiled graph (a graph break there): it traces the mask_mod
+_as_block_mask = torch.compiler.disable(as_block_mask)
 
 
 def _kernels():

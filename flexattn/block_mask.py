@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -289,6 +290,34 @@ class BlockMask:
         return bm
 
     @classmethod
+    def from_torch(cls, torch_block_mask) -> "BlockMask":
+        """A `torch.nn.attention.flex_attention.BlockMask` as flexattn's: the same index
+        tensors (shared, not copied), BLOCK_SIZE and seq_lengths, and its mask_mod traced
+        (torch's noop_mask, or None, means attend everywhere inside partial blocks).
+
+        flex_attention takes a torch BlockMask directly and converts it with this; the result
+        is cached per torch mask (by identity, while it lives and keeps its kv_indices), so
+        what the kernels cache on a mask is kept across calls too."""
+        hit = _FROM_TORCH.get(torch_block_mask)
+        if hit is not None and hit.kv_indices is torch_block_mask.kv_indices:
+            return hit
+        src = torch_block_mask
+        mask_mod = src.mask_mod
+        if mask_mod is None or mask_mod is _torch_noop_mask():
+            mask_mod, graph = None, None
+        else:
+            graph = trace_mask(mask_mod, "block_mask.mask_mod")
+        if src.q_indices is None:  # built with compute_q_blocks=False: derive the transpose
+            bm = cls.from_kv_blocks(src.kv_num_blocks, src.kv_indices, src.full_kv_num_blocks, src.full_kv_indices,
+                                    BLOCK_SIZE=src.BLOCK_SIZE, mask_mod=mask_mod, seq_lengths=src.seq_lengths,
+                                    mask_graph=graph)
+        else:
+            bm = cls(*(getattr(src, a) for a in cls._TENSOR_ATTRS), BLOCK_SIZE=src.BLOCK_SIZE, mask_mod=mask_mod,
+                     seq_lengths=src.seq_lengths, mask_graph=graph)
+        _FROM_TORCH[src] = bm
+        return bm
+
+    @classmethod
     def _from_state(cls, state: torch.Tensor, BLOCK_SIZE, mask_mod, seq_lengths, mask_graph) -> "BlockMask":
         """From an int8 state matrix [B, H, nQ, nKV] of EMPTY / PARTIAL / FULL."""
         (kv_num, kv_idx), (fkv_num, fkv_idx) = _ordered_from_codes(state, (PARTIAL, FULL))
@@ -497,3 +526,31 @@ class BlockMask:
 def _sliced_mask_mod_error(b, h, q_idx, kv_idx):
     raise RuntimeError("this BlockMask was sliced, so its mask_mod no longer applies at the sliced indices; "
                        "build the mask for the sliced shape with create_block_mask instead")
+
+
+# torch BlockMask -> its flexattn conversion (BlockMask.from_torch); weak: dies with the torch mask
+_FROM_TORCH: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _torch_block_mask_class():
+    try:
+        from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
+    except ImportError:  # torch without FlexAttention
+        return None
+    return TorchBlockMask
+
+
+def _torch_noop_mask():
+    from torch.nn.attention.flex_attention import noop_mask as torch_noop
+    return torch_noop
+
+
+def as_block_mask(block_mask):
+    """flexattn's BlockMask for `block_mask`: itself, or a torch BlockMask converted once
+    (BlockMask.from_torch); anything else is returned as it is (the checks refuse it)."""
+    if block_mask is None or isinstance(block_mask, BlockMask):
+        return block_mask
+    torch_cls = _torch_block_mask_class()
+    if torch_cls is not None and isinstance(block_mask, torch_cls):
+        return BlockMask.from_torch(block_mask)
+    return block_mask

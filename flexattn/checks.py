@@ -112,8 +112,9 @@ def check_block_mask(bm, B: int, Hq: int, L: int, S: int, device) -> None:
             raise TypeError(f"block_mask must be a BlockMask, got the callable {getattr(bm, '__name__', bm)!r}; "
                             f"a mask_mod goes through create_block_mask first: "
                             f"block_mask=create_block_mask(mask_mod, B, H, Q_LEN={L}, KV_LEN={S})")
-        raise TypeError(f"block_mask must be a BlockMask or None, got {type(bm).__name__}; "
-                        f"build one with create_block_mask(mask_mod, B, H, Q_LEN={L}, KV_LEN={S})")
+        raise TypeError(f"block_mask must be a flexattn.BlockMask, a torch.nn.attention.flex_attention.BlockMask "
+                        f"or None, got {type(bm).__module__}.{type(bm).__qualname__}; build one with "
+                        f"flexattn.create_block_mask(mask_mod, B, H, Q_LEN={L}, KV_LEN={S})")
     if tuple(bm.seq_lengths) != (L, S):
         raise ValueError(f"block_mask was built for (Q_LEN, KV_LEN) = {tuple(bm.seq_lengths)} but the inputs have "
                          f"query length {L} and key/value length {S}; build it with create_block_mask(..., "

@@ -391,3 +391,76 @@ def test_transformers_flex_forward_pattern_compiled():
             for a, b in zip(got, want):
                 torch.testing.assert_close(a.double(), b.double(), atol=5e-5, rtol=5e-5)
     assert cnt.frame_count == 2  # one graph per kv head count, whatever the closures
+
+
+# ---- a torch BlockMask passed in ------------------------------------------------------
+
+def _sliding(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx) & (q_idx - kv_idx < 20)
+
+
+def test_torch_block_mask_accepted_and_converted_once():
+    from flexattn.block_mask import _FROM_TORCH
+    tbm = tfa.create_block_mask(_sliding, None, 2, 70, 70, device="cpu", BLOCK_SIZE=16)
+    q, k, v = (torch.randn(1, 2, 70, 8, generator=torch.Generator().manual_seed(i)).requires_grad_()
+               for i in range(3))
+    out, aux = flexattn.flex_attention(q, k, v, block_mask=tbm, return_aux=flexattn.AuxRequest(lse=True))
+    ro, rl = dense(q, k, v, mask_mod=_sliding)
+    torch.testing.assert_close(out.double(), ro, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(aux.lse.double(), rl, atol=2e-5, rtol=2e-5)
+    got = torch.autograd.grad(out.sum(), [q, k, v])
+    want = torch.autograd.grad(ro.sum(), [q, k, v])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w.double(), atol=2e-5, rtol=2e-5)
+    # one conversion per torch mask, sharing its tensors
+    bm = flexattn.BlockMask.from_torch(tbm)
+    assert _FROM_TORCH[tbm] is bm and flexattn.BlockMask.from_torch(tbm) is bm
+    assert bm.kv_indices is tbm.kv_indices and bm.q_indices is tbm.q_indices
+    assert bm.mask_graph is not None and bm.seq_lengths == (70, 70) and bm.BLOCK_SIZE == (16, 16)
+    assert torch.equal(bm.to_dense(), tbm.to_dense())
+    flexattn.flex_attention(q, k, v, block_mask=tbm)
+    assert len([m for m in _FROM_TORCH.keys() if m is tbm]) == 1
+
+
+def test_torch_block_mask_from_kv_blocks_and_noop():
+    """A torch mask built from kv blocks without the transposed indices (its q_* are derived)
+    and torch's noop mask (no mask graph: attend everywhere inside the listed blocks)."""
+    tbm = tfa.create_block_mask(_sliding, None, None, 64, 64, device="cpu", BLOCK_SIZE=16)
+    kv_only = tfa.BlockMask.from_kv_blocks(tbm.kv_num_blocks, tbm.kv_indices, tbm.full_kv_num_blocks,
+                                           tbm.full_kv_indices, BLOCK_SIZE=16, mask_mod=_sliding,
+                                           compute_q_blocks=False)
+    assert kv_only.q_indices is None
+    q, k, v = (torch.randn(1, 1, 64, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    torch.testing.assert_close(flexattn.flex_attention(q, k, v, block_mask=kv_only).double(),
+                               dense(q, k, v, mask_mod=_sliding)[0], atol=2e-5, rtol=2e-5)
+    assert torch.equal(flexattn.BlockMask.from_torch(kv_only).q_indices, flexattn.BlockMask.from_torch(tbm).q_indices)
+    full = tfa.create_block_mask(tfa.noop_mask, None, None, 40, 40, device="cpu", BLOCK_SIZE=16)
+    assert flexattn.BlockMask.from_torch(full).mask_graph is None
+    q, k, v = (torch.randn(1, 1, 40, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    torch.testing.assert_close(flexattn.flex_attention(q, k, v, block_mask=full).double(), dense(q, k, v)[0],
+                               atol=2e-5, rtol=2e-5)
+
+
+def test_torch_block_mask_under_torch_compile():
+    """Converted outside the graph (one break), so torch.compile without fullgraph takes it."""
+    torch._dynamo.reset()
+    tbm = tfa.create_block_mask(_sliding, None, None, 48, 48, device="cpu", BLOCK_SIZE=16)
+    q, k, v = (torch.randn(1, 2, 48, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    f, cnt = _counting(lambda q, k, v, bm: flexattn.flex_attention(q, k, v, block_mask=bm) * 2, fullgraph=False)
+    frames = []
+    for _ in range(3):
+        torch.testing.assert_close(f(q, k, v, tbm).double(), dense(q, k, v, mask_mod=_sliding)[0] * 2,
+                                   atol=2e-5, rtol=2e-5)
+        frames.append(cnt.frame_count)
+    assert frames[0] <= 2 and frames[-1] == frames[0]  # the attention's graph and the one after it; no recompile
+
+
+def test_block_mask_of_another_class_is_refused_by_its_full_name():
+    class BlockMask:  # a look-alike of another library
+        pass
+    q = torch.randn(1, 1, 16, 8)
+    with pytest.raises(TypeError) as e:
+        flexattn.flex_attention(q, q, q, block_mask=BlockMask())
+    msg = str(e.value)
+    assert "must be a flexattn.BlockMask, a torch.nn.attention.flex_attention.BlockMask or None" in msg
+    assert f"got {__name__}.test_block_mask_of_another_class_is_refused_by_its_full_name.<locals>.BlockMask" in msg

@@ -132,7 +132,8 @@ def test_mask_mod_passed_as_block_mask(qkv):
 
 def test_block_mask_wrong_type(qkv):
     q, k, v = qkv
-    with raises(TypeError, "block_mask must be a BlockMask or None, got Tensor"):
+    with raises(TypeError, "block_mask must be a flexattn.BlockMask, a torch.nn.attention.flex_attention.BlockMask "
+                           "or None, got torch.Tensor"):
         flex_attention(q, k, v, block_mask=torch.ones(32, 48, dtype=torch.bool))
 
 

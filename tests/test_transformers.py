@@ -185,3 +185,16 @@ def test_registered_under_its_name():
     from transformers.masking_utils import AttentionMaskInterface
     assert AttentionInterface._global_mapping[fx.NAME] is fx.flexattn_attention_forward
     assert AttentionMaskInterface._global_mapping[fx.NAME] is fx.flexattn_mask
+
+
+def test_forward_with_a_torch_block_mask():
+    """A torch BlockMask a caller prepared (transformers returns a 4-d mask as it is)."""
+    tfa = pytest.importorskip("torch.nn.attention.flex_attention")
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 20, 8, generator=g) for _ in range(3))
+    tbm = tfa.create_block_mask(lambda b, h, qi, kv: qi >= kv, 2, None, 20, 20, device="cpu", BLOCK_SIZE=16)
+    out, _ = fx.flexattn_attention_forward(None, q, k, v, tbm, scaling=0.4, softcap=3.0)
+    causal = torch.zeros(20, 20).masked_fill(~torch.ones(20, 20).tril().bool(), -math.inf)
+    s = 3.0 * torch.tanh((q.double() @ k.double().transpose(-1, -2)) * 0.4 / 3.0) + causal.double()
+    want = (torch.softmax(s, -1) @ v.double()).transpose(1, 2)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from ..attention import AuxRequest, flex_attention
-from ..block_mask import BlockMask
+from ..block_mask import BlockMask, as_block_mask
 from ..build_mask import create_block_mask
 
 __all__ = ["flexattn_attention_forward", "flexattn_mask", "register"]
@@ -65,13 +65,15 @@ def flexattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
                                position_bias: Optional[torch.Tensor] = None, dropout: float = 0.0,
                                **kwargs):
     """transformers' attention-interface function: query [B, Hq, L, E], key/value
-    [B, Hkv, S, E] (Hq a multiple of Hkv), attention_mask a BlockMask from `flexattn_mask`,
+    [B, Hkv, S, E] (Hq a multiple of Hkv), attention_mask a BlockMask from `flexattn_mask`
+    (or torch's),
     a 4-d additive float mask [B, 1, L, >= S] or a 4-d boolean one (True = keep), or None.
     Returns (out [B, L, Hq, Ev] contiguous, None): the attention probabilities are never
     materialised, so there are no weights to return. `sliding_window` and the other
     keywords the layers pass are already in the mask."""
     block_mask = None
     score_mask = None
+    attention_mask = as_block_mask(attention_mask)  # (a torch BlockMask a caller prepared: converted)
     if isinstance(attention_mask, BlockMask):
         block_mask = attention_mask
     elif attention_mask is not None:
