@@ -198,3 +198,20 @@ def test_forward_with_a_torch_block_mask():
     s = 3.0 * torch.tanh((q.double() @ k.double().transpose(-1, -2)) * 0.4 / 3.0) + causal.double()
     want = (torch.softmax(s, -1) @ v.double()).transpose(1, 2)
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_model():
+    """torch.compile(model) with attn_implementation="flexattn": the mask is built outside the
+    graph (a break per mask), the attention inside it; new inputs of the same shape reuse the graphs."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    model = tiny("llama")
+    model.set_attn_implementation("flexattn")
+    cnt = CompileCounter()
+    f = torch.compile(model, backend=cnt)
+    frames = []
+    for seed in (1, 2):
+        x = ids(2, 19, seed=seed)
+        torch.testing.assert_close(f(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5, rtol=1e-5)
+        frames.append(cnt.frame_count)
+    assert frames[0] == frames[1]
