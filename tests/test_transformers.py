@@ -55,8 +55,8 @@ def run(model, impl, dtype, inputs, keep):
     assert m.config._attn_implementation == impl
     res = m(**inputs)
     y = res.logits if hasattr(res, "logits") else res.last_hidden_state
-    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dtype)
-    loss = (y * w * keep[..., None].to(dtype)).sum()
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(y.device, dtype)
+    loss = (y * w * keep[..., None].to(y.device, dtype)).sum()
     params = [p for p in m.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     names = [n for n, p in m.named_parameters() if p.requires_grad]
@@ -67,7 +67,7 @@ def check_against_eager(model, inputs, keep):
     gold_y, gold_g = run(model, "eager", torch.float64, inputs, keep)
     ref_y, ref_g = run(model, "eager", torch.float32, inputs, keep)
     got_y, got_g = run(model, "flexattn", torch.float32, inputs, keep)
-    k = keep.bool()
+    k = keep.bool().to(gold_y.device)
     assert torch.isfinite(gold_y[k]).all(), "the float64 golden has NaN/inf entries: a test that checks nothing"
     assert_close_to_golden("out", got_y[k], ref_y[k], gold_y[k])
     for n in gold_g:
@@ -215,3 +215,23 @@ def test_compiled_model():
         torch.testing.assert_close(f(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5, rtol=1e-5)
         frames.append(cnt.frame_count)
     assert frames[0] == frames[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_on_gpu_kernels(kind):
+    """The same checks with the Triton kernels (CUDA tensors): forward and backward against
+    eager under the numerics rule, greedy generation with the cache."""
+    model = tiny(kind).cuda()
+    x = ids(2, 150).cuda()  # past one 128-block: the kernels skip and mask blocks
+    am = torch.ones(2, 150, dtype=torch.long, device="cuda")
+    am[1, 146:] = 0
+    check_against_eager(model, dict(input_ids=x, attention_mask=am), torch.ones(2, 150))
+    am = left_padded(2, 11, [0, 3]).cuda()
+    tokens = {}
+    for impl in ("eager", "flexattn"):
+        model.set_attn_implementation(impl)
+        tokens[impl] = model.generate(x[:, :11], attention_mask=am, max_new_tokens=9, do_sample=False,
+                                      min_new_tokens=9)
+    assert torch.equal(tokens["flexattn"], tokens["eager"])
