@@ -189,7 +189,7 @@ def capture(kind, case, S=8192, D=128, B=4, H=16, cfg=None, bwd_cfg=None):
         else:
             out = torch.empty_like(q)
             lse = torch.empty(B, H, S)
-            flex_backward(plan, q, k, v, out, lse, torch.empty_like(q), None, plan.score_bufs)
+            flex_backward(plan, q, k, v, out, lse, torch.empty_like(q), None, plan.score_bufs, cfg=bwd_cfg)
     finally:
         launcher.launch = orig
         config.device_key = old_dk
@@ -197,8 +197,10 @@ def capture(kind, case, S=8192, D=128, B=4, H=16, cfg=None, bwd_cfg=None):
 
 
 def inspect_case(kind, case, D=128, cfg=None, S=8192, loops=False):
+    """cfg: the forward's or the backward's tile config (by kind); None: the default."""
     out = []
-    for kernel, grid, args, kwargs in capture(kind, case, S=S, D=D, cfg=cfg):
+    fwd_cfg, bwd_cfg = (cfg, None) if kind == "fwd" else (None, cfg)
+    for kernel, grid, args, kwargs in capture(kind, case, S=S, D=D, cfg=fwd_cfg, bwd_cfg=bwd_cfg):
         ck = compile_sm90(kernel, args, kwargs)
         tag = f"{kind} {case} S={S} D={D} {kernel.__name__} " + \
               " ".join(f"{k}={kwargs[k]}" for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in kwargs)
@@ -215,11 +217,15 @@ def main():
     p.add_argument("--seq", type=int, default=8192, help="sequence length (Q = KV)")
     p.add_argument("--loops", action="store_true", help="per-loop pipelining (TTGIR) and SASS counts")
     p.add_argument("--dump", default=None, help="folder to write ttgir/ptx/sass")
+    p.add_argument("--cfg", default=None,
+                   help="tile config instead of the default, comma-separated: BLOCK_M,BLOCK_N,warps,stages "
+                        "(fwd) or M1,N1,M2,N2,warps,stages (bwd); with one kind only")
     a = p.parse_args()
+    cfg = tuple(map(int, a.cfg.split(","))) if a.cfg else None
     for kind in a.kinds.split(","):
         for D in map(int, a.dims.split(",")):
             for case in a.cases.split(","):
-                for ck in inspect_case(kind, case, D=D, S=a.seq, loops=a.loops):
+                for ck in inspect_case(kind, case, D=D, cfg=cfg, S=a.seq, loops=a.loops):
                     if a.dump:
                         os.makedirs(a.dump, exist_ok=True)
                         stem = f"{kind}_{case}_{a.seq}_{D}_{ck.metadata.name}"

@@ -56,6 +56,11 @@ GROUPS = {
         # fully masked rows (lse -inf) and a length that is not a multiple of the block
         dict(name="empty_rows", L=80, S=80, lse_grad=True),
         dict(name="alibi_causal", L=50, S=70, Hq=4, Hkv=2, dtype="float16", lse_grad=True),
+        # dk and dv in two launches (the GPU's default for head dims over 128): score_mod
+        # derivative, captured-tensor gradients, dropout, GQA, Ev != E, odd lengths
+        dict(name="softcap_document", L=50, S=70, Hq=4, Hkv=2, E=32, Ev=16, opts={"bwd_SPLIT_DKDV": True}),
+        dict(name="multi_read", L=64, S=64, deterministic=True, opts={"bwd_SPLIT_DKDV": True}),
+        dict(name="alibi_causal", L=64, S=64, dropout=0.2, opts={"bwd_SPLIT_DKDV": True}),
     ],
 }
 

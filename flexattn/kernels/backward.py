@@ -50,6 +50,8 @@ BWD_TEMPLATE = r'''
 #   OFFS_64               in-head offsets of the walked tiles in int64 (a span passes 2^31)
 #   LSE2, DELTA           per row: lse * log2(e) (+inf for an empty row), rowsum(dO * O) - dlse
 #   DROP_SCALE            1 / (1 - dropout p)
+#   WANT_DK, WANT_DV      which of dk / dv this dk/dv launch computes: both, or one each in two
+#                         launches (wide heads: one accumulator per program, no spills)
 from flexattn.dropout import dropout_keep_triton
 
 {SCORE_MOD}
@@ -164,7 +166,8 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, idx_ptr, n_
                 V_HEAD: tl.constexpr, V_HEAD_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q_BLOCK: tl.constexpr,
                 Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                DETERMINISTIC: tl.constexpr, OFFS_64: tl.constexpr):
+                DETERMINISTIC: tl.constexpr, OFFS_64: tl.constexpr,
+                WANT_DK: tl.constexpr, WANT_DV: tl.constexpr):
     # tiles are transposed here: rows are kv positions, columns q positions
     MULT: tl.constexpr = SPARSE_Q_BLOCK // BLOCK_M
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -206,18 +209,23 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, idx_ptr, n_
             if not KV_DIVISIBLE:
                 valid = valid & (kv_idx < KV_LEN)
             pT = tl.where(valid, pT, 0.0)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keepT = dropout_keep_triton(seed_lo, seed_hi, drop_threshold, off_z, off_h, q_idx, kv_idx)
-            dv += tl.dot(tl.where(keepT, pT * DROP_SCALE, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
-            dpT = tl.where(keepT, dpT * DROP_SCALE, 0.0)
-        else:
-            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dsT = pT * (dpT - delta[None, :])
-        if HAS_SCORE_MOD:
-            dsT = score_mod_bwd(sT, dsT, valid, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}{GRAD_BUF_ARGS},
-                                Q_AXIS=1, ACCUM=False, FIXED_POINT=DETERMINISTIC)
-        dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
+        if WANT_DV:
+            if HAS_DROPOUT:
+                dv += tl.dot(tl.where(keepT, pT * DROP_SCALE, 0.0).to(do.dtype), do,
+                             input_precision=DOT_PRECISION)
+            else:
+                dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
+        if WANT_DK:
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            if HAS_DROPOUT:
+                dpT = tl.where(keepT, dpT * DROP_SCALE, 0.0)
+            dsT = pT * (dpT - delta[None, :])
+            if HAS_SCORE_MOD:
+                dsT = score_mod_bwd(sT, dsT, valid, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}{GRAD_BUF_ARGS},
+                                    Q_AXIS=1, ACCUM=False, FIXED_POINT=DETERMINISTIC)
+            dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -335,11 +343,13 @@ def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   SPARSE_Q_BLOCK: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
                   Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  DETERMINISTIC: tl.constexpr, OFFS_64: tl.constexpr = True):
+                  DETERMINISTIC: tl.constexpr, OFFS_64: tl.constexpr = True,
+                  WANT_DK: tl.constexpr = True, WANT_DV: tl.constexpr = True):
     tl.static_assert(SPARSE_Q_BLOCK % BLOCK_M == 0, "a BlockMask q block must hold whole q tiles")
     tl.static_assert(SPARSE_KV_BLOCK % BLOCK_N == 0, "a BlockMask kv block must hold whole kv tiles")
     tl.static_assert(QK_HEAD_PAD >= QK_HEAD and (QK_HEAD_PAD & (QK_HEAD_PAD - 1)) == 0)
     tl.static_assert(V_HEAD_PAD >= V_HEAD and (V_HEAD_PAD & (V_HEAD_PAD - 1)) == 0)
+    tl.static_assert(WANT_DK or WANT_DV, "a dk/dv launch computes at least one of them")
     pid_n, pid_zh = _grouped_order(BLOCK=BLOCK_N, REVERSE=False)
     off_z = pid_zh // HKV
     off_hkv = pid_zh % HKV
@@ -347,13 +357,16 @@ def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA,
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, QK_HEAD_PAD)
     offs_dv = tl.arange(0, V_HEAD_PAD)
-    # load k and v: they stay on chip throughout
+    # load k and v: they stay on chip throughout (v is read by dP = dO V^T: dk only)
     k_base = _head_base(K, off_z, off_hkv, stride_kz, stride_kh)
     v_base = _head_base(V, off_z, off_hkv, stride_vz, stride_vh)
     k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kk, KV_LEN,
                    CHECK_R=not KV_DIVISIBLE, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=True)
-    v = _load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vk, KV_LEN,
-                   CHECK_R=not KV_DIVISIBLE, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=True)
+    if WANT_DK:
+        v = _load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vk, KV_LEN,
+                       CHECK_R=not KV_DIVISIBLE, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=True)
+    else:
+        v = k  # unread
     dk = tl.zeros([BLOCK_N, QK_HEAD_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, V_HEAD_PAD], dtype=tl.float32)
     sparse_n = start_n // SPARSE_KV_BLOCK
@@ -374,7 +387,7 @@ def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA,
                              QK_HEAD=QK_HEAD, QK_HEAD_PAD=QK_HEAD_PAD, V_HEAD=V_HEAD, V_HEAD_PAD=V_HEAD_PAD,
                              BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPARSE_Q_BLOCK=SPARSE_Q_BLOCK,
                              Q_DIVISIBLE=Q_DIVISIBLE, KV_DIVISIBLE=KV_DIVISIBLE, DOT_PRECISION=DOT_PRECISION,
-                             DETERMINISTIC=DETERMINISTIC, OFFS_64=OFFS_64)
+                             DETERMINISTIC=DETERMINISTIC, OFFS_64=OFFS_64, WANT_DK=WANT_DK, WANT_DV=WANT_DV)
         if HAS_FULL:
             n_full, fidx_ptr = _block_list(FULL_Q_NUM, FULL_Q_IDX, off_z, off_h, sparse_n,
                                            stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim)
@@ -388,12 +401,14 @@ def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA,
                                  V_HEAD_PAD=V_HEAD_PAD, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                                  SPARSE_Q_BLOCK=SPARSE_Q_BLOCK, Q_DIVISIBLE=Q_DIVISIBLE,
                                  KV_DIVISIBLE=KV_DIVISIBLE, DOT_PRECISION=DOT_PRECISION,
-                                 DETERMINISTIC=DETERMINISTIC, OFFS_64=OFFS_64)
-    dk = dk * SCALE
-    _store_tile(_head_base(DK, off_z, off_hkv, stride_dkz, stride_dkh), offs_n, offs_d, stride_dkn, stride_dkk, KV_LEN,
-                dk.to(DK.dtype.element_ty), CHECK_R=True, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=True)
-    _store_tile(_head_base(DV, off_z, off_hkv, stride_dvz, stride_dvh), offs_n, offs_dv, stride_dvn, stride_dvk, KV_LEN,
-                dv.to(DV.dtype.element_ty), CHECK_R=True, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=True)
+                                 DETERMINISTIC=DETERMINISTIC, OFFS_64=OFFS_64, WANT_DK=WANT_DK, WANT_DV=WANT_DV)
+    if WANT_DK:
+        dk = dk * SCALE
+        _store_tile(_head_base(DK, off_z, off_hkv, stride_dkz, stride_dkh), offs_n, offs_d, stride_dkn, stride_dkk,
+                    KV_LEN, dk.to(DK.dtype.element_ty), CHECK_R=True, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=True)
+    if WANT_DV:
+        _store_tile(_head_base(DV, off_z, off_hkv, stride_dvz, stride_dvh), offs_n, offs_dv, stride_dvn, stride_dvk,
+                    KV_LEN, dv.to(DV.dtype.element_ty), CHECK_R=True, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=True)
 '''
 
 
@@ -413,13 +428,20 @@ def bwd_config(plan, q, k, v, base=None) -> tuple[int, int, int, int, int, int]:
             o.get("bwd_num_warps", dw), o.get("bwd_num_stages", ds))
 
 
+# (WANT_DK, WANT_DV) of the dk/dv launches: one launch computing both, or two launches with
+# one accumulator each (see config.split_dkdv)
+DKDV_TOGETHER = ((True, True),)
+DKDV_SPLIT = ((True, False), (False, True))
+
+
 def bwd_launch_keys(mod, q, v, cfg) -> tuple:
-    """The keys under which launcher.launch remembers shared-memory fallbacks of the dq and
-    the dk/dv launch."""
+    """The keys under which launcher.launch remembers shared-memory fallbacks: the dq
+    launch's, then the dk/dv launch's for each (WANT_DK, WANT_DV) it may run as."""
     m1, n1, m2, n2, warps, stages = cfg
     E, Ev = q.shape[-1], v.shape[-1]
+    dkdv = ("dkdv", id(mod), q.dtype, E, Ev, m1, n1, warps, stages)
     return (("dq", id(mod), q.dtype, E, Ev, m2, n2, warps, stages),
-            ("dkdv", id(mod), q.dtype, E, Ev, m1, n1, warps, stages))
+            *(dkdv + part for part in DKDV_TOGETHER + DKDV_SPLIT))
 
 
 def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
@@ -462,7 +484,7 @@ def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
                   DOT_PRECISION=dot_precision(q.dtype, plan.opts), DETERMINISTIC=det,
                   OFFS_64=needs_i64(q, k, v, dout), num_warps=warps, num_stages=stages)
     margs = buffer_args(plan.mask_graph, plan.mask_bufs)
-    dq_key, dkdv_key = bwd_launch_keys(mod, q, v, cfg)
+    dq_key, *dkdv_keys = bwd_launch_keys(mod, q, v, cfg)
     kv_num, kv_idx, full_num, full_idx = kv_lists(blk)
     launcher.launch(mod.flex_bwd_dq, (cdiv(L, m2), B * Hq), (
         q, k, v, dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
@@ -472,13 +494,16 @@ def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
         Hq, L, S, plan.scale, drop_scale, lo, hi, thr, *sargs, *margs, *gbufs),
         dict(BLOCK_M=m2, BLOCK_N=n2, HAS_DLSE=dlse is not None, **common), dq_key)
     q_num, q_idx, fq_num, fq_idx = q_lists(blk)
-    # dk/dv: the kv tile fixes the grid, so a shared-memory fallback shrinks the q tile
-    launcher.launch(mod.flex_bwd_dkdv, (cdiv(S, n1), B * Hkv), (
-        q, k, v, dout, dk, dv, lse2, delta, q_num, q_idx, fq_num, fq_idx,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        *bm_strides(q_num, q_idx), *bm_strides(fq_num, fq_idx),
-        Hq, Hkv, L, S, plan.scale, drop_scale, lo, hi, thr, *sargs, *margs, *gbufs),
-        dict(BLOCK_M=m1, BLOCK_N=n1, **common), dkdv_key, shrink="BLOCK_M")
+    split = plan.opts.get("bwd_SPLIT_DKDV", config.split_dkdv(q.device, E, Ev))
+    for want_dk, want_dv in DKDV_SPLIT if split else DKDV_TOGETHER:
+        # dk/dv: the kv tile fixes the grid, so a shared-memory fallback shrinks the q tile
+        launcher.launch(mod.flex_bwd_dkdv, (cdiv(S, n1), B * Hkv), (
+            q, k, v, dout, dk, dv, lse2, delta, q_num, q_idx, fq_num, fq_idx,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+            *bm_strides(q_num, q_idx), *bm_strides(fq_num, fq_idx),
+            Hq, Hkv, L, S, plan.scale, drop_scale, lo, hi, thr, *sargs, *margs, *gbufs),
+            dict(BLOCK_M=m1, BLOCK_N=n1, WANT_DK=want_dk, WANT_DV=want_dv, **common),
+            dkdv_keys[(DKDV_TOGETHER + DKDV_SPLIT).index((want_dk, want_dv))], shrink="BLOCK_M")
     if det:
         gbufs = [g.double() / 4294967296.0 for g in gbufs]
     buf_grads = [g.to(score_bufs[s].dtype) for g, s in zip(gbufs, grad_slots)]

@@ -87,6 +87,14 @@ def default_bwd_config(device, dtype, d: int, dv: int) -> tuple[int, int, int, i
     return DEFAULT_BWD[config_class(device, dtype, d, dv)]
 
 
+def split_dkdv(device, d: int, dv: int) -> bool:
+    """Whether the backward's dk/dv kernel runs as two launches, dk then dv, each program
+    holding one accumulator (it recomputes P = softmax(QK^T) in both): on the GPU for head
+    dims over 128, where one program holding both spills (D=256, 64 kv rows x 8 warps: 255
+    registers and ~500 B spilled per thread, sm_90 ptxas)."""
+    return device_key(device) != "interp" and max(pad_dim(d), pad_dim(dv)) > 128
+
+
 def fit_tile(tile: int, block: int, length: int) -> int:
     """Largest power-of-two tile <= the requested one (and the padded length) that divides
     the BlockMask block."""
