@@ -29,8 +29,11 @@ FWD_CFGS = {
 BWD_CFGS = {
     128: [(64, 128, 128, 64, 8, 3), (64, 128, 64, 128, 8, 3), (64, 64, 64, 64, 4, 3)],
     64: [(64, 128, 128, 64, 8, 3), (64, 64, 64, 64, 4, 3), (128, 128, 128, 64, 8, 3)],
-    256: [(32, 64, 32, 64, 4, 2), (64, 64, 64, 64, 8, 2), (64, 64, 64, 32, 8, 2), (32, 64, 64, 32, 8, 1),
-          (64, 32, 32, 64, 4, 2)],
+    # a 7th element: kernel_options bwd_SPLIT_DKDV (default: its default for the head dim)
+    256: [(32, 64, 32, 64, 4, 2, False), (32, 64, 32, 64, 4, 2, True), (64, 64, 64, 64, 8, 2, True),
+          (32, 64, 64, 64, 8, 2, True), (32, 64, 64, 64, 8, 2, False), (16, 64, 64, 64, 8, 2, False),
+          (64, 64, 64, 32, 8, 2, True), (64, 128, 64, 64, 8, 2, True), (64, 64, 128, 32, 8, 2, True),
+          (32, 128, 64, 64, 8, 2, True), (32, 128, 128, 32, 8, 2, True)],
 }
 
 
@@ -113,7 +116,7 @@ def main():
                 print(f"   torch fwd+bwd {t_torch_b:.3f} ms {3.5 * fl / t_torch_b * 1e-9:.0f} TF", flush=True)
                 for cfg in BWD_CFGS[D]:
                     opts = dict(zip(("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "bwd_num_warps",
-                                     "bwd_num_stages"), cfg))
+                                     "bwd_num_stages", "bwd_SPLIT_DKDV"), cfg))
                     try:
                         t = ms_of(fb(ours(opts)), rep=300)
                     except Exception as e:  # noqa: BLE001

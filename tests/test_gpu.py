@@ -62,6 +62,14 @@ def test_shapes(L, S, E, Ev):
     _check("document", B=1, Hq=2, L=L, S=S, E=E, Ev=Ev, dtype=torch.float16)
 
 
+@pytest.mark.parametrize("name", ["softcap_document", "multi_read", "alibi_causal"])
+@pytest.mark.parametrize("split", [True, False])
+def test_wide_heads(name, split):
+    """Head dim 256 (dk and dv in two launches by default there, or forced into one), a score_mod
+    derivative and captured-tensor gradients, GQA, a length off the block."""
+    _check(name, Hq=4, Hkv=2, L=300, S=333, E=256, opts={"bwd_SPLIT_DKDV": split})
+
+
 @pytest.mark.parametrize("name", ["causal", "rel_bias", "softcap"])
 def test_gqa_and_small_blocks(name):
     _check(name, Hq=8, Hkv=2, L=384, S=320, E=128, block=64)

@@ -22,23 +22,30 @@ LOG2E = 1.4426950408889634  # log2(e): the kernels' softmax runs in the exp2 dom
 # 128x128/8/3 492 TFLOP/s dense vs 457-463 for 128x64/8/3, 128x128/8/2, 128x64/8/4.
 # 3 stages: with 2 the pipeliner issues the next K/V copy at the end of an iteration and
 # waits on it at the start of the next (no overlap); 128x128x3 stages needs 224 KB of
-# shared memory (the launch falls back if it lacks it: launcher.launch)
+# shared memory (the launch falls back if it lacks it: launcher.launch). D=256 measured on
+# an H200 (S=8K, B=4, H=16, benchmarks/sweep_configs.py): 128x64/8/2 causal 513, dense 492,
+# softcap 424 TFLOP/s against 382 / 380 / 317 for 64x64/4/2
 DEFAULT_FWD = {
     ("interp", 0): (32, 32, 4, 1),
     ("fp32", 128): (64, 32, 4, 3), ("fp32", 256): (32, 32, 4, 2),
-    ("sm90", 64): (128, 128, 4, 3), ("sm90", 128): (128, 128, 8, 3), ("sm90", 256): (64, 64, 4, 2),
+    ("sm90", 64): (128, 128, 4, 3), ("sm90", 128): (128, 128, 8, 3), ("sm90", 256): (128, 64, 8, 2),
     ("sm80", 64): (128, 64, 4, 3), ("sm80", 128): (128, 64, 8, 3), ("sm80", 256): (64, 32, 4, 2),
 }
 # (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages) of the backward: tiles of
 # the dk/dv kernel (q tile walked, kv tile owned) and of the dq kernel (q tile owned, kv tile
 # walked). sm90 measured on H100 (S=8K, benchmarks/sweep_configs.py): D=128 best with the dq
 # kernel owning 128 q rows and walking 64-wide kv tiles (64x128 for dq: 0.83x of it); D=64
-# best with 64-square tiles and 4 warps (1.05-1.09x the 128-row dq config)
+# best with 64-square tiles and 4 warps (1.05-1.09x the 128-row dq config). D=256 measured on
+# an H200 (S=8K, dk and dv in two launches, split_dkdv): fwd+bwd with 64x128 dk/dv tiles 263 /
+# 253 / 218 TFLOP/s causal / dense / softcap, against 125 / 124 / 118 for 32x64 / 32x64 / 4
+# warps in one launch (whose dk/dv kernel spills). 64x128 dk tiles need more shared memory
+# than the GPU has at 2 stages (the launch fell back to 1 stage, which spills 176 B); 32x128
+# fits both launches at 2 stages without spills (sm_90 ptxas: 242 / 223 registers)
 DEFAULT_BWD = {
     ("interp", 0): (32, 32, 32, 32, 4, 1),
     ("fp32", 128): (32, 32, 32, 32, 4, 1), ("fp32", 256): (16, 16, 16, 16, 4, 1),
     ("sm90", 64): (64, 64, 64, 64, 4, 3), ("sm90", 128): (64, 128, 128, 64, 8, 3),
-    ("sm90", 256): (32, 64, 32, 64, 4, 2),
+    ("sm90", 256): (32, 128, 64, 64, 8, 2),
     ("sm80", 64): (64, 64, 64, 64, 4, 2), ("sm80", 128): (64, 64, 64, 64, 4, 2),
     ("sm80", 256): (32, 32, 32, 32, 4, 1),
 }
