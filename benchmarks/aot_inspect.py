@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 def _ty(v):
     if isinstance(v, torch.Tensor):
-        return "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+        return "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "i8",
                       torch.int32: "i32", torch.int64: "i64"}[v.dtype]
     if isinstance(v, bool):
         return "i1"

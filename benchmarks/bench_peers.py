@@ -3,6 +3,7 @@ brought by ../shared/tools/flash-peer.sh, skipped where it is not importable).
 
     PYTHONPATH=.:/tmp/peersite python3 benchmarks/bench_peers.py --dims 128 --seqs 2048,8192,16384 --extra gqa,32k
     PYTHONPATH=... python3 benchmarks/bench_peers.py --dims 64,256 --seqs 8192 --no-torch-triton
+    python3 benchmarks/bench_peers.py --table benchmarks/results/latest.json   # RESULTS.md's table
 
 Peers: torch FlexAttention compiled with kernel_options={"BACKEND": "FLASH"} (FlashAttention-4
 running the mods) and with its Triton backend, FA4's `flash_attn.cute.flash_attn_func` (dense and
@@ -162,7 +163,38 @@ def run_case(case, D, S, B, Hq, Hkv, fa4, torch_triton, rows, out_path):
     torch.cuda.empty_cache()
 
 
+NAMES = {"dense": "dense", "causal": "causal", "sliding_window": "sliding window 1024", "prefix_lm": "prefix-LM 1024",
+         "document": "document causal", "alibi": "causal + ALiBi", "softcap": "causal + softcap",
+         "causal/gqa": "causal, GQA 32/8 (B=2)", "causal/32k": "causal, one 32K sequence"}
+
+
+def markdown(rows) -> str:
+    """The rows as RESULTS.md's table: TFLOP/s fwd / fwd+bwd, and flexattn / FLASH."""
+    def tf(r, k):
+        f, fb = r.get(f"{k}_f"), r.get(f"{k}_fb")
+        return "–" if f is None and fb is None else \
+            f"{'–' if f is None else round(f)} / {'–' if fb is None else round(fb)}"
+
+    def ratio(r, a, b):
+        out = []
+        for m in ("f", "fb"):
+            x, y = r.get(f"{a}_{m}"), r.get(f"{b}_{m}")
+            out.append("–" if not x or not y else f"{x / y:.2f}")
+        return " / ".join(out)
+    lines = ["| case | D | S | flexattn | flexattn, as a user first meets it | torch flex FLASH | FA4 | SDPA | "
+             "flexattn / FLASH | flexattn / FA4 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {NAMES.get(r['case'], r['case'])} | {r['D']} | {r['S'] // 1024}K | {tf(r, 'flexattn')} | "
+                     f"{tf(r, 'flexattn_user')} | {tf(r, 'flash')} | {tf(r, 'fa4')} | {tf(r, 'sdpa')} | "
+                     f"{ratio(r, 'flexattn', 'flash')} | {ratio(r, 'flexattn', 'fa4')} |")
+    return "\n".join(lines)
+
+
 def main():
+    if sys.argv[1:2] == ["--table"]:  # print RESULTS.md's table of a latest.json
+        with open(sys.argv[2]) as f:
+            print(markdown(json.load(f)))
+        return
     p = argparse.ArgumentParser()
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--seqs", default="8192")

@@ -514,6 +514,81 @@ def index_terms(buf: str, index_nodes, exprs) -> tuple[list[str], list[str]]:
     return offs, ok
 
 
+# ---- the tile-table lookup -------------------------------------------------------------
+
+def _const_int(n: Node):
+    return n.args[0] if n.op == "const" and isinstance(n.args[0], int) and not isinstance(n.args[0], bool) else None
+
+
+def tile_table_lookup(graph: Graph) -> tuple | None:
+    """(b, h, QB, KVB, zero) when `graph` is the tile-table lookup of flexattn.mask_tiles,
+    `tiles[slots[b, h, q_idx // QB, kv_idx // KVB], q_idx % QB, kv_idx % KVB] != zero` (b, h
+    each the input or the literal 0; QB, KVB powers of two; slots int32 [4-d], tiles int8
+    [3-d]), else None. `zero` is the node compared with."""
+    out = graph.output
+    if out is None or out.op != "ne" or out.args[0].op != "load":
+        return None
+    tile, zero = out.args
+    if not (zero.op == "const" and zero.args[0] == 0 or zero.op == "param" and graph.params[zero.args[0]] == 0):
+        return None
+    if len(tile.args) != 4 or tile.args[1].op != "load" or len(tile.args[1].args) != 5:
+        return None
+    tiles_buf, slot, q_in, kv_in = tile.args
+    slots_buf, b, h, q_blk, kv_blk = slot.args
+    if tiles_buf.op != "buffer" or slots_buf.op != "buffer" or tiles_buf.dtype != torch.int8 \
+            or slots_buf.dtype != torch.int32:
+        return None
+    sizes = []
+    for blk, within, name in ((q_blk, q_in, "q_idx"), (kv_blk, kv_in, "kv_idx")):
+        if blk.op != "floordiv" or within.op != "mod" or blk.args[1] is not within.args[1] \
+                or not (blk.args[0] is within.args[0] and blk.args[0].op == "input" and blk.args[0].args[0] == name):
+            return None
+        size = _const_int(blk.args[1])
+        if size is None or size <= 0 or size & (size - 1):
+            return None
+        sizes.append(size)
+    read = []
+    for node, name in ((b, "b"), (h, "h")):
+        if node.op == "input" and node.args[0] == name:
+            read.append(INDEX_INPUTS[name])
+        elif _const_int(node) == 0:
+            read.append("0")
+        else:
+            return None
+    return (*read, *sizes, zero)
+
+
+def _tile_table_body(graph: Graph, lookup: tuple, prefix: str) -> list[str]:
+    """The lookup of `tile_table_lookup` printed for the kernels: the same values as the
+    generic print, with one slot per row instead of one per score and the tile's bytes at
+    affine addresses (vector loads), which made the tile-table form of sliding-window and
+    document masks about half as fast as the masks' own kernels.
+
+    Exact because a kernel's kv tile never straddles a kv block of KVB columns (every
+    template walks kv tiles of BLOCK_N columns at multiples of BLOCK_N, and BLOCK_N <= KVB,
+    both powers of two: the constexpr test); q rows are looked up one by one (the decode
+    kernel packs heads and positions into its rows). Out-of-range indices read 0, as in
+    the generic print."""
+    b, h, qb, kvb, zero = lookup
+    slots, tiles = f"{prefix}{graph.output.args[0].args[1].args[0].args[0]}", \
+        f"{prefix}{graph.output.args[0].args[0].args[0]}"
+    zero_expr = "0" if zero.op == "const" else f"{prefix}p{zero.args[0]}"
+    return [
+        "kj = tl.min(tl.min(kv_idx, 1), 0) // " + str(kvb),  # kv_idx >= 0: // floors
+        f"qi = _floordiv(q_idx, {qb})",
+        f"slot = tl.load({slots}_ptr + {b} * {slots}_s0 + {h} * {slots}_s1 + qi.to(tl.int64) * {slots}_s2"
+        f" + kj.to(tl.int64) * {slots}_s3,",
+        f"               mask=({slots}_n0 > {b}) & ({slots}_n1 > {h}) & (qi >= 0) & (qi < {slots}_n2)"
+        f" & (kj < {slots}_n3), other=0)",
+        f"q_in = _floormod(q_idx, {qb})",
+        f"kv_in = _floormod(kv_idx, {kvb})",
+        f"tile = tl.load({tiles}_ptr + slot.to(tl.int64) * {tiles}_s0 + q_in * {tiles}_s1 + kv_in * {tiles}_s2,",
+        f"               mask=(slot >= 0) & (slot < {tiles}_n0) & (q_in < {tiles}_n1) & (kv_in < {tiles}_n2),"
+        " other=0)",
+        f"return tile != {zero_expr}",
+    ]
+
+
 # ---- mod functions -------------------------------------------------------------------
 
 def buffer_params(graph: Graph | None, prefix: str) -> list[str]:
@@ -562,14 +637,19 @@ def mod_function(name: str, graph: Graph | None, kind: str, prefix: str, small_i
         return "\n".join(lines) + "\n"
     pr = TritonPrinter(graph, INDEX_INPUTS, prefix, small_indices)
     (out,) = pr.print_nodes([graph.output])
-    lines += ["    " + ln for ln in pr.lines]
+    body = pr.lines
     if kind == "score":
         if not graph.uses("score"):  # the result must still be a full tile
-            lines.append(f"    return tl.zeros_like(score) + {out}")
+            body.append(f"return tl.zeros_like(score) + {out}")
         else:
-            lines.append(f"    return {out}.to(tl.float32)")
+            body.append(f"return {out}.to(tl.float32)")
     else:
-        lines.append(f"    return {out}")
+        body.append(f"return {out}")
+        lookup = tile_table_lookup(graph)
+        if lookup is not None:  # the kernels' own form of the lookup where a kv tile fits a kv block
+            body = ([f"if kv_idx.numel <= {lookup[3]}:"] + ["    " + ln for ln in _tile_table_body(graph, lookup, prefix)]
+                    + ["else:"] + ["    " + ln for ln in body])
+    lines += ["    " + ln for ln in body]
     # the traced graph as a comment, without the lines on captured shapes and param values:
     # the source must depend only on the structure (it keys Triton's compile cache)
     lines.append(f"# {graph.kind}_mod {graph.fn_name}:")

@@ -61,6 +61,21 @@ def test_tile_form_table_contents_and_limits():
     assert tile_table_form(dense) is None  # no traced mask: nothing to tabulate
 
 
+def test_tile_form_prints_one_slot_per_row():
+    """The tile form's lookup prints with a slot per row and the tile's bytes at affine
+    addresses (codegen.tile_table_lookup), a mask that only resembles it does not."""
+    from flexattn.kernels import generated_source
+    form = tile_table_form(flexattn.create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 256, 256))
+    assert "tl.min(tl.min(kv_idx, 1), 0) // 128" in generated_source(None, form.mask_graph, "fwd")
+    tiles = torch.zeros(3, 128, 128, dtype=torch.int8)
+    slots = torch.zeros(1, 1, 3, 3, dtype=torch.int32)
+    for near in (lambda b, h, q, kv: tiles[slots[0, 0, q // 128, kv // 128], q % 128, kv % 128] != 1,
+                 lambda b, h, q, kv: tiles[slots[0, 0, q // 128, kv // 96], q % 128, kv % 96] != 0,
+                 lambda b, h, q, kv: tiles[slots[0, 0, kv // 128, q // 128], q % 128, kv % 128] != 0):
+        bm = flexattn.create_block_mask(near, None, None, 256, 256)
+        assert "tl.min(tl.min(kv_idx" not in generated_source(None, bm.mask_graph, "fwd")
+
+
 def test_tile_form_one_kernel_source_for_every_mask():
     from flexattn.kernels import generated_source
     masks = [lambda b, h, q, kv: q >= kv, lambda b, h, q, kv: (q - kv) % 7 != 3,
@@ -132,6 +147,28 @@ for name, (L, S) in [("document", (96, 160)), ("natten_2d", (64, 64)), ("rel_bia
         res.append([out, *torch.autograd.grad(out, [q, k, v], torch.ones_like(out))])
     for a, b in zip(*res):
         assert torch.equal(a, b), name
+# the decode kernel packs query heads into its rows: a mask reading h looks up a slot per row
+def by_head(b, h, q, kv):
+    return (kv <= q + 90) & ((kv + h) % 3 != 0)
+bm = flexattn.create_block_mask(by_head, 1, 4, 3, 100, BLOCK_SIZE=32)
+g = torch.Generator().manual_seed(2)
+q = torch.randn(1, 4, 3, 32, generator=g)
+k, v = (torch.randn(1, 2, 100, 32, generator=g) for _ in range(2))
+outs = [flexattn.flex_attention(q, k, v, block_mask=mask, enable_gqa=True,
+                                kernel_options={"BACKEND": "triton", "FORCE_DECODE": True})
+        for mask in (bm, tile_table_form(bm))]
+assert torch.equal(*outs), "decode"
+# a hand-written lookup of the same shape over 16-wide blocks, smaller than the kernels' 32-wide
+# kv tiles: the per-score form (a kv tile spans two of its blocks)
+slots = torch.arange(16, dtype=torch.int32).view(1, 1, 4, 4) % 5
+tiles = (torch.rand(5, 16, 16, generator=g) < 0.5).to(torch.int8)
+def lookup(b, h, q, kv):
+    return tiles[slots[0, 0, q // 16, kv // 16], q % 16, kv % 16] != 0
+bm = flexattn.create_block_mask(lookup, None, None, 64, 64, BLOCK_SIZE=32)
+q, k, v = (torch.randn(1, 2, 64, 32, generator=g) for _ in range(3))
+got = flexattn.flex_attention(q, k, v, block_mask=bm, kernel_options={"BACKEND": "triton"})
+want = flexattn.flex_attention(q, k, v, block_mask=bm, kernel_options={"BACKEND": "cpu"})
+assert (got - want).abs().max() < 1e-5, "hand-written lookup"
 print("OK")
 '''
 

@@ -1,0 +1,83 @@
+"""A mask's tile-table form against its own kernels (needs a CUDA GPU).
+
+    PYTHONPATH=. python3 benchmarks/bench_tile_form.py --cases sliding_window,document,prefix_lm,causal
+
+A new mask's first calls run through its tile-table form (flexattn.mask_tiles) while its own
+kernels compile (flexattn.kernels.tiered); a user who benchmarks right after the first call
+measures the tile form. Here both forms of each mask run on the same inputs, forward and
+forward+backward, through the kernels directly (no tiering, so each is what it is): TFLOP/s as
+PEERS.md counts them (B=4, H=16, bf16) and the ratio tile form / own kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from bench_attention import block_density, mods  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--cases", default="sliding_window,document,prefix_lm,causal")
+    p.add_argument("--seqs", default="8192")
+    p.add_argument("--dims", default="128")
+    a = p.parse_args()
+    import flexattn
+    from flexattn import codegen
+    from flexattn.kernels import flex_attention_triton, source
+    from flexattn.mask_tiles import tile_table_form
+    B, H = 4, 16
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    for D in map(int, a.dims.split(",")):
+        for S in map(int, a.seqs.split(",")):
+            for case in a.cases.split(","):
+                _, mask_mod = mods(case, S, H, "cuda")
+                torch.manual_seed(0)
+                q, k, v = [torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                           for _ in range(3)]
+                go = torch.randn_like(q)
+                own = flexattn.create_block_mask(mask_mod, None, None, S, S, device="cuda")
+                tile = tile_table_form(own)
+                dens = block_density(own)
+                flops = 4 * B * H * S * S * D * dens
+                res = {}
+                outs = {}
+                lookup = codegen.tile_table_lookup
+                # a BlockMask object of its own: cached calls (kernels.replay) are per BlockMask
+                generic = tile_table_form(flexattn.create_block_mask(mask_mod, None, None, S, S, device="cuda"))
+                for name, bm in (("own", own), ("tile", tile), ("generic", generic)):
+                    # "generic": the tile form printed like any mask (no per-row slot lookup)
+                    codegen.tile_table_lookup = (lambda g: None) if name == "generic" else lookup
+                    source._MODULES.clear()  # keyed by the mask's structure, not by how it prints
+
+                    def fwd(bm=bm):
+                        return flex_attention_triton(q, k, v, score_graph=None, mask_graph=bm.mask_graph,
+                                                     block_mask=bm, kernel_options={"TIERED": False})[0]
+
+                    def step(fwd=fwd):
+                        q.grad = k.grad = v.grad = None
+                        fwd().backward(go)
+                    with torch.no_grad():
+                        outs[name] = fwd().float()
+                        res[f"{name}_f"] = flops / triton.testing.do_bench(fwd, warmup=25, rep=200) * 1e-9
+                    res[f"{name}_fb"] = 3.5 * flops / triton.testing.do_bench(step, warmup=25, rep=200) * 1e-9
+                codegen.tile_table_lookup = lookup
+                source._MODULES.clear()
+                same = torch.equal(outs["own"], outs["tile"])
+                err = ((outs["own"] - outs["tile"]).norm() / outs["own"].norm()).item()
+                print(f"{case:>15} D={D} S={S} density {dens:.3f} | own {res['own_f']:.0f} / {res['own_fb']:.0f}"
+                      f" | tile form {res['tile_f']:.0f} / {res['tile_fb']:.0f} TFLOP/s (fwd / fwd+bwd)"
+                      f" | tile / own {res['tile_f'] / res['own_f']:.2f} / {res['tile_fb'] / res['own_fb']:.2f}"
+                      f" | generic print {res['generic_f']:.0f} / {res['generic_fb']:.0f}"
+                      f" | out {'bit-equal' if same else f'rel. diff {err:.1e}'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
