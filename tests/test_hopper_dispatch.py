@@ -103,7 +103,12 @@ def test_hopper_source_compiles_for_sm90():
     def softcap(score, b, h, q, kv):
         return 30.0 * torch.tanh(score / 30.0)
 
-    for score_mod, mask_mod in ((softcap, lambda b, h, q, kv: q >= kv), (None, document)):
+    import flexattn
+    from flexattn.mask_tiles import tile_table_form
+    tile_form = tile_table_form(flexattn.create_block_mask(document, None, None, 1000, 1000))
+    # the tile form's lookup prints its own way (codegen.tile_table_lookup): a reduction over kv
+    for score_mod, mask_mod in ((softcap, lambda b, h, q, kv: q >= kv), (None, document),
+                                (None, tile_form.mask_mod)):
         kernel = _compile_sm90(score_mod, mask_mod)
         assert "wgmma.mma_async" in kernel.asm["ptx"] and "cp.async.bulk.tensor" in kernel.asm["ptx"]
 
