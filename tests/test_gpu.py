@@ -259,7 +259,8 @@ def test_tiered_new_mask_structure(E):
     """A new mask structure's first call runs through the tile-table kernels (compiled in
     the background after an earlier new mask), its own kernels compile in the background,
     and the calls after that run them; both under the numerics rule (the two kernels may
-    round differently: kernels.tiered). E=128 takes the Hopper forward on sm90."""
+    round differently: kernels.tiered). E=128 on sm90 takes the Hopper forward, which is not
+    tiered (kernels.tiered.route): its own kernels compile at once."""
     import flexattn
     from flexattn.kernels import tiered
     from flexattn.reference import reference_attention
@@ -277,10 +278,12 @@ def test_tiered_new_mask_structure(E):
     tiered.wait()
     submitted = len(tiered._submitted)
     first = run(strided(89))
-    assert len(tiered._submitted) == submitted + 3  # fwd, dq, dk/dv of the new mask sent to compile
+    hopper = E == 128 and torch.cuda.get_device_capability() == (9, 0)
+    sent = 0 if hopper else 3  # fwd, dq, dk/dv of the new mask sent to compile in the background
+    assert len(tiered._submitted) == submitted + sent
     tiered.wait()
     again = run(strided(89))
-    assert len(tiered._submitted) == submitted + 3  # its own kernels ran: nothing more to compile
+    assert len(tiered._submitted) == submitted + sent  # its own kernels ran: nothing more to compile
     qr, kr, vr = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     ro, _ = reference_attention(qr, kr, vr, None, strided(89))
     ref = [ro, *torch.autograd.grad(ro, [qr, kr, vr], go)]
