@@ -624,13 +624,11 @@ def buffer_args(graph: Graph | None, buffers=None) -> list:
 INDEX_INPUTS = {"score": "score", "b": "off_z", "h": "off_h", "q_idx": "q_idx", "kv_idx": "kv_idx"}
 
 
-def mod_function(name: str, graph: Graph | None, kind: str, prefix: str, small_indices: bool = False,
-                 tile_lookup: bool = True) -> str:
+def mod_function(name: str, graph: Graph | None, kind: str, prefix: str, small_indices: bool = False) -> str:
     """`@triton.jit def name(score, off_z, off_h, q_idx, kv_idx, *bufs)` for a score mod
     (returns the new score, float32) or `name(off_z, off_h, q_idx, kv_idx, *bufs)` for a mask
     mod (returns a bool tile or scalar). graph None: identity score / all-true mask.
-    small_indices: see TritonPrinter. tile_lookup: the tile-table lookup prints its own way
-    (tile_table_lookup; its kv reduction needs the kernel's warps in step)."""
+    small_indices: see TritonPrinter."""
     params = (["score"] if kind == "score" else []) + ["off_z", "off_h", "q_idx", "kv_idx"]
     params += buffer_params(graph, prefix)
     lines = ["@triton.jit", f"def {name}({', '.join(params)}):"]
@@ -647,7 +645,7 @@ def mod_function(name: str, graph: Graph | None, kind: str, prefix: str, small_i
             body.append(f"return {out}.to(tl.float32)")
     else:
         body.append(f"return {out}")
-        lookup = tile_table_lookup(graph) if tile_lookup else None
+        lookup = tile_table_lookup(graph)
         if lookup is not None:  # the kernels' own form of the lookup where a kv tile fits a kv block
             body = ([f"if kv_idx.numel <= {lookup[3]}:"] + ["    " + ln for ln in _tile_table_body(graph, lookup, prefix)]
                     + ["else:"] + ["    " + ln for ln in body])

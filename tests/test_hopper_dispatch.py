@@ -106,7 +106,7 @@ def test_hopper_source_compiles_for_sm90():
     import flexattn
     from flexattn.mask_tiles import tile_table_form
     tile_form = tile_table_form(flexattn.create_block_mask(document, None, None, 1000, 1000))
-    # the tile form's lookup (printed per score here: kernels.source.WARP_SPECIALIZED_KINDS)
+    # the tile form's lookup prints its own way (codegen.tile_table_lookup): a reduction over kv
     for score_mod, mask_mod in ((softcap, lambda b, h, q, kv: q >= kv), (None, document),
                                 (None, tile_form.mask_mod)):
         kernel = _compile_sm90(score_mod, mask_mod)

@@ -27,11 +27,6 @@ KERNEL_NAMES = {"fwd": ("flex_fwd",), "decode": ("flex_decode",), "bwd": ("flex_
 # fwd+bwd went from 1.06-1.08x to 1.01-1.05x torch on the H200 (run 10).
 FLOAT_INDEX_KINDS = ("fwd", "decode", "fwd_hopper")
 
-# The kernels whose mods run inside a warp-specialized partition, where warpgroups work on
-# different tiles at once: a reduction across the partition's warps mixes their tiles (the
-# tile-table lookup's kv reduction gave wrong outputs there on an H200), so no such lookup.
-WARP_SPECIALIZED_KINDS = ("fwd_hopper",)
-
 # kernel parameters that carry the call's dropout seed (see fill)
 DROPOUT_VALUES = ("seed_lo", "seed_hi", "drop_threshold")
 
@@ -46,14 +41,14 @@ def _lead(params: list[str]) -> str:
     return "".join(", " + p for p in params)
 
 
-def fill(template: str, score_graph, mask_graph, grad_slots=None, small_indices=False, tile_lookup=True) -> str:
+def fill(template: str, score_graph, mask_graph, grad_slots=None, small_indices=False) -> str:
     """`template` with its holes filled for these (kernel) graphs, after codegen.PRELUDE;
-    ValueError if a hole is left. tile_lookup: see codegen.mod_function."""
+    ValueError if a hole is left."""
     sp = codegen.buffer_params(score_graph, "sb")
     mp = codegen.buffer_params(mask_graph, "mb")
     parts = {
         "{SCORE_MOD}": codegen.mod_function("score_mod", score_graph, "score", "sb", small_indices),
-        "{MASK_MOD}": codegen.mod_function("mask_mod", mask_graph, "mask", "mb", small_indices, tile_lookup),
+        "{MASK_MOD}": codegen.mod_function("mask_mod", mask_graph, "mask", "mb", small_indices),
         "{SCORE_BUF_PARAMS_TRAIL}": _trail(sp), "{MASK_BUF_PARAMS_TRAIL}": _trail(mp),
         "{SCORE_BUF_ARGS_TRAIL}": _trail(sp), "{MASK_BUF_ARGS_TRAIL}": _trail(mp),
         "{SCORE_BUF_ARGS}": _lead(sp), "{MASK_BUF_ARGS}": _lead(mp),
@@ -93,7 +88,7 @@ def source(kind: str, score_graph, mask_graph, grad_slots, small_indices: bool) 
     """The Triton source of `kind` ("fwd", "bwd", "decode", "fwd_hopper") for these (kernel) graphs;
     grad_slots only for "bwd"; small_indices: Plan.small_indices."""
     return fill(TEMPLATES[kind], score_graph, mask_graph, list(grad_slots) if kind == "bwd" else None,
-                float_indices(kind, small_indices), tile_lookup=kind not in WARP_SPECIALIZED_KINDS)
+                float_indices(kind, small_indices))
 
 
 _MODULES: dict = {}
