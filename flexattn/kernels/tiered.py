@@ -25,8 +25,9 @@ it needs gradients):
 
 GPU only (the interpreter compiles nothing); off with kernel_options={"TIERED": False},
 under DETERMINISTIC (same bits call to call), under AUTOTUNE (which times the mask's
-own kernels) and for calls whose forward is the Hopper forward (see `route`). The background compile competes for the host's CPU (and Python's lock) for
-a second or two: calls made meanwhile are slower. The tile form's kernels are warmed with
+own kernels) and for calls whose forward is the Hopper forward (see `route`). The
+background compile competes for the host's CPU (and Python's lock) for a second or two:
+calls made meanwhile are slower. The tile form's kernels are warmed with
 and without full blocks, since a new mask structure often differs from the first in that.
 To know what to compile, the other form's launches are captured by running its launch
 path with launches recorded (kernels.launcher.recording): that allocates its outputs once,
