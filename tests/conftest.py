@@ -42,6 +42,9 @@ def assert_close_to_golden(name: str, got: torch.Tensor, ref: torch.Tensor, gold
     g64, r64, x64 = golden.detach().double(), ref.detach().double(), got.detach().double().cpu()
     g64, r64 = g64.cpu(), r64.cpu()
     assert not torch.isnan(x64).any(), f"{name}: {int(torch.isnan(x64).sum())} NaN entries"
+    # a NaN golden compares false with everything, so every bound below would pass
+    assert not torch.isnan(g64).any(), f"{name}: the float64 golden has {int(torch.isnan(g64).sum())} NaN " \
+                                       "entries: the test's inputs or its reference are broken"
     inf = torch.isinf(g64)
     if inf.any():
         bad = (x64[inf] != g64[inf]).sum()
