@@ -282,9 +282,12 @@ def split_kv_forward(plan, q, k, v, cfg: SplitConfig, layout: KVLayout = KVLayou
     table = layout.page_table if layout.page_table is not None else kv_num
     stride_ptz = layout.page_table.stride(0) if layout.page_table is not None else 0
     base = B * (Hkv if cfg.pack else Hq)
+    k_strides, v_strides = list(k.stride()), list(v.stride())
+    if layout.page_size:  # one pool for every sequence
+        k_strides[0] = v_strides[0] = 0
     launch_cached(mod.flex_decode, (splits, base, cfg.q_tiles), (
         q, k, v, acc, m, l, kv_num, kv_idx, full_num, full_idx, table, seqlens,
-        *q.stride(), *k.stride(), *v.stride(),
+        *q.stride(), *k_strides, *v_strides,
         *bm_strides(kv_num, kv_idx), *bm_strides(full_num, full_idx), stride_ptz,
         Hq, Hkv, L, S, plan.scale, plan.scale * LOG2E, splits,
         *buffer_args(plan.score_graph, plan.score_bufs), *buffer_args(plan.mask_graph, plan.mask_bufs)),

@@ -1,0 +1,79 @@
+"""The serving launches: attention of a batch of cached sequences (per-sequence kv lengths,
+K/V contiguous or in pages) through the split-KV kernel of `decode.py` - decode (q_len 1),
+speculative verification (a few queries) and chunked prefill (q tiles on grid axis 2).
+
+`serving_config` picks the cut: GQA rows packed into the q tile when the heads share the
+block lists, a q tile whose positions lie in one BlockMask q block, a kv tile that divides
+the BlockMask kv block and is divided by the page (or divides it), and enough kv splits
+that the longest sequence's tiles spread over the GPU.
+"""
+from __future__ import annotations
+
+from .config import device_key, fit_tile, pad_dim
+from .decode import KVLayout, SplitConfig, _n_sm, split_kv_forward
+from .launcher import cdiv
+
+MAX_SPLITS = 64
+
+
+def _kv_tile(want: int, kv_block: int, page_size: int) -> int:
+    """The kv tile: <= want, divides the BlockMask kv block, and divides a page or is a whole
+    number of pages (page sizes are multiples of 16: 16 always fits)."""
+    tile = fit_tile(want, kv_block, kv_block)
+    while tile > 16 and page_size and page_size % tile and tile % page_size:
+        tile //= 2
+    return tile
+
+
+def _q_tile(rows: int, L: int, G: int, pack: bool, q_block: int, dense: bool, most: int) -> int:
+    """BLOCK_M: a power of two >= 16, at most `most` unless one tile holds every row; its
+    query positions must lie in one BlockMask q block (no constraint without block lists).
+    0: no tile fits (the caller then stops packing)."""
+    bm = min(pad_dim(rows), max(16, most))
+    while bm >= 16:
+        one_tile = bm >= rows
+        per = bm // G if pack else bm
+        if one_tile and (dense or L <= q_block):
+            return bm
+        if per >= 1 and (not pack or bm % G == 0) and (dense or q_block % per == 0):
+            return bm
+        bm //= 2
+    return 0
+
+
+def serving_config(plan, q, v, layout: KVLayout, lengths: list) -> SplitConfig:
+    """How serving_forward cuts the work (kernel_options decode_BLOCK_N / decode_SPLITS /
+    decode_num_warps / decode_num_stages override the choices)."""
+    B, Hq, L, _ = q.shape
+    Hkv = v.shape[1]
+    G = Hq // Hkv
+    o = plan.opts
+    blk = plan.blocks
+    cuda = q.device.type == "cuda"
+    q_block, kv_block = blk.block
+    block_n = _kv_tile(o.get("decode_BLOCK_N", 64 if cuda else 32), kv_block, layout.page_size)
+    most = 128 if cuda else 64
+    pack = G > 1 and (layout.dense or blk.kv_num.stride(1) == 0)
+    block_m = _q_tile(G * L if pack else L, L, G, pack, q_block, layout.dense, most) if pack else 0
+    if not block_m:
+        pack = False
+        block_m = _q_tile(L, L, 1, False, q_block, layout.dense, most)
+    rows = G * L if pack else L
+    q_tiles = cdiv(rows, block_m)
+    # kv splits: the work of all sequences spread over ~2 programs per SM, the longest
+    # sequence's tiles cut into slices of that size
+    heads = Hkv if pack else Hq
+    tiles = [cdiv(n, block_n) for n in lengths]
+    work = sum(tiles) * heads * q_tiles
+    per_program = max(4, cdiv(work, 2 * _n_sm(q.device)))
+    splits = o.get("decode_SPLITS", max(1, min(MAX_SPLITS, cdiv(max(tiles), per_program))))
+    prefill = block_m >= 64
+    interp = device_key(q.device) == "interp"
+    return SplitConfig(pack, block_m, block_n, q_tiles, splits,
+                       o.get("decode_num_warps", 8 if prefill else 4),
+                       o.get("decode_num_stages", 1 if interp else 2 if prefill else 3))
+
+
+def serving_forward(plan, q, k, v, layout: KVLayout, lengths: list):
+    """(out, lse) of q's rows at the last positions of each sequence (see KVLayout)."""
+    return split_kv_forward(plan, q, k, v, serving_config(plan, q, v, layout, lengths), layout)
