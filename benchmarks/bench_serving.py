@@ -1,0 +1,280 @@
+"""Serving attention on one GPU: flexattn.serving (paged and contiguous caches) vs SDPA
+(contiguous, padded to the longest sequence) vs torch's FlexAttention with its
+PagedAttention, in one process. Needs a CUDA GPU; a peer that cannot run is skipped with
+the reason printed.
+
+    PYTHONPATH=. python3 benchmarks/bench_serving.py                 # the whole table
+    PYTHONPATH=. python3 benchmarks/bench_serving.py --quick         # small sizes (smoke test)
+    PYTHONPATH=. python3 benchmarks/bench_serving.py --only decode   # or prefill
+
+Decode: B in {1, 8, 64} sequences, cached lengths drawn in 1K-32K (B=1: 32K), one query
+per sequence, Hq=32, Hkv=8, D=128, bfloat16, page sizes 16 and 128 (pages of the
+sequences interleaved in the pool, as continuous batching leaves them). GB/s = the K+V
+bytes of the sequences' real lengths / time (every peer is charged the same bytes, so
+padding shows up as a lower rate). Chunked prefill: one 2K-token chunk (causal, global
+positions) at the end of a 16K-128K cache; TFLOP/s = 4 * Hq * D * attended pairs / time.
+Times: medians of triton.testing.do_bench. Rows go to benchmarks/results/serving-<utc>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+HQ, HKV, D = 32, 8, 128
+DTYPE = torch.bfloat16
+
+
+def bench(fn) -> float:
+    """Median ms of fn (triton.testing.do_bench), after one call that compiles."""
+    import triton
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def lengths(B: int, max_len: int, seed: int = 0) -> list:
+    if B == 1:
+        return [max_len]
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1024, max_len + 1, (B,), generator=g).tolist()
+    lens[0] = max_len  # the longest sequence is always there
+    return lens
+
+
+def fill_paged(lens, k, v, page_size):
+    """A PagedKVCache holding K/V rows k[b, :, :lens[b]]; pages reserved round-robin (one
+    page per sequence in turn), so every sequence's pages are scattered over the pool."""
+    from flexattn.serving import PagedKVCache
+    B = len(lens)
+    pages = sum(-(-n // page_size) for n in lens)
+    cache = PagedKVCache(pages, page_size, HKV, D, DTYPE, "cuda", max_seqs=B, max_pages_per_seq=pages)
+    left = list(lens)
+    while any(left):
+        for b in range(B):
+            if left[b]:
+                step = min(page_size, left[b])
+                cache.reserve(b, cache.capacity(b) - cache.seqlen(b) + step)
+                left[b] -= step
+    for b, n in enumerate(lens):
+        cache.append([b], k[b:b + 1, :, :n], v[b:b + 1, :, :n])
+    return cache
+
+
+def torch_paged(lens, k, v, page_size, q):
+    """torch's PagedAttention + torch.compile(flex_attention): (callable, note)."""
+    from torch.nn.attention.experimental._paged_attention import PagedAttention
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    B = len(lens)
+    max_len = max(lens)
+    pages = sum(-(-n // page_size) for n in lens)
+    pa = PagedAttention(pages, page_size, B, device="cuda")
+    kc = torch.zeros(1, HKV, pages * page_size, D, dtype=DTYPE, device="cuda")
+    vc = torch.zeros_like(kc)
+    for b, n in enumerate(lens):
+        bi = torch.tensor([b], device="cuda")
+        pa.reserve(bi, torch.tensor([n], device="cuda"))
+        pa.assign(bi, torch.arange(n, device="cuda")[None], k[b:b + 1, :, :n], v[b:b + 1, :, :n], kc, vc)
+    lens_t = torch.tensor(lens, device="cuda")
+
+    def live(b, h, q_idx, kv_idx):
+        return kv_idx < lens_t[b]
+
+    L = q.shape[2]
+    bm = create_block_mask(live, B, None, L, max_len, device="cuda", BLOCK_SIZE=(128, page_size))
+    pbm = pa.convert_logical_block_mask(bm, kv_len=lens_t)
+    flex = torch.compile(flex_attention)
+    return lambda: flex(q, kc, vc, block_mask=pbm, enable_gqa=True), ""
+
+
+def decode_rows(args):
+    from flexattn.serving import paged_attention
+    rows = []
+    for B in args.batches:
+        lens = lengths(B, args.max_len)
+        S = max(lens)
+        torch.manual_seed(0)
+        k = torch.randn(B, HKV, S, D, dtype=DTYPE, device="cuda")
+        v = torch.randn(B, HKV, S, D, dtype=DTYPE, device="cuda")
+        q = torch.randn(B, HQ, 1, D, dtype=DTYPE, device="cuda")
+        gbytes = sum(lens) * HKV * D * 2 * k.element_size() / 1e9
+        lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        peers = {"flexattn contiguous": lambda: (lambda: paged_attention(q, k, v, lens_t), "")}
+        pad = (torch.arange(S, device="cuda")[None, :] < lens_t[:, None]).view(B, 1, 1, S)
+        qg = q.view(B, HKV, HQ // HKV, D)  # one query per sequence: the GQA group as query rows
+
+        def sdpa():
+            return torch.nn.functional.scaled_dot_product_attention(qg, k, v, attn_mask=pad)
+        peers["sdpa padded"] = lambda: (sdpa, "GQA group as query rows, bool padding mask")
+        for ps in args.page_sizes:
+            def mk(ps=ps):
+                cache = fill_paged(lens, k, v, ps)
+                seqs = list(range(B))
+                return (lambda: cache.attention(q, seqs)), ""
+            peers[f"flexattn paged {ps}"] = mk
+            peers[f"torch flex paged {ps}"] = lambda ps=ps: torch_paged(lens, k, v, ps, q)
+        ref = None
+        for name, make in peers.items():
+            row = dict(kind="decode", B=B, max_len=S, mean_len=sum(lens) // B, peer=name, Hq=HQ, Hkv=HKV, D=D)
+            try:
+                fn, note = make()
+                out = fn()
+                out = out.view(B, HQ, 1, D).float()
+                if ref is None:
+                    ref = out
+                row["max_diff_vs_first"] = float((out - ref).abs().max())
+                ms = bench(fn)
+                row.update(ms=ms, GBps=gbytes / (ms / 1e3), note=note)
+            except Exception as e:  # a peer that cannot run is skipped, the reason kept
+                row.update(skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+                if args.verbose:
+                    traceback.print_exc()
+            rows.append(row)
+            print_row(row)
+        del k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def prefill_rows(args):
+    from flexattn.masks import causal
+    from flexattn.serving import create_cache_block_mask, paged_attention
+    rows = []
+    L = args.chunk
+    for S in args.caches:
+        torch.manual_seed(0)
+        k = torch.randn(1, HKV, S, D, dtype=DTYPE, device="cuda")
+        v = torch.randn(1, HKV, S, D, dtype=DTYPE, device="cuda")
+        q = torch.randn(1, HQ, L, D, dtype=DTYPE, device="cuda")
+        pairs = L * (S - L) + L * (L + 1) // 2
+        flops = 4 * HQ * D * pairs
+        mm = causal()
+        bm = create_cache_block_mask(mm, [S], L, device="cuda")
+        peers = {"flexattn contiguous": lambda: (lambda: paged_attention(q, k, v, [S], mask_mod=mm, block_mask=bm),
+                                                 "")}
+        for ps in args.page_sizes:
+            def mk(ps=ps):
+                cache = fill_paged([S], k, v, ps)
+                return (lambda: cache.attention(q, [0], mask_mod=mm, block_mask=bm)), ""
+            peers[f"flexattn paged {ps}"] = mk
+
+        def sdpa_make():
+            qi = torch.arange(S - L, S, device="cuda")[:, None]
+            mask = (torch.arange(S, device="cuda")[None, :] <= qi).view(1, 1, L, S)
+            return (lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                             enable_gqa=True)), "bool causal mask"
+        peers["sdpa"] = sdpa_make
+
+        def torch_flex_make():
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            off = S - L
+
+            def tc(b, h, q_idx, kv_idx):
+                return q_idx + off >= kv_idx
+            tbm = create_block_mask(tc, None, None, L, S, device="cuda")
+            flex = torch.compile(flex_attention)
+            return (lambda: flex(q, k, v, block_mask=tbm, enable_gqa=True)), "contiguous cache"
+        peers["torch flex"] = torch_flex_make
+        ref = None
+        for name, make in peers.items():
+            row = dict(kind="prefill", chunk=L, cache=S, peer=name, Hq=HQ, Hkv=HKV, D=D)
+            try:
+                fn, note = make()
+                out = fn().float()
+                if ref is None:
+                    ref = out
+                row["max_diff_vs_first"] = float((out - ref).abs().max())
+                ms = bench(fn)
+                row.update(ms=ms, TFLOPs=flops / (ms / 1e3) / 1e12, note=note)
+            except Exception as e:
+                row.update(skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+                if args.verbose:
+                    traceback.print_exc()
+            rows.append(row)
+            print_row(row)
+        del k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_row(r):
+    if r["kind"] == "decode":
+        head = f"decode B={r['B']:<3} max={r['max_len']:<6} mean={r['mean_len']:<6}"
+        rate = f"{r['GBps']:8.0f} GB/s" if "GBps" in r else ""
+    else:
+        head = f"prefill chunk={r['chunk']} cache={r['cache']:<7}"
+        rate = f"{r['TFLOPs']:7.1f} TFLOP/s" if "TFLOPs" in r else ""
+    if "skipped" in r:
+        print(f"{head} {r['peer']:<22} skipped ({r['skipped']})", flush=True)
+    else:
+        print(f"{head} {r['peer']:<22} {r['ms']:9.4f} ms {rate}  diff {r['max_diff_vs_first']:.2e} {r['note']}",
+              flush=True)
+
+
+def ratios(rows):
+    """The issue's targets, printed from the rows: paged / contiguous, contiguous / SDPA,
+    paged / torch flex paged (decode, GB/s)."""
+    print("\nratios (decode, GB/s):")
+    by = {}
+    for r in rows:
+        if r["kind"] == "decode" and "GBps" in r:
+            by[(r["B"], r["peer"])] = r["GBps"]
+    for B in sorted({k[0] for k in by}):
+        parts = []
+        c = by.get((B, "flexattn contiguous"))
+        s = by.get((B, "sdpa padded"))
+        if c and s:
+            parts.append(f"contiguous/sdpa {c / s:.2f}")
+        for (b, peer), g in sorted(by.items()):
+            if b == B and peer.startswith("flexattn paged"):
+                ps = peer.split()[-1]
+                if c:
+                    parts.append(f"paged{ps}/contiguous {g / c:.2f}")
+                t = by.get((B, f"torch flex paged {ps}"))
+                if t:
+                    parts.append(f"paged{ps}/torch-paged {g / t:.2f}")
+        print(f"  B={B}: " + ", ".join(parts))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    ap.add_argument("--only", choices=("decode", "prefill"))
+    ap.add_argument("--verbose", action="store_true", help="print the traceback of a skipped peer")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/serving-<utc>.json)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_serving needs a CUDA GPU")
+    args.batches = [1, 8] if args.quick else [1, 8, 64]
+    args.max_len = 4096 if args.quick else 32768
+    args.page_sizes = [16, 128]
+    args.chunk = 512 if args.quick else 2048
+    args.caches = [4096] if args.quick else [16384, 32768, 65536, 131072]
+    import triton
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                dtype=str(DTYPE))
+    print(meta, flush=True)
+    rows = []
+    if args.only in (None, "decode"):
+        rows += decode_rows(args)
+    if args.only in (None, "prefill"):
+        rows += prefill_rows(args)
+    ratios(rows)
+    out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                   f"serving-{meta['date'].replace(':', '')}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(f"rows written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""flexattn.serving through the Triton kernels: under TRITON_INTERPRET=1 on CPU tensors here
+(each group in a fresh subprocess, as test_kernels_interpret does: the variable must be set
+before Triton builds a kernel), and on the GPU in test_serving_gpu.py (the same checks).
+
+Checks: a paged cache (random page permutations, page sizes 16/64/128/256) gives the
+contiguous cache's result bit for bit (same kernel, same tiles in the same order: only the
+rows' addresses differ); both meet the numerics rule against the float64 reference for
+variable cache_seqlens, GQA, decode / verification / chunked prefill and the zoo mods;
+appends interleaved with reads; tree verification masks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from serving_cases import (check_numerics, make_case, paged_copy, reference,  # noqa: E402
+                           zoo_mods)
+
+ZOO = ("none", "causal", "sliding_window", "prefix_lm", "document", "dilated_sliding_window",
+       "natten_2d", "alibi_causal", "softcap", "rel_bias", "per_head_scale", "multi_read",
+       "empty_rows", "and_or", "softcap_document", "padding_bias")
+
+
+def check_paged_equals_contiguous(device, dtype, page_sizes=(16, 64, 128, 256), shapes=None, opts=None):
+    """Paged (random page permutation) == contiguous, bitwise; both vs the golden."""
+    from flexattn.masks import causal
+    from flexattn.serving import paged_attention
+    fails = []
+    shapes = shapes or [dict(B=3, Hq=4, Hkv=2, E=32, lens=[300, 77, 129], L=1),       # decode, GQA
+                        dict(B=2, Hq=4, Hkv=4, E=16, lens=[260, 97], L=5),            # verification
+                        dict(B=2, Hq=4, Hkv=1, E=32, lens=[300, 140], L=140, mask=True)]  # chunked prefill
+    opts = dict(opts or {}, BACKEND="triton")
+    for sh in shapes:
+        q, k, v, lens = make_case(sh["B"], sh["Hq"], sh["Hkv"], sh["E"], sh["lens"], sh["L"], dtype, device)
+        mm = causal() if sh.get("mask") else None
+        out_c, lse_c = paged_attention(q, k, v, lens, mask_mod=mm, return_lse=True, kernel_options=opts)
+        for ps in page_sizes:
+            pk, pv, table = paged_copy(k, v, lens, ps, seed=ps)
+            out_p, lse_p = paged_attention(q, pk, pv, lens, table, page_size=ps, mask_mod=mm, return_lse=True,
+                                           kernel_options=opts)
+            if not (torch.equal(out_p, out_c) and torch.equal(lse_p, lse_c)):
+                fails.append(f"{sh} page {ps}: paged != contiguous (max diff "
+                             f"{(out_p.float() - out_c.float()).abs().max().item():.3e})")
+        fails += check_numerics(f"{sh}", out_c, lse_c, q, k, v, lens, None, mm)
+    return fails
+
+
+def check_splits_and_tiles(device, dtype):
+    """Several kv splits and several q tiles agree with the golden (the merge, the q tiles'
+    block rows, the packed GQA rows)."""
+    from flexattn.masks import sliding_window
+    from flexattn.serving import paged_attention
+    fails = []
+    q, k, v, lens = make_case(2, 8, 2, 32, [400, 250], 70, dtype, device)
+    mm = sliding_window(100)
+    pk, pv, table = paged_copy(k, v, lens, 64, seed=1)
+    for opts in ({"decode_SPLITS": 3}, {"decode_SPLITS": 1, "decode_BLOCK_N": 16}):
+        out, lse = paged_attention(q, pk, pv, lens, table, page_size=64, mask_mod=mm, return_lse=True,
+                                   kernel_options=dict(opts, BACKEND="triton"))
+        fails += check_numerics(f"splits {opts}", out, lse, q, k, v, lens, None, mm)
+    return fails
+
+
+def check_zoo(device, dtype, names=ZOO):
+    """Every zoo mod (global positions) through a paged cache against the golden."""
+    from flexattn.serving import paged_attention
+    fails = []
+    lens, L = [200, 131], 3
+    q, k, v, lens = make_case(2, 4, 2, 16, lens, L, dtype, device)
+    pk, pv, table = paged_copy(k, v, lens, 16, seed=3)
+    for name in names:
+        try:
+            m, m64 = zoo_mods(name, B=2, H=4, S=max(lens), device=device)
+            out, lse = paged_attention(q, pk, pv, lens, table, page_size=16, score_mod=m.score_mod,
+                                       mask_mod=m.mask_mod, return_lse=True, kernel_options={"BACKEND": "triton"})
+            fails += check_numerics(name, out, lse, q, k, v, lens, m64.score_mod, m64.mask_mod,
+                                    ref_mods=(m.score_mod, m.mask_mod))
+        except Exception:
+            fails.append(f"{name}: {traceback.format_exc()[-600:]}")
+    return fails
+
+
+def check_tree(device, dtype):
+    """Tree verification: the mask_mod and BlockMask of tree_mask, through the kernels, vs
+    the dense reference built from the ancestor matrix."""
+    from flexattn.serving import paged_attention, tree_ancestors, tree_mask
+    fails = []
+    parents = torch.tensor([[-1, 0, 0, 1, 1, 2, -1, 6, 3], [-1, -1, 1, 0, 3, 4, 5, 6, 2]])
+    n = parents.shape[1]
+    q, k, v, lens = make_case(2, 4, 2, 32, [180, 141], n, dtype, device)
+    anc = tree_ancestors(parents).to(device)
+    start = torch.tensor(lens, device=device) - n
+
+    def dense(b, h, q_idx, kv_idx):  # the reference's own reading of the tree (no clamping needed)
+        node = (q_idx - start[b]).clamp(0, n - 1)
+        other = kv_idx - start[b]
+        return (other < 0) | anc[b, node, other.clamp(0, n - 1)]
+    mm, bm = tree_mask(parents, lens, device=device)
+    pk, pv, table = paged_copy(k, v, lens, 16, seed=5)
+    out, lse = paged_attention(q, pk, pv, lens, table, page_size=16, mask_mod=mm, block_mask=bm, return_lse=True,
+                               kernel_options={"BACKEND": "triton"})
+    fails += check_numerics("tree", out, lse, q, k, v, lens, None, dense)
+    return fails
+
+
+def check_cache_interleaved(device, dtype):
+    """Appends (variable lengths, several sequences at once) interleaved with reads: every
+    read equals the golden of what was appended so far."""
+    from flexattn.serving import PagedKVCache
+    fails = []
+    g = torch.Generator().manual_seed(7)
+    Hq, Hkv, E = 4, 2, 16
+    cache = PagedKVCache(40, 16, Hkv, E, dtype, device, max_seqs=4)
+    seqs = [2, 0, 3]
+    hist_k = {s: torch.zeros(1, Hkv, 0, E, dtype=dtype, device=device) for s in seqs}
+    hist_v = dict(hist_k)
+    for step, T in enumerate((37, 1, 5, 1)):
+        lens = [int(x) for x in torch.randint(1, T + 1, (3,), generator=g)] if T > 1 else [1, 1, 1]
+        lens[step % 3] = T
+        k = torch.randn(3, Hkv, T, E, generator=g).to(dtype).to(device)
+        v = torch.randn(3, Hkv, T, E, generator=g).to(dtype).to(device)
+        for s, n in zip(seqs, lens):
+            cache.reserve(s, n)
+        cache.append(seqs, k, v, lengths=lens)
+        for i, (s, n) in enumerate(zip(seqs, lens)):
+            hist_k[s] = torch.cat([hist_k[s], k[i:i + 1, :, :n]], 2)
+            hist_v[s] = torch.cat([hist_v[s], v[i:i + 1, :, :n]], 2)
+        L = 1
+        q = torch.randn(3, Hq, L, E, generator=g).to(dtype).to(device)
+        total = [hist_k[s].shape[2] for s in seqs]
+        S = max(total)
+        kc = torch.zeros(3, Hkv, S, E, dtype=dtype, device=device)
+        vc = torch.zeros_like(kc)
+        for i, s in enumerate(seqs):
+            kc[i, :, :total[i]] = hist_k[s][0]
+            vc[i, :, :total[i]] = hist_v[s][0]
+        for backend in ("triton",) if device != "cpu" else ("triton", "cpu"):
+            out, lse = cache.attention(q, seqs, return_lse=True, kernel_options={"BACKEND": backend})
+            fails += check_numerics(f"step {step} {backend}", out, lse, q, kc, vc, total, None, None)
+    cache.free(0)
+    if cache.seqlen(0) != 0 or cache.num_free_pages <= 0:
+        fails.append("free: the sequence kept its length or no page came back")
+    return fails
+
+
+GROUPS = {
+    "paged_fp32": lambda: check_paged_equals_contiguous("cpu", torch.float32),
+    "paged_fp16": lambda: check_paged_equals_contiguous("cpu", torch.float16, page_sizes=(16, 128)),
+    "splits": lambda: check_splits_and_tiles("cpu", torch.float32),
+    "zoo": lambda: check_zoo("cpu", torch.float32),
+    "tree_cache": lambda: check_tree("cpu", torch.float32) + check_cache_interleaved("cpu", torch.float32),
+}
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_serving_kernels_interpreted(group):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), group], env=env, capture_output=True, text=True,
+                       timeout=900)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    assert r.returncode == 0 and lines, f"subprocess failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    fails = json.loads(lines[-1])["fails"]
+    assert not fails, "\n".join(fails)
+
+
+if __name__ == "__main__":
+    try:
+        result = GROUPS[sys.argv[1]]()
+    except Exception:
+        result = [traceback.format_exc()]
+    print(json.dumps({"fails": result}))
