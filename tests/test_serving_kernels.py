@@ -36,9 +36,9 @@ def check_paged_equals_contiguous(device, dtype, page_sizes=(16, 64, 128, 256), 
     from flexattn.masks import causal
     from flexattn.serving import paged_attention
     fails = []
-    shapes = shapes or [dict(B=3, Hq=4, Hkv=2, E=32, lens=[300, 77, 129], L=1),       # decode, GQA
-                        dict(B=2, Hq=4, Hkv=4, E=16, lens=[260, 97], L=5),            # verification
-                        dict(B=2, Hq=4, Hkv=1, E=32, lens=[300, 140], L=140, mask=True)]  # chunked prefill
+    shapes = shapes or [dict(B=3, Hq=4, Hkv=2, E=32, lens=[260, 77, 129], L=1),       # decode, GQA
+                        dict(B=2, Hq=2, Hkv=2, E=16, lens=[200, 97], L=5),            # verification
+                        dict(B=2, Hq=2, Hkv=1, E=16, lens=[200, 90], L=80, mask=True)]  # chunked prefill
     opts = dict(opts or {}, BACKEND="triton")
     for sh in shapes:
         q, k, v, lens = make_case(sh["B"], sh["Hq"], sh["Hkv"], sh["E"], sh["lens"], sh["L"], dtype, device)
