@@ -13,7 +13,9 @@ sequences interleaved in the pool, as continuous batching leaves them). GB/s = t
 bytes of the sequences' real lengths / time (every peer is charged the same bytes, so
 padding shows up as a lower rate). Chunked prefill: one 2K-token chunk (causal, global
 positions) at the end of a 16K-128K cache; TFLOP/s = 4 * Hq * D * attended pairs / time.
-Times: medians of triton.testing.do_bench. Rows go to benchmarks/results/serving-<utc>.json.
+Times: medians of triton.testing.do_bench, eager (host included) and replayed as a CUDA
+graph (the GPU's time; the rates use it when the peer can be captured, as engines capture
+their decode steps). Rows go to benchmarks/results/serving-<utc>.json.
 """
 from __future__ import annotations
 
@@ -38,6 +40,36 @@ def bench(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def bench_graph(fn):
+    """Median ms of fn's launches replayed as one CUDA graph (the GPU's time without the
+    host's: decode steps are that short), or None when fn cannot be captured."""
+    import triton
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        g.replay()
+        torch.cuda.synchronize()
+    except Exception:
+        torch.cuda.synchronize()
+        return None
+    return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
+
+
+def timed(row, fn, work, unit):
+    """Eager and graph medians into row; the rate (`work` / time) from the graph's time when
+    it could be captured, else from the eager time."""
+    ms = bench(fn)
+    msg = bench_graph(fn)
+    row.update(ms=ms, ms_graph=msg)
+    row[unit] = work / ((msg if msg is not None else ms) / 1e3)
 
 
 def lengths(B: int, max_len: int, seed: int = 0) -> list:
@@ -91,11 +123,18 @@ def torch_paged(lens, k, v, page_size, q):
     bm = create_block_mask(live, B, None, L, max_len, device="cuda", BLOCK_SIZE=(128, page_size))
     pbm = pa.convert_logical_block_mask(bm, kv_len=lens_t)
     flex = torch.compile(flex_attention)
-    return lambda: flex(q, kc, vc, block_mask=pbm, enable_gqa=True), ""
+    try:
+        flex(q, kc, vc, block_mask=pbm, enable_gqa=True)
+        return lambda: flex(q, kc, vc, block_mask=pbm, enable_gqa=True), ""
+    except Exception:  # torch's kernels may need a kv tile that divides the page
+        opts = {"BLOCK_N": page_size}
+        flex(q, kc, vc, block_mask=pbm, enable_gqa=True, kernel_options=opts)
+        return lambda: flex(q, kc, vc, block_mask=pbm, enable_gqa=True, kernel_options=opts), f"{opts}"
 
 
 def decode_rows(args):
     from flexattn.serving import paged_attention
+    from flexattn.serving.checks import CacheLengths
     rows = []
     for B in args.batches:
         lens = lengths(B, args.max_len)
@@ -106,7 +145,10 @@ def decode_rows(args):
         q = torch.randn(B, HQ, 1, D, dtype=DTYPE, device="cuda")
         gbytes = sum(lens) * HKV * D * 2 * k.element_size() / 1e9
         lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
-        peers = {"flexattn contiguous": lambda: (lambda: paged_attention(q, k, v, lens_t), "")}
+        # both copies of the lengths, as PagedKVCache passes them (a list alone costs a host-to-device
+        # copy per call, which a CUDA graph cannot capture)
+        both = CacheLengths(lens_t, lens)
+        peers = {"flexattn contiguous": lambda: (lambda: paged_attention(q, k, v, both), "")}
         pad = (torch.arange(S, device="cuda")[None, :] < lens_t[:, None]).view(B, 1, 1, S)
         qg = q.view(B, HKV, HQ // HKV, D)  # one query per sequence: the GQA group as query rows
 
@@ -130,8 +172,8 @@ def decode_rows(args):
                 if ref is None:
                     ref = out
                 row["max_diff_vs_first"] = float((out - ref).abs().max())
-                ms = bench(fn)
-                row.update(ms=ms, GBps=gbytes / (ms / 1e3), note=note)
+                timed(row, fn, gbytes, "GBps")
+                row["note"] = note
             except Exception as e:  # a peer that cannot run is skipped, the reason kept
                 row.update(skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
                 if args.verbose:
@@ -191,8 +233,8 @@ def prefill_rows(args):
                 if ref is None:
                     ref = out
                 row["max_diff_vs_first"] = float((out - ref).abs().max())
-                ms = bench(fn)
-                row.update(ms=ms, TFLOPs=flops / (ms / 1e3) / 1e12, note=note)
+                timed(row, fn, flops / 1e12, "TFLOPs")
+                row["note"] = note
             except Exception as e:
                 row.update(skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
                 if args.verbose:
@@ -214,8 +256,9 @@ def print_row(r):
     if "skipped" in r:
         print(f"{head} {r['peer']:<22} skipped ({r['skipped']})", flush=True)
     else:
-        print(f"{head} {r['peer']:<22} {r['ms']:9.4f} ms {rate}  diff {r['max_diff_vs_first']:.2e} {r['note']}",
-              flush=True)
+        graph = f"{r['ms_graph']:9.4f}" if r.get("ms_graph") is not None else "        -"
+        print(f"{head} {r['peer']:<22} {r['ms']:9.4f} ms eager {graph} ms graph {rate}  "
+              f"diff {r['max_diff_vs_first']:.2e} {r['note']}", flush=True)
 
 
 def ratios(rows):

@@ -29,8 +29,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q [B, Hq, L, E]: the queries of sequence b are its last L positions, whose K/V are in the
     cache already (append first), so query row i sits at global position
     ``cache_seqlens[b] - L + i``. L = 1 is decode, a few rows verify a speculative draft, a
-    chunk of a prompt is chunked prefill. cache_seqlens: B ints (list or integer tensor), the
-    kv length of each sequence.
+    chunk of a prompt is chunked prefill. cache_seqlens: B ints, the kv length of each
+    sequence: a list (copied to the device without waiting for it) or an integer tensor (read
+    back to the host, which waits for the device; PagedKVCache.attention keeps both copies).
 
     Paged cache (page_table given): k_cache / v_cache are the pool [1, Hkv, num_pages *
     page_size, E / Ev] (PagedKVCache.k / .v) and page_table [B, pages per sequence] lists

@@ -66,7 +66,9 @@ class PagedKVCache:
         return seq
 
     def _slots(self, seqs) -> list:
-        seqs = [self._slot(int(s)) if not isinstance(s, bool) else self._slot(s) for s in seqs]
+        seqs = list(seqs)
+        if not all(type(s) is int and 0 <= s < self.max_seqs for s in seqs):  # (one pass when all is well)
+            seqs = [self._slot(int(s)) if not isinstance(s, bool) else self._slot(s) for s in seqs]
         if len(set(seqs)) != len(seqs):
             raise ValueError(f"PagedKVCache: sequences repeat in {seqs}; name each sequence once per call")
         return seqs

@@ -95,8 +95,9 @@ def check_lengths(cache_seqlens, B: int, q_len: int, capacity: int, device) -> C
                              f"more pages (PagedKVCache.reserve) or pass a wider page_table")
     if isinstance(cache_seqlens, CacheLengths):
         return cache_seqlens
+    # a host list goes up without waiting for the device (pageable memory is staged at once)
     dev = cache_seqlens.to(device=device, dtype=torch.int32) if isinstance(cache_seqlens, torch.Tensor) \
-        else torch.tensor(host, dtype=torch.int32, device=device)
+        else torch.tensor(host, dtype=torch.int32).to(device, non_blocking=True)
     return CacheLengths(dev, host)
 
 
