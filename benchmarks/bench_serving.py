@@ -188,6 +188,7 @@ def decode_rows(args):
 def prefill_rows(args):
     from flexattn.masks import causal
     from flexattn.serving import create_cache_block_mask, paged_attention
+    from flexattn.serving.checks import CacheLengths
     rows = []
     L = args.chunk
     for S in args.caches:
@@ -199,7 +200,8 @@ def prefill_rows(args):
         flops = 4 * HQ * D * pairs
         mm = causal()
         bm = create_cache_block_mask(mm, [S], L, device="cuda")
-        peers = {"flexattn contiguous": lambda: (lambda: paged_attention(q, k, v, [S], mask_mod=mm, block_mask=bm),
+        both = CacheLengths(torch.tensor([S], dtype=torch.int32, device="cuda"), [S])
+        peers = {"flexattn contiguous": lambda: (lambda: paged_attention(q, k, v, both, mask_mod=mm, block_mask=bm),
                                                  "")}
         for ps in args.page_sizes:
             def mk(ps=ps):

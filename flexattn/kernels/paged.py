@@ -51,8 +51,13 @@ def serving_config(plan, q, v, layout: KVLayout, lengths: list) -> SplitConfig:
     blk = plan.blocks
     cuda = q.device.type == "cuda"
     q_block, kv_block = blk.block
-    block_n = _kv_tile(o.get("decode_BLOCK_N", 64 if cuda else 32), kv_block, layout.page_size)
     most = 128 if cuda else 64
+    prefill = G * L > 64  # q tiles of many rows: the dots, not the loads, bound the time
+    # H200, bf16, D=128 (a sweep of tile, warps, stages): decode 128-wide kv tiles (GB/s of pages
+    # of 16 / 128 vs 64-wide: +3-5%); prefill 64-wide tiles with 4 warps, 2 stages (371 TFLOP/s
+    # at a 2K chunk on a 32K cache vs 248-361 for the other seven)
+    block_n = _kv_tile(o.get("decode_BLOCK_N", (64 if prefill else 128) if cuda else 32), kv_block,
+                       layout.page_size)
     pack = G > 1 and (layout.dense or blk.kv_num.stride(1) == 0)
     block_m = _q_tile(G * L if pack else L, L, G, pack, q_block, layout.dense, most) if pack else 0
     if not block_m:
@@ -67,10 +72,8 @@ def serving_config(plan, q, v, layout: KVLayout, lengths: list) -> SplitConfig:
     work = sum(tiles) * heads * q_tiles
     per_program = max(4, cdiv(work, 2 * _n_sm(q.device)))
     splits = o.get("decode_SPLITS", max(1, min(MAX_SPLITS, cdiv(max(tiles), per_program))))
-    prefill = block_m >= 64
     interp = device_key(q.device) == "interp"
-    return SplitConfig(pack, block_m, block_n, q_tiles, splits,
-                       o.get("decode_num_warps", 8 if prefill else 4),
+    return SplitConfig(pack, block_m, block_n, q_tiles, splits, o.get("decode_num_warps", 4),
                        o.get("decode_num_stages", 1 if interp else 2 if prefill else 3))
 
 
