@@ -162,24 +162,8 @@ def decode_rows(args):
                 return (lambda: cache.attention(q, seqs)), ""
             peers[f"flexattn paged {ps}"] = mk
             peers[f"torch flex paged {ps}"] = lambda ps=ps: torch_paged(lens, k, v, ps, q)
-        ref = None
-        for name, make in peers.items():
-            row = dict(kind="decode", B=B, max_len=S, mean_len=sum(lens) // B, peer=name, Hq=HQ, Hkv=HKV, D=D)
-            try:
-                fn, note = make()
-                out = fn()
-                out = out.view(B, HQ, 1, D).float()
-                if ref is None:
-                    ref = out
-                row["max_diff_vs_first"] = float((out - ref).abs().max())
-                timed(row, fn, gbytes, "GBps")
-                row["note"] = note
-            except Exception as e:  # a peer that cannot run is skipped, the reason kept
-                row.update(skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
-                if args.verbose:
-                    traceback.print_exc()
-            rows.append(row)
-            print_row(row)
+        base = dict(kind="decode", B=B, max_len=S, mean_len=sum(lens) // B, Hq=HQ, Hkv=HKV, D=D)
+        rows += run_peers(peers, base, lambda out: out.view(B, HQ, 1, D).float(), gbytes, "GBps", args.verbose)
         del k, v
         torch.cuda.empty_cache()
     return rows
@@ -226,25 +210,32 @@ def prefill_rows(args):
             flex = torch.compile(flex_attention)
             return (lambda: flex(q, k, v, block_mask=tbm, enable_gqa=True)), "contiguous cache"
         peers["torch flex"] = torch_flex_make
-        ref = None
-        for name, make in peers.items():
-            row = dict(kind="prefill", chunk=L, cache=S, peer=name, Hq=HQ, Hkv=HKV, D=D)
-            try:
-                fn, note = make()
-                out = fn().float()
-                if ref is None:
-                    ref = out
-                row["max_diff_vs_first"] = float((out - ref).abs().max())
-                timed(row, fn, flops / 1e12, "TFLOPs")
-                row["note"] = note
-            except Exception as e:
-                row.update(skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
-                if args.verbose:
-                    traceback.print_exc()
-            rows.append(row)
-            print_row(row)
+        base = dict(kind="prefill", chunk=L, cache=S, Hq=HQ, Hkv=HKV, D=D)
+        rows += run_peers(peers, base, lambda out: out.float(), flops / 1e12, "TFLOPs", args.verbose)
         del k, v
         torch.cuda.empty_cache()
+    return rows
+
+
+def run_peers(peers, base, as_float, work, unit, verbose) -> list:
+    """One row per peer (name -> make() -> (fn, note)): its output's largest difference from
+    the first peer's, its times and rate; a peer that cannot run is skipped, its reason kept."""
+    rows, ref = [], None
+    for name, make in peers.items():
+        row = dict(base, peer=name)
+        try:
+            fn, note = make()
+            out = as_float(fn())
+            ref = out if ref is None else ref
+            row["max_diff_vs_first"] = float((out - ref).abs().max())
+            timed(row, fn, work, unit)
+            row["note"] = note
+        except Exception as e:
+            row.update(skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+            if verbose:
+                traceback.print_exc()
+        rows.append(row)
+        print_row(row)
     return rows
 
 

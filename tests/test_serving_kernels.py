@@ -23,8 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from serving_cases import (check_numerics, make_case, paged_copy, reference,  # noqa: E402
-                           zoo_mods)
+from serving_cases import check_numerics, make_case, paged_copy, zoo_mods  # noqa: E402
 
 ZOO = ("none", "causal", "sliding_window", "prefix_lm", "document", "dilated_sliding_window",
        "natten_2d", "alibi_causal", "softcap", "rel_bias", "per_head_scale", "multi_read",
