@@ -14,6 +14,7 @@ The modules, in the order a call meets them (each imports only those above it):
     forward.py    forward template + its config + launcher (flex_forward)
     backward.py   backward templates + config + launcher (flex_backward)
     decode.py     short-query split-KV template + launcher (decode_forward; merge.py merges)
+    paged.py      the same kernel over cached sequences, paged or not (flexattn.serving's launches)
     source.py     template filling (flexattn.codegen fills the holes), module cache
     interpreter.py  a fix for Triton's interpreter, applied by source.load
     plan.py       the Plan of a call, built in one place
