@@ -2,7 +2,9 @@
 the sparse masks), 2 threads, float32 by default.
 
     PYTHONPATH=$PWD python benchmarks/bench_cpu.py [--S 4096] [--dtype float32] [--busy]
-        [--no-compiled] [--reps 3] [--json out.json]
+        [--no-compiled] [--reps 3] [--json out.json] [--full]
+
+--full runs the whole matrix: S in {1K, 4K, 16K} x float32 and bfloat16 (16K takes minutes).
 
 Prints one table (median seconds of --reps runs after one warm-up) for forward and
 fwd+bwd; torch.compile(flex_attention) has no CPU backward, so its fwd+bwd column is '-'.
@@ -12,6 +14,7 @@ machine's two cores are then contended, as on a shared machine).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -61,16 +64,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--S", type=int, nargs="+", default=[4096])
     ap.add_argument("--masks", nargs="+", default=list(MASKS))
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", nargs="+", default=["float32"])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--busy", action="store_true")
     ap.add_argument("--no-compiled", action="store_true")
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--full", action="store_true", help="S in {1K, 4K, 16K}, float32 and bfloat16")
     a = ap.parse_args()
+    if a.full:
+        a.S, a.dtype = [1024, 4096, 16384], ["float32", "bfloat16"]
     torch.set_num_threads(a.threads)
-    dtype = getattr(torch, a.dtype)
     B, H, D = 1, 8, 64
     from torch.nn.attention.flex_attention import create_block_mask as torch_cbm
     from torch.nn.attention.flex_attention import flex_attention as torch_flex
@@ -82,39 +87,41 @@ def main():
             p.start()
     rows = []
     try:
-        for S in a.S:
-            for name in a.masks:
-                g = torch.Generator().manual_seed(0)
-                q, k, v = [torch.randn(B, H, S, D, generator=g, dtype=dtype).requires_grad_() for _ in range(3)]
-                mm = mask_mod_of(name, S)
-                bm = None if mm is None else flexattn.create_block_mask(mm, None, None, S, S)
-                tbm = None if mm is None else torch_cbm(mm, None, None, S, S, device="cpu")
-                dense = None if mm is None else flexattn.create_mask(mm, None, None, S, S)
-                attn_mask = None if name in ("dense", "causal") else dense
-                causal = name == "causal"
-                r = {"S": S, "mask": name, "dtype": a.dtype, "busy": a.busy}
+        for S, dname, name in itertools.product(a.S, a.dtype, a.masks):
+            dtype = getattr(torch, dname)
+            g = torch.Generator().manual_seed(0)
+            q, k, v = [torch.randn(B, H, S, D, generator=g, dtype=dtype).requires_grad_() for _ in range(3)]
+            mm = mask_mod_of(name, S)
+            bm = None if mm is None else flexattn.create_block_mask(mm, None, None, S, S)
+            tbm = None if mm is None else torch_cbm(mm, None, None, S, S, device="cpu")
+            dense = None if mm is None else flexattn.create_mask(mm, None, None, S, S)
+            attn_mask = None if name in ("dense", "causal") else dense
+            causal = name == "causal"
+            r = {"S": S, "mask": name, "dtype": dname, "busy": a.busy}
 
-                def ours():
-                    return flexattn.flex_attention(q, k, v, block_mask=bm, kernel_options={"BACKEND": "cpu"})
+            def ours():
+                return flexattn.flex_attention(q, k, v, block_mask=bm, kernel_options={"BACKEND": "cpu"})
 
-                def sdpa():
-                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                                                            is_causal=causal)
-                with torch.no_grad():
-                    r["flexattn_fwd"] = timeit(ours, a.reps)
-                    r["sdpa_fwd"] = timeit(sdpa, a.reps)
-                    if compiled is not None:
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore")
-                            r["compiled_fwd"] = timeit(lambda: compiled(q, k, v, block_mask=tbm), a.reps)
-                if not a.no_bwd:
-                    r["flexattn_fwdbwd"] = timeit(lambda: ours().sum().backward(), a.reps)
-                    r["sdpa_fwdbwd"] = timeit(lambda: sdpa().sum().backward(), a.reps)
-                rows.append(r)
-                f = lambda key: "-" if key not in r else f"{r[key][0]:.3f} ({r[key][1]:.3f})"
-                print(f"S={S:6d} {name:9s} fwd: flexattn {f('flexattn_fwd')}  compiled {f('compiled_fwd')}  "
-                      f"sdpa {f('sdpa_fwd')} | fwd+bwd: flexattn {f('flexattn_fwdbwd')}  sdpa {f('sdpa_fwdbwd')}",
-                      flush=True)
+            def sdpa():
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                                        is_causal=causal)
+            with torch.no_grad():
+                r["flexattn_fwd"] = timeit(ours, a.reps)
+                r["sdpa_fwd"] = timeit(sdpa, a.reps)
+                if compiled is not None:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        # torch refuses CPU inputs that require grad, even under no_grad
+                        qd, kd, vd = q.detach(), k.detach(), v.detach()
+                        r["compiled_fwd"] = timeit(lambda: compiled(qd, kd, vd, block_mask=tbm), a.reps)
+            if not a.no_bwd:
+                r["flexattn_fwdbwd"] = timeit(lambda: ours().sum().backward(), a.reps)
+                r["sdpa_fwdbwd"] = timeit(lambda: sdpa().sum().backward(), a.reps)
+            rows.append(r)
+            f = lambda key: "-" if key not in r else f"{r[key][0]:.3f} ({r[key][1]:.3f})"
+            print(f"S={S:6d} {dname:8s} {name:9s} fwd: flexattn {f('flexattn_fwd')}  compiled {f('compiled_fwd')}  "
+                  f"sdpa {f('sdpa_fwd')} | fwd+bwd: flexattn {f('flexattn_fwdbwd')}  sdpa {f('sdpa_fwdbwd')}",
+                  flush=True)
     finally:
         stop.set()
         for p in procs:

@@ -32,6 +32,7 @@ from .dropout import dropout_keep
 from .ir import Graph
 
 NEG_INF = float("-inf")
+LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453   # softmax in base 2: exp2 is the cheaper kernel
 # kernel_options keys this path reads; other keys (GPU tuning) are ignored here.
 CPU_OPTION_KEYS = ("BLOCK_M", "BLOCK_N")
 
@@ -90,8 +91,8 @@ def _tile_sizes(kernel_options: dict, q_block: int, kv_block: int) -> tuple[int,
 # blocks are consecutive (and the same for every (b, h)) reads K and V as a slice, without
 # a gather.
 
-# score-matrix elements (B * Hq * tile_m * columns) per chunk: 16 MiB of float32
-_CHUNK_ELEMS = 1 << 22
+# score-matrix elements (B * Hq * tile_m * columns) per chunk: 4 MiB of float32
+_CHUNK_ELEMS = 1 << 20
 
 
 @dataclass
@@ -102,16 +103,16 @@ class _KVTile:
     span: Optional[tuple] = None     # (p0, p1): pos is arange(p0, p1), the same for every (b, h)
 
 
-def _kv_tiles(run: CpuRun, i: int, S: int, cols: int) -> Iterator[_KVTile]:
-    """kv chunks of q-block i (at most `cols` columns each, whole blocks): partial blocks,
-    then full blocks."""
+def _kv_tiles(run: CpuRun, i: int, S: int, cols: int, full_cols: Optional[int] = None) -> Iterator[_KVTile]:
+    """kv chunks of q-block i (at most `cols` columns each - `full_cols` for full blocks if
+    given - whole blocks): partial blocks, then full blocks."""
     device = run.kv_num.device
     kvb = run.kv_block
     sub = torch.arange(kvb, device=device)
-    per = max(1, cols // kvb)
     for num, idx, partial in ((run.kv_num, run.kv_idx, True), (run.full_num, run.full_idx, False)):
         if num is None:
             continue
+        per = max(1, (cols if partial or full_cols is None else full_cols) // kvb)
         num_i = num[:, :, i]
         n_slots = int(num_i.max()) if num_i.numel() else 0
         n_kv_blocks = idx.shape[-1]
@@ -137,8 +138,8 @@ def _q_tiles(run: CpuRun, L: int) -> Iterator[tuple[int, int, int]]:
             yield i, q0, min(L, q0 + run.tile_m, (i + 1) * run.q_block)
 
 
-def _chunk_cols(run: CpuRun, B: int, Hq: int) -> int:
-    return max(run.kv_block, _CHUNK_ELEMS // max(1, B * Hq * run.tile_m))
+def _chunk_cols(run: CpuRun, B: int, Hq: int, rows: int = 0) -> int:
+    return max(run.kv_block, _CHUNK_ELEMS // max(1, B * Hq * (rows or run.tile_m)))
 
 
 class _Indices:
@@ -182,22 +183,22 @@ class _Indices:
             acc.index_add_(2, tile.pos.view(-1), val)
 
 
-def _scores(run: CpuRun, idx: _Indices, qt, kt, q_idx, tile: _KVTile, *, s0=None, buffers=None):
-    """(pre-mod score, post-mod score, the keep-able mask or None: all kept). The caller
-    sets the post-mod score to -inf where the mask is False."""
-    kv_idx = tile.pos.to(torch.int32)[..., None, :]
-    if s0 is None:
-        s0 = (qt @ kt.transpose(-1, -2)) * run.scale
+def _allowed(run: CpuRun, idx: _Indices, q_idx, tile: _KVTile) -> Optional[torch.Tensor]:
+    """Where the tile may attend (bool, broadcastable to [B, Hq, M, N]), None: everywhere.
+    The one place a tile's mask is made: every visited tile passes here."""
     allowed = tile.valid
     if tile.partial and run.mask_graph is not None:
-        m = evaluate(run.mask_graph, b=idx.b, h=idx.h, q_idx=q_idx, kv_idx=kv_idx)
+        m = evaluate(run.mask_graph, b=idx.b, h=idx.h, q_idx=q_idx, kv_idx=tile.pos.to(torch.int32)[..., None, :])
         allowed = m if allowed is None else allowed & m
-    s = s0
-    if run.score_graph is not None:
-        # captured-tensor reads must be in bounds only where the mask keeps (elsewhere clamped)
-        s = evaluate(run.score_graph, score=s0, b=idx.b, h=idx.h, q_idx=q_idx, kv_idx=kv_idx,
-                     buffers=buffers, where=allowed).to(run.compute_dtype)
-    return s0, s, allowed
+    return allowed
+
+
+def _scores(run: CpuRun, idx: _Indices, q_idx, tile: _KVTile, s0, allowed, buffers=None):
+    """The score_mod on the tile's pre-mod scores s0 = scale * q @ k^T, in the compute dtype;
+    the caller sets it to -inf where `allowed` (from _allowed) is False."""
+    # captured-tensor reads must be in bounds only where the mask keeps (elsewhere clamped)
+    return evaluate(run.score_graph, score=s0, b=idx.b, h=idx.h, q_idx=q_idx, kv_idx=tile.pos.to(torch.int32)[..., None, :],
+                    buffers=buffers, where=allowed).to(run.compute_dtype)
 
 
 def _keep(run: CpuRun, idx: _Indices, q_idx, tile: _KVTile):
@@ -271,14 +272,20 @@ def _forward(run: CpuRun, q, k, v):
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
     cdt, dev = run.compute_dtype, q.device
     idx = _Indices(B, Hq, Hkv, dev)
+    k, v = k.to(cdt), v.to(cdt)   # fp16/bf16: converted once, not per q-tile
     out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=dev)
     lse = torch.empty(B, Hq, L, dtype=cdt, device=dev)
     drop_scale = 1.0 / (1.0 - run.dropout_p)
     cols = _chunk_cols(run, B, Hq)
+    score_bufs = run.score_graph.buffers if run.score_graph is not None else ()
+
+    has_mod = run.score_graph is not None
 
     def q_tile(i, q0, q1, _acc):
         M = q1 - q0
-        qt = q[:, :, q0:q1].to(cdt)
+        # the scale folded into q (a copy: the tile's own); without a score_mod the scores
+        # come out in base 2 (times log2 e) straight from the matmul
+        qs = q[:, :, q0:q1].to(cdt) * (run.scale if has_mod else run.scale * LOG2E)
         q_idx = idx.q(q0, q1, dev)
         m = torch.full((B, Hq, M, 1), NEG_INF, dtype=cdt, device=dev)   # running row max
         l = torch.zeros(B, Hq, M, 1, dtype=cdt, device=dev)             # running sum of exp
@@ -286,24 +293,157 @@ def _forward(run: CpuRun, q, k, v):
         for tile in _kv_tiles(run, i, S, cols):
             kt = idx.gather(k, tile, cdt)
             vt = idx.gather(v, tile, cdt)
-            _, s, allowed = _scores(run, idx, qt, kt, q_idx, tile)
+            s = qs @ kt.transpose(-1, -2)
+            allowed = _allowed(run, idx, q_idx, tile)
+            if has_mod:
+                s = _owned(_scores(run, idx, q_idx, tile, s, allowed), s, score_bufs).mul_(LOG2E)   # base 2 from here
             if allowed is not None:
-                s = s.masked_fill(~allowed, NEG_INF)
+                s.masked_fill_(~allowed, NEG_INF)
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))
             m_safe = m_new.masked_fill(m_new == NEG_INF, 0.0)   # rows with nothing yet: no -inf - -inf
-            alpha = torch.exp(m - m_safe)
-            p = torch.exp(s - m_safe)
+            alpha = torch.exp2(m - m_safe)
+            p = s.sub_(m_safe).exp2_()   # s is not needed any more: p takes its memory
             l = l * alpha + p.sum(-1, keepdim=True)
             if run.dropout_p > 0:
                 p = p * _keep(run, idx, q_idx, tile) * drop_scale
-            acc = acc * alpha + p @ vt
+            acc.mul_(alpha)
+            acc += p @ vt
             m = m_new
         empty = l == 0
         out[:, :, q0:q1] = (acc / torch.where(empty, 1.0, l)).to(q.dtype)
-        lse[:, :, q0:q1] = torch.where(empty, NEG_INF, m + torch.log(torch.where(empty, 1.0, l))).squeeze(-1)
+        lse[:, :, q0:q1] = torch.where(empty, NEG_INF, (m + torch.log2(torch.where(empty, 1.0, l))) * LN2).squeeze(-1)
 
-    _over_q_tiles(run, list(_q_tiles(run, L)), q_tile, lambda: None, dynamic=True)
+    tiles = list(_q_tiles(run, L))
+    if _fused(run):
+        q_tile, tiles = _fused_forward_tile(run, idx, q, k, v, out, lse), _fused_q_tiles(run, L)
+    _over_q_tiles(run, tiles, q_tile, lambda: None, dynamic=True)
     return out, lse
+
+
+def _owned(s, s0, buffers=()):
+    """s as a tensor the caller may overwrite: s0 (the caller's own) or a fresh result of
+    the score_mod, else a copy (its result may be a broadcast, a view or a captured tensor)."""
+    if s is s0:
+        return s
+    if (s.shape == s0.shape and s.is_contiguous() and s._base is None
+            and all(s.data_ptr() != t.data_ptr() for t in (s0, *buffers))):
+        return s
+    return s.expand(s0.shape).clone(memory_format=torch.contiguous_format)
+
+
+# ---------------------------------------------------------------------------------------
+# Without a score_mod or dropout: torch's fused CPU attention kernel on each chunk
+#
+# A chunk is then plain attention of the q-tile over the chunk's kv positions with an
+# additive mask (0 / -inf, only where the tile has one), so torch's fused CPU flash-attention
+# kernel (its blocked matmuls and vectorised softmax, what SDPA runs on CPU) computes it
+# and its log-sum-exp; a q-tile's chunks merge by their log-sum-exps. Its backward
+# decomposes the same way: given the *whole* row's out and lse, the kernel's gradients for a
+# chunk are that chunk's share (P = exp(S - lse) restricted to its columns), so dq sums over
+# chunks and dk/dv scatter to the chunk's positions. Memory stays O(tile * chunk) (the
+# mask) plus the kernel's own per-thread buffers.
+
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+_USE_FLASH = _FLASH is not None and _FLASH_BWD is not None   # tests switch it off to run the plain path
+
+
+def _fused(run: CpuRun) -> bool:
+    return _USE_FLASH and run.score_graph is None and run.dropout_p == 0
+
+
+def _bias(allowed: Optional[torch.Tensor], dtype):
+    """(additive mask: 0 where allowed, -inf elsewhere, or None; [.., M, 1] bool: the rows
+    with some position allowed, or None: all)."""
+    if allowed is None:
+        return None, None
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, NEG_INF), allowed.any(-1, keepdim=True)
+
+
+def _fused_q_tiles(run: CpuRun, L: int) -> list:
+    """The q-tiles of the fused path: runs of consecutive q-blocks whose block lists are
+    identical (dense masks, the inside of long windows) form one tile, up to a few per
+    thread - the kernel is faster on taller tiles."""
+    tiles = list(_q_tiles(run, L))
+    nq = math.ceil(L / run.q_block)
+    if run.tile_m != run.q_block or nq < 2:
+        return tiles
+    same = torch.ones(nq - 1, dtype=torch.bool)
+    for num, idx in ((run.kv_num, run.kv_idx), (run.full_num, run.full_idx)):
+        if num is not None:
+            same &= (num[:, :, 1:] == num[:, :, :-1]).flatten(0, 1).all(0)
+            same &= (idx[:, :, 1:] == idx[:, :, :-1]).transpose(0, 2).flatten(1).all(1)
+    cap = max(1, min(1024 // run.q_block, nq // (2 * torch.get_num_threads())))
+    merged, same = [], same.tolist()
+    for i, q0, q1 in tiles:
+        if merged and same[i - 1] and (i - merged[-1][0]) < cap:
+            merged[-1] = (merged[-1][0], merged[-1][1], q1)
+        else:
+            merged.append((i, q0, q1))
+    return merged
+
+
+def _fused_forward_tile(run: CpuRun, idx: _Indices, q, k, v, out, lse):
+    S, cdt, dev = k.shape[2], run.compute_dtype, q.device
+
+    def q_tile(i, q0, q1, _acc):
+        qt = q[:, :, q0:q1].to(cdt)
+        q_idx = idx.q(q0, q1, dev)
+        o = l = None    # the q-tile's output and lse [.., M, 1] over the chunks so far
+        for tile in _kv_tiles(run, i, S, _chunk_cols(run, q.shape[0], q.shape[1], q1 - q0), S):
+            bias, some = _bias(_allowed(run, idx, q_idx, tile), cdt)
+            o_c, l_c = _FLASH(qt, idx.gather(k, tile, cdt), idx.gather(v, tile, cdt), 0.0, False,
+                              attn_mask=bias, scale=run.scale)
+            l_c = l_c.to(cdt).unsqueeze(-1)
+            if some is not None:
+                l_c = l_c.masked_fill(~some, NEG_INF)   # the kernel's lse of a fully masked row is 0
+            if o is None:
+                o, l = o_c, l_c
+                continue
+            new = torch.logaddexp(l, l_c)
+            safe = new.masked_fill(new == NEG_INF, 0.0)
+            o = o * torch.exp(l - safe) + o_c * torch.exp(l_c - safe)
+            l = new
+        if o is None:   # no block listed
+            out[:, :, q0:q1] = 0
+            lse[:, :, q0:q1] = NEG_INF
+        else:
+            out[:, :, q0:q1] = o
+            lse[:, :, q0:q1] = l.squeeze(-1)
+    return q_tile
+
+
+def _fused_backward(run: CpuRun, idx: _Indices, q, k, v, out, lse, dout, tiles):
+    """(dq, dk, dv) in the compute dtype; k, v already in it."""
+    B, Hq = q.shape[:2]
+    S, cdt, dev = k.shape[2], run.compute_dtype, q.device
+    dq = torch.empty(q.shape, dtype=cdt, device=dev)
+    out = out.to(cdt)
+    # fully masked rows (lse -inf): +inf makes the kernel's p = exp(s - lse) exactly 0
+    lse = torch.where(lse == NEG_INF, float("inf"), lse).to(torch.float64 if cdt == torch.float64 else torch.float32)
+
+    def q_tile(i, q0, q1, accs):
+        dk, dv = accs
+        row = (slice(None), slice(None), slice(q0, q1))
+        qt, dot, ot, lt = q[row].to(cdt), dout[row], out[row], lse[row]
+        q_idx = idx.q(q0, q1, dev)
+        dqt = None
+        for tile in _kv_tiles(run, i, S, _chunk_cols(run, B, Hq, q1 - q0), S):
+            bias, _ = _bias(_allowed(run, idx, q_idx, tile), cdt)
+            dq_c, dk_c, dv_c = _FLASH_BWD(dot, qt, idx.gather(k, tile, cdt), idx.gather(v, tile, cdt), ot, lt,
+                                          0.0, False, attn_mask=bias, scale=run.scale)
+            dqt = dq_c if dqt is None else dqt.add_(dq_c)
+            idx.scatter_add(dk, tile, dk_c)
+            idx.scatter_add(dv, tile, dv_c)
+        dq[row] = 0 if dqt is None else dqt
+
+    dk = torch.zeros(k.shape, dtype=cdt, device=dev)
+    dv = torch.zeros(v.shape, dtype=cdt, device=dev)
+    for dk_w, dv_w in _over_q_tiles(run, tiles, q_tile, lambda: (torch.zeros_like(dk), torch.zeros_like(dv)),
+                                    dynamic=False):
+        dk += dk_w
+        dv += dv_w
+    return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------------------
@@ -315,45 +455,65 @@ def _backward(run: CpuRun, q, k, v, out, lse, dout, dlse, buffers):
     Hkv, S = k.shape[1], k.shape[2]
     cdt, dev = run.compute_dtype, q.device
     idx = _Indices(B, Hq, Hkv, dev)
-    dq = torch.zeros(q.shape, dtype=cdt, device=dev)
+    k_in, v_in = k, v
+    k, v = k.to(cdt), v.to(cdt)   # fp16/bf16: converted once, not per q-tile
+    dout = dout.to(cdt)
+    if _fused(run) and (dlse is None or not bool(dlse.any())):   # (autograd passes a zero dlse when lse is unused)
+        dq, dk, dv = _fused_backward(run, idx, q, k, v, out, lse, dout, _fused_q_tiles(run, L))
+        return dq.to(q.dtype), dk.to(k_in.dtype), dv.to(v_in.dtype), []
+    dq = torch.empty(q.shape, dtype=cdt, device=dev)   # every q-tile writes its rows
     dk = torch.zeros(k.shape, dtype=cdt, device=dev)
     dv = torch.zeros(v.shape, dtype=cdt, device=dev)
     # copies of the captured tensors that require grad: autograd.grad on each tile fills them
     grad_slots = run.grad_slots
     grad_bufs = [b.detach().requires_grad_(True) if j in grad_slots else b for j, b in enumerate(buffers)]
     dbufs = [torch.zeros_like(buffers[j]) for j in grad_slots]
-    dout = dout.to(cdt)
     delta = (dout * out.to(cdt)).sum(-1, keepdim=True)                   # rowsum(dO * O)
     dlse = torch.zeros_like(delta) if dlse is None else dlse.to(cdt).unsqueeze(-1)
     # rows with lse = -inf are fully masked: +inf makes every p = exp(s - lse) exactly 0
-    lse_safe = torch.where(lse == NEG_INF, float("inf"), lse).unsqueeze(-1).to(cdt)
+    # (in base 2: p = exp2(log2e * score - lse2))
+    lse2 = torch.where(lse == NEG_INF, float("inf"), lse).unsqueeze(-1).to(cdt) * LOG2E
     drop_scale = 1.0 / (1.0 - run.dropout_p)
     cols = _chunk_cols(run, B, Hq)
+    has_mod = run.score_graph is not None
 
     def q_tile(i, q0, q1, accs):
         dk, dv, dbufs = accs
-        qt = q[:, :, q0:q1].to(cdt)
+        qs = q[:, :, q0:q1].to(cdt) * run.scale   # the scale folded into q, as in the forward
+        qs2 = None if has_mod else qs * LOG2E      # scores in base 2 straight from the matmul
         dot = dout[:, :, q0:q1]
         q_idx = idx.q(q0, q1, dev)
         row = (slice(None), slice(None), slice(q0, q1))
-        dqt = torch.zeros_like(qt)
+        lse_t = lse2[row]
+        dsub = delta[row] - dlse[row]    # ds = p * (dp - dsub)
+        dqt = torch.zeros_like(qs)
         for tile in _kv_tiles(run, i, S, cols):
             kt = idx.gather(k, tile, cdt)
             vt = idx.gather(v, tile, cdt)
-            s0 = (qt @ kt.transpose(-1, -2)) * run.scale
-            with torch.enable_grad():
-                if run.score_graph is not None:
+            if not has_mod:
+                s = qs2 @ kt.transpose(-1, -2)
+                allowed = _allowed(run, idx, q_idx, tile)
+                if allowed is not None:
+                    s.masked_fill_(~allowed, NEG_INF)
+                p = s.sub_(lse_t).exp2_()        # in place: s0's memory
+            else:
+                s0 = qs @ kt.transpose(-1, -2)
+                with torch.enable_grad():
                     s0.requires_grad_(True)
-                _, s, allowed = _scores(run, idx, qt, kt, q_idx, tile, s0=s0, buffers=grad_bufs)
-            s_kept = s.detach() if allowed is None else s.detach().masked_fill(~allowed, NEG_INF)
-            p = torch.exp(s_kept - lse_safe[row])
+                    allowed = _allowed(run, idx, q_idx, tile)
+                    s = _scores(run, idx, q_idx, tile, s0, allowed, grad_bufs)
+                # a new tensor: s stays as autograd saw it (the mod's backward may need it)
+                p = (s.detach() * LOG2E).expand(s0.shape).contiguous()
+                if allowed is not None:
+                    p.masked_fill_(~allowed, NEG_INF)
+                p = p.sub_(lse_t).exp2_()
             dp = dot @ vt.transpose(-1, -2)
             if run.dropout_p > 0:
                 keep = _keep(run, idx, q_idx, tile).to(cdt) * drop_scale  # bool * float would be float32
                 pd, dp = p * keep, dp * keep
             else:
                 pd = p
-            ds = p * (dp - delta[row] + dlse[row])
+            ds = dp.sub_(dsub).mul_(p)
             if run.score_graph is not None:
                 wrt = [s0] + [grad_bufs[j] for j in grad_slots]
                 grads = torch.autograd.grad(s, wrt, ds, allow_unused=True) if s.requires_grad else [None] * len(wrt)
@@ -364,10 +524,10 @@ def _backward(run: CpuRun, q, k, v, out, lse, dout, dlse, buffers):
                 for n, g in enumerate(grads[1:]):
                     if g is not None:
                         dbufs[n] += g
-            dqt += (ds @ kt) * run.scale
-            idx.scatter_add(dk, tile, (ds.transpose(-1, -2) @ qt) * run.scale)
+            dqt += ds @ kt
+            idx.scatter_add(dk, tile, ds.transpose(-1, -2) @ qs)   # qs carries the scale
             idx.scatter_add(dv, tile, pd.transpose(-1, -2) @ dot)
-        dq[row] = dqt
+        dq[row] = dqt.mul_(run.scale)
 
     def new_accs():
         return (torch.zeros(k.shape, dtype=cdt, device=dev), torch.zeros(v.shape, dtype=cdt, device=dev),
@@ -378,7 +538,7 @@ def _backward(run: CpuRun, q, k, v, out, lse, dout, dlse, buffers):
         dv += dv_w
         for n, g in enumerate(dbufs_w):
             dbufs[n] += g
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbufs
+    return dq.to(q.dtype), dk.to(k_in.dtype), dv.to(v_in.dtype), dbufs
 
 
 def make_run(dtype, *, score_graph, mask_graph, block_size, kv_blocks, scale, kernel_options, dropout_p,

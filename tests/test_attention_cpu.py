@@ -202,15 +202,15 @@ def test_visits_only_listed_blocks(monkeypatch):
     # causal, 4x4 blocks: 6 full (below the diagonal) + 4 partial (on it); 6 empty never visited
     import flexattn.cpu as cpu
     visited = []
-    real = cpu._scores
+    real = cpu._allowed
 
-    def counting(plan, idx, qt, kt, q_idx, tile, **kw):
+    def counting(plan, idx, q_idx, tile):
         pos = tile.pos.flatten() if tile.valid is None else tile.pos.expand(tile.valid[..., 0, :].shape)[tile.valid[..., 0, :]]
         for j in sorted(set((pos // 16).tolist())):
             visited.append((int(q_idx.min()) // 16, j, tile.partial))
-        return real(plan, idx, qt, kt, q_idx, tile, **kw)
+        return real(plan, idx, q_idx, tile)
 
-    monkeypatch.setattr(cpu, "_scores", counting)
+    monkeypatch.setattr(cpu, "_allowed", counting)
     q, k, v = make_qkv(1, 2, 2, 64, 64, 16, requires_grad=False)
     flex_attention(q, k, v, block_mask=create_block_mask(make_mod("causal", B=1, H=2, L=64, S=64).mask_mod,
                                                          None, None, 64, 64, BLOCK_SIZE=16))
@@ -223,13 +223,13 @@ def test_chunks_per_call_do_not_grow_with_blocks(monkeypatch, per_head):
     # they fit _CHUNK_ELEMS): the torch operations per call grow with q-tiles, not blocks
     import flexattn.cpu as cpu
     calls = []
-    real = cpu._scores
+    real = cpu._allowed
 
-    def counting(plan, idx, qt, kt, q_idx, tile, **kw):
+    def counting(plan, idx, q_idx, tile):
         calls.append(tile.pos.shape[-1])
-        return real(plan, idx, qt, kt, q_idx, tile, **kw)
+        return real(plan, idx, q_idx, tile)
 
-    monkeypatch.setattr(cpu, "_scores", counting)
+    monkeypatch.setattr(cpu, "_allowed", counting)
     H = 2
     for L in (256, 1024):
         calls.clear()
