@@ -219,16 +219,53 @@ def _keep(run: CpuRun, idx: _Indices, q_idx, tile: _KVTile):
 _THREADS_LOCK = threading.Lock()
 
 
+def _find_one_thread_here():
+    """A function that makes torch's operations on the calling thread run on one thread -
+    through the OpenMP and MKL calls whose setting is the calling thread's own, so no other
+    thread and no process-wide default changes (torch.set_num_threads would also change the
+    count every thread started later gets). None where this build's thread runtimes cannot
+    be reached that way (the q-tiles then run on the calling thread)."""
+    try:
+        import ctypes
+        import glob
+        import os
+        info = torch.__config__.parallel_info()
+        if "OpenMP" not in info:
+            return None
+        omp = ctypes.CDLL(None).omp_set_num_threads   # the runtime torch loaded
+        mkl = None
+        if "Math Kernel Library" in info:
+            for path in glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu*")):
+                mkl = getattr(ctypes.CDLL(path), "MKL_Set_Num_Threads_Local", None)   # C entry, by value
+                if mkl is not None:
+                    break
+            if mkl is None:
+                return None
+    except (OSError, AttributeError):
+        return None
+
+    def one_thread_here() -> bool:
+        torch.get_num_threads()   # torch's first-use setup of this thread first, so it cannot undo ours
+        omp(1)
+        if mkl is not None:
+            mkl(1)
+        return torch.get_num_threads() == 1
+    return one_thread_here
+
+
+_ONE_THREAD_HERE = _find_one_thread_here()
+
+
 def _over_q_tiles(run: CpuRun, tiles: list, fn, new_acc, dynamic: bool) -> list:
     """Call fn(i, q0, q1, acc) for every q-tile; returns the accumulators (one per thread).
     dynamic: threads take the next tile when done with one (the costliest - most listed
     blocks - first), so a thread the OS deschedules holds up no other; otherwise the tiles,
     costliest first, are dealt round-robin, so which tiles sum into which accumulator, in
-    which order, is the same on every run (bitwise-reproducible gradients)."""
-    total = torch.get_num_threads()
-    n = min(total, len(tiles))
-    if n <= 1 or not _THREADS_LOCK.acquire(blocking=False):   # one pool at a time; others run here
-        acc = new_acc()
+    which order, is the same on every run (bitwise-reproducible gradients). The threads are
+    this call's own: their one-thread setting ends with them."""
+    n = min(torch.get_num_threads(), len(tiles))
+    if n <= 1 or _ONE_THREAD_HERE is None or not _THREADS_LOCK.acquire(blocking=False):
+        acc = new_acc()   # one pool at a time; others (and builds without _ONE_THREAD_HERE) run here
         for t in tiles:
             fn(*t, acc)
         return [acc]
@@ -242,7 +279,8 @@ def _over_q_tiles(run: CpuRun, tiles: list, fn, new_acc, dynamic: bool) -> list:
         accs = [new_acc() for _ in range(n)]
 
         def work(w):
-            torch.set_num_threads(1)   # this thread's operations: one thread each
+            if not _ONE_THREAD_HERE():
+                raise RuntimeError("flexattn's CPU path could not make its worker thread single-threaded")
             mine = None if dynamic else iter(ranked[w::n])
             with torch.set_grad_enabled(grad_mode):
                 while True:
@@ -260,7 +298,6 @@ def _over_q_tiles(run: CpuRun, tiles: list, fn, new_acc, dynamic: bool) -> list:
                 f.result()
         return accs
     finally:
-        torch.set_num_threads(total)
         _THREADS_LOCK.release()
 
 
@@ -314,7 +351,7 @@ def _forward(run: CpuRun, q, k, v):
         lse[:, :, q0:q1] = torch.where(empty, NEG_INF, (m + torch.log2(torch.where(empty, 1.0, l))) * LN2).squeeze(-1)
 
     tiles = list(_q_tiles(run, L))
-    if _fused(run):
+    if _fused(run, q, v):
         q_tile, tiles = _fused_forward_tile(run, idx, q, k, v, out, lse), _fused_q_tiles(run, L)
     _over_q_tiles(run, tiles, q_tile, lambda: None, dynamic=True)
     return out, lse
@@ -348,8 +385,9 @@ _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 _USE_FLASH = _FLASH is not None and _FLASH_BWD is not None   # tests switch it off to run the plain path
 
 
-def _fused(run: CpuRun) -> bool:
-    return _USE_FLASH and run.score_graph is None and run.dropout_p == 0
+def _fused(run: CpuRun, q, v) -> bool:
+    """Whether the call's chunks go to the fused kernel (which needs v's head size to be q's)."""
+    return _USE_FLASH and run.score_graph is None and run.dropout_p == 0 and q.shape[-1] == v.shape[-1]
 
 
 def _bias(allowed: Optional[torch.Tensor], dtype):
@@ -458,7 +496,7 @@ def _backward(run: CpuRun, q, k, v, out, lse, dout, dlse, buffers):
     k_in, v_in = k, v
     k, v = k.to(cdt), v.to(cdt)   # fp16/bf16: converted once, not per q-tile
     dout = dout.to(cdt)
-    if _fused(run) and (dlse is None or not bool(dlse.any())):   # (autograd passes a zero dlse when lse is unused)
+    if _fused(run, q, v) and (dlse is None or not bool(dlse.any())):   # (autograd passes a zero dlse when lse is unused)
         dq, dk, dv = _fused_backward(run, idx, q, k, v, out, lse, dout, _fused_q_tiles(run, L))
         return dq.to(q.dtype), dk.to(k_in.dtype), dv.to(v_in.dtype), []
     dq = torch.empty(q.shape, dtype=cdt, device=dev)   # every q-tile writes its rows

@@ -19,9 +19,10 @@ from flexattn.reference import reference_attention
 
 def check_case(name="causal", *, B=2, Hq=4, Hkv=None, L=129, S=113, E=32, Ev=None, dtype=torch.float32,
                block=(32, 16), kernel_options=None, mask_BH=(None, None), make_noncontiguous=False,
-               use_block_mask=True, seed=0):
+               use_block_mask=True, seed=0, lse_in_loss=True):
     """Run one zoo mod through flex_attention and the reference; assert the numerics rule
-    for out, lse and all grads. Returns (out, lse, grads) of flexattn for extra checks."""
+    for out, lse and all grads (of a loss through out and, if lse_in_loss, lse). Returns
+    (out, lse, grads) of flexattn for extra checks."""
     Hkv = Hkv or Hq
     m = make_mod(name, B=B, H=Hq, L=L, S=S, requires_grad=True)
     m64 = make_mod(name, B=B, H=Hq, L=L, S=S, requires_grad=True, buffer_dtype=torch.float64)
@@ -48,6 +49,8 @@ def check_case(name="causal", *, B=2, Hq=4, Hkv=None, L=129, S=113, E=32, Ev=Non
     g = torch.Generator().manual_seed(seed + 1)
     dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
     dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64).masked_fill(gold_lse.isinf(), 0.0)
+    if not lse_in_loss:
+        dlse.zero_()
     bufs, bufs64 = list(m.captured.values()), list(m64.captured.values())
 
     def grads(o, l, inputs):
@@ -73,6 +76,34 @@ def test_zoo_fp32(name):
 @pytest.mark.parametrize("name", ["causal", "alibi_causal", "rel_bias", "multi_read", "empty_rows", "document"])
 def test_zoo_dtypes(name, dtype):
     check_case(name, dtype=dtype, B=1, Hq=2, L=97, S=130)
+
+
+# without a score_mod, dropout or a gradient through lse the CPU path runs torch's fused
+# kernel per chunk; the same cases on the plain path (_USE_FLASH off)
+MASK_ONLY = [n for n in ZOO_NAMES if make_mod(n, B=1, H=2, L=8, S=8).score_mod is None]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("name", MASK_ONLY)
+def test_mask_only_without_lse_grad(name, fused, monkeypatch):
+    import flexattn.cpu as cpu
+    monkeypatch.setattr(cpu, "_USE_FLASH", fused and cpu._USE_FLASH)
+    check_case(name, Hkv=2, lse_in_loss=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("name", ["causal", "document", "empty_rows"])
+def test_mask_only_dtypes_without_lse_grad(name, dtype):
+    check_case(name, dtype=dtype, B=1, Hq=2, L=97, S=130, lse_in_loss=False)
+
+
+@pytest.mark.parametrize("S", [1, 17, 129])
+def test_mask_only_lengths_and_tall_tiles(S):
+    # block lists equal from row to row (dense, a wide window): q-blocks merged into taller tiles
+    check_case("none", B=1, Hq=2, L=S, S=S, block=(16, 32), lse_in_loss=False)
+    check_case("causal", B=1, Hq=3, Hkv=1, L=S, S=S + 40, block=(16, 32), lse_in_loss=False)
+    check_case("sliding_window", B=2, Hq=2, L=300, S=S + 40, block=16, lse_in_loss=False, mask_BH=(2, 2))
+    check_case("causal", B=1, Hq=2, L=S, S=S, E=48, Ev=24, lse_in_loss=False)   # Ev != E: the plain path
 
 
 # ---- shapes that break kernels ----------------------------------------------------------
@@ -268,3 +299,47 @@ def test_gradients_reproducible_with_threads():
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
+
+
+def test_thread_count_unchanged_by_calls(monkeypatch):
+    # the q-tiles run on worker threads made single-threaded with thread-local settings: the
+    # caller's torch.get_num_threads(), and the count a newly started thread gets, stay the
+    # user's - during a call, after it, and after a call that raises
+    import threading
+    import flexattn.cpu as cpu
+
+    def new_thread_count():
+        got = []
+        t = threading.Thread(target=lambda: got.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        return got[0]
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        real = cpu._allowed
+
+        def watching(*args):
+            seen.append(new_thread_count())
+            return real(*args)
+
+        monkeypatch.setattr(cpu, "_allowed", watching)
+        m = make_mod("alibi_causal", B=1, H=2, L=200, S=200, requires_grad=True)
+        bm = create_block_mask(m.mask_mod, None, None, 200, 200, BLOCK_SIZE=32)
+        q, k, v = make_qkv(1, 2, 2, 200, 200, 16)
+        for score_mod in (None, m.score_mod):
+            flex_attention(q, k, v, score_mod, bm).sum().backward()
+            assert torch.get_num_threads() == 2 and new_thread_count() == 2
+        assert seen and set(seen) == {2}
+
+        table = torch.zeros(10)   # read at q_idx - kv_idx: out of range at kept positions
+
+        def bad(score, b, h, q_idx, kv_idx):
+            return score + table[q_idx - kv_idx]
+        with pytest.raises(IndexError):
+            flex_attention(q, k, v, bad, bm)
+        assert torch.get_num_threads() == 2 and new_thread_count() == 2
+    finally:
+        torch.set_num_threads(before)

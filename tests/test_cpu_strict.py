@@ -222,3 +222,64 @@ def test_int32_overflow_constants_match_torch(n):
     ref = reference_attention(q, k, v, mask_mod=lambda b, h, qi, ki: dense[0, 0, qi, ki])[0]
     gold = reference_attention(q.double(), k.double(), v.double(), mask_mod=lambda b, h, qi, ki: dense[0, 0, qi, ki])[0]
     assert_close_to_golden("out", out, ref, gold)
+
+
+# ---- the same two programs in the Triton kernels (interpreted; on the GPU with the gpu marker) ----
+
+_KERNEL_CHECK = r'''
+import json, sys, torch
+sys.path.insert(0, sys.argv[2])
+from test_cpu_strict import BIG, L, _relative_bias_mods
+from flexattn import create_block_mask, flex_attention
+dev = sys.argv[1]
+report = {}
+g = torch.Generator().manual_seed(0)
+q, k, v = [torch.randn(1, 2, n, 16, generator=g) for n in (48, 40, 40)]
+for n in (0, 1, 3, 5):   # constants past int32 in the mask: the kernels against the CPU path
+    bm = create_block_mask(BIG[n], 1, 1, 48, 40, BLOCK_SIZE=16)
+    want = flex_attention(q, k, v, block_mask=bm)
+    got = flex_attention(q.to(dev), k.to(dev), v.to(dev), block_mask=bm.to(dev), kernel_options={"BACKEND": "triton"})
+    report[f"big{n}"] = (got.cpu() - want).abs().max().item()
+q, k, v = [torch.randn(1, 2, L, 16, generator=g) for _ in range(3)]
+for kind in ("causal", "sliding", "document"):   # bias[q_idx - kv_idx]: out of range only where masked
+    bias, _, mask_mod = _relative_bias_mods(kind)
+    bm = create_block_mask(mask_mod, None, None, L, L, BLOCK_SIZE=32)
+    res = []
+    for d in ("cpu", dev):
+        tab = bias.float().to(d).requires_grad_()
+        qq, kk, vv = [x.to(d).requires_grad_() for x in (q, k, v)]
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + tab[q_idx - kv_idx]
+        opts = None if d == "cpu" else {"BACKEND": "triton"}
+        out = flex_attention(qq, kk, vv, score_mod, bm.to(d), kernel_options=opts)
+        out.square().sum().backward()
+        res.append([t.detach().cpu() for t in (out, qq.grad, kk.grad, vv.grad, tab.grad)])
+    report[kind] = max((a - b).abs().max().item() for a, b in zip(*res))
+print(json.dumps(report))
+'''
+
+
+def _run_kernel_check(device, env_extra, tol):
+    import json
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, **env_extra)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(here), here, env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", _KERNEL_CHECK, device, here], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    bad = {k: e for k, e in report.items() if not e <= tol}   # a wrong mask or read is O(1) off
+    assert not bad, report
+
+
+def test_big_constants_and_masked_reads_in_interpreted_kernels():
+    _run_kernel_check("cpu", {"TRITON_INTERPRET": "1"}, 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_big_constants_and_masked_reads_in_gpu_kernels():
+    _run_kernel_check("cuda", {}, 2e-2)   # the GPU's dots are tf32
