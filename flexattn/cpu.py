@@ -4,13 +4,21 @@ For each q-tile it runs an online softmax over the kv blocks the BlockMask lists
 q-block: *partial* blocks with the mask evaluated on the tile, *full* blocks without it;
 empty blocks are never visited. Work is vectorised over (batch, query head): for a q-tile
 and a slot j, every (b, h) gathers its own j-th kv block by index, and (b, h) pairs with
-fewer than j+1 blocks mask that slot out. Memory is O(B * H * tile * (tile + D)) besides the
-inputs, outputs and dk/dv accumulators - never O(L * S).
+fewer than j+1 blocks mask that slot out. Without a score_mod or dropout each chunk is
+plain masked attention and runs in torch's fused CPU attention kernel (see "fused" below).
+
+Memory, besides the inputs, outputs and per-thread dk/dv accumulators, is per thread one
+chunk: its score / mask matrix, at most _CHUNK_ELEMS (4 MiB of float32) elements for chunks
+with a mask, and its gathered K/V rows (a slice - no copy - when the blocks are consecutive;
+full-block chunks of the fused path may gather up to a whole row, B * Hq * S * D). Never
+O(L * S). fp16/bf16 inputs add one float32 copy of k and v (and of out and dout in the
+backward).
 
 Numerics: fp16/bf16/fp32 inputs compute in float32, float64 inputs in float64. The output
 is in q.dtype; lse (natural log) is float32, or float64 for float64 inputs (as torch does).
 Fully masked rows give out 0, lse -inf and zero gradients.
 
+The softmax runs in base 2 (exp2 is the cheaper kernel; log2 e folded into the scores).
 The backward recomputes each tile (no stored probabilities): P = exp(score - lse),
 dV += P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O) + dlse), then through score_mod by
 torch.autograd.grad on the tile (which also yields the gradients of captured tensors that
