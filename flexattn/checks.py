@@ -12,7 +12,7 @@ from numbers import Real
 import torch
 
 from .block_mask import _DEFAULT_BLOCK, BlockMask
-from .options import BACKENDS, check_option_keys
+from .options import BACKENDS, TORCH_BACKENDS, check_option_keys
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the Triton kernels take no float64
@@ -87,10 +87,12 @@ def check_options_arg(kernel_options) -> dict:
     if not isinstance(kernel_options, dict):
         raise TypeError(f"kernel_options must be a dict or None, got {type(kernel_options).__name__}; "
                         f"e.g. kernel_options={{'BACKEND': 'cpu'}}")
-    backend = kernel_options.get("BACKEND", "auto")
+    opts = check_option_keys(kernel_options)  # unknown keys raise on every backend
+    backend = opts.get("BACKEND", "auto")
     if backend not in BACKENDS:
-        raise ValueError(f"kernel_options['BACKEND'] must be one of {BACKENDS}, got {backend!r}")
-    return check_option_keys(kernel_options)  # unknown keys raise on every backend
+        raise ValueError(f"kernel_options['BACKEND'] must be one of {BACKENDS} (or torch's "
+                         f"{tuple(TORCH_BACKENDS)}), got {backend!r}")
+    return opts
 
 
 def check_dropout(dropout_p, dropout_seed, generator) -> float:

@@ -30,23 +30,60 @@ VALID_OPTIONS = {
     "TIERED": "True (default): a new mask structure's first calls run through its tile-table form while its own kernels compile in the background",
     "ALLOW_TF32": "True: float32 inputs use tf32 matmuls on the GPU (default False: exact)",
     "BACKEND": "'auto', 'cpu', 'triton' (the Triton kernels only) or 'hopper' (the Hopper forward, "
-               "sm90: an error naming why if the call cannot take it)",
+               "sm90: an error naming why if the call cannot take it); torch's 'AUTO', 'TRITON', 'FLASH' "
+               "('auto') and 'TRITON_DECODE' ('triton' with FORCE_DECODE) too",
     "AUTOTUNE": "True: time a few tile configs on the first call per shape bucket, keep the fastest (cached on disk)",
     "PRESCALE_QK": "accepted for torch compatibility (no effect)",
     "ROWS_GUARANTEED_SAFE": "accepted for torch compatibility (no effect)",
     "BLOCKS_ARE_CONTIGUOUS": "accepted for torch compatibility (no effect)",
     "OUTPUT_LOGSUMEXP": "accepted for torch compatibility (no effect)",
     "WRITE_DQ": "accepted for torch compatibility (no effect)",
+    "USE_TMA": "accepted for torch compatibility (no effect: the Hopper forward uses TMA where it runs)",
+    "kpack": "accepted for torch compatibility (AMD only: no effect)",
+    "matrix_instr_nonkdim": "accepted for torch compatibility (AMD only: no effect)",
+    "waves_per_eu": "accepted for torch compatibility (AMD only: no effect)",
 }
+
+# torch FlexAttention's names (FlexKernelOptions) for flexattn's, rewritten by from_torch_names.
+# BACKEND: "FLASH" (torch's FlashAttention-4 kernels) is flexattn's fastest choice, "auto";
+# "TRITON_DECODE" is the Triton kernels with the decode kernel forced for short queries.
+TORCH_BACKENDS = {"AUTO": "auto", "TRITON": "triton", "FLASH": "auto", "TRITON_DECODE": "triton"}
+# torch's fwd_ / bwd_ prefixed keys: the forward's tiles are flexattn's unprefixed ones, the
+# backward's BLOCK_M1/N1/M2/N2 too
+TORCH_PREFIXED = {"fwd_num_warps": "num_warps", "fwd_num_stages": "num_stages", "fwd_BLOCK_M": "BLOCK_M",
+                  "fwd_BLOCK_N": "BLOCK_N", "bwd_BLOCK_M1": "BLOCK_M1", "bwd_BLOCK_N1": "BLOCK_N1",
+                  "bwd_BLOCK_M2": "BLOCK_M2", "bwd_BLOCK_N2": "BLOCK_N2"}
+
+
+def from_torch_names(kernel_options: dict) -> dict:
+    """A copy of `kernel_options` with torch FlexAttention's key names and BACKEND values
+    rewritten to flexattn's (TORCH_PREFIXED, TORCH_BACKENDS); ValueError when a prefixed key
+    and flexattn's own name for it disagree."""
+    opts = dict(kernel_options)
+    for theirs, ours in TORCH_PREFIXED.items():
+        if theirs in opts:
+            value = opts.pop(theirs)
+            if ours in opts and opts[ours] != value:
+                raise ValueError(f"kernel_options[{theirs!r}] = {value!r} and kernel_options[{ours!r}] = "
+                                 f"{opts[ours]!r} name the same setting; give one of them")
+            opts[ours] = value
+    backend = opts.get("BACKEND")
+    if isinstance(backend, str) and backend in TORCH_BACKENDS:
+        opts["BACKEND"] = TORCH_BACKENDS[backend]
+        if backend == "TRITON_DECODE":
+            opts.setdefault("FORCE_DECODE", True)
+    return opts
 
 
 def check_option_keys(kernel_options: dict) -> dict:
-    """A copy of `kernel_options`; ValueError naming any key not in VALID_OPTIONS."""
-    unknown = sorted(set(kernel_options) - set(VALID_OPTIONS), key=str)
+    """A copy of `kernel_options` in flexattn's names (from_torch_names); ValueError naming any
+    key not in VALID_OPTIONS."""
+    opts = from_torch_names(kernel_options)
+    unknown = sorted(set(opts) - set(VALID_OPTIONS), key=str)
     if unknown:
         raise ValueError(f"kernel_options: unknown key(s) {unknown}; valid keys are "
-                         f"{sorted(VALID_OPTIONS)}: check the spelling")
-    return dict(kernel_options)
+                         f"{sorted(VALID_OPTIONS)} and torch's {sorted(TORCH_PREFIXED)}: check the spelling")
+    return opts
 
 
 BACKENDS = ("auto", "cpu", "triton", "hopper")

@@ -464,3 +464,33 @@ def test_block_mask_of_another_class_is_refused_by_its_full_name():
     msg = str(e.value)
     assert "must be a flexattn.BlockMask, a torch.nn.attention.flex_attention.BlockMask or None" in msg
     assert f"got {__name__}.test_block_mask_of_another_class_is_refused_by_its_full_name.<locals>.BlockMask" in msg
+
+
+def test_every_torch_kernel_option_is_accepted():
+    """Each key of torch's FlexKernelOptions, with a value torch documents, runs a CPU call;
+    torch's BACKEND values and fwd_ / bwd_ prefixed keys become flexattn's."""
+    import typing
+    from torch.nn.attention.flex_attention import FlexKernelOptions
+    from flexattn.options import from_torch_names
+    values = {int: 64, bool: True}
+    q = torch.randn(1, 2, 64, 16)
+    want = flexattn.flex_attention(q, q, q)
+    for key, hint in typing.get_type_hints(FlexKernelOptions).items():
+        if key == "BACKEND":
+            continue
+        value = values[hint] if key not in ("num_warps", "kpack", "matrix_instr_nonkdim", "waves_per_eu") else 4
+        if key == "num_stages":
+            value = 2
+        got = flexattn.flex_attention(q, q, q, kernel_options={key: value})
+        assert torch.equal(got, want), key
+    for backend in ("AUTO", "FLASH"):
+        assert torch.equal(flexattn.flex_attention(q, q, q, kernel_options={"BACKEND": backend}), want)
+    with pytest.raises(ValueError, match="'triton' runs the GPU kernels, which need CUDA tensors"):
+        flexattn.flex_attention(q, q, q, kernel_options={"BACKEND": "TRITON"})
+    assert from_torch_names({"BACKEND": "TRITON_DECODE"}) == {"BACKEND": "triton", "FORCE_DECODE": True}
+    assert from_torch_names({"fwd_num_warps": 4, "fwd_BLOCK_M": 64, "bwd_BLOCK_N2": 32}) == \
+        {"num_warps": 4, "BLOCK_M": 64, "BLOCK_N2": 32}
+    with pytest.raises(ValueError, match="name the same setting"):
+        flexattn.flex_attention(q, q, q, kernel_options={"fwd_BLOCK_M": 64, "BLOCK_M": 32})
+    with pytest.raises(ValueError, match=r"BACKEND'\] must be one of .*'TRITON_DECODE'"):
+        flexattn.flex_attention(q, q, q, kernel_options={"BACKEND": "CUTE"})
