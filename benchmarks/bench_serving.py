@@ -255,7 +255,7 @@ def print_row(r):
 
 
 def ratios(rows):
-    """The issue's targets, printed from the rows: paged / contiguous, contiguous / SDPA,
+    """The targets, printed from the rows: paged / contiguous, contiguous / SDPA,
     paged / torch flex paged (decode, GB/s)."""
     print("\nratios (decode, GB/s):")
     by = {}
