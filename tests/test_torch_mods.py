@@ -32,7 +32,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
+def _assert_attention_like_reference(q, k, v, score_mod, mask_mod, block_mask=None):
+    """flex_attention's out, dq, dk and dv against the reference in the test dtype and the
+    float64 golden (the numerics rule)."""
+    out = flexattn.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.device)
+    got = torch.autograd.grad(out, [q, k, v], go)
+    qr, kr, vr = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    ro, _ = reference_attention(qr, kr, vr, score_mod, mask_mod)
+    ref = torch.autograd.grad(ro, [qr, kr, vr], go)
+    q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    g64, _ = reference_attention(q64, k64, v64, score_mod, mask_mod)
+    gold = torch.autograd.grad(g64, [q64, k64, v64], go.double())
+    assert_close_to_golden("out", out, ro, g64)
+    for nm, a, r, g in zip(("dq", "dk", "dv"), got, ref, gold):
+        assert_close_to_golden(nm, a, r, g)
+
+
 # ---- attention-gym's masks, composed with torch's combinators ------------------------------
+
 
 def causal_mask(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
@@ -133,18 +151,7 @@ def test_attention_with_torch_composed_masks_equals_the_reference(name):
     L, S = 70, 96
     q, k, v = make_qkv(B=1, Hq=2, L=L, S=S, E=16)
     bm = flexattn.create_block_mask(mm, None, None, L, S, BLOCK_SIZE=16)
-    out = flexattn.flex_attention(q, k, v, block_mask=bm)
-    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
-    got = torch.autograd.grad(out, [q, k, v], go)
-    qr, kr, vr = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    ro, _ = reference_attention(qr, kr, vr, None, mm)
-    ref = torch.autograd.grad(ro, [qr, kr, vr], go)
-    q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    g64, _ = reference_attention(q64, k64, v64, None, mm)
-    gold = torch.autograd.grad(g64, [q64, k64, v64], go.double())
-    assert_close_to_golden("out", out, ro, g64)
-    for nm, a, r, g in zip(("dq", "dk", "dv"), got, ref, gold):
-        assert_close_to_golden(nm, a, r, g)
+    _assert_attention_like_reference(q, k, v, None, mm, bm)
 
 
 # ---- activations: derivatives against torch.autograd, attention against the reference -----
@@ -193,18 +200,7 @@ def test_attention_with_activation_score_mods_equals_the_reference(name):
     fn = SCORE_MODS[name]
     L, S = 40, 56
     q, k, v = make_qkv(B=1, Hq=2, L=L, S=S, E=16)
-    out = flexattn.flex_attention(q, k, v, score_mod=fn)
-    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
-    got = torch.autograd.grad(out, [q, k, v], go)
-    qr, kr, vr = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    ro, _ = reference_attention(qr, kr, vr, fn)
-    ref = torch.autograd.grad(ro, [qr, kr, vr], go)
-    q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    g64, _ = reference_attention(q64, k64, v64, fn)
-    gold = torch.autograd.grad(g64, [q64, k64, v64], go.double())
-    assert_close_to_golden("out", out, ro, g64)
-    for nm, a, r, g in zip(("dq", "dk", "dv"), got, ref, gold):
-        assert_close_to_golden(nm, a, r, g)
+    _assert_attention_like_reference(q, k, v, fn, None)
 
 
 # ---- the Triton printer under TRITON_INTERPRET=1 ----------------------------------------------
@@ -331,17 +327,6 @@ def test_pointwise_score_mods_in_gpu_kernels(name):
     fn = SCORE_MODS[name]
     L = S = 300
     q, k, v = make_qkv(B=1, Hq=2, L=L, S=S, E=64, device="cuda")
-    bm = flexattn.create_block_mask(lambda b, h, qi, kv: qi >= kv, None, None, L, S, device="cuda")
     causal = lambda b, h, qi, kv: qi >= kv  # noqa: E731
-    out = flexattn.flex_attention(q, k, v, score_mod=fn, block_mask=bm)
-    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).cuda()
-    got = torch.autograd.grad(out, [q, k, v], go)
-    qr, kr, vr = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    ro, _ = reference_attention(qr, kr, vr, fn, causal)
-    ref = torch.autograd.grad(ro, [qr, kr, vr], go)
-    q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    g64, _ = reference_attention(q64, k64, v64, fn, causal)
-    gold = torch.autograd.grad(g64, [q64, k64, v64], go.double())
-    assert_close_to_golden("out", out, ro, g64)
-    for nm, a, r, g in zip(("dq", "dk", "dv"), got, ref, gold):
-        assert_close_to_golden(nm, a, r, g)
+    bm = flexattn.create_block_mask(causal, None, None, L, S, device="cuda")
+    _assert_attention_like_reference(q, k, v, fn, causal, bm)
