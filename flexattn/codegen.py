@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -520,11 +521,25 @@ def _const_int(n: Node):
     return n.args[0] if n.op == "const" and isinstance(n.args[0], int) and not isinstance(n.args[0], bool) else None
 
 
-def tile_table_lookup(graph: Graph) -> tuple | None:
-    """(b, h, QB, KVB, zero) when `graph` is the tile-table lookup of flexattn.mask_tiles,
-    `tiles[slots[b, h, q_idx // QB, kv_idx // KVB], q_idx % QB, kv_idx % KVB] != zero` (b, h
+@dataclass(frozen=True)
+class TileLookup:
+    """The parts of a tile-table lookup (see tile_table_lookup): the buffer slots of `slots`
+    and `tiles`, the kernel expressions of b and h ("off_z" / "off_h" or "0"), the block
+    sizes and the node the tile's byte is compared with."""
+    slots: int
+    tiles: int
+    b: str
+    h: str
+    qb: int
+    kvb: int
+    zero: Node
+
+
+def tile_table_lookup(graph: Graph) -> TileLookup | None:
+    """The parts of `graph` when it is the tile-table lookup of flexattn.mask_tiles,
+    `tiles[slots[b, h, q_idx // QB, kv_idx // KVB], q_idx % QB, kv_idx % KVB] != 0` (b, h
     each the input or the literal 0; QB, KVB powers of two; slots int32 [4-d], tiles int8
-    [3-d]), else None. `zero` is the node compared with."""
+    [3-d]), else None."""
     out = graph.output
     if out is None or out.op != "ne" or out.args[0].op != "load":
         return None
@@ -555,24 +570,24 @@ def tile_table_lookup(graph: Graph) -> tuple | None:
             read.append("0")
         else:
             return None
-    return (*read, *sizes, zero)
+    return TileLookup(slots_buf.args[0], tiles_buf.args[0], *read, *sizes, zero)
 
 
-def _tile_table_body(graph: Graph, lookup: tuple, prefix: str) -> list[str]:
+def _tile_table_body(lookup: TileLookup, prefix: str) -> list[str]:
     """The lookup of `tile_table_lookup` printed for the kernels: the same values as the
     generic print, with one slot per row instead of one per score and the tile's bytes at
-    affine addresses (vector loads), which made the tile-table form of sliding-window and
-    document masks about half as fast as the masks' own kernels.
+    affine addresses (vector loads). Printed per score, the two gathers per score made the
+    tile-table form of sliding-window and document masks about half as fast as the masks'
+    own kernels.
 
     Exact because a kernel's kv tile never straddles a kv block of KVB columns (every
     template walks kv tiles of BLOCK_N columns at multiples of BLOCK_N, and BLOCK_N <= KVB,
     both powers of two: the constexpr test); q rows are looked up one by one (the decode
     kernel packs heads and positions into its rows). Out-of-range indices read 0, as in
     the generic print."""
-    b, h, qb, kvb, zero = lookup
-    slots, tiles = f"{prefix}{graph.output.args[0].args[1].args[0].args[0]}", \
-        f"{prefix}{graph.output.args[0].args[0].args[0]}"
-    zero_expr = "0" if zero.op == "const" else f"{prefix}p{zero.args[0]}"
+    b, h, qb, kvb = lookup.b, lookup.h, lookup.qb, lookup.kvb
+    slots, tiles = f"{prefix}{lookup.slots}", f"{prefix}{lookup.tiles}"
+    zero_expr = "0" if lookup.zero.op == "const" else f"{prefix}p{lookup.zero.args[0]}"
     return [
         "kj = tl.min(tl.min(kv_idx, 1), 0) // " + str(kvb),  # kv_idx >= 0: // floors
         f"qi = _floordiv(q_idx, {qb})",
@@ -647,7 +662,7 @@ def mod_function(name: str, graph: Graph | None, kind: str, prefix: str, small_i
         body.append(f"return {out}")
         lookup = tile_table_lookup(graph)
         if lookup is not None:  # the kernels' own form of the lookup where a kv tile fits a kv block
-            body = ([f"if kv_idx.numel <= {lookup[3]}:"] + ["    " + ln for ln in _tile_table_body(graph, lookup, prefix)]
+            body = ([f"if kv_idx.numel <= {lookup.kvb}:"] + ["    " + ln for ln in _tile_table_body(lookup, prefix)]
                     + ["else:"] + ["    " + ln for ln in body])
     lines += ["    " + ln for ln in body]
     # the traced graph as a comment, without the lines on captured shapes and param values:

@@ -485,6 +485,7 @@ def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
                   OFFS_64=needs_i64(q, k, v, dout), num_warps=warps, num_stages=stages)
     margs = buffer_args(plan.mask_graph, plan.mask_bufs)
     dq_key, *dkdv_keys = bwd_launch_keys(mod, q, v, cfg)
+    dkdv_key_of = dict(zip(DKDV_TOGETHER + DKDV_SPLIT, dkdv_keys))
     kv_num, kv_idx, full_num, full_idx = kv_lists(blk)
     launcher.launch(mod.flex_bwd_dq, (cdiv(L, m2), B * Hq), (
         q, k, v, dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
@@ -503,7 +504,7 @@ def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
             *bm_strides(q_num, q_idx), *bm_strides(fq_num, fq_idx),
             Hq, Hkv, L, S, plan.scale, drop_scale, lo, hi, thr, *sargs, *margs, *gbufs),
             dict(BLOCK_M=m1, BLOCK_N=n1, WANT_DK=want_dk, WANT_DV=want_dv, **common),
-            dkdv_keys[(DKDV_TOGETHER + DKDV_SPLIT).index((want_dk, want_dv))], shrink="BLOCK_M")
+            dkdv_key_of[want_dk, want_dv], shrink="BLOCK_M")
     if det:
         gbufs = [g.double() / 4294967296.0 for g in gbufs]
     buf_grads = [g.to(score_bufs[s].dtype) for g, s in zip(gbufs, grad_slots)]
