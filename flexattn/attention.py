@@ -5,7 +5,8 @@ Semantics follow torch.nn.attention.flex_attention.flex_attention:
     score = q @ k^T * scale                         (scale defaults to 1 / sqrt(E))
     score = score_mod(score, b, h, q_idx, kv_idx)   (if given)
     score = -inf where block_mask's mask_mod is False
-    out   = softmax(score) @ v                      (lse = logsumexp(score), natural log)
+    out   = softmax(score) @ v                      (lse = logsumexp(score), natural log;
+                                                     max_scores = max(score) per row)
 
 plus optional dropout on the probabilities (flexattn.dropout). Every check happens here,
 before any backend runs, so bad input gets a ValueError/TypeError that names the argument,
@@ -44,27 +45,23 @@ except ImportError:
 
 
 def check_aux(return_lse, return_aux) -> bool:
-    """Whether the lse is returned; raises as torch does for return_lse with return_aux,
-    and for what flexattn does not compute."""
+    """Whether max_scores is computed; raises as torch does for return_lse with return_aux."""
     if return_aux is None:
-        return bool(return_lse)
+        return False
     if return_lse:
         raise ValueError("Cannot specify both return_lse and return_aux. return_lse is deprecated, please use "
                          "return_aux=AuxRequest(lse=True) instead.")
     if not (isinstance(return_aux, tuple) and hasattr(return_aux, "lse") and hasattr(return_aux, "max_scores")):
         raise TypeError(f"return_aux must be an AuxRequest (torch.nn.attention.flex_attention.AuxRequest or "
                         f"flexattn.AuxRequest) or None, got {type(return_aux).__name__}")
-    if return_aux.max_scores:
-        raise NotImplementedError("return_aux=AuxRequest(max_scores=True): flexattn does not compute the row "
-                                  "maxima of the scores; request AuxRequest(lse=True) (the lse bounds them: "
-                                  "max <= lse)")
-    return bool(return_aux.lse)
+    return bool(return_aux.max_scores)
 
 
-def finish(out, lse, return_lse, return_aux):
+def finish(out, lse, return_lse, return_aux, max_scores=None):
     """flex_attention's return value: out, (out, lse), or (out, AuxOutput) for return_aux."""
     if return_aux is not None:
-        return out, AuxOutput(lse=lse if return_aux.lse else None, max_scores=None)
+        return out, AuxOutput(lse=lse if return_aux.lse else None,
+                              max_scores=max_scores if return_aux.max_scores else None)
     return (out, lse) if return_lse else out
 
 
@@ -82,11 +79,12 @@ def flex_attention(query, key, value, score_mod: Optional[Callable] = None,
     (attend everywhere); a torch.nn.attention.flex_attention.BlockMask is taken too
     (BlockMask.from_torch, once per mask). Returns out [B, Hq, L, Ev] in query.dtype, and
     with return_lse=True also lse [B, Hq, L] (natural log; float32, float64 for float64
-    inputs). Fully masked rows give out 0 and lse -inf. return_aux=AuxRequest(lse=True)
-    (torch >= 2.9's form; torch's or flexattn's AuxRequest) returns (out,
-    AuxOutput(lse=lse, max_scores=None)) instead; giving both return_lse and return_aux
-    raises ValueError, as torch does.
-    max_scores=True raises NotImplementedError (not computed).
+    inputs). Fully masked rows give out 0 and lse -inf. return_aux=AuxRequest(lse=...,
+    max_scores=...) (torch >= 2.9's form; torch's or flexattn's AuxRequest) returns (out,
+    AuxOutput(lse, max_scores)) instead, a field None unless requested; giving both
+    return_lse and return_aux raises ValueError, as torch does. max_scores [B, Hq, L] is
+    each row's largest score after scale, score_mod and mask (natural units, as the scores;
+    lse's dtype; -inf on fully masked rows), not differentiable - as torch's.
 
     dropout_p in [0, 1) drops probabilities after the softmax (kept ones scaled by
     1 / (1 - dropout_p)) with a counter-based hash of (seed, b, hq, q_idx, kv_idx); the
@@ -103,7 +101,7 @@ def flex_attention(query, key, value, score_mod: Optional[Callable] = None,
         from .compiled import flex_attention_compiled  # (torch.compile only: not loaded before)
         return flex_attention_compiled(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
                                        kernel_options, dropout_p, dropout_seed, generator, return_aux)
-    check_aux(return_lse, return_aux)
+    output_max = check_aux(return_lse, return_aux)
     args = check_arguments(query, key, value, scale, enable_gqa, kernel_options, dropout_p, dropout_seed, generator)
     B, Hq, L, _ = query.shape
     S = key.shape[2]
@@ -116,10 +114,11 @@ def flex_attention(query, key, value, score_mod: Optional[Callable] = None,
     if args.dropout_p > 0 and dropout_seed is None:
         dropout_seed = draw_seed(generator)
     run = flex_attention_cpu if args.backend == "cpu" else _kernels().flex_attention_triton
-    out, lse = run(query, key, value, score_graph=score_graph, mask_graph=mask_graph, block_mask=block_mask,
-                   scale=args.scale, kernel_options=args.options, dropout_p=args.dropout_p,
-                   dropout_seed=0 if dropout_seed is None else int(dropout_seed))
-    return finish(out, lse, return_lse, return_aux)
+    out, lse, *max_scores = run(query, key, value, score_graph=score_graph, mask_graph=mask_graph,
+                                block_mask=block_mask, scale=args.scale, kernel_options=args.options,
+                                dropout_p=args.dropout_p, dropout_seed=0 if dropout_seed is None else int(dropout_seed),
+                                output_max=output_max)
+    return finish(out, lse, return_lse, return_aux, *max_scores)
 
 
 _KERNELS = None

@@ -4,11 +4,13 @@ A backend hands a *run*: an object with
 
     run.grad_slots                                   the score_mod's captured tensors it
                                                      returns gradients for (their slots)
-    run.forward(q, k, v, score_bufs, mask_bufs)      -> (out, lse)
+    run.forward(q, k, v, score_bufs, mask_bufs)      -> (out, lse), or (out, lse, max_scores)
+                                                     when the run was asked for the row maxima
     run.backward(q, k, v, out, lse, dout, dlse, score_bufs, mask_bufs)
                                                      -> (dq, dk, dv, [grad per grad slot])
 
-`attend` runs it under autograd (eager calls); the custom op of compiled calls
+`attend` runs it under autograd (eager calls; max_scores is not differentiable, as in
+torch); the custom op of compiled calls
 (`flexattn.ops`) calls the same run methods. `scatter_buffer_grads` - the one place that
 spreads the per-slot gradients over all captured tensors - serves both.
 """
@@ -31,13 +33,15 @@ class _Attend(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, run, mask_bufs, q, k, v, *score_bufs):
-        out, lse = run.forward(q, k, v, score_bufs, mask_bufs)
+        results = run.forward(q, k, v, score_bufs, mask_bufs)
+        out, lse = results[:2]
         ctx.run, ctx.mask_bufs = run, mask_bufs
         ctx.save_for_backward(q, k, v, out, lse, *score_bufs)
-        return out, lse
+        ctx.mark_non_differentiable(*results[2:])  # max_scores
+        return results
 
     @staticmethod
-    def backward(ctx, dout, dlse):
+    def backward(ctx, dout, dlse, *_max_scores):
         q, k, v, out, lse, *score_bufs = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
@@ -47,7 +51,8 @@ class _Attend(torch.autograd.Function):
 
 
 def attend(run, q, k, v, score_bufs, mask_bufs, needs_grad: bool):
-    """(out, lse) of `run`; differentiable when `needs_grad`."""
+    """(out, lse) of `run` (and max_scores if the run computes it); differentiable when
+    `needs_grad`."""
     if needs_grad:
         return _Attend.apply(run, mask_bufs, q, k, v, *score_bufs)
     return run.forward(q, k, v, score_bufs, mask_bufs)

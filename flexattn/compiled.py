@@ -139,7 +139,9 @@ def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, ena
                             kernel_options, dropout_p, dropout_seed, generator, return_aux=None):
     """flex_attention's semantics (flexattn.attention), traced by dynamo into one custom op."""
     args = check_arguments(query, key, value, scale, enable_gqa, kernel_options, dropout_p, dropout_seed, generator)
-    check_aux(return_lse, return_aux)
+    if check_aux(return_lse, return_aux):
+        raise NotImplementedError("return_aux=AuxRequest(max_scores=True) inside torch.compile: not done yet; "
+                                  "call flex_attention outside the compiled region or request AuxRequest(lse=True)")
     if args.dropout_p > 0 and dropout_seed is None:
         raise ValueError("dropout_p > 0 inside torch.compile needs an explicit dropout_seed (an int): a seed "
                          "drawn from a generator would be frozen into the compiled graph")

@@ -15,7 +15,9 @@ O(L * S). fp16/bf16 inputs add one float32 copy of k and v (and of out and dout 
 backward).
 
 Numerics: fp16/bf16/fp32 inputs compute in float32, float64 inputs in float64. The output
-is in q.dtype; lse (natural log) is float32, or float64 for float64 inputs (as torch does).
+is in q.dtype; lse (natural log) is float32, or float64 for float64 inputs (as torch does);
+so are the row maxima of the scores (max_scores, the running max m of the online softmax)
+when asked for (output_max: those calls do not take the fused kernel, which keeps no max).
 Fully masked rows give out 0, lse -inf and zero gradients.
 
 The softmax runs in base 2 (exp2 is the cheaper kernel; log2 e folded into the scores).
@@ -65,6 +67,7 @@ class CpuRun:
     dropout_seed: int
     compute_dtype: torch.dtype
     grad_slots: tuple = ()  # the score_mod's captured float tensors that require grad
+    output_max: bool = False  # forward also returns max_scores (row max of the scores)
 
     def forward(self, q, k, v, score_bufs, mask_bufs):
         return _forward(self, q, k, v)
@@ -320,6 +323,7 @@ def _forward(run: CpuRun, q, k, v):
     k, v = k.to(cdt), v.to(cdt)   # fp16/bf16: converted once, not per q-tile
     out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=dev)
     lse = torch.empty(B, Hq, L, dtype=cdt, device=dev)
+    mx = torch.empty(B, Hq, L, dtype=cdt, device=dev) if run.output_max else None
     drop_scale = 1.0 / (1.0 - run.dropout_p)
     cols = _chunk_cols(run, B, Hq)
     score_bufs = run.score_graph.buffers if run.score_graph is not None else ()
@@ -357,12 +361,14 @@ def _forward(run: CpuRun, q, k, v):
         empty = l == 0
         out[:, :, q0:q1] = (acc / torch.where(empty, 1.0, l)).to(q.dtype)
         lse[:, :, q0:q1] = torch.where(empty, NEG_INF, (m + torch.log2(torch.where(empty, 1.0, l))) * LN2).squeeze(-1)
+        if mx is not None:
+            mx[:, :, q0:q1] = (m * LN2).squeeze(-1)   # -inf on fully masked rows
 
     tiles = list(_q_tiles(run, L))
-    if _fused(run, q, v):
+    if _fused(run, q, v) and mx is None:
         q_tile, tiles = _fused_forward_tile(run, idx, q, k, v, out, lse), _fused_q_tiles(run, L)
     _over_q_tiles(run, tiles, q_tile, lambda: None, dynamic=True)
-    return out, lse
+    return (out, lse) if mx is None else (out, lse, mx)
 
 
 def _owned(s, s0, buffers=()):
@@ -588,9 +594,9 @@ def _backward(run: CpuRun, q, k, v, out, lse, dout, dlse, buffers):
 
 
 def make_run(dtype, *, score_graph, mask_graph, block_size, kv_blocks, scale, kernel_options, dropout_p,
-             dropout_seed, grad_slots=()) -> CpuRun:
+             dropout_seed, grad_slots=(), output_max=False) -> CpuRun:
     """The run of one call; kv_blocks = (kv_num_blocks, kv_indices, full_kv_num_blocks or
-    None, full_kv_indices or None) of the BlockMask; grad_slots: see CpuRun."""
+    None, full_kv_indices or None) of the BlockMask; grad_slots, output_max: see CpuRun."""
     q_block, kv_block = block_size
     tile_m, tile_n = _tile_sizes(kernel_options or {}, q_block, kv_block)
     kv_num, kv_idx, full_num, full_idx = kv_blocks
@@ -598,12 +604,13 @@ def make_run(dtype, *, score_graph, mask_graph, block_size, kv_blocks, scale, ke
                  q_block=q_block, kv_block=kv_block, tile_m=tile_m, tile_n=tile_n,
                  kv_num=kv_num, kv_idx=kv_idx, full_num=full_num, full_idx=full_idx,
                  dropout_p=float(dropout_p), dropout_seed=int(dropout_seed or 0),
-                 compute_dtype=_compute_dtype(dtype), grad_slots=tuple(grad_slots))
+                 compute_dtype=_compute_dtype(dtype), grad_slots=tuple(grad_slots), output_max=bool(output_max))
 
 
 def flex_attention_cpu(q, k, v, *, score_graph, mask_graph, block_mask, scale, kernel_options, dropout_p,
-                       dropout_seed):
-    """Block-sparse tiled attention on CPU tensors -> (out [B,Hq,L,Ev] in q.dtype, lse [B,Hq,L]).
+                       dropout_seed, output_max=False):
+    """Block-sparse tiled attention on CPU tensors -> (out [B,Hq,L,Ev] in q.dtype, lse [B,Hq,L]),
+    and max_scores [B,Hq,L] (lse's dtype, not differentiable) too when output_max.
 
     Inputs are validated by flexattn.attention.flex_attention; `block_mask` is a BlockMask
     whose lengths match the inputs, `score_graph`/`mask_graph` traced IR graphs or None.
@@ -616,7 +623,7 @@ def flex_attention_cpu(q, k, v, *, score_graph, mask_graph, block_mask, scale, k
                    kv_blocks=(block_mask.kv_num_blocks, block_mask.kv_indices,
                               block_mask.full_kv_num_blocks, block_mask.full_kv_indices),
                    scale=scale, kernel_options=kernel_options, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                   grad_slots=float_grad_slots(buffers))
+                   grad_slots=float_grad_slots(buffers), output_max=output_max)
     mask_bufs = list(mask_graph.buffers) if mask_graph is not None else []
     return attend(run, q, k, v, buffers, mask_bufs, needs_grad(q, k, v, buffers))
 

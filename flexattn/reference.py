@@ -15,14 +15,17 @@ import torch
 
 
 def reference_attention(q, k, v, score_mod=None, mask_mod=None, scale=None, enable_gqa=False,
-                        dropout_keep=None, dropout_p=0.0):
-    """Dense attention -> (out [B,Hq,L,Ev] in q.dtype, lse [B,Hq,L] natural log, q.dtype).
+                        dropout_keep=None, dropout_p=0.0, max_scores=False):
+    """Dense attention -> (out [B,Hq,L,Ev] in q.dtype, lse [B,Hq,L] natural log, q.dtype),
+    and with max_scores=True also the row maxima of the scores [B,Hq,L] (q.dtype).
 
     score = q @ k^T * scale; score = score_mod(score, b, h, q_idx, kv_idx); masked entries
     (mask_mod False) get -inf; P = softmax(score); with `dropout_keep` (bool, broadcastable
     to [B,Hq,L,S]) P = P * keep / (1 - dropout_p); out = P @ v. lse = logsumexp of the
     (undropped) scores. GQA: query head hq reads kv head hq // (Hq // Hkv).
     Fully masked rows give out 0 and lse -inf, and zero gradients (never NaN).
+    max_scores: max over kv of the masked, score_mod-applied scores (-inf on fully masked
+    rows), detached - torch's AuxOutput.max_scores.
     """
     B, Hq, L, E = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -49,6 +52,7 @@ def reference_attention(q, k, v, score_mod=None, mask_mod=None, scale=None, enab
 
     # Stable softmax; the row max is a constant shift (detached: softmax does not depend on it).
     row_max = scores.amax(dim=-1, keepdim=True).detach()
+    maxima = row_max.squeeze(-1)
     empty = row_max == float("-inf")                       # fully masked rows
     row_max = row_max.masked_fill(empty, 0.0)
     p = torch.exp(scores - row_max)                        # 0 at masked entries
@@ -59,4 +63,6 @@ def reference_attention(q, k, v, score_mod=None, mask_mod=None, scale=None, enab
     if dropout_keep is not None:
         probs = probs * dropout_keep.to(probs.dtype) / (1.0 - dropout_p)
     out = probs @ v
+    if max_scores:
+        return out, lse.squeeze(-1), maxima
     return out, lse.squeeze(-1)

@@ -85,8 +85,6 @@ def test_return_aux_errors_as_torch():
         flexattn.flex_attention(q, q, q, return_lse=True, return_aux=flexattn.AuxRequest(lse=True))
     with pytest.raises(ValueError, match="Cannot specify both return_lse and return_aux"):
         tfa.flex_attention(q, q, q, return_lse=True, return_aux=tfa.AuxRequest(lse=True))
-    with pytest.raises(NotImplementedError, match="max_scores"):
-        flexattn.flex_attention(q, q, q, return_aux=flexattn.AuxRequest(max_scores=True))
     with pytest.raises(TypeError, match="return_aux must be an AuxRequest"):
         flexattn.flex_attention(q, q, q, return_aux=True)
 

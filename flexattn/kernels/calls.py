@@ -143,9 +143,12 @@ class CachedRun:
 
 
 def flex_attention_triton(q, k, v, *, score_graph=None, mask_graph=None, block_mask=None, scale=None,
-                          kernel_options=None, dropout_p=0.0, dropout_seed=None):
+                          kernel_options=None, dropout_p=0.0, dropout_seed=None, output_max=False):
     """(out [B,Hq,L,Ev] in q.dtype, lse [B,Hq,L] float32 natural log) - see CONTRACTS.md.
     Differentiable w.r.t. q, k, v and the score_mod's captured float tensors that require grad."""
+    if output_max:
+        raise NotImplementedError("return_aux=AuxRequest(max_scores=True) on the Triton kernels: not done yet; "
+                                  "run on CPU tensors or request AuxRequest(lse=True)")
     if mask_graph is None and block_mask is not None:
         mask_graph = getattr(block_mask, "mask_graph", None)
     score_bufs = score_graph.buffers if score_graph is not None else []
