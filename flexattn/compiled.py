@@ -139,9 +139,7 @@ def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, ena
                             kernel_options, dropout_p, dropout_seed, generator, return_aux=None):
     """flex_attention's semantics (flexattn.attention), traced by dynamo into one custom op."""
     args = check_arguments(query, key, value, scale, enable_gqa, kernel_options, dropout_p, dropout_seed, generator)
-    if check_aux(return_lse, return_aux):
-        raise NotImplementedError("return_aux=AuxRequest(max_scores=True) inside torch.compile: not done yet; "
-                                  "call flex_attention outside the compiled region or request AuxRequest(lse=True)")
+    output_max = check_aux(return_lse, return_aux)
     if args.dropout_p > 0 and dropout_seed is None:
         raise ValueError("dropout_p > 0 inside torch.compile needs an explicit dropout_seed (an int): a seed "
                          "drawn from a generator would be frozen into the compiled graph")
@@ -159,6 +157,6 @@ def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, ena
         spec_key = _prepare(score_mod, block_mask.mask_key, tuple(block_mask.BLOCK_SIZE),
                             block_mask.full_kv_num_blocks is not None, args.backend, opts, str(query.device), ())
     mask_bufs = list(block_mask.mask_graph.buffers) if block_mask.mask_graph is not None else []
-    out, lse = ops.fwd(query, key, value, ops.blocks_list(block_mask), _score_buffers(score_mod, spec_key), mask_bufs,
-                       spec_key, args.scale, args.dropout_p, int(dropout_seed or 0))
-    return finish(out, lse, return_lse, return_aux)
+    out, lse, max_scores = ops.fwd(query, key, value, ops.blocks_list(block_mask), _score_buffers(score_mod, spec_key),
+                                   mask_bufs, spec_key, args.scale, args.dropout_p, int(dropout_seed or 0), output_max)
+    return finish(out, lse, return_lse, return_aux, max_scores)

@@ -1,8 +1,10 @@
 """flexattn as torch.library custom ops (fake implementations + autograd), so a compiled
 graph can hold it and `torch.library.opcheck` can check it.
 
-    flexattn::fwd(q, k, v, blocks, score_bufs, mask_bufs, spec_key, scale, dropout_p, dropout_seed)
-        -> (out, lse)
+    flexattn::fwd(q, k, v, blocks, score_bufs, mask_bufs, spec_key, scale, dropout_p, dropout_seed,
+                  output_max)
+        -> (out, lse, max_scores)   (max_scores: [B, Hq, L] when output_max, else empty; not
+                                     differentiable)
     flexattn::bwd(q, k, v, out, lse, dout, dlse, blocks, score_bufs, mask_bufs, spec_key, ...)
         -> (dq, dk, dv, buffer grads)
 
@@ -80,7 +82,7 @@ def _bind(g: Optional[Graph], bufs) -> Optional[Graph]:
     return None if g is None else g._with_buffers(list(bufs))
 
 
-def _run_of(p: OpSpec, q, k, v, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed):
+def _run_of(p: OpSpec, q, k, v, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed, output_max=False):
     """The backend's run (flexattn.call) for spec `p` bound to this call's tensors."""
     full = p.has_full
     sg, mg = _bind(p.score_graph, score_bufs), _bind(p.mask_graph, mask_bufs)
@@ -88,19 +90,24 @@ def _run_of(p: OpSpec, q, k, v, blocks, score_bufs, mask_bufs, scale, dropout_p,
         return cpu.make_run(q.dtype, score_graph=sg, mask_graph=mg, block_size=p.block_size,
                             kv_blocks=(blocks[0], blocks[1], blocks[2] if full else None, blocks[3] if full else None),
                             scale=scale, kernel_options=dict(p.opts), dropout_p=dropout_p, dropout_seed=dropout_seed,
-                            grad_slots=p.grad_slots)
+                            grad_slots=p.grad_slots, output_max=output_max)
     from . import kernels as K  # the Triton backend: loaded by the first call that uses it
     check_kernel_inputs(q, k, v, sg, mg, None)  # head dims, dtypes, devices: raised before any launch
     b = K.expand_blocks(K.KernelBlocks.from_list(blocks, p.block_size, full), q.shape[0], q.shape[1])
-    return K.PlannedRun(K.build_plan(q, k, sg, mg, b, scale, dict(p.opts), dropout_p, dropout_seed, p.grad_slots))
+    return K.PlannedRun(K.build_plan(q, k, sg, mg, b, scale, dict(p.opts), dropout_p, dropout_seed, p.grad_slots,
+                                     output_max))
 
 
 @torch.library.custom_op("flexattn::fwd", mutates_args=())
 def fwd(q: Tensor, k: Tensor, v: Tensor, blocks: list[Tensor], score_bufs: list[Tensor], mask_bufs: list[Tensor],
-        spec_key: str, scale: float, dropout_p: float, dropout_seed: int) -> tuple[Tensor, Tensor]:
-    run = _run_of(_SPECS[spec_key], q, k, v, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed)
-    out, lse = run.forward(q, k, v, score_bufs, mask_bufs)
-    return out.contiguous(), lse.contiguous()  # the strides _fwd_fake promises, whatever the inputs' strides
+        spec_key: str, scale: float, dropout_p: float, dropout_seed: int,
+        output_max: bool) -> tuple[Tensor, Tensor, Tensor]:
+    run = _run_of(_SPECS[spec_key], q, k, v, blocks, score_bufs, mask_bufs, scale, dropout_p, dropout_seed,
+                  output_max)
+    out, lse, *mx = run.forward(q, k, v, score_bufs, mask_bufs)
+    mx = mx[0] if output_max else lse.new_empty((0,))
+    # the strides _fwd_fake promises, whatever the inputs' strides
+    return out.contiguous(), lse.contiguous(), mx.contiguous()
 
 
 def _lse_dtype(q) -> torch.dtype:
@@ -108,9 +115,10 @@ def _lse_dtype(q) -> torch.dtype:
 
 
 @fwd.register_fake
-def _fwd_fake(q, k, v, blocks, score_bufs, mask_bufs, spec_key, scale, dropout_p, dropout_seed):
+def _fwd_fake(q, k, v, blocks, score_bufs, mask_bufs, spec_key, scale, dropout_p, dropout_seed, output_max):
     B, Hq, L, _ = q.shape
-    return q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(B, Hq, L, dtype=_lse_dtype(q))
+    lse = q.new_empty(B, Hq, L, dtype=_lse_dtype(q))
+    return q.new_empty(B, Hq, L, v.shape[-1]), lse, lse.new_empty((B, Hq, L) if output_max else (0,))
 
 
 class _autograd_enabled:
@@ -155,14 +163,15 @@ def _bwd_fake(q, k, v, out, lse, dout, dlse, blocks, score_bufs, mask_bufs, spec
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, blocks, score_bufs, mask_bufs, spec_key, scale, dropout_p, dropout_seed = inputs
-    out, lse = output
+    q, k, v, blocks, score_bufs, mask_bufs, spec_key, scale, dropout_p, dropout_seed, _output_max = inputs
+    out, lse, max_scores = output
+    ctx.mark_non_differentiable(max_scores)
     ctx.save_for_backward(q, k, v, out, lse, *blocks, *score_bufs, *mask_bufs)
     ctx.n = (len(blocks), len(score_bufs))
     ctx.args = (spec_key, scale, dropout_p, dropout_seed)
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, _dmax):
     saved = ctx.saved_tensors
     q, k, v, out, lse = saved[:5]
     nb, ns = ctx.n
@@ -173,16 +182,16 @@ def _backward(ctx, dout, dlse):
         dlse = torch.zeros_like(lse)
     dq, dk, dv, grads = bwd(q, k, v, out, lse, dout.contiguous(), dlse, blocks, score_bufs, mask_bufs, *ctx.args)
     grads = [g if t.requires_grad else None for g, t in zip(grads, score_bufs)]
-    return dq, dk, dv, [None] * nb, grads, [None] * len(mask_bufs), None, None, None, None
+    return dq, dk, dv, [None] * nb, grads, [None] * len(mask_bufs), None, None, None, None, None
 
 
 fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def run_opcheck(q, k, v, score_mod=None, mask_mod=None):
+def run_opcheck(q, k, v, score_mod=None, mask_mod=None, output_max=False):
     """torch.library.opcheck over flexattn::fwd for these inputs (an ALiBi-style score_mod with
-    a captured per-head tensor and a causal mask by default); CUDA inputs run the kernels,
-    CPU inputs the CPU path."""
+    a captured per-head tensor and a causal mask by default; max_scores too with output_max);
+    CUDA inputs run the kernels, CPU inputs the CPU path."""
     H, L, S = q.shape[1], q.shape[2], k.shape[2]
     slopes = torch.linspace(0.1, 1.0, H, device=q.device).requires_grad_()
     score_mod = score_mod or (lambda s, b, h, qi, kv: s - slopes[h] * (qi - kv).abs())
@@ -196,5 +205,5 @@ def run_opcheck(q, k, v, score_mod=None, mask_mod=None):
         mg = bm.mask_graph
     key = register(OpSpec(backend, sg, mg, bm.BLOCK_SIZE, bm.full_kv_num_blocks is not None, (), grad_slots(sg)))
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), blocks_list(bm),
-            list(sg.buffers), list(mg.buffers), key, 1.0 / q.shape[-1] ** 0.5, 0.0, 0)
+            list(sg.buffers), list(mg.buffers), key, 1.0 / q.shape[-1] ** 0.5, 0.0, 0, output_max)
     torch.library.opcheck(fwd, args)

@@ -58,7 +58,7 @@ def test_forced_hopper_names_why_it_cannot(why, args):
                              "auto")
 
 
-def _compile_sm90(score_mod, mask_mod, E=128):
+def _compile_sm90(score_mod, mask_mod, E=128, output_max=False):
     """The Hopper forward compiled for sm_90a with Triton's bundled ptxas (no GPU needed):
     the generated Gluon source must build, whatever the mods."""
     from triton.backends.compiler import GPUTarget
@@ -74,11 +74,12 @@ def _compile_sm90(score_mod, mask_mod, E=128):
     fn = load_module(source("fwd_hopper", sg, mg, None, True), "flex_fwd_hopper").flex_fwd_hopper
     layout = gl.NVMMASharedLayout(128, 16, rank=4)
     desc = lambda rows: f"tensordesc<bf16[1, 1, {rows}, {E}],{layout!r}>"  # noqa: E731
-    types = dict(q_desc=desc(128), k_desc=desc(128), v_desc=desc(128), o_desc=desc(128), LSE="*fp32",
+    types = dict(q_desc=desc(128), k_desc=desc(128), v_desc=desc(128), o_desc=desc(128), LSE="*fp32", MAX="*fp32",
                  KV_NUM="*i32", KV_IDX="*i32", FULL_KV_NUM="*i32", FULL_KV_IDX="*i32", SCALE="fp32", SCALE_LOG2="fp32")
     consts = dict(GQA_GROUP=1, HAS_FULL=True, HAS_SCORE_MOD=sg is not None, BLOCK_M=128, BLOCK_N=128,
                   SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, KV_DIVISIBLE=False, SCALE_POSITIVE=True, STAGES=2,
-                  LAST_ROWS_FIRST=True, QK_HEAD_PAD=E, V_HEAD_PAD=E, FP16=False, num_warps=8)
+                  LAST_ROWS_FIRST=True, QK_HEAD_PAD=E, V_HEAD_PAD=E, FP16=False, OUTPUT_MAX=output_max,
+                  num_warps=8)
     sig, cst = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -111,6 +112,9 @@ def test_hopper_source_compiles_for_sm90():
                                 (None, tile_form.mask_mod)):
         kernel = _compile_sm90(score_mod, mask_mod)
         assert "wgmma.mma_async" in kernel.asm["ptx"] and "cp.async.bulk.tensor" in kernel.asm["ptx"]
+    # return_aux=AuxRequest(max_scores=True): the rows' maxima stored as well
+    kernel = _compile_sm90(softcap, document, output_max=True)
+    assert "wgmma.mma_async" in kernel.asm["ptx"]
 
 
 def test_hopper_backend_refuses_cpu_tensors():

@@ -50,9 +50,9 @@ def run_forward(plan: Plan, q, k, v):
     """The forward of `plan`, then (tiered) the other form's kernels compiled in the background."""
     kind = fwd_path(plan, q, k, v)
     fn = forward_launch(kind)
-    out, lse = fn(plan, q, k, v)
+    results = fn(plan, q, k, v)   # (out, lse), and max_scores when plan.output_max
     tiered.after_launch(kind, plan, lambda other: _captured(fn, other, q, k, v))
-    return out, lse
+    return results
 
 
 def run_backward(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs):
@@ -126,9 +126,9 @@ class CachedRun:
         return value, False
 
     def forward(self, q, k, v, score_bufs, mask_bufs):
-        (out, lse), _ = self._run(self.fwd_kind, (q, k, v, *score_bufs, *mask_bufs), self.fwd_fn,
-                                  lambda: (self.plan_for(score_bufs, mask_bufs), q, k, v), lambda r: r)
-        return out, lse
+        results, _ = self._run(self.fwd_kind, (q, k, v, *score_bufs, *mask_bufs), self.fwd_fn,
+                               lambda: (self.plan_for(score_bufs, mask_bufs), q, k, v), lambda r: r)
+        return tuple(results)   # (out, lse), and max_scores when the plan computes it
 
     def backward(self, q, k, v, out, lse, dout, dlse, score_bufs, mask_bufs):
         key = ("bwd", dout.stride(), None if dlse is None else dlse.stride())
@@ -144,11 +144,10 @@ class CachedRun:
 
 def flex_attention_triton(q, k, v, *, score_graph=None, mask_graph=None, block_mask=None, scale=None,
                           kernel_options=None, dropout_p=0.0, dropout_seed=None, output_max=False):
-    """(out [B,Hq,L,Ev] in q.dtype, lse [B,Hq,L] float32 natural log) - see CONTRACTS.md.
-    Differentiable w.r.t. q, k, v and the score_mod's captured float tensors that require grad."""
-    if output_max:
-        raise NotImplementedError("return_aux=AuxRequest(max_scores=True) on the Triton kernels: not done yet; "
-                                  "run on CPU tensors or request AuxRequest(lse=True)")
+    """(out [B,Hq,L,Ev] in q.dtype, lse [B,Hq,L] float32 natural log) - see CONTRACTS.md -
+    and with output_max also max_scores [B,Hq,L] float32 (each row's max score; not
+    differentiable). Differentiable w.r.t. q, k, v and the score_mod's captured float tensors
+    that require grad."""
     if mask_graph is None and block_mask is not None:
         mask_graph = getattr(block_mask, "mask_graph", None)
     score_bufs = score_graph.buffers if score_graph is not None else []
@@ -157,13 +156,13 @@ def flex_attention_triton(q, k, v, *, score_graph=None, mask_graph=None, block_m
     # a call like one before replays its launches (kernels.replay); dropout draws a new seed
     key = calls = run = None
     if not dropout_p and replay.ENABLED:
-        key = replay.call_key(q, k, v, score_graph, mask_graph, block_mask, scale, kernel_options, grad)
+        key = replay.call_key(q, k, v, score_graph, mask_graph, block_mask, scale, kernel_options, grad, output_max)
         calls = replay.calls_of(block_mask)
         run = replay.lookup(calls, key)
     if run is None:
         plan = make_plan(q, k, v, score_graph=score_graph, mask_graph=mask_graph, block_mask=block_mask,
                          scale=scale, kernel_options=kernel_options, dropout_p=dropout_p,
-                         dropout_seed=dropout_seed)
+                         dropout_seed=dropout_seed, output_max=output_max)
         kinds = (fwd_path(plan, q, k, v),) + (("bwd",) if grad else ())
         routed = tiered.route(plan, kinds, block_mask, q)
         if calls is not None and routed is plan:  # tiering settled: the same plan every call

@@ -214,7 +214,8 @@ def _sm_count(index: int) -> int:  # asked on every call: the property query is 
 
 
 def decode_forward(plan, q, k, v):
-    """Launch the split-KV decode kernel and merge its partials -> (out, lse) as flex_forward."""
+    """Launch the split-KV decode kernel and merge its partials -> (out, lse[, max_scores]) as
+    flex_forward."""
     B, Hq, L, E = q.shape
     Hkv = v.shape[1]
     G = Hq // Hkv
@@ -268,7 +269,8 @@ def _n_sm(device) -> int:
 
 def split_kv_forward(plan, q, k, v, cfg: SplitConfig, layout: KVLayout = KVLayout()):
     """Launch flex_decode on grid (splits, B * heads, q tiles) and merge its partials ->
-    (out [B, Hq, L, Ev] in q.dtype, lse [B, Hq, L] float32, natural log)."""
+    (out [B, Hq, L, Ev] in q.dtype, lse [B, Hq, L] float32, natural log), and max_scores
+    [B, Hq, L] float32 when plan.output_max."""
     B, Hq, L, E = q.shape
     Hkv, S, Ev = v.shape[1], v.shape[2], v.shape[3]
     blk = plan.blocks
@@ -298,4 +300,4 @@ def split_kv_forward(plan, q, k, v, cfg: SplitConfig, layout: KVLayout = KVLayou
              DOT_PRECISION=dot_precision(q.dtype, plan.opts), HAS_SEQLENS=layout.seqlens is not None,
              DENSE_KV=layout.dense, PAGE_SIZE=layout.page_size,
              num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    return decode_merge(acc, m, l, q.dtype)
+    return decode_merge(acc, m, l, q.dtype, plan.output_max)

@@ -37,6 +37,7 @@ FWD_TEMPLATE = r'''
 #   HAS_FULL              the BlockMask has full blocks (walked second, mask_mod skipped)
 #   IS_FULL               (_fwd_tiles) the walked blocks are the full ones
 #   HAS_SCORE_MOD, HAS_DROPOUT, OUTPUT_LSE  what the kernel computes besides softmax(qk)v
+#   OUTPUT_MAX            also store each row's max score (natural units) to MAX
 #   Q_DIVISIBLE / KV_DIVISIBLE  Q_LEN / KV_LEN divide the tiles: no bounds masks on that axis
 #   DOT_PRECISION         tl.dot's input_precision ("ieee", "tf32")
 #   OFFS_64               in-head K/V offsets in int64 (a head's span passes 2^31 elements)
@@ -109,7 +110,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, idx_ptr, n_blocks,
 
 
 @triton.jit
-def flex_fwd(Q, K, V, OUT, LSE,
+def flex_fwd(Q, K, V, OUT, LSE, MAX,
              KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
              stride_qz, stride_qh, stride_qm, stride_qk,
              stride_kz, stride_kh, stride_kn, stride_kk,
@@ -129,7 +130,8 @@ def flex_fwd(Q, K, V, OUT, LSE,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              SPARSE_Q_BLOCK: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
              Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-             OFFS_64: tl.constexpr = True, SCALE_POSITIVE: tl.constexpr = False):
+             OFFS_64: tl.constexpr = True, SCALE_POSITIVE: tl.constexpr = False,
+             OUTPUT_MAX: tl.constexpr = False):
     tl.static_assert(SPARSE_Q_BLOCK % BLOCK_M == 0, "a q tile must lie in one BlockMask q block")
     tl.static_assert(SPARSE_KV_BLOCK % BLOCK_N == 0, "a BlockMask kv block must hold whole kv tiles")
     tl.static_assert(QK_HEAD_PAD >= QK_HEAD and (QK_HEAD_PAD & (QK_HEAD_PAD - 1)) == 0)
@@ -189,14 +191,20 @@ def flex_fwd(Q, K, V, OUT, LSE,
     acc = acc * (DROP_SCALE / l_safe)[:, None]
     _store_tile(_head_base(OUT, off_z, off_h, stride_oz, stride_oh), offs_m, offs_dv, stride_om, stride_ok, Q_LEN,
                 acc.to(OUT.dtype.element_ty), CHECK_R=not Q_DIVISIBLE, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=True)
+    LN2: tl.constexpr = 0.6931471805599453
     if OUTPUT_LSE:
-        LN2: tl.constexpr = 0.6931471805599453
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
         lse_ptr = LSE + pid_zh.to(tl.int64) * Q_LEN + offs_m
         if Q_DIVISIBLE:
             tl.store(lse_ptr, lse)
         else:
             tl.store(lse_ptr, lse, mask=offs_m < Q_LEN)
+    if OUTPUT_MAX:  # m_i is in the log2 domain; -inf on fully masked rows
+        max_ptr = MAX + pid_zh.to(tl.int64) * Q_LEN + offs_m
+        if Q_DIVISIBLE:
+            tl.store(max_ptr, m_i * LN2)
+        else:
+            tl.store(max_ptr, m_i * LN2, mask=offs_m < Q_LEN)
 '''
 
 
@@ -217,7 +225,8 @@ def fwd_launch_key(mod, q, v, cfg) -> tuple:
 
 def flex_forward(plan, q, k, v, cfg=None):
     """Launch the forward -> (out [B, Hq, L, Ev] in q.dtype, lse [B, Hq, L] float32, natural
-    log). cfg: (BLOCK_M, BLOCK_N, num_warps, num_stages), default fwd_config."""
+    log), and max_scores [B, Hq, L] float32 when plan.output_max. cfg: (BLOCK_M, BLOCK_N,
+    num_warps, num_stages), default fwd_config."""
     B, Hq, L, E = q.shape
     _, Hkv, S, Ev = v.shape
     cfg = cfg or fwd_config(plan, q, k, v)
@@ -225,12 +234,13 @@ def flex_forward(plan, q, k, v, cfg=None):
     blk = plan.blocks
     out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
+    mx = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device) if plan.output_max else None
     mod = plan.module("fwd")
     kv_num, kv_idx, full_num, full_idx = kv_lists(blk)
     drop_scale, lo, hi, thr = dropout_args(plan)
     grid = (cdiv(L, bm_), B * Hq)
     args = (
-        q, k, v, out, lse, kv_num, kv_idx, full_num, full_idx,
+        q, k, v, out, lse, lse if mx is None else mx, kv_num, kv_idx, full_num, full_idx,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *bm_strides(kv_num, kv_idx), *bm_strides(full_num, full_idx),
         Hq, L, S, plan.scale, plan.scale * LOG2E, drop_scale, lo, hi, thr,
@@ -242,6 +252,6 @@ def flex_forward(plan, q, k, v, cfg=None):
         BLOCK_M=bm_, BLOCK_N=bn_, SPARSE_Q_BLOCK=blk.block[0], SPARSE_KV_BLOCK=blk.block[1],
         Q_DIVISIBLE=L % blk.block[0] == 0, KV_DIVISIBLE=S % blk.block[1] == 0,
         DOT_PRECISION=dot_precision(q.dtype, plan.opts), OFFS_64=needs_i64(k, v),
-        SCALE_POSITIVE=plan.scale > 0, num_warps=warps, num_stages=stages)
+        SCALE_POSITIVE=plan.scale > 0, OUTPUT_MAX=mx is not None, num_warps=warps, num_stages=stages)
     launcher.launch(mod.flex_fwd, grid, args, kwargs, fwd_launch_key(mod, q, v, cfg))
-    return out, lse
+    return (out, lse) if mx is None else (out, lse, mx)

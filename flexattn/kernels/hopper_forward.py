@@ -242,7 +242,7 @@ def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty,
 
 
 @gluon.jit
-def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE,
+def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE, MAX,
                     KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
                     stride_nz, stride_nh, stride_nm,
                     stride_iz, stride_ih, stride_im,
@@ -256,7 +256,7 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE,
                     KV_DIVISIBLE: gl.constexpr, SCALE_POSITIVE: gl.constexpr,
                     STAGES: gl.constexpr, LAST_ROWS_FIRST: gl.constexpr,
                     QK_HEAD_PAD: gl.constexpr, V_HEAD_PAD: gl.constexpr, FP16: gl.constexpr,
-                    num_warps: gl.constexpr):
+                    OUTPUT_MAX: gl.constexpr, num_warps: gl.constexpr):
     # q/k/v/o descriptors: rank 4 over [B, H, S, D] with [1, 1, rows, D_PAD] boxes, D_PAD the
     # head dim rounded up to a power of two. A box past the end of a head's rows or of the
     # head dim is zero-filled on load (zeros add nothing to Q K^T; their P V columns are
@@ -343,6 +343,9 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE,
     offs_lm = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc.type.layout))
     lse = gl.convert_layout(lse, gl.SliceLayout(1, acc.type.layout))
     gl.store(LSE + pid_zh.to(gl.int64) * Q_LEN + offs_lm, lse, mask=offs_lm < Q_LEN)
+    if OUTPUT_MAX:  # each row's max score: m_i (log2 domain) in natural units, -inf on fully masked rows
+        m_out = gl.convert_layout(m_i * LN2, gl.SliceLayout(1, acc.type.layout))
+        gl.store(MAX + pid_zh.to(gl.int64) * Q_LEN + offs_lm, m_out, mask=offs_lm < Q_LEN)
     tma.store_wait(pendings=0)
 '''
 
@@ -422,15 +425,17 @@ def descriptor(t, rows: int):
 
 def hopper_forward(plan, q, k, v):
     """Launch the Hopper forward of `plan` -> (out [B, Hq, L, Ev] in q.dtype, lse [B, Hq, L]
-    float32, natural log)."""
+    float32, natural log), and max_scores [B, Hq, L] float32 when plan.output_max."""
     B, Hq, L, E = q.shape
     _, Hkv, S, Ev = v.shape
     bm, bn, stages, warps = hopper_fwd_config(E, Ev)
     blk = plan.blocks
     out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
+    mx = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device) if plan.output_max else None
     kv_num, kv_idx, full_num, full_idx = kv_lists(blk)
     args = (descriptor(q, bm), descriptor(k, bn), descriptor(v, bn), descriptor(out, bm), lse,
+            lse if mx is None else mx,
             kv_num, kv_idx, full_num, full_idx, *bm_strides(kv_num, kv_idx), *bm_strides(full_num, full_idx),
             Hq, L, S, plan.scale, plan.scale * LOG2E,
             *buffer_args(plan.score_graph, plan.score_bufs), *buffer_args(plan.mask_graph, plan.mask_bufs))
@@ -440,6 +445,6 @@ def hopper_forward(plan, q, k, v):
                   BLOCK_M=bm, BLOCK_N=bn, SPARSE_Q_BLOCK=blk.block[0], SPARSE_KV_BLOCK=blk.block[1],
                   KV_DIVISIBLE=S % blk.block[1] == 0, SCALE_POSITIVE=plan.scale > 0, STAGES=stages,
                   LAST_ROWS_FIRST=True, QK_HEAD_PAD=next_pow2(E), V_HEAD_PAD=next_pow2(Ev),
-                  FP16=q.dtype == torch.float16, num_warps=warps)
+                  FP16=q.dtype == torch.float16, OUTPUT_MAX=mx is not None, num_warps=warps)
     launcher.launch_cached(plan.module("fwd_hopper").flex_fwd_hopper, (cdiv(L, bm), B * Hq), args, kwargs)
-    return out, lse
+    return (out, lse) if mx is None else (out, lse, mx)

@@ -10,9 +10,11 @@ from .launcher import launch_cached, next_pow2
 
 
 @triton.jit
-def _decode_merge(ACC, M, L_, OUT, LSE, SPLITS, stride_oz, stride_oh, stride_om, stride_ok, H, QL,
-                  V_HEAD: tl.constexpr, V_HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    # one program per (b, h, q row): partials [B, H, SPLITS, QL, (Dv)], m / l in the log2 domain
+def _decode_merge(ACC, M, L_, OUT, LSE, MAX, SPLITS, stride_oz, stride_oh, stride_om, stride_ok, H, QL,
+                  V_HEAD: tl.constexpr, V_HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                  OUTPUT_MAX: tl.constexpr = False):
+    # one program per (b, h, q row): partials [B, H, SPLITS, QL, (Dv)], m / l in the log2 domain;
+    # OUTPUT_MAX: also store the row's max score (natural units, -inf on a fully masked row)
     row = tl.program_id(0)  # (b*H + h)*QL + q
     zh = row // QL
     qpos = row % QL
@@ -23,6 +25,8 @@ def _decode_merge(ACC, M, L_, OUT, LSE, SPLITS, stride_oz, stride_oh, stride_om,
     m = tl.load(M + part, mask=s_ok, other=float("-inf"))
     l = tl.load(L_ + part, mask=s_ok, other=0.0)
     m_max = tl.max(m, 0)
+    if OUTPUT_MAX:
+        tl.store(MAX + row, m_max * 0.6931471805599453)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_max)
     l_tot = tl.sum(l * w, 0)
@@ -40,12 +44,15 @@ def _decode_merge(ACC, M, L_, OUT, LSE, SPLITS, stride_oz, stride_oh, stride_om,
     tl.store(LSE + row, lse)
 
 
-def decode_merge(acc, m, l, dtype):
-    """Combine split partials: acc [B,H,P,L,Dv] fp32 (unnormalised), m, l [B,H,P,L] (log2 domain)."""
+def decode_merge(acc, m, l, dtype, output_max: bool = False):
+    """Combine split partials: acc [B,H,P,L,Dv] fp32 (unnormalised), m, l [B,H,P,L] (log2 domain)
+    -> (out, lse), and the rows' max scores (float32, natural units) too when output_max."""
     B, H, P, QL, Dv = acc.shape
     out = torch.empty(B, H, QL, Dv, dtype=dtype, device=acc.device)
     lse = torch.empty(B, H, QL, dtype=torch.float32, device=acc.device)
-    launch_cached(_decode_merge, (B * H * QL,), (acc, m, l, out, lse, P, *out.stride(), H, QL),
+    mx = torch.empty(B, H, QL, dtype=torch.float32, device=acc.device) if output_max else None
+    launch_cached(_decode_merge, (B * H * QL,),
+                  (acc, m, l, out, lse, lse if mx is None else mx, P, *out.stride(), H, QL),
                   dict(V_HEAD=Dv, V_HEAD_PAD=max(16, next_pow2(Dv)),
-                       SPLITS_PAD=max(2, next_pow2(P)), num_warps=4))
-    return out, lse
+                       SPLITS_PAD=max(2, next_pow2(P)), OUTPUT_MAX=output_max, num_warps=4))
+    return (out, lse) if mx is None else (out, lse, mx)

@@ -28,6 +28,7 @@ class Plan:
     mask_bufs: list
     small_indices: bool = False  # batch, heads and lengths below codegen.SMALL_INDEX_LIMIT
     tiering: tuple | None = None  # ("own" | "tile_form", the other plan): see kernels.tiered
+    output_max: bool = False  # the forward also returns max_scores (the row max of the scores)
     modules: dict = field(default_factory=dict)  # kind -> generated module, memo of module()
 
     def module(self, kind: str):
@@ -45,16 +46,17 @@ def small_indices(q, k) -> bool:
 
 
 def build_plan(q, k, score_graph, mask_graph, blocks: KernelBlocks, scale: float, opts: dict, dropout_p,
-               dropout_seed, grad_slots) -> Plan:
+               dropout_seed, grad_slots, output_max: bool = False) -> Plan:
     """The Plan of a call whose inputs are checked (flexattn.checks.check_kernel_inputs) and
     whose graphs are kernel graphs bound to the call's captured tensors."""
     return Plan(score_graph, mask_graph, blocks, scale, opts, float(dropout_p or 0.0), dropout_seed,
                 tuple(grad_slots), list(score_graph.buffers) if score_graph is not None else [],
-                list(mask_graph.buffers) if mask_graph is not None else [], small_indices=small_indices(q, k))
+                list(mask_graph.buffers) if mask_graph is not None else [], small_indices=small_indices(q, k),
+                output_max=bool(output_max))
 
 
 def make_plan(q, k, v, *, score_graph, mask_graph, block_mask, scale, kernel_options,
-              dropout_p=0.0, dropout_seed=None) -> Plan:
+              dropout_p=0.0, dropout_seed=None, output_max=False) -> Plan:
     """The Plan of an eager call: traced graphs, a BlockMask (or None: attend everywhere)."""
     opts = check_kernel_options(kernel_options)
     if mask_graph is None and block_mask is not None:
@@ -66,4 +68,4 @@ def make_plan(q, k, v, *, score_graph, mask_graph, block_mask, scale, kernel_opt
         dropout_seed = draw_seed()
     blocks = blocks_of(block_mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
     return build_plan(q, k, score_graph, mask_graph, blocks, check_scale(scale, q.shape[-1]), opts, dropout_p,
-                      dropout_seed, buffer_grad_slots(score_graph))
+                      dropout_seed, buffer_grad_slots(score_graph), output_max)

@@ -53,11 +53,11 @@ def _graph_key(g):
             tuple([(t.dtype, t.device, t.shape, t.stride()) for t in g.buffers]))
 
 
-def call_key(q, k, v, score_graph, mask_graph, block_mask, scale, kernel_options, needs_grad):
+def call_key(q, k, v, score_graph, mask_graph, block_mask, scale, kernel_options, needs_grad, output_max=False):
     """The signature of a call: equal keys make the same launches but for their tensors."""
     return (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
             v.shape, v.stride(), v.dtype, v.device, _graph_key(score_graph), _graph_key(mask_graph),
-            scale, tuple(kernel_options.items()) if kernel_options else (), needs_grad,
+            scale, tuple(kernel_options.items()) if kernel_options else (), needs_grad, output_max,
             # as kernels._blocks_of: the BlockMask's lists by their storage
             None if block_mask is None else (block_mask.kv_num_blocks.data_ptr(), block_mask.kv_indices.data_ptr()))
 
