@@ -14,6 +14,7 @@ local-memory (spill) / global-load instructions in it.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -162,9 +163,10 @@ def report(tag, ck, loops=False):
 
 
 
-def capture(kind, case, S=8192, D=128, B=4, H=16, cfg=None, bwd_cfg=None):
+def capture(kind, case, S=8192, D=128, B=4, H=16, cfg=None, bwd_cfg=None, options=None):
     """Run the launch path on CPU tensors but capture each launch (kernel, args, kwargs)
-    instead of running it; `cfg`/`bwd_cfg` override the tile config (GPU defaults)."""
+    instead of running it; `cfg`/`bwd_cfg` override the tile config (GPU defaults), `options`
+    are kernel_options."""
     import flexattn
     from flexattn.kernels import config, launcher, make_plan
     from flexattn.kernels.backward import flex_backward
@@ -176,7 +178,7 @@ def capture(kind, case, S=8192, D=128, B=4, H=16, cfg=None, bwd_cfg=None):
     bm = flexattn.create_block_mask(mm, None, None, S, S) if mm else None
     sg = trace_score(sm) if sm else None
     plan = make_plan(q, k, v, score_graph=sg, mask_graph=bm.mask_graph if bm else None, block_mask=bm,
-                     scale=None, kernel_options=None)
+                     scale=None, kernel_options=options)
     launches = []
     orig = launcher.launch
     launcher.launch = lambda kernel, grid, args, kwargs, key, shrink="BLOCK_N": launches.append(
@@ -196,14 +198,15 @@ def capture(kind, case, S=8192, D=128, B=4, H=16, cfg=None, bwd_cfg=None):
     return launches
 
 
-def inspect_case(kind, case, D=128, cfg=None, S=8192, loops=False):
+def inspect_case(kind, case, D=128, cfg=None, S=8192, loops=False, options=None):
     """cfg: the forward's or the backward's tile config (by kind); None: the default."""
     out = []
     fwd_cfg, bwd_cfg = (cfg, None) if kind == "fwd" else (None, cfg)
-    for kernel, grid, args, kwargs in capture(kind, case, S=S, D=D, cfg=fwd_cfg, bwd_cfg=bwd_cfg):
+    for kernel, grid, args, kwargs in capture(kind, case, S=S, D=D, cfg=fwd_cfg, bwd_cfg=bwd_cfg, options=options):
         ck = compile_sm90(kernel, args, kwargs)
         tag = f"{kind} {case} S={S} D={D} {kernel.__name__} " + \
-              " ".join(f"{k}={kwargs[k]}" for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in kwargs)
+              " ".join(f"{k}={kwargs[k]}" for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "WANT_DQ",
+                                                     "WANT_DK", "WANT_DV", "ATOMIC_DQ") if k in kwargs)
         out.append(report(tag, ck, loops=loops))
     return out
 
@@ -220,12 +223,14 @@ def main():
     p.add_argument("--cfg", default=None,
                    help="tile config instead of the default, comma-separated: BLOCK_M,BLOCK_N,warps,stages "
                         "(fwd) or M1,N1,M2,N2,warps,stages (bwd); with one kind only")
+    p.add_argument("--options", default=None, help='kernel_options as JSON, e.g. \'{"bwd_ATOMIC_DQ": true}\'')
     a = p.parse_args()
+    options = json.loads(a.options) if a.options else None
     cfg = tuple(map(int, a.cfg.split(","))) if a.cfg else None
     for kind in a.kinds.split(","):
         for D in map(int, a.dims.split(",")):
             for case in a.cases.split(","):
-                for ck in inspect_case(kind, case, D=D, cfg=cfg, S=a.seq, loops=a.loops):
+                for ck in inspect_case(kind, case, D=D, cfg=cfg, S=a.seq, loops=a.loops, options=options):
                     if a.dump:
                         os.makedirs(a.dump, exist_ok=True)
                         stem = f"{kind}_{case}_{a.seq}_{D}_{ck.metadata.name}"

@@ -26,15 +26,32 @@ FWD_CFGS = {
     64: [(128, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4)],
     256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
 }
+# (M1, N1, M2, N2, warps, stages), optionally followed by a dict of further kernel_options
+# (bwd_SPLIT_DKDV, bwd_ATOMIC_DQ; default: their defaults for the head dim)
+ATOMIC = {"bwd_ATOMIC_DQ": True}
 BWD_CFGS = {
-    128: [(64, 128, 128, 64, 8, 3), (64, 128, 64, 128, 8, 3), (64, 64, 64, 64, 4, 3)],
-    64: [(64, 128, 128, 64, 8, 3), (64, 64, 64, 64, 4, 3), (128, 128, 128, 64, 8, 3)],
-    # a 7th element: kernel_options bwd_SPLIT_DKDV (default: its default for the head dim)
-    256: [(32, 64, 32, 64, 4, 2, False), (32, 64, 32, 64, 4, 2, True), (64, 64, 64, 64, 8, 2, True),
-          (32, 64, 64, 64, 8, 2, True), (32, 64, 64, 64, 8, 2, False), (16, 64, 64, 64, 8, 2, False),
-          (64, 64, 64, 32, 8, 2, True), (64, 128, 64, 64, 8, 2, True), (64, 64, 128, 32, 8, 2, True),
-          (32, 128, 64, 64, 8, 2, True), (32, 128, 128, 32, 8, 2, True)],
+    128: [(64, 128, 128, 64, 8, 3), (64, 128, 64, 128, 8, 3), (64, 64, 64, 64, 4, 3),
+          (64, 128, 128, 64, 8, 3, ATOMIC), (64, 128, 128, 64, 8, 2, ATOMIC), (32, 128, 128, 64, 8, 3, ATOMIC),
+          (32, 128, 128, 64, 8, 2, ATOMIC), (64, 64, 128, 64, 4, 2, ATOMIC)],
+    64: [(64, 128, 128, 64, 8, 3), (64, 64, 64, 64, 4, 3), (128, 128, 128, 64, 8, 3),
+         (64, 64, 64, 64, 4, 3, ATOMIC), (64, 128, 64, 64, 8, 3, ATOMIC), (128, 128, 64, 64, 8, 2, ATOMIC)],
+    256: [(32, 128, 64, 64, 8, 2, {"bwd_SPLIT_DKDV": True}), (64, 128, 64, 64, 8, 2, {"bwd_SPLIT_DKDV": True}),
+          (32, 128, 64, 64, 8, 2, {"bwd_SPLIT_DKDV": True, **ATOMIC}),
+          (32, 128, 64, 64, 8, 1, {"bwd_SPLIT_DKDV": True, **ATOMIC}),
+          (16, 128, 64, 64, 8, 2, {"bwd_SPLIT_DKDV": True, **ATOMIC}),
+          (32, 64, 64, 64, 4, 2, {"bwd_SPLIT_DKDV": True, **ATOMIC})],
 }
+
+
+def bwd_options(cfg) -> dict:
+    """kernel_options of a BWD_CFGS entry."""
+    opts = dict(zip(("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "bwd_num_warps", "bwd_num_stages"), cfg[:6]))
+    return {**opts, **(cfg[6] if len(cfg) > 6 else {})}
+
+
+def grad_error(got, ref) -> float:
+    """Largest relative error (norm) of dq, dk, dv against the reference's."""
+    return max(((g.float() - r.float()).norm() / r.float().norm()).item() for g, r in zip(got, ref))
 
 
 def ms_of(fn, rep=150):
@@ -47,6 +64,7 @@ def main():
     p.add_argument("--dims", default="128,64")
     p.add_argument("--S", type=int, default=8192)
     p.add_argument("--no-bwd", dest="bwd", action="store_false")
+    p.add_argument("--no-fwd", dest="fwd", action="store_false", help="skip the forward configs")
     p.add_argument("--decode", action="store_true")
     p.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this")
     a = p.parse_args()
@@ -96,7 +114,7 @@ def main():
             row = {"D": D, "case": case, "torch_fwd_ms": t_torch, "fwd": {}, "bwd": {}}
             print(f"D={D} {case:>8} dens {dens:.3f}: torch fwd {t_torch:.3f} ms {fl / t_torch * 1e-9:.0f} TF",
                   flush=True)
-            for cfg in FWD_CFGS[D]:
+            for cfg in FWD_CFGS[D] if a.fwd else ():
                 opts = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), cfg))
                 try:
                     with torch.no_grad():
@@ -113,18 +131,21 @@ def main():
             if a.bwd:
                 t_torch_b = ms_of(fb(tflex), rep=300)
                 row["torch_fwdbwd_ms"] = t_torch_b
+                tflex().backward(go)
+                ref_grads = [x.grad.clone() for x in (q, k, v)]
                 print(f"   torch fwd+bwd {t_torch_b:.3f} ms {3.5 * fl / t_torch_b * 1e-9:.0f} TF", flush=True)
                 for cfg in BWD_CFGS[D]:
-                    opts = dict(zip(("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "bwd_num_warps",
-                                     "bwd_num_stages", "bwd_SPLIT_DKDV"), cfg))
+                    opts = bwd_options(cfg)
                     try:
+                        fb(ours(opts))()
+                        err = grad_error([x.grad for x in (q, k, v)], ref_grads)
                         t = ms_of(fb(ours(opts)), rep=300)
                     except Exception as e:  # noqa: BLE001
                         print(f"   bwd {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
                         continue
                     row["bwd"][str(cfg)] = t
-                    print(f"   fwd+bwd {cfg}: {t:.3f} ms {3.5 * fl / t * 1e-9:.0f} TF ratio {t_torch_b / t:.2f}",
-                          flush=True)
+                    print(f"   fwd+bwd {cfg}: {t:.3f} ms {3.5 * fl / t * 1e-9:.0f} TF ratio {t_torch_b / t:.2f} "
+                          f"grad relerr {err:.1e}", flush=True)
             res["rows"].append(row)
             with open(out_path, "w") as f:
                 json.dump(res, f, indent=1)

@@ -61,6 +61,14 @@ GROUPS = {
         dict(name="softcap_document", L=50, S=70, Hq=4, Hkv=2, E=32, Ev=16, opts={"bwd_SPLIT_DKDV": True}),
         dict(name="multi_read", L=64, S=64, deterministic=True, opts={"bwd_SPLIT_DKDV": True}),
         dict(name="alibi_causal", L=64, S=64, dropout=0.2, opts={"bwd_SPLIT_DKDV": True}),
+        # dq from the dk/dv kernel by float32 atomics: score_mod derivative and captured-tensor
+        # gradients, GQA, Ev != E, a head dim under its padding, odd lengths, dropout, lse
+        # gradient, fully masked rows, and with dk / dv split
+        dict(name="softcap_document", L=50, S=70, Hq=4, Hkv=2, E=24, Ev=16, opts={"bwd_ATOMIC_DQ": True}),
+        dict(name="multi_read", L=64, S=64, opts={"bwd_ATOMIC_DQ": True}),
+        dict(name="alibi_causal", L=64, S=64, dropout=0.2, lse_grad=True, opts={"bwd_ATOMIC_DQ": True}),
+        dict(name="empty_rows", L=80, S=80, opts={"bwd_ATOMIC_DQ": True}),
+        dict(name="rel_bias", L=50, S=70, Hq=4, Hkv=2, opts={"bwd_ATOMIC_DQ": True, "bwd_SPLIT_DKDV": True}),
     ],
 }
 

@@ -52,6 +52,10 @@ BWD_TEMPLATE = r'''
 #   DROP_SCALE            1 / (1 - dropout p)
 #   WANT_DK, WANT_DV      which of dk / dv this dk/dv launch computes: both, or one each in two
 #                         launches (wide heads: one accumulator per program, no spills)
+#   ATOMIC_DQ             the dk/dv kernel also computes dq: it adds each tile's dS K * scale
+#                         into a float32 DQ_ACC [B, HQ, Q_LEN, QK_HEAD] by atomics (and the
+#                         captured tensors' gradients), so no tile's S and dP are computed twice
+#   WANT_DQ               the dq kernel computes dq (else it only writes delta and lse2)
 from flexattn.dropout import dropout_keep_triton
 
 {SCORE_MOD}
@@ -156,7 +160,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, idx_ptr, n_blocks,
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, idx_ptr, n_blocks,
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, idx_ptr, n_blocks,
                 off_z, off_h, offs_n, Q_LEN, KV_LEN, SCALE,
                 stride_qm, stride_qk, stride_dom, stride_dok,
                 seed_lo, seed_hi, drop_threshold, DROP_SCALE,
@@ -167,7 +171,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, idx_ptr, n_
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q_BLOCK: tl.constexpr,
                 Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 DETERMINISTIC: tl.constexpr, OFFS_64: tl.constexpr,
-                WANT_DK: tl.constexpr, WANT_DV: tl.constexpr):
+                WANT_DK: tl.constexpr, WANT_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     # tiles are transposed here: rows are kv positions, columns q positions
     MULT: tl.constexpr = SPARSE_Q_BLOCK // BLOCK_M
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -224,8 +228,20 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, idx_ptr, n_
             dsT = pT * (dpT - delta[None, :])
             if HAS_SCORE_MOD:
                 dsT = score_mod_bwd(sT, dsT, valid, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}{GRAD_BUF_ARGS},
-                                    Q_AXIS=1, ACCUM=False, FIXED_POINT=DETERMINISTIC)
-            dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
+                                    Q_AXIS=1, ACCUM=ATOMIC_DQ, FIXED_POINT=DETERMINISTIC)
+            dsT = dsT.to(q.dtype)
+            dk += tl.dot(dsT, q, input_precision=DOT_PRECISION)
+            if ATOMIC_DQ:
+                # this tile's share of dq: (dS K) * scale, added in float32
+                dq_part = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION) * SCALE
+                dq_ptrs = _tile_ptrs(dq_base, offs_m, offs_d, QK_HEAD, 1, OFFS_64=OFFS_64)
+                if CHECK_M:
+                    tl.atomic_add(dq_ptrs, dq_part, mask=(offs_m[:, None] < Q_LEN) & (offs_d[None, :] < QK_HEAD),
+                                  sem="relaxed")
+                elif QK_HEAD == QK_HEAD_PAD:
+                    tl.atomic_add(dq_ptrs, dq_part, sem="relaxed")
+                else:
+                    tl.atomic_add(dq_ptrs, dq_part, mask=offs_d[None, :] < QK_HEAD, sem="relaxed")
     return dk, dv
 
 
@@ -252,7 +268,8 @@ def flex_bwd_dq(Q, K, V, DO, DQ, OUT, LSE, DLSE, LSE2, DELTA,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 SPARSE_Q_BLOCK: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
                 Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                DETERMINISTIC: tl.constexpr, HAS_DLSE: tl.constexpr, OFFS_64: tl.constexpr = True):
+                DETERMINISTIC: tl.constexpr, HAS_DLSE: tl.constexpr, OFFS_64: tl.constexpr = True,
+                WANT_DQ: tl.constexpr = True):
     tl.static_assert(SPARSE_Q_BLOCK % BLOCK_M == 0, "a BlockMask q block must hold whole q tiles")
     tl.static_assert(SPARSE_KV_BLOCK % BLOCK_N == 0, "a BlockMask kv block must hold whole kv tiles")
     tl.static_assert(QK_HEAD_PAD >= QK_HEAD and (QK_HEAD_PAD & (QK_HEAD_PAD - 1)) == 0)
@@ -270,8 +287,6 @@ def flex_bwd_dq(Q, K, V, DO, DQ, OUT, LSE, DLSE, LSE2, DELTA,
     k_base = _head_base(K, off_z, off_hkv, stride_kz, stride_kh)
     v_base = _head_base(V, off_z, off_hkv, stride_vz, stride_vh)
     row_ok = offs_m < Q_LEN
-    q = _load_tile(q_base, offs_m, offs_d, stride_qm, stride_qk, Q_LEN,
-                   CHECK_R=not Q_DIVISIBLE, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=True)
     do = _load_tile(do_base, offs_m, offs_dv, stride_dom, stride_dok, Q_LEN,
                     CHECK_R=not Q_DIVISIBLE, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=True)
     # this tile's delta and lse2, written out for the dk/dv kernel; rows past Q_LEN get
@@ -287,6 +302,10 @@ def flex_bwd_dq(Q, K, V, DO, DQ, OUT, LSE, DLSE, LSE2, DELTA,
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     tl.store(DELTA + rows, delta, mask=row_ok)
     tl.store(LSE2 + rows, lse2, mask=row_ok)
+    if not WANT_DQ:
+        return
+    q = _load_tile(q_base, offs_m, offs_d, stride_qm, stride_qk, Q_LEN,
+                   CHECK_R=not Q_DIVISIBLE, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=True)
     dq = tl.zeros([BLOCK_M, QK_HEAD_PAD], dtype=tl.float32)
 
     sparse_m = start_m // SPARSE_Q_BLOCK
@@ -321,7 +340,7 @@ def flex_bwd_dq(Q, K, V, DO, DQ, OUT, LSE, DLSE, LSE2, DELTA,
 
 
 @triton.jit
-def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA,
+def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, DQ_ACC,
                   Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
                   stride_qz, stride_qh, stride_qm, stride_qk,
                   stride_kz, stride_kh, stride_kn, stride_kk,
@@ -344,12 +363,13 @@ def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA,
                   SPARSE_Q_BLOCK: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
                   Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   DETERMINISTIC: tl.constexpr, OFFS_64: tl.constexpr = True,
-                  WANT_DK: tl.constexpr = True, WANT_DV: tl.constexpr = True):
+                  WANT_DK: tl.constexpr = True, WANT_DV: tl.constexpr = True, ATOMIC_DQ: tl.constexpr = False):
     tl.static_assert(SPARSE_Q_BLOCK % BLOCK_M == 0, "a BlockMask q block must hold whole q tiles")
     tl.static_assert(SPARSE_KV_BLOCK % BLOCK_N == 0, "a BlockMask kv block must hold whole kv tiles")
     tl.static_assert(QK_HEAD_PAD >= QK_HEAD and (QK_HEAD_PAD & (QK_HEAD_PAD - 1)) == 0)
     tl.static_assert(V_HEAD_PAD >= V_HEAD and (V_HEAD_PAD & (V_HEAD_PAD - 1)) == 0)
     tl.static_assert(WANT_DK or WANT_DV, "a dk/dv launch computes at least one of them")
+    tl.static_assert(not (ATOMIC_DQ and DETERMINISTIC), "float atomics are not reproducible")
     pid_n, pid_zh = _grouped_order(BLOCK=BLOCK_N, REVERSE=False)
     off_z = pid_zh // HKV
     off_hkv = pid_zh % HKV
@@ -376,9 +396,10 @@ def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA,
         q_base = _head_base(Q, off_z, off_h, stride_qz, stride_qh)
         do_base = _head_base(DO, off_z, off_h, stride_doz, stride_doh)
         row = (off_z * HQ + off_h).to(tl.int64) * Q_LEN
+        dq_base = DQ_ACC + row * QK_HEAD  # contiguous [B, HQ, Q_LEN, QK_HEAD]
         n_part, idx_ptr = _block_list(Q_NUM, Q_IDX, off_z, off_h, sparse_n,
                                       stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE2 + row, DELTA + row, idx_ptr, n_part,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE2 + row, DELTA + row, dq_base, idx_ptr, n_part,
                              off_z, off_h, offs_n, Q_LEN, KV_LEN, SCALE,
                              stride_qm, stride_qk, stride_dom, stride_dok,
                              seed_lo, seed_hi, drop_threshold, DROP_SCALE,
@@ -387,11 +408,12 @@ def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA,
                              QK_HEAD=QK_HEAD, QK_HEAD_PAD=QK_HEAD_PAD, V_HEAD=V_HEAD, V_HEAD_PAD=V_HEAD_PAD,
                              BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPARSE_Q_BLOCK=SPARSE_Q_BLOCK,
                              Q_DIVISIBLE=Q_DIVISIBLE, KV_DIVISIBLE=KV_DIVISIBLE, DOT_PRECISION=DOT_PRECISION,
-                             DETERMINISTIC=DETERMINISTIC, OFFS_64=OFFS_64, WANT_DK=WANT_DK, WANT_DV=WANT_DV)
+                             DETERMINISTIC=DETERMINISTIC, OFFS_64=OFFS_64, WANT_DK=WANT_DK, WANT_DV=WANT_DV,
+                             ATOMIC_DQ=ATOMIC_DQ)
         if HAS_FULL:
             n_full, fidx_ptr = _block_list(FULL_Q_NUM, FULL_Q_IDX, off_z, off_h, sparse_n,
                                            stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE2 + row, DELTA + row, fidx_ptr, n_full,
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE2 + row, DELTA + row, dq_base, fidx_ptr, n_full,
                                  off_z, off_h, offs_n, Q_LEN, KV_LEN, SCALE,
                                  stride_qm, stride_qk, stride_dom, stride_dok,
                                  seed_lo, seed_hi, drop_threshold, DROP_SCALE,
@@ -401,7 +423,8 @@ def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA,
                                  V_HEAD_PAD=V_HEAD_PAD, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                                  SPARSE_Q_BLOCK=SPARSE_Q_BLOCK, Q_DIVISIBLE=Q_DIVISIBLE,
                                  KV_DIVISIBLE=KV_DIVISIBLE, DOT_PRECISION=DOT_PRECISION,
-                                 DETERMINISTIC=DETERMINISTIC, OFFS_64=OFFS_64, WANT_DK=WANT_DK, WANT_DV=WANT_DV)
+                                 DETERMINISTIC=DETERMINISTIC, OFFS_64=OFFS_64, WANT_DK=WANT_DK, WANT_DV=WANT_DV,
+                                 ATOMIC_DQ=ATOMIC_DQ)
     if WANT_DK:
         dk = dk * SCALE
         _store_tile(_head_base(DK, off_z, off_hkv, stride_dkz, stride_dkh), offs_n, offs_d, stride_dkn, stride_dkk,
@@ -436,12 +459,28 @@ DKDV_SPLIT = ((True, False), (False, True))
 
 def bwd_launch_keys(mod, q, v, cfg) -> tuple:
     """The keys under which launcher.launch remembers shared-memory fallbacks: the dq
-    launch's, then the dk/dv launch's for each (WANT_DK, WANT_DV) it may run as."""
+    launch's (computing dq, then writing delta / lse2 only), then the dk/dv launch's for
+    each (WANT_DK, WANT_DV, ATOMIC_DQ) it may run as."""
     m1, n1, m2, n2, warps, stages = cfg
     E, Ev = q.shape[-1], v.shape[-1]
+    dq = ("dq", id(mod), q.dtype, E, Ev, m2, n2, warps, stages)
     dkdv = ("dkdv", id(mod), q.dtype, E, Ev, m1, n1, warps, stages)
-    return (("dq", id(mod), q.dtype, E, Ev, m2, n2, warps, stages),
-            *(dkdv + part for part in DKDV_TOGETHER + DKDV_SPLIT))
+    return (dq + (True,), dq + (False,),
+            *(dkdv + part + (atomic,) for atomic in (False, True) for part in DKDV_TOGETHER + DKDV_SPLIT))
+
+
+def use_atomic_dq(plan, q, v) -> bool:
+    """Whether dq comes from the dk/dv kernel by float32 atomics (kernel_options
+    "bwd_ATOMIC_DQ", default config.atomic_dq) rather than from its own kernel. Never under
+    DETERMINISTIC: the order of float atomics varies run to run."""
+    det = bool(plan.opts.get("DETERMINISTIC", False))
+    asked = plan.opts.get("bwd_ATOMIC_DQ")
+    if asked and det:
+        raise ValueError("kernel_options: bwd_ATOMIC_DQ=True and DETERMINISTIC=True cannot hold together "
+                         "(float atomics are not reproducible); drop one of them")
+    if asked is None:
+        asked = config.atomic_dq(q.device, q.shape[-1], v.shape[-1])
+    return asked and not det
 
 
 def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
@@ -484,8 +523,11 @@ def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
                   DOT_PRECISION=dot_precision(q.dtype, plan.opts), DETERMINISTIC=det,
                   OFFS_64=needs_i64(q, k, v, dout), num_warps=warps, num_stages=stages)
     margs = buffer_args(plan.mask_graph, plan.mask_bufs)
-    dq_key, *dkdv_keys = bwd_launch_keys(mod, q, v, cfg)
-    dkdv_key_of = dict(zip(DKDV_TOGETHER + DKDV_SPLIT, dkdv_keys))
+    atomic = use_atomic_dq(plan, q, v)
+    dq_key, prep_key, *dkdv_keys = bwd_launch_keys(mod, q, v, cfg)
+    dkdv_key_of = dict(zip([part + (a,) for a in (False, True) for part in DKDV_TOGETHER + DKDV_SPLIT], dkdv_keys))
+    # with atomic dq the dq kernel only writes delta / lse2, and dq is summed in float32 here
+    dq_acc = torch.zeros(B, Hq, L, E, dtype=torch.float32, device=q.device) if atomic else delta
     kv_num, kv_idx, full_num, full_idx = kv_lists(blk)
     launcher.launch(mod.flex_bwd_dq, (cdiv(L, m2), B * Hq), (
         q, k, v, dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
@@ -493,18 +535,21 @@ def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *out.stride(),
         *bm_strides(kv_num, kv_idx), *bm_strides(full_num, full_idx),
         Hq, L, S, plan.scale, drop_scale, lo, hi, thr, *sargs, *margs, *gbufs),
-        dict(BLOCK_M=m2, BLOCK_N=n2, HAS_DLSE=dlse is not None, **common), dq_key)
+        dict(BLOCK_M=m2, BLOCK_N=n2, HAS_DLSE=dlse is not None, WANT_DQ=not atomic, **common),
+        prep_key if atomic else dq_key)
     q_num, q_idx, fq_num, fq_idx = q_lists(blk)
     split = plan.opts.get("bwd_SPLIT_DKDV", config.split_dkdv(q.device, E, Ev))
     for want_dk, want_dv in DKDV_SPLIT if split else DKDV_TOGETHER:
         # dk/dv: the kv tile fixes the grid, so a shared-memory fallback shrinks the q tile
         launcher.launch(mod.flex_bwd_dkdv, (cdiv(S, n1), B * Hkv), (
-            q, k, v, dout, dk, dv, lse2, delta, q_num, q_idx, fq_num, fq_idx,
+            q, k, v, dout, dk, dv, lse2, delta, dq_acc, q_num, q_idx, fq_num, fq_idx,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             *bm_strides(q_num, q_idx), *bm_strides(fq_num, fq_idx),
             Hq, Hkv, L, S, plan.scale, drop_scale, lo, hi, thr, *sargs, *margs, *gbufs),
-            dict(BLOCK_M=m1, BLOCK_N=n1, WANT_DK=want_dk, WANT_DV=want_dv, **common),
-            dkdv_key_of[want_dk, want_dv], shrink="BLOCK_M")
+            dict(BLOCK_M=m1, BLOCK_N=n1, WANT_DK=want_dk, WANT_DV=want_dv, ATOMIC_DQ=atomic and want_dk, **common),
+            dkdv_key_of[want_dk, want_dv, atomic and want_dk], shrink="BLOCK_M")
+    if atomic:
+        dq.copy_(dq_acc)
     if det:
         gbufs = [g.double() / 4294967296.0 for g in gbufs]
     buf_grads = [g.to(score_bufs[s].dtype) for g, s in zip(gbufs, grad_slots)]

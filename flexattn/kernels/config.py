@@ -103,6 +103,12 @@ def split_dkdv(device, d: int, dv: int) -> bool:
     return device_key(device) != "interp" and max(pad_dim(d), pad_dim(dv)) > 128
 
 
+def atomic_dq(device, d: int, dv: int) -> bool:
+    """Whether the backward takes dq from the dk/dv kernel by float32 atomics (see
+    backward.use_atomic_dq) by default. Off until measured faster."""
+    return False
+
+
 def fit_tile(tile: int, block: int, length: int) -> int:
     """Largest power-of-two tile <= the requested one (and the padded length) that divides
     the BlockMask block."""
