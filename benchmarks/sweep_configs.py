@@ -131,7 +131,7 @@ def main():
             if a.bwd:
                 t_torch_b = ms_of(fb(tflex), rep=300)
                 row["torch_fwdbwd_ms"] = t_torch_b
-                tflex().backward(go)
+                fb(tflex)()
                 ref_grads = [x.grad.clone() for x in (q, k, v)]
                 print(f"   torch fwd+bwd {t_torch_b:.3f} ms {3.5 * fl / t_torch_b * 1e-9:.0f} TF", flush=True)
                 for cfg in BWD_CFGS[D]:
