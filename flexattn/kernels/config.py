@@ -40,8 +40,9 @@ DEFAULT_FWD = {
 # 253 / 218 TFLOP/s causal / dense / softcap, against 125 / 124 / 118 for 32x64 / 32x64 / 4
 # warps in one launch (whose dk/dv kernel spills). 64x128 dk tiles need more shared memory
 # than the GPU has at 2 stages (the launch fell back to 1 stage, which spills 176 B); 32x128
-# fits both launches at 2 stages without spills (sm_90 ptxas: 242 / 223 registers). The GPU
-# tests of head dim 256 ran with 32x128; its speed is not measured yet
+# fits both launches at 2 stages without spills (sm_90 ptxas: 242 / 223 registers); measured
+# on the H200 it gives 268 / 232 TFLOP/s causal / softcap (64x128: 277 / 231), and 290 / 256
+# with dq by atomics from the dk launch (atomic_dq, its default there)
 DEFAULT_BWD = {
     ("interp", 0): (32, 32, 32, 32, 4, 1),
     ("fp32", 128): (32, 32, 32, 32, 4, 1), ("fp32", 256): (16, 16, 16, 16, 4, 1),
@@ -105,8 +106,13 @@ def split_dkdv(device, d: int, dv: int) -> bool:
 
 def atomic_dq(device, d: int, dv: int) -> bool:
     """Whether the backward takes dq from the dk/dv kernel by float32 atomics (see
-    backward.use_atomic_dq) by default. Off until measured faster."""
-    return False
+    backward.use_atomic_dq) by default: on the GPU for head dims over 128, where dk and dv
+    are split (each tile's P was computed three times, now twice). Measured on an H200
+    (B=4, H=16, S=8K, bf16, fwd+bwd TFLOP/s, benchmarks/sweep_configs.py): D=256 causal 290
+    vs 268, softcap 256 vs 232; D=128 no gain (causal 419 vs 425, softcap 319 vs 317, dense
+    419 vs 434: the atomics cost what the dq kernel's recompute did); D=64 causal 323 vs 366
+    but softcap 264 vs 228."""
+    return device_key(device) != "interp" and max(pad_dim(d), pad_dim(dv)) > 128
 
 
 def fit_tile(tile: int, block: int, length: int) -> int:
