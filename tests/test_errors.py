@@ -243,3 +243,23 @@ def test_create_block_mask_cuda_device_without_cuda():
         create_block_mask(causal, None, None, 64, 64, device="cuda")
     with raises(ValueError, "device='cuda'", "no CUDA device"):
         create_mask(causal, None, None, 64, 64, device="cuda")
+
+
+def test_atomic_dq_with_deterministic_refused():
+    """dq by float32 atomics cannot be reproducible: asking for both is a ValueError naming
+    the two options; DETERMINISTIC alone turns the atomic default off (by head dim on the GPU)."""
+    from types import SimpleNamespace
+
+    from flexattn.kernels import backward, config
+    q = torch.empty(1, 1, 8, 256)
+    with raises(ValueError, "bwd_ATOMIC_DQ=True", "DETERMINISTIC=True", "drop one"):
+        backward.use_atomic_dq(SimpleNamespace(opts={"bwd_ATOMIC_DQ": True, "DETERMINISTIC": True}), q, q)
+    assert backward.use_atomic_dq(SimpleNamespace(opts={"bwd_ATOMIC_DQ": True}), q, q)
+    gpu = torch.device("cuda", 0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "device_key", lambda device: "sm90")
+        assert config.atomic_dq(gpu, 256, 256) and not config.atomic_dq(gpu, 128, 128)
+    assert not config.atomic_dq(q.device, 256, 256)  # the interpreter: off unless asked
+    from flexattn.kernels import check_kernel_options
+    with pytest.raises(ValueError, match=r"kernel_options\['bwd_ATOMIC_DQ'\] must be True or False"):
+        check_kernel_options({"bwd_ATOMIC_DQ": 1})

@@ -11,6 +11,11 @@ dS = P * (dP - delta) is chained through the score_mod's derivative
 also adds the gradients of captured float tensors (float32 atomics, or
 as int64 fixed-point atomics when DETERMINISTIC: bitwise reproducible).
 
+With ATOMIC_DQ (`use_atomic_dq`; by default on the GPU for head dims over 128) the dq kernel
+only writes delta and lse2, and the dk/dv kernel, which has dS of every tile anyway, adds
+each tile's dS K into a float32 dq buffer by atomics (and the captured tensors' gradients):
+S and dP of a tile are then computed by one kernel, not two. Never under DETERMINISTIC.
+
 The shared helpers (_head_base, _block_list, _tile_start, _tile_ptrs, _load_tile,
 _store_tile) come from `common_source`.
 
