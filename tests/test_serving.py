@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from serving_cases import check_numerics, make_case, paged_copy, zoo_mods
-from test_serving_kernels import ZOO, check_cache_interleaved
+from test_serving_kernels import ZOO, check_cache_interleaved, check_packed_queries
 
 import flexattn
 from flexattn.masks import causal, sliding_window
@@ -48,6 +48,11 @@ def test_chunked_prefill_cpu_float64():
     out, lse = paged_attention(q, k, v, lens, mask_mod=causal(), block_mask=bm, return_lse=True, kernel_options=CPU)
     assert out.dtype == torch.float64 and lse.dtype == torch.float64
     assert not check_numerics("prefill", out, lse, q, k, v, lens, None, causal())
+
+
+def test_packed_queries_cpu():
+    assert not check_packed_queries("cpu", torch.float32, ("cpu",))
+    assert not check_packed_queries("cpu", torch.float64, ("cpu",), lens=(300, 140), query_lens=(100, 3))
 
 
 def test_cache_interleaved_cpu():
@@ -129,7 +134,7 @@ def test_error_sequence_too_long():
     with pytest.raises(ValueError, match=r"cache_seqlens\[0\] = 49 is longer than the cache holds for a sequence "
                                          r"\(48 positions.*reserve"):
         paged_attention(q, pk, pv, [49, 20], table, page_size=16)
-    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 0 is shorter than q's 1 positions"):
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 0 is shorter than its 1 queries.*append"):
         paged_attention(q, pk, pv, [40, 0], table, page_size=16)
     with pytest.raises(ValueError, match=r"cache_seqlens must have one length per sequence of q \(shape \(2,\)\)"):
         paged_attention(q, pk, pv, [40], table, page_size=16)
@@ -158,7 +163,7 @@ def test_error_tensors_and_table_shape():
         paged_attention(q, k, v, lens, table, page_size=16)
     with pytest.raises(ValueError, match=r"without a page_table, k_cache / v_cache are contiguous caches"):
         paged_attention(q, pk, pv, lens)
-    with pytest.raises(ValueError, match=r"page_table must be \[B, pages per sequence\] with q's batch size B=2"):
+    with pytest.raises(ValueError, match=r"page_table must be \[B, pages per sequence\] with one row per sequence \(B=2\)"):
         paged_attention(q, pk, pv, lens, table[:1], page_size=16)
     with pytest.raises(TypeError, match="page_table must hold integers"):
         paged_attention(q, pk, pv, lens, table.float(), page_size=16)
@@ -181,8 +186,37 @@ def test_error_block_mask():
         paged_attention(q, pk, pv, lens, table, page_size=16, block_mask="causal")
     with pytest.raises(ValueError, match="mask_mod reads the head index h; pass H="):
         create_cache_block_mask(lambda b, h, qi, kv: h > 0, [40], 1)
-    with pytest.raises(ValueError, match=r"every cache_seqlens must be >= q_len=30"):
+    with pytest.raises(ValueError, match=r"every cache_seqlens must be >= its q_len.*\[40, 20\].*\[30, 30\]"):
         create_cache_block_mask(causal(), [40, 20], 30)
+    with pytest.raises(ValueError, match=r"q_len gives 3 query counts but cache_seqlens 2 sequences"):
+        create_cache_block_mask(causal(), [40, 20], [1, 2, 3])
+
+
+def test_error_packed_queries():
+    """query_lens: q [1, Hq, sum, E]; one count per sequence, none negative, none past its
+    sequence's length; a contiguous cache with one entry per sequence; a BlockMask over the
+    most queries of a sequence."""
+    q, k, v, lens, pk, pv, table = _case()
+    qp = torch.randn(1, 4, 7, 16)
+    with pytest.raises(ValueError, match=r"with query_lens, q holds every sequence's queries packed.*got \(2, 4, 1, 16\)"):
+        paged_attention(q, pk, pv, lens, table, page_size=16, query_lens=[1, 1])
+    with pytest.raises(ValueError, match=r"sum\(query_lens\)=6, E\], got \(1, 4, 7, 16\).*torch.cat"):
+        paged_attention(qp, pk, pv, lens, table, page_size=16, query_lens=[3, 3])
+    with pytest.raises(ValueError, match=r"query_lens must be B >= 1 non-negative query counts.*\[8, -1\]"):
+        paged_attention(qp, pk, pv, lens, table, page_size=16, query_lens=[8, -1])
+    with pytest.raises(TypeError, match="query_lens must be B integers"):
+        paged_attention(qp, pk, pv, lens, table, page_size=16, query_lens=torch.tensor([3.0, 4.0]))
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 5 is shorter than its 6 queries"):
+        paged_attention(qp, pk, pv, [40, 5], table, page_size=16, query_lens=[1, 6])
+    with pytest.raises(ValueError, match=r"page_table must be \[B, pages per sequence\].*\(B=3\)"):
+        paged_attention(qp, pk, pv, lens, table, page_size=16, query_lens=[1, 2, 4])
+    with pytest.raises(ValueError, match=r"cache_seqlens must have one length per sequence.*\(2,\)"):
+        paged_attention(qp, k, v, [40], query_lens=[1, 6])
+    with pytest.raises(ValueError, match=r"contiguous caches.*one batch entry per sequence of query_lens \(B=3\)"):
+        paged_attention(qp, k, v, [40, 20, 10], query_lens=[1, 2, 4])
+    bm = create_cache_block_mask(causal(), lens, 2)
+    with pytest.raises(ValueError, match=r"block_mask covers \(B=2, H=1, Q_LEN=2, KV_LEN=40\).*Q_LEN=6"):
+        paged_attention(qp, pk, pv, lens, table, page_size=16, block_mask=bm, query_lens=[1, 6])
 
 
 def test_error_tree_parents():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_serving_kernels import (ZOO, check_cache_interleaved, check_paged_equals_contiguous, check_splits_and_tiles,
-                                  check_tree, check_zoo)
+from test_serving_kernels import (ZOO, check_cache_interleaved, check_packed_queries, check_paged_equals_contiguous,
+                                  check_splits_and_tiles, check_tree, check_zoo)
 
 pytestmark = pytest.mark.gpu
 
@@ -37,3 +37,9 @@ def test_tree_gpu():
 
 def test_cache_interleaved_gpu():
     assert not check_cache_interleaved("cuda", torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_packed_queries_gpu(dtype):
+    assert not check_packed_queries("cuda", dtype, Hq=32, Hkv=8, E=128, lens=(4100, 1, 1000, 2049, 333),
+                                    query_lens=(1, 1, 7, 2049, 300), page_size=128)

@@ -152,6 +152,63 @@ def check_cache_interleaved(device, dtype, backends=("triton",)):
     return fails
 
 
+def check_packed_queries(device, dtype, backends=("triton",), Hq=4, Hkv=2, E=32, lens=(260, 77, 129, 40, 9),
+                         query_lens=(1, 5, 0, 40, 9), page_size=16):
+    """Queries of several lengths in one call (decode, a draft, a sequence with none, a
+    prefill chunk, a whole short prompt), packed along q's rows: each sequence's rows meet
+    the numerics rule against its own float64 reference (mods in global positions and
+    sequence index b); the paged cache gives the contiguous result bit for bit; the packed
+    rows equal a call of their sequence alone where that is also a packed call."""
+    from flexattn.masks import causal, sliding_window
+    from flexattn.serving import paged_attention
+    lens, qls = list(lens), list(query_lens)
+    B = len(lens)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, Hq, sum(qls), E, generator=g, dtype=torch.float64).to(dtype).to(device)
+    _, k, v, _ = make_case(B, Hq, Hkv, E, lens, 1, dtype, device, seed=4)
+    pk, pv, table = paged_copy(k, v, lens, page_size, seed=5)
+    starts = [sum(qls[:b]) for b in range(B)]
+
+    def bias(score, b, h, q_idx, kv_idx):
+        return score + 0.25 * b - 0.01 * (q_idx - kv_idx) + 0.1 * h
+
+    fails = []
+    for name, sm, mm in (("causal", None, causal()), ("sliding+bias", bias, sliding_window(48)),
+                         ("no mask", bias, None)):
+        for backend in backends:
+            opts = {"BACKEND": backend}
+            out, lse = paged_attention(q, k, v, lens, mask_mod=mm, score_mod=sm, return_lse=True,
+                                       kernel_options=opts, query_lens=qls)
+            out_p, lse_p = paged_attention(q, pk, pv, torch.tensor(lens), table, page_size=page_size, mask_mod=mm,
+                                           score_mod=sm, return_lse=True, kernel_options=opts,
+                                           query_lens=torch.tensor(qls))
+            if not (torch.equal(out_p, out) and torch.equal(lse_p, lse)):
+                fails.append(f"{name} {backend}: packed paged != packed contiguous")
+            if out.shape != (1, Hq, sum(qls), E) or lse.shape != (1, Hq, sum(qls)):
+                fails.append(f"{name} {backend}: out {tuple(out.shape)} / lse {tuple(lse.shape)} not packed like q")
+                continue
+            for b in range(B):
+                if not qls[b]:
+                    continue
+                rows = slice(starts[b], starts[b] + qls[b])
+
+                def sm_b(s, bb, h, qi, kv, b=b):
+                    return sm(s, bb + b, h, qi, kv)
+
+                def mm_b(bb, h, qi, kv, b=b):
+                    return mm(bb + b, h, qi, kv)
+                fails += check_numerics(f"{name} {backend} sequence {b}", out[:, :, rows], lse[:, :, rows],
+                                        q[:, :, rows], k[b:b + 1], v[b:b + 1], [lens[b]],
+                                        sm_b if sm else None, mm_b if mm else None)
+                if b == 0:  # sequence 0 alone, as a packed call of one sequence: the same tiles
+                    alone, lse_a = paged_attention(q[:, :, rows], k[:1], v[:1], lens[:1], mask_mod=mm, score_mod=sm,
+                                                   return_lse=True, kernel_options=opts, query_lens=qls[:1])
+                    if backend == "cpu" and not (torch.equal(alone, out[:, :, rows]) and
+                                                 torch.equal(lse_a, lse[:, :, rows])):
+                        fails.append(f"{name} {backend}: sequence 0 alone != its packed rows")
+    return fails
+
+
 GROUPS = {
     "paged_fp32": lambda: check_paged_equals_contiguous("cpu", torch.float32),
     "paged_fp16": lambda: check_paged_equals_contiguous("cpu", torch.float16, page_sizes=(16, 128),
@@ -159,6 +216,7 @@ GROUPS = {
     "splits": lambda: check_splits_and_tiles("cpu", torch.float32),
     "zoo": lambda: check_zoo("cpu", torch.float32),
     "tree_cache": lambda: check_tree("cpu", torch.float32) + check_cache_interleaved("cpu", torch.float32, ("triton", "cpu")),
+    "packed": lambda: check_packed_queries("cpu", torch.float32),
 }
 
 

@@ -52,6 +52,9 @@ DECODE_TEMPLATE = r'''
 #   PAGE_SIZE             0: K/V are [B, HKV, S, D]; else K/V are a pool of pages of PAGE_SIZE rows
 #                         (batch stride 0) and kv position n of sequence b is pool row
 #                         PAGE_TABLE[b, n // PAGE_SIZE] * PAGE_SIZE + n % PAGE_SIZE
+#   VARLEN_Q              packed queries of several lengths: Q is [1, HQ, Q_LEN, D] and sequence
+#                         b's Q_LENS[b] queries are its rows from Q_START[b] (its last Q_LENS[b]
+#                         positions; HAS_SEQLENS); the partials are packed the same way
 {SCORE_MOD}
 
 {MASK_MOD}
@@ -59,7 +62,7 @@ DECODE_TEMPLATE = r'''
 
 @triton.jit
 def flex_decode(Q, K, V, ACC, M_OUT, L_OUT,
-                KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, PAGE_TABLE, SEQLENS,
+                KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, PAGE_TABLE, SEQLENS, Q_START, Q_LENS,
                 stride_qz, stride_qh, stride_qm, stride_qk,
                 stride_kz, stride_kh, stride_kn, stride_kk,
                 stride_vz, stride_vh, stride_vn, stride_vk,
@@ -75,7 +78,7 @@ def flex_decode(Q, K, V, ACC, M_OUT, L_OUT,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 SPARSE_Q_BLOCK: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, HAS_SEQLENS: tl.constexpr = False,
-                DENSE_KV: tl.constexpr = False, PAGE_SIZE: tl.constexpr = 0):
+                DENSE_KV: tl.constexpr = False, PAGE_SIZE: tl.constexpr = 0, VARLEN_Q: tl.constexpr = False):
     tl.static_assert(SPARSE_KV_BLOCK % BLOCK_N == 0, "a BlockMask kv block must hold whole kv tiles")
     tl.static_assert(QK_HEAD_PAD >= QK_HEAD and (QK_HEAD_PAD & (QK_HEAD_PAD - 1)) == 0)
     tl.static_assert(V_HEAD_PAD >= V_HEAD and (V_HEAD_PAD & (V_HEAD_PAD - 1)) == 0)
@@ -83,6 +86,7 @@ def flex_decode(Q, K, V, ACC, M_OUT, L_OUT,
     tl.static_assert(PAGE_SIZE % BLOCK_N == 0 or BLOCK_N % PAGE_SIZE == 0,
                      "a page holds whole kv tiles or a kv tile whole pages")
     tl.static_assert(not DENSE_KV or HAS_SEQLENS, "DENSE_KV walks the kv length of each sequence")
+    tl.static_assert(not VARLEN_Q or HAS_SEQLENS, "packed queries are the last positions of their sequence")
     MULT: tl.constexpr = SPARSE_KV_BLOCK // BLOCK_N
     LOG2E: tl.constexpr = 1.4426950408889634
     pid_s = tl.program_id(0)
@@ -95,7 +99,6 @@ def flex_decode(Q, K, V, ACC, M_OUT, L_OUT,
         h0 = off_hkv * GQA_GROUP
         off_h = h0 + rows % GQA_GROUP
         q_pos = rows // GQA_GROUP
-        row_ok = rows < GQA_GROUP * Q_LEN
         first_pos = pid_m * (BLOCK_M // GQA_GROUP)
     else:
         off_z = pid_zh // HQ
@@ -103,20 +106,29 @@ def flex_decode(Q, K, V, ACC, M_OUT, L_OUT,
         off_hkv = h0 // GQA_GROUP
         off_h = h0 + rows * 0
         q_pos = rows
-        row_ok = rows < Q_LEN
         first_pos = pid_m * BLOCK_M
+    # this sequence's queries: seq_q_len of them, from row row0 of Q's batch q_z
+    if VARLEN_Q:
+        seq_q_len = tl.load(Q_LENS + off_z)
+        row0 = tl.load(Q_START + off_z)
+        q_z = 0
+    else:
+        seq_q_len = Q_LEN
+        row0 = 0
+        q_z = off_z
+    row_ok = q_pos < seq_q_len
     off_h = tl.where(row_ok, off_h, h0)
     q_pos = tl.where(row_ok, q_pos, 0)
-    if HAS_SEQLENS:  # this sequence's kv length; its queries are its last Q_LEN positions
+    if HAS_SEQLENS:  # this sequence's kv length; its queries are its last seq_q_len positions
         kv_len = tl.load(SEQLENS + off_z)
-        q_off = kv_len - Q_LEN
+        q_off = kv_len - seq_q_len
     else:
         kv_len = KV_LEN
         q_off = 0
     offs_d = tl.arange(0, QK_HEAD_PAD)
     offs_dv = tl.arange(0, V_HEAD_PAD)
-    q_ptrs = _head_base(Q, off_z, off_h[:, None], stride_qz, stride_qh) \
-        + q_pos[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qk
+    q_ptrs = _head_base(Q, q_z, off_h[:, None], stride_qz, stride_qh) \
+        + (row0 + q_pos[:, None]).to(tl.int64) * stride_qm + offs_d[None, :] * stride_qk
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < QK_HEAD), other=0.0)
     k_base = _head_base(K, off_z, off_hkv, stride_kz, stride_kh)
     v_base = _head_base(V, off_z, off_hkv, stride_vz, stride_vh)
@@ -138,6 +150,8 @@ def flex_decode(Q, K, V, ACC, M_OUT, L_OUT,
             n_full, fidx_ptr = _block_list(FULL_KV_NUM, FULL_KV_IDX, off_z, h0, sparse_m,
                                            stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim)
         n_tiles = (n_part + n_full) * MULT
+    if VARLEN_Q:  # a q tile past this sequence's queries (a shorter one than the longest): no work
+        n_tiles = tl.where(first_pos < seq_q_len, n_tiles, 0)
     per = tl.cdiv(n_tiles, SPLITS)
     lo = pid_s * per
     hi = tl.minimum(lo + per, n_tiles)
@@ -188,8 +202,8 @@ def flex_decode(Q, K, V, ACC, M_OUT, L_OUT,
                      kv_len, CHECK_R=True, C=V_HEAD, C_PAD=V_HEAD_PAD)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
 
-    # partials: [B, HQ, SPLITS, Q_LEN, ...] (contiguous), unnormalised
-    part = ((off_z * HQ + off_h).to(tl.int64) * SPLITS + pid_s) * Q_LEN + q_pos
+    # partials: [B (1 with VARLEN_Q), HQ, SPLITS, Q_LEN, ...] (contiguous), unnormalised
+    part = ((q_z * HQ + off_h).to(tl.int64) * SPLITS + pid_s) * Q_LEN + row0 + q_pos
     tl.store(M_OUT + part, m_i, mask=row_ok)
     tl.store(L_OUT + part, l_i, mask=row_ok)
     tl.store(ACC + part[:, None] * V_HEAD + offs_dv[None, :], acc,
@@ -254,11 +268,15 @@ class KVLayout:
     the queries are then the last Q_LEN positions of their sequence. page_size 0: K/V are
     [B, Hkv, S, D]; else K/V are a pool [1, Hkv, num_pages * page_size, D] read through
     page_table (int32 [B, pages per sequence]). dense: walk positions [0, seqlen) without
-    block lists (there is no BlockMask)."""
+    block lists (there is no BlockMask). q_starts / q_lens: int32 [B], packed queries of
+    several lengths: q is [1, Hq, T, E] and sequence b's q_lens[b] queries (its last
+    positions) are its rows from q_starts[b] (needs seqlens)."""
     seqlens: torch.Tensor | None = None
     page_table: torch.Tensor | None = None
     page_size: int = 0
     dense: bool = False
+    q_starts: torch.Tensor | None = None
+    q_lens: torch.Tensor | None = None
 
 
 def _n_sm(device) -> int:
@@ -270,13 +288,16 @@ def _n_sm(device) -> int:
 def split_kv_forward(plan, q, k, v, cfg: SplitConfig, layout: KVLayout = KVLayout()):
     """Launch flex_decode on grid (splits, B * heads, q tiles) and merge its partials ->
     (out [B, Hq, L, Ev] in q.dtype, lse [B, Hq, L] float32, natural log), and max_scores
-    [B, Hq, L] float32 when plan.output_max."""
-    B, Hq, L, E = q.shape
+    [B, Hq, L] float32 when plan.output_max; with packed queries (layout.q_lens) B is the
+    number of sequences and out / lse / max_scores are packed like q."""
+    Bq, Hq, L, E = q.shape
     Hkv, S, Ev = v.shape[1], v.shape[2], v.shape[3]
+    varlen = layout.q_lens is not None
+    B = layout.q_lens.numel() if varlen else Bq
     blk = plan.blocks
     splits = cfg.splits
-    acc = torch.empty(B, Hq, splits, L, Ev, dtype=torch.float32, device=q.device)
-    m = torch.empty(B, Hq, splits, L, dtype=torch.float32, device=q.device)
+    acc = torch.empty(Bq, Hq, splits, L, Ev, dtype=torch.float32, device=q.device)
+    m = torch.empty(Bq, Hq, splits, L, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     mod = plan.module("decode")
     kv_num, kv_idx, full_num, full_idx = kv_lists(blk)
@@ -289,6 +310,7 @@ def split_kv_forward(plan, q, k, v, cfg: SplitConfig, layout: KVLayout = KVLayou
         k_strides[0] = v_strides[0] = 0
     launch_cached(mod.flex_decode, (splits, base, cfg.q_tiles), (
         q, k, v, acc, m, l, kv_num, kv_idx, full_num, full_idx, table, seqlens,
+        layout.q_starts if varlen else seqlens, layout.q_lens if varlen else seqlens,
         *q.stride(), *k_strides, *v_strides,
         *bm_strides(kv_num, kv_idx), *bm_strides(full_num, full_idx), stride_ptz,
         Hq, Hkv, L, S, plan.scale, plan.scale * LOG2E, splits,
@@ -298,6 +320,6 @@ def split_kv_forward(plan, q, k, v, cfg: SplitConfig, layout: KVLayout = KVLayou
              QK_HEAD=E, QK_HEAD_PAD=pad_dim(E), V_HEAD=Ev, V_HEAD_PAD=pad_dim(Ev),
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPARSE_Q_BLOCK=blk.block[0], SPARSE_KV_BLOCK=blk.block[1],
              DOT_PRECISION=dot_precision(q.dtype, plan.opts), HAS_SEQLENS=layout.seqlens is not None,
-             DENSE_KV=layout.dense, PAGE_SIZE=layout.page_size,
+             DENSE_KV=layout.dense, PAGE_SIZE=layout.page_size, VARLEN_Q=varlen,
              num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return decode_merge(acc, m, l, q.dtype, plan.output_max)

@@ -41,10 +41,11 @@ def _q_tile(rows: int, L: int, G: int, pack: bool, q_block: int, dense: bool, mo
     return 0
 
 
-def serving_config(plan, q, v, layout: KVLayout, lengths: list) -> SplitConfig:
+def serving_config(plan, q, v, layout: KVLayout, lengths: list, q_len: int) -> SplitConfig:
     """How serving_forward cuts the work (kernel_options decode_BLOCK_N / decode_SPLITS /
-    decode_num_warps / decode_num_stages override the choices)."""
-    B, Hq, L, _ = q.shape
+    decode_num_warps / decode_num_stages override the choices); q_len: the most queries of
+    a sequence."""
+    Hq, L = q.shape[1], q_len
     Hkv = v.shape[1]
     G = Hq // Hkv
     o = plan.opts
@@ -77,6 +78,7 @@ def serving_config(plan, q, v, layout: KVLayout, lengths: list) -> SplitConfig:
                        o.get("decode_num_stages", 1 if interp else 2 if prefill else 3))
 
 
-def serving_forward(plan, q, k, v, layout: KVLayout, lengths: list):
-    """(out, lse) of q's rows at the last positions of each sequence (see KVLayout)."""
-    return split_kv_forward(plan, q, k, v, serving_config(plan, q, v, layout, lengths), layout)
+def serving_forward(plan, q, k, v, layout: KVLayout, lengths: list, q_len: int):
+    """(out, lse) of q's rows at the last positions of each sequence (see KVLayout); q_len:
+    the most queries of a sequence (q's rows unless they are packed)."""
+    return split_kv_forward(plan, q, k, v, serving_config(plan, q, v, layout, lengths, q_len), layout)

@@ -154,10 +154,13 @@ class PagedKVCache:
         return self.page_table[idx], self.seqlens[idx], [self._lens[s] for s in seqs]
 
     def attention(self, q: torch.Tensor, seqs: Sequence[int], *, score_mod=None, mask_mod=None, block_mask=None,
-                  scale: Optional[float] = None, return_lse: bool = False, kernel_options: Optional[dict] = None):
+                  scale: Optional[float] = None, return_lse: bool = False, kernel_options: Optional[dict] = None,
+                  query_lens=None):
         """paged_attention of q [len(seqs), Hq, L, E] over sequences `seqs` (their queries are
-        their last L positions: append them first)."""
+        their last L positions: append them first); with query_lens (one count per sequence), q
+        is [1, Hq, sum(query_lens), E], the sequences' queries packed along its rows."""
         table, lens_dev, lens_host = self.rows(seqs)
         out, lse = _paged_attention(q, self.k, self.v, CacheLengths(lens_dev, lens_host), table, self.page_size,
-                                    score_mod, mask_mod, block_mask, scale, kernel_options, trusted_table=True)
+                                    score_mod, mask_mod, block_mask, scale, kernel_options, trusted_table=True,
+                                    query_lens=query_lens)
         return (out, lse) if return_lse else out

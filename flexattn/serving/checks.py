@@ -21,6 +21,51 @@ class CacheLengths(NamedTuple):
     host: list
 
 
+class PackedQueries(NamedTuple):
+    """Queries of several lengths packed along q's rows: sequence b's are rows
+    [starts[b], starts[b] + lens[b]) of q [1, Hq, sum(lens), E]. starts / lens: int32 [B] on
+    the device; host_starts / host_lens: the same as lists."""
+    starts: torch.Tensor
+    lens: torch.Tensor
+    host_starts: list
+    host_lens: list
+
+    @property
+    def longest(self) -> int:
+        return max(self.host_lens)
+
+
+def check_query_lens(query_lens, q, k_cache, paged: bool) -> PackedQueries:
+    """query_lens: B >= 1 ints >= 0 (a list or an integer tensor) whose sum is q's number of
+    rows, q being [1, Hq, sum(query_lens), E]; B sequences in a contiguous k_cache."""
+    if isinstance(query_lens, torch.Tensor):
+        if query_lens.dtype.is_floating_point or query_lens.dtype == torch.bool or query_lens.dim() != 1:
+            raise TypeError(f"query_lens must be B integers (a list or a 1-D integer tensor), got a tensor of "
+                            f"dtype {query_lens.dtype} and shape {tuple(query_lens.shape)}")
+        host = query_lens.tolist()
+    else:
+        try:
+            host = [int(n) for n in query_lens]
+        except TypeError:
+            raise TypeError(f"query_lens must be a list of ints or an integer tensor [B], got "
+                            f"{type(query_lens).__name__}") from None
+    if not host or min(host) < 0:
+        raise ValueError(f"query_lens must be B >= 1 non-negative query counts, one per sequence, got {host}")
+    if q.shape[2] != sum(host):
+        raise ValueError(f"with query_lens, q holds every sequence's queries packed along its rows: shape "
+                         f"[1, Hq, sum(query_lens)={sum(host)}, E], got {tuple(q.shape)}; concatenate the "
+                         f"sequences' queries along dim 2 (torch.cat(..., dim=2))")
+    if not paged and k_cache.shape[0] != len(host):
+        raise ValueError(f"without a page_table, k_cache / v_cache are contiguous caches [B, Hkv, S, head_dim] with "
+                         f"one batch entry per sequence of query_lens (B={len(host)}), got shape "
+                         f"{tuple(k_cache.shape)}")
+    starts = [0]
+    for n in host[:-1]:
+        starts.append(starts[-1] + n)
+    both = torch.tensor([starts, host], dtype=torch.int32).to(q.device, non_blocking=True)
+    return PackedQueries(both[0], both[1], starts, host)
+
+
 def check_page_size(page_size) -> int:
     """A page size the kernels can tile: an int, a multiple of 16 (then the kv tile divides
     it, or it divides the kv tile)."""
@@ -33,9 +78,10 @@ def check_page_size(page_size) -> int:
     return page_size
 
 
-def check_tensors(q, k_cache, v_cache, paged: bool) -> None:
-    """q [B, Hq, L, E]; k_cache / v_cache [1, Hkv, num_pages * page_size, E / Ev] when paged,
-    else [B, Hkv, S, E / Ev]; one dtype, one device; Hq a multiple of Hkv."""
+def check_tensors(q, k_cache, v_cache, paged: bool, packed: bool) -> None:
+    """q [B, Hq, L, E] (packed: [1, Hq, T, E], the rest checked by check_query_lens); k_cache /
+    v_cache [1, Hkv, num_pages * page_size, E / Ev] when paged, else [B, Hkv, S, E / Ev]; one
+    dtype, one device; Hq a multiple of Hkv."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -56,19 +102,23 @@ def check_tensors(q, k_cache, v_cache, paged: bool) -> None:
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     if q.shape[3] != k_cache.shape[3]:
         raise ValueError(f"q and k_cache must have one head dim, got {q.shape[3]} and {k_cache.shape[3]}")
-    B = q.shape[0]
+    if packed and q.shape[0] != 1:
+        raise ValueError(f"with query_lens, q holds every sequence's queries packed along its rows: shape "
+                         f"[1, Hq, sum(query_lens), E], got {tuple(q.shape)}; concatenate the sequences' queries "
+                         f"along dim 2 (torch.cat(..., dim=2))")
     if paged and k_cache.shape[0] != 1:
         raise ValueError(f"with a page_table, k_cache / v_cache are the page pool [1, Hkv, num_pages * page_size, "
                          f"head_dim], got shape {tuple(k_cache.shape)}; PagedKVCache.k / .v have that shape")
-    if not paged and k_cache.shape[0] != B:
+    if not paged and not packed and k_cache.shape[0] != q.shape[0]:
         raise ValueError(f"without a page_table, k_cache / v_cache are contiguous caches [B, Hkv, S, head_dim] with "
-                         f"q's batch size {B}, got shape {tuple(k_cache.shape)}")
+                         f"q's batch size {q.shape[0]}, got shape {tuple(k_cache.shape)}")
     check_gqa(q.shape[1], k_cache.shape[1])
 
 
-def check_lengths(cache_seqlens, B: int, q_len: int, capacity: int, device) -> CacheLengths:
-    """cache_seqlens: B ints (a list or an integer tensor), each in [q_len, capacity]: the
-    queries are the last q_len positions of their sequence (already appended)."""
+def check_lengths(cache_seqlens, B: int, q_lens: list, capacity: int, device) -> CacheLengths:
+    """cache_seqlens: B ints (a list or an integer tensor), cache_seqlens[b] in [q_lens[b],
+    capacity]: the queries are the last q_lens[b] positions of their sequence (already
+    appended)."""
     if isinstance(cache_seqlens, CacheLengths):  # (PagedKVCache: both copies at hand)
         host, shape = cache_seqlens.host, tuple(cache_seqlens.device.shape)
     elif isinstance(cache_seqlens, torch.Tensor):
@@ -86,9 +136,9 @@ def check_lengths(cache_seqlens, B: int, q_len: int, capacity: int, device) -> C
     if shape != (B,):
         raise ValueError(f"cache_seqlens must have one length per sequence of q (shape ({B},)), got shape {shape}")
     for b, n in enumerate(host):
-        if n < q_len:
-            raise ValueError(f"cache_seqlens[{b}] = {n} is shorter than q's {q_len} positions: the queries are the "
-                             f"last q_len positions of their sequence, so append their K/V to the cache first")
+        if n < q_lens[b]:
+            raise ValueError(f"cache_seqlens[{b}] = {n} is shorter than its {q_lens[b]} queries: the queries are the "
+                             f"last positions of their sequence, so append their K/V to the cache first")
         if n > capacity:
             raise ValueError(f"cache_seqlens[{b}] = {n} is longer than the cache holds for a sequence ({capacity} "
                              f"positions: the page_table's width times page_size, or k_cache's length); reserve "
@@ -109,7 +159,7 @@ def check_page_table_shape(page_table, B: int, device) -> None:
     if page_table.dtype not in (torch.int32, torch.int64, torch.int16):
         raise TypeError(f"page_table must hold integers (int32), got dtype {page_table.dtype}")
     if page_table.dim() != 2 or page_table.shape[0] != B:
-        raise ValueError(f"page_table must be [B, pages per sequence] with q's batch size B={B}, got shape "
+        raise ValueError(f"page_table must be [B, pages per sequence] with one row per sequence (B={B}), got shape "
                          f"{tuple(page_table.shape)}")
     if page_table.device != device:
         raise ValueError(f"page_table is on {page_table.device} but the cache on {device}; move it with "

@@ -35,15 +35,18 @@ def _block_states(num, idx, full_num, full_idx, n_kv_blocks: int) -> torch.Tenso
 
 
 def serving_attention_cpu(q, k, v, lengths, page_table: Optional[torch.Tensor], page_size: int, score_graph,
-                          mask_graph, block_mask, scale: float):
+                          mask_graph, block_mask, scale: float, queries=None):
     """(out [B, Hq, L, Ev] in q.dtype, lse [B, Hq, L] float32 / float64) of every sequence's
-    last L positions; block_mask None: every position below the sequence's length."""
-    B, Hq, L, E = q.shape
+    last L positions; block_mask None: every position below the sequence's length.
+    queries (checks.PackedQueries): q is [1, Hq, T, E] with each sequence's queries packed
+    along its rows (out and lse likewise)."""
+    _, Hq, L, E = q.shape
+    B = len(lengths.host)
     Hkv, Ev = k.shape[1], v.shape[3]
     G = Hq // Hkv
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = torch.zeros(B, Hq, L, Ev, dtype=cdt)
-    lse = torch.full((B, Hq, L), float("-inf"), dtype=cdt)
+    out = torch.zeros(q.shape[0], Hq, L, Ev, dtype=cdt)
+    lse = torch.full((q.shape[0], Hq, L), float("-inf"), dtype=cdt)
     if block_mask is not None:
         qb, kvb = block_mask.BLOCK_SIZE
         n_kv_blocks = block_mask.kv_indices.shape[-1]
@@ -58,16 +61,18 @@ def serving_attention_cpu(q, k, v, lengths, page_table: Optional[torch.Tensor], 
         n = lengths.host[b]
         kb, vb = (k[0], v[0]) if page_table is not None else (k[b], v[b])
         pages = page_table[b].long().cpu() if page_table is not None else None
-        for r0 in range(0, L, qb):
-            r1 = min(L, r0 + qb)
+        # this sequence's ql queries: rows row0.. of q / out / lse [qz]
+        qz, row0, ql = (b, 0, L) if queries is None else (0, queries.host_starts[b], queries.host_lens[b])
+        for r0 in range(0, ql, qb):
+            r1 = min(ql, r0 + qb)
             if block_mask is not None:
                 st = states[b if states.shape[0] > 1 else 0, :, r0 // qb]  # [Hm, nKV]
                 blocks = st.amax(0).nonzero().flatten()
             else:
                 st = None
                 blocks = torch.arange(-(-n // kvb))
-            q_rows = q[b, :, r0:r1].to(cdt).view(Hkv, G, r1 - r0, E)
-            q_idx = torch.arange(n - L + r0, n - L + r1).view(1, -1, 1)
+            q_rows = q[qz, :, row0 + r0:row0 + r1].to(cdt).view(Hkv, G, r1 - r0, E)
+            q_idx = torch.arange(n - ql + r0, n - ql + r1).view(1, -1, 1)
             m_i = torch.full((Hq, r1 - r0), float("-inf"), dtype=cdt)
             l_i = torch.zeros(Hq, r1 - r0, dtype=cdt)
             acc = torch.zeros(Hq, r1 - r0, Ev, dtype=cdt)
@@ -107,7 +112,7 @@ def serving_attention_cpu(q, k, v, lengths, page_table: Optional[torch.Tensor], 
                 m_i = m_new
             empty = l_i == 0
             l_safe = torch.where(empty, 1.0, l_i)
-            out[b, :, r0:r1] = acc / l_safe[..., None]
-            lse[b, :, r0:r1] = torch.where(empty, float("-inf"), m_i + torch.log(l_safe))
+            out[qz, :, row0 + r0:row0 + r1] = acc / l_safe[..., None]
+            lse[qz, :, row0 + r0:row0 + r1] = torch.where(empty, float("-inf"), m_i + torch.log(l_safe))
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return out.to(q.dtype), lse.to(lse_dtype)

@@ -2,8 +2,8 @@
 positions, which the page table maps onto the pool without moving any K/V.
 
 The queries of a call are the last q_len positions of each sequence (their K/V appended
-already), so query row i of sequence b sits at global position
-``cache_seqlens[b] - q_len + i``. The mods passed to `paged_attention` see global
+already; q_len may differ per sequence), so query row i of sequence b sits at global
+position ``cache_seqlens[b] - q_len[b] + i``. The mods passed to `paged_attention` see global
 positions (``flexattn.masks.causal()`` is causal over the whole sequence, a sliding window
 slides over it, a document mask reads document ids by global position); the BlockMask
 built here lists, per sequence, the kv blocks those mods can keep.
@@ -28,30 +28,41 @@ def _lengths(cache_seqlens, device) -> torch.Tensor:
     return lens.to(torch.int32)
 
 
-def create_cache_block_mask(mask_mod: Callable, cache_seqlens, q_len: int, H: Optional[int] = None,
+def create_cache_block_mask(mask_mod: Callable, cache_seqlens, q_len, H: Optional[int] = None,
                             BLOCK_SIZE=DEFAULT_BLOCK, device=None) -> BlockMask:
     """The exact BlockMask of `mask_mod` (global positions) for queries at the last `q_len`
     positions of sequences of lengths `cache_seqlens` (B ints), over logical kv positions
     [0, max(cache_seqlens)): shape (B, H or 1, q_len, max(cache_seqlens)).
 
-    Its own mask_mod sees local query rows (row i of q) and is False past each sequence's
-    length; pass the global `mask_mod` itself to `paged_attention`. H=None: one mask for all
-    heads (a mask that reads h needs H)."""
+    q_len: an int, or B ints for queries of several lengths (packed: paged_attention's
+    query_lens); then the mask is (B, H or 1, max(q_len), ...) and rows past a sequence's
+    own query count are empty. Its own mask_mod sees local query rows (row i of the
+    sequence's queries) and is False past each sequence's length; pass the global `mask_mod`
+    itself to `paged_attention`. H=None: one mask for all heads (a mask that reads h needs H)."""
     if device is None:
         device = cache_seqlens.device if isinstance(cache_seqlens, torch.Tensor) else "cpu"
     lens = _lengths(cache_seqlens, device)
-    q_off = lens - q_len
-    if int(q_off.min()) < 0:
-        raise ValueError(f"create_cache_block_mask: every cache_seqlens must be >= q_len={q_len}, got "
-                         f"{lens.tolist()}")
+    per_sequence = not isinstance(q_len, int)
+    q_lens = _lengths(q_len, device) if per_sequence else torch.full_like(lens, q_len)
+    if q_lens.shape != lens.shape:
+        raise ValueError(f"create_cache_block_mask: q_len gives {q_lens.numel()} query counts but cache_seqlens "
+                         f"{lens.numel()} sequences; give one per sequence (or one int for all)")
+    q_off = lens - q_lens
+    if int(q_off.min()) < 0 or int(q_lens.min()) < 0:
+        raise ValueError(f"create_cache_block_mask: every cache_seqlens must be >= its q_len >= 0, got "
+                         f"cache_seqlens {lens.tolist()} and q_len {q_lens.tolist()}")
     if H is None and trace_mask(mask_mod).uses("h"):
         raise ValueError("create_cache_block_mask: mask_mod reads the head index h; pass H=<query heads>")
 
     def at_global_positions(b, h, q_idx, kv_idx):
         return mask_mod(b, h, q_idx + q_off[b], kv_idx) & (kv_idx < lens[b])
 
-    at_global_positions.__name__ = f"{getattr(mask_mod, '__name__', 'mask_mod')}_cached"
-    return create_block_mask(at_global_positions, lens.numel(), H, q_len, int(lens.max()), device=device,
+    def packed_rows(b, h, q_idx, kv_idx):
+        return at_global_positions(b, h, q_idx, kv_idx) & (q_idx < q_lens[b])
+
+    fn = packed_rows if per_sequence else at_global_positions
+    fn.__name__ = f"{getattr(mask_mod, '__name__', 'mask_mod')}_cached"
+    return create_block_mask(fn, lens.numel(), H, max(int(q_lens.max()), 1), int(lens.max()), device=device,
                              BLOCK_SIZE=BLOCK_SIZE)
 
 
