@@ -13,6 +13,8 @@ sequences interleaved in the pool, as continuous batching leaves them). GB/s = t
 bytes of the sequences' real lengths / time (every peer is charged the same bytes, so
 padding shows up as a lower rate). Chunked prefill: one 2K-token chunk (causal, global
 positions) at the end of a 16K-128K cache; TFLOP/s = 4 * Hq * D * attended pairs / time.
+Mixed (continuous batching): 62 sequences decoding and two prefilling 1K-token chunks in one
+paged cache, every query packed in one call (query_lens) vs one call per kind.
 Times: medians of triton.testing.do_bench, eager (host included) and replayed as a CUDA
 graph (the GPU's time; the rates use it when the peer can be captured, as engines capture
 their decode steps). Rows go to benchmarks/results/serving-<utc>.json.
@@ -217,6 +219,54 @@ def prefill_rows(args):
     return rows
 
 
+def mixed_rows(args):
+    """A continuous-batching step in one paged cache (pages of 16): `args.mixed_decodes`
+    sequences decode one token while two others prefill a chunk of args.chunk // 2 tokens.
+    flexattn with every query packed in one call (query_lens) vs one call per kind (the
+    decodes as a batch, then the chunks as a batch), causal in global positions; BlockMasks
+    built beforehand for both. TFLOP/s over the step's attended pairs."""
+    from flexattn.masks import causal
+    from flexattn.serving import create_cache_block_mask
+    n_dec, chunk = args.mixed_decodes, args.chunk // 2
+    lens = lengths(n_dec, args.max_len) + [args.max_len // 2, args.max_len]
+    qls = [1] * n_dec + [chunk, chunk]
+    B, S, T = len(lens), max(lens), sum(qls)
+    torch.manual_seed(0)
+    k = torch.randn(B, HKV, S, D, dtype=DTYPE, device="cuda")
+    v = torch.randn(B, HKV, S, D, dtype=DTYPE, device="cuda")
+    q = torch.randn(1, HQ, T, D, dtype=DTYPE, device="cuda")
+    pairs = sum(lens[:n_dec]) + sum(chunk * (n - chunk) + chunk * (chunk + 1) // 2 for n in lens[n_dec:])
+    flops = 4 * HQ * D * pairs
+    mm = causal()
+    cache = fill_paged(lens, k, v, 16)
+    seqs = list(range(B))
+    q_dec = q[0, :, :n_dec].transpose(0, 1).unsqueeze(2).contiguous()  # [n_dec, Hq, 1, D]
+    q_pre = q[0, :, n_dec:].view(HQ, 2, chunk, D).transpose(0, 1).contiguous()  # [2, Hq, chunk, D]
+    bm_all = create_cache_block_mask(mm, lens, qls, device="cuda")
+    bm_dec = create_cache_block_mask(mm, lens[:n_dec], 1, device="cuda")
+    bm_pre = create_cache_block_mask(mm, lens[n_dec:], chunk, device="cuda")
+
+    def packed():
+        return cache.attention(q, seqs, mask_mod=mm, block_mask=bm_all, query_lens=qls)
+
+    def per_kind():
+        return (cache.attention(q_dec, seqs[:n_dec], mask_mod=mm, block_mask=bm_dec),
+                cache.attention(q_pre, seqs[n_dec:], mask_mod=mm, block_mask=bm_pre))
+
+    def as_packed(out):  # both peers' outputs as q's packed rows
+        if isinstance(out, tuple):
+            dec, pre = out
+            out = torch.cat([dec.squeeze(2).transpose(0, 1), pre.transpose(0, 1).reshape(HQ, 2 * chunk, D)], 1)
+        return out.reshape(HQ, T, D).float()
+    peers = {"flexattn packed": lambda: (packed, "one call, query_lens"),
+             "flexattn per kind": lambda: (per_kind, "decodes, then chunks")}
+    base = dict(kind="mixed", decodes=n_dec, chunk=chunk, max_len=S, Hq=HQ, Hkv=HKV, D=D)
+    rows = run_peers(peers, base, as_packed, flops / 1e12, "TFLOPs", args.verbose)
+    del k, v, cache
+    torch.cuda.empty_cache()
+    return rows
+
+
 def run_peers(peers, base, as_float, work, unit, verbose) -> list:
     """One row per peer (name -> make() -> (fn, note)): its output's largest difference from
     the first peer's, its times and rate; a peer that cannot run is skipped, its reason kept."""
@@ -243,6 +293,9 @@ def print_row(r):
     if r["kind"] == "decode":
         head = f"decode B={r['B']:<3} max={r['max_len']:<6} mean={r['mean_len']:<6}"
         rate = f"{r['GBps']:8.0f} GB/s" if "GBps" in r else ""
+    elif r["kind"] == "mixed":
+        head = f"mixed {r['decodes']} decodes + 2 chunks of {r['chunk']} (max {r['max_len']})"
+        rate = f"{r['TFLOPs']:7.1f} TFLOP/s" if "TFLOPs" in r else ""
     else:
         head = f"prefill chunk={r['chunk']} cache={r['cache']:<7}"
         rate = f"{r['TFLOPs']:7.1f} TFLOP/s" if "TFLOPs" in r else ""
@@ -282,7 +335,7 @@ def ratios(rows):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
-    ap.add_argument("--only", choices=("decode", "prefill"))
+    ap.add_argument("--only", choices=("decode", "prefill", "mixed"))
     ap.add_argument("--verbose", action="store_true", help="print the traceback of a skipped peer")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/serving-<utc>.json)")
     args = ap.parse_args()
@@ -293,6 +346,7 @@ def main():
     args.page_sizes = [16, 128]
     args.chunk = 512 if args.quick else 2048
     args.caches = [4096] if args.quick else [16384, 32768, 65536, 131072]
+    args.mixed_decodes = 6 if args.quick else 62
     import triton
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -303,6 +357,8 @@ def main():
         rows += decode_rows(args)
     if args.only in (None, "prefill"):
         rows += prefill_rows(args)
+    if args.only in (None, "mixed"):
+        rows += mixed_rows(args)
     ratios(rows)
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    f"serving-{meta['date'].replace(':', '')}.json")
