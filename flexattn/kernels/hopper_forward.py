@@ -354,9 +354,10 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE, MAX,
 
 def hopper_fwd_config(d: int, dv: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, STAGES, num_warps): two consumer warpgroups of 64 rows each (the
-    producer warp pads the program to 12 warps, so a thread gets 168 registers: S, P and O
-    of a 64 x 128 tile fit without spilling up to head dim 128) and two K/V stages (three
-    measured no faster on the H200)."""
+    launch is 12 warps with the producer's, 168 registers a thread; warp_specialize's
+    setmaxnreg gives the consumer warps 240 and the producer 24, and S, P and O of a 64 x 128
+    tile fit without spilling up to head dim 128) and two K/V stages (three measured no
+    faster on the H200)."""
     return 128, 128, 2, 8
 
 
