@@ -24,6 +24,11 @@ lazily built sparse table (O(1) per box). Index dimensions that are points (e.g.
 q_idx]` with h fixed) select; several ranged dimensions reduce over their joint range.
 An index that may fall outside the buffer gives an unknown value, so the exact evaluation
 (which raises a clear IndexError) decides.
+
+Rows (`vload`, see flexattn.ir): every element lies in the buffer's whole [min, max], widened
+to include 0 (what the kernels read out of bounds); elementwise rules do not care that a
+value is a row; a `rowsum` of R elements lies in R times its row's bounds, widened by the
+rounding of R float32 additions.
 """
 from __future__ import annotations
 
@@ -774,6 +779,33 @@ def _load(A: BoxAnalyser, n: Node, args):
     return AV(dt, lo=lo, hi=hi, nan=_or(out.nan, ~inside) if dt.is_floating_point else False)
 
 
+def _vload(A: BoxAnalyser, n: Node, args):
+    slot = n.args[0].args[0]
+    has_nan, exceeds = _buf_info(A, slot)
+    t = A.graph.buffers[slot]
+    if has_nan or exceeds or t.numel() == 0:
+        return A.unknown(n.dtype)
+    key = ("row", slot)
+    if key not in A._tables:
+        A._tables[key] = (min(float(t.min()), 0.0), max(float(t.max()), 0.0))
+    lo, hi = A._tables[key]
+    return A.interval(n.dtype, lo, hi, rounded=False)
+
+
+def _rowsum(A: BoxAnalyser, n: Node, args):
+    (x,) = args
+    length = next(A.graph.buffers[r.args[0].args[0]].shape[-1]
+                  for r in A.graph.upstream([n.args[0]]) if r.op == "vload")
+    lo, hi = (A.t(v) for v in A.bounds(x))
+    if length == 0:
+        return _const_value(A, n.dtype, 0)
+    if not n.dtype.is_floating_point:
+        return A.interval(n.dtype, lo * length, hi * length)
+    # each of the R additions rounds by at most eps * |partial sum| <= eps * R * max|element|
+    slack = length * length * torch.finfo(torch.float32).eps * torch.maximum(lo.abs(), hi.abs())
+    return A.interval(n.dtype, lo * length - slack, hi * length + slack, x.nan, rounded=True)
+
+
 def _sign(A, n, args):
     """sign is monotone; torch.sign(NaN) is 0 (not NaN), so a maybe-NaN input widens the
     bounds to include 0 instead of flagging the result."""
@@ -852,7 +884,7 @@ _HANDLED = {
     "and": _bitwise("and"), "or": _bitwise("or"), "xor": _bitwise("xor"),
     "lt": _compare("lt"), "le": _compare("le"), "gt": _compare("gt"), "ge": _compare("ge"),
     "eq": _compare("eq"), "ne": _compare("ne"),
-    "where": _where, "cast": _cast, "load": _load,
+    "where": _where, "cast": _cast, "load": _load, "vload": _vload, "rowsum": _rowsum,
 }
 assert set(_HANDLED) == set(OPS), f"analyse rules missing for {set(OPS) - set(_HANDLED)}"
 

@@ -4,6 +4,7 @@
     d.graph        # a copy of `graph` with the adjoint nodes appended (same buffers)
     d.dscore       # node: d(output)/d(score)
     d.load_grads   # [(load node, node: d(output)/d(value loaded))] for loads of the slots
+                   # (row loads too: the node is a row, or a scalar that every element gets)
 
 The backward kernels print `d.dscore` (times the incoming gradient) and, for captured
 float tensors that require grad, each load's adjoint: its value times the incoming
@@ -14,6 +15,11 @@ what torch FlexAttention rejects.
 Rules follow torch's autograd formulas, including its conventions at kinks:
 abs'(0) = 0, maximum/minimum split the gradient evenly on ties, floor/ceil/round/trunc/sign
 and integer casts have zero derivative. Integer ops (comparisons, bit ops, shifts) carry none.
+
+Rows (flexattn.ir): the adjoint of a row is a row, or a scalar meaning the same value for
+every element (rowsum passes its own adjoint down unchanged); where a scalar operand meets
+a row in an op, its adjoint is the rowsum of what the row op gives it (broadcasting
+reversed).
 """
 from __future__ import annotations
 
@@ -70,7 +76,7 @@ def differentiate(graph: Graph, grad_slots=()) -> Derivative:
     for n in live:
         if n.op == "input" and n.args[0] == "score":
             active.add(id(n))
-        elif n.op == "load" and n.args[0].args[0] in grad_slots and n.dtype.is_floating_point:
+        elif n.op in ("load", "vload") and n.args[0].args[0] in grad_slots and n.dtype.is_floating_point:
             active.add(id(n))
         elif n.op not in _SOURCES and n.dtype.is_floating_point \
                 and any(id(a) in active for a in n.args):
@@ -83,6 +89,8 @@ def differentiate(graph: Graph, grad_slots=()) -> Derivative:
     def acc(node: Node, val: Node):
         if id(node) not in active or val is None:
             return
+        if val.row and not node.row:  # a scalar broadcast over a row: its adjoint sums the row's
+            val = g.op("rowsum", val)
         adj[id(node)] = val if id(node) not in adj else g.op("add", adj[id(node)], val)
 
     ctx = _Context(g, acc, active, zero, one)
@@ -100,7 +108,7 @@ def differentiate(graph: Graph, grad_slots=()) -> Derivative:
         dscore = g.op("cast", dscore, dtype=torch.float32)
     load_grads = []
     for n in live:
-        if n.op == "load" and id(n) in active:
+        if n.op in ("load", "vload") and id(n) in active:
             ga = adj.get(id(n), zero)
             if ga.dtype != torch.float32:
                 ga = g.op("cast", ga, dtype=torch.float32)
@@ -250,6 +258,10 @@ def _where(c, n, a, ga):
     c.acc(a[1], c.op("where", a[0], ga, c.zero)); c.acc(a[2], c.op("where", a[0], c.zero, ga))
 
 
+def _rowsum(c, n, a, ga):
+    c.acc(a[0], ga)
+
+
 def _cast(c, n, a, ga):
     if a[0].dtype.is_floating_point:
         c.acc(a[0], ga if ga.dtype == a[0].dtype else c.op("cast", ga, dtype=a[0].dtype))
@@ -263,10 +275,10 @@ RULES = {
     "expm1": _expm1, "sign": _piecewise_constant, "trunc": _piecewise_constant, "round": _piecewise_constant,
     "fmod": _fmod, "atan2": _atan2,
     "mod": _mod, "pow": _pow, "minimum": _minmax("lt"), "maximum": _minmax("gt"),
-    "where": _where, "cast": _cast,
+    "where": _where, "cast": _cast, "rowsum": _rowsum,
 }
 # Where derivatives start (the score input, loads of captured tensors) or stop (leaves).
-_SOURCES = LEAF_OPS | {"load"}
+_SOURCES = LEAF_OPS | {"load", "vload"}
 # Ops whose result is never a float (bool or integer), so it never carries a derivative.
 NOT_DIFFERENTIABLE = COMPARE_OPS | BITWISE_OPS | SHIFT_OPS | {"invert", "isnan", "isinf"}
 assert set(RULES) | NOT_DIFFERENTIABLE | _SOURCES == set(OPS), \

@@ -13,6 +13,13 @@ what goes into them:
 * Captured tensors become three kinds of argument per buffer slot: a pointer, one stride
   and one size per dimension (`sb0_ptr, sb0_s0, sb0_n0, ...`). Loads are bounds-checked
   (out-of-range reads give 0) and address math is int64.
+* Rows (`vload` / `rowsum`, MLA's `torch.dot(q_rope[b, h, q_idx], k_rope[b, h, kv_idx])`)
+  print as a loop over the row's elements: `for d in range(0, <last size>)`, the row nodes
+  printed in the body on [M, 1] / [1, N] tiles (one gathered element per row and column of
+  the tile per step), summed into a float32 accumulator of the tile's shape. Cost per tile:
+  R steps of two gathered loads and M*N fused multiply-adds on the CUDA cores (no tensor
+  cores). The backward adds a row load's gradient the same way, one element per step
+  (reduced over the tile axis its index does not depend on, then atomics).
 
 The pass that runs before printing (number constants lifted into kernel arguments) is
 `flexattn.lift_params.kernel_graph`; the on-disk cache of generated source is
@@ -176,14 +183,54 @@ class TritonPrinter:
         self.lines: list[str] = []
         self.names: dict[int, str] = {}
         self.float_names: dict[int, str] = {}  # node id -> its float32 twin (_float_index)
+        self.row_index = None  # the loop variable over a row's elements, inside a row loop
+        self.loops = 0
+
+    # ---- rows ------------------------------------------------------------------------
+    def row_loop(self, outputs: list[Node], vload: Node | None = None):
+        """Print the row nodes `outputs` depend on as the body of a loop over the row's
+        elements: returns (loop variable, length expression, body lines, output exprs).
+        Scalars they use are printed before (outside the loop); the row nodes' names are
+        forgotten after it. The length is the last size of `vload` (default: the first row
+        load the outputs read; rows combined in one op have equal lengths)."""
+        for o in outputs:
+            self.print_nodes([a for a in self.graph.upstream([o]) if not a.row])
+        rows = [n for n in self.graph.upstream(outputs) if n.row]
+        vload = vload or next(n for n in rows if n.op == "vload")
+        buf = f"{self.buf_prefix}{vload.args[0].args[0]}"
+        length = f"{buf}_n{self.graph.buffers[vload.args[0].args[0]].dim() - 1}"
+        d = f"d{self.loops}"
+        self.loops += 1
+        saved = self.lines, dict(self.float_names), self.row_index
+        self.lines, self.row_index = [], d
+        for n in rows:
+            self.names[id(n)] = self.emit(n)
+        exprs = [self.names[id(o)] for o in outputs]
+        body = self.lines
+        self.lines, self.float_names, self.row_index = saved
+        for n in rows:
+            del self.names[id(n)]
+        return d, length, body, exprs
+
+    def _print_rowsum_loop(self, n: Node) -> str:
+        acc_dtype = torch.float32 if n.dtype in (torch.float16, torch.bfloat16) else n.dtype
+        d, length, body, (x,) = self.row_loop([n.args[0]])
+        acc = f"v_{n.name}"
+        zero = " + ".join(f"{self.input_names[k]} * 0" for k in INDEX_INPUT_NAMES)
+        self.lines.append(f"{acc} = tl.cast({zero}, {TL_DTYPES[acc_dtype]})  # the tile's shape")
+        self.lines.append(f"for {d} in range(0, {length}):")
+        self.lines += ["    " + ln for ln in body]
+        self.lines.append(f"    {acc} = {acc} + tl.cast({x}, {TL_DTYPES[acc_dtype]})")
+        return acc if acc_dtype == n.dtype else f"tl.cast({acc}, {TL_DTYPES[n.dtype]})"
 
     # ---- driver ------------------------------------------------------------------------
-    def print_nodes(self, outputs: list[Node]) -> list[str]:
-        """Emit code for everything `outputs` depend on; returns their expressions."""
+    def print_nodes(self, outputs: list[Node]) -> list[str | None]:
+        """Emit code for everything `outputs` depend on; returns their expressions (None for
+        a row: rows are printed inside loops, `row_loop`)."""
         for n in self.graph.upstream(outputs):
-            if id(n) not in self.names:
-                self.names[id(n)] = self.emit(n)
-        return [self.names[id(o)] for o in outputs]
+            if id(n) not in self.names and not n.row:
+                self.names[id(n)] = self._print_rowsum_loop(n) if n.op == "rowsum" else self.emit(n)
+        return [self.names.get(id(o)) for o in outputs]
 
     def emit(self, n: Node) -> str:
         if n.op == "input":
@@ -377,16 +424,29 @@ class TritonPrinter:
             a, b = self._float_arg(n, 0, a), self._float_arg(n, 1, b)
         return self._out(n, f"({a}) {op} ({b})")
 
+    def _scaling_args(self, n, a, b):
+        """The arguments of a float mul / truediv: torch multiplies and divides a 16-bit float
+        by a Python number in float32, the number as it is (not rounded to the 16-bit dtype
+        first, as it is for + and -), and rounds the result once; so both go to float32."""
+        if n.dtype.itemsize < 4 and any(x.op in WEAK_LEAVES for x in n.args):
+            return self._wide_arg(n, 0, a), self._wide_arg(n, 1, b)
+        return self._float_arg(n, 0, a), self._float_arg(n, 1, b)
+
     def _print_add(self, n, a, b): return self._binop(n, a, b, "+")
     def _print_sub(self, n, a, b): return self._binop(n, a, b, "-")
-    def _print_mul(self, n, a, b): return self._binop(n, a, b, "*")
+
+    def _print_mul(self, n, a, b):
+        if n.dtype.is_floating_point:
+            a, b = self._scaling_args(n, a, b)
+        return self._out(n, f"({a}) * ({b})")
 
     def _print_truediv(self, n, a, b):
+        a, b = self._scaling_args(n, a, b)
         if n.args[1].op in WEAK_LEAVES and n.args[0].op not in WEAK_LEAVES:
             # by a number: multiply by its reciprocal, a scalar computed once (a division per
             # element costs a reciprocal and range checks; x * (1/c) is within 1.5 ulp of x / c)
-            return self._out(n, f"({self._float_arg(n, 0, a)}) * (1.0 / ({self._float_arg(n, 1, b)}))")
-        return self._out(n, f"({self._float_arg(n, 0, a)}) / ({self._float_arg(n, 1, b)})")
+            return self._out(n, f"({a}) * (1.0 / ({b}))")
+        return self._out(n, f"({a}) / ({b})")
 
     def _print_floordiv(self, n, a, b):
         if n.dtype.is_floating_point:
@@ -489,11 +549,18 @@ class TritonPrinter:
         offs, ok = index_terms(buf, n.args[1:], idx)
         return f"tl.load({buf}_ptr + {' + '.join(offs)}, mask={' & '.join(ok)}, other=0)"
 
+    def _print_vload(self, n, buf, *idx):
+        """buffer[i0, ..., row_index]: the row's element at the loop's step."""
+        offs, ok = index_terms(buf, n.args[1:], idx)
+        offs.append(f"tl.cast({self.row_index}, tl.int64) * {buf}_s{len(idx)}")
+        mask = f", mask={' & '.join(ok)}, other=0" if ok else ""
+        return f"tl.load({buf}_ptr + {' + '.join(offs)}{mask})"
+
 
 # Every IR op is printed: leaves by `emit`, the rest by a `_print_<op>` method, except
 # what UNSUPPORTED declares (pow has a method for constant exponents and is declared for
 # the rest).
-PRINTED = frozenset(op for op in OPS if hasattr(TritonPrinter, f"_print_{op}"))
+PRINTED = frozenset(op for op in OPS if hasattr(TritonPrinter, f"_print_{op}")) | {"rowsum"}  # rowsum: a loop
 assert LEAF_OPS | PRINTED | set(UNSUPPORTED) == set(OPS), \
     f"Triton printer rules missing for {set(OPS) - LEAF_OPS - PRINTED - set(UNSUPPORTED)}"
 
@@ -696,7 +763,7 @@ def mod_backward_function(name: str, graph: Graph | None, prefix: str, grad_bufs
     index_nodes = [i for load, _ in d.load_grads for i in load.args[1:]]
     outs = pr.print_nodes([d.dscore] + [g for _, g in d.load_grads] + index_nodes)
     lines += ["    " + ln for ln in pr.lines]
-    for (load, _), gexpr in zip(d.load_grads, outs[1:]):
+    for (load, gnode), gexpr in zip(d.load_grads, outs[1:]):
         slot = load.args[0].args[0]
         idx_exprs = [pr.names[id(i)] for i in load.args[1:]]
         deps = set()
@@ -704,6 +771,10 @@ def mod_backward_function(name: str, graph: Graph | None, prefix: str, grad_bufs
             deps |= d.depends(i)
         lines.append("    if ACCUM:")
         body = []
+        row = None
+        if load.op == "vload":  # one element of the row per step (see the module docstring)
+            row, length, row_body, (gexpr,) = pr.row_loop([gnode], vload=load)
+            body += row_body
         body.append(f"gv = tl.where(valid, grad * ({gexpr}), 0.0)")
         # reduce over tile axes the index does not vary along (one atomic per distinct address)
         if "q_idx" not in deps and "kv_idx" not in deps:
@@ -713,6 +784,8 @@ def mod_backward_function(name: str, graph: Graph | None, prefix: str, grad_bufs
         elif "kv_idx" not in deps:
             body.append("gv = tl.sum(gv, 1 - Q_AXIS, keep_dims=True)")
         offs, ok = index_terms(f"{prefix}{slot}", load.args[1:], idx_exprs)
+        if row is not None:
+            offs.append(f"tl.cast({row}, tl.int64) * {prefix}{slot}_s{len(idx_exprs)}")
         ptr = f"g{prefix}{slot}_ptr" + (" + " + " + ".join(offs) if offs else "")
         if "q_idx" in deps and "kv_idx" in deps:
             ok.append("valid")
@@ -721,6 +794,8 @@ def mod_backward_function(name: str, graph: Graph | None, prefix: str, grad_bufs
         body.append("if FIXED_POINT:")
         body.append("    gv = tl.floor(gv * 4294967296.0 + 0.5).to(tl.int64)")
         body.append(f"tl.atomic_add({ptr}, gv" + (f", mask={' & '.join(ok)}" if ok else "") + ", sem='relaxed')")
+        if row is not None:
+            body = [f"for {row} in range(0, {length}):"] + ["    " + b for b in body]
         lines += ["        " + b for b in body]
     ds = outs[0]
     lines.append(f"    return tl.where(valid, grad * ({ds}), 0.0)")

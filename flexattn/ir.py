@@ -20,6 +20,13 @@ Leaves:
 Everything else takes node args; `load(buffer, i0, i1, ...)` reads buffer[i0, i1, ...]
 with one integer index per buffer dimension (zero for a 0-d buffer).
 
+Rows: `vload(buffer, i0, ..., i_{n-2})` reads buffer[i0, ..., i_{n-2}, :], a *row* (the last
+dimension left open; `node.row` is True). Elementwise ops on rows give rows (a scalar
+operand is the same for every element of the row), and `rowsum(x)` sums a row into a
+scalar (torch's x.sum(-1); `torch.dot(a, b)` is rowsum(a * b)). A row never leaves its
+rowsum: the output and every load index are scalars. The row's length is the buffer's last
+size, a run-time value like the other sizes (never part of the structure).
+
 Dtypes follow torch's promotion exactly: `infer_dtype` runs the op on one-element dummy
 tensors (and Python scalars for consts), so the IR, the torch evaluator and the user's
 own eager code always agree. Its results are memoised per (op, argument dtypes/consts).
@@ -61,7 +68,8 @@ SHIFT_OPS = frozenset({"lshift", "rshift"})
 COMPARE_OPS = frozenset({"lt", "le", "gt", "ge", "eq", "ne"})
 BINARY_OPS = BINARY_ARITH_OPS | BITWISE_OPS | SHIFT_OPS | COMPARE_OPS
 OTHER_OPS = frozenset({"where", "cast", "load"})
-OPS = LEAF_OPS | UNARY_OPS | BINARY_OPS | OTHER_OPS
+ROW_OPS = frozenset({"vload", "rowsum"})  # a row of a captured tensor, and its sum
+OPS = LEAF_OPS | UNARY_OPS | BINARY_OPS | OTHER_OPS | ROW_OPS
 
 # How each non-leaf op runs in torch; the single source of truth for evaluate and dtype
 # inference. floordiv and mod have Python (floor) semantics, as torch's `//` and `%` do.
@@ -90,6 +98,7 @@ TORCH_IMPL: dict[str, Callable[..., Any]] = {
     "lt": lambda a, b: a < b, "le": lambda a, b: a <= b, "gt": lambda a, b: a > b,
     "ge": lambda a, b: a >= b, "eq": lambda a, b: a == b, "ne": lambda a, b: a != b,
     "where": lambda c, a, b: torch.where(c, a, b),
+    "rowsum": lambda x: x.sum(-1),
 }
 
 def _weak_tensor(x, other):
@@ -124,6 +133,7 @@ class Node:
     args: tuple
     dtype: torch.dtype
     name: str = ""  # printing name, assigned by Graph.add
+    row: bool = False  # a row (vload and what is computed from one before its rowsum)
 
     @property
     def inputs(self) -> tuple["Node", ...]:
@@ -163,7 +173,7 @@ def infer_dtype(op: str, args: tuple[Node, ...], cast_to: torch.dtype | None = N
     """Result dtype of `op` on `args`, by running torch on one-element dummies (memoised)."""
     if op == "cast":
         return cast_to
-    if op == "load":
+    if op in ("load", "vload"):
         return args[0].dtype
     key = (op, *[_signature(a) for a in args])
     dtype = _DTYPE_CACHE.get(key)
@@ -289,7 +299,8 @@ class Graph:
     def op(self, op: str, *args: Node, dtype: torch.dtype | None = None) -> Node:
         if op not in OPS or op in LEAF_OPS:
             raise IRError(f"unknown op {op!r}")
-        node = Node(op, tuple(args), infer_dtype(op, args, dtype))
+        row = op == "vload" or (op != "rowsum" and any(a.row for a in args))
+        node = Node(op, tuple(args), infer_dtype(op, args, dtype), row=row)
         key = (op, tuple(id(a) for a in args), node.dtype)
         if key not in self._interned:
             self._interned[key] = self._append(node)
@@ -328,7 +339,8 @@ class Graph:
         return [n for n in self.nodes if id(n) in needed]
 
     def loads(self) -> list[Node]:
-        return [n for n in self.live_nodes() if n.op == "load"]
+        """The live reads of captured tensors: loads and row loads (vload)."""
+        return [n for n in self.live_nodes() if n.op in ("load", "vload")]
 
     def structure_key(self) -> str:
         """Identifies the computation, not the captured values: buffer dtypes and ranks
@@ -358,7 +370,7 @@ class Graph:
                 continue
             if n.op == "const":
                 continue
-            lines.append(f"    {n.name}: {str(n.dtype)[6:]} = {_format_rhs(n)}")
+            lines.append(f"    {n.name}: {str(n.dtype)[6:]}{'[:]' if n.row else ''} = {_format_rhs(n)}")
         lines.append(f"    return {_format_arg(self.output)}")
         return "\n".join(lines)
 
@@ -386,22 +398,29 @@ class Graph:
                         raise IRError(f"{n.name}: argument {a!r} is not a node")
                     if id(a) not in seen:
                         raise IRError(f"{n.name}: argument {a.name} is not defined before use")
-                arity = {"where": 3, "cast": 1}.get(n.op, 1 if n.op in UNARY_OPS else 2)
-                if n.op == "load":
+                arity = {"where": 3, "cast": 1, "rowsum": 1}.get(n.op, 1 if n.op in UNARY_OPS else 2)
+                if n.row != (n.op == "vload" or (n.op != "rowsum" and any(a.row for a in n.args))):
+                    raise IRError(f"{n.name}: row flag {n.row} does not follow from its op and arguments")
+                if n.op in ("load", "vload"):
                     buf = n.args[0]
                     if buf.op != "buffer":
-                        raise IRError(f"{n.name}: load reads a buffer leaf, got {buf.op}")
-                    ndim = self.buffers[buf.args[0]].dim()
+                        raise IRError(f"{n.name}: {n.op} reads a buffer leaf, got {buf.op}")
+                    ndim = self.buffers[buf.args[0]].dim() - (n.op == "vload")
                     if len(n.args) - 1 != ndim:
-                        raise IRError(f"{n.name}: load of a {ndim}-d buffer takes {ndim} indices, got {len(n.args) - 1}")
+                        raise IRError(f"{n.name}: {n.op} of a {ndim + (n.op == 'vload')}-d buffer takes {ndim} "
+                                      f"indices, got {len(n.args) - 1}")
                     for idx in n.args[1:]:
                         if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.dtype.is_complex:
                             raise IRError(f"{n.name}: load index {idx.name} has dtype {idx.dtype}, expected an integer")
+                        if idx.row:
+                            raise IRError(f"{n.name}: load index {idx.name} is a row, expected a scalar")
+                elif n.op == "rowsum" and (len(n.args) != 1 or not n.args[0].row):
+                    raise IRError(f"{n.name}: rowsum takes one row")
                 elif len(n.args) != arity:
                     raise IRError(f"{n.name}: {n.op} takes {arity} arguments, got {len(n.args)}")
                 if n.op == "where" and n.args[0].dtype != torch.bool:  # before infer_dtype, which would crash
                     raise IRError(f"{n.name}: where's condition must be bool, got {n.args[0].dtype}")
-                if n.op not in ("cast", "load"):
+                if n.op not in ("cast", "load", "vload"):
                     try:
                         expected = infer_dtype(n.op, n.args)
                     except RuntimeError as e:
@@ -411,6 +430,8 @@ class Graph:
             seen.add(id(n))
         if self.output is None or id(self.output) not in seen:
             raise IRError("graph has no output node")
+        if self.output.row:
+            raise IRError(f"the output {self.output.name} is a row: a mod returns one value")
         if self.kind == "mask" and self.output.dtype != torch.bool:
             raise IRError(f"a mask mod must return bool, returns {self.output.dtype}")
         if self.kind == "score" and not self.output.dtype.is_floating_point:
@@ -436,6 +457,10 @@ def _format_rhs(n: Node) -> str:
         return f"{args[0]}.to({n.dtype})"
     if n.op == "load":
         return f"{args[0]}[{', '.join(args[1:])}]"
+    if n.op == "vload":
+        return f"{args[0]}[{', '.join(args[1:] + [':'])}]"
+    if n.op == "rowsum":
+        return f"{args[0]}.sum(-1)"
     if n.op == "neg":
         return f"-{args[0]}"
     if n.op == "invert":

@@ -31,7 +31,7 @@ def _liftable(graph: Graph) -> set[int]:
         or (isinstance(n.args[0], float) and math.isfinite(n.args[0])))}
     for n in live:
         for pos, a in enumerate(n.inputs):
-            if (n.op, pos) in _KEEP_LITERAL or (n.op == "load" and pos > 0):
+            if (n.op, pos) in _KEEP_LITERAL or (n.op in ("load", "vload") and pos > 0):
                 lift.discard(id(a))
     return lift
 

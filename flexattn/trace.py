@@ -8,6 +8,12 @@ is exactly what `TORCH_FUNCTIONS` and the `Proxy` methods list; anything else ra
 Captured tensors become `buffer` leaves, identified by object identity: their values never
 enter the graph, so new values in the same tensor never change what is compiled.
 
+A captured tensor indexed in all but its last dimension is a *row* (MLA's
+`q_rope[b, h, q_idx]`): elementwise ops on rows give rows, and a row is summed to a scalar
+with `.sum(-1)`, `torch.sum(x, -1)`, `.mean(-1)`, `torch.dot(a, b)`, `torch.inner`, or
+`a @ b` (IR `vload` / `rowsum`). A row read once more by one index (`table[h][q_idx]`) is an
+ordinary load.
+
 `trace` is cached (`flexattn.trace_cache`): a mod traced again with the same code and
 captured state (closure cells, defaults, globals it reads; tensors by identity, numbers by
 value) gets a copy of the earlier graph in a few microseconds instead of a re-trace.
@@ -59,6 +65,7 @@ class _TraceState:
     def __init__(self, graph: Graph, fn_name: str):
         self.graph = graph
         self.fn_name = fn_name
+        self.row_len: dict[int, int] = {}  # id of a row node -> its length (the buffer's last size)
 
     def fail(self, what: str, fix: str) -> "TraceError":
         return TraceError(f"cannot trace {self.graph.kind}_mod {self.fn_name!r}: {what}\n"
@@ -89,6 +96,7 @@ class Proxy:
             raise self._state.fail(f"{op} is not defined for dtypes "
                                    f"{', '.join(str(n.dtype)[6:] for n in nodes)} ({e})",
                                    "cast the operands with .to(...) first") from None
+        _record_row(self._state, op, nodes, node)
         return Proxy(node, self._state)
 
     @property
@@ -97,10 +105,10 @@ class Proxy:
 
     @property
     def shape(self):
-        return torch.Size([])
+        return torch.Size([self._state.row_len[id(self.node)]] if self.node.row else [])
 
     def dim(self) -> int:
-        return 0
+        return 1 if self.node.row else 0
 
     ndim = property(dim)
 
@@ -126,6 +134,10 @@ class Proxy:
         raise self._state.fail("len() of a traced value", "traced values are scalars per (b, h, q, kv)")
 
     def __getitem__(self, item):
+        if self.node.op == "vload":  # table[h][q_idx]: the row's element, an ordinary load
+            load = self.node
+            return _index(self._state, self._state.graph.buffers[load.args[0].args[0]],
+                          tuple(Proxy(i, self._state) for i in load.args[1:]) + _as_tuple(item))
         raise self._state.fail("indexing a traced value",
                                "index a captured tensor with traced values instead: table[q_idx]")
 
@@ -180,7 +192,13 @@ class Proxy:
                                    "(e.g. torch.floor, torch.where, // and %)")
         return raiser
 
-    __matmul__ = __rmatmul__ = _unsupported_operator("@ (matrix product)")
+    def __matmul__(self, o):
+        return _dot(self._state, self, o, "@") if self.node.row else self._no_matmul(o)
+
+    def __rmatmul__(self, o):
+        return _dot(self._state, o, self, "@") if self.node.row else self._no_matmul(o)
+
+    _no_matmul = _unsupported_operator("@ (matrix product) of scalars")
     __divmod__ = __rdivmod__ = _unsupported_operator("divmod()")
     __round__ = _unsupported_operator("round()")
     __trunc__ = _unsupported_operator("math.trunc()")
@@ -219,6 +237,10 @@ class Proxy:
     def isposinf(self): return self._emit("isinf", self) & (self > 0)
     def isneginf(self): return self._emit("isinf", self) & (self < 0)
     def relu(self): return _relu(self._state, self)
+    def sum(self, dim=None, keepdim=False, *, dtype=None): return _sum(self._state, self, dim, keepdim, dtype)
+    def mean(self, dim=None, keepdim=False, *, dtype=None): return _sum(self._state, self, dim, keepdim, dtype, True)
+    def dot(self, o): return _dot(self._state, self, o, "torch.dot")
+    def inner(self, o): return _dot(self._state, self, o, "torch.inner")
     def bitwise_left_shift(self, o): return self._emit("lshift", self, o)
     def bitwise_right_shift(self, o): return self._emit("rshift", self, o)
     def logical_not(self): return self._emit("invert", self.to(torch.bool))
@@ -327,6 +349,63 @@ class Proxy:
         return handler(state, *args, **kwargs)
 
 
+def _record_row(state, op: str, args, node) -> None:
+    """Remember the length of a new row node; rows combined elementwise must have equal
+    lengths (torch would not broadcast a row of 8 with one of 4)."""
+    if not node.row or op == "vload":
+        return
+    lengths = {state.row_len[id(a)] for a in args if a.row}
+    if len(lengths) > 1:
+        raise state.fail(f"{op} of rows of different lengths {sorted(lengths)} (rows of captured tensors: "
+                         f"their last dimensions)", "combine rows of captured tensors whose last sizes are equal")
+    state.row_len[id(node)] = lengths.pop()
+
+
+def _reduced_dim(state, dim, what: str) -> None:
+    """Check that `dim` (of a sum / mean of a row) names the row's only dimension."""
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    if dim is None or (len(dims) == 1 and isinstance(dims[0], int) and dims[0] in (0, -1)):
+        return
+    raise state.fail(f"{what} over dim={dim!r} of a row (a captured tensor indexed in all but its last "
+                     f"dimension: one dimension)", f"reduce the row over its last dimension: x.{what}(-1)")
+
+
+def _sum(state, x, dim=None, keepdim=False, dtype=None, mean=False) -> "Proxy":
+    """x.sum(dim) / x.mean(dim) of a row: its rowsum (a scalar); of a scalar: the scalar
+    (as torch on a 0-d tensor: sums of bool / integers are int64)."""
+    what = "mean" if mean else "sum"
+    p = _proxy_of(state, x)
+    if keepdim:
+        raise state.fail(f"{what}(keepdim=True) (a mod computes one value per (b, h, q_idx, kv_idx))",
+                         f"leave keepdim out: x.{what}(-1)")
+    if dtype is not None:
+        p = p.to(dtype)
+    if not p.node.row:
+        if dim not in (None, 0, -1, (), (0,), (-1,), [], [0], [-1]):
+            raise state.fail(f"{what} over dim={dim!r} of a scalar", f"x.{what}() of a scalar is the scalar itself")
+        if mean and not p.dtype.is_floating_point:
+            raise state.fail(f"mean of a {str(p.dtype)[6:]} value (torch defines it for floats only)",
+                             "cast to a float first: x.float().mean()")
+        return p if p.dtype.is_floating_point or p.dtype == torch.int64 else p.to(torch.int64)
+    _reduced_dim(state, dim, what)
+    if mean and not p.dtype.is_floating_point:
+        raise state.fail(f"mean of a {str(p.dtype)[6:]} row (torch defines it for floats only)",
+                         "cast to a float first: x.float().mean(-1)")
+    out = Proxy(state.graph.op("rowsum", p.node), state)
+    return out / state.row_len[id(p.node)] if mean else out
+
+
+def _dot(state, a, b, name: str) -> "Proxy":
+    """torch.dot / torch.inner / @ of two rows: rowsum(a * b)."""
+    pa, pb = _proxy_of(state, a), _proxy_of(state, b)
+    if not (pa.node.row and pb.node.row):
+        raise state.fail(f"{name} of {'a row' if pa.node.row else 'a scalar'} and "
+                         f"{'a row' if pb.node.row else 'a scalar'} (it takes two rows of captured tensors)",
+                         "for a product with a scalar use *; for rows index captured tensors in all but "
+                         "their last dimension: torch.dot(q_rope[b, h, q_idx], k_rope[b, h, kv_idx])")
+    return _sum(state, pa * pb)
+
+
 _CASTABLE = {torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
              torch.float16, torch.bfloat16, torch.float32, torch.float64}
 
@@ -368,7 +447,9 @@ def _where(state: _TraceState, cond, a, b) -> Proxy:
         raise state.fail(f"torch.where's condition has dtype {cond_node.dtype}",
                          "compare to get a bool, e.g. torch.where(x > 0, a, b)")
     a_node, b_node = _widen_for_constants(state, "where", [_lift(state, a), _lift(state, b)])
-    return Proxy(state.graph.op("where", cond_node, a_node, b_node), state)
+    node = state.graph.op("where", cond_node, a_node, b_node)
+    _record_row(state, "where", (cond_node, a_node, b_node), node)
+    return Proxy(node, state)
 
 
 _NARROW_INTS = (torch.int8, torch.uint8, torch.int16, torch.int32)
@@ -411,11 +492,10 @@ class _PartialIndex:
 
     def _row_reduction(self, *a, **k):
         raise self.state.fail(
-            f"a row of a captured tensor of shape {tuple(self.tensor.shape)} (its last dimension left open) is "
-            f"reduced inside the mod (torch.dot, (a * b).sum(-1)); mods compute one scalar per (b, h, q_idx, kv_idx)",
-            "the rows' dot product is an attention score term: concatenate the rows to the head dimension of q "
-            "and k instead (q = torch.cat([q, q_rope], -1), k = torch.cat([k, k_rope], -1), and pass scale= "
-            "explicitly: the default 1/sqrt(E) follows the new E), or precompute a [.., L, S] bias table and index it with b, h, q_idx, kv_idx")
+            f"a captured tensor of shape {tuple(self.tensor.shape)} indexed in {len(self.indices)} of its "
+            f"{self.tensor.dim()} dimensions is computed with or reduced (torch.dot, (a * b).sum(-1)); only rows "
+            f"(every dimension indexed but the last) can be",
+            "index every dimension but the last: torch.dot(q_rope[b, h, q_idx], k_rope[b, h, kv_idx])")
 
     __add__ = __radd__ = __sub__ = __rsub__ = __truediv__ = _bad
     __mul__ = __rmul__ = __matmul__ = __rmatmul__ = sum = _row_reduction
@@ -452,12 +532,20 @@ def _index(state: _TraceState, tensor: torch.Tensor, indices: tuple):
             raise state.fail(f"a captured tensor of shape {tuple(tensor.shape)} is indexed in dimension "
                              f"{i} by a {str(node.dtype)[6:]} value",
                              "index with integers: cast with .to(torch.int32) or use // instead of /")
+        if node.row:
+            raise state.fail(f"a captured tensor of shape {tuple(tensor.shape)} is indexed in dimension {i} "
+                             f"by a row (a gather by a whole row of indices)",
+                             "index with scalars computed from b, h, q_idx, kv_idx")
         nodes.append(node)
-    if len(nodes) < tensor.dim():
+    if len(nodes) < tensor.dim() - 1:
         return _PartialIndex(state, tensor, tuple(indices))
     if tensor.dtype.is_complex:
         raise state.fail("a complex captured tensor", "use real tensors")
     buf = state.graph.buffer(tensor)
+    if len(nodes) == tensor.dim() - 1:  # the last dimension left open: a row
+        node = state.graph.op("vload", buf, *nodes)
+        state.row_len[id(node)] = tensor.shape[-1]
+        return Proxy(node, state)
     return Proxy(state.graph.op("load", buf, *nodes), state)
 
 
@@ -651,6 +739,15 @@ TORCH_FUNCTIONS[T.__rrshift__] = _binary("rshift", swap=True)
 for _f in (torch.relu, T.relu, F.relu):
     TORCH_FUNCTIONS[_f] = lambda s, x, inplace=False: _relu(s, x)
 TORCH_FUNCTIONS[F.gelu] = _gelu
+for _f in (torch.sum, T.sum):
+    TORCH_FUNCTIONS[_f] = lambda s, x, dim=None, keepdim=False, *, dtype=None: _sum(s, x, dim, keepdim, dtype)
+for _f in (torch.mean, T.mean):
+    TORCH_FUNCTIONS[_f] = lambda s, x, dim=None, keepdim=False, *, dtype=None: _sum(s, x, dim, keepdim, dtype, True)
+for _f, _name in ((torch.dot, "torch.dot"), (T.dot, "torch.dot"), (torch.inner, "torch.inner"),
+                  (T.inner, "torch.inner"), (torch.vdot, "torch.vdot"), (torch.matmul, "torch.matmul"),
+                  (T.matmul, "torch.matmul"), (T.__matmul__, "@")):
+    TORCH_FUNCTIONS[_f] = (lambda n: lambda s, a, b: _dot(s, a, b, n))(_name)
+TORCH_FUNCTIONS[T.__rmatmul__] = lambda s, a, b: _dot(s, b, a, "@")
 TORCH_FUNCTIONS[F.silu] = _silu
 TORCH_FUNCTIONS[F.softplus] = _softplus
 
@@ -730,6 +827,10 @@ def _finish(graph: Graph, state: _TraceState, out, kind: str, argument: str, fn)
         out_node = graph.const(bool(out) if kind == "mask" else float(out))
     elif isinstance(out, Proxy):
         out_node = out.node
+        if out_node.row:
+            raise state.fail(f"the {kind}_mod returns a row of length {state.row_len[id(out_node)]} (a captured "
+                             f"tensor indexed in all but its last dimension) instead of one value",
+                             "reduce the row: (q_rope[b, h, q_idx] * k_rope[b, h, kv_idx]).sum(-1) or torch.dot")
     elif isinstance(out, torch.Tensor) and out.dim() == 0:
         out_node = _lift(state, out)
     else:

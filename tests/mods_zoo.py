@@ -29,6 +29,9 @@ class ZooMod:
     captured: dict = field(default_factory=dict)
     # Whether some query rows are fully masked (out 0, lse -inf, zero grads expected there).
     has_empty_rows: bool = False
+    # The score_mod for the dense reference, where the mod's own spelling takes one (b, h,
+    # q_idx, kv_idx) at a time (torch.dot of rows) and so cannot run on broadcast indices.
+    reference_score_mod: Optional[Callable] = None
 
 
 def _and_masks(*mods):
@@ -180,6 +183,26 @@ def make_mod(name: str, *, B: int, H: int, L: int, S: int, device="cpu",
         def padding_bias(score, b, h, q_idx, kv_idx):
             return score + pad_bias[0, h, kv_idx]
         return ZooMod(name, padding_bias, key_padding, {"pad_bias": pad_bias})
+    if name in ("mla_rope", "mla_rope_dot"):
+        # MLA's decoupled RoPE: a rope part of q and k kept apart from the head dims, its dot
+        # product added to the score inside the mod (rows of captured tensors, reduced)
+        R, g = 16, 2 if H % 2 == 0 else 1
+        rope_scale = 0.2
+        q_rope = fbuf(0.5 * rand(B, H, N, R))
+        if name == "mla_rope":  # one k_rope for every head, summed as (a * b).sum(-1)
+            k_rope = fbuf(0.5 * rand(B, 1, N, R))
+
+            def mla_rope(score, b, h, q_idx, kv_idx):
+                return score + (q_rope[b, h, q_idx] * k_rope[b, 0, kv_idx]).sum(-1) * rope_scale
+            return ZooMod(name, mla_rope, causal, {"q_rope": q_rope, "k_rope": k_rope})
+        k_rope = fbuf(0.5 * rand(B, H // g, N, R))  # one per group of g query heads, torch.dot
+
+        def mla_rope_dot(score, b, h, q_idx, kv_idx):
+            return score + torch.dot(q_rope[b, h, q_idx], k_rope[b, h // g, kv_idx]) * rope_scale
+
+        def broadcast(score, b, h, q_idx, kv_idx):
+            return score + (q_rope[b, h, q_idx] * k_rope[b, h // g, kv_idx]).sum(dim=-1) * rope_scale
+        return ZooMod(name, mla_rope_dot, None, {"q_rope": q_rope, "k_rope": k_rope}, reference_score_mod=broadcast)
     if name == "softcap_document":
         inner = make_mod("document", B=B, H=H, L=L, S=S, device=device, seed=seed)
         return ZooMod(name, make_mod("softcap", B=B, H=H, L=L, S=S).score_mod, inner.mask_mod)
@@ -193,3 +216,6 @@ ZOO_NAMES = (
 )
 # Entries with captured float tensors (grads checked when requires_grad=True).
 ZOO_WITH_BUFFERS = ("rel_bias", "per_head_scale", "multi_read", "padding_bias")
+# Mods that reduce rows of captured tensors (MLA's RoPE term); not in ZOO_NAMES (whose
+# every test calls the mods on broadcast indices): use `reference_score_mod` for references.
+ROW_ZOO_NAMES = ("mla_rope", "mla_rope_dot")

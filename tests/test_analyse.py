@@ -91,6 +91,9 @@ def test_out_of_range_reads_stay_undecided():
 # ---- soundness over every op, including floats, NaN, overflow and unsigned ----------------
 
 FLOAT_TABLE = torch.tensor([0.0, -1.5, float("nan"), 2.0, float("inf"), -3.0, 1e-3, 7.0])
+ROWS_Q = torch.randn(70, 6, generator=torch.Generator().manual_seed(4))
+ROWS_KV = torch.randn(70, 6, generator=torch.Generator().manual_seed(5))
+ROWS_INT = torch.randint(-5, 6, (7, 6), generator=torch.Generator().manual_seed(6), dtype=torch.int32)
 CASES = {
     "exp_log": lambda b, h, q, kv: torch.log((q - kv).float().abs() + 1) < torch.exp((kv - q).float() / 50),
     "exp2_log2": lambda b, h, q, kv: torch.exp2((q - kv).float() / 8) > torch.log2(kv.float() + 1),
@@ -133,7 +136,20 @@ CASES = {
     "atan2": lambda b, h, q, kv: torch.atan2((q - 30).float(), (kv - 20).float()) > 1.0,
     "isnan_isinf": lambda b, h, q, kv: (~torch.isnan(FLOAT_TABLE[q % 8]) & (torch.isinf(FLOAT_TABLE[kv % 8]) | (q > kv)))
     | torch.isnan(q) | torch.isinf(kv),
+    # rows of captured tensors reduced (MLA's RoPE term in a mask), float and integer rows
+    "row_dot": lambda b, h, q, kv: (torch.dot(ROWS_Q[q], ROWS_KV[kv]) > 0.5) | (q >= kv),
+    "row_sum_bounded": lambda b, h, q, kv: ((ROWS_Q[q] * ROWS_KV[kv]).sum(-1) > -1000.0) & (q >= kv),
+    "row_int_sum": lambda b, h, q, kv: (ROWS_INT[q % 7] * (ROWS_INT[kv % 7] > 0)).sum(-1) + q - kv >= 0,
+    "row_nan": lambda b, h, q, kv: (ROWS_Q[q] * FLOAT_TABLE[kv % 8]).sum(-1) < 1.0,
 }
+
+
+def test_row_sums_are_bounded_by_the_rows_range():
+    """A rowsum lies in R times its row's bounds: a comparison with a far-off constant is
+    decided as if it were not there (the causal blocks come out as for causal alone)."""
+    rows = check_sound(CASES["row_sum_bounded"], 67, 59, (8, 4))[0]
+    causal = check_sound(lambda b, h, q, kv: q >= kv, 67, 59, (8, 4))[0]
+    assert torch.equal(rows, causal)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -20,7 +20,7 @@ sympy = pytest.importorskip("sympy")
 from flexattn.autodiff import differentiate  # noqa: E402
 from flexattn.ir import OPS  # noqa: E402
 from flexattn.trace import trace_score  # noqa: E402
-from mods_zoo import ZOO_NAMES, make_mod  # noqa: E402
+from mods_zoo import ROW_ZOO_NAMES, ZOO_NAMES, make_mod  # noqa: E402
 
 _SYMBOLS = {name: sympy.Symbol(name, real=True) for name in ("score", "b", "h", "q_idx", "kv_idx")}
 
@@ -53,11 +53,13 @@ _SYMPY = {
 
 
 def test_the_sympy_table_covers_the_ir():
-    assert set(_SYMPY) | {"input", "const", "param", "buffer", "load", "cast"} == set(OPS)
+    assert set(_SYMPY) | {"input", "const", "param", "buffer", "load", "vload", "rowsum", "cast"} == set(OPS)
 
 
 def to_sympy(graph, node, load_symbols, memo):
-    """The sympy expression of `node`; loads become the symbols in `load_symbols` (by node id)."""
+    """The sympy expression of `node`; loads become the symbols in `load_symbols` (by node id).
+    A row is a tuple of expressions, one per element (a row load: one symbol per element);
+    elementwise ops map over it (a scalar operand is every element's), rowsum adds it up."""
     if id(node) in memo:
         return memo[id(node)]
     op = node.op
@@ -70,21 +72,36 @@ def to_sympy(graph, node, load_symbols, memo):
         e = sympy.nsimplify(graph.params[node.args[0]], rational=True)
     elif op == "load":
         e = load_symbols.setdefault(id(node), sympy.Symbol(f"load_{node.name}", real=True))
-    elif op == "cast":
-        a = to_sympy(graph, node.args[0], load_symbols, memo)
-        src, dst = node.args[0].dtype, node.dtype
-        if dst == torch.bool:
-            e = sympy.Ne(a, 0)
-        elif src == torch.bool:
-            e = sympy.Piecewise((1, a), (0, True))
-        elif src.is_floating_point and not dst.is_floating_point:
-            e = sympy.Piecewise((sympy.floor(a), a >= 0), (sympy.ceiling(a), True))  # truncation
-        else:
-            e = a  # float <-> float and int -> float: the same real number (up to rounding)
+    elif op == "vload":
+        length = graph.buffers[node.args[0].args[0]].shape[-1]
+        e = load_symbols.setdefault(id(node), tuple(sympy.Symbol(f"load_{node.name}_{j}", real=True)
+                                                    for j in range(length)))
+    elif op == "rowsum":
+        e = sympy.Add(*to_sympy(graph, node.args[0], load_symbols, memo))
+    elif node.row:
+        args = [to_sympy(graph, a, load_symbols, memo) for a in node.args]
+        length = next(len(a) for a in args if isinstance(a, tuple))
+        e = tuple(_scalar_sympy(graph, node, [a[j] if isinstance(a, tuple) else a for a in args])
+                  for j in range(length))
     else:
-        e = _SYMPY[op](*[to_sympy(graph, a, load_symbols, memo) for a in node.args])
+        e = _scalar_sympy(graph, node, [to_sympy(graph, a, load_symbols, memo) for a in node.args])
     memo[id(node)] = e
     return e
+
+
+def _scalar_sympy(graph, node, args):
+    """The sympy expression of non-leaf `node` (not a row load or rowsum) on scalar `args`."""
+    if node.op == "cast":
+        (a,) = args
+        src, dst = node.args[0].dtype, node.dtype
+        if dst == torch.bool:
+            return sympy.Ne(a, 0)
+        if src == torch.bool:
+            return sympy.Piecewise((1, a), (0, True))
+        if src.is_floating_point and not dst.is_floating_point:
+            return sympy.Piecewise((sympy.floor(a), a >= 0), (sympy.ceiling(a), True))  # truncation
+        return a  # float <-> float and int -> float: the same real number (up to rounding)
+    return _SYMPY[node.op](*args)
 
 
 def _differentiable(name):
@@ -94,7 +111,7 @@ def _differentiable(name):
     return m, trace_score(m.score_mod)
 
 
-CASES = [n for n in ZOO_NAMES if make_mod(n, B=2, H=4, L=16, S=16).score_mod is not None]
+CASES = [n for n in ZOO_NAMES + ROW_ZOO_NAMES if make_mod(n, B=2, H=4, L=16, S=16).score_mod is not None]
 
 
 def _same(lhs, rhs, symbols, rng):
@@ -129,9 +146,14 @@ def test_autodiff_matches_sympy(name):
     rng = random.Random(0)
     symbols = sorted(expr.free_symbols | dscore.free_symbols | set(_SYMBOLS.values()), key=lambda s: s.name)
     assert _same(sympy.diff(expr, _SYMBOLS["score"]), dscore, symbols, rng), name
-    assert len(d.load_grads) == sum(1 for n in graph.live_nodes()
-                                    if n.op == "load" and n.args[0].args[0] in slots and n.dtype.is_floating_point)
+    assert len(d.load_grads) == sum(1 for n in graph.live_nodes() if n.op in ("load", "vload")
+                                    and n.args[0].args[0] in slots and n.dtype.is_floating_point)
     for load, grad in d.load_grads:
         sym = loads[id(load)]
         got = to_sympy(d.graph, grad, loads, memo_d)
-        assert _same(sympy.diff(expr, sym), got, symbols, rng), (name, load.name)
+        if load.op == "vload":  # a row's gradient, element by element (a scalar: every element's)
+            for j, s in enumerate(sym):
+                g = got[j] if isinstance(got, tuple) else got
+                assert _same(sympy.diff(expr, s), g, symbols, rng), (name, load.name, j)
+        else:
+            assert _same(sympy.diff(expr, sym), got, symbols, rng), (name, load.name)

@@ -70,6 +70,15 @@ GROUPS = {
         dict(name="empty_rows", L=80, S=80, opts={"bwd_ATOMIC_DQ": True}),
         dict(name="rel_bias", L=50, S=70, Hq=4, Hkv=2, opts={"bwd_ATOMIC_DQ": True, "bwd_SPLIT_DKDV": True}),
     ],
+    # rows of captured tensors reduced in the score_mod (MLA's RoPE term): the row loop in
+    # the forward and backward kernels and the row gradients' atomics (fixed point too)
+    "rows": [
+        dict(name="mla_rope", L=50, S=70, Hq=4, Hkv=2, E=32),
+        dict(name="mla_rope_dot", L=64, S=48, Hq=4, Hkv=2, E=16, dtype="float16"),
+        dict(name="mla_rope_dot", L=40, S=72, Hq=4, Hkv=1, E=32, deterministic=True, lse_grad=True),
+        dict(name="mla_rope", L=64, S=64, Hq=2, E=32, deterministic=True, opts={"bwd_SPLIT_DKDV": True}),
+        dict(name="mla_rope_dot", L=3, S=100, Hq=4, Hkv=2, E=16, bwd=False, opts={"FORCE_DECODE": True}),
+    ],
 }
 
 
@@ -99,11 +108,11 @@ def _check(name, L=64, S=64, E=32, Ev=None, B=1, Hq=2, Hkv=None, dtype="float32"
                                        dropout_p=dropout, dropout_seed=seed if dropout else None)
     keep = dropout_mask(seed, B, Hq, L, S, dropout) if dropout else None
     qr, kr, vr = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    ro, rl = reference_attention(qr, kr, vr, m_ref.score_mod, m_ref.mask_mod, scale=scale, enable_gqa=True,
-                                 dropout_keep=keep, dropout_p=dropout)
+    ro, rl = reference_attention(qr, kr, vr, m_ref.reference_score_mod or m_ref.score_mod, m_ref.mask_mod,
+                                 scale=scale, enable_gqa=True, dropout_keep=keep, dropout_p=dropout)
     q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    go64, gl = reference_attention(q64, k64, v64, m64.score_mod, m64.mask_mod, scale=scale, enable_gqa=True,
-                                   dropout_keep=keep, dropout_p=dropout)
+    go64, gl = reference_attention(q64, k64, v64, m64.reference_score_mod or m64.score_mod, m64.mask_mod,
+                                   scale=scale, enable_gqa=True, dropout_keep=keep, dropout_p=dropout)
     assert_close_to_golden("out", out, ro, go64)
     assert_close_to_golden("lse", lse, rl.float() if dtype != torch.float32 else rl, gl)
     if not bwd:
@@ -126,7 +135,8 @@ def _check(name, L=64, S=64, E=32, Ev=None, B=1, Hq=2, Hkv=None, dtype="float32"
         assert_close_to_golden(nm, a, torch.zeros_like(a) if r is None else r,
                                torch.zeros_like(a, dtype=torch.float64) if g is None else g)
     if deterministic:  # a second run gives bitwise the same gradients
-        out2 = flexattn.flex_attention(q, k, v, score_mod=m.score_mod, block_mask=bm, kernel_options=options)
+        out2 = flexattn.flex_attention(q, k, v, score_mod=m.score_mod, block_mask=bm, kernel_options=options,
+                                       enable_gqa=Hq != Hkv)
         again = torch.autograd.grad(out2, ins, go)
         for nm, a, b in zip(["dq", "dk", "dv"] + list(m.captured), got, again):
             assert torch.equal(a, b), f"{nm} differs between two DETERMINISTIC runs"

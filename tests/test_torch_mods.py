@@ -1,6 +1,7 @@
 """Mods written the way torch FlexAttention users write them: composed with torch's own
 `and_masks` / `or_masks` (attention-gym's sliding window, prefix-LM, global sliding window),
-NATTEN in Morton order (bit shifts), activations in score_mods.
+NATTEN in Morton order (bit shifts), activations in score_mods, MLA's decoupled RoPE term
+(rows of captured tensors reduced in the score_mod: `torch.dot`, `(a * b).sum(-1)`).
 
 Each is checked against torch itself: the BlockMask against torch's `create_block_mask`
 (block by block: empty / partial / full), derivatives against torch.autograd in float64,
@@ -27,6 +28,7 @@ from flexattn.reference import reference_attention
 from flexattn.trace import trace_score
 
 from conftest import assert_close_to_golden, make_qkv
+from mods_zoo import make_mod
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -237,6 +239,14 @@ PRINTED_MODS = {
                             " + torch.atan2((q - kv).float(), s) + torch.atan2(s * 0, s * 0 - 1)"
                             " + torch.atan2(s * 0, s * 0) + torch.atan2(1 / (s * 0), s) + torch.atan2(s, 1 / (s * 0))"
                             " + torch.atan2(1 / (s * 0), 1 / (s * 0)) + torch.atan2(q, kv)"),
+    # a 16-bit value times / by a Python number: torch computes in float32 with the number
+    # as it is (not rounded to float16 first); + and - round the number to float16 first
+    "float16_scaling": ("score", "lambda s, b, h, q, kv: ((q - kv).half() * 0.1).float() + ((kv + 3).half() / 7.0).float()"
+                                 " + (0.3 * (q * 3).half() + 0.7).float() + ((q - 2 * kv).half() * 0.3 - 0.01).float()"
+                                 " + (s.half() * 1.1).float()"),
+    # rows of captured tensors (MLA's RoPE term): the printed loop over the row
+    "rows": ("score", "lambda s, b, h, q, kv: s + torch.dot(ROWS_Q[q], ROWS_KV[kv]) * 0.5"
+                      " + (torch.tanh(ROWS_Q[q]) * s - ROWS_KV[kv % 3] / 3).sum(-1) + ROWS_INT[q % 4].sum()"),
     "isnan_isinf": ("score", "lambda s, b, h, q, kv: torch.isnan(s * 0 / 0).float() + torch.isinf(1 / (s * 0)).float()"
                              " + torch.isinf(s).float() * 3 + torch.isnan(q).float() + torch.isinf(kv).float()"
                              " + torch.isfinite(s).float() * 5 + torch.where(s.isposinf() | (1 / (s * 0)).isneginf(), 7.0, 0.0)"),
@@ -248,7 +258,9 @@ sys.path[:0] = [sys.argv[1]]
 from flexattn import codegen, lift_params, source_cache
 from flexattn.evaluate import evaluate
 from flexattn.trace import trace_mask, trace_score
-from test_torch_mods import morton_natten, PRINTED_MODS
+from test_torch_mods import morton_natten, PRINTED_MODS, ROWS_Q, ROWS_KV, ROWS_INT
+from flexattn.kernels.interpreter import apply_interpreter_fix
+apply_interpreter_fix()  # what the kernels' loader does: loop bounds from scalar arguments
 M, N = 64, 64
 qi = torch.arange(M, dtype=torch.int32)
 ki = torch.arange(N, dtype=torch.int32) + 7
@@ -258,7 +270,7 @@ for name, (kind, src) in PRINTED_MODS.items():
     fn = eval(src)
     g = trace_score(fn) if kind == "score" else trace_mask(fn)
     kg = lift_params.kernel_graph(g)
-    params = ", ".join(codegen.param_names(kg, "sb"))
+    params = ", ".join(codegen.buffer_params(kg, "sb"))
     call = ("m(s, 0, 0, q, kv" if kind == "score" else "m(0, 0, q, kv") + (", " + params if params else "") + ")"
     mod = source_cache.load_module(codegen.PRELUDE + codegen.mod_function("m", kg, kind, "sb") + f"""
 @triton.jit
@@ -270,7 +282,7 @@ def k(QI, KI, SC, OUT, {params + ', ' if params else ''}M: tl.constexpr, N: tl.c
     tl.store(OUT + o, ({call}).to(tl.float32) + tl.zeros([M, N], tl.float32))
 """, "printed_" + name)
     out = torch.empty(M, N)
-    mod.k[(1,)](qi, ki, sc, out, *kg.params, M=M, N=N)
+    mod.k[(1,)](qi, ki, sc, out, *codegen.buffer_args(kg), M=M, N=N)
     z = torch.tensor(0, dtype=torch.int32)
     args = dict(b=z, h=z, q_idx=qi[:, None], kv_idx=ki[None, :])
     want = (evaluate(g, score=sc, **args) if kind == "score" else evaluate(g, **args)).float()
@@ -281,6 +293,11 @@ def k(QI, KI, SC, OUT, {params + ', ' if params else ''}M: tl.constexpr, N: tl.c
         bad.append(f"{name}: max error {err} (torch float32: {ref_err})")
 print("RESULT " + json.dumps(bad))
 '''
+
+
+ROWS_Q = torch.randn(64, 12, generator=torch.Generator().manual_seed(7))
+ROWS_KV = torch.randn(80, 12, generator=torch.Generator().manual_seed(8))
+ROWS_INT = torch.randint(-9, 9, (4, 5), generator=torch.Generator().manual_seed(9), dtype=torch.int32)
 
 
 def test_printed_mods_run_like_torch_in_triton():
@@ -330,3 +347,85 @@ def test_pointwise_score_mods_in_gpu_kernels(name):
     causal = lambda b, h, qi, kv: qi >= kv  # noqa: E731
     bm = flexattn.create_block_mask(causal, None, None, L, S, device="cuda")
     _assert_attention_like_reference(q, k, v, fn, causal, bm)
+
+
+# ---- MLA's decoupled RoPE: rows of captured tensors reduced in the score_mod -----------------
+
+def _assert_zoo_mod_like_golden(name, *, B=1, Hq=4, Hkv=2, L=40, S=56, E=16, dtype=torch.float32,
+                                device="cpu", kernel_options=None):
+    """flexattn's out, lse and the gradients of q, k, v and every captured tensor for the zoo
+    mod `name` (GQA) against the reference in the test dtype and the float64 golden."""
+    def build(buffer_dtype):
+        return make_mod(name, B=B, H=Hq, L=L, S=S, device=device, buffer_dtype=buffer_dtype, requires_grad=True)
+    m, m_ref, m64 = build(dtype), build(dtype), build(torch.float64)
+    q, k, v = make_qkv(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=E, dtype=dtype, device=device)
+    bm = flexattn.create_block_mask(m.mask_mod, B, Hq, L, S, device=device) if m.mask_mod else None
+    out, lse = flexattn.flex_attention(q, k, v, score_mod=m.score_mod, block_mask=bm, enable_gqa=True,
+                                       return_lse=True, kernel_options=kernel_options)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(device)
+    got = torch.autograd.grad(out, [q, k, v] + list(m.captured.values()), go.to(dtype))
+    results = []
+    for mod, cast in ((m_ref, dtype), (m64, torch.float64)):
+        qr, kr, vr = [x.detach().to(cast).requires_grad_() for x in (q, k, v)]
+        o, l = reference_attention(qr, kr, vr, mod.reference_score_mod or mod.score_mod, mod.mask_mod,
+                                   enable_gqa=True)
+        results.append((o, l, torch.autograd.grad(o, [qr, kr, vr] + list(mod.captured.values()), go.to(cast))))
+    (ro, rl, rg), (go64, gl, gg) = results
+    assert_close_to_golden("out", out, ro, go64)
+    assert_close_to_golden("lse", lse, rl, gl)
+    for nm, a, r, g in zip(["dq", "dk", "dv"] + list(m.captured), got, rg, gg):
+        assert_close_to_golden(nm, a, r, g)
+
+
+@pytest.mark.parametrize("name", ["mla_rope", "mla_rope_dot"])
+def test_mla_rope_score_mod_on_the_cpu_path(name):
+    """MLA's score_mod (both spellings; k_rope shared by all heads or by a group of heads)
+    with GQA on the CPU path: out, lse and every gradient, q_rope and k_rope included."""
+    _assert_zoo_mod_like_golden(name, kernel_options={"BACKEND": "cpu"})
+
+
+def test_mla_rope_score_mod_traces_to_a_rowsum():
+    m = make_mod("mla_rope_dot", B=1, H=4, L=8, S=8)
+    text = str(flexattn.trace_score(m.score_mod))
+    assert "float32[:] = buf0[b, h, q_idx, :]" in text and ".sum(-1)" in text
+
+
+def test_float16_scaling_by_a_number_like_torch():
+    """A captured float16 tensor times / by a Python number: torch's arithmetic multiplies in
+    float32 with the number as it is (not rounded to float16 first) and rounds the product to
+    float16; flexattn's CPU path does the same (the Triton printer's case is `float16_scaling`
+    in PRINTED_MODS). torch's own flex_attention is not consistent here: eager (vmap) rounds
+    the number to float16 first - flexattn given that rounded number matches it - and
+    torch.compile keeps the product in float32."""
+    bias = (torch.randn(2, 48, generator=torch.Generator().manual_seed(4)) * 20).half()
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score + bias[h, kv_idx] * 0.1 - bias[h, q_idx] / 3.0
+
+    def mod_rounded(score, b, h, q_idx, kv_idx):  # the numbers as torch's vmap sees them
+        return score + bias[h, kv_idx] * torch.tensor(0.1).half() - bias[h, q_idx] / torch.tensor(3.0).half()
+
+    q, k, v = make_qkv(B=1, Hq=2, L=48, S=48, E=16, requires_grad=False)
+    cpu = {"BACKEND": "cpu"}
+    ref, _ = reference_attention(q, k, v, mod)
+    torch.testing.assert_close(flexattn.flex_attention(q, k, v, score_mod=mod, kernel_options=cpu), ref,
+                               rtol=1e-5, atol=1e-6)
+    torch_eager = torch_flex.flex_attention(q, k, v, score_mod=mod)
+    got_rounded = flexattn.flex_attention(q, k, v, score_mod=mod_rounded, kernel_options=cpu)
+    torch.testing.assert_close(got_rounded, torch_eager, rtol=1e-5, atol=1e-6)
+    assert (ref - torch_eager).abs().max() > 1e-4  # the two roundings differ visibly here
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name, dtype", [("mla_rope", torch.float16), ("mla_rope_dot", torch.bfloat16),
+                                         ("mla_rope_dot", torch.float32)])
+def test_mla_rope_score_mod_in_gpu_kernels(name, dtype):
+    """The row loop compiled for the GPU: forward and backward kernels (out, lse, dq, dk, dv,
+    dq_rope, dk_rope) against the float64 reference, over several blocks, GQA; deterministic
+    gradients bitwise equal between two runs."""
+    opts = {"BACKEND": "triton"}
+    _assert_zoo_mod_like_golden(name, B=2, Hq=8, Hkv=2, L=300, S=333, E=64, dtype=dtype, device="cuda",
+                                kernel_options=opts)
+    _assert_zoo_mod_like_golden(name, B=1, Hq=4, Hkv=4, L=257, S=129, E=128, dtype=dtype, device="cuda",
+                                kernel_options=dict(opts, DETERMINISTIC=True))
