@@ -420,11 +420,12 @@ def test_float16_scaling_by_a_number_like_torch():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name, dtype", [("mla_rope", torch.float16), ("mla_rope_dot", torch.bfloat16),
                                          ("mla_rope_dot", torch.float32)])
-def test_mla_rope_score_mod_in_gpu_kernels(name, dtype):
+@pytest.mark.parametrize("backend", ["triton", "auto"])  # auto: the Hopper forward on sm90
+def test_mla_rope_score_mod_in_gpu_kernels(name, dtype, backend):
     """The row loop compiled for the GPU: forward and backward kernels (out, lse, dq, dk, dv,
-    dq_rope, dk_rope) against the float64 reference, over several blocks, GQA; deterministic
-    gradients bitwise equal between two runs."""
-    opts = {"BACKEND": "triton"}
+    dq_rope, dk_rope) against the float64 reference, over several blocks, GQA, and with
+    DETERMINISTIC (fixed-point atomics for the rows' gradients)."""
+    opts = {"BACKEND": backend}
     _assert_zoo_mod_like_golden(name, B=2, Hq=8, Hkv=2, L=300, S=333, E=64, dtype=dtype, device="cuda",
                                 kernel_options=opts)
     _assert_zoo_mod_like_golden(name, B=1, Hq=4, Hkv=4, L=257, S=129, E=128, dtype=dtype, device="cuda",
