@@ -186,7 +186,7 @@ def make_mod(name: str, *, B: int, H: int, L: int, S: int, device="cpu",
     if name in ("mla_rope", "mla_rope_dot"):
         # MLA's decoupled RoPE: a rope part of q and k kept apart from the head dims, its dot
         # product added to the score inside the mod (rows of captured tensors, reduced)
-        R, g = 16, 2 if H % 2 == 0 else 1
+        R, g = 8, 2 if H % 2 == 0 else 1
         rope_scale = 0.2
         q_rope = fbuf(0.5 * rand(B, H, N, R))
         if name == "mla_rope":  # one k_rope for every head, summed as (a * b).sum(-1)

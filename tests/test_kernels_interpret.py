@@ -73,11 +73,10 @@ GROUPS = {
     # rows of captured tensors reduced in the score_mod (MLA's RoPE term): the row loop in
     # the forward and backward kernels and the row gradients' atomics (fixed point too)
     "rows": [
-        dict(name="mla_rope", L=50, S=70, Hq=4, Hkv=2, E=32, lse_grad=True),
-        dict(name="mla_rope_dot", L=64, S=48, Hq=4, Hkv=2, E=16, dtype="float16"),
-        dict(name="mla_rope_dot", L=40, S=72, Hq=4, Hkv=1, E=32, deterministic=True),
-        dict(name="mla_rope", L=64, S=64, Hq=2, E=32, deterministic=True, opts={"bwd_SPLIT_DKDV": True}),
-        dict(name="mla_rope_dot", L=3, S=100, Hq=4, Hkv=2, E=16, bwd=False, opts={"FORCE_DECODE": True}),
+        dict(name="mla_rope", L=40, S=48, Hq=4, Hkv=2, E=16, lse_grad=True),
+        dict(name="mla_rope_dot", L=32, S=40, Hq=4, Hkv=2, E=16, dtype="float16"),
+        dict(name="mla_rope_dot", L=33, S=40, Hq=2, Hkv=1, E=16, deterministic=True, opts={"bwd_SPLIT_DKDV": True}),
+        dict(name="mla_rope_dot", L=3, S=70, Hq=4, Hkv=2, E=16, bwd=False, opts={"FORCE_DECODE": True}),
     ],
 }
 
