@@ -13,13 +13,16 @@ what goes into them:
 * Captured tensors become three kinds of argument per buffer slot: a pointer, one stride
   and one size per dimension (`sb0_ptr, sb0_s0, sb0_n0, ...`). Loads are bounds-checked
   (out-of-range reads give 0) and address math is int64.
-* Rows (`vload` / `rowsum`, MLA's `torch.dot(q_rope[b, h, q_idx], k_rope[b, h, kv_idx])`)
-  print as a loop over the row's elements: `for d in range(0, <last size>)`, the row nodes
-  printed in the body on [M, 1] / [1, N] tiles (one gathered element per row and column of
-  the tile per step), summed into a float32 accumulator of the tile's shape. Cost per tile:
-  R steps of two gathered loads and M*N fused multiply-adds on the CUDA cores (no tensor
-  cores). The backward adds a row load's gradient the same way, one element per step
-  (reduced over the tile axis its index does not depend on, then atomics).
+* Rows (`vload` / `rowsum`, MLA's `torch.dot(q_rope[b, h, q_idx], k_rope[b, h, kv_idx])`).
+  The rowsum of a product of a q-indexed and a kv-indexed row load of one float dtype is a
+  matrix product over the tile: `tl.dot` of [M, 16] and [16, N] chunks of the rows (tensor
+  cores for 16-bit rows; float32 rows exactly, input_precision "ieee", on the CUDA cores).
+  Any other rowsum prints as a loop over the row's elements, `for d in range(0, <last
+  size>)`, the row nodes printed in the body on [M, 1] / [1, N] tiles (one gathered element
+  per row and column of the tile per step) and summed into a float32 accumulator of the
+  tile's shape: R steps of two gathered loads and M*N multiply-adds on the CUDA cores. The
+  backward adds a row load's gradient in such a loop, one element per step (reduced over
+  the tile axis its index does not depend on, then atomics).
 
 The pass that runs before printing (number constants lifted into kernel arguments) is
 `flexattn.lift_params.kernel_graph`; the on-disk cache of generated source is
@@ -144,6 +147,12 @@ FLOAT_INDEX_TERMS = 4
 INDEX_INPUT_NAMES = ("b", "h", "q_idx", "kv_idx")
 
 
+# Rows summed as a matrix product (TritonPrinter._print_row_dot): chunk of the row per tl.dot
+# (the tensor cores' k step), and the row dtypes it takes.
+ROW_DOT_CHUNK = 16
+_DOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 # Leaves that promote like Python scalars (torch's "weak" types): a const, or a param
 # (a const lifted into a kernel argument).
 WEAK_LEAVES = ("const", "param")
@@ -212,7 +221,60 @@ class TritonPrinter:
             del self.names[id(n)]
         return d, length, body, exprs
 
+    def _row_dot_loads(self, x: Node):
+        """(q-indexed load, kv-indexed load) when x is the product of two float row loads of
+        one dtype, one indexed by q_idx (not kv_idx) and the other by kv_idx (not q_idx):
+        their rowsum is a matrix product over the tile. Else None."""
+        if x.op != "mul" or not all(a.op == "vload" for a in x.args) or x.dtype not in _DOT_DTYPES \
+                or any(a.dtype != x.dtype for a in x.args):
+            return None
+        deps = []
+        for load in x.args:
+            names = {m.args[0] for m in self.graph.upstream(list(load.args[1:])) if m.op == "input"}
+            deps.append(("q_idx" in names) - ("kv_idx" in names))
+        if deps == [1, -1]:
+            return x.args[0], x.args[1]
+        if deps == [-1, 1]:
+            return x.args[1], x.args[0]
+        return None
+
+    def _print_row_dot(self, n: Node, qload: Node, kload: Node) -> str:
+        """rowsum(q_row * kv_row) as tl.dot over chunks of ROW_DOT_CHUNK elements of the
+        rows: [M, C] x [C, N] on the tensor cores (fp32 rows exactly, input_precision ieee),
+        the operand indexed along the tile's first axis on the left."""
+        C = ROW_DOT_CHUNK
+        acc, d = f"v_{n.name}", f"d{self.loops}"
+        self.loops += 1
+        parts = []
+        for load, tag in ((qload, "q"), (kload, "k")):
+            buf = self.names[id(load.args[0])]
+            offs, ok = index_terms(buf, load.args[1:], [self.names[id(i)] for i in load.args[1:]])
+            row, last = f"r{tag}_{n.name}", f"{buf}_s{len(load.args) - 1}"
+            self.lines.append(f"{row} = {' + '.join(offs)}")
+            parts.append((buf, row, " & ".join(ok) or "True", last))
+        length = f"{parts[0][0]}_n{len(qload.args) - 1}"
+        prec = ", input_precision='ieee'" if n.args[0].dtype == torch.float32 else ""
+        zero = " + ".join(f"{self.input_names[k]} * 0" for k in INDEX_INPUT_NAMES)
+        self.lines.append(f"{acc} = tl.cast({zero}, tl.float32)  # the tile's shape")
+        self.lines.append(f"for {d} in range(0, {length}, {C}):")
+        self.lines.append(f"    dd = {d} + tl.arange(0, {C})")
+
+        def load(part, across):  # across: the chunk along axis 1 ([X, C]) or axis 0 ([C, X])
+            buf, row, ok, last = part
+            dd = "dd[None, :]" if across else "dd[:, None]"
+            return f"tl.load({buf}_ptr + {row} + {dd}.to(tl.int64) * {last}, mask=({ok}) & ({dd} < {length}), other=0)"
+        q, k = parts
+        self.lines.append(f"    if {q[1]}.shape[0] == 1:  # q_idx along the tile's second axis: kv rows on the left")
+        self.lines.append(f"        {acc} += tl.dot({load(k, True)}, {load(q, False)}{prec})")
+        self.lines.append("    else:")
+        self.lines.append(f"        {acc} += tl.dot({load(q, True)}, {load(k, False)}{prec})")
+        return acc if n.dtype == torch.float32 else f"tl.cast({acc}, {TL_DTYPES[n.dtype]})"
+
     def _print_rowsum_loop(self, n: Node) -> str:
+        dot = self._row_dot_loads(n.args[0])
+        if dot is not None:
+            self.print_nodes([a for a in self.graph.upstream(list(n.args[0].args)) if not a.row])
+            return self._print_row_dot(n, *dot)
         acc_dtype = torch.float32 if n.dtype in (torch.float16, torch.bfloat16) else n.dtype
         d, length, body, (x,) = self.row_loop([n.args[0]])
         acc = f"v_{n.name}"

@@ -247,3 +247,18 @@ def test_kernel_options_validation():
     with pytest.raises(ValueError, match="power of two"):
         check_kernel_options({"BLOCK_M": 48})
     assert check_kernel_options({"BLOCK_M": 64, "bwd_num_warps": 8}) == {"BLOCK_M": 64, "bwd_num_warps": 8}
+
+
+def test_row_dot_prints_as_a_matrix_product_and_other_rows_as_a_loop():
+    """MLA's RoPE term (a q-indexed row times a kv-indexed row, summed) is a tl.dot over
+    chunks of the rows; any other rowsum is a loop over the row's elements."""
+    q_rope = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
+    k_rope = torch.randn(1, 1, 8, 16, dtype=torch.bfloat16)
+    dot = trace_score(lambda s, b, h, q, kv: s + torch.dot(q_rope[b, h, q], k_rope[b, 0, kv]))
+    src = codegen.mod_function("m", dot, "score", "sb")
+    assert src.count("tl.dot(") == 2 and "input_precision" not in src  # both tile orientations
+    loop = trace_score(lambda s, b, h, q, kv: s + (q_rope[b, h, q] * k_rope[b, 0, kv] * s).sum(-1))
+    src = codegen.mod_function("m", loop, "score", "sb")
+    assert "tl.dot(" not in src and "for d0 in range(0, sb0_n3):" in src
+    f32 = trace_score(lambda s, b, h, q, kv: s + torch.dot(q_rope[b, h, q].float(), k_rope[b, 0, kv].float()))
+    assert "tl.dot(" not in codegen.mod_function("m", f32, "score", "sb")  # casts of rows: not two row loads
