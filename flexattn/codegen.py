@@ -238,51 +238,58 @@ class TritonPrinter:
             return x.args[1], x.args[0]
         return None
 
-    def _print_row_dot(self, n: Node, qload: Node, kload: Node) -> str:
+    def _row_dot_lines(self, n: Node, acc: str, qload: Node, kload: Node):
         """rowsum(q_row * kv_row) as tl.dot over chunks of ROW_DOT_CHUNK elements of the
-        rows: [M, C] x [C, N] on the tensor cores (fp32 rows exactly, input_precision ieee),
-        the operand indexed along the tile's first axis on the left."""
+        rows: [M, C] x [C, N] on the tensor cores (float32 rows exactly: input_precision
+        ieee). Prints the rows' offset tiles; returns (q offsets, kv offsets, lines of the
+        loop for q along the tile's first axis, lines for q along its second)."""
         C = ROW_DOT_CHUNK
-        acc, d = f"v_{n.name}", f"d{self.loops}"
+        d = f"d{self.loops}"
         self.loops += 1
         parts = []
         for load, tag in ((qload, "q"), (kload, "k")):
             buf = self.names[id(load.args[0])]
             offs, ok = index_terms(buf, load.args[1:], [self.names[id(i)] for i in load.args[1:]])
-            row, last = f"r{tag}_{n.name}", f"{buf}_s{len(load.args) - 1}"
+            row = f"r{tag}_{n.name}"
             self.lines.append(f"{row} = {' + '.join(offs)}")
-            parts.append((buf, row, " & ".join(ok) or "True", last))
+            parts.append((buf, row, " & ".join(ok) or "True", f"{buf}_s{len(load.args) - 1}"))
         length = f"{parts[0][0]}_n{len(qload.args) - 1}"
         prec = ", input_precision='ieee'" if n.args[0].dtype == torch.float32 else ""
-        zero = " + ".join(f"{self.input_names[k]} * 0" for k in INDEX_INPUT_NAMES)
-        self.lines.append(f"{acc} = tl.cast({zero}, tl.float32)  # the tile's shape")
-        self.lines.append(f"for {d} in range(0, {length}, {C}):")
-        self.lines.append(f"    dd = {d} + tl.arange(0, {C})")
 
         def load(part, across):  # across: the chunk along axis 1 ([X, C]) or axis 0 ([C, X])
             buf, row, ok, last = part
             dd = "dd[None, :]" if across else "dd[:, None]"
             return f"tl.load({buf}_ptr + {row} + {dd}.to(tl.int64) * {last}, mask=({ok}) & ({dd} < {length}), other=0)"
+
+        def loop(left, right):
+            return [f"for {d} in range(0, {length}, {C}):", f"    dd = {d} + tl.arange(0, {C})",
+                    f"    {acc} += tl.dot({load(left, True)}, {load(right, False)}{prec})"]
         q, k = parts
-        self.lines.append(f"    if {q[1]}.shape[0] == 1:  # q_idx along the tile's second axis: kv rows on the left")
-        self.lines.append(f"        {acc} += tl.dot({load(k, True)}, {load(q, False)}{prec})")
-        self.lines.append("    else:")
-        self.lines.append(f"        {acc} += tl.dot({load(q, True)}, {load(k, False)}{prec})")
-        return acc if n.dtype == torch.float32 else f"tl.cast({acc}, {TL_DTYPES[n.dtype]})"
+        return q[1], k[1], loop(q, k), loop(k, q)
 
     def _print_rowsum_loop(self, n: Node) -> str:
+        acc_dtype = torch.float32 if n.dtype in (torch.float16, torch.bfloat16) else n.dtype
+        acc = f"v_{n.name}"
+        d, length, body, (x,) = self.row_loop([n.args[0]])
+        loop = [f"for {d} in range(0, {length}):"] + ["    " + ln for ln in body]
+        loop.append(f"    {acc} = {acc} + tl.cast({x}, {TL_DTYPES[acc_dtype]})")
         dot = self._row_dot_loads(n.args[0])
         if dot is not None:
-            self.print_nodes([a for a in self.graph.upstream(list(n.args[0].args)) if not a.row])
-            return self._print_row_dot(n, *dot)
-        acc_dtype = torch.float32 if n.dtype in (torch.float16, torch.bfloat16) else n.dtype
-        d, length, body, (x,) = self.row_loop([n.args[0]])
-        acc = f"v_{n.name}"
+            rq, rk, q_first, q_second = self._row_dot_lines(n, acc, *dot)
         zero = " + ".join(f"{self.input_names[k]} * 0" for k in INDEX_INPUT_NAMES)
         self.lines.append(f"{acc} = tl.cast({zero}, {TL_DTYPES[acc_dtype]})  # the tile's shape")
-        self.lines.append(f"for {d} in range(0, {length}):")
-        self.lines += ["    " + ln for ln in body]
-        self.lines.append(f"    {acc} = {acc} + tl.cast({x}, {TL_DTYPES[acc_dtype]})")
+        if dot is None:
+            self.lines += loop
+        else:
+            # the matrix product where the q rows run along one tile axis and the kv rows along
+            # the other (shapes are constexpr: one branch is compiled); the element loop where
+            # a kv row's index varies along both (the decode kernel's packed heads: h // g)
+            self.lines.append(f"if ({rq}.shape[1] == 1) and ({rk}.shape[0] == 1):")
+            self.lines += ["    " + ln for ln in q_first]
+            self.lines.append(f"elif ({rq}.shape[0] == 1) and ({rk}.shape[1] == 1):")
+            self.lines += ["    " + ln for ln in q_second]
+            self.lines.append("else:")
+            self.lines += ["    " + ln for ln in loop]
         return acc if acc_dtype == n.dtype else f"tl.cast({acc}, {TL_DTYPES[n.dtype]})"
 
     # ---- driver ------------------------------------------------------------------------

@@ -76,7 +76,9 @@ GROUPS = {
         dict(name="mla_rope", L=40, S=48, Hq=4, Hkv=2, E=16, lse_grad=True),
         dict(name="mla_rope_dot", L=32, S=40, Hq=4, Hkv=2, E=16, dtype="float16"),
         dict(name="mla_rope_dot", L=33, S=40, Hq=2, Hkv=1, E=16, deterministic=True, opts={"bwd_SPLIT_DKDV": True}),
-        dict(name="mla_rope_dot", L=3, S=70, Hq=4, Hkv=2, E=16, bwd=False, opts={"FORCE_DECODE": True}),
+        # the decode kernel packs query heads into the tile's rows: h is a tile there, and
+        # k_rope[b, h // 2, kv_idx] varies along both axes (one kv head, four query heads)
+        dict(name="mla_rope_dot", L=3, S=70, Hq=4, Hkv=1, E=16, bwd=False, opts={"FORCE_DECODE": True}),
     ],
 }
 
