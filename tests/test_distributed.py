@@ -37,12 +37,14 @@ class Case:
     backend: str = "cpu"         # kernel_options BACKEND ("triton" on CPU: the kernels, interpreted)
     device: str = "cpu"
     dtype: str = "float32"
+    overlap: str = "ring"        # flex_attention's overlap=
 
     @property
     def name(self) -> str:
         extra = "".join(f"-{x}" for x in (self.score, f"N{self.N}", f"gqa{self.Hq}x{self.Hkv}"
                                           if self.Hq != self.Hkv else "", self.backend if self.backend != "cpu"
-                                          else "", self.dtype if self.dtype != "float32" else "") if x)
+                                          else "", self.dtype if self.dtype != "float32" else "",
+                                          self.overlap if self.overlap != "ring" else "") if x)
         return f"{self.mask}-{self.balance}{extra}"
 
 
@@ -115,7 +117,7 @@ def _attention_check(case: Case, group) -> None:
     qs, ks, vs = (sh(t).requires_grad_() for t in (q, k, v))
     options = {"BACKEND": case.backend} if case.device == "cpu" else None
     out, lse = cp.flex_attention(qs, ks, vs, score, bm, group=group, balance=balance, enable_gqa=gqa,
-                                 return_lse=True, kernel_options=options)
+                                 return_lse=True, kernel_options=options, overlap=case.overlap)
     grads = grads_of((out, lse), [qs, ks, vs, *caps], [sh(dout), sh(dlse)])
     got = [unsh(out.detach()), unsh(lse.detach())] + [unsh(t) for t in grads[:3]] + grads[3:]
     names = ["out", "lse", "dq", "dk", "dv"] + [f"grad captured {i}" for i in range(len(caps))]

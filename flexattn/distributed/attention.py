@@ -1,7 +1,9 @@
 """flex_attention over a process group: each rank holds a shard of q, k, v (from `shard`)
-and the global BlockMask; it fetches the kv blocks its queries visit (exchange.fetch_kv, as
-the plan says) and runs one local flexattn call over them with mods that see global
-positions. Forward and backward match single-process flexattn.flex_attention on the full
+and the global BlockMask; it fetches the kv blocks its queries visit (as the plan says) and
+runs local flexattn calls over them with mods that see global positions: overlapped with the
+fetch (overlap.py: the own blocks while the others are in flight, then the received ones, the
+parts merged by lse) or, with overlap="off", one call after the whole fetch
+(exchange.fetch_kv). Forward and backward match single-process flexattn.flex_attention on the full
 tensors; gradients of dk / dv go back to the ranks that own the blocks, gradients of the
 score_mod's captured tensors are summed over the ranks."""
 from __future__ import annotations
@@ -20,9 +22,11 @@ from .agree import agree, check_group, local_error
 from .exchange import fetch_kv, sum_over_ranks
 from .global_mods import global_score_mod
 from .layout import Balance, Layout, resolve
+from .overlap import Call, attend_overlapped
 from .plan import rank_plan
 
 WHERE = "flexattn.distributed.flex_attention"
+OVERLAPS = ("ring", "own_first", "off")
 
 
 def _layout_for(query, key, block_mask, balance, world) -> Layout:
@@ -53,7 +57,7 @@ def _layout_for(query, key, block_mask, balance, world) -> Layout:
 def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_mod: Optional[Callable] = None,
                    block_mask: Optional[BlockMask] = None, *, group=None, balance: Balance = "head_tail",
                    scale: Optional[float] = None, enable_gqa: bool = False, return_lse: bool = False,
-                   kernel_options: Optional[dict] = None):
+                   kernel_options: Optional[dict] = None, overlap: str = "ring"):
     """Context-parallel attention: `query`, `key`, `value` are this rank's shards (from
     `shard(x, 2, group, balance)`), `block_mask` the global BlockMask over the full length
     (the same on every rank), score_mod and the mask see global positions. Returns this
@@ -61,12 +65,22 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     return_lse=True); padding rows give 0 and -inf. Differentiable in q, k, v and the
     score_mod's captured float tensors (their gradient is summed over the ranks).
 
+    overlap: how the fetch of remote kv blocks meets the compute. "ring" (default): the own
+    blocks' attention runs while every peer's blocks are in flight, then each peer's blocks
+    as they arrive, in ring order (one local call per source rank), the parts merged by their
+    lse; in the backward each peer's dK/dV goes back as soon as it is computed. "own_first":
+    the same with one call over all received blocks. "off": wait for every block, then one
+    call over them all (dK/dV go back after the whole backward). The same blocks move in
+    each; the numbers agree to rounding (the merge rounds each part's output once more).
+
     Every rank must call it with the same arguments apart from the shards; a bad or
     mismatched argument raises the same ValueError on every rank."""
     rank, world = check_group(group, WHERE)
     found = {}
 
     def check():
+        if overlap not in OVERLAPS:
+            raise ValueError(f"overlap must be one of {OVERLAPS}, got {overlap!r}")
         check_qkv(query, key, value, enable_gqa)
         found["layout"] = _layout_for(query, key, block_mask, balance, world)
         B, Hq = query.shape[:2]
@@ -84,23 +98,34 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         "block_mask": (block_mask.seq_lengths, block_mask.BLOCK_SIZE, tuple(block_mask.kv_num_blocks.shape),
                        int(block_mask.kv_num_blocks.sum()),
                        None if block_mask.full_kv_num_blocks is None else int(block_mask.full_kv_num_blocks.sum())),
-        "scale": scale, "enable_gqa": bool(enable_gqa), "score_mod given": score_mod is not None,
+        "scale": scale, "enable_gqa": bool(enable_gqa), "score_mod given": score_mod is not None, "overlap": overlap,
+        "key / value require grad": torch.is_grad_enabled() and (key.requires_grad or value.requires_grad),
         "score_mod's captured tensors (shape, requires_grad)": found["captured"]}
     agree(WHERE, error, facts, group)
 
     plan = rank_plan(found["layout"], block_mask, rank)
     q_pos, kv_pos, local_mask = plan.on(block_mask, query.device)
-    k_c, v_c = fetch_kv(key, value, plan, group)
-    args = check_arguments(query, k_c, v_c, scale, enable_gqa, kernel_options, 0.0, None, None)
-    score_graph = None
+    args = check_arguments(query, key, value, scale, enable_gqa, kernel_options, 0.0, None, None)
+    score_graph, grad_slots, captured = None, (), []
     if score_mod is not None:
         score_graph = trace_score_mod(global_score_mod(score_mod, q_pos, kv_pos, plan.seq_len), query.device)
-        own = (q_pos, kv_pos)
         grads = torch.is_grad_enabled()
-        score_graph = score_graph._with_buffers([
-            sum_over_ranks(t, group) if grads and t.requires_grad and all(t is not p for p in own) else t
-            for t in score_graph.buffers])
+        grad_slots = tuple(j for j, t in enumerate(score_graph.buffers)
+                           if grads and t.requires_grad and t is not q_pos and t is not kv_pos)
+        # a captured tensor every rank holds: its gradient is the sum of the ranks' gradients
+        captured = [sum_over_ranks(score_graph.buffers[j], group) for j in grad_slots]
     run = flex_attention_cpu if args.backend == "cpu" else _kernels().flex_attention_triton
-    out, lse = run(query, k_c, v_c, score_graph=score_graph, mask_graph=local_mask.mask_graph, block_mask=local_mask,
-                   scale=args.scale, kernel_options=args.options, dropout_p=0.0, dropout_seed=0)
+    if overlap == "off":
+        k_c, v_c = fetch_kv(key, value, plan, group)
+        if score_graph is not None:
+            bufs = list(score_graph.buffers)
+            for j, t in zip(grad_slots, captured):
+                bufs[j] = t
+            score_graph = score_graph._with_buffers(bufs)
+        out, lse = run(query, k_c, v_c, score_graph=score_graph, mask_graph=local_mask.mask_graph,
+                       block_mask=local_mask, scale=args.scale, kernel_options=args.options, dropout_p=0.0,
+                       dropout_seed=0)
+    else:
+        call = Call(plan, overlap, block_mask, group, run, args.scale, args.options, score_graph, kv_pos, grad_slots)
+        out, lse = attend_overlapped(call, query, key, value, captured)
     return (out, lse) if return_lse else out

@@ -30,23 +30,31 @@ class Traffic:
 TRAFFIC = Traffic()
 
 
-def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+def blocks_of(x: torch.Tensor, block: int) -> torch.Tensor:
     """[B, H, S, D] as [B, H, S // block, block, D] (a view)."""
     B, H, S, D = x.shape
     return x.view(B, H, S // block, block, D)
 
 
-def _exchange(sends, recvs, group) -> None:
-    """Post every send (peer, tensor) and receive (peer, tensor) of this rank at once, wait.
-    Peers are ranks in `group`."""
+def post(sends, recvs, group) -> list:
+    """Post every send (peer, tensor) and receive (peer, tensor) at once (one
+    batch_isend_irecv); the requests to wait on. Peers are ranks in `group`."""
     group = dist.group.WORLD if group is None else group
     ops = [dist.P2POp(dist.isend, t, dist.get_global_rank(group, p), group) for p, t in sends]
     ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, p), group) for p, t in recvs]
-    if ops:
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
     TRAFFIC.sent += sum(t.numel() * t.element_size() for _, t in sends)
     TRAFFIC.received += sum(t.numel() * t.element_size() for _, t in recvs)
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def wait(requests) -> None:
+    for req in requests:
+        req.wait()
+
+
+def _exchange(sends, recvs, group) -> None:
+    """post, then wait."""
+    wait(post(sends, recvs, group))
 
 
 class _FetchKV(torch.autograd.Function):
@@ -55,7 +63,7 @@ class _FetchKV(torch.autograd.Function):
         E = k.shape[-1]
         kv = torch.cat([k, v], dim=-1).contiguous()  # one message per peer
         kvb = plan.kv_block
-        blocks = _blocks(kv, kvb)
+        blocks = blocks_of(kv, kvb)
         B, H, _, _, D = blocks.shape
         compact = kv.new_empty(B, H, plan.n_compact, kvb, D)
         sends = [(p, blocks.index_select(2, offs.to(kv.device))) for p, offs in plan.send]
@@ -71,10 +79,10 @@ class _FetchKV(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dk_c, dv_c):
         plan, kvb = ctx.plan, ctx.plan.kv_block
-        d = _blocks(torch.cat([dk_c, dv_c], dim=-1).contiguous(), kvb)
+        d = blocks_of(torch.cat([dk_c, dv_c], dim=-1).contiguous(), kvb)
         B, H, _, _, D = d.shape
         dkv = d.new_zeros(ctx.shape)
-        dblocks = _blocks(dkv, kvb)
+        dblocks = blocks_of(dkv, kvb)
         # the received blocks' gradients go back to their owners
         sends = [(p, d.index_select(2, slots.to(d.device))) for p, slots in plan.recv]
         recvs = [(p, d.new_empty(B, H, offs.numel(), kvb, D)) for p, offs in plan.send]

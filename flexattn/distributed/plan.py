@@ -4,7 +4,8 @@ the same plan without talking, and the benchmark computes it without any process
 
     world_plan(layout, block_mask)        -> WorldPlan (all ranks: needs, volumes, work)
     rank_plan(layout, block_mask, rank)   -> RankPlan  (one rank: its P2P lists, its local
-                                             BlockMask over the compact kv buffer)
+                                             BlockMask over the compact kv buffer, and the
+                                             parts of an overlapped fetch: RankPlan.parts)
 
 A rank's compact kv buffer holds the kv blocks its queries visit, in ascending global
 order: its own blocks are copied, the others are received from their owners. Its local
@@ -105,6 +106,7 @@ class RankPlan:
     kv_pos: torch.Tensor              # int32 [n_compact * kv_block]: of each compact kv slot
     local_state: torch.Tensor = field(repr=False)   # int8 [Bm, Hm, nq_local, n_compact]
     seq_len: int = 0
+    world_size: int = 1
     _masks: dict = field(default_factory=dict, repr=False)
 
     def on(self, bm: BlockMask, device) -> tuple:
@@ -118,6 +120,58 @@ class RankPlan:
                                           (q_pos.numel(), kv_pos.numel()), trace_mask(mod, "block_mask.mask_mod"))
             self._masks[key] = (q_pos, kv_pos, local)
         return self._masks[key]
+
+    def parts(self, overlap: str) -> list:
+        """The local calls of an overlapped fetch (see Part): first the own blocks, then
+        "ring": one part per source rank, in ring order (step s receives from rank - s and
+        sends to rank + s, so every rank's step s pairs with its peers' step s); "own_first":
+        one part for every received block. Steps with nothing to send or receive are left out."""
+        key = ("parts", overlap)
+        if key not in self._masks:
+            own = Part(self.local_to, [], [])
+            recv, send = dict(self.recv), dict(self.send)
+            if overlap == "ring":
+                P = self.world_size
+                steps = [((self.rank - s) % P, (self.rank + s) % P) for s in range(1, P)]
+                remote = [Part(recv.get(src, _NONE), [(src, recv[src])] if src in recv else [],
+                               [(dst, send[dst])] if dst in send else []) for src, dst in steps]
+            else:
+                slots = torch.cat([sl for _, sl in self.recv]) if self.recv else _NONE
+                remote = [Part(slots, list(self.recv), list(self.send))]
+            self._masks[key] = [own] + [p for p in remote if p.recv or p.send]
+        return self._masks[key]
+
+    def part_on(self, bm: BlockMask, device, overlap: str, i: int) -> tuple:
+        """(kv_pos, local BlockMask) of part i of `parts(overlap)` on `device` (mask None for a
+        part that reads no blocks): the rows of the compact BlockMask at the part's columns."""
+        key = (str(torch.device(device)), overlap, i)
+        if key not in self._masks:
+            slots = self.parts(overlap)[i].slots
+            q_pos = self.on(bm, device)[0]
+            kv_pos = self.kv_pos.view(-1, self.kv_block)[slots].reshape(-1).to(device)
+            local = None
+            if slots.numel():
+                mod = global_mask_mod(bm, q_pos, kv_pos, self.seq_len)
+                local = BlockMask._from_state(self.local_state[..., slots].to(device), bm.BLOCK_SIZE, mod,
+                                              (q_pos.numel(), kv_pos.numel()),
+                                              trace_mask(mod, "block_mask.mask_mod"))
+            self._masks[key] = (kv_pos, local)
+        return self._masks[key]
+
+
+_NONE = torch.zeros(0, dtype=torch.int64)
+
+
+@dataclass
+class Part:
+    """One local call of an overlapped fetch: it reads the compact slots `slots` (in the
+    order of its kv buffer: the own blocks in ascending order, or the blocks received from
+    each peer of `recv` one after another), which arrive in one batch of P2P ops with `send`
+    (the blocks this rank gives in the same step). Its backward sends the received blocks'
+    dK/dV back and receives those of the blocks in `send`."""
+    slots: torch.Tensor               # compact slots of its kv blocks, in buffer order
+    recv: list                        # [(peer, compact slots)] received for it
+    send: list                        # [(peer, local block offsets)] sent in its step
 
 
 def _rank_plan(layout: Layout, bm: BlockMask, rank: int) -> RankPlan:
@@ -149,7 +203,7 @@ def _rank_plan(layout: Layout, bm: BlockMask, rank: int) -> RankPlan:
     state = torch.where(edge & (state == FULL), torch.tensor(PARTIAL, dtype=torch.int8), state)
     kv_pos = (need[:, None] * kvb + torch.arange(kvb)).reshape(-1)
     return RankPlan(rank, kvb, need.numel(), wp.kv_local[own], slot_of[own], recv, send,
-                    layout.positions(rank).to(torch.int32), kv_pos.to(torch.int32), state, Q)
+                    layout.positions(rank).to(torch.int32), kv_pos.to(torch.int32), state, Q, layout.world_size)
 
 
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
