@@ -25,6 +25,14 @@ the end (exit status 1 if one is missed).
 of 3): the one call flexattn.distributed makes over the compact buffer of fetched blocks, and
 one call per source rank's blocks merged by their lse (what a ring or an overlapped fetch
 computes), and gives each one's largest difference from a float64 run of the one call.
+
+--wall spawns gloo worlds of 2 and 4 processes on this machine and times
+flexattn.distributed.flex_attention end to end (forward, and forward + backward; the slowest
+rank's median over the repetitions) for each `overlap` mode ("off": the whole fetch, then one
+call; "own_first": the own blocks while the rest is in flight, then one call over the received
+ones; "ring": one call per source rank as its blocks arrive), causal / sliding window /
+document masks, the CPU path, float32. On one host with few cores this measures the mechanism
+(call count, merge, waits), not what NCCL between GPUs would give.
 """
 from __future__ import annotations
 
@@ -146,14 +154,92 @@ def local_cost(N: int = 8192, P: int = 4, rank: int = 0, H: int = 4, D: int = 64
               f"{(o_merged.double() - gold).abs().max():.1e} |")
 
 
+WALL_MODES = ("off", "own_first", "ring")
+
+
+def _wall_mask(name: str, N: int):
+    if name == "causal":
+        return masks.causal()
+    if name == "sliding":
+        return masks.sliding_window(N // 8 - 1, 0)
+    return masks.document(torch.arange(N, dtype=torch.int32) // (N // 6), inner=masks.causal())
+
+
+def _wall_rank(rank: int, world: int, port: int, out_dir: str, N: int, H: int, D: int, reps: int) -> None:
+    """One rank of a --wall world: times every (mask, mode), writes rank{rank}.json."""
+    import torch.distributed as dist
+    from flexattn import distributed as cp
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(1, H, N, D, generator=g) for _ in range(3)]
+    rows = []
+    for mask in ("causal", "sliding", "document"):
+        bm = create_block_mask(_wall_mask(mask, N), None, None, N, N, device="cpu", BLOCK_SIZE=BLOCK)
+        q, k, v = (cp.shard(t, 2, balance=bm).requires_grad_() for t in full)
+        for mode in WALL_MODES:
+            times = {"fwd": [], "fwd+bwd": []}
+            for i in range(reps + 1):  # the first is a warm-up
+                for what in times:
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    with torch.set_grad_enabled(what != "fwd"):
+                        out = cp.flex_attention(q, k, v, None, bm, balance=bm, overlap=mode)
+                    if what != "fwd":
+                        out.backward(torch.ones_like(out))
+                    if i:
+                        times[what].append(time.perf_counter() - t0)
+            rows.append({"mask": mask, "mode": mode, **times})
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(rows, f)
+    dist.destroy_process_group()
+
+
+def wall(N: int = 4096, H: int = 4, D: int = 64, reps: int = 5, worlds=(2, 4)) -> list:
+    """Print the --wall table (see the module doc); its rows."""
+    import socket
+    import tempfile
+    import torch.multiprocessing as mp
+    print(f"flexattn.distributed.flex_attention wall time, gloo on this host, N={N}, H={H}, D={D}, float32, CPU "
+          f"path, balance=block_mask, BLOCK_SIZE {BLOCK}; slowest rank's median of {reps}, seconds")
+    print("| mask | ranks | fwd off | fwd own_first | fwd ring | fwd+bwd off | fwd+bwd own_first | fwd+bwd ring |")
+    print("|---|---|---|---|---|---|---|---|")
+    out = []
+    for P in worlds:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        with tempfile.TemporaryDirectory() as d:
+            mp.start_processes(_wall_rank, args=(P, port, d, N, H, D, reps), nprocs=P, start_method="spawn")
+            ranks = [json.load(open(os.path.join(d, f"rank{r}.json"))) for r in range(P)]
+        cells = {}
+        for i, row in enumerate(ranks[0]):
+            for what in ("fwd", "fwd+bwd"):
+                per_rep = [max(rk[i][what][j] for rk in ranks) for j in range(reps)]  # the slowest rank
+                cells[(row["mask"], row["mode"], what)] = sorted(per_rep)[reps // 2]
+        for mask in ("causal", "sliding", "document"):
+            vals = [cells[(mask, m, w)] for w in ("fwd", "fwd+bwd") for m in WALL_MODES]
+            print(f"| {mask} | {P} | " + " | ".join(f"{t:.3f}" for t in vals) + " |")
+            out.append({"mask": mask, "ranks": P, "N": N, **{f"{w} {m}": cells[(mask, m, w)]
+                                                             for w in ("fwd", "fwd+bwd") for m in WALL_MODES}})
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="128K tokens only")
     ap.add_argument("--local-cost", action="store_true", help="only the one-call vs merged-calls comparison")
+    ap.add_argument("--wall", action="store_true", help="only the wall time of each overlap mode (gloo, 2 and 4 "
+                    "processes)")
     ap.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "bench_context_parallel.json"))
     args = ap.parse_args()
     if args.local_cost:
         local_cost()
+        return 0
+    if args.wall:
+        rows = wall()
+        with open(os.path.join(ROOT, "benchmarks", "bench_context_parallel_wall.json"), "w") as f:
+            json.dump({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "rows": rows}, f, indent=1)
         return 0
     rows = []
     for size in (("128K",) if args.quick else tuple(SIZES)):

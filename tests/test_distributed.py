@@ -52,12 +52,17 @@ CASES = {
     2: [Case(m, b) for m in ("causal", "sliding", "document", "prefix_lm") for b in ("contiguous", "head_tail", "mask")]
        + [Case("causal", "head_tail", "alibi"), Case("document", "mask", "softcap"),
           Case("sliding", "head_tail", Hq=4, Hkv=2, N=173), Case("prefix_lm", "contiguous", "alibi", N=97),
-          Case("sliding", "head_tail", "alibi", N=100, backend="triton")],
+          Case("sliding", "head_tail", "alibi", N=100, backend="triton"),
+          Case("causal", "head_tail", "alibi", overlap="off"), Case("document", "mask", "softcap", overlap="off")],
     4: [Case("causal", "head_tail", "alibi", N=300), Case("document", "mask", "softcap", N=300),
-        Case("sliding", "contiguous", Hq=4, Hkv=1, N=261), Case("prefix_lm", "mask", N=250)],
+        Case("sliding", "contiguous", Hq=4, Hkv=1, N=261), Case("prefix_lm", "mask", N=250),
+        Case("causal", "head_tail", "alibi", N=300, overlap="own_first"),
+        Case("document", "mask", "softcap", N=300, overlap="off")],
 }
+OVERLAPS = ("ring", "own_first", "off")
 ERRORS = ("unequal_shards", "mask_for_other_lengths", "ranks_disagree_on_balance", "layout_for_other_world",
-          "unshard_unequal_shards", "score_mod_fails_to_trace_on_one_rank")
+          "unshard_unequal_shards", "score_mod_fails_to_trace_on_one_rank", "group_without_this_rank",
+          "ranks_pass_different_groups")
 
 
 # ---------------------------------------------------------------------------------------
@@ -125,7 +130,7 @@ def _attention_check(case: Case, group) -> None:
         assert_close_to_golden(name, x, r, gold)
 
 
-def _no_remote_check(rank: int, group) -> dict:
+def _no_remote_check(rank: int, group, overlap: str) -> dict:
     """Sliding window of 20 under "contiguous" at N=256 over 2 ranks: rank 0's queries see only
     its own keys; rank 1's first block reaches back into rank 0's last two blocks."""
     from flexattn import create_block_mask, masks
@@ -136,15 +141,17 @@ def _no_remote_check(rank: int, group) -> dict:
     q, k, v = (cp.shard(t.detach(), 2, group, "contiguous", block_size=BLOCK).requires_grad_()
                for t in make_qkv(B=1, Hq=2, L=N, E=16))
     TRAFFIC.reset()
-    out = cp.flex_attention(q, k, v, None, bm, group=group, balance="contiguous")
+    out = cp.flex_attention(q, k, v, None, bm, group=group, balance="contiguous", overlap=overlap)
     forward = (TRAFFIC.sent, TRAFFIC.received)
     TRAFFIC.reset()
     out.sum().backward()
     return {"forward": forward, "backward": (TRAFFIC.sent, TRAFFIC.received)}
 
 
-def _error_check(name: str, rank: int, world: int, group):
-    """Run bad input `name`; (exception type, text) or None if nothing was raised."""
+def _error_check(name: str, rank: int, world: int, group, others: dict):
+    """Run bad input `name`; (exception type, text) or None if nothing was raised. others:
+    "first" (a group of rank 0 alone), "pair" (the last two ranks: at 2 ranks a group of the
+    same ranks as `group`, but another group)."""
     from flexattn import create_block_mask, masks
     from flexattn import distributed as cp
     N = 256  # "contiguous" and "head_tail" both give shards of 128 positions (at 2 ranks) or 64 (at 4)
@@ -169,6 +176,12 @@ def _error_check(name: str, rank: int, world: int, group):
             return score if q_idx > kv_idx else -score  # Python control flow on an index: TraceError
 
         args = (q, k, v, branching if rank == 1 else None, bm)
+    elif name == "group_without_this_rank":
+        if rank == world - 1:
+            kwargs["group"] = others["first"]
+    elif name == "ranks_pass_different_groups":
+        if rank == world - 1:  # the others wait in a call over `group`, this rank in one over "pair"
+            kwargs["group"] = others["pair"]
     elif name == "unshard_unequal_shards":
         call, args, kwargs = cp.unshard, (q if rank else q[:, :, :-BLOCK], 2, group, "head_tail"), \
             {"seq_len": N, "block_size": BLOCK}
@@ -193,10 +206,12 @@ def _world_main(rank: int, world: int, port: int, out_dir: str) -> None:
             report[case.name] = "ok"
         except Exception:  # noqa: BLE001 - reported per check
             report[case.name] = traceback.format_exc()
-    for name in ERRORS:
-        report["error:" + name] = _error_check(name, rank, world, group)
     if world == 2:
-        report["no_remote"] = _no_remote_check(rank, group)
+        report["no_remote"] = {o: _no_remote_check(rank, group, o) for o in OVERLAPS}
+    others = {"first": dist.new_group([0]), "pair": dist.new_group([world - 2, world - 1])}
+    for name in ERRORS:
+        report["error:" + name] = _error_check(name, rank, world, group, others)
+        dist.barrier()  # the next check starts on every rank after this one ended on all
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.destroy_process_group()
@@ -255,12 +270,14 @@ def test_bad_input_raises_on_every_rank(reports, world, name):
     assert all(g[0] == "ValueError" for g in got), f"{name}: expected ValueError on every rank, got {got}"
     expected = {"unequal_shards": f"rank {world - 1}", "mask_for_other_lengths": "rank 1",
                 "ranks_disagree_on_balance": "disagree on layout", "layout_for_other_world": "Layout for",
-                "unshard_unequal_shards": "rank 0", "score_mod_fails_to_trace_on_one_rank": "rank 1: TraceError"}[name]
+                "unshard_unequal_shards": "rank 0", "score_mod_fails_to_trace_on_one_rank": "rank 1: TraceError",
+                "group_without_this_rank": "not a member", "ranks_pass_different_groups": "not all in this call"}[name]
     assert all(expected in g[1] for g in got), f"{name}: every rank's message should name {expected!r}: {got}"
 
 
-def test_a_rank_that_needs_no_remote_kv_receives_none(reports):
-    r0, r1 = (rep["no_remote"] for rep in reports(2))
+@pytest.mark.parametrize("overlap", OVERLAPS)
+def test_a_rank_that_needs_no_remote_kv_receives_none(reports, overlap):
+    r0, r1 = (rep["no_remote"][overlap] for rep in reports(2))
     # B=1, Hkv=2, E=Ev=16, float32: one kv block of K and V is 1*2*16*(16+16)*4 bytes
     block = 2 * BLOCK * 32 * 4
     assert r0["forward"] == [2 * block, 0], r0     # rank 0 sends its last 2 blocks, receives nothing
