@@ -30,8 +30,8 @@ computes), and gives each one's largest difference from a float64 run of the one
 flexattn.distributed.flex_attention end to end (forward, and forward + backward; the slowest
 rank's median over the repetitions) for each `overlap` mode ("off": the whole fetch, then one
 call; "own_first": the own blocks while the rest is in flight, then one call over the received
-ones; "ring": one call per source rank as its blocks arrive), causal / sliding window /
-document masks, the CPU path, float32. On one host with few cores this measures the mechanism
+ones; "ring": one call per source rank as its blocks arrive) and the one-shot fetch alone (the
+most an overlap can hide), causal / sliding window / document masks, the CPU path, float32. On one host with few cores this measures the mechanism
 (call count, merge, waits), not what NCCL between GPUs would give.
 """
 from __future__ import annotations
@@ -169,6 +169,8 @@ def _wall_rank(rank: int, world: int, port: int, out_dir: str, N: int, H: int, D
     """One rank of a --wall world: times every (mask, mode), writes rank{rank}.json."""
     import torch.distributed as dist
     from flexattn import distributed as cp
+    from flexattn.distributed.exchange import fetch_kv
+    from flexattn.distributed.plan import rank_plan
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     g = torch.Generator().manual_seed(0)
@@ -177,6 +179,16 @@ def _wall_rank(rank: int, world: int, port: int, out_dir: str, N: int, H: int, D
     for mask in ("causal", "sliding", "document"):
         bm = create_block_mask(_wall_mask(mask, N), None, None, N, N, device="cpu", BLOCK_SIZE=BLOCK)
         q, k, v = (cp.shard(t, 2, balance=bm).requires_grad_() for t in full)
+        plan = rank_plan(balanced_layout(bm, world), bm, rank)
+        fetch = []
+        for i in range(reps + 1):  # the one-shot fetch alone: what an overlap can hide at most
+            dist.barrier()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fetch_kv(k, v, plan, None)
+            if i:
+                fetch.append(time.perf_counter() - t0)
+        rows.append({"mask": mask, "mode": "fetch only", "fwd": fetch, "fwd+bwd": fetch})
         for mode in WALL_MODES:
             times = {"fwd": [], "fwd+bwd": []}
             for i in range(reps + 1):  # the first is a warm-up
@@ -195,15 +207,16 @@ def _wall_rank(rank: int, world: int, port: int, out_dir: str, N: int, H: int, D
     dist.destroy_process_group()
 
 
-def wall(N: int = 4096, H: int = 4, D: int = 64, reps: int = 5, worlds=(2, 4)) -> list:
+def wall(N: int = 4096, H: int = 4, D: int = 64, reps: int = 7, worlds=(2, 4)) -> list:
     """Print the --wall table (see the module doc); its rows."""
     import socket
     import tempfile
     import torch.multiprocessing as mp
     print(f"flexattn.distributed.flex_attention wall time, gloo on this host, N={N}, H={H}, D={D}, float32, CPU "
           f"path, balance=block_mask, BLOCK_SIZE {BLOCK}; slowest rank's median of {reps}, seconds")
-    print("| mask | ranks | fwd off | fwd own_first | fwd ring | fwd+bwd off | fwd+bwd own_first | fwd+bwd ring |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| mask | ranks | fetch only | fwd off | fwd own_first | fwd ring | fwd+bwd off | fwd+bwd own_first | "
+          "fwd+bwd ring |")
+    print("|---|---|---|---|---|---|---|---|---|")
     out = []
     for P in worlds:
         with socket.socket() as sock:
@@ -218,10 +231,11 @@ def wall(N: int = 4096, H: int = 4, D: int = 64, reps: int = 5, worlds=(2, 4)) -
                 per_rep = [max(rk[i][what][j] for rk in ranks) for j in range(reps)]  # the slowest rank
                 cells[(row["mask"], row["mode"], what)] = sorted(per_rep)[reps // 2]
         for mask in ("causal", "sliding", "document"):
-            vals = [cells[(mask, m, w)] for w in ("fwd", "fwd+bwd") for m in WALL_MODES]
+            vals = [cells[(mask, "fetch only", "fwd")]] + [cells[(mask, m, w)] for w in ("fwd", "fwd+bwd")
+                                                           for m in WALL_MODES]
             print(f"| {mask} | {P} | " + " | ".join(f"{t:.3f}" for t in vals) + " |")
-            out.append({"mask": mask, "ranks": P, "N": N, **{f"{w} {m}": cells[(mask, m, w)]
-                                                             for w in ("fwd", "fwd+bwd") for m in WALL_MODES}})
+            out.append({"mask": mask, "ranks": P, "N": N, "fetch only": cells[(mask, "fetch only", "fwd")],
+                        **{f"{w} {m}": cells[(mask, m, w)] for w in ("fwd", "fwd+bwd") for m in WALL_MODES}})
     return out
 
 

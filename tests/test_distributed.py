@@ -37,7 +37,7 @@ class Case:
     backend: str = "cpu"         # kernel_options BACKEND ("triton" on CPU: the kernels, interpreted)
     device: str = "cpu"
     dtype: str = "float32"
-    overlap: str = "ring"        # flex_attention's overlap=
+    overlap: str = "ring"        # flex_attention's overlap= (the default, "auto", is "off" on CPU)
 
     @property
     def name(self) -> str:
@@ -59,7 +59,7 @@ CASES = {
         Case("causal", "head_tail", "alibi", N=300, overlap="own_first"),
         Case("document", "mask", "softcap", N=300, overlap="off")],
 }
-OVERLAPS = ("ring", "own_first", "off")
+OVERLAPS = ("auto", "ring", "own_first", "off")
 ERRORS = ("unequal_shards", "mask_for_other_lengths", "ranks_disagree_on_balance", "layout_for_other_world",
           "unshard_unequal_shards", "score_mod_fails_to_trace_on_one_rank", "group_without_this_rank",
           "ranks_pass_different_groups")

@@ -1,7 +1,8 @@
 """flexattn.distributed on GPUs over NCCL (marker `gpu`; skipped without CUDA): one spawned
-world of min(2, GPU count) ranks, one GPU each, runs the generated kernels on the local
+world of min(4, GPU count) ranks, one GPU each, runs the generated kernels on the local
 calls; out, lse, dq, dk, dv and captured gradients against the float64 reference under the
-numerics rule (bfloat16 inputs).
+numerics rule (bfloat16 inputs), in each overlap mode ("ring": one step per source rank, which
+needs 3 or more GPUs to take more than one step; "own_first"; "off").
 
     python -m pytest -q tests/test_distributed_gpu.py        # on a machine with 1 or more GPUs
 """
@@ -22,7 +23,10 @@ pytestmark = pytest.mark.gpu
 CASES = [Case("causal", "head_tail", "alibi", N=1000, device="cuda", dtype="bfloat16"),
          Case("document", "mask", "softcap", N=600, device="cuda", dtype="bfloat16"),
          Case("sliding", "contiguous", Hq=4, Hkv=1, N=777, device="cuda", dtype="bfloat16"),
-         Case("prefix_lm", "head_tail", N=513, device="cuda", dtype="float16")]
+         Case("prefix_lm", "head_tail", N=513, device="cuda", dtype="float16"),
+         Case("causal", "head_tail", "alibi", N=1000, device="cuda", dtype="bfloat16", overlap="own_first"),
+         Case("causal", "head_tail", "alibi", N=1000, device="cuda", dtype="bfloat16", overlap="off"),
+         Case("document", "mask", "softcap", N=600, device="cuda", dtype="bfloat16", overlap="off")]
 
 
 def _world_main(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -44,7 +48,7 @@ def _world_main(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
-    world = min(2, torch.cuda.device_count())
+    world = min(4, torch.cuda.device_count())
     return run_world(_world_main, world, tmp_path_factory.mktemp("nccl"), "NCCL")
 
 

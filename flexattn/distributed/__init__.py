@@ -11,8 +11,9 @@ the sequence sharded across them, communication decided by the BlockMask.
 
 Modules: layout (who holds which tokens), mask_rows (what the mask says per q-block row),
 plan (who needs which kv blocks), global_mods (local mods on global positions), exchange
-(the autograd-aware P2P fetch), agree (checks every rank passes), sharding (shard /
-unshard), attention (flex_attention).
+(the autograd-aware P2P fetch), overlap (the fetch overlapped with the local calls, parts
+merged by lse), agree (checks every rank passes), sharding (shard / unshard), attention
+(flex_attention).
 """
 from .attention import flex_attention
 from .layout import Layout, balanced_layout, make_layout

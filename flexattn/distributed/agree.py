@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch.distributed as dist
 
 _KEY = "flexattn.distributed/state/"
-_POLL_S = (0.0005, 0.05)       # first and longest pause between looks at the store
+_POLL_S = (0.0002, 0.01)        # first and longest pause between looks at the store
 _GONE_S = 3.0                  # a member that left a call over another group and did not come back
 _WAIT_S = 1800.0               # a member that neither arrives nor is stuck: give up after this
 

@@ -26,7 +26,7 @@ from .overlap import Call, attend_overlapped
 from .plan import rank_plan
 
 WHERE = "flexattn.distributed.flex_attention"
-OVERLAPS = ("ring", "own_first", "off")
+OVERLAPS = ("auto", "ring", "own_first", "off")
 
 
 def _layout_for(query, key, block_mask, balance, world) -> Layout:
@@ -57,7 +57,7 @@ def _layout_for(query, key, block_mask, balance, world) -> Layout:
 def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_mod: Optional[Callable] = None,
                    block_mask: Optional[BlockMask] = None, *, group=None, balance: Balance = "head_tail",
                    scale: Optional[float] = None, enable_gqa: bool = False, return_lse: bool = False,
-                   kernel_options: Optional[dict] = None, overlap: str = "ring"):
+                   kernel_options: Optional[dict] = None, overlap: str = "auto"):
     """Context-parallel attention: `query`, `key`, `value` are this rank's shards (from
     `shard(x, 2, group, balance)`), `block_mask` the global BlockMask over the full length
     (the same on every rank), score_mod and the mask see global positions. Returns this
@@ -65,13 +65,15 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     return_lse=True); padding rows give 0 and -inf. Differentiable in q, k, v and the
     score_mod's captured float tensors (their gradient is summed over the ranks).
 
-    overlap: how the fetch of remote kv blocks meets the compute. "ring" (default): the own
-    blocks' attention runs while every peer's blocks are in flight, then each peer's blocks
-    as they arrive, in ring order (one local call per source rank), the parts merged by their
-    lse; in the backward each peer's dK/dV goes back as soon as it is computed. "own_first":
-    the same with one call over all received blocks. "off": wait for every block, then one
-    call over them all (dK/dV go back after the whole backward). The same blocks move in
-    each; the numbers agree to rounding (the merge rounds each part's output once more).
+    overlap: how the fetch of remote kv blocks meets the compute. "ring": the own blocks'
+    attention runs while every peer's blocks are in flight, then each peer's blocks as they
+    arrive, in ring order (one local call per source rank), the parts merged by their lse; in
+    the backward each peer's dK/dV goes back as soon as it is computed. "own_first": the same
+    with one call over all received blocks. "off": wait for every block, then one call over
+    them all (dK/dV go back after the whole backward). "auto" (default): "ring" on GPUs,
+    "off" on the CPU path (where the compute dwarfs the transfers and the extra calls cost
+    more than they hide; docs/context-parallel.md). The same blocks move in each; the numbers
+    agree to rounding (the merge rounds each part's output once more).
 
     Every rank must call it with the same arguments apart from the shards; a bad or
     mismatched argument raises the same ValueError on every rank."""
@@ -103,6 +105,8 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         "score_mod's captured tensors (shape, requires_grad)": found["captured"]}
     agree(WHERE, error, facts, group)
 
+    if overlap == "auto":
+        overlap = "ring" if query.device.type == "cuda" else "off"
     plan = rank_plan(found["layout"], block_mask, rank)
     q_pos, kv_pos, local_mask = plan.on(block_mask, query.device)
     args = check_arguments(query, key, value, scale, enable_gqa, kernel_options, 0.0, None, None)

@@ -61,7 +61,8 @@ def _forward(call: Call, q, k, v, captured, record: bool):
     plan, bm, dev = call.plan, call.block_mask, q.device
     parts = plan.parts(call.overlap)
     E, kvb = k.shape[-1], plan.kv_block
-    kv = torch.cat([k, v], dim=-1).contiguous()  # one message per peer and step
+    with torch.no_grad():  # the parts' kv buffers are leaves: their gradients go to the owners by hand
+        kv = torch.cat([k, v], dim=-1).contiguous()  # one message per peer and step
     blocks = blocks_of(kv, kvb)
     B, H, _, _, D = blocks.shape
     posted = []
@@ -72,7 +73,7 @@ def _forward(call: Call, q, k, v, captured, record: bool):
     results = []
     for i, part in enumerate(parts):
         if i == 0:
-            kv_p = blocks.index_select(2, plan.local_from.to(dev))
+            kv_p = blocks.index_select(2, plan.local_from.to(dev))  # (no grad: kv is detached)
         else:
             _, recvs, requests = posted[i - 1]
             wait(requests)
