@@ -119,17 +119,12 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         # a captured tensor every rank holds: its gradient is the sum of the ranks' gradients
         captured = [sum_over_ranks(score_graph.buffers[j], group) for j in grad_slots]
     run = flex_attention_cpu if args.backend == "cpu" else _kernels().flex_attention_triton
+    call = Call(plan, overlap, block_mask, group, run, args.scale, args.options, score_graph, kv_pos, grad_slots)
     if overlap == "off":
         k_c, v_c = fetch_kv(key, value, plan, group)
-        if score_graph is not None:
-            bufs = list(score_graph.buffers)
-            for j, t in zip(grad_slots, captured):
-                bufs[j] = t
-            score_graph = score_graph._with_buffers(bufs)
-        out, lse = run(query, k_c, v_c, score_graph=score_graph, mask_graph=local_mask.mask_graph,
-                       block_mask=local_mask, scale=args.scale, kernel_options=args.options, dropout_p=0.0,
-                       dropout_seed=0)
+        out, lse = run(query, k_c, v_c, score_graph=call.graph_for(kv_pos, captured),
+                       mask_graph=local_mask.mask_graph, block_mask=local_mask, scale=args.scale,
+                       kernel_options=args.options, dropout_p=0.0, dropout_seed=0)
     else:
-        call = Call(plan, overlap, block_mask, group, run, args.scale, args.options, score_graph, kv_pos, grad_slots)
         out, lse = attend_overlapped(call, query, key, value, captured)
     return (out, lse) if return_lse else out

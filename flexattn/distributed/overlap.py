@@ -35,7 +35,7 @@ from .plan import RankPlan
 class Call:
     """What the parts of one flex_attention call share."""
     plan: RankPlan
-    overlap: str                      # "ring" | "own_first"
+    overlap: str                      # "ring" | "own_first" ("off": only graph_for is used)
     block_mask: BlockMask             # the global one
     group: object
     run: Callable                     # flex_attention_cpu or flex_attention_triton

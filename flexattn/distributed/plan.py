@@ -125,7 +125,7 @@ class RankPlan:
         """The local calls of an overlapped fetch (see Part): first the own blocks, then
         "ring": one part per source rank, in ring order (step s receives from rank - s and
         sends to rank + s, so every rank's step s pairs with its peers' step s); "own_first":
-        one part for every received block. Steps with nothing to send or receive are left out."""
+        one part for all received blocks. Steps with nothing to send or receive are left out."""
         key = ("parts", overlap)
         if key not in self._masks:
             own = Part(self.local_to, [], [])
