@@ -122,8 +122,12 @@ def flex_attention(query, key, value, score_mod: Optional[Callable] = None,
 
 
 _KERNELS = None
-# the conversion runs outside a compiled graph (a graph break there): it traces the mask_mod
-_as_block_mask = torch.compiler.disable(as_block_mask)
+# the conversion runs outside a compiled graph (a graph break there): it traces the mask_mod;
+# the reason is part of dynamo's error under fullgraph=True
+_as_block_mask = torch.compiler.disable(
+    as_block_mask, reason="converting a torch BlockMask to flexattn's traces its mask_mod in Python, outside any "
+                          "torch.compile graph; with fullgraph=True, convert it outside the compiled function: "
+                          "flexattn.BlockMask.from_torch(mask), or build it with flexattn.create_block_mask")
 
 
 def _kernels():

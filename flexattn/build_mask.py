@@ -55,11 +55,16 @@ def create_block_mask(mask_mod: Callable, B: Optional[int], H: Optional[int], Q_
     compiling), `compute_dq_write_order` / `dq_kv_order` (torch's metadata for its FLASH
     backend's deterministic backward, which flexattn's kernels do not read).
 
-    Inside torch.compile the mask is built outside the graph (one graph break: dynamo does
-    not trace flexattn's tracer); the BlockMask's tensors then enter the graph as inputs."""
+    Inside torch.compile (fullgraph=True included) a mask_mod that captures no tensor is
+    built while dynamo traces, and the mask_mod is guarded by what it reads (see
+    flexattn.compiled.create_block_mask_compiled). One that captures tensors is built
+    outside the graph (a graph break; the BlockMask's tensors then enter the graph as
+    inputs); with fullgraph=True that break is an error
+    (torch._dynamo.exc.Unsupported) whose reason says the fix: build the mask outside the
+    compiled function and pass it in."""
     if torch.compiler.is_compiling():
-        return _create_block_mask_outside_graph(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE,
-                                                separate_full_blocks)
+        from .compiled import create_block_mask_compiled  # (torch.compile only: not loaded before)
+        return create_block_mask_compiled(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, separate_full_blocks)
     return _create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, separate_full_blocks)
 
 
@@ -80,9 +85,14 @@ def _create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, separa
     return BlockMask._from_state(state, block, mask_mod, (Q_LEN, KV_LEN), graph)
 
 
-@torch.compiler.disable
-def _create_block_mask_outside_graph(*args) -> BlockMask:
-    return _create_block_mask(*args)
+# the reason is part of dynamo's error under fullgraph=True
+OUTSIDE_GRAPH_REASON = ("flexattn.create_block_mask cannot build this mask inside a torch.compile graph: its "
+                        "mask_mod captures tensors, whose values decide the mask; with fullgraph=True, build the "
+                        "BlockMask outside the compiled function and pass it in (with fullgraph=False it is built "
+                        "outside the graph)")
+
+
+_create_block_mask_outside_graph = torch.compiler.disable(_create_block_mask, reason=OUTSIDE_GRAPH_REASON)
 
 
 def create_mask(mask_mod: Callable, B: Optional[int], H: Optional[int], Q_LEN: int, KV_LEN: int,

@@ -30,7 +30,9 @@ with any captured global.
 """
 from __future__ import annotations
 
+import hashlib
 import types
+from collections import OrderedDict
 
 import torch
 
@@ -38,6 +40,7 @@ from . import ops
 from .attention import check_aux, finish
 from .autodiff import grad_slots as buffer_grad_slots
 from .block_mask import BlockMask
+from .build_mask import _create_block_mask, _create_block_mask_outside_graph
 from .masks import noop_mask
 from .checks import check_block_mask
 from .codegen import kernel_graph
@@ -45,6 +48,7 @@ from .front import check_arguments, trace_score_mod
 from .full_mask import full_block_mask
 from .mask_registry import _MASK_TEMPLATES
 from .options import check_kernel_options
+from .trace import trace_mask
 
 # spec key -> the score_mod's captured tensors (graph inputs of the compiled graph)
 _SCORE_BUFFERS: dict[str, tuple] = {}
@@ -160,3 +164,48 @@ def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, ena
     out, lse, max_scores = ops.fwd(query, key, value, ops.blocks_list(block_mask), _score_buffers(score_mod, spec_key),
                                    mask_bufs, spec_key, args.scale, args.dropout_p, int(dropout_seed or 0), output_max)
     return finish(out, lse, return_lse, return_aux, max_scores)
+
+
+# key -> a BlockMask built while dynamo traced a create_block_mask call (the newest kept)
+_BUILT_MASKS: "OrderedDict[str, BlockMask]" = OrderedDict()
+_BUILT_MASKS_MAX = 64
+
+
+@torch.compiler.assume_constant_result
+def _prepare_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, block_size, separate_full_blocks: bool) -> str:
+    """Build the BlockMask of a mask_mod that captures no tensor (runs at trace time); returns
+    its key in _BUILT_MASKS, or "" when the mask captures tensors (their values, which dynamo
+    does not guard, decide the mask: it is then built outside the graph)."""
+    graph = trace_mask(mask_mod)
+    if graph.buffers:
+        return ""
+    text = repr((graph.structure_key(), graph.params, B, H, Q_LEN, KV_LEN, str(device), block_size,
+                 separate_full_blocks))
+    key = hashlib.sha256(text.encode()).hexdigest()[:20]
+    if key not in _BUILT_MASKS:
+        if len(_BUILT_MASKS) >= _BUILT_MASKS_MAX:
+            _BUILT_MASKS.popitem(last=False)
+        _BUILT_MASKS[key] = _create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, block_size,
+                                               separate_full_blocks)
+    return key
+
+
+def create_block_mask_compiled(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, separate_full_blocks):
+    """create_block_mask inside torch.compile (fullgraph=True included), traced by dynamo.
+
+    A mask_mod that captures no tensor is a function of the indices and of Python values
+    alone: its BlockMask is built once while dynamo traces (`_prepare_mask`) and the graph
+    reads it as a constant. The mask_mod is also called here on scalar indices, so dynamo
+    traces it and guards everything it reads (closure values, globals, the functions it
+    calls): a different mask recompiles, the same code with the same values - a closure
+    made afresh in every forward - reuses the graph. A mask_mod that captures tensors is
+    built outside the graph (a graph break; with fullgraph=True dynamo's error says to build
+    it outside the compiled function). The sizes must be constants of the graph (as for
+    flex_attention's own sizes here: dynamic shapes are not supported)."""
+    key = _prepare_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, bool(separate_full_blocks))
+    if not key:
+        return _create_block_mask_outside_graph(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE,
+                                                separate_full_blocks)
+    i = torch.zeros((), dtype=torch.int32)
+    mask_mod(i, i, i, i)  # (for dynamo's guards; the value is unused)
+    return _BUILT_MASKS[key]

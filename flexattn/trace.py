@@ -770,6 +770,8 @@ def check_arity(fn: Callable, kind: str, argument: str) -> None:
     if not callable(fn):
         raise TypeError(f"{argument} must be a callable, got {type(fn).__name__}")
     expected = SCORE_ARGS if kind == "score" else MASK_ARGS
+    if torch.compiler.is_compiling():
+        return  # dynamo cannot trace inspect.signature; the trace (run outside dynamo) checks again
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):

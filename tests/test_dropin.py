@@ -317,6 +317,70 @@ def test_create_block_mask_inside_compiled_forward():
     assert cnt.frame_count <= 2  # the graph before the mask (none here) and the one after it
 
 
+_WINDOW = 6
+
+
+def _global_window(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx) & (q_idx - kv_idx < _WINDOW)
+
+
+def test_create_block_mask_inside_fullgraph():
+    """fullgraph=True: a mask_mod capturing no tensor is built while dynamo traces and
+    guarded by what it reads - a fresh closure with the same window reuses the graph, a new
+    window (a closure value, a global) recompiles; forward and backward match the dense
+    reference."""
+    global _WINDOW
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 2, 48, 8, generator=torch.Generator().manual_seed(i)).requires_grad_()
+               for i in range(3))
+    cnt = CompileCounter()
+    for w, graphs in ((20, 1), (20, 1), (7, 2), (20, 2)):
+        out = torch.compile(_MaskInForward(w), fullgraph=True, backend=cnt)(q, k, v)
+        ro = dense(q, k, v, mask_mod=lambda b, h, qi, kv: (qi >= kv) & (qi - kv < w))[0] * 2
+        torch.testing.assert_close(out.double(), ro, atol=2e-5, rtol=2e-5)
+        assert cnt.frame_count == graphs
+    for g, want in zip(torch.autograd.grad(out.sum(), [q, k, v]), torch.autograd.grad(ro.sum(), [q, k, v])):
+        torch.testing.assert_close(g.double(), want.double(), atol=2e-5, rtol=2e-5)
+
+    def global_window(q, k, v):
+        # composed with torch's and flexattn's combinators, as attention-gym's masks are
+        mask = flexattn.and_masks(tfa.and_masks(_global_window, causal), causal)
+        bm = flexattn.create_block_mask(mask, None, None, 48, 48, device="cpu")
+        return flexattn.flex_attention(q, k, v, block_mask=bm)
+    f, cnt = _counting(global_window)
+    for window, graphs in ((6, 1), (6, 1), (11, 2)):
+        _WINDOW = window
+        ro = dense(q, k, v, mask_mod=lambda b, h, qi, kv: (qi >= kv) & (qi - kv < window))[0]
+        torch.testing.assert_close(f(q, k, v).double(), ro, atol=2e-5, rtol=2e-5)
+        assert cnt.frame_count == graphs
+
+
+def test_create_block_mask_capturing_tensors_inside_fullgraph_names_the_fix():
+    """A mask_mod reading a captured tensor is built outside the graph: under fullgraph=True
+    dynamo's error carries the reason, which names the fix; the fix compiles. A torch
+    BlockMask converted inside the graph: the same kind of error, naming from_torch."""
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 2, 48, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    doc = torch.arange(48) // 10
+
+    def document(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    def inside(q, k, v):
+        bm = flexattn.create_block_mask(document, None, None, 48, 48, device="cpu")
+        return flexattn.flex_attention(q, k, v, block_mask=bm)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="build the BlockMask outside the compiled function"):
+        torch.compile(inside, fullgraph=True, backend="eager")(q, k, v)
+    bm = flexattn.create_block_mask(document, None, None, 48, 48, device="cpu")
+    f, cnt = _counting(lambda q, k, v, bm: flexattn.flex_attention(q, k, v, block_mask=bm))
+    torch.testing.assert_close(f(q, k, v, bm).double(), dense(q, k, v, mask_mod=document)[0], atol=2e-5, rtol=2e-5)
+    assert cnt.frame_count == 1
+    torch._dynamo.reset()
+    tbm = tfa.create_block_mask(causal, None, None, 48, 48, device="cpu")
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="BlockMask.from_torch"):
+        torch.compile(lambda q: flexattn.flex_attention(q, q, q, block_mask=tbm), fullgraph=True, backend="eager")(q)
+
+
 # ---- the pattern of transformers' flex integration -------------------------------------
 
 class _Layer(torch.nn.Module):
