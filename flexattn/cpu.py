@@ -104,6 +104,8 @@ def _tile_sizes(kernel_options: dict, q_block: int, kv_block: int) -> tuple[int,
 
 # score-matrix elements (B * Hq * tile_m * columns) per chunk: 4 MiB of float32
 _CHUNK_ELEMS = 1 << 20
+# the most blocks a merged tile (partial and full blocks in one kernel call) spans
+_MERGED_BLOCKS = 8
 
 
 @dataclass
@@ -112,13 +114,24 @@ class _KVTile:
     valid: Optional[torch.Tensor]    # [Bm, Hm, 1, N] bool: a real block slot and position < S (None: all)
     partial: bool                    # evaluate the mask_mod on this tile
     span: Optional[tuple] = None     # (p0, p1): pos is arange(p0, p1), the same for every (b, h)
+    # a merged tile (partial and full blocks in one span): the columns of its partial blocks,
+    # the only ones where the mask_mod is evaluated; None: every column is `partial`'s kind
+    part_cols: Optional[torch.Tensor] = None
 
 
-def _kv_tiles(run: CpuRun, i: int, S: int, cols: int, full_cols: Optional[int] = None) -> Iterator[_KVTile]:
+def _kv_tiles(run: CpuRun, i: int, S: int, cols: int, full_cols: Optional[int] = None,
+              merged_cols: int = 0) -> Iterator[_KVTile]:
     """kv chunks of q-block i (at most `cols` columns each - `full_cols` for full blocks if
-    given - whole blocks): partial blocks, then full blocks."""
+    given - whole blocks): partial blocks, then full blocks; or, where the q-block's partial
+    and full blocks together are consecutive and span at most `merged_cols` columns, one
+    merged tile (see _merged_tile)."""
     device = run.kv_num.device
     kvb = run.kv_block
+    if merged_cols:
+        tile = _merged_tile(run, i, S, merged_cols)
+        if tile is not None:
+            yield tile
+            return
     sub = torch.arange(kvb, device=device)
     for num, idx, partial in ((run.kv_num, run.kv_idx, True), (run.full_num, run.full_idx, False)):
         if num is None:
@@ -140,6 +153,30 @@ def _kv_tiles(run: CpuRun, i: int, S: int, cols: int, full_cols: Optional[int] =
             pos = (blk[..., None] * kvb + sub).flatten(-2)
             valid = (torch.arange(j0, j1, device=device) < num_i[..., None]).repeat_interleave(kvb, -1) & (pos < S)
             yield _KVTile(pos.clamp(max=S - 1), valid[..., None, :], partial)
+
+
+def _merged_tile(run: CpuRun, i: int, S: int, max_cols: int) -> Optional[_KVTile]:
+    """Q-block i's partial and full blocks as one slice of K/V, when the block lists are the
+    same for every (b, h), both kinds are present, and together they are consecutive blocks
+    spanning at most max_cols columns (sliding windows, documents, the diagonal of causal
+    masks): one kernel call instead of two and their merge; the mask_mod is evaluated on the
+    partial blocks' columns only. None otherwise."""
+    if run.full_num is None or run.kv_num.shape[:2] != (1, 1) or run.full_num.shape[:2] != (1, 1):
+        return None
+    n_part, n_full = int(run.kv_num[0, 0, i]), int(run.full_num[0, 0, i])
+    kvb = run.kv_block
+    if n_part == 0 or n_full == 0 or (n_part + n_full) * kvb > max_cols:
+        return None
+    part = run.kv_idx[0, 0, i, :n_part].tolist()
+    blocks = set(part) | set(run.full_idx[0, 0, i, :n_full].tolist())
+    lo, hi = min(blocks), max(blocks)
+    if len(blocks) != n_part + n_full or hi - lo + 1 != len(blocks) or lo < 0 or hi * kvb >= S:
+        return None
+    p0, p1 = lo * kvb, min((hi + 1) * kvb, S)
+    device = run.kv_num.device
+    cols = (torch.tensor(part, device=device)[:, None] * kvb - p0 + torch.arange(kvb, device=device)).flatten()
+    return _KVTile(torch.arange(p0, p1, device=device).view(1, 1, -1), None, run.mask_graph is not None,
+                   (p0, p1), cols[cols < p1 - p0] if run.mask_graph is not None else None)
 
 
 def _q_tiles(run: CpuRun, L: int) -> Iterator[tuple[int, int, int]]:
@@ -199,9 +236,23 @@ def _allowed(run: CpuRun, idx: _Indices, q_idx, tile: _KVTile) -> Optional[torch
     The one place a tile's mask is made: every visited tile passes here."""
     allowed = tile.valid
     if tile.partial and run.mask_graph is not None:
-        m = evaluate(run.mask_graph, b=idx.b, h=idx.h, q_idx=q_idx, kv_idx=tile.pos.to(torch.int32)[..., None, :])
+        pos = tile.pos if tile.part_cols is None else tile.pos.index_select(-1, tile.part_cols)
+        m = _unbroadcast(evaluate(run.mask_graph, b=idx.b, h=idx.h, q_idx=q_idx,
+                                  kv_idx=pos.to(torch.int32)[..., None, :]))
+        if tile.part_cols is not None:   # a merged tile: its full blocks' columns stay True
+            m = torch.ones((*m.shape[:-1], tile.pos.shape[-1]), dtype=torch.bool,
+                           device=m.device).index_copy_(-1, tile.part_cols, m)
         allowed = m if allowed is None else allowed & m
     return allowed
+
+
+def _unbroadcast(m: torch.Tensor) -> torch.Tensor:
+    """m without the batch / head extent it only has by broadcasting (a mask that reads
+    neither b nor h stays [1, 1, M, N]: a fraction of the memory and of the work after)."""
+    for d in range(m.dim() - 2):
+        if m.shape[d] > 1 and m.stride(d) == 0:
+            m = m.narrow(d, 0, 1)
+    return m
 
 
 def _scores(run: CpuRun, idx: _Indices, q_idx, tile: _KVTile, s0, allowed, buffers=None):
@@ -404,12 +455,25 @@ def _fused(run: CpuRun, q, v) -> bool:
     return _USE_FLASH and run.score_graph is None and run.dropout_p == 0 and q.shape[-1] == v.shape[-1]
 
 
-def _bias(allowed: Optional[torch.Tensor], dtype):
+def _bias(allowed: Optional[torch.Tensor], tile: _KVTile, dtype):
     """(additive mask: 0 where allowed, -inf elsewhere, or None; [.., M, 1] bool: the rows
     with some position allowed, or None: all)."""
     if allowed is None:
         return None, None
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, NEG_INF), allowed.any(-1, keepdim=True)
+    zero, neg_inf = (torch.full((), x, dtype=dtype, device=allowed.device) for x in (0.0, NEG_INF))
+    # a merged tile holds a full block: every row has a position
+    return torch.where(allowed, zero, neg_inf), None if tile.part_cols is not None else allowed.any(-1, keepdim=True)
+
+
+def _merged_cols(run: CpuRun, B: int, Hq: int, rows: int) -> int:
+    """The widest merged tile (see _merged_tile) of a q-tile of `rows` rows: its mask stays
+    within _CHUNK_ELEMS (times B / Hq only where the mask_mod reads b / h) and within
+    _MERGED_BLOCKS blocks (wider spans gain nothing from one call less but pay for a mask
+    over their full blocks)."""
+    lead = 1
+    if run.mask_graph is not None:
+        lead = (B if run.mask_graph.uses("b") else 1) * (Hq if run.mask_graph.uses("h") else 1)
+    return min(_MERGED_BLOCKS * run.kv_block, _CHUNK_ELEMS // max(1, lead * rows))
 
 
 def _fused_q_tiles(run: CpuRun, L: int) -> list:
@@ -442,8 +506,9 @@ def _fused_forward_tile(run: CpuRun, idx: _Indices, q, k, v, out, lse):
         qt = q[:, :, q0:q1].to(cdt)
         q_idx = idx.q(q0, q1, dev)
         o = l = None    # the q-tile's output and lse [.., M, 1] over the chunks so far
-        for tile in _kv_tiles(run, i, S, _chunk_cols(run, q.shape[0], q.shape[1], q1 - q0), S):
-            bias, some = _bias(_allowed(run, idx, q_idx, tile), cdt)
+        B, Hq = q.shape[:2]
+        for tile in _kv_tiles(run, i, S, _chunk_cols(run, B, Hq, q1 - q0), S, _merged_cols(run, B, Hq, q1 - q0)):
+            bias, some = _bias(_allowed(run, idx, q_idx, tile), tile, cdt)
             o_c, l_c = _FLASH(qt, idx.gather(k, tile, cdt), idx.gather(v, tile, cdt), 0.0, False,
                               attn_mask=bias, scale=run.scale)
             l_c = l_c.to(cdt).unsqueeze(-1)
@@ -480,8 +545,8 @@ def _fused_backward(run: CpuRun, idx: _Indices, q, k, v, out, lse, dout, tiles):
         qt, dot, ot, lt = q[row].to(cdt), dout[row], out[row], lse[row]
         q_idx = idx.q(q0, q1, dev)
         dqt = None
-        for tile in _kv_tiles(run, i, S, _chunk_cols(run, B, Hq, q1 - q0), S):
-            bias, _ = _bias(_allowed(run, idx, q_idx, tile), cdt)
+        for tile in _kv_tiles(run, i, S, _chunk_cols(run, B, Hq, q1 - q0), S, _merged_cols(run, B, Hq, q1 - q0)):
+            bias, _ = _bias(_allowed(run, idx, q_idx, tile), tile, cdt)
             dq_c, dk_c, dv_c = _FLASH_BWD(dot, qt, idx.gather(k, tile, cdt), idx.gather(v, tile, cdt), ot, lt,
                                           0.0, False, attn_mask=bias, scale=run.scale)
             dqt = dq_c if dqt is None else dqt.add_(dq_c)

@@ -106,6 +106,30 @@ def test_mask_only_lengths_and_tall_tiles(S):
     check_case("causal", B=1, Hq=2, L=S, S=S, E=48, Ev=24, lse_in_loss=False)   # Ev != E: the plain path
 
 
+def test_merged_tiles(monkeypatch):
+    # partial and full blocks that are consecutive run as one merged tile (the mask evaluated on
+    # the partial blocks' columns only): a ragged last block, masks read per head, GQA, the
+    # plain dtypes, and a window wider than _MERGED_BLOCKS (split chunks again) all match
+    import flexattn.cpu as cpu
+    merged = []
+    real = cpu._allowed
+
+    def counting(plan, idx, q_idx, tile):
+        merged.append(tile.part_cols is not None)
+        return real(plan, idx, q_idx, tile)
+
+    monkeypatch.setattr(cpu, "_allowed", counting)
+    check_case("sliding_window", B=1, Hq=2, L=300, S=270, block=16, lse_in_loss=False)
+    check_case("document", B=2, Hq=4, Hkv=2, L=129, S=200, block=16, lse_in_loss=False)
+    check_case("causal", B=1, Hq=2, L=97, S=130, block=16, dtype=torch.float64, lse_in_loss=False)
+    check_case("sliding_window", B=2, Hq=2, L=300, S=290, block=16, lse_in_loss=False, mask_BH=(2, 2))
+    assert any(merged) and not all(merged)
+    merged.clear()
+    monkeypatch.setattr(cpu, "_MERGED_BLOCKS", 2)
+    check_case("causal", B=1, Hq=2, L=130, S=130, block=16, lse_in_loss=False)
+    assert any(merged) and not all(merged)
+
+
 # ---- shapes that break kernels ----------------------------------------------------------
 
 @pytest.mark.parametrize("S", [1, 17, 113, 127, 129])
@@ -231,14 +255,16 @@ def test_matches_torch_flex_attention_eager():
 
 def test_visits_only_listed_blocks(monkeypatch):
     # causal, 4x4 blocks: 6 full (below the diagonal) + 4 partial (on it); 6 empty never visited
+    # (a merged tile holds both kinds: the mask is evaluated on its part_cols only)
     import flexattn.cpu as cpu
     visited = []
     real = cpu._allowed
 
     def counting(plan, idx, q_idx, tile):
         pos = tile.pos.flatten() if tile.valid is None else tile.pos.expand(tile.valid[..., 0, :].shape)[tile.valid[..., 0, :]]
+        part = None if tile.part_cols is None else set((tile.pos.flatten()[tile.part_cols] // 16).tolist())
         for j in sorted(set((pos // 16).tolist())):
-            visited.append((int(q_idx.min()) // 16, j, tile.partial))
+            visited.append((int(q_idx.min()) // 16, j, tile.partial and (part is None or j in part)))
         return real(plan, idx, q_idx, tile)
 
     monkeypatch.setattr(cpu, "_allowed", counting)
