@@ -318,16 +318,20 @@ def _find_one_thread_here():
 _ONE_THREAD_HERE = _find_one_thread_here()
 
 
-def _over_q_tiles(run: CpuRun, tiles: list, fn, new_acc, dynamic: bool) -> list:
-    """Call fn(i, q0, q1, acc) for every q-tile; returns the accumulators (one per thread).
-    dynamic: threads take the next tile when done with one (the costliest - most listed
-    blocks - first), so a thread the OS deschedules holds up no other; otherwise the tiles,
-    costliest first, are dealt round-robin, so which tiles sum into which accumulator, in
-    which order, is the same on every run (bitwise-reproducible gradients). The threads are
-    this call's own: their one-thread setting ends with them."""
+def _over_q_tiles(run: CpuRun, tiles: list, fn, new_acc, dynamic: bool, prologue=None) -> list:
+    """Call fn(i, q0, q1, acc) for every q-tile; returns the accumulators (one per thread,
+    each made by new_acc() on its thread). prologue(w, n), if given, runs first on each of the
+    n threads (w its number; see _in_compute_dtype), and no tile starts before every thread is
+    done with it. dynamic: threads take the next tile when done with one (the costliest - most
+    listed blocks - first), so a thread the OS deschedules holds up no other; otherwise the
+    tiles, costliest first, are dealt round-robin, so which tiles sum into which accumulator,
+    in which order, is the same on every run (bitwise-reproducible gradients). The threads
+    are this call's own: their one-thread setting ends with them."""
     n = min(torch.get_num_threads(), len(tiles))
     if n <= 1 or _ONE_THREAD_HERE is None or not _THREADS_LOCK.acquire(blocking=False):
-        acc = new_acc()   # one pool at a time; others (and builds without _ONE_THREAD_HERE) run here
+        if prologue is not None:   # one pool at a time; others (and builds without _ONE_THREAD_HERE) run here
+            prologue(0, 1)
+        acc = new_acc()
         for t in tiles:
             fn(*t, acc)
         return [acc]
@@ -338,11 +342,21 @@ def _over_q_tiles(run: CpuRun, tiles: list, fn, new_acc, dynamic: bool) -> list:
         shared = iter(ranked)
         take = threading.Lock()
         grad_mode = torch.is_grad_enabled()
-        accs = [new_acc() for _ in range(n)]
+        accs = [None] * n
+        ready = threading.Barrier(n) if prologue is not None else None
 
         def work(w):
-            if not _ONE_THREAD_HERE():
-                raise RuntimeError("flexattn's CPU path could not make its worker thread single-threaded")
+            try:
+                if not _ONE_THREAD_HERE():
+                    raise RuntimeError("flexattn's CPU path could not make its worker thread single-threaded")
+                accs[w] = new_acc()   # zero-filled here, on one thread, not by a parallel operation
+                if ready is not None:
+                    prologue(w, n)
+                    ready.wait()
+            except BaseException:
+                if ready is not None:
+                    ready.abort()   # the other threads stop waiting (BrokenBarrierError)
+                raise
             mine = None if dynamic else iter(ranked[w::n])
             with torch.set_grad_enabled(grad_mode):
                 while True:
@@ -356,11 +370,33 @@ def _over_q_tiles(run: CpuRun, tiles: list, fn, new_acc, dynamic: bool) -> list:
                     fn(*t, accs[w])
 
         with ThreadPoolExecutor(n) as pool:
-            for f in [pool.submit(work, w) for w in range(n)]:
-                f.result()
+            futures = [pool.submit(work, w) for w in range(n)]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:   # the error itself rather than another thread's broken barrier
+            raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
         return accs
     finally:
         _THREADS_LOCK.release()
+
+
+def _in_compute_dtype(cdt, *xs):
+    """([each x in cdt], prologue for _over_q_tiles or None): an x already in cdt as it is,
+    the others as an empty tensor that prologue(w, n) fills - the w-th of n threads
+    converting its share of the rows (dim 2) - so an fp16/bf16 call converts its inputs once,
+    on the single-threaded workers, not by whole-tensor parallel operations whose rendezvous
+    stalls on a busy machine."""
+    outs, todo = [], []
+    for x in xs:
+        y = x if x.dtype == cdt else torch.empty(x.shape, dtype=cdt, device=x.device)
+        outs.append(y)
+        if y is not x:
+            todo.append((x, y))
+
+    def prologue(w: int, n: int) -> None:
+        for x, y in todo:
+            rows = slice(x.shape[2] * w // n, x.shape[2] * (w + 1) // n)
+            y[:, :, rows] = x[:, :, rows]
+    return outs, (prologue if todo else None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -371,7 +407,7 @@ def _forward(run: CpuRun, q, k, v):
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
     cdt, dev = run.compute_dtype, q.device
     idx = _Indices(B, Hq, Hkv, dev)
-    k, v = k.to(cdt), v.to(cdt)   # fp16/bf16: converted once, not per q-tile
+    (k, v), convert = _in_compute_dtype(cdt, k, v)   # fp16/bf16: converted once, not per q-tile
     out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=dev)
     lse = torch.empty(B, Hq, L, dtype=cdt, device=dev)
     mx = torch.empty(B, Hq, L, dtype=cdt, device=dev) if run.output_max else None
@@ -418,7 +454,7 @@ def _forward(run: CpuRun, q, k, v):
     tiles = list(_q_tiles(run, L))
     if _fused(run, q, v) and mx is None:
         q_tile, tiles = _fused_forward_tile(run, idx, q, k, v, out, lse), _fused_q_tiles(run, L)
-    _over_q_tiles(run, tiles, q_tile, lambda: None, dynamic=True)
+    _over_q_tiles(run, tiles, q_tile, lambda: None, dynamic=True, prologue=convert)
     return (out, lse) if mx is None else (out, lse, mx)
 
 
@@ -530,19 +566,20 @@ def _fused_forward_tile(run: CpuRun, idx: _Indices, q, k, v, out, lse):
     return q_tile
 
 
-def _fused_backward(run: CpuRun, idx: _Indices, q, k, v, out, lse, dout, tiles):
-    """(dq, dk, dv) in the compute dtype; k, v already in it."""
+def _fused_backward(run: CpuRun, idx: _Indices, q, k, v, out, lse, dout, tiles, convert):
+    """(dq in q.dtype, dk, dv in the compute dtype); k, v, out, dout in it (or filled by
+    `convert`, the prologue of _in_compute_dtype)."""
     B, Hq = q.shape[:2]
     S, cdt, dev = k.shape[2], run.compute_dtype, q.device
-    dq = torch.empty(q.shape, dtype=cdt, device=dev)
-    out = out.to(cdt)
-    # fully masked rows (lse -inf): +inf makes the kernel's p = exp(s - lse) exactly 0
-    lse = torch.where(lse == NEG_INF, float("inf"), lse).to(torch.float64 if cdt == torch.float64 else torch.float32)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    lse_dtype = torch.float64 if cdt == torch.float64 else torch.float32
 
     def q_tile(i, q0, q1, accs):
         dk, dv = accs
         row = (slice(None), slice(None), slice(q0, q1))
         qt, dot, ot, lt = q[row].to(cdt), dout[row], out[row], lse[row]
+        # fully masked rows (lse -inf): +inf makes the kernel's p = exp(s - lse) exactly 0
+        lt = torch.where(lt == NEG_INF, float("inf"), lt).to(lse_dtype)
         q_idx = idx.q(q0, q1, dev)
         dqt = None
         for tile in _kv_tiles(run, i, S, _chunk_cols(run, B, Hq, q1 - q0), S, _merged_cols(run, B, Hq, q1 - q0)):
@@ -554,13 +591,23 @@ def _fused_backward(run: CpuRun, idx: _Indices, q, k, v, out, lse, dout, tiles):
             idx.scatter_add(dv, tile, dv_c)
         dq[row] = 0 if dqt is None else dqt
 
-    dk = torch.zeros(k.shape, dtype=cdt, device=dev)
-    dv = torch.zeros(v.shape, dtype=cdt, device=dev)
-    for dk_w, dv_w in _over_q_tiles(run, tiles, q_tile, lambda: (torch.zeros_like(dk), torch.zeros_like(dv)),
-                                    dynamic=False):
-        dk += dk_w
-        dv += dv_w
-    return dq, dk, dv
+    accs = _over_q_tiles(run, tiles, q_tile, lambda: (torch.zeros(k.shape, dtype=cdt, device=dev),
+                                                      torch.zeros(v.shape, dtype=cdt, device=dev)),
+                         dynamic=False, prologue=convert)
+    return (dq, *_summed(accs))
+
+
+def _summed(accs: list) -> list:
+    """The per-thread accumulators summed, field by field (into the first thread's)."""
+    total = list(accs[0])
+    for more in accs[1:]:
+        for n, x in enumerate(more):
+            if isinstance(x, list):
+                for t, y in zip(total[n], x):
+                    t += y
+            else:
+                total[n] += x
+    return total
 
 
 # ---------------------------------------------------------------------------------------
@@ -573,23 +620,15 @@ def _backward(run: CpuRun, q, k, v, out, lse, dout, dlse, buffers):
     cdt, dev = run.compute_dtype, q.device
     idx = _Indices(B, Hq, Hkv, dev)
     k_in, v_in = k, v
-    k, v = k.to(cdt), v.to(cdt)   # fp16/bf16: converted once, not per q-tile
-    dout = dout.to(cdt)
+    # fp16/bf16: converted once, not per q-tile (on the workers: _in_compute_dtype)
+    (k, v, dout, out), convert = _in_compute_dtype(cdt, k, v, dout, out)
     if _fused(run, q, v) and (dlse is None or not bool(dlse.any())):   # (autograd passes a zero dlse when lse is unused)
-        dq, dk, dv = _fused_backward(run, idx, q, k, v, out, lse, dout, _fused_q_tiles(run, L))
-        return dq.to(q.dtype), dk.to(k_in.dtype), dv.to(v_in.dtype), []
-    dq = torch.empty(q.shape, dtype=cdt, device=dev)   # every q-tile writes its rows
-    dk = torch.zeros(k.shape, dtype=cdt, device=dev)
-    dv = torch.zeros(v.shape, dtype=cdt, device=dev)
+        dq, dk, dv = _fused_backward(run, idx, q, k, v, out, lse, dout, _fused_q_tiles(run, L), convert)
+        return dq, dk.to(k_in.dtype), dv.to(v_in.dtype), []
+    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)   # every q-tile writes its rows
     # copies of the captured tensors that require grad: autograd.grad on each tile fills them
     grad_slots = run.grad_slots
     grad_bufs = [b.detach().requires_grad_(True) if j in grad_slots else b for j, b in enumerate(buffers)]
-    dbufs = [torch.zeros_like(buffers[j]) for j in grad_slots]
-    delta = (dout * out.to(cdt)).sum(-1, keepdim=True)                   # rowsum(dO * O)
-    dlse = torch.zeros_like(delta) if dlse is None else dlse.to(cdt).unsqueeze(-1)
-    # rows with lse = -inf are fully masked: +inf makes every p = exp(s - lse) exactly 0
-    # (in base 2: p = exp2(log2e * score - lse2))
-    lse2 = torch.where(lse == NEG_INF, float("inf"), lse).unsqueeze(-1).to(cdt) * LOG2E
     drop_scale = 1.0 / (1.0 - run.dropout_p)
     cols = _chunk_cols(run, B, Hq)
     has_mod = run.score_graph is not None
@@ -601,8 +640,12 @@ def _backward(run: CpuRun, q, k, v, out, lse, dout, dlse, buffers):
         dot = dout[:, :, q0:q1]
         q_idx = idx.q(q0, q1, dev)
         row = (slice(None), slice(None), slice(q0, q1))
-        lse_t = lse2[row]
-        dsub = delta[row] - dlse[row]    # ds = p * (dp - dsub)
+        # rows with lse = -inf are fully masked: +inf makes every p = exp(s - lse) exactly 0
+        # (in base 2: p = exp2(log2e * score - lse2))
+        lse_t = torch.where(lse[row] == NEG_INF, float("inf"), lse[row]).unsqueeze(-1).to(cdt) * LOG2E
+        dsub = (dot * out[row]).sum(-1, keepdim=True)   # ds = p * (dp - dsub); rowsum(dO * O) - dlse
+        if dlse is not None:
+            dsub -= dlse[row].to(cdt).unsqueeze(-1)
         dqt = torch.zeros_like(qs)
         for tile in _kv_tiles(run, i, S, cols):
             kt = idx.gather(k, tile, cdt)
@@ -650,12 +693,9 @@ def _backward(run: CpuRun, q, k, v, out, lse, dout, dlse, buffers):
         return (torch.zeros(k.shape, dtype=cdt, device=dev), torch.zeros(v.shape, dtype=cdt, device=dev),
                 [torch.zeros_like(buffers[j]) for j in grad_slots])
 
-    for dk_w, dv_w, dbufs_w in _over_q_tiles(run, list(_q_tiles(run, L)), q_tile, new_accs, dynamic=False):
-        dk += dk_w
-        dv += dv_w
-        for n, g in enumerate(dbufs_w):
-            dbufs[n] += g
-    return dq.to(q.dtype), dk.to(k_in.dtype), dv.to(v_in.dtype), dbufs
+    dk, dv, dbufs = _summed(_over_q_tiles(run, list(_q_tiles(run, L)), q_tile, new_accs, dynamic=False,
+                                          prologue=convert))
+    return dq, dk.to(k_in.dtype), dv.to(v_in.dtype), dbufs
 
 
 def make_run(dtype, *, score_graph, mask_graph, block_size, kv_blocks, scale, kernel_options, dropout_p,
