@@ -1,8 +1,13 @@
 """flexattn's CPU path vs torch.compile(flex_attention) on CPU vs SDPA (dense bool mask for
-the sparse masks), 2 threads, float32 by default.
+the sparse masks, a dense float bias for ALiBi), 2 threads, float32 by default.
 
     PYTHONPATH=$PWD python benchmarks/bench_cpu.py [--S 4096] [--dtype float32] [--busy]
-        [--no-compiled] [--reps 3] [--json out.json] [--full]
+        [--masks dense causal ...] [--no-compiled] [--reps 3] [--json out.json] [--full]
+
+Cases (--masks): dense, causal, sliding (window 256), document (six documents, causal in
+each), and two score_mods under a causal mask: alibi (per-head slopes) and softcap (30 tanh);
+SDPA has no softcap, so that case's SDPA columns are '-' (and ALiBi's too where its dense
+bias would pass 1 GiB).
 
 --full runs the whole matrix: S in {1K, 4K, 16K} x float32 and bfloat16 (16K takes minutes).
 
@@ -26,13 +31,14 @@ import torch
 
 import flexattn
 
-MASKS = ("dense", "causal", "sliding", "document")
+MASKS = ("dense", "causal", "sliding", "document", "alibi", "softcap")
+SLOPES = 2.0 ** (-8.0 * torch.arange(1, 9) / 8)   # ALiBi's slopes for 8 heads
 
 
 def mask_mod_of(name, S):
     if name == "dense":
         return None
-    if name == "causal":
+    if name in ("causal", "alibi", "softcap"):
         return lambda b, h, q, k: q >= k
     if name == "sliding":
         return lambda b, h, q, k: (q >= k) & (q - k < 256)
@@ -41,6 +47,27 @@ def mask_mod_of(name, S):
     def document(b, h, q, k):
         return (doc[q] == doc[k]) & (q >= k)
     return document
+
+
+def score_mod_of(name):
+    if name == "alibi":
+        return lambda score, b, h, q, k: score + SLOPES[h] * (k - q)
+    if name == "softcap":
+        return lambda score, b, h, q, k: 30.0 * torch.tanh(score / 30.0)
+    return None
+
+
+def sdpa_inputs(name, S, dense):
+    """SDPA's (attn_mask, is_causal) for the case, or None where SDPA cannot run it."""
+    if name in ("dense", "causal"):
+        return None, name == "causal"
+    if name == "softcap" or (name == "alibi" and len(SLOPES) * S * S * 4 > 2 ** 30):
+        return None
+    if name == "alibi":
+        pos = torch.arange(S)
+        bias = SLOPES.view(-1, 1, 1) * (pos.view(1, 1, S) - pos.view(1, S, 1))
+        return bias.masked_fill(~dense.view(S, S), float("-inf")).unsqueeze(0), False
+    return dense, False
 
 
 def _burn(stop):
@@ -79,7 +106,9 @@ def main():
     B, H, D = 1, 8, 64
     from torch.nn.attention.flex_attention import create_block_mask as torch_cbm
     from torch.nn.attention.flex_attention import flex_attention as torch_flex
-    compiled = None if a.no_compiled else torch.compile(torch_flex)
+    # static shapes: torch's CPU template failed to build (a C++ compile error) when one
+    # compiled function recompiled for a second S with dynamic shapes
+    compiled = None if a.no_compiled else torch.compile(torch_flex, dynamic=False)
     stop, procs = mp.Event(), []
     if a.busy:
         procs = [mp.Process(target=_burn, args=(stop,), daemon=True) for _ in range(2)]
@@ -91,32 +120,35 @@ def main():
             dtype = getattr(torch, dname)
             g = torch.Generator().manual_seed(0)
             q, k, v = [torch.randn(B, H, S, D, generator=g, dtype=dtype).requires_grad_() for _ in range(3)]
-            mm = mask_mod_of(name, S)
+            mm, sm = mask_mod_of(name, S), score_mod_of(name)
             bm = None if mm is None else flexattn.create_block_mask(mm, None, None, S, S)
             tbm = None if mm is None else torch_cbm(mm, None, None, S, S, device="cpu")
-            dense = None if mm is None else flexattn.create_mask(mm, None, None, S, S)
-            attn_mask = None if name in ("dense", "causal") else dense
-            causal = name == "causal"
+            dense = None if mm is None or name == "causal" else flexattn.create_mask(mm, None, None, S, S)
+            sdpa_args = sdpa_inputs(name, S, dense)
             r = {"S": S, "mask": name, "dtype": dname, "busy": a.busy}
 
             def ours():
-                return flexattn.flex_attention(q, k, v, block_mask=bm, kernel_options={"BACKEND": "cpu"})
+                return flexattn.flex_attention(q, k, v, sm, block_mask=bm, kernel_options={"BACKEND": "cpu"})
 
             def sdpa():
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                                                        is_causal=causal)
+                attn_mask, causal = sdpa_args
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=None if attn_mask is None else attn_mask.to(dtype) if attn_mask.is_floating_point()
+                    else attn_mask, is_causal=causal)
             with torch.no_grad():
                 r["flexattn_fwd"] = timeit(ours, a.reps)
-                r["sdpa_fwd"] = timeit(sdpa, a.reps)
+                if sdpa_args is not None:
+                    r["sdpa_fwd"] = timeit(sdpa, a.reps)
                 if compiled is not None:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         # torch refuses CPU inputs that require grad, even under no_grad
                         qd, kd, vd = q.detach(), k.detach(), v.detach()
-                        r["compiled_fwd"] = timeit(lambda: compiled(qd, kd, vd, block_mask=tbm), a.reps)
+                        r["compiled_fwd"] = timeit(lambda: compiled(qd, kd, vd, sm, block_mask=tbm), a.reps)
             if not a.no_bwd:
                 r["flexattn_fwdbwd"] = timeit(lambda: ours().sum().backward(), a.reps)
-                r["sdpa_fwdbwd"] = timeit(lambda: sdpa().sum().backward(), a.reps)
+                if sdpa_args is not None:
+                    r["sdpa_fwdbwd"] = timeit(lambda: sdpa().sum().backward(), a.reps)
             rows.append(r)
             f = lambda key: "-" if key not in r else f"{r[key][0]:.3f} ({r[key][1]:.3f})"
             print(f"S={S:6d} {dname:8s} {name:9s} fwd: flexattn {f('flexattn_fwd')}  compiled {f('compiled_fwd')}  "
