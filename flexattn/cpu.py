@@ -29,6 +29,7 @@ require grad), dQ += dS K * scale, dK += dS^T Q * scale. Dropout replays its has
 from __future__ import annotations
 
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -281,6 +282,27 @@ def _keep(run: CpuRun, idx: _Indices, q_idx, tile: _KVTile):
 _THREADS_LOCK = threading.Lock()
 
 
+class _Workers:
+    """flexattn's worker threads, kept from call to call: starting threads in every call
+    made the caller wait for each to be first scheduled (milliseconds apiece on a busy
+    machine). They run nothing but q-tiles, so their one-thread setting reaches no other
+    code. Used under _THREADS_LOCK; a forked child makes its own."""
+
+    def __init__(self):
+        self.pool, self.size, self.pid = None, 0, None
+
+    def get(self, n: int) -> ThreadPoolExecutor:
+        if self.pool is None or self.size < n or self.pid != os.getpid():
+            if self.pool is not None and self.pid == os.getpid():
+                self.pool.shutdown(wait=False)
+            self.pool = ThreadPoolExecutor(n, thread_name_prefix="flexattn-cpu")
+            self.size, self.pid = n, os.getpid()
+        return self.pool
+
+
+_WORKERS = _Workers()
+
+
 def _find_one_thread_here():
     """A function that makes torch's operations on the calling thread run on one thread -
     through the OpenMP and MKL calls whose setting is the calling thread's own, so no other
@@ -290,7 +312,6 @@ def _find_one_thread_here():
     try:
         import ctypes
         import glob
-        import os
         info = torch.__config__.parallel_info()
         if "OpenMP" not in info:
             return None
@@ -326,7 +347,7 @@ def _over_q_tiles(run: CpuRun, tiles: list, fn, new_acc, dynamic: bool, prologue
     listed blocks - first), so a thread the OS deschedules holds up no other; otherwise the
     tiles, costliest first, are dealt round-robin, so which tiles sum into which accumulator,
     in which order, is the same on every run (bitwise-reproducible gradients). The threads
-    are this call's own: their one-thread setting ends with them."""
+    are flexattn's own (_Workers)."""
     n = min(torch.get_num_threads(), len(tiles))
     if n <= 1 or _ONE_THREAD_HERE is None or not _THREADS_LOCK.acquire(blocking=False):
         if prologue is not None:   # one pool at a time; others (and builds without _ONE_THREAD_HERE) run here
@@ -369,8 +390,8 @@ def _over_q_tiles(run: CpuRun, tiles: list, fn, new_acc, dynamic: bool, prologue
                         return
                     fn(*t, accs[w])
 
-        with ThreadPoolExecutor(n) as pool:
-            futures = [pool.submit(work, w) for w in range(n)]
+        pool = _WORKERS.get(n)
+        futures = [pool.submit(work, w) for w in range(n)]
         errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:   # the error itself rather than another thread's broken barrier
             raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])

@@ -369,3 +369,35 @@ def test_thread_count_unchanged_by_calls(monkeypatch):
         assert torch.get_num_threads() == 2 and new_thread_count() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _forked_child(q, bm, want, result):
+    result.put(bool(torch.equal(flex_attention(q, q, q, block_mask=bm), want)))
+
+
+def test_worker_threads_kept_and_fork_safe():
+    # the worker threads outlive a call; a forked child (which has none of them) makes its own
+    import multiprocessing as mp
+    import sys
+    if sys.platform != "linux":
+        pytest.skip("fork")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q = make_qkv(1, 2, 2, 256, 256, 16, requires_grad=False)[0]
+        bm = create_block_mask(make_mod("causal", B=1, H=2, L=256, S=256).mask_mod, None, None, 256, 256,
+                               BLOCK_SIZE=32)
+        want = flex_attention(q, q, q, block_mask=bm)
+        import threading
+        import flexattn.cpu as cpu
+        if cpu._ONE_THREAD_HERE is not None:
+            assert any(t.name.startswith("flexattn-cpu") for t in threading.enumerate())
+        ctx = mp.get_context("fork")
+        result = ctx.Queue()
+        child = ctx.Process(target=_forked_child, args=(q, bm, want, result))
+        child.start()
+        assert result.get(timeout=60)
+        child.join(timeout=60)
+        assert child.exitcode == 0
+    finally:
+        torch.set_num_threads(before)
