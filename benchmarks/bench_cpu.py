@@ -107,8 +107,15 @@ def main():
     from torch.nn.attention.flex_attention import create_block_mask as torch_cbm
     from torch.nn.attention.flex_attention import flex_attention as torch_flex
     # static shapes: torch's CPU template failed to build (a C++ compile error) when one
-    # compiled function recompiled for a second S with dynamic shapes
+    # compiled function recompiled for a second S with dynamic shapes. Every case compiles
+    # anew (new shapes, dtype or mods): past the recompile limit (8) torch would silently run
+    # eager flex_attention instead, so the limit is raised to the number of cases.
     compiled = None if a.no_compiled else torch.compile(torch_flex, dynamic=False)
+    n_cases = len(a.S) * len(a.dtype) * len(a.masks)
+    import torch._dynamo
+    for key in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, key):
+            setattr(torch._dynamo.config, key, max(getattr(torch._dynamo.config, key), 2 * n_cases))
     stop, procs = mp.Event(), []
     if a.busy:
         procs = [mp.Process(target=_burn, args=(stop,), daemon=True) for _ in range(2)]
