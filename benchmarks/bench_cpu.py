@@ -11,8 +11,9 @@ bias would pass 1 GiB).
 
 --full runs the whole matrix: S in {1K, 4K, 16K} x float32 and bfloat16 (16K takes minutes).
 
-Prints one table (median seconds of --reps runs after one warm-up) for forward and
-fwd+bwd; torch.compile(flex_attention) has no CPU backward, so its fwd+bwd column is '-'.
+Prints one table (median seconds of --reps runs after one warm-up; the implementations take
+turns run by run) for forward and fwd+bwd; torch.compile(flex_attention) has no CPU
+backward, so its fwd+bwd column is '-'.
 --busy starts two processes that burn a CPU each for the duration of the timing (the
 machine's two cores are then contended, as on a shared machine).
 """
@@ -28,6 +29,7 @@ import time
 import warnings
 
 import torch
+import torch._dynamo
 
 import flexattn
 
@@ -77,14 +79,25 @@ def _burn(stop):
             x += 1
 
 
-def timeit(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
+def timeit(fns: dict, reps: int) -> dict:
+    """{name: (median, worst) seconds of reps runs after one warm-up}; the functions take
+    turns run by run, so a change in the machine's load falls on all of them alike."""
+    for fn in fns.values():
         fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts), max(ts)
+    ts = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            ts[name].append(time.perf_counter() - t)
+    return {name: (statistics.median(x), max(x)) for name, x in ts.items()}
+
+
+def _no_grad(fn):
+    def run():
+        with torch.no_grad():
+            fn()
+    return run
 
 
 def main():
@@ -112,7 +125,6 @@ def main():
     # eager flex_attention instead, so the limit is raised to the number of cases.
     compiled = None if a.no_compiled else torch.compile(torch_flex, dynamic=False)
     n_cases = len(a.S) * len(a.dtype) * len(a.masks)
-    import torch._dynamo
     for key in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, key):
             setattr(torch._dynamo.config, key, max(getattr(torch._dynamo.config, key), 2 * n_cases))
@@ -142,20 +154,21 @@ def main():
                 return torch.nn.functional.scaled_dot_product_attention(
                     q, k, v, attn_mask=None if attn_mask is None else attn_mask.to(dtype) if attn_mask.is_floating_point()
                     else attn_mask, is_causal=causal)
-            with torch.no_grad():
-                r["flexattn_fwd"] = timeit(ours, a.reps)
-                if sdpa_args is not None:
-                    r["sdpa_fwd"] = timeit(sdpa, a.reps)
-                if compiled is not None:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        # torch refuses CPU inputs that require grad, even under no_grad
-                        qd, kd, vd = q.detach(), k.detach(), v.detach()
-                        r["compiled_fwd"] = timeit(lambda: compiled(qd, kd, vd, sm, block_mask=tbm), a.reps)
+            # torch refuses CPU inputs that require grad, even under no_grad
+            qd, kd, vd = q.detach(), k.detach(), v.detach()
+            fwd = {"flexattn_fwd": ours}
+            if compiled is not None:
+                fwd["compiled_fwd"] = lambda: compiled(qd, kd, vd, sm, block_mask=tbm)
+            if sdpa_args is not None:
+                fwd["sdpa_fwd"] = sdpa
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                r.update(timeit({key: _no_grad(fn) for key, fn in fwd.items()}, a.reps))
             if not a.no_bwd:
-                r["flexattn_fwdbwd"] = timeit(lambda: ours().sum().backward(), a.reps)
+                bwd = {"flexattn_fwdbwd": lambda: ours().sum().backward()}
                 if sdpa_args is not None:
-                    r["sdpa_fwdbwd"] = timeit(lambda: sdpa().sum().backward(), a.reps)
+                    bwd["sdpa_fwdbwd"] = lambda: sdpa().sum().backward()
+                r.update(timeit(bwd, a.reps))
             rows.append(r)
             f = lambda key: "-" if key not in r else f"{r[key][0]:.3f} ({r[key][1]:.3f})"
             print(f"S={S:6d} {dname:8s} {name:9s} fwd: flexattn {f('flexattn_fwd')}  compiled {f('compiled_fwd')}  "
