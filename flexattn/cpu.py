@@ -5,14 +5,17 @@ q-block: *partial* blocks with the mask evaluated on the tile, *full* blocks wit
 empty blocks are never visited. Work is vectorised over (batch, query head): for a q-tile
 and a slot j, every (b, h) gathers its own j-th kv block by index, and (b, h) pairs with
 fewer than j+1 blocks mask that slot out. Without a score_mod or dropout each chunk is
-plain masked attention and runs in torch's fused CPU attention kernel (see "fused" below).
+plain masked attention and runs in torch's fused CPU attention kernel (see "fused" below);
+there a q-block whose partial and full blocks are consecutive (sliding windows, documents,
+near the causal diagonal) meets them in one merged chunk (_merged_tile).
 
 Memory, besides the inputs, outputs and per-thread dk/dv accumulators, is per thread one
 chunk: its score / mask matrix, at most _CHUNK_ELEMS (4 MiB of float32) elements for chunks
-with a mask, and its gathered K/V rows (a slice - no copy - when the blocks are consecutive;
-full-block chunks of the fused path may gather up to a whole row, B * Hq * S * D). Never
-O(L * S). fp16/bf16 inputs add one float32 copy of k and v (and of out and dout in the
-backward).
+with a mask (a merged chunk's mask: at most _MERGED_BLOCKS blocks wide), and its gathered
+K/V rows (a slice - no copy - when the blocks are consecutive; full-block chunks of the
+fused path may gather up to a whole row, B * Hq * S * D). Never O(L * S). fp16/bf16 inputs
+add one float32 copy of k and v (and of out and dout in the backward), converted by the
+worker threads.
 
 Numerics: fp16/bf16/fp32 inputs compute in float32, float64 inputs in float64. The output
 is in q.dtype; lse (natural log) is float32, or float64 for float64 inputs (as torch does);
