@@ -370,6 +370,12 @@ def _over_q_tiles(run: CpuRun, tiles: list, fn, new_acc, dynamic: bool, prologue
         ready = threading.Barrier(n) if prologue is not None else None
 
         def work(w):
+            # grad mode is thread-local: the caller's (off inside an autograd Function's
+            # forward) for everything here, the prologue's conversions included
+            with torch.set_grad_enabled(grad_mode):
+                _work(w)
+
+        def _work(w):
             try:
                 if not _ONE_THREAD_HERE():
                     raise RuntimeError("flexattn's CPU path could not make its worker thread single-threaded")
@@ -382,16 +388,15 @@ def _over_q_tiles(run: CpuRun, tiles: list, fn, new_acc, dynamic: bool, prologue
                     ready.abort()   # the other threads stop waiting (BrokenBarrierError)
                 raise
             mine = None if dynamic else iter(ranked[w::n])
-            with torch.set_grad_enabled(grad_mode):
-                while True:
-                    if mine is None:
-                        with take:
-                            t = next(shared, None)
-                    else:
-                        t = next(mine, None)
-                    if t is None:
-                        return
-                    fn(*t, accs[w])
+            while True:
+                if mine is None:
+                    with take:
+                        t = next(shared, None)
+                else:
+                    t = next(mine, None)
+                if t is None:
+                    return
+                fn(*t, accs[w])
 
         pool = _WORKERS.get(n)
         futures = [pool.submit(work, w) for w in range(n)]

@@ -401,3 +401,32 @@ def test_worker_threads_kept_and_fork_safe():
         assert child.exitcode == 0
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_that_require_grad_on_threads(dtype):
+    # the worker threads convert fp16 / bf16 inputs in the caller's grad mode (off in the
+    # forward of the autograd Function); in their own (on) two threads' in-place copies from
+    # inputs that require grad raced in autograd and sometimes raised
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        m = make_mod("sliding_window", B=1, H=8, L=1024, S=1024)
+        bm = create_block_mask(m.mask_mod, None, None, 1024, 1024)
+        q, k, v = make_qkv(1, 8, 8, 1024, 1024, 64, dtype=dtype)
+        for _ in range(10):
+            out = flex_attention(q, k, v, block_mask=bm)
+        assert out.requires_grad and out.grad_fn is not None
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        grads = torch.autograd.grad(out, [q, k, v], go)
+        qr, kr, vr = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        ref, _ = reference_attention(qr, kr, vr, mask_mod=m.mask_mod)
+        ref_grads = torch.autograd.grad(ref, [qr, kr, vr], go)
+        q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+        gold, _ = reference_attention(q64, k64, v64, mask_mod=m.mask_mod)
+        gold_grads = torch.autograd.grad(gold, [q64, k64, v64], go.double())
+        assert_close_to_golden("out", out, ref, gold)
+        for name, g, r, g64 in zip(("dq", "dk", "dv"), grads, ref_grads, gold_grads):
+            assert_close_to_golden(name, g, r, g64)
+    finally:
+        torch.set_num_threads(before)
