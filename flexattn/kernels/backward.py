@@ -532,6 +532,7 @@ def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
     dq_key, prep_key, *dkdv_keys = bwd_launch_keys(mod, q, v, cfg)
     dkdv_key_of = dict(zip([part + (a,) for a in (False, True) for part in DKDV_TOGETHER + DKDV_SPLIT], dkdv_keys))
     # with atomic dq the dq kernel only writes delta / lse2, and dq is summed in float32 here
+    # (without, the dk/dv kernel's DQ_ACC is an unread stand-in)
     dq_acc = torch.zeros(B, Hq, L, E, dtype=torch.float32, device=q.device) if atomic else delta
     kv_num, kv_idx, full_num, full_idx = kv_lists(blk)
     launcher.launch(mod.flex_bwd_dq, (cdiv(L, m2), B * Hq), (

@@ -51,7 +51,7 @@ def check_query_lens(query_lens, q, k_cache, paged: bool) -> PackedQueries:
                             f"{type(query_lens).__name__}") from None
     if not host or min(host) < 0:
         raise ValueError(f"query_lens must be B >= 1 non-negative query counts, one per sequence, got {host}")
-    if q.shape[2] != sum(host):
+    if q.shape[0] != 1 or q.shape[2] != sum(host):
         raise ValueError(f"with query_lens, q holds every sequence's queries packed along its rows: shape "
                          f"[1, Hq, sum(query_lens)={sum(host)}, E], got {tuple(q.shape)}; concatenate the "
                          f"sequences' queries along dim 2 (torch.cat(..., dim=2))")
@@ -79,7 +79,7 @@ def check_page_size(page_size) -> int:
 
 
 def check_tensors(q, k_cache, v_cache, paged: bool, packed: bool) -> None:
-    """q [B, Hq, L, E] (packed: [1, Hq, T, E], the rest checked by check_query_lens); k_cache /
+    """q [B, Hq, L, E] (packed: q's shape and the cache's batch checked by check_query_lens); k_cache /
     v_cache [1, Hkv, num_pages * page_size, E / Ev] when paged, else [B, Hkv, S, E / Ev]; one
     dtype, one device; Hq a multiple of Hkv."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -102,10 +102,6 @@ def check_tensors(q, k_cache, v_cache, paged: bool, packed: bool) -> None:
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     if q.shape[3] != k_cache.shape[3]:
         raise ValueError(f"q and k_cache must have one head dim, got {q.shape[3]} and {k_cache.shape[3]}")
-    if packed and q.shape[0] != 1:
-        raise ValueError(f"with query_lens, q holds every sequence's queries packed along its rows: shape "
-                         f"[1, Hq, sum(query_lens), E], got {tuple(q.shape)}; concatenate the sequences' queries "
-                         f"along dim 2 (torch.cat(..., dim=2))")
     if paged and k_cache.shape[0] != 1:
         raise ValueError(f"with a page_table, k_cache / v_cache are the page pool [1, Hkv, num_pages * page_size, "
                          f"head_dim], got shape {tuple(k_cache.shape)}; PagedKVCache.k / .v have that shape")
