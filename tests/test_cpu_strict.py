@@ -236,14 +236,14 @@ report = {}
 g = torch.Generator().manual_seed(0)
 q, k, v = [torch.randn(1, 2, n, 16, generator=g) for n in (48, 40, 40)]
 for n in (0, 1, 3, 5):   # constants past int32 in the mask: the kernels against the CPU path
-    bm = create_block_mask(BIG[n], 1, 1, 48, 40, BLOCK_SIZE=16)
+    bm = create_block_mask(BIG[n], 1, 1, 48, 40, device="cpu", BLOCK_SIZE=16)
     want = flex_attention(q, k, v, block_mask=bm)
     got = flex_attention(q.to(dev), k.to(dev), v.to(dev), block_mask=bm.to(dev), kernel_options={"BACKEND": "triton"})
     report[f"big{n}"] = (got.cpu() - want).abs().max().item()
 q, k, v = [torch.randn(1, 2, L, 16, generator=g) for _ in range(3)]
 for kind in ("causal", "sliding", "document"):   # bias[q_idx - kv_idx]: out of range only where masked
     bias, _, mask_mod = _relative_bias_mods(kind)
-    bm = create_block_mask(mask_mod, None, None, L, L, BLOCK_SIZE=32)
+    bm = create_block_mask(mask_mod, None, None, L, L, device="cpu", BLOCK_SIZE=32)
     res = []
     for d in ("cpu", dev):
         tab = bias.float().to(d).requires_grad_()

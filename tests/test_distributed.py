@@ -77,7 +77,8 @@ def _mods(case: Case, N: int, dtype):
     elif case.mask == "sliding":
         mask = masks.sliding_window(23, 0)
     elif case.mask == "document":
-        lengths = torch.tensor([37, 5, 60, 21, 90, 33, 70, 44])
+        lengths = torch.tensor([37, 5, 60, 21, 90, 33, 70, 44] * 4)   # 1440 tokens: covers every N here
+        assert int(lengths.sum()) >= N, "the document ids must cover the sequence"
         mask = masks.document(torch.repeat_interleave(torch.arange(len(lengths)), lengths)[:N].to(dev))
     else:
         mask = masks.prefix_lm(41)

@@ -181,7 +181,7 @@ def test_dropout_same_pattern_as_cpu_and_reference(seed):
         assert_close_to_golden(nm, a, r, g)
     # the CPU path draws the same pattern for the same seed
     cpu = flexattn.flex_attention(q.detach().float().cpu(), k.detach().float().cpu(), v.detach().float().cpu(),
-                                  block_mask=flexattn.create_block_mask(causal, None, None, L, S),
+                                  block_mask=flexattn.create_block_mask(causal, None, None, L, S, device="cpu"),
                                   dropout_p=p, dropout_seed=seed)
     assert (out.detach().float().cpu() - cpu).abs().max() < 0.05  # bf16 inputs vs fp32: same pattern, not a near-miss
 

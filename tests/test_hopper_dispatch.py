@@ -58,6 +58,21 @@ def test_forced_hopper_names_why_it_cannot(why, args):
                              "auto")
 
 
+def test_row_reducing_mods_keep_triton():
+    """A mod that reduces rows of a captured tensor (MLA's RoPE term) has no Gluon form of its
+    row dot: "auto" takes the Triton forward, "hopper" names why."""
+    if hf.gluon_missing():
+        pytest.skip(hf.gluon_missing())
+    from flexattn.trace import trace_score
+    q, k, v = qkv()
+    q_rope, k_rope = torch.randn(1, 2, 256, 16), torch.randn(1, 2, 256, 16)
+    graph = trace_score(lambda s, b, h, qi, kv: s + torch.dot(q_rope[b, h, qi], k_rope[b, h, kv]))
+    assert hf.use_hopper(SM90, q, k, v, BLOCK, 0.0, "auto", (None, None))
+    assert not hf.use_hopper(SM90, q, k, v, BLOCK, 0.0, "auto", (graph, None))
+    with pytest.raises(ValueError, match="reduces rows of a captured tensor"):
+        hf.use_hopper(SM90, q, k, v, BLOCK, 0.0, "hopper", (graph, None))
+
+
 def _compile_sm90(score_mod, mask_mod, E=128, output_max=False):
     """The Hopper forward compiled for sm_90a with Triton's bundled ptxas (no GPU needed):
     the generated Gluon source must build, whatever the mods."""

@@ -41,7 +41,8 @@ def fwd_path(plan: Plan, q, k, v) -> str:
     else the Triton forward."""
     if use_decode(plan, q, v):
         return "decode"
-    if use_hopper(device_key(q.device), q, k, v, plan.blocks.block, plan.dropout_p, plan.opts.get("BACKEND", "auto")):
+    if use_hopper(device_key(q.device), q, k, v, plan.blocks.block, plan.dropout_p, plan.opts.get("BACKEND", "auto"),
+                  (plan.score_graph, plan.mask_graph)):
         return "fwd_hopper"
     return "fwd"
 

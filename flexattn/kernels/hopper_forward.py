@@ -50,6 +50,7 @@ import torch
 import triton
 
 from ..codegen import buffer_args
+from ..ir import ROW_OPS
 from . import launcher
 from .blocks import bm_strides, kv_lists
 from .config import LOG2E
@@ -361,8 +362,12 @@ def hopper_fwd_config(d: int, dv: int) -> tuple[int, int, int, int]:
     return 128, 128, 2, 8
 
 
-def hopper_unsupported(q, k, v, block_size, dropout_p: float) -> str | None:
-    """Why the Hopper forward cannot take this call (None: it can)."""
+def hopper_unsupported(q, k, v, block_size, dropout_p: float, graphs=()) -> str | None:
+    """Why the Hopper forward cannot take this call (None: it can); graphs: the call's traced
+    mods (None where absent)."""
+    if any(g is not None and any(n.op in ROW_OPS for n in g.nodes) for g in graphs):
+        # the printer's row dot (tl.dot over chunks of the row) has no Gluon form yet
+        return "a mod that reduces rows of a captured tensor (torch.dot / .sum(-1) of a row)"
     if q.dtype not in (torch.bfloat16, torch.float16):
         return f"dtype {q.dtype} (bfloat16 / float16 only)"
     if dropout_p:
@@ -386,15 +391,15 @@ def hopper_unsupported(q, k, v, block_size, dropout_p: float) -> str | None:
 AUTO_HEAD_DIMS = range(65, 129)
 
 
-def use_hopper(device: str, q, k, v, block_size, dropout_p: float, request: str) -> bool:
+def use_hopper(device: str, q, k, v, block_size, dropout_p: float, request: str, graphs=()) -> bool:
     """Whether the forward runs the Hopper kernel. device: config.device_key ("sm90", ...,
-    "interp"); request: kernel_options["BACKEND"] as the kernels see it - "auto" (sm90, a
+    "interp"); graphs: the traced mods; request: kernel_options["BACKEND"] as the kernels see it - "auto" (sm90, a
     supported call, head dims in AUTO_HEAD_DIMS), "hopper" (a ValueError naming why not, if
     it cannot) or "triton" (never)."""
     if request == "triton":
         return False
     why = None if device == "sm90" else f"compute capability {device} (sm90 only)"
-    why = why or gluon_missing() or hopper_unsupported(q, k, v, block_size, dropout_p)
+    why = why or gluon_missing() or hopper_unsupported(q, k, v, block_size, dropout_p, graphs)
     if request == "hopper" and why:
         raise ValueError(f"kernel_options['BACKEND'] = 'hopper': this call cannot run the Hopper forward: {why}; "
                          f"use BACKEND='auto' to fall back to the Triton kernels")
