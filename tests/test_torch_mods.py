@@ -167,8 +167,11 @@ SCORE_MODS = {
     "erf_sigmoid": lambda s, b, h, q, kv: torch.erf(s / 2) * 3 + torch.sigmoid(s) - s.sigmoid() * s,
     "log1p": lambda s, b, h, q, kv: torch.log1p(s.abs()) - torch.log1p(-0.5 * torch.sigmoid(s)),
     "gelu_bias_shift": lambda s, b, h, q, kv: F.gelu(s + ((q >> 2) - (kv >> 2)).float() * 0.1),
+    # atan2(y, s)'s y stays 0.05 or more from 0 (y = 0 at kv - q = -3.5): with y = 0.1 * n + 0.3
+    # the GPU's one-rounding fma left y = 7e-9 at n = -3 where torch's two roundings leave 0, and
+    # d/ds = -y / (s^2 + y^2) turned that into a 4e-4 difference in dq (measured on the H200)
     "expm1_fmod_atan2": lambda s, b, h, q, kv: torch.expm1(s * 0.3) - torch.fmod(s, 0.7) * 2
-    + torch.atan2(s, (q - kv).float() + 0.5) + torch.atan2((kv - q).float() * 0.1 + 0.3, s) + s.fmod(q.float() + 1.5),
+    + torch.atan2(s, (q - kv).float() + 0.5) + torch.atan2((kv - q).float() * 0.1 + 0.35, s) + s.fmod(q.float() + 1.5),
     "rounding": lambda s, b, h, q, kv: s + torch.round(s * 2) * 0.1 + torch.trunc(s) * 0.2 + torch.sign(s) * 0.3
     + s.frac() + torch.round(s, decimals=1),
     "nan_inf_guards": lambda s, b, h, q, kv: torch.where(torch.isnan(s) | torch.isinf(s * 1e37), 0.0, s)
