@@ -340,3 +340,26 @@ def test_hopper_auto_dispatch_and_refusals():
     with pytest.raises(ValueError, match="head dims"):
         q2 = torch.randn(1, 2, 256, 256, device=DEV, dtype=torch.bfloat16)
         flexattn.flex_attention(q2, q2, q2, kernel_options=HOPPER)
+
+
+HOPPER_BWD = {"BACKEND": "hopper", "bwd_HOPPER": True}
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_hopper_backward_zoo(name):
+    # forward and dk/dv/dq on the Hopper kernels (dq and captured-tensor gradients by atomics)
+    _needs_sm90()
+    _check(name, L=512, S=512, E=128, opts=HOPPER_BWD)
+
+
+@pytest.mark.parametrize("L,S,E,Ev,dtype", [(17, 129, 96, 96, torch.float16), (1000, 113, 128, 64, torch.bfloat16),
+                                            (129, 513, 80, 80, torch.bfloat16), (300, 300, 64, 128, torch.float16)])
+def test_hopper_backward_shapes(L, S, E, Ev, dtype):
+    _needs_sm90()
+    _check("document", B=1, Hq=2, L=L, S=S, E=E, Ev=Ev, dtype=dtype, opts=HOPPER_BWD)
+
+
+@pytest.mark.parametrize("name", ["causal", "rel_bias", "softcap", "empty_rows"])
+def test_hopper_backward_gqa(name):
+    _needs_sm90()
+    _check(name, Hq=8, Hkv=2, L=384, S=320, E=128, opts=HOPPER_BWD, lse_grad=name == "empty_rows")

@@ -137,3 +137,95 @@ def test_hopper_backend_refuses_cpu_tensors():
     q = torch.randn(1, 2, 64, 64)
     with pytest.raises(ValueError, match="'hopper' needs CUDA tensors"):
         flexattn.flex_attention(q, q, q, kernel_options={"BACKEND": "hopper"})
+
+
+# ---- the Hopper dk/dv backward (kernels.hopper_backward): asked for by bwd_HOPPER ----------
+
+def _plan(opts=None, block=BLOCK, dropout=0.0):
+    from types import SimpleNamespace
+    return SimpleNamespace(opts={"bwd_HOPPER": True, **(opts or {})}, blocks=SimpleNamespace(block=block),
+                           dropout_p=dropout)
+
+
+@pytest.mark.parametrize("why,plan_args,cap", [
+    ("compute capability", {}, SM80),
+    ("DETERMINISTIC", dict(opts={"DETERMINISTIC": True}), SM90),
+    ("BLOCK_SIZE", dict(block=(128, 64)), SM90),
+    ("dropout", dict(dropout=0.1), SM90),
+])
+def test_hopper_backward_names_why_it_cannot(why, plan_args, cap, monkeypatch):
+    if hf.gluon_missing():
+        pytest.skip(hf.gluon_missing())
+    from flexattn.kernels import config, hopper_backward as hb
+    monkeypatch.setattr(config, "device_key", lambda device: cap)
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=f"bwd_HOPPER.*{why}.*drop bwd_HOPPER"):
+        hb.use_hopper_backward(_plan(**plan_args), q, k, v, torch.zeros_like(q))
+    assert not hb.use_hopper_backward(_plan(opts={"bwd_HOPPER": False}), q, k, v, torch.zeros_like(q))
+
+
+def test_hopper_backward_taken_when_asked_on_sm90(monkeypatch):
+    if hf.gluon_missing():
+        pytest.skip(hf.gluon_missing())
+    from flexattn.kernels import config, hopper_backward as hb
+    monkeypatch.setattr(config, "device_key", lambda device: SM90)
+    q, k, v = qkv()
+    assert hb.use_hopper_backward(_plan(), q, k, v, torch.zeros_like(q))
+    with pytest.raises(ValueError, match="grad_out strides"):  # dO is read by TMA too
+        hb.use_hopper_backward(_plan(), q, k, v, torch.zeros(1, 2, 128, 256, dtype=torch.bfloat16).transpose(2, 3))
+
+
+def _compile_bwd_sm90(score_mod, mask_mod, E=128):
+    """The Hopper dk/dv kernel compiled for sm_90a (no GPU needed), gradients into the
+    score_mod's captured float tensors included."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    import triton
+    from flexattn import codegen
+    from flexattn.autodiff import grad_slots
+    from flexattn.codegen import load_module
+    from flexattn.kernels.source import source
+    from flexattn.trace import trace_mask, trace_score
+    sg = codegen.kernel_graph(trace_score(score_mod)) if score_mod else None
+    mg = codegen.kernel_graph(trace_mask(mask_mod)) if mask_mod else None
+    slots = list(grad_slots(sg)) if sg is not None else []
+    fn = load_module(source("bwd_hopper", sg, mg, slots, True), "flex_bwd_hopper").flex_bwd_dkdv_hopper
+    layout = gl.NVMMASharedLayout(128, 16, rank=4)
+    desc = lambda rows: f"tensordesc<bf16[1, 1, {rows}, {E}],{layout!r}>"  # noqa: E731
+    types = dict(q_desc=desc(64), k_desc=desc(128), v_desc=desc(128), do_desc=desc(64), DK="*bf16", DV="*bf16",
+                 LSE2="*fp32", DELTA="*fp32", DQ_ACC="*fp32", Q_NUM="*i32", Q_IDX="*i32", FULL_Q_NUM="*i32",
+                 FULL_Q_IDX="*i32", SCALE="fp32", SCALE_LOG2="fp32")
+    consts = dict(GQA_GROUP=2, HAS_FULL=True, HAS_SCORE_MOD=sg is not None, BLOCK_M=64, BLOCK_N=128,
+                  SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, Q_DIVISIBLE=False, KV_DIVISIBLE=False, STAGES=2,
+                  QK_HEAD=E, V_HEAD=E, QK_HEAD_PAD=E, V_HEAD_PAD=E, FP16=False, DQ_PARTS=2, num_warps=8)
+    sig, cst = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name], cst[(i,)] = "constexpr", consts[name]
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32" if name.startswith(("sb", "gsb")) else "*i64"
+        else:
+            sig[name] = types.get(name, "fp32" if name[1:].startswith("bp") else "i32")
+    return triton.compile(GluonASTSource(fn, sig, cst, {}), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=8))
+
+
+@pytest.mark.slow
+def test_hopper_backward_source_compiles_for_sm90():
+    if hf.gluon_missing():
+        pytest.skip(hf.gluon_missing())
+    doc = torch.arange(1000) // 300
+    bias = torch.randn(16)
+
+    def document(b, h, q, kv):
+        return (doc[q] == doc[kv]) & (q >= kv)
+
+    def softcap(score, b, h, q, kv):
+        return 30.0 * torch.tanh(score / 30.0)
+
+    def head_bias(score, b, h, q, kv):  # a captured float tensor: its gradient by atomics
+        return score + bias[h]
+    for score_mod, mask_mod in ((None, document), (softcap, lambda b, h, q, kv: q >= kv), (head_bias, None)):
+        ptx = _compile_bwd_sm90(score_mod, mask_mod).asm["ptx"]
+        assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx and "atom.global" in ptx

@@ -35,6 +35,7 @@ from ..codegen import buffer_args
 from . import config, launcher
 from .blocks import bm_strides, kv_lists, q_lists
 from .config import dot_precision, dropout_args, fit_tile, needs_i64, pad_dim
+from .hopper_backward import hopper_dkdv, use_hopper_backward
 from .launcher import cdiv
 
 BWD_TEMPLATE = r'''
@@ -528,7 +529,8 @@ def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
                   DOT_PRECISION=dot_precision(q.dtype, plan.opts), DETERMINISTIC=det,
                   OFFS_64=needs_i64(q, k, v, dout), num_warps=warps, num_stages=stages)
     margs = buffer_args(plan.mask_graph, plan.mask_bufs)
-    atomic = use_atomic_dq(plan, q, v)
+    hopper = use_hopper_backward(plan, q, k, v, dout)
+    atomic = hopper or use_atomic_dq(plan, q, v)
     dq_key, prep_key, *dkdv_keys = bwd_launch_keys(mod, q, v, cfg)
     dkdv_key_of = dict(zip([part + (a,) for a in (False, True) for part in DKDV_TOGETHER + DKDV_SPLIT], dkdv_keys))
     # with atomic dq the dq kernel only writes delta / lse2, and dq is summed in float32 here
@@ -545,7 +547,9 @@ def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
         prep_key if atomic else dq_key)
     q_num, q_idx, fq_num, fq_idx = q_lists(blk)
     split = plan.opts.get("bwd_SPLIT_DKDV", config.split_dkdv(q.device, E, Ev))
-    for want_dk, want_dv in DKDV_SPLIT if split else DKDV_TOGETHER:
+    if hopper:  # the Gluon dk/dv kernel (dq by its atomics) in place of the Triton one
+        hopper_dkdv(plan, q, k, v, dout, dk, dv, lse2, delta, dq_acc, [*sargs, *margs], gbufs)
+    for want_dk, want_dv in () if hopper else DKDV_SPLIT if split else DKDV_TOGETHER:
         # dk/dv: the kv tile fixes the grid, so a shared-memory fallback shrinks the q tile
         launcher.launch(mod.flex_bwd_dkdv, (cdiv(S, n1), B * Hkv), (
             q, k, v, dout, dk, dv, lse2, delta, dq_acc, q_num, q_idx, fq_num, fq_idx,

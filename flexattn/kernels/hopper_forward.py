@@ -380,8 +380,16 @@ def hopper_unsupported(q, k, v, block_size, dropout_p: float, graphs=()) -> str 
     if block_size[0] % bm or block_size[1] % bn:
         return f"BlockMask BLOCK_SIZE {tuple(block_size)} (multiples of ({bm}, {bn}))"
     for name, t in (("query", q), ("key", k), ("value", v)):
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * t.element_size()) % 16 for st in t.stride()[:-1]):
-            return f"{name} strides {tuple(t.stride())} (TMA needs a contiguous last dim, 16-byte aligned strides)"
+        why = tma_unsupported(name, t)
+        if why:
+            return why
+    return None
+
+
+def tma_unsupported(name: str, t) -> str | None:
+    """Why a TMA descriptor cannot read tensor t (None: it can)."""
+    if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * t.element_size()) % 16 for st in t.stride()[:-1]):
+        return f"{name} strides {tuple(t.stride())} (TMA needs a contiguous last dim, 16-byte aligned strides)"
     return None
 
 

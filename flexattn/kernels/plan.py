@@ -11,7 +11,7 @@ from ..checks import check_kernel_inputs, check_scale
 from ..dropout import draw_seed
 from ..options import check_kernel_options
 from .blocks import KernelBlocks, blocks_of
-from .source import load
+from .source import GRAD_KINDS, load
 
 
 @dataclass
@@ -32,11 +32,12 @@ class Plan:
     modules: dict = field(default_factory=dict)  # kind -> generated module, memo of module()
 
     def module(self, kind: str):
-        """The generated module of `kind` ("fwd", "bwd", "decode") for the plan's mods."""
+        """The generated module of `kind` ("fwd", "bwd", "decode", "fwd_hopper", "bwd_hopper")
+        for the plan's mods."""
         mod = self.modules.get(kind)
         if mod is None:
             mod = self.modules[kind] = load(kind, self.score_graph, self.mask_graph,
-                                            list(self.grad_slots) if kind == "bwd" else None, self.small_indices)
+                                            list(self.grad_slots) if kind in GRAD_KINDS else None, self.small_indices)
         return mod
 
 

@@ -11,21 +11,26 @@ from .backward import BWD_TEMPLATE
 from .common_source import COMMON_SOURCE
 from .decode import DECODE_TEMPLATE
 from .forward import FWD_TEMPLATE
+from .hopper_backward import HOPPER_BWD_TEMPLATE
 from .hopper_forward import HOPPER_FWD_TEMPLATE
 from .interpreter import apply_interpreter_fix
 
 # each Triton template after the shared helpers it calls (common_source); the Gluon one alone
 TEMPLATES = {"fwd": COMMON_SOURCE + FWD_TEMPLATE, "bwd": COMMON_SOURCE + BWD_TEMPLATE,
-             "decode": COMMON_SOURCE + DECODE_TEMPLATE, "fwd_hopper": COMMON_SOURCE + HOPPER_FWD_TEMPLATE}
+             "decode": COMMON_SOURCE + DECODE_TEMPLATE, "fwd_hopper": COMMON_SOURCE + HOPPER_FWD_TEMPLATE,
+             "bwd_hopper": COMMON_SOURCE + HOPPER_BWD_TEMPLATE}
 # kind -> the kernel names of its generated module
 KERNEL_NAMES = {"fwd": ("flex_fwd",), "decode": ("flex_decode",), "bwd": ("flex_bwd_dq", "flex_bwd_dkdv"),
-                "fwd_hopper": ("flex_fwd_hopper",)}
+                "fwd_hopper": ("flex_fwd_hopper",), "bwd_hopper": ("flex_bwd_dkdv_hopper",)}
 
 # The kernels whose mods take small index sums in float32 (codegen's small_indices). Not the
 # backward: its dk/dv kernel holds the kv axis fixed, the compiler hoists the broadcast float
 # kv tile out of the loop, and at D=128 (already at 255 registers) that spilled: ALiBi
 # fwd+bwd went from 1.06-1.08x to 1.01-1.05x torch on the H200 (run 10).
 FLOAT_INDEX_KINDS = ("fwd", "decode", "fwd_hopper")
+
+# the kinds whose templates take the score_mod's derivative and the gradients' buffers
+GRAD_KINDS = ("bwd", "bwd_hopper")
 
 # kernel parameters that carry the call's dropout seed (see fill)
 DROPOUT_VALUES = ("seed_lo", "seed_hi", "drop_threshold")
@@ -87,7 +92,7 @@ def float_indices(kind: str, small_indices: bool) -> bool:
 def source(kind: str, score_graph, mask_graph, grad_slots, small_indices: bool) -> str:
     """The Triton source of `kind` ("fwd", "bwd", "decode", "fwd_hopper") for these (kernel) graphs;
     grad_slots only for "bwd"; small_indices: Plan.small_indices."""
-    return fill(TEMPLATES[kind], score_graph, mask_graph, list(grad_slots) if kind == "bwd" else None,
+    return fill(TEMPLATES[kind], score_graph, mask_graph, list(grad_slots) if kind in GRAD_KINDS else None,
                 float_indices(kind, small_indices))
 
 
