@@ -67,6 +67,8 @@ def main():
     p.add_argument("--no-fwd", dest="fwd", action="store_false", help="skip the forward configs")
     p.add_argument("--decode", action="store_true")
     p.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this")
+    p.add_argument("--bwd-cfgs", default=None,
+                   help='JSON list of backward configs for every head dim, e.g. [[64,128,128,64,8,3,{"bwd_HOPPER":true}]]')
     a = p.parse_args()
     import torch._dynamo
     torch._dynamo.config.recompile_limit = 10_000
@@ -134,7 +136,7 @@ def main():
                 fb(tflex)()
                 ref_grads = [x.grad.clone() for x in (q, k, v)]
                 print(f"   torch fwd+bwd {t_torch_b:.3f} ms {3.5 * fl / t_torch_b * 1e-9:.0f} TF", flush=True)
-                for cfg in BWD_CFGS[D]:
+                for cfg in json.loads(a.bwd_cfgs) if a.bwd_cfgs else BWD_CFGS[D]:
                     opts = bwd_options(cfg)
                     try:
                         fb(ours(opts))()

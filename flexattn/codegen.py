@@ -813,7 +813,7 @@ def mod_backward_function(name: str, graph: Graph | None, prefix: str, grad_bufs
     """`@triton.jit def name(score, grad, valid, off_z, off_h, q_idx, kv_idx, *bufs, *grad_bufs,
     Q_AXIS, ACCUM)`: returns d(score_mod)/d(score) * grad, and atomically adds the gradient of every
     load of a captured float tensor in `grad_bufs` (slots) into `gb<slot>_ptr` (float32, same
-    shape/strides as the contiguous buffer). `valid` masks positions that take no part.
+    shape/strides as the contiguous buffer) by the template's `_grad_atomic_add(ptr, value, mask)`. `valid` masks positions that take no part.
     Q_AXIS (constexpr) is the tile axis that q_idx runs along: sums over the other axis
     happen before the atomics when an index does not depend on it. ACCUM (constexpr) False
     skips the buffer gradients (only one of the backward kernels adds them); FIXED_POINT
@@ -862,7 +862,9 @@ def mod_backward_function(name: str, graph: Graph | None, prefix: str, grad_bufs
         # associative, so the sum is bitwise the same in any order (resolution 2^-32, range 2^31)
         body.append("if FIXED_POINT:")
         body.append("    gv = tl.floor(gv * 4294967296.0 + 0.5).to(tl.int64)")
-        body.append(f"tl.atomic_add({ptr}, gv" + (f", mask={' & '.join(ok)}" if ok else "") + ", sem='relaxed')")
+        # the template's own atomic (`_grad_atomic_add`: Triton's, or Gluon's with a layout
+        # that holds each address once)
+        body.append(f"_grad_atomic_add({ptr}, gv, {' & '.join(ok) if ok else 'None'})")
         if row is not None:
             body = [f"for {row} in range(0, {length}):"] + ["    " + b for b in body]
         lines += ["        " + b for b in body]

@@ -72,6 +72,12 @@ from flexattn.dropout import dropout_keep_triton
 
 
 @triton.jit
+def _grad_atomic_add(ptr, value, mask):
+    """score_mod_bwd's atomic into a captured tensor's gradient (mask None: every address)."""
+    tl.atomic_add(ptr, value, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _grouped_order(BLOCK: tl.constexpr, REVERSE: tl.constexpr):
     """(tile, pid_zh) of this program, whose grid is (tiles of BLOCK rows, B*H).
 

@@ -18,8 +18,13 @@ Partitions (gl.warp_specialize):
   * consumer (the default partition), num_warps warps: two warpgroups of BLOCK_N / 2 kv rows
     for S^T, dP^T, dV, dK; for dQ (BLOCK_M q rows) they split the head dim.
 
-The wgmmas here are issued and waited for one at a time: this is the first form, to be made
-asynchronous (S^T of tile t+1 under the softmax of tile t) once measured.
+The wgmmas here are issued and waited for one at a time. Measured on the H200 (bf16, B=4, H=16,
+S=8K, D=128, causal, fwd+bwd with the Hopper forward, benchmarks/sweep_configs.py): 326 TFLOP/s
+against 426 for the Triton backward, so it stays opt-in. Asynchronous forms (S^T and dP^T
+issued together, P^T computed under dP^T, dS^T under dV, dQ's halves in flight together or one
+after the other) measured 294-300: at 240 registers a consumer thread they spill 30-37 values
+per q tile (ptxas; the form here spills none in its loops), so they need fewer live values first
+(P^T and dS^T as bf16 as soon as made, S^T / dP^T per warpgroup of 64 kv rows).
 
 Holes filled by `flexattn.kernels.source.fill`, as in the Triton backward: {SCORE_MOD},
 {MASK_MOD}, {SCORE_MOD_BWD} and the captured tensors' parameter lists.
@@ -46,6 +51,24 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 {MASK_MOD}
 
 {SCORE_MOD_BWD}
+
+
+@gluon.jit
+def _grad_atomic_add(ptr, value, mask):
+    """score_mod_bwd's atomic into a captured tensor's gradient (mask None: every address).
+    A tile summed over one axis (keep_dims) keeps the wgmma layout, whose registers hold each
+    of its addresses many times over (16 at a 64-wide tile) and each copy would be added:
+    such a column or row goes to a layout that holds each address once per thread first."""
+    if len(value.shape) == 2:
+        if value.shape[1] == 1:
+            one: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [gl.num_warps(), 1], [0, 1])
+        else:
+            one: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [1, gl.num_warps()], [1, 0])
+        ptr = gl.convert_layout(ptr, one)
+        value = gl.convert_layout(value, one)
+        if mask is not None:
+            mask = gl.convert_layout(mask, one)
+    gl.atomic_add(ptr, value, mask=mask, sem="relaxed")
 
 
 @gluon.jit
@@ -341,8 +364,8 @@ def hopper_backward_unsupported(plan, q, k, v, dout) -> str | None:
 
 def use_hopper_backward(plan, q, k, v, dout) -> bool:
     """Whether the backward's dk/dv runs the Hopper kernel: kernel_options "bwd_HOPPER" True
-    asks for it (a ValueError naming why, if this backward cannot take it); off by default
-    until measured against the Triton kernels."""
+    asks for it (a ValueError naming why, if this backward cannot take it); off by default:
+    slower than the Triton kernels on the H200 so far (see the module docstring)."""
     if not plan.opts.get("bwd_HOPPER", False):
         return False
     why = hopper_backward_unsupported(plan, q, k, v, dout)
