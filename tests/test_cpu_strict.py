@@ -247,7 +247,7 @@ for kind in ("causal", "sliding", "document"):   # bias[q_idx - kv_idx]: out of 
     res = []
     for d in ("cpu", dev):
         tab = bias.float().to(d).requires_grad_()
-        qq, kk, vv = [x.to(d).requires_grad_() for x in (q, k, v)]
+        qq, kk, vv = [x.detach().to(d).requires_grad_() for x in (q, k, v)]  # new leaves on each device
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + tab[q_idx - kv_idx]
         opts = None if d == "cpu" else {"BACKEND": "triton"}
