@@ -21,7 +21,10 @@ VALID_OPTIONS = {
     "bwd_SPLIT_DKDV": "True/False: the backward computes dk and dv in two launches, one accumulator "
                       "each (default: True on the GPU for head dims over 128)",
     "bwd_HOPPER": "True: the backward's dk/dv (and dq, by atomics) run the Hopper (Gluon) kernel, sm90 "
-                  "(an error naming why if the call cannot take it; default False: not yet measured)",
+                  "(an error naming why if the call cannot take it; default False: slower than the Triton "
+                  "kernels on the H200 so far)",
+    "fwd_PINGPONG": "True: the Hopper forward runs its two consumer warpgroups as two partitions that take "
+                    "turns on the tensor cores (default False: not yet measured)",
     "bwd_ATOMIC_DQ": "True/False: the dk/dv kernel also computes dq, adding each tile's share by float32 "
                      "atomics, instead of a dq kernel recomputing every tile (default: see "
                      "flexattn.kernels.config.atomic_dq; never with DETERMINISTIC)",
@@ -97,7 +100,7 @@ _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "bwd_BLOCK_M", "bwd_BLOCK_N", "BLOCK_M1", "B
               "decode_BLOCK_N")
 _WARP_KEYS = ("num_warps", "bwd_num_warps", "decode_num_warps")
 _STAGE_KEYS = ("num_stages", "bwd_num_stages", "decode_num_stages")
-_FLAG_KEYS = ("AUTOTUNE", "TIERED", "bwd_SPLIT_DKDV", "bwd_ATOMIC_DQ", "bwd_HOPPER")
+_FLAG_KEYS = ("AUTOTUNE", "TIERED", "bwd_SPLIT_DKDV", "bwd_ATOMIC_DQ", "bwd_HOPPER", "fwd_PINGPONG")
 
 
 def check_kernel_options(kernel_options) -> dict:

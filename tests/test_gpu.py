@@ -305,25 +305,32 @@ def _needs_sm90():
         pytest.skip("the Hopper forward runs on sm90 only")
 
 
+PINGPONG = [False, True]  # the consumer warpgroups in one partition / as two taking turns (fwd_PINGPONG)
+
+
+@pytest.mark.parametrize("pingpong", PINGPONG)
 @pytest.mark.parametrize("name", ZOO_NAMES)
-def test_hopper_zoo(name):
+def test_hopper_zoo(name, pingpong):
     # forward on the Hopper kernel, backward on the Triton kernels (from its out and lse)
     _needs_sm90()
-    _check(name, L=512, S=512, E=128, opts=HOPPER)
+    _check(name, L=512, S=512, E=128, opts=dict(HOPPER, fwd_PINGPONG=pingpong))
 
 
+@pytest.mark.parametrize("pingpong", PINGPONG)
 @pytest.mark.parametrize("L,S,E,Ev,dtype", [(17, 129, 96, 96, torch.float16), (1000, 113, 128, 64, torch.bfloat16),
                                             (129, 513, 80, 80, torch.bfloat16), (300, 300, 64, 128, torch.float16),
                                             (255, 1000, 128, 128, torch.float16)])
-def test_hopper_shapes(L, S, E, Ev, dtype):
+def test_hopper_shapes(L, S, E, Ev, dtype, pingpong):
     _needs_sm90()
-    _check("document", B=1, Hq=2, L=L, S=S, E=E, Ev=Ev, dtype=dtype, opts=HOPPER)
+    _check("document", B=1, Hq=2, L=L, S=S, E=E, Ev=Ev, dtype=dtype, opts=dict(HOPPER, fwd_PINGPONG=pingpong))
 
 
+@pytest.mark.parametrize("pingpong", PINGPONG)
 @pytest.mark.parametrize("name", ["causal", "rel_bias", "softcap", "empty_rows"])
-def test_hopper_gqa(name):
+def test_hopper_gqa(name, pingpong):
     _needs_sm90()
-    _check(name, Hq=8, Hkv=2, L=384, S=320, E=128, opts=HOPPER, lse_grad=name == "empty_rows")
+    _check(name, Hq=8, Hkv=2, L=384, S=320, E=128, opts=dict(HOPPER, fwd_PINGPONG=pingpong),
+           lse_grad=name == "empty_rows")
 
 
 def test_hopper_auto_dispatch_and_refusals():

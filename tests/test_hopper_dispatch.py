@@ -73,9 +73,10 @@ def test_row_reducing_mods_keep_triton():
         hf.use_hopper(SM90, q, k, v, BLOCK, 0.0, "hopper", (graph, None))
 
 
-def _compile_sm90(score_mod, mask_mod, E=128, output_max=False):
+def _compile_sm90(score_mod, mask_mod, E=128, output_max=False, pingpong=False):
     """The Hopper forward compiled for sm_90a with Triton's bundled ptxas (no GPU needed):
-    the generated Gluon source must build, whatever the mods."""
+    the generated Gluon source must build, whatever the mods (pingpong: fwd_PINGPONG's form,
+    64-row q / o boxes and one warpgroup a partition)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -89,12 +90,13 @@ def _compile_sm90(score_mod, mask_mod, E=128, output_max=False):
     fn = load_module(source("fwd_hopper", sg, mg, None, True), "flex_fwd_hopper").flex_fwd_hopper
     layout = gl.NVMMASharedLayout(128, 16, rank=4)
     desc = lambda rows: f"tensordesc<bf16[1, 1, {rows}, {E}],{layout!r}>"  # noqa: E731
-    types = dict(q_desc=desc(128), k_desc=desc(128), v_desc=desc(128), o_desc=desc(128), LSE="*fp32", MAX="*fp32",
+    rows, warps = (64, 4) if pingpong else (128, 8)
+    types = dict(q_desc=desc(rows), k_desc=desc(128), v_desc=desc(128), o_desc=desc(rows), LSE="*fp32", MAX="*fp32",
                  KV_NUM="*i32", KV_IDX="*i32", FULL_KV_NUM="*i32", FULL_KV_IDX="*i32", SCALE="fp32", SCALE_LOG2="fp32")
     consts = dict(GQA_GROUP=1, HAS_FULL=True, HAS_SCORE_MOD=sg is not None, BLOCK_M=128, BLOCK_N=128,
                   SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, KV_DIVISIBLE=False, SCALE_POSITIVE=True, STAGES=2,
                   LAST_ROWS_FIRST=True, QK_HEAD_PAD=E, V_HEAD_PAD=E, FP16=False, OUTPUT_MAX=output_max,
-                  num_warps=8)
+                  PINGPONG=pingpong, num_warps=warps)
     sig, cst = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -104,7 +106,7 @@ def _compile_sm90(score_mod, mask_mod, E=128, output_max=False):
         else:
             sig[name] = types.get(name, "fp32" if name[1:].startswith("bp") else "i32")
     return triton.compile(GluonASTSource(fn, sig, cst, {}), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=8))
+                          options=dict(num_warps=warps))
 
 
 @pytest.mark.slow
@@ -130,6 +132,10 @@ def test_hopper_source_compiles_for_sm90():
     # return_aux=AuxRequest(max_scores=True): the rows' maxima stored as well
     kernel = _compile_sm90(softcap, document, output_max=True)
     assert "wgmma.mma_async" in kernel.asm["ptx"]
+    # fwd_PINGPONG: two consumer partitions of one warpgroup each and the producer warp
+    kernel = _compile_sm90(softcap, document, output_max=True, pingpong=True)
+    ptx = kernel.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx and ".reqntid 384" in ptx
 
 
 def test_hopper_backend_refuses_cpu_tensors():

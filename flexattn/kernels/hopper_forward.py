@@ -15,6 +15,11 @@ Partitions (gl.warp_specialize):
     registers, online softmax in the exp2 domain, O += P V by wgmma with P from registers.
     Each iteration issues S of tile t and then P V of tile t-1, waits for S alone, and runs
     the softmax of tile t while P V of tile t-1 is still on the tensor cores.
+  * PINGPONG (kernel_options "fwd_PINGPONG", opt-in until measured): the two warpgroups are
+    two partitions of BLOCK_M / 2 rows each, with their own Q and O, and they take turns to
+    issue their wgmmas (two mbarriers pass the turn), so that one's softmax runs while the
+    tensor cores run the other's S and P V (FA3's ping-pong schedule). Compiles for sm_90a
+    with 240 registers a consumer thread and no spills; not yet run on a GPU.
 
 Glossary of constexpr names:
   BLOCK_M / BLOCK_N       query rows per program / kv columns per tile
@@ -28,6 +33,7 @@ Glossary of constexpr names:
   HAS_FULL / HAS_SCORE_MOD   full-block lists present / a score_mod to apply
   KV_DIVISIBLE            KV_LEN is a multiple of SPARSE_KV_BLOCK (no tile holds padding)
   SCALE_POSITIVE          scale > 0: the row max may be taken before scaling
+  PINGPONG / SIDE         two consumer partitions taking turns / which half of the rows (0, 1)
 
 The tile walk (`_tile_start`) and the online-softmax step (`_online_softmax`) are the Triton
 kernels' own, from common_source (prepended to this template too): a @triton.jit function
@@ -152,13 +158,13 @@ def _softmax_tile(qk, l_i, m_i, start_n, off_z, off_h, q_idx, KV_LEN, SCALE, SCA
 
 
 @gluon.jit
-def _consume_list(acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, kv_empty, s_zero,
+def _consume_list(acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, kv_empty, turn, s_zero,
                   idx_ptr, n_blocks, t0, it,
                   off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
                   {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}
                   IS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr, KV_DIVISIBLE: gl.constexpr,
                   SCALE_POSITIVE: gl.constexpr, SPARSE_KV_BLOCK: gl.constexpr,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, SIDE: gl.constexpr):
     # Tiles t0.. of one list; `it` counts tiles over both lists (ring slot and phase).
     # Invariant at the top of an iteration: P of tile it-1 is in registers, its P V not yet
     # issued; O holds the sum over tiles < it-1, rescaled to tile it-1's row max.
@@ -169,8 +175,12 @@ def _consume_list(acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, kv
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     for t in range(t0, n_blocks * MULT):
         start_n = _tile_start(idx_ptr, t, n_blocks, SPARSE_KV_BLOCK, BLOCK_N)
+        if PINGPONG:  # my turn to issue (see _pingpong_consumer); the k-th turn is tile it = k + 1
+            mbarrier.wait(turn.index(SIDE), ((it - 1) & 1) ^ (1 - SIDE))
         s_tok = _issue_qk(q_smem, k_ring, k_ready, s_zero, it, STAGES)
         o_tok = _issue_pv(p, v_ring, v_ready, acc, it - 1, STAGES)
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - SIDE), count=1)
         qk = warpgroup_mma_wait(1, deps=(s_tok, ))
         p, alpha, l_i, m_i = _softmax_tile(
             qk, l_i, m_i, start_n, off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
@@ -185,14 +195,17 @@ def _consume_list(acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, kv
 
 
 @gluon.jit
-def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty,
+def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty, turn,
               idx_ptr, n_part, fidx_ptr, n_full,
               off_z, off_h, start_m, KV_LEN, SCALE, SCALE_LOG2,
               {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}
               HAS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, V_HEAD: gl.constexpr,
               SPARSE_KV_BLOCK: gl.constexpr, KV_DIVISIBLE: gl.constexpr, SCALE_POSITIVE: gl.constexpr,
-              STAGES: gl.constexpr, num_warps: gl.constexpr):
+              STAGES: gl.constexpr, num_warps: gl.constexpr, PINGPONG: gl.constexpr = False,
+              SIDE: gl.constexpr = 0):
+    # the online softmax over the row's kv tiles -> (O unnormalised, l, m) of BLOCK_M rows
+    # from start_m, Q in q_smem (waited for on q_bar)
     MULT: gl.constexpr = SPARSE_KV_BLOCK // BLOCK_N
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -223,19 +236,20 @@ def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty,
             p_layout=p_layout, P_DTYPE=v_ring.dtype, IS_FULL=False, HAS_SCORE_MOD=HAS_SCORE_MOD, KV_DIVISIBLE=KV_DIVISIBLE,
             SCALE_POSITIVE=SCALE_POSITIVE, BLOCK_N=BLOCK_N)
         acc, l_i, m_i, p, it = _consume_list(
-            acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, kv_empty, s_zero,
+            acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, kv_empty, turn, s_zero,
             idx_ptr, n_part, 1, gl.to_tensor(1), off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
             {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
             IS_FULL=False, HAS_SCORE_MOD=HAS_SCORE_MOD, KV_DIVISIBLE=KV_DIVISIBLE, SCALE_POSITIVE=SCALE_POSITIVE,
-            SPARSE_KV_BLOCK=SPARSE_KV_BLOCK, BLOCK_N=BLOCK_N, STAGES=STAGES)
+            SPARSE_KV_BLOCK=SPARSE_KV_BLOCK, BLOCK_N=BLOCK_N, STAGES=STAGES, PINGPONG=PINGPONG, SIDE=SIDE)
         if HAS_FULL:
             acc, l_i, m_i, p, it = _consume_list(
-                acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, kv_empty, s_zero,
+                acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, kv_empty, turn, s_zero,
                 fidx_ptr, n_full, gl.where(n_part_tiles > 0, 0, 1), it, off_z, off_h, q_idx, KV_LEN,
                 SCALE, SCALE_LOG2,
                 {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
                 IS_FULL=True, HAS_SCORE_MOD=HAS_SCORE_MOD, KV_DIVISIBLE=KV_DIVISIBLE,
-                SCALE_POSITIVE=SCALE_POSITIVE, SPARSE_KV_BLOCK=SPARSE_KV_BLOCK, BLOCK_N=BLOCK_N, STAGES=STAGES)
+                SCALE_POSITIVE=SCALE_POSITIVE, SPARSE_KV_BLOCK=SPARSE_KV_BLOCK, BLOCK_N=BLOCK_N, STAGES=STAGES,
+                PINGPONG=PINGPONG, SIDE=SIDE)
         # the last tile's P V
         acc = warpgroup_mma_wait(0, deps=(_issue_pv(p, v_ring, v_ready, acc, it - 1, STAGES), ))
         mbarrier.arrive(kv_empty.index((it - 1) % STAGES), count=1)
@@ -257,7 +271,7 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE, MAX,
                     KV_DIVISIBLE: gl.constexpr, SCALE_POSITIVE: gl.constexpr,
                     STAGES: gl.constexpr, LAST_ROWS_FIRST: gl.constexpr,
                     QK_HEAD_PAD: gl.constexpr, V_HEAD_PAD: gl.constexpr, FP16: gl.constexpr,
-                    OUTPUT_MAX: gl.constexpr, num_warps: gl.constexpr):
+                    OUTPUT_MAX: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr):
     # q/k/v/o descriptors: rank 4 over [B, H, S, D] with [1, 1, rows, D_PAD] boxes, D_PAD the
     # head dim rounded up to a power of two. A box past the end of a head's rows or of the
     # head dim is zero-filled on load (zeros add nothing to Q K^T; their P V columns are
@@ -270,7 +284,8 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE, MAX,
     gl.static_assert((q_desc.dtype == gl.float16) == FP16)
     gl.static_assert(SPARSE_KV_BLOCK % BLOCK_N == 0)
     gl.static_assert(SPARSE_Q_BLOCK % BLOCK_M == 0)
-    gl.static_assert(BLOCK_M == 16 * num_warps)
+    # one wgmma row block of 16 per warp; PINGPONG: two partitions of num_warps warps
+    gl.static_assert(BLOCK_M == (32 if PINGPONG else 16) * num_warps)
     # LAST_ROWS_FIRST: the last query rows start first; under a causal mask they have the
     # most kv blocks, and the short programs then fill the tail of the grid
     pid_m = gl.program_id(0)
@@ -284,26 +299,18 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE, MAX,
     sparse_m = start_m // SPARSE_Q_BLOCK
 
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, QK_HEAD],
-                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, QK_HEAD], dtype))
     k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, QK_HEAD],
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, QK_HEAD], dtype))
     v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, V_HEAD],
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, V_HEAD], dtype))
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
-        mbarrier.init(kv_empty.index(s), count=1)
-    fence_async_shared()
-    # load q: it stays in shared memory throughout, the A operand of every S wgmma
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    _tma_load(q_desc, [off_z, off_h, start_m, 0], q_bar,
-                                    q_smem.reshape(q_desc.block_type.shape))
+        # a slot is free once every consumer partition is done with it
+        mbarrier.init(kv_empty.index(s), count=2 if PINGPONG else 1)
 
     n_part = gl.load(KV_NUM + off_z * stride_nz + off_h * stride_nh + sparse_m * stride_nm)
     idx_ptr = KV_IDX + off_z.to(gl.int64) * stride_iz + off_h * stride_ih + sparse_m * stride_im
@@ -313,39 +320,114 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE, MAX,
         n_full = gl.load(FULL_KV_NUM + off_z * stride_fnz + off_h * stride_fnh + sparse_m * stride_fnm)
         fidx_ptr = FULL_KV_IDX + off_z.to(gl.int64) * stride_fiz + off_h * stride_fih + sparse_m * stride_fim
 
-    acc, l_i, m_i = gl.warp_specialize([
-        (_consumer, (q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty,
-                     idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, start_m, KV_LEN, SCALE, SCALE_LOG2,
-                     {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
-                     HAS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
-                     SCALE_POSITIVE, STAGES, num_warps)),
-        (_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty,
-                     idx_ptr, n_part, fidx_ptr, n_full, off_z, off_hkv,
-                     HAS_FULL, SPARSE_KV_BLOCK, BLOCK_N, STAGES)),
-    ], [1], [24])
+    if PINGPONG:
+        # two consumer partitions of BLOCK_M / 2 rows each, taking turns to issue their wgmmas
+        HALF: gl.constexpr = BLOCK_M // 2
+        q_smem = gl.allocate_shared_memory(dtype, [2, HALF, QK_HEAD],
+                                           gl.NVMMASharedLayout.get_default_for([HALF, QK_HEAD], dtype))
+        if QK_HEAD == V_HEAD:  # O goes out through Q's buffer (the last S wgmma is done by then)
+            o_smem = q_smem
+        else:
+            o_smem = gl.allocate_shared_memory(dtype, [2, HALF, V_HEAD],
+                                               gl.NVMMASharedLayout.get_default_for([HALF, V_HEAD], dtype))
+        q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for side in gl.static_range(2):
+            mbarrier.init(q_bar.index(side), count=1)
+            mbarrier.init(turn.index(side), count=1)
+        fence_async_shared()
+        gl.warp_specialize([
+            (_pingpong_consumer, (q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty,
+                                  turn, LSE, MAX, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, pid_zh, start_m,
+                                  Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
+                                  {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
+                                  HAS_FULL, HAS_SCORE_MOD, HALF, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
+                                  SCALE_POSITIVE, STAGES, OUTPUT_MAX, 0, num_warps)),
+            (_pingpong_consumer, (q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty,
+                                  turn, LSE, MAX, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, pid_zh, start_m,
+                                  Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
+                                  {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
+                                  HAS_FULL, HAS_SCORE_MOD, HALF, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
+                                  SCALE_POSITIVE, STAGES, OUTPUT_MAX, 1, num_warps)),
+            (_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty,
+                         idx_ptr, n_part, fidx_ptr, n_full, off_z, off_hkv,
+                         HAS_FULL, SPARSE_KV_BLOCK, BLOCK_N, STAGES)),
+        ], [num_warps, 1], [240, 24])
+    else:
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, QK_HEAD],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, QK_HEAD], dtype))
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        fence_async_shared()
+        # load q: it stays in shared memory throughout, the A operand of every S wgmma
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        _tma_load(q_desc, [off_z, off_h, start_m, 0], q_bar, q_smem.reshape(q_desc.block_type.shape))
+        acc, l_i, m_i = gl.warp_specialize([
+            # (q_bar again in `turn`'s place: unused without PINGPONG)
+            (_consumer, (q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty, q_bar,
+                         idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, start_m, KV_LEN, SCALE, SCALE_LOG2,
+                         {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
+                         HAS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
+                         SCALE_POSITIVE, STAGES, num_warps)),
+            (_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty,
+                         idx_ptr, n_part, fidx_ptr, n_full, off_z, off_hkv,
+                         HAS_FULL, SPARSE_KV_BLOCK, BLOCK_N, STAGES)),
+        ], [1], [24])
+        # O through shared memory (q's buffer when the shapes agree: the last S wgmma is done)
+        if QK_HEAD == V_HEAD:
+            o_smem = q_smem
+        else:
+            o_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, V_HEAD],
+                                               gl.NVMMASharedLayout.get_default_for([BLOCK_M, V_HEAD], dtype))
+        _epilogue(acc, l_i, m_i, o_desc, o_smem, LSE, MAX, pid_zh, off_z, off_h, start_m, Q_LEN,
+                  OUTPUT_MAX=OUTPUT_MAX)
 
-    # fully masked rows (l == 0): output 0 and lse -inf, never NaN
+
+@gluon.jit
+def _pingpong_consumer(q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty, turn,
+                       LSE, MAX, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, pid_zh, start_m,
+                       Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
+                       {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}
+                       HAS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr, BLOCK_M: gl.constexpr,
+                       BLOCK_N: gl.constexpr, V_HEAD: gl.constexpr, SPARSE_KV_BLOCK: gl.constexpr,
+                       KV_DIVISIBLE: gl.constexpr, SCALE_POSITIVE: gl.constexpr, STAGES: gl.constexpr,
+                       OUTPUT_MAX: gl.constexpr, SIDE: gl.constexpr, num_warps: gl.constexpr):
+    # One warpgroup's BLOCK_M rows (the program's first or second half, SIDE 0 / 1): its own Q,
+    # the shared K/V ring, its own O. The two partitions take turns to issue their S and P V
+    # wgmmas (mbarriers `turn`: SIDE waits on turn[SIDE], then arrives on the other's), so one
+    # runs its softmax while the tensor cores run the other's wgmmas.
+    row0 = start_m + SIDE * BLOCK_M
+    q_half = q_smem.index(SIDE)
+    mbarrier.expect(q_bar.index(SIDE), q_desc.block_type.nbytes)
+    _tma_load(q_desc, [off_z, off_h, row0, 0], q_bar.index(SIDE), q_half.reshape(q_desc.block_type.shape))
+    acc, l_i, m_i = _consumer(q_half, k_ring, v_ring, q_bar.index(SIDE), k_ready, v_ready, kv_empty, turn,
+                              idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, row0, KV_LEN, SCALE, SCALE_LOG2,
+                              {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
+                              HAS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
+                              SCALE_POSITIVE, STAGES, num_warps, PINGPONG=True, SIDE=SIDE)
+    _epilogue(acc, l_i, m_i, o_desc, o_smem.index(SIDE), LSE, MAX, pid_zh, off_z, off_h, row0, Q_LEN,
+              OUTPUT_MAX=OUTPUT_MAX)
+
+
+@gluon.jit
+def _epilogue(acc, l_i, m_i, o_desc, o_smem, LSE, MAX, pid_zh, off_z, off_h, row0, Q_LEN, OUTPUT_MAX: gl.constexpr):
+    # O / l into o_smem and out by a TMA store (which clips the rows past Q_LEN), lse (and
+    # the row max) by plain stores; fully masked rows (l == 0): output 0 and lse -inf, never NaN
     o_layout: gl.constexpr = acc.type.layout
+    ROWS: gl.constexpr = acc.shape[0]
     empty = l_i == 0.0
     l_safe = gl.where(empty, 1.0, l_i)
     acc = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout)), 1)
-    # O through shared memory (q's buffer when the shapes agree: the last S wgmma is done)
-    # and a TMA store, which clips the rows past Q_LEN
-    if QK_HEAD == V_HEAD:
-        o_smem = q_smem
-    else:
-        o_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, V_HEAD],
-                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, V_HEAD], dtype))
-    o_smem.store(acc.to(dtype))
+    o_smem.store(acc.to(o_smem.dtype))
     fence_async_shared()
-    _tma_store(o_desc, [off_z, off_h, start_m, 0], o_smem.reshape(o_desc.block_type.shape))
+    _tma_store(o_desc, [off_z, off_h, row0, 0], o_smem.reshape(o_desc.block_type.shape))
     LN2: gl.constexpr = 0.6931471805599453
     lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
-    offs_lm = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc.type.layout))
-    lse = gl.convert_layout(lse, gl.SliceLayout(1, acc.type.layout))
+    offs_lm = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+    lse = gl.convert_layout(lse, gl.SliceLayout(1, o_layout))
     gl.store(LSE + pid_zh.to(gl.int64) * Q_LEN + offs_lm, lse, mask=offs_lm < Q_LEN)
     if OUTPUT_MAX:  # each row's max score: m_i (log2 domain) in natural units, -inf on fully masked rows
-        m_out = gl.convert_layout(m_i * LN2, gl.SliceLayout(1, acc.type.layout))
+        m_out = gl.convert_layout(m_i * LN2, gl.SliceLayout(1, o_layout))
         gl.store(MAX + pid_zh.to(gl.int64) * Q_LEN + offs_lm, m_out, mask=offs_lm < Q_LEN)
     tma.store_wait(pendings=0)
 '''
@@ -443,12 +525,15 @@ def hopper_forward(plan, q, k, v):
     B, Hq, L, E = q.shape
     _, Hkv, S, Ev = v.shape
     bm, bn, stages, warps = hopper_fwd_config(E, Ev)
+    # ping-pong: two partitions of one warpgroup each, each with its own half of the rows
+    pingpong = bool(plan.opts.get("fwd_PINGPONG", False))
+    rows, warps = (bm // 2, warps // 2) if pingpong else (bm, warps)
     blk = plan.blocks
     out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
     mx = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device) if plan.output_max else None
     kv_num, kv_idx, full_num, full_idx = kv_lists(blk)
-    args = (descriptor(q, bm), descriptor(k, bn), descriptor(v, bn), descriptor(out, bm), lse,
+    args = (descriptor(q, rows), descriptor(k, bn), descriptor(v, bn), descriptor(out, rows), lse,
             lse if mx is None else mx,
             kv_num, kv_idx, full_num, full_idx, *bm_strides(kv_num, kv_idx), *bm_strides(full_num, full_idx),
             Hq, L, S, plan.scale, plan.scale * LOG2E,
@@ -459,6 +544,6 @@ def hopper_forward(plan, q, k, v):
                   BLOCK_M=bm, BLOCK_N=bn, SPARSE_Q_BLOCK=blk.block[0], SPARSE_KV_BLOCK=blk.block[1],
                   KV_DIVISIBLE=S % blk.block[1] == 0, SCALE_POSITIVE=plan.scale > 0, STAGES=stages,
                   LAST_ROWS_FIRST=True, QK_HEAD_PAD=next_pow2(E), V_HEAD_PAD=next_pow2(Ev),
-                  FP16=q.dtype == torch.float16, OUTPUT_MAX=mx is not None, num_warps=warps)
+                  FP16=q.dtype == torch.float16, OUTPUT_MAX=mx is not None, PINGPONG=pingpong, num_warps=warps)
     launcher.launch_cached(plan.module("fwd_hopper").flex_fwd_hopper, (cdiv(L, bm), B * Hq), args, kwargs)
     return (out, lse) if mx is None else (out, lse, mx)
