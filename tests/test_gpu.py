@@ -319,7 +319,8 @@ def test_hopper_zoo(name, pingpong):
 @pytest.mark.parametrize("pingpong", PINGPONG)
 @pytest.mark.parametrize("L,S,E,Ev,dtype", [(17, 129, 96, 96, torch.float16), (1000, 113, 128, 64, torch.bfloat16),
                                             (129, 513, 80, 80, torch.bfloat16), (300, 300, 64, 128, torch.float16),
-                                            (255, 1000, 128, 128, torch.float16)])
+                                            (255, 1000, 128, 128, torch.float16), (300, 333, 256, 256, torch.bfloat16),
+                                            (129, 257, 192, 192, torch.float16), (200, 300, 256, 128, torch.bfloat16)])
 def test_hopper_shapes(L, S, E, Ev, dtype, pingpong):
     _needs_sm90()
     _check("document", B=1, Hq=2, L=L, S=S, E=E, Ev=Ev, dtype=dtype, opts=dict(HOPPER, fwd_PINGPONG=pingpong))
@@ -345,7 +346,7 @@ def test_hopper_auto_dispatch_and_refusals():
     with pytest.raises(ValueError, match="dropout"):
         flexattn.flex_attention(q, k, v, kernel_options=HOPPER, dropout_p=0.1)
     with pytest.raises(ValueError, match="head dims"):
-        q2 = torch.randn(1, 2, 256, 256, device=DEV, dtype=torch.bfloat16)
+        q2 = torch.randn(1, 2, 256, 264, device=DEV, dtype=torch.bfloat16)
         flexattn.flex_attention(q2, q2, q2, kernel_options=HOPPER)
 
 

@@ -32,16 +32,18 @@ def test_auto_takes_hopper_on_sm90_only():
 def test_auto_keeps_triton_where_it_measured_faster():
     if hf.gluon_missing():
         pytest.skip(hf.gluon_missing())
-    q, k, v = qkv(E=64)
-    assert not hf.use_hopper(SM90, q, k, v, BLOCK, 0.0, "auto")
-    assert hf.use_hopper(SM90, q, k, v, BLOCK, 0.0, "hopper")  # forced: the kernel takes it
+    for E in (64, 256):  # 256: taken when forced (64-column kv tiles), not yet measured against Triton
+        q, k, v = qkv(E=E)
+        assert not hf.use_hopper(SM90, q, k, v, BLOCK, 0.0, "auto")
+        assert hf.use_hopper(SM90, q, k, v, BLOCK, 0.0, "hopper")  # forced: the kernel takes it
+    assert hf.hopper_fwd_config(256, 256)[1] == 64 and hf.hopper_fwd_config(128, 128)[1] == 128
 
 
 @pytest.mark.parametrize("why,args", [
     ("compute capability", dict(cap=SM80)),
     ("dtype", dict(dtype=torch.float32)),
     ("dropout", dict(dropout=0.1)),
-    ("head dims", dict(E=256)),
+    ("head dims", dict(E=264)),
     ("head dims", dict(E=100)),
     ("BLOCK_SIZE", dict(block=(64, 128))),
     ("strides", dict(transpose=True)),
@@ -91,9 +93,10 @@ def _compile_sm90(score_mod, mask_mod, E=128, output_max=False, pingpong=False):
     layout = gl.NVMMASharedLayout(128, 16, rank=4)
     desc = lambda rows: f"tensordesc<bf16[1, 1, {rows}, {E}],{layout!r}>"  # noqa: E731
     rows, warps = (64, 4) if pingpong else (128, 8)
-    types = dict(q_desc=desc(rows), k_desc=desc(128), v_desc=desc(128), o_desc=desc(rows), LSE="*fp32", MAX="*fp32",
+    bn = hf.hopper_fwd_config(E, E)[1]
+    types = dict(q_desc=desc(rows), k_desc=desc(bn), v_desc=desc(bn), o_desc=desc(rows), LSE="*fp32", MAX="*fp32",
                  KV_NUM="*i32", KV_IDX="*i32", FULL_KV_NUM="*i32", FULL_KV_IDX="*i32", SCALE="fp32", SCALE_LOG2="fp32")
-    consts = dict(GQA_GROUP=1, HAS_FULL=True, HAS_SCORE_MOD=sg is not None, BLOCK_M=128, BLOCK_N=128,
+    consts = dict(GQA_GROUP=1, HAS_FULL=True, HAS_SCORE_MOD=sg is not None, BLOCK_M=128, BLOCK_N=bn,
                   SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, KV_DIVISIBLE=False, SCALE_POSITIVE=True, STAGES=2,
                   LAST_ROWS_FIRST=True, QK_HEAD_PAD=E, V_HEAD_PAD=E, FP16=False, OUTPUT_MAX=output_max,
                   PINGPONG=pingpong, num_warps=warps)
@@ -136,6 +139,9 @@ def test_hopper_source_compiles_for_sm90():
     kernel = _compile_sm90(softcap, document, output_max=True, pingpong=True)
     ptx = kernel.asm["ptx"]
     assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx and ".reqntid 384" in ptx
+    # head dim 256: 64-column kv tiles, both forms
+    for pingpong in (False, True):
+        assert "wgmma.mma_async" in _compile_sm90(softcap, document, E=256, pingpong=pingpong).asm["ptx"]
 
 
 def test_hopper_backend_refuses_cpu_tensors():
@@ -155,6 +161,7 @@ def _plan(opts=None, block=BLOCK, dropout=0.0):
 
 @pytest.mark.parametrize("why,plan_args,cap", [
     ("compute capability", {}, SM80),
+    ("head dims", dict(E=256), SM90),
     ("DETERMINISTIC", dict(opts={"DETERMINISTIC": True}), SM90),
     ("BLOCK_SIZE", dict(block=(128, 64)), SM90),
     ("dropout", dict(dropout=0.1), SM90),
@@ -164,7 +171,7 @@ def test_hopper_backward_names_why_it_cannot(why, plan_args, cap, monkeypatch):
         pytest.skip(hf.gluon_missing())
     from flexattn.kernels import config, hopper_backward as hb
     monkeypatch.setattr(config, "device_key", lambda device: cap)
-    q, k, v = qkv()
+    q, k, v = qkv(E=plan_args.pop("E", 128))
     with pytest.raises(ValueError, match=f"bwd_HOPPER.*{why}.*drop bwd_HOPPER"):
         hb.use_hopper_backward(_plan(**plan_args), q, k, v, torch.zeros_like(q))
     assert not hb.use_hopper_backward(_plan(opts={"bwd_HOPPER": False}), q, k, v, torch.zeros_like(q))
