@@ -813,7 +813,8 @@ def mod_backward_function(name: str, graph: Graph | None, prefix: str, grad_bufs
     """`@triton.jit def name(score, grad, valid, off_z, off_h, q_idx, kv_idx, *bufs, *grad_bufs,
     Q_AXIS, ACCUM)`: returns d(score_mod)/d(score) * grad, and atomically adds the gradient of every
     load of a captured float tensor in `grad_bufs` (slots) into `gb<slot>_ptr` (float32, same
-    shape/strides as the contiguous buffer) by the template's `_grad_atomic_add(ptr, value, mask)`. `valid` masks positions that take no part.
+    shape/strides as the contiguous buffer) by the template's `_grad_atomic_add(ptr, value,
+    mask)`. `valid` masks positions that take no part.
     Q_AXIS (constexpr) is the tile axis that q_idx runs along: sums over the other axis
     happen before the atomics when an index does not depend on it. ACCUM (constexpr) False
     skips the buffer gradients (only one of the backward kernels adds them); FIXED_POINT

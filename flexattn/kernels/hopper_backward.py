@@ -81,7 +81,8 @@ def _produce_list(q_desc, do_desc, q_ring, do_ring, q_ready, do_ready, qdo_empty
         # a fresh barrier counts as having completed the phase before 0: the first STAGES pass
         mbarrier.wait(qdo_empty.index(s), ((it // STAGES) & 1) ^ 1)
         mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
-        _tma_load(q_desc, [off_z, off_h, start_m, 0], q_ready.index(s), q_ring.index(s).reshape(q_desc.block_type.shape))
+        _tma_load(q_desc, [off_z, off_h, start_m, 0], q_ready.index(s),
+                  q_ring.index(s).reshape(q_desc.block_type.shape))
         mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
         _tma_load(do_desc, [off_z, off_h, start_m, 0], do_ready.index(s),
                   do_ring.index(s).reshape(do_desc.block_type.shape))
@@ -361,7 +362,8 @@ def hopper_backward_unsupported(plan, q, k, v, dout) -> str | None:
     qb, kvb = plan.blocks.block
     if qb % bm or kvb % bn:
         return f"BlockMask BLOCK_SIZE {(qb, kvb)} (multiples of ({bm}, {bn}))"
-    return gluon_missing() or hopper_unsupported(q, k, v, (qb, kvb), plan.dropout_p) or tma_unsupported("grad_out", dout)
+    return (gluon_missing() or hopper_unsupported(q, k, v, (qb, kvb), plan.dropout_p)
+            or tma_unsupported("grad_out", dout))
 
 
 def use_hopper_backward(plan, q, k, v, dout) -> bool:
