@@ -19,12 +19,11 @@ Partitions (gl.warp_specialize):
     for S^T, dP^T, dV, dK; for dQ (BLOCK_M q rows) they split the head dim.
 
 The wgmmas here are issued and waited for one at a time. Measured on the H200 (bf16, B=4, H=16,
-S=8K, D=128, causal, fwd+bwd with the Hopper forward, benchmarks/sweep_configs.py): 326 TFLOP/s
-against 426 for the Triton backward, so it stays opt-in. Asynchronous forms (S^T and dP^T
-issued together, P^T computed under dP^T, dS^T under dV, dQ's halves in flight together or one
-after the other) measured 294-300: at 240 registers a consumer thread they spill 30-37 values
-per q tile (ptxas; the form here spills none in its loops), so they need fewer live values first
-(P^T and dS^T as bf16 as soon as made, S^T / dP^T per warpgroup of 64 kv rows).
+S=8K, causal, fwd+bwd with the Hopper forward, benchmarks/sweep_configs.py): 326-328 TFLOP/s at
+D=128 and 295 at D=64, against 417-426 and 332-334 for the Triton backward, so it stays opt-in.
+Asynchronous forms (S^T and dP^T issued together, P^T computed under dP^T, dS^T under dV) gained at
+D=64 (321) and nothing at D=128: at 240 registers a consumer thread they spill (the transposed
+tile's row statistics alone take 48 registers). benchmarks/RESULTS.md, "The Hopper dk/dv backward".
 
 Holes filled by `flexattn.kernels.source.fill`, as in the Triton backward: {SCORE_MOD},
 {MASK_MOD}, {SCORE_MOD_BWD} and the captured tensors' parameter lists.
