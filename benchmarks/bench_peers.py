@@ -3,6 +3,7 @@ brought by ../shared/tools/flash-peer.sh, skipped where it is not importable).
 
     PYTHONPATH=.:/tmp/peersite python3 benchmarks/bench_peers.py --dims 128 --seqs 2048,8192,16384 --extra gqa,32k
     PYTHONPATH=... python3 benchmarks/bench_peers.py --dims 64,256 --seqs 8192 --no-torch-triton
+    PYTHONPATH=... python3 benchmarks/bench_peers.py --options '{"fwd_PINGPONG": true}'   # flexattn's kernel_options
     python3 benchmarks/bench_peers.py --table benchmarks/results/latest.json   # RESULTS.md's table
 
 Peers: torch FlexAttention compiled with kernel_options={"BACKEND": "FLASH"} (FlashAttention-4
@@ -82,7 +83,7 @@ def measure(fn, params, flops, first=True):
     return res
 
 
-def run_case(case, D, S, B, Hq, Hkv, fa4, torch_triton, rows, out_path):
+def run_case(case, D, S, B, Hq, Hkv, fa4, torch_triton, rows, out_path, options=None):
     from torch.nn.attention.flex_attention import create_block_mask as torch_cbm
     from torch.nn.attention.flex_attention import flex_attention as torch_flex
     import flexattn
@@ -97,11 +98,13 @@ def run_case(case, D, S, B, Hq, Hkv, fa4, torch_triton, rows, out_path):
     gqa = Hq != Hkv
     tbm = torch_cbm(mask_mod, None, None, S, S, device=dev) if mask_mod else None
     flops = 4 * B * Hq * S * S * D * block_density(tbm)
-    row = {"case": case, "D": D, "S": S, "B": B, "Hq": Hq, "Hkv": Hkv, "density": block_density(tbm)}
+    row = {"case": case, "D": D, "S": S, "B": B, "Hq": Hq, "Hkv": Hkv, "density": block_density(tbm),
+           "flexattn_options": options}
 
     # flexattn: a never-seen mask, as a user's script meets it
     def ours():
-        return flexattn.flex_attention(q, k, v, score_mod=score_mod, block_mask=fbm, enable_gqa=gqa)
+        return flexattn.flex_attention(q, k, v, score_mod=score_mod, block_mask=fbm, enable_gqa=gqa,
+                                       kernel_options=options)
     t0 = time.perf_counter()
     fbm = flexattn.create_block_mask(mask_mod, None, None, S, S, device=dev) if mask_mod else None
     row["flexattn_mask_s"] = time.perf_counter() - t0
@@ -203,6 +206,8 @@ def main():
     p.add_argument("--no-torch-triton", dest="torch_triton", action="store_false")
     p.add_argument("--budget-s", type=float, default=1e9, help="start no new case after this many seconds")
     p.add_argument("--json", default=None, help="default: $OUT/latest.json")
+    p.add_argument("--options", default=None,
+                   help='flexattn\'s kernel_options as JSON, e.g. \'{"fwd_PINGPONG": true}\' (recorded in each row)')
     a = p.parse_args()
     import torch._dynamo
     torch._dynamo.config.recompile_limit = 10_000
@@ -221,7 +226,8 @@ def main():
         if time.time() - t_start > a.budget_s:
             print(f"budget reached: {case} D={D} S={S} and later cases not run", flush=True)
             break
-        run_case(case, D, S, B, Hq, Hkv, fa4, a.torch_triton, rows, out_path)
+        run_case(case, D, S, B, Hq, Hkv, fa4, a.torch_triton, rows, out_path,
+                 json.loads(a.options) if a.options else None)
 
 
 if __name__ == "__main__":
