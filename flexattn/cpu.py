@@ -72,6 +72,7 @@ class CpuRun:
     compute_dtype: torch.dtype
     grad_slots: tuple = ()  # the score_mod's captured float tensors that require grad
     output_max: bool = False  # forward also returns max_scores (row max of the scores)
+    plans: Optional[dict] = None  # the BlockMask's cache of batched-forward plans (None: none kept)
 
     def forward(self, q, k, v, score_bufs, mask_bufs):
         return _forward(self, q, k, v)
@@ -342,15 +343,16 @@ def _find_one_thread_here():
 _ONE_THREAD_HERE = _find_one_thread_here()
 
 
-def _over_q_tiles(run: CpuRun, tiles: list, fn, new_acc, dynamic: bool, prologue=None) -> list:
+def _over_q_tiles(run: CpuRun, tiles: list, fn, new_acc, dynamic: bool, prologue=None, ranked=False) -> list:
     """Call fn(i, q0, q1, acc) for every q-tile; returns the accumulators (one per thread,
     each made by new_acc() on its thread). prologue(w, n), if given, runs first on each of the
     n threads (w its number; see _in_compute_dtype), and no tile starts before every thread is
     done with it. dynamic: threads take the next tile when done with one (the costliest - most
     listed blocks - first), so a thread the OS deschedules holds up no other; otherwise the
     tiles, costliest first, are dealt round-robin, so which tiles sum into which accumulator,
-    in which order, is the same on every run (bitwise-reproducible gradients). The threads
-    are flexattn's own (_Workers)."""
+    in which order, is the same on every run (bitwise-reproducible gradients). ranked: the
+    tiles come costliest first already (and need not be q-tiles). The threads are
+    flexattn's own (_Workers)."""
     n = min(torch.get_num_threads(), len(tiles))
     if n <= 1 or _ONE_THREAD_HERE is None or not _THREADS_LOCK.acquire(blocking=False):
         if prologue is not None:   # one pool at a time; others (and builds without _ONE_THREAD_HERE) run here
@@ -360,9 +362,11 @@ def _over_q_tiles(run: CpuRun, tiles: list, fn, new_acc, dynamic: bool, prologue
             fn(*t, acc)
         return [acc]
     try:
-        cost = run.kv_num.sum((0, 1)) + (0 if run.full_num is None else run.full_num.sum((0, 1)))
-        cost = cost.tolist()
-        ranked = sorted(tiles, key=lambda t: -cost[t[0]] * (t[2] - t[1]))
+        if not ranked:
+            cost = run.kv_num.sum((0, 1)) + (0 if run.full_num is None else run.full_num.sum((0, 1)))
+            cost = cost.tolist()
+            tiles = sorted(tiles, key=lambda t: -cost[t[0]] * (t[2] - t[1]))
+        ranked = tiles
         shared = iter(ranked)
         take = threading.Lock()
         grad_mode = torch.is_grad_enabled()
@@ -435,6 +439,10 @@ def _forward(run: CpuRun, q, k, v):
     B, Hq, L, _ = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
     cdt, dev = run.compute_dtype, q.device
+    if _fused(run, q, v) and not run.output_max:
+        plan = _batched_plan(run, B, Hq, Hkv, L, S)
+        if plan is not None:
+            return _batched_forward(run, plan, q, k, v)
     idx = _Indices(B, Hq, Hkv, dev)
     (k, v), convert = _in_compute_dtype(cdt, k, v)   # fp16/bf16: converted once, not per q-tile
     out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=dev)
@@ -541,10 +549,10 @@ def _merged_cols(run: CpuRun, B: int, Hq: int, rows: int) -> int:
     return min(_MERGED_BLOCKS * run.kv_block, _CHUNK_ELEMS // max(1, lead * rows))
 
 
-def _fused_q_tiles(run: CpuRun, L: int) -> list:
+def _fused_q_tiles(run: CpuRun, L: int, cap: Optional[int] = None) -> list:
     """The q-tiles of the fused path: runs of consecutive q-blocks whose block lists are
     identical (dense masks, the inside of long windows) form one tile, up to a few per
-    thread - the kernel is faster on taller tiles."""
+    thread (or `cap` q-blocks) - the kernel is faster on taller tiles."""
     tiles = list(_q_tiles(run, L))
     nq = math.ceil(L / run.q_block)
     if run.tile_m != run.q_block or nq < 2:
@@ -554,7 +562,8 @@ def _fused_q_tiles(run: CpuRun, L: int) -> list:
         if num is not None:
             same &= (num[:, :, 1:] == num[:, :, :-1]).flatten(0, 1).all(0)
             same &= (idx[:, :, 1:] == idx[:, :, :-1]).transpose(0, 2).flatten(1).all(1)
-    cap = max(1, min(1024 // run.q_block, nq // (2 * torch.get_num_threads())))
+    if cap is None:
+        cap = max(1, min(1024 // run.q_block, nq // (2 * torch.get_num_threads())))
     merged, same = [], same.tolist()
     for i, q0, q1 in tiles:
         if merged and same[i - 1] and (i - merged[-1][0]) < cap:
@@ -594,6 +603,172 @@ def _fused_forward_tile(run: CpuRun, idx: _Indices, q, k, v, out, lse):
             lse[:, :, q0:q1] = l.squeeze(-1)
     return q_tile
 
+
+# ---------------------------------------------------------------------------------------
+# The fused forward in a few batched kernel calls
+#
+# Where a call's q-tiles meet their blocks in one chunk each and the chunks come in a few
+# shapes (sliding windows, documents, short sequences), the q-tiles of one shape are
+# stacked along the batch dimension and run as one call of the fused kernel per thread and
+# shape: K/V as a strided view of the rows they read (or one gather), the additive masks
+# made in advance. The plan - which rows meet which columns, and those masks, made by
+# _allowed chunk by chunk as on the tile-by-tile path - is built once per BlockMask and
+# shapes and kept on the BlockMask (made anew when its block lists or the mask's captured
+# tensors change: their version counters). A call's work is then a handful of large
+# single-threaded operations per worker thread, and none of the per-tile Python work, chunk
+# merging or mask evaluation. Calls whose chunks fall into many shapes (long causal masks:
+# one per full-block span), whose q-tiles meet several chunks, or whose masks would pass
+# _PLAN_ELEMS keep the tile-by-tile path.
+
+_PLAN_GROUPS = 16          # the most chunk shapes of a batched forward
+_PLAN_ELEMS = 1 << 22      # the most mask elements a plan keeps (16 MiB of float32)
+
+
+@dataclass
+class _Group:
+    """The chunks of one shape: G q-tiles of M rows each meeting N kv columns."""
+    rows: torch.Tensor               # [G * M] int64: the q rows of its tiles, tile after tile
+    M: int
+    N: int
+    span: Optional[tuple]            # (p0, step): tile g reads K/V rows p0 + g*step + [0, N)
+    pos: Optional[torch.Tensor]      # else [G * N] int64: the rows, tile after tile
+    bias: Optional[torch.Tensor]     # [B or 1, G, Hq or 1, M, N] additive mask (0 / -inf), None: none
+    some: Optional[torch.Tensor]     # [B or 1, G, Hq or 1, M]: rows with a position allowed, None: all
+
+    @property
+    def G(self) -> int:
+        return self.rows.numel() // self.M
+
+
+@dataclass
+class _Plan:
+    groups: list
+    bare: Optional[torch.Tensor]     # the rows of q-tiles that meet no block (out 0, lse -inf)
+
+
+def _batched_plan(run: CpuRun, B: int, Hq: int, Hkv: int, L: int, S: int) -> Optional[_Plan]:
+    """The plan of a batched forward (kept in run.plans), or None: the tile-by-tile path."""
+    lists = (run.kv_num, run.kv_idx, run.full_num, run.full_idx)
+    if run.plans is None or any(t is not None and t.shape[:2] != (1, 1) for t in lists):
+        return None
+    bufs = () if run.mask_graph is None else tuple(run.mask_graph.buffers)
+    key = (B, Hq, Hkv, L, S, run.q_block, run.kv_block, run.tile_m, run.compute_dtype,
+           tuple(None if t is None else t._version for t in lists + bufs))
+    hit = run.plans.get(key)
+    # the same objects, not only equal versions (a copy of the BlockMask shares this cache)
+    if hit is not None and hit[0] is run.mask_graph and all(a is b for a, b in zip(hit[1], lists + bufs)):
+        return hit[2]
+    plan = _make_plan(run, B, Hq, Hkv, L, S)
+    run.plans.clear()   # one plan per mask: the latest shapes
+    run.plans[key] = (run.mask_graph, lists + bufs, plan)
+    return plan
+
+
+def _make_plan(run: CpuRun, B: int, Hq: int, Hkv: int, L: int, S: int) -> Optional[_Plan]:
+    dev, cdt = run.kv_num.device, run.compute_dtype
+    idx = _Indices(B, Hq, Hkv, dev)
+    shapes: dict = {}   # (M, N) -> [(q0, tile)]
+    bare = []
+    for i, q0, q1 in _fused_q_tiles(run, L, cap=max(1, 1024 // run.q_block)):
+        chunks = list(_kv_tiles(run, i, S, _chunk_cols(run, B, Hq, q1 - q0), S,
+                                _merged_cols(run, B, Hq, q1 - q0)))
+        if len(chunks) > 1:
+            return None
+        if not chunks:
+            bare.append(torch.arange(q0, q1, device=dev))
+            continue
+        shapes.setdefault((q1 - q0, chunks[0].pos.shape[-1]), []).append((q0, chunks[0]))
+        if len(shapes) > _PLAN_GROUPS:
+            return None
+    groups, elems = [], 0
+    zero, neg_inf = (torch.full((), x, dtype=cdt, device=dev) for x in (0.0, NEG_INF))
+    for (M, N), members in shapes.items():
+        rows = torch.cat([torch.arange(q0, q0 + M, device=dev) for q0, _ in members])
+        tiles = [t for _, t in members]
+        span = pos = None
+        firsts = [t.span[0] for t in tiles if t.span is not None]
+        steps = {b - a for a, b in zip(firsts, firsts[1:])}
+        if len(firsts) == len(tiles) and len(steps) <= 1 and (B == 1 or len(tiles) == 1):
+            span = (firsts[0], steps.pop() if steps else 0)
+        else:
+            pos = torch.cat([t.pos.reshape(-1) for t in tiles])
+        bias = some = None
+        allowed = [_allowed(run, idx, idx.q(q0, q0 + M, dev), t) for q0, t in members]
+        if any(a is not None for a in allowed):
+            lead = [max(a.shape[d] for a in allowed if a is not None) for d in (0, 1)]
+            every = torch.ones((), dtype=torch.bool, device=dev)
+            stacked = torch.stack([(every if a is None else a).expand(*lead, M, N) for a in allowed], 1)
+            elems += stacked.numel()
+            if elems > _PLAN_ELEMS:
+                return None
+            bias = torch.where(stacked, zero, neg_inf)
+            # a merged tile holds a full block: its rows all have a position
+            if any(a is not None and t.part_cols is None for t, a in zip(tiles, allowed)):
+                some = stacked.any(-1)
+        groups.append(_Group(rows, M, N, span, pos, bias, some))
+    return _Plan(groups, torch.cat(bare) if bare else None)
+
+
+def _batched_forward(run: CpuRun, plan: _Plan, q, k, v):
+    """(out, lse) of the fused path by the plan: each group's tiles cut into one share per
+    thread, the shares dealt to the threads (the largest first)."""
+    B, Hq, L, _ = q.shape
+    Ev, cdt, dev = v.shape[-1], run.compute_dtype, q.device
+    (k, v), convert = _in_compute_dtype(cdt, k, v)   # fp16/bf16: converted once, on the workers
+    out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=dev)
+    lse = torch.empty(B, Hq, L, dtype=cdt, device=dev)
+    n = max(1, torch.get_num_threads())
+    shares = [(n_g, g.G * j // m, g.G * (j + 1) // m) for n_g, g in enumerate(plan.groups)
+              for m in (min(n, g.G),) for j in range(m)]
+    shares.sort(key=lambda t: -(t[2] - t[1]) * plan.groups[t[0]].M * plan.groups[t[0]].N)
+    if plan.bare is not None:
+        shares.append((-1, 0, 0))
+
+    def share(n_g, g0, g1, _acc):
+        if n_g < 0:
+            out.index_fill_(2, plan.bare, 0)
+            lse.index_fill_(2, plan.bare, NEG_INF)
+            return
+        g = plan.groups[n_g]
+        G, M, N = g1 - g0, g.M, g.N
+        rows = g.rows[g0 * M:g1 * M]
+        qt = _stacked(q.index_select(2, rows), G).to(cdt)
+        kt, vt = (_group_kv(x, g, g0, g1, Hq) for x in (k, v))
+        bias = None if g.bias is None else _stacked(g.bias[:, g0:g1].expand(B, G, *g.bias.shape[2:]), G, 1)
+        o_c, l_c = _FLASH(qt, kt, vt, 0.0, False, attn_mask=bias, scale=run.scale)
+        l_c = l_c.to(cdt).view(B, G, Hq, M)
+        if g.some is not None:
+            l_c = l_c.masked_fill(~g.some[:, g0:g1], NEG_INF)   # the kernel's lse of a fully masked row is 0
+        out.index_copy_(2, rows, o_c.view(B, G, Hq, M, Ev).transpose(1, 2).reshape(B, Hq, G * M, Ev).to(q.dtype))
+        lse.index_copy_(2, rows, l_c.transpose(1, 2).reshape(B, Hq, G * M))
+
+    _over_q_tiles(run, shares, share, lambda: None, dynamic=True, prologue=convert, ranked=True)
+    return out, lse
+
+
+def _stacked(x: torch.Tensor, G: int, dim: int = 2) -> torch.Tensor:
+    """x [B, H, G * M, D] (dim 2) or [B, G, H, M, N] (dim 1) as [B * G, H, M, D / N]."""
+    if dim == 1:
+        return x.reshape(-1, *x.shape[2:])
+    B, H, GM, D = x.shape
+    return x.view(B, H, G, GM // G, D).transpose(1, 2).reshape(B * G, H, GM // G, D)
+
+
+def _group_kv(x: torch.Tensor, g: _Group, g0: int, g1: int, Hq: int) -> torch.Tensor:
+    """x [B, Hkv, S, D] at the kv rows of the group's tiles g0..g1, per query head:
+    [B * (g1 - g0), Hq, N, D] (a view where the rows are spans)."""
+    B, Hkv, _, D = x.shape
+    G, N = g1 - g0, g.N
+    if g.span is not None:
+        p0 = g.span[0] + g0 * g.span[1]
+        if G == 1:
+            y = x[:, :, p0:p0 + N]
+        else:   # B == 1
+            y = x.as_strided((G, Hkv, N, D), (g.span[1] * x.stride(2), x.stride(1), x.stride(2), x.stride(3)),
+                             x.storage_offset() + p0 * x.stride(2))
+    else:
+        y = _stacked(x.index_select(2, g.pos[g0 * N:g1 * N]), G)
+    return y.repeat_interleave(Hq // Hkv, 1) if Hq != Hkv else y
 
 def _fused_backward(run: CpuRun, idx: _Indices, q, k, v, out, lse, dout, tiles, convert):
     """(dq in q.dtype, dk, dv in the compute dtype); k, v, out, dout in it (or filled by
@@ -728,9 +903,9 @@ def _backward(run: CpuRun, q, k, v, out, lse, dout, dlse, buffers):
 
 
 def make_run(dtype, *, score_graph, mask_graph, block_size, kv_blocks, scale, kernel_options, dropout_p,
-             dropout_seed, grad_slots=(), output_max=False) -> CpuRun:
+             dropout_seed, grad_slots=(), output_max=False, plans=None) -> CpuRun:
     """The run of one call; kv_blocks = (kv_num_blocks, kv_indices, full_kv_num_blocks or
-    None, full_kv_indices or None) of the BlockMask; grad_slots, output_max: see CpuRun."""
+    None, full_kv_indices or None) of the BlockMask; grad_slots, output_max, plans: see CpuRun."""
     q_block, kv_block = block_size
     tile_m, tile_n = _tile_sizes(kernel_options or {}, q_block, kv_block)
     kv_num, kv_idx, full_num, full_idx = kv_blocks
@@ -738,7 +913,8 @@ def make_run(dtype, *, score_graph, mask_graph, block_size, kv_blocks, scale, ke
                  q_block=q_block, kv_block=kv_block, tile_m=tile_m, tile_n=tile_n,
                  kv_num=kv_num, kv_idx=kv_idx, full_num=full_num, full_idx=full_idx,
                  dropout_p=float(dropout_p), dropout_seed=int(dropout_seed or 0),
-                 compute_dtype=_compute_dtype(dtype), grad_slots=tuple(grad_slots), output_max=bool(output_max))
+                 compute_dtype=_compute_dtype(dtype), grad_slots=tuple(grad_slots), output_max=bool(output_max),
+                 plans=plans)
 
 
 def flex_attention_cpu(q, k, v, *, score_graph, mask_graph, block_mask, scale, kernel_options, dropout_p,
@@ -757,9 +933,17 @@ def flex_attention_cpu(q, k, v, *, score_graph, mask_graph, block_mask, scale, k
                    kv_blocks=(block_mask.kv_num_blocks, block_mask.kv_indices,
                               block_mask.full_kv_num_blocks, block_mask.full_kv_indices),
                    scale=scale, kernel_options=kernel_options, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                   grad_slots=float_grad_slots(buffers), output_max=output_max)
+                   grad_slots=float_grad_slots(buffers), output_max=output_max, plans=_plans_of(block_mask))
     mask_bufs = list(mask_graph.buffers) if mask_graph is not None else []
     return attend(run, q, k, v, buffers, mask_bufs, needs_grad(q, k, v, buffers))
+
+
+def _plans_of(block_mask) -> dict:
+    """The BlockMask's cache of batched-forward plans (see _batched_plan), made on first use."""
+    plans = getattr(block_mask, "_flexattn_cpu_plans", None)
+    if plans is None:
+        plans = block_mask._flexattn_cpu_plans = {}
+    return plans
 
 
 def float_grad_slots(buffers) -> tuple:
