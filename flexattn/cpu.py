@@ -628,9 +628,11 @@ _PLAN_ELEMS = 1 << 22      # the most mask elements a plan keeps (16 MiB of floa
 class _Group:
     """The chunks of one shape: G q-tiles of M rows each meeting N kv columns."""
     rows: torch.Tensor               # [G * M] int64: the q rows of its tiles, tile after tile
+    q0s: list                        # the first q row of each tile
     M: int
     N: int
     span: Optional[tuple]            # (p0, step): tile g reads K/V rows p0 + g*step + [0, N)
+    p0s: Optional[list]              # else, where every tile reads a span: the first row of each
     pos: Optional[torch.Tensor]      # else [G * N] int64: the rows, tile after tile
     bias: Optional[torch.Tensor]     # [B or 1, G, Hq or 1, M, N] additive mask (0 / -inf), None: none
     some: Optional[torch.Tensor]     # [B or 1, G, Hq or 1, M]: rows with a position allowed, None: all
@@ -685,11 +687,13 @@ def _make_plan(run: CpuRun, B: int, Hq: int, Hkv: int, L: int, S: int) -> Option
     for (M, N), members in shapes.items():
         rows = torch.cat([torch.arange(q0, q0 + M, device=dev) for q0, _ in members])
         tiles = [t for _, t in members]
-        span = pos = None
+        span = p0s = pos = None
         firsts = [t.span[0] for t in tiles if t.span is not None]
         steps = {b - a for a, b in zip(firsts, firsts[1:])}
         if len(firsts) == len(tiles) and len(steps) <= 1 and (B == 1 or len(tiles) == 1):
             span = (firsts[0], steps.pop() if steps else 0)
+        elif len(firsts) == len(tiles):
+            p0s = firsts
         else:
             pos = torch.cat([t.pos.reshape(-1) for t in tiles])
         bias = some = None
@@ -705,7 +709,7 @@ def _make_plan(run: CpuRun, B: int, Hq: int, Hkv: int, L: int, S: int) -> Option
             # a merged tile holds a full block: its rows all have a position
             if any(a is not None and t.part_cols is None for t, a in zip(tiles, allowed)):
                 some = stacked.any(-1)
-        groups.append(_Group(rows, M, N, span, pos, bias, some))
+        groups.append(_Group(rows, [q0 for q0, _ in members], M, N, span, p0s, pos, bias, some))
     return _Plan(groups, torch.cat(bare) if bare else None)
 
 
@@ -732,7 +736,7 @@ def _batched_forward(run: CpuRun, plan: _Plan, q, k, v):
         g = plan.groups[n_g]
         G, M, N = g1 - g0, g.M, g.N
         rows = g.rows[g0 * M:g1 * M]
-        qt = _stacked(q.index_select(2, rows), G).to(cdt)
+        qt = _slices(q, g.q0s[g0:g1], M).to(cdt)
         kt, vt = (_group_kv(x, g, g0, g1, Hq) for x in (k, v))
         bias = None if g.bias is None else _stacked(g.bias[:, g0:g1].expand(B, G, *g.bias.shape[2:]), G, 1)
         o_c, l_c = _FLASH(qt, kt, vt, 0.0, False, attn_mask=bias, scale=run.scale)
@@ -744,6 +748,14 @@ def _batched_forward(run: CpuRun, plan: _Plan, q, k, v):
 
     _over_q_tiles(run, shares, share, lambda: None, dynamic=True, prologue=convert, ranked=True)
     return out, lse
+
+
+def _slices(x: torch.Tensor, starts: list, n: int) -> torch.Tensor:
+    """x [B, H, S, D] at rows start + [0, n) for each start: [B * len(starts), H, n, D] (a
+    view for one start; a copy of the slices otherwise - cheaper than index_select)."""
+    if len(starts) == 1:
+        return x[:, :, starts[0]:starts[0] + n]
+    return torch.stack([x[:, :, s:s + n] for s in starts], 1).flatten(0, 1)
 
 
 def _stacked(x: torch.Tensor, G: int, dim: int = 2) -> torch.Tensor:
@@ -766,6 +778,8 @@ def _group_kv(x: torch.Tensor, g: _Group, g0: int, g1: int, Hq: int) -> torch.Te
         else:   # B == 1
             y = x.as_strided((G, Hkv, N, D), (g.span[1] * x.stride(2), x.stride(1), x.stride(2), x.stride(3)),
                              x.storage_offset() + p0 * x.stride(2))
+    elif g.p0s is not None:
+        y = _slices(x, g.p0s[g0:g1], N)
     else:
         y = _stacked(x.index_select(2, g.pos[g0 * N:g1 * N]), G)
     return y.repeat_interleave(Hq // Hkv, 1) if Hq != Hkv else y
