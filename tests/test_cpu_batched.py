@@ -1,0 +1,81 @@
+"""The CPU path's batched forward (flexattn.cpu: the q-tiles of one chunk shape in one call of
+the fused kernel per thread, by a plan kept on the BlockMask) against the float64 golden and
+the tile-by-tile path, and the plan's upkeep."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flexattn.cpu as cpu
+from conftest import make_qkv
+from flexattn import create_block_mask, flex_attention
+from test_attention_cpu import check_case
+
+
+@pytest.fixture
+def batched_calls(monkeypatch):
+    calls = []
+    real = cpu._batched_forward
+
+    def counting(run, plan, *args):
+        calls.append(plan)
+        return real(run, plan, *args)
+    monkeypatch.setattr(cpu, "_batched_forward", counting)
+    return calls
+
+
+@pytest.mark.parametrize("case", [
+    dict(name="sliding_window", B=1, Hq=2, L=300, S=270, block=16),                  # strided K/V views
+    dict(name="document", B=2, Hq=4, Hkv=2, L=129, S=200, block=16),                 # gathers, GQA, B > 1
+    dict(name="causal", B=1, Hq=2, L=97, S=130, block=16, dtype=torch.float64),
+    dict(name="causal", B=1, Hq=2, L=100, S=100, block=(16, 32), dtype=torch.bfloat16),
+    dict(name="empty_rows", B=1, Hq=2, L=97, S=130, block=16),                       # q-tiles with no block
+    dict(name="none", B=2, Hq=2, L=129, S=129, block=16),
+])
+def test_batched_forward_matches_golden(case, batched_calls):
+    check_case(**case, lse_in_loss=False)
+    assert batched_calls
+
+
+def test_batched_forward_equals_tile_by_tile(monkeypatch, batched_calls):
+    q, k, v = make_qkv(1, 4, 4, 1000, 1000, 32, requires_grad=False)
+    bm = create_block_mask(lambda b, h, qi, ki: (qi >= ki) & (qi - ki < 256), None, None, 1000, 1000)
+    got = flex_attention(q, k, v, block_mask=bm, return_lse=True)
+    assert batched_calls
+    monkeypatch.setattr(cpu, "_batched_plan", lambda *args: None)
+    want = flex_attention(q, k, v, block_mask=bm, return_lse=True)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_many_shapes_keep_the_tile_by_tile_path(batched_calls):
+    # causal over 40 q-blocks: each q-tile's full blocks are a span of its own width
+    q, k, v = make_qkv(1, 2, 2, 640, 640, 16, requires_grad=False)
+    bm = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, 640, 640, BLOCK_SIZE=16)
+    flex_attention(q, k, v, block_mask=bm)
+    assert not batched_calls and list(bm._flexattn_cpu_plans.values())[0][2] is None
+
+
+def test_plan_kept_and_made_anew_when_the_mask_changes(monkeypatch):
+    made = []
+    real = cpu._make_plan
+    monkeypatch.setattr(cpu, "_make_plan", lambda *a: made.append(1) or real(*a))
+    L = 200
+    doc = torch.arange(L) // 50
+
+    def mask(b, h, qi, ki):
+        return doc[qi] == doc[ki]
+    bm = create_block_mask(mask, None, None, L, L, BLOCK_SIZE=32)
+    q, k, v = make_qkv(1, 2, 2, L, L, 16, requires_grad=False)
+    first = flex_attention(q, k, v, block_mask=bm)
+    flex_attention(q, k, v, block_mask=bm)
+    assert len(made) == 1
+    # the captured tensor changed in place: the partial blocks' masks are evaluated anew
+    doc.copy_(torch.arange(L) // 40)
+    second = flex_attention(q, k, v, block_mask=bm)
+    assert len(made) == 2
+    # other shapes on the same mask: a plan of their own
+    flex_attention(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), block_mask=bm)
+    assert len(made) == 3
+    monkeypatch.setattr(cpu, "_batched_plan", lambda *args: None)
+    torch.testing.assert_close(second, flex_attention(q, k, v, block_mask=bm), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(first, second)
