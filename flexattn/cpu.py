@@ -224,6 +224,7 @@ class _Indices:
     def scatter_add(self, acc: torch.Tensor, tile: _KVTile, val: torch.Tensor) -> None:
         """acc [B, Hkv, S, D] += val [B, Hq, N, D] at the tile's positions (query heads of a
         kv head summed)."""
+        val = val.to(acc.dtype)   # (the fused kernel's fp16/bf16 gradients into float32 sums)
         if tile.span is None and not (tile.pos.shape[0] == 1 and tile.pos.shape[1] == 1):
             acc.index_put_((self.gb, self.gh, tile.pos), val, accumulate=True)
             return
@@ -549,10 +550,10 @@ def _merged_cols(run: CpuRun, B: int, Hq: int, rows: int) -> int:
     return min(_MERGED_BLOCKS * run.kv_block, _CHUNK_ELEMS // max(1, lead * rows))
 
 
-def _fused_q_tiles(run: CpuRun, L: int, cap: Optional[int] = None) -> list:
+def _fused_q_tiles(run: CpuRun, L: int) -> list:
     """The q-tiles of the fused path: runs of consecutive q-blocks whose block lists are
     identical (dense masks, the inside of long windows) form one tile, up to a few per
-    thread (or `cap` q-blocks) - the kernel is faster on taller tiles."""
+    thread - the kernel is faster on taller tiles."""
     tiles = list(_q_tiles(run, L))
     nq = math.ceil(L / run.q_block)
     if run.tile_m != run.q_block or nq < 2:
@@ -562,8 +563,7 @@ def _fused_q_tiles(run: CpuRun, L: int, cap: Optional[int] = None) -> list:
         if num is not None:
             same &= (num[:, :, 1:] == num[:, :, :-1]).flatten(0, 1).all(0)
             same &= (idx[:, :, 1:] == idx[:, :, :-1]).transpose(0, 2).flatten(1).all(1)
-    if cap is None:
-        cap = max(1, min(1024 // run.q_block, nq // (2 * torch.get_num_threads())))
+    cap = max(1, min(1024 // run.q_block, nq // (2 * torch.get_num_threads())))
     merged, same = [], same.tolist()
     for i, q0, q1 in tiles:
         if merged and same[i - 1] and (i - merged[-1][0]) < cap:
@@ -654,7 +654,7 @@ def _batched_plan(run: CpuRun, B: int, Hq: int, Hkv: int, L: int, S: int) -> Opt
     if run.plans is None or any(t is not None and t.shape[:2] != (1, 1) for t in lists):
         return None
     bufs = () if run.mask_graph is None else tuple(run.mask_graph.buffers)
-    key = (B, Hq, Hkv, L, S, run.q_block, run.kv_block, run.tile_m, run.compute_dtype,
+    key = (B, Hq, Hkv, L, S, run.q_block, run.kv_block, run.tile_m, run.compute_dtype, torch.get_num_threads(),
            tuple(None if t is None else t._version for t in lists + bufs))
     hit = run.plans.get(key)
     # the same objects, not only equal versions (a copy of the BlockMask shares this cache)
@@ -671,7 +671,7 @@ def _make_plan(run: CpuRun, B: int, Hq: int, Hkv: int, L: int, S: int) -> Option
     idx = _Indices(B, Hq, Hkv, dev)
     shapes: dict = {}   # (M, N) -> [(q0, tile)]
     bare = []
-    for i, q0, q1 in _fused_q_tiles(run, L, cap=max(1, 1024 // run.q_block)):
+    for i, q0, q1 in _fused_q_tiles(run, L):
         chunks = list(_kv_tiles(run, i, S, _chunk_cols(run, B, Hq, q1 - q0), S,
                                 _merged_cols(run, B, Hq, q1 - q0)))
         if len(chunks) > 1:
@@ -784,34 +784,36 @@ def _group_kv(x: torch.Tensor, g: _Group, g0: int, g1: int, Hq: int) -> torch.Te
         y = _stacked(x.index_select(2, g.pos[g0 * N:g1 * N]), G)
     return y.repeat_interleave(Hq // Hkv, 1) if Hq != Hkv else y
 
-def _fused_backward(run: CpuRun, idx: _Indices, q, k, v, out, lse, dout, tiles, convert):
-    """(dq in q.dtype, dk, dv in the compute dtype); k, v, out, dout in it (or filled by
-    `convert`, the prologue of _in_compute_dtype)."""
+def _fused_backward(run: CpuRun, idx: _Indices, q, k, v, out, lse, dout, tiles):
+    """(dq in q.dtype, dk, dv in the compute dtype). fp16/bf16 inputs go to the kernel as
+    they are (it accumulates in float32, as SDPA's backward does); the chunks' dk, dv (and
+    dq where a q-tile has several chunks) are summed in float32."""
     B, Hq = q.shape[:2]
     S, cdt, dev = k.shape[2], run.compute_dtype, q.device
+    kdt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else cdt   # the kernel's dtype
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
     lse_dtype = torch.float64 if cdt == torch.float64 else torch.float32
 
     def q_tile(i, q0, q1, accs):
         dk, dv = accs
         row = (slice(None), slice(None), slice(q0, q1))
-        qt, dot, ot, lt = q[row].to(cdt), dout[row], out[row], lse[row]
+        qt, dot, ot, lt = q[row].to(kdt), dout[row].to(kdt), out[row].to(kdt), lse[row]
         # fully masked rows (lse -inf): +inf makes the kernel's p = exp(s - lse) exactly 0
         lt = torch.where(lt == NEG_INF, float("inf"), lt).to(lse_dtype)
         q_idx = idx.q(q0, q1, dev)
         dqt = None
         for tile in _kv_tiles(run, i, S, _chunk_cols(run, B, Hq, q1 - q0), S, _merged_cols(run, B, Hq, q1 - q0)):
             bias, _ = _bias(_allowed(run, idx, q_idx, tile), tile, cdt)
-            dq_c, dk_c, dv_c = _FLASH_BWD(dot, qt, idx.gather(k, tile, cdt), idx.gather(v, tile, cdt), ot, lt,
+            dq_c, dk_c, dv_c = _FLASH_BWD(dot, qt, idx.gather(k, tile, kdt), idx.gather(v, tile, kdt), ot, lt,
                                           0.0, False, attn_mask=bias, scale=run.scale)
-            dqt = dq_c if dqt is None else dqt.add_(dq_c)
+            dqt = dq_c if dqt is None else (dqt if dqt.dtype == cdt else dqt.to(cdt)).add_(dq_c)
             idx.scatter_add(dk, tile, dk_c)
             idx.scatter_add(dv, tile, dv_c)
         dq[row] = 0 if dqt is None else dqt
 
     accs = _over_q_tiles(run, tiles, q_tile, lambda: (torch.zeros(k.shape, dtype=cdt, device=dev),
                                                       torch.zeros(v.shape, dtype=cdt, device=dev)),
-                         dynamic=False, prologue=convert)
+                         dynamic=False)
     return (dq, *_summed(accs))
 
 
@@ -838,11 +840,11 @@ def _backward(run: CpuRun, q, k, v, out, lse, dout, dlse, buffers):
     cdt, dev = run.compute_dtype, q.device
     idx = _Indices(B, Hq, Hkv, dev)
     k_in, v_in = k, v
+    if _fused(run, q, v) and (dlse is None or not bool(dlse.any())):   # (autograd passes a zero dlse when lse is unused)
+        dq, dk, dv = _fused_backward(run, idx, q, k, v, out, lse, dout, _fused_q_tiles(run, L))
+        return dq, dk.to(k_in.dtype), dv.to(v_in.dtype), []
     # fp16/bf16: converted once, not per q-tile (on the workers: _in_compute_dtype)
     (k, v, dout, out), convert = _in_compute_dtype(cdt, k, v, dout, out)
-    if _fused(run, q, v) and (dlse is None or not bool(dlse.any())):   # (autograd passes a zero dlse when lse is unused)
-        dq, dk, dv = _fused_backward(run, idx, q, k, v, out, lse, dout, _fused_q_tiles(run, L), convert)
-        return dq, dk.to(k_in.dtype), dv.to(v_in.dtype), []
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)   # every q-tile writes its rows
     # copies of the captured tensors that require grad: autograd.grad on each tile fills them
     grad_slots = run.grad_slots
