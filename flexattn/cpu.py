@@ -7,21 +7,26 @@ and a slot j, every (b, h) gathers its own j-th kv block by index, and (b, h) pa
 fewer than j+1 blocks mask that slot out. Without a score_mod or dropout each chunk is
 plain masked attention and runs in torch's fused CPU attention kernel (see "fused" below);
 there a q-block whose partial and full blocks are consecutive (sliding windows, documents,
-near the causal diagonal) meets them in one merged chunk (_merged_tile).
+near the causal diagonal) meets them in one merged chunk (_merged_tile); and where every
+q-tile meets one chunk and the chunks come in a few shapes, the forward stacks the q-tiles
+of one shape into one kernel call per thread (see "batched kernel calls" below).
 
 Memory, besides the inputs, outputs and per-thread dk/dv accumulators, is per thread one
 chunk: its score / mask matrix, at most _CHUNK_ELEMS (4 MiB of float32) elements for chunks
 with a mask (a merged chunk's mask: at most _MERGED_BLOCKS blocks wide), and its gathered
 K/V rows (a slice - no copy - when the blocks are consecutive; full-block chunks of the
 fused path may gather up to a whole row, B * Hq * S * D). Never O(L * S). fp16/bf16 inputs
-add one float32 copy of k and v (and of out and dout in the backward), converted by the
-worker threads.
+add one float32 copy of k and v (and of out and dout in the plain backward), converted by
+the worker threads. A BlockMask used on this path keeps the plan of its batched forward
+(see "batched kernel calls" below): the additive masks of its partial blocks, at most _PLAN_ELEMS
+elements (16 MiB of float32; O(L * window), the blocks the mask lists as partial).
 
 Numerics: fp16/bf16/fp32 inputs compute in float32, float64 inputs in float64. The output
 is in q.dtype; lse (natural log) is float32, or float64 for float64 inputs (as torch does);
 so are the row maxima of the scores (max_scores, the running max m of the online softmax)
 when asked for (output_max: those calls do not take the fused kernel, which keeps no max).
-Fully masked rows give out 0, lse -inf and zero gradients.
+Fully masked rows give out 0, lse -inf and zero gradients. The fused backward gives fp16/bf16
+inputs to torch's kernel as they are (it accumulates in float32, as SDPA's backward does).
 
 The softmax runs in base 2 (exp2 is the cheaper kernel; log2 e folded into the scores).
 The backward recomputes each tile (no stored probabilities): P = exp(score - lse),
@@ -738,7 +743,7 @@ def _batched_forward(run: CpuRun, plan: _Plan, q, k, v):
         rows = g.rows[g0 * M:g1 * M]
         qt = _slices(q, g.q0s[g0:g1], M).to(cdt)
         kt, vt = (_group_kv(x, g, g0, g1, Hq) for x in (k, v))
-        bias = None if g.bias is None else _stacked(g.bias[:, g0:g1].expand(B, G, *g.bias.shape[2:]), G, 1)
+        bias = None if g.bias is None else g.bias[:, g0:g1].expand(B, G, *g.bias.shape[2:]).flatten(0, 1)
         o_c, l_c = _FLASH(qt, kt, vt, 0.0, False, attn_mask=bias, scale=run.scale)
         l_c = l_c.to(cdt).view(B, G, Hq, M)
         if g.some is not None:
@@ -758,10 +763,8 @@ def _slices(x: torch.Tensor, starts: list, n: int) -> torch.Tensor:
     return torch.stack([x[:, :, s:s + n] for s in starts], 1).flatten(0, 1)
 
 
-def _stacked(x: torch.Tensor, G: int, dim: int = 2) -> torch.Tensor:
-    """x [B, H, G * M, D] (dim 2) or [B, G, H, M, N] (dim 1) as [B * G, H, M, D / N]."""
-    if dim == 1:
-        return x.reshape(-1, *x.shape[2:])
+def _stacked(x: torch.Tensor, G: int) -> torch.Tensor:
+    """x [B, H, G * M, D] as [B * G, H, M, D]."""
     B, H, GM, D = x.shape
     return x.view(B, H, G, GM // G, D).transpose(1, 2).reshape(B * G, H, GM // G, D)
 
@@ -783,6 +786,7 @@ def _group_kv(x: torch.Tensor, g: _Group, g0: int, g1: int, Hq: int) -> torch.Te
     else:
         y = _stacked(x.index_select(2, g.pos[g0 * N:g1 * N]), G)
     return y.repeat_interleave(Hq // Hkv, 1) if Hq != Hkv else y
+
 
 def _fused_backward(run: CpuRun, idx: _Indices, q, k, v, out, lse, dout, tiles):
     """(dq in q.dtype, dk, dv in the compute dtype). fp16/bf16 inputs go to the kernel as
