@@ -16,8 +16,8 @@ chunk: its score / mask matrix, at most _CHUNK_ELEMS (4 MiB of float32) elements
 with a mask (a merged chunk's mask: at most _MERGED_BLOCKS blocks wide), and its gathered
 K/V rows (a slice - no copy - when the blocks are consecutive; full-block chunks of the
 fused path may gather up to a whole row, B * Hq * S * D). Never O(L * S). fp16/bf16 inputs
-add one float32 copy of k and v (and of out and dout in the plain backward), converted by
-the worker threads. A BlockMask used on this path keeps the plan of its batched forward
+add one float32 copy of k and v (and of out and dout in the backward, but for the fused one
+on tall q-tiles), converted by the worker threads. A BlockMask used on this path keeps the plan of its batched forward
 (see "batched kernel calls" below): the additive masks of its partial blocks, at most _PLAN_ELEMS
 elements (16 MiB of float32; O(L * window), the blocks the mask lists as partial).
 
@@ -26,7 +26,8 @@ is in q.dtype; lse (natural log) is float32, or float64 for float64 inputs (as t
 so are the row maxima of the scores (max_scores, the running max m of the online softmax)
 when asked for (output_max: those calls do not take the fused kernel, which keeps no max).
 Fully masked rows give out 0, lse -inf and zero gradients. The fused backward gives fp16/bf16
-inputs to torch's kernel as they are (it accumulates in float32, as SDPA's backward does).
+inputs to torch's kernel as they are where its q-tiles are tall (_NATIVE_ROWS; the kernel
+accumulates in float32, as SDPA's backward does).
 
 The softmax runs in base 2 (exp2 is the cheaper kernel; log2 e folded into the scores).
 The backward recomputes each tile (no stored probabilities): P = exp(score - lse),
@@ -788,13 +789,18 @@ def _group_kv(x: torch.Tensor, g: _Group, g0: int, g1: int, Hq: int) -> torch.Te
     return y.repeat_interleave(Hq // Hkv, 1) if Hq != Hkv else y
 
 
-def _fused_backward(run: CpuRun, idx: _Indices, q, k, v, out, lse, dout, tiles):
-    """(dq in q.dtype, dk, dv in the compute dtype). fp16/bf16 inputs go to the kernel as
-    they are (it accumulates in float32, as SDPA's backward does); the chunks' dk, dv (and
-    dq where a q-tile has several chunks) are summed in float32."""
+# the least q-tile height at which the fused backward gives fp16/bf16 inputs to the kernel
+# as they are (torch's kernel accumulates in float32 either way, as SDPA's backward does)
+_NATIVE_ROWS = 256
+
+
+def _fused_backward(run: CpuRun, idx: _Indices, q, k, v, out, lse, dout, tiles, kdt, convert):
+    """(dq in q.dtype, dk, dv in the compute dtype): the kernel runs in kdt (the compute
+    dtype or q's fp16/bf16); k, v, out, dout are in it (or filled by `convert`, the
+    prologue of _in_compute_dtype). The chunks' dk, dv (and dq where a q-tile has several
+    chunks) are summed in the compute dtype."""
     B, Hq = q.shape[:2]
     S, cdt, dev = k.shape[2], run.compute_dtype, q.device
-    kdt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else cdt   # the kernel's dtype
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
     lse_dtype = torch.float64 if cdt == torch.float64 else torch.float32
 
@@ -817,7 +823,7 @@ def _fused_backward(run: CpuRun, idx: _Indices, q, k, v, out, lse, dout, tiles):
 
     accs = _over_q_tiles(run, tiles, q_tile, lambda: (torch.zeros(k.shape, dtype=cdt, device=dev),
                                                       torch.zeros(v.shape, dtype=cdt, device=dev)),
-                         dynamic=False)
+                         dynamic=False, prologue=convert)
     return (dq, *_summed(accs))
 
 
@@ -845,7 +851,12 @@ def _backward(run: CpuRun, q, k, v, out, lse, dout, dlse, buffers):
     idx = _Indices(B, Hq, Hkv, dev)
     k_in, v_in = k, v
     if _fused(run, q, v) and (dlse is None or not bool(dlse.any())):   # (autograd passes a zero dlse when lse is unused)
-        dq, dk, dv = _fused_backward(run, idx, q, k, v, out, lse, dout, _fused_q_tiles(run, L))
+        tiles = _fused_q_tiles(run, L)
+        # fp16/bf16 as they are where every q-tile is tall (the kernel's fp16/bf16 form is
+        # faster there, slower than on float32 copies for 128-row tiles); else converted once
+        kdt = q.dtype if min((q1 - q0 for _, q0, q1 in tiles), default=0) >= _NATIVE_ROWS else cdt
+        (k, v, dout, out), convert = _in_compute_dtype(kdt, k, v, dout, out)
+        dq, dk, dv = _fused_backward(run, idx, q, k, v, out, lse, dout, tiles, kdt, convert)
         return dq, dk.to(k_in.dtype), dv.to(v_in.dtype), []
     # fp16/bf16: converted once, not per q-tile (on the workers: _in_compute_dtype)
     (k, v, dout, out), convert = _in_compute_dtype(cdt, k, v, dout, out)

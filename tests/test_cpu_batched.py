@@ -79,3 +79,19 @@ def test_plan_kept_and_made_anew_when_the_mask_changes(monkeypatch):
     monkeypatch.setattr(cpu, "_batched_plan", lambda *args: None)
     torch.testing.assert_close(second, flex_attention(q, k, v, block_mask=bm), atol=1e-6, rtol=1e-6)
     assert not torch.allclose(first, second)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["none", "causal", "document", "empty_rows"])
+def test_fused_backward_on_half_inputs_as_they_are(name, dtype, monkeypatch):
+    # the fused backward's kernel on fp16 / bf16 inputs as they are (on every q-tile height here)
+    monkeypatch.setattr(cpu, "_NATIVE_ROWS", 1)
+    kdts = []
+    real = cpu._fused_backward
+
+    def spying(*args):
+        kdts.append(args[-2])
+        return real(*args)
+    monkeypatch.setattr(cpu, "_fused_backward", spying)
+    check_case(name, dtype=dtype, B=1, Hq=2, L=97, S=130, lse_in_loss=False)
+    assert kdts == [dtype]
