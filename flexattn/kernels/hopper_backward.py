@@ -44,6 +44,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+# a barrier of the partition's threads: gl.barrier in newer Triton (3.8), gl.thread_barrier in 3.6
+_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 {SCORE_MOD}
 
@@ -183,10 +185,10 @@ def _consume_list(dk, dv, k_smem, v_smem, q_ring, do_ring, ds_smem, q_ready, do_
         dk = warpgroup_mma(gl.convert_layout(dsT, dk_op), q_s, dk)
         # dS = (dS^T)^T as the A operand of dQ's wgmma, through shared memory: every consumer
         # warp has read the last tile's dS before any overwrites it, and has written before any reads
-        gl.thread_barrier()
+        _cta_barrier()
         ds_smem.store(dsT)
         fence_async_shared()
-        gl.thread_barrier()
+        _cta_barrier()
         # dQ in DQ_PARTS slices of the head dim (one [BLOCK_M, DQ_COLS] accumulator live at a time:
         # with dK and dV held, the whole [BLOCK_M, QK_PAD] one spilled)
         dq_tile = dq_base + start_m.to(gl.int64) * QK_HEAD
