@@ -35,20 +35,26 @@ class PackedQueries(NamedTuple):
         return max(self.host_lens)
 
 
+def _host_ints(name: str, x) -> tuple[list, tuple]:
+    """(the values as a list, the shape) of argument `name`: integers as a list or an integer
+    tensor; a TypeError naming it otherwise."""
+    if isinstance(x, torch.Tensor):
+        if x.dtype.is_floating_point or x.dtype == torch.bool:
+            raise TypeError(f"{name} must be B integers (a list or an integer tensor), got a tensor of dtype {x.dtype}")
+        return x.reshape(-1).tolist(), tuple(x.shape)
+    try:
+        host = [int(n) for n in x]
+    except TypeError:
+        raise TypeError(f"{name} must be B integers (a list or an integer tensor), got {type(x).__name__}") from None
+    return host, (len(host),)
+
+
 def check_query_lens(query_lens, q, k_cache, paged: bool) -> PackedQueries:
     """query_lens: B >= 1 ints >= 0 (a list or an integer tensor) whose sum is q's number of
     rows, q being [1, Hq, sum(query_lens), E]; B sequences in a contiguous k_cache."""
-    if isinstance(query_lens, torch.Tensor):
-        if query_lens.dtype.is_floating_point or query_lens.dtype == torch.bool or query_lens.dim() != 1:
-            raise TypeError(f"query_lens must be B integers (a list or a 1-D integer tensor), got a tensor of "
-                            f"dtype {query_lens.dtype} and shape {tuple(query_lens.shape)}")
-        host = query_lens.tolist()
-    else:
-        try:
-            host = [int(n) for n in query_lens]
-        except TypeError:
-            raise TypeError(f"query_lens must be a list of ints or an integer tensor [B], got "
-                            f"{type(query_lens).__name__}") from None
+    host, shape = _host_ints("query_lens", query_lens)
+    if len(shape) != 1:
+        raise TypeError(f"query_lens must be B integers (a list or a 1-D integer tensor), got shape {shape}")
     if not host or min(host) < 0:
         raise ValueError(f"query_lens must be B >= 1 non-negative query counts, one per sequence, got {host}")
     if q.shape[0] != 1 or q.shape[2] != sum(host):
@@ -117,18 +123,8 @@ def check_lengths(cache_seqlens, B: int, q_lens: list, capacity: int, device) ->
     appended)."""
     if isinstance(cache_seqlens, CacheLengths):  # (PagedKVCache: both copies at hand)
         host, shape = cache_seqlens.host, tuple(cache_seqlens.device.shape)
-    elif isinstance(cache_seqlens, torch.Tensor):
-        if cache_seqlens.dtype.is_floating_point or cache_seqlens.dtype == torch.bool:
-            raise TypeError(f"cache_seqlens must hold integers, got dtype {cache_seqlens.dtype}")
-        host = cache_seqlens.reshape(-1).tolist()
-        shape = tuple(cache_seqlens.shape)
     else:
-        try:
-            host = [int(n) for n in cache_seqlens]
-        except TypeError:
-            raise TypeError(f"cache_seqlens must be a list of ints or an integer tensor [B], got "
-                            f"{type(cache_seqlens).__name__}") from None
-        shape = (len(host),)
+        host, shape = _host_ints("cache_seqlens", cache_seqlens)
     if shape != (B,):
         raise ValueError(f"cache_seqlens must have one length per sequence of q (shape ({B},)), got shape {shape}")
     for b, n in enumerate(host):
