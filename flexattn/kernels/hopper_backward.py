@@ -35,18 +35,10 @@ import torch
 from . import config, launcher
 from .blocks import bm_strides, q_lists
 from .config import LOG2E
-from .hopper_forward import descriptor, gluon_missing, hopper_unsupported, tma_unsupported
+from .hopper_forward import GLUON_PRELUDE, descriptor, gluon_missing, hopper_unsupported, tma_unsupported
 from .launcher import cdiv, next_pow2
 
-HOPPER_BWD_TEMPLATE = r'''
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
-
-_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-# a barrier of the partition's threads: gl.barrier in newer Triton (3.8), gl.thread_barrier in 3.6
-_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
-
+HOPPER_BWD_TEMPLATE = GLUON_PRELUDE + r'''
 {SCORE_MOD}
 
 {MASK_MOD}
@@ -73,25 +65,6 @@ def _grad_atomic_add(ptr, value, mask):
 
 
 @gluon.jit
-def _produce_list(q_desc, do_desc, q_ring, do_ring, q_ready, do_ready, qdo_empty, idx_ptr, n_blocks,
-                  off_z, off_h, it, SPARSE_Q_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
-    MULT: gl.constexpr = SPARSE_Q_BLOCK // BLOCK_M
-    for t in range(n_blocks * MULT):
-        start_m = _tile_start(idx_ptr, t, n_blocks, SPARSE_Q_BLOCK, BLOCK_M)
-        s = it % STAGES
-        # a fresh barrier counts as having completed the phase before 0: the first STAGES pass
-        mbarrier.wait(qdo_empty.index(s), ((it // STAGES) & 1) ^ 1)
-        mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
-        _tma_load(q_desc, [off_z, off_h, start_m, 0], q_ready.index(s),
-                  q_ring.index(s).reshape(q_desc.block_type.shape))
-        mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
-        _tma_load(do_desc, [off_z, off_h, start_m, 0], do_ready.index(s),
-                  do_ring.index(s).reshape(do_desc.block_type.shape))
-        it += 1
-    return it
-
-
-@gluon.jit
 def _producer(q_desc, do_desc, q_ring, do_ring, q_ready, do_ready, qdo_empty,
               Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
               stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im,
@@ -104,13 +77,13 @@ def _producer(q_desc, do_desc, q_ring, do_ring, q_ready, do_ready, qdo_empty,
         off_h = off_hkv * GQA_GROUP + g
         n_part, idx_ptr = _block_list(Q_NUM, Q_IDX, off_z, off_h, sparse_n,
                                       stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im)
-        it = _produce_list(q_desc, do_desc, q_ring, do_ring, q_ready, do_ready, qdo_empty, idx_ptr, n_part,
-                           off_z, off_h, it, SPARSE_Q_BLOCK=SPARSE_Q_BLOCK, BLOCK_M=BLOCK_M, STAGES=STAGES)
+        it = _load_list(q_desc, do_desc, q_ring, do_ring, q_ready, do_ready, qdo_empty, idx_ptr, n_part,
+                        off_z, off_h, it, SPARSE_BLOCK=SPARSE_Q_BLOCK, BLOCK=BLOCK_M, STAGES=STAGES)
         if HAS_FULL:
             n_full, fidx_ptr = _block_list(FULL_Q_NUM, FULL_Q_IDX, off_z, off_h, sparse_n,
                                            stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim)
-            it = _produce_list(q_desc, do_desc, q_ring, do_ring, q_ready, do_ready, qdo_empty, fidx_ptr, n_full,
-                               off_z, off_h, it, SPARSE_Q_BLOCK=SPARSE_Q_BLOCK, BLOCK_M=BLOCK_M, STAGES=STAGES)
+            it = _load_list(q_desc, do_desc, q_ring, do_ring, q_ready, do_ready, qdo_empty, fidx_ptr, n_full,
+                            off_z, off_h, it, SPARSE_BLOCK=SPARSE_Q_BLOCK, BLOCK=BLOCK_M, STAGES=STAGES)
 
 
 @gluon.jit

@@ -62,7 +62,9 @@ from .blocks import bm_strides, kv_lists
 from .config import LOG2E
 from .launcher import cdiv, next_pow2
 
-HOPPER_FWD_TEMPLATE = r'''
+# The Gluon templates' common head (this one's and hopper_backward's): imports, the names of
+# Triton calls that moved between versions, and the producer warp's loads of a block list.
+GLUON_PRELUDE = r'''
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -71,31 +73,35 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 # the TMA copies are tma.async_load / async_store from Triton 3.9 on (the older names raise there)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
-
-{SCORE_MOD}
-
-{MASK_MOD}
+# a barrier of the partition's threads: gl.barrier in newer Triton (3.8), gl.thread_barrier in 3.6
+_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 
 @gluon.jit
-def _produce_list(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty,
-                  idx_ptr, n_blocks, off_z, off_hkv, it,
-                  SPARSE_KV_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    MULT: gl.constexpr = SPARSE_KV_BLOCK // BLOCK_N
+def _load_list(a_desc, b_desc, a_ring, b_ring, a_ready, b_ready, empty, idx_ptr, n_blocks, off_z, off_h, it,
+               SPARSE_BLOCK: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr):
+    # For every tile of BLOCK rows in the n_blocks blocks of one list, TMA-load the tile of
+    # two tensors (K and V, or q and dO) into slot it % STAGES of their rings once `empty`
+    # says the slot is free; each ring has its own ready barrier. Returns `it` past the list.
+    MULT: gl.constexpr = SPARSE_BLOCK // BLOCK
     for t in range(n_blocks * MULT):
-        start_n = _tile_start(idx_ptr, t, n_blocks, SPARSE_KV_BLOCK, BLOCK_N)
+        start = _tile_start(idx_ptr, t, n_blocks, SPARSE_BLOCK, BLOCK)
         s = it % STAGES
         # a fresh barrier counts as having completed the phase before 0: the first
         # STAGES waits pass at once
-        mbarrier.wait(kv_empty.index(s), ((it // STAGES) & 1) ^ 1)
-        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        _tma_load(k_desc, [off_z, off_hkv, start_n, 0], k_ready.index(s),
-                                        k_ring.index(s).reshape(k_desc.block_type.shape))
-        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        _tma_load(v_desc, [off_z, off_hkv, start_n, 0], v_ready.index(s),
-                                        v_ring.index(s).reshape(v_desc.block_type.shape))
+        mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+        mbarrier.expect(a_ready.index(s), a_desc.block_type.nbytes)
+        _tma_load(a_desc, [off_z, off_h, start, 0], a_ready.index(s), a_ring.index(s).reshape(a_desc.block_type.shape))
+        mbarrier.expect(b_ready.index(s), b_desc.block_type.nbytes)
+        _tma_load(b_desc, [off_z, off_h, start, 0], b_ready.index(s), b_ring.index(s).reshape(b_desc.block_type.shape))
         it += 1
     return it
+'''
+
+HOPPER_FWD_TEMPLATE = GLUON_PRELUDE + r'''
+{SCORE_MOD}
+
+{MASK_MOD}
 
 
 @gluon.jit
@@ -103,13 +109,11 @@ def _producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty,
               idx_ptr, n_part, fidx_ptr, n_full, off_z, off_hkv,
               HAS_FULL: gl.constexpr, SPARSE_KV_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr):
-    it = _produce_list(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty,
-                       idx_ptr, n_part, off_z, off_hkv, gl.to_tensor(0),
-                       SPARSE_KV_BLOCK=SPARSE_KV_BLOCK, BLOCK_N=BLOCK_N, STAGES=STAGES)
+    it = _load_list(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, idx_ptr, n_part, off_z, off_hkv,
+                    gl.to_tensor(0), SPARSE_BLOCK=SPARSE_KV_BLOCK, BLOCK=BLOCK_N, STAGES=STAGES)
     if HAS_FULL:
-        _produce_list(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty,
-                      fidx_ptr, n_full, off_z, off_hkv, it,
-                      SPARSE_KV_BLOCK=SPARSE_KV_BLOCK, BLOCK_N=BLOCK_N, STAGES=STAGES)
+        _load_list(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, fidx_ptr, n_full, off_z, off_hkv, it,
+                   SPARSE_BLOCK=SPARSE_KV_BLOCK, BLOCK=BLOCK_N, STAGES=STAGES)
 
 
 @gluon.jit
