@@ -367,8 +367,8 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE, MAX,
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         _tma_load(q_desc, [off_z, off_h, start_m, 0], q_bar, q_smem.reshape(q_desc.block_type.shape))
         acc, l_i, m_i = gl.warp_specialize([
-            # (q_bar again in `turn`'s place: unused without PINGPONG)
-            (_consumer, (q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty, q_bar,
+            # (turn None: only the ping-pong form takes turns)
+            (_consumer, (q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty, None,
                          idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, start_m, KV_LEN, SCALE, SCALE_LOG2,
                          {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
                          HAS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
