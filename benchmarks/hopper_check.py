@@ -23,7 +23,7 @@ from conftest import assert_close_to_golden  # noqa: E402
 import flexattn  # noqa: E402
 from flexattn.reference import reference_attention  # noqa: E402
 
-HOPPER = {"BACKEND": "hopper", "TIERED": False}
+HOPPER = {"BACKEND": "hopper", "TIERED": False, "fwd_PINGPONG": False}  # the one-partition form
 PINGPONG = {**HOPPER, "fwd_PINGPONG": True}
 TRITON = {"BACKEND": "triton", "TIERED": False}
 
@@ -39,12 +39,13 @@ def check(case, B, Hq, Hkv, L, S, D, dtype, dev):
     v = torch.randn(B, Hkv, S, D, device=dev, generator=g).to(dtype)
     bm = flexattn.create_block_mask(mask_mod, None, None, L, S, device=dev) if mask_mod else None
     gqa = Hq != Hkv
-    out, lse = flexattn.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=gqa, return_lse=True,
-                                       kernel_options=HOPPER)
     gold_o, gold_l = reference_attention(q.double(), k.double(), v.double(), score_mod, mask_mod, enable_gqa=gqa)
     ref_o, ref_l = reference_attention(q, k, v, score_mod, mask_mod, enable_gqa=gqa)
-    assert_close_to_golden("out", out, ref_o, gold_o)
-    assert_close_to_golden("lse", lse, ref_l.float(), gold_l)
+    for opts in (HOPPER, PINGPONG):
+        out, lse = flexattn.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=gqa,
+                                           return_lse=True, kernel_options=opts)
+        assert_close_to_golden("out", out, ref_o, gold_o)
+        assert_close_to_golden("lse", lse, ref_l.float(), gold_l)
 
 
 TORCH_FLEX = None

@@ -127,7 +127,9 @@ def test_backend_choice_under_interpreter(monkeypatch):
 L = 100
 
 
-def _relative_bias_mods(kind):
+def _relative_bias_mods(kind, device="cpu"):
+    """bias (float64, on the CPU), a score_mod adding bias[q_idx - kv_idx], and a mask_mod of `kind`
+    whose captured tensors (the document ids) live on `device`."""
     bias = torch.randn(L, dtype=torch.float64)  # bias[d] for d = q - kv >= 0 only
 
     def score_mod(score, b, h, q_idx, kv_idx):
@@ -140,7 +142,7 @@ def _relative_bias_mods(kind):
         def mask_mod(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (q_idx - kv_idx < 24)
     else:
-        doc = torch.tensor([0] * 30 + [1] * 45 + [2] * 25)
+        doc = torch.tensor([0] * 30 + [1] * 45 + [2] * 25, device=device)
 
         def mask_mod(b, h, q_idx, kv_idx):
             return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
@@ -242,16 +244,17 @@ for n in (0, 1, 3, 5):   # constants past int32 in the mask: the kernels against
     report[f"big{n}"] = (got.cpu() - want).abs().max().item()
 q, k, v = [torch.randn(1, 2, L, 16, generator=g) for _ in range(3)]
 for kind in ("causal", "sliding", "document"):   # bias[q_idx - kv_idx]: out of range only where masked
-    bias, _, mask_mod = _relative_bias_mods(kind)
-    bm = create_block_mask(mask_mod, None, None, L, L, device="cpu", BLOCK_SIZE=32)
+    bias = _relative_bias_mods(kind)[0]
     res = []
     for d in ("cpu", dev):
+        mask_mod = _relative_bias_mods(kind, d)[2]   # its document ids on the attention's device
+        bm = create_block_mask(mask_mod, None, None, L, L, device=d, BLOCK_SIZE=32)
         tab = bias.float().to(d).requires_grad_()
         qq, kk, vv = [x.detach().to(d).requires_grad_() for x in (q, k, v)]  # new leaves on each device
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + tab[q_idx - kv_idx]
         opts = None if d == "cpu" else {"BACKEND": "triton"}
-        out = flex_attention(qq, kk, vv, score_mod, bm.to(d), kernel_options=opts)
+        out = flex_attention(qq, kk, vv, score_mod, bm, kernel_options=opts)
         out.square().sum().backward()
         res.append([t.detach().cpu() for t in (out, qq.grad, kk.grad, vv.grad, tab.grad)])
     report[kind] = max((a - b).abs().max().item() for a, b in zip(*res))

@@ -15,11 +15,11 @@ Partitions (gl.warp_specialize):
     registers, online softmax in the exp2 domain, O += P V by wgmma with P from registers.
     Each iteration issues S of tile t and then P V of tile t-1, waits for S alone, and runs
     the softmax of tile t while P V of tile t-1 is still on the tensor cores.
-  * PINGPONG (kernel_options "fwd_PINGPONG", opt-in until measured): the two warpgroups are
-    two partitions of BLOCK_M / 2 rows each, with their own Q and O, and they take turns to
-    issue their wgmmas (two mbarriers pass the turn), so that one's softmax runs while the
-    tensor cores run the other's S and P V (FA3's ping-pong schedule). Compiles for sm_90a
-    with 240 registers a consumer thread and no spills; not yet run on a GPU.
+  * PINGPONG (kernel_options "fwd_PINGPONG", default up to head dim 128: pingpong_default):
+    the two warpgroups are two partitions of BLOCK_M / 2 rows each, with their own Q and O,
+    and they take turns to issue their wgmmas (two mbarriers pass the turn), so that one's
+    softmax runs while the tensor cores run the other's S and P V (FA3's ping-pong schedule).
+    240 registers a consumer thread, no spills (sm_90a).
 
 Glossary of constexpr names:
   BLOCK_M / BLOCK_N       query rows per program / kv columns per tile
@@ -480,10 +480,19 @@ def tma_unsupported(name: str, t) -> str | None:
     return None
 
 
-# Where "auto" takes the Hopper forward: head dims that pad to 128. Measured on the H200
-# (B=4, H=16, S=8K, bf16): 1.03-1.09x the Triton kernels on six of the seven cases of
-# benchmarks/RESULTS.md at D=128 (ALiBi 0.92x), 0.66-0.87x at D=64.
-AUTO_HEAD_DIMS = range(65, 129)
+# Where "auto" takes the Hopper forward: head dims that pad to 128 or 256. Measured on the H200
+# (B=4, H=16, S=8K, bf16, benchmarks/hopper_check.py): at D=128 the ping-pong form is 1.13-1.20x
+# the Triton kernels on the seven cases of benchmarks/RESULTS.md; at D=256 the one-partition
+# form is 1.00-1.15x; at D=64 the one-partition form was 0.66-0.94x.
+AUTO_HEAD_DIMS = range(65, 257)
+
+
+def pingpong_default(d: int, dv: int) -> bool:
+    """Whether the Hopper forward takes its ping-pong form when kernel_options leave
+    "fwd_PINGPONG" out: up to head dim 128 (1.06-1.24x the one-partition form on the H200,
+    the same cases); past it the one-partition form (ping-pong 0.97-1.00x there, except ALiBi
+    and softcap, whose longer softmax it hides: 1.05-1.09x)."""
+    return max(d, dv) <= 128
 
 
 def use_hopper(device: str, q, k, v, block_size, dropout_p: float, request: str, graphs=()) -> bool:
@@ -531,7 +540,7 @@ def hopper_forward(plan, q, k, v):
     _, Hkv, S, Ev = v.shape
     bm, bn, stages, warps = hopper_fwd_config(E, Ev)
     # ping-pong: two partitions of one warpgroup each, each with its own half of the rows
-    pingpong = bool(plan.opts.get("fwd_PINGPONG", False))
+    pingpong = bool(plan.opts.get("fwd_PINGPONG", pingpong_default(E, Ev)))
     rows, warps = (bm // 2, warps // 2) if pingpong else (bm, warps)
     blk = plan.blocks
     out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=q.device)
