@@ -448,6 +448,8 @@ def _forward(run: CpuRun, q, k, v):
     cdt, dev = run.compute_dtype, q.device
     if _fused(run, q, v) and not run.output_max:
         plan = _batched_plan(run, B, Hq, Hkv, L, S)
+        if plan is not None and plan.causal is not None:
+            return _whole_forward(run, plan.causal, q, k, v)
         if plan is not None:
             return _batched_forward(run, plan, q, k, v)
     idx = _Indices(B, Hq, Hkv, dev)
@@ -652,6 +654,9 @@ class _Group:
 class _Plan:
     groups: list
     bare: Optional[torch.Tensor]     # the rows of q-tiles that meet no block (out 0, lse -inf)
+    # not None: the call attends exactly everywhere (False) or exactly where kv <= q (True) -
+    # whole rows per head, the kernel's own causal form (_whole_rows); groups are then empty
+    causal: Optional[bool] = None
 
 
 def _batched_plan(run: CpuRun, B: int, Hq: int, Hkv: int, L: int, S: int) -> Optional[_Plan]:
@@ -675,6 +680,9 @@ def _batched_plan(run: CpuRun, B: int, Hq: int, Hkv: int, L: int, S: int) -> Opt
 def _make_plan(run: CpuRun, B: int, Hq: int, Hkv: int, L: int, S: int) -> Optional[_Plan]:
     dev, cdt = run.kv_num.device, run.compute_dtype
     idx = _Indices(B, Hq, Hkv, dev)
+    causal = _whole_rows(run, idx, B, Hkv, L, S)
+    if causal is not None:
+        return _Plan([], None, causal)
     shapes: dict = {}   # (M, N) -> [(q0, tile)]
     bare = []
     for i, q0, q1 in _fused_q_tiles(run, L):
@@ -727,12 +735,7 @@ def _batched_forward(run: CpuRun, plan: _Plan, q, k, v):
     (k, v), convert = _in_compute_dtype(cdt, k, v)   # fp16/bf16: converted once, on the workers
     out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=dev)
     lse = torch.empty(B, Hq, L, dtype=cdt, device=dev)
-    n = max(1, torch.get_num_threads())
-    shares = [(n_g, g.G * j // m, g.G * (j + 1) // m) for n_g, g in enumerate(plan.groups)
-              for m in (min(n, g.G),) for j in range(m)]
-    shares.sort(key=lambda t: -(t[2] - t[1]) * plan.groups[t[0]].M * plan.groups[t[0]].N)
-    if plan.bare is not None:
-        shares.append((-1, 0, 0))
+    shares = _shares(plan)
 
     def share(n_g, g0, g1, _acc):
         if n_g < 0:
@@ -754,6 +757,18 @@ def _batched_forward(run: CpuRun, plan: _Plan, q, k, v):
 
     _over_q_tiles(run, shares, share, lambda: None, dynamic=True, prologue=convert, ranked=True)
     return out, lse
+
+
+def _shares(plan: _Plan) -> list:
+    """(group number, first tile, end tile): each group's tiles cut into one share per
+    thread, the largest first; then (-1, 0, 0) for the rows of tiles that meet no block."""
+    n = max(1, torch.get_num_threads())
+    shares = [(n_g, g.G * j // m, g.G * (j + 1) // m) for n_g, g in enumerate(plan.groups)
+              for m in (min(n, g.G),) for j in range(m)]
+    shares.sort(key=lambda t: -(t[2] - t[1]) * plan.groups[t[0]].M * plan.groups[t[0]].N)
+    if plan.bare is not None:
+        shares.append((-1, 0, 0))
+    return shares
 
 
 def _slices(x: torch.Tensor, starts: list, n: int) -> torch.Tensor:
@@ -787,6 +802,152 @@ def _group_kv(x: torch.Tensor, g: _Group, g0: int, g1: int, Hq: int) -> torch.Te
     else:
         y = _stacked(x.index_select(2, g.pos[g0 * N:g1 * N]), G)
     return y.repeat_interleave(Hq // Hkv, 1) if Hq != Hkv else y
+
+
+def _group_pos(g: _Group, g0: int, g1: int) -> torch.Tensor:
+    """The kv rows the group's tiles g0..g1 read, tile after tile: [(g1 - g0) * N] int64."""
+    if g.pos is not None:
+        return g.pos[g0 * g.N:g1 * g.N]
+    dev = g.rows.device
+    firsts = (torch.tensor(g.p0s[g0:g1], device=dev) if g.p0s is not None
+              else g.span[0] + g.span[1] * torch.arange(g0, g1, device=dev))
+    return (firsts[:, None] + torch.arange(g.N, device=dev)).flatten()
+
+
+def _batched_backward(run: CpuRun, plan: _Plan, q, k, v, out, lse, dout):
+    """(dq, dk, dv) of the fused path by the forward's plan: per share of a group's tiles
+    (dealt as in _batched_forward) one call of the kernel's backward, given the tiles' rows
+    of out and lse (each tile meets its one chunk: its gradients are the rows' whole ones);
+    dq written to the tiles' rows, dk / dv summed into per-thread accumulators at the kv rows
+    the tiles read (windows overlap)."""
+    B, Hq, L, D = q.shape
+    Hkv, cdt, dev = k.shape[1], run.compute_dtype, q.device
+    k_in, v_in = k, v
+    # fp16/bf16 as they are where every tile is tall (as _backward's tile-by-tile fused path)
+    kdt = q.dtype if min((g.M for g in plan.groups), default=0) >= _NATIVE_ROWS else cdt
+    (k, v, dout, out), convert = _in_compute_dtype(kdt, k, v, dout, out)
+    lse_dtype = torch.float64 if cdt == torch.float64 else torch.float32
+    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    shares = _shares(plan)
+
+    def share(n_g, g0, g1, accs):
+        if n_g < 0:
+            dq.index_fill_(2, plan.bare, 0)
+            return
+        g = plan.groups[n_g]
+        G, M, N = g1 - g0, g.M, g.N
+        qt, dot, ot = (_slices(x, g.q0s[g0:g1], M).to(kdt) for x in (q, dout, out))
+        lt = _slices(lse.unsqueeze(-1), g.q0s[g0:g1], M).squeeze(-1)
+        # fully masked rows (lse -inf): +inf makes the kernel's p = exp(s - lse) exactly 0
+        lt = torch.where(lt == NEG_INF, float("inf"), lt).to(lse_dtype)
+        kt, vt = (_group_kv(x, g, g0, g1, Hq) for x in (k, v))
+        bias = None if g.bias is None else g.bias[:, g0:g1].expand(B, G, *g.bias.shape[2:]).flatten(0, 1)
+        dq_c, dk_c, dv_c = _FLASH_BWD(dot, qt, kt, vt, ot, lt, 0.0, False, attn_mask=bias, scale=run.scale)
+        dq.index_copy_(2, g.rows[g0 * M:g1 * M],
+                       dq_c.view(B, G, Hq, M, D).transpose(1, 2).reshape(B, Hq, G * M, D).to(q.dtype))
+        pos = _group_pos(g, g0, g1)
+        for acc, d in zip(accs, (dk_c, dv_c)):
+            d = d.to(cdt).view(B, G, Hkv, Hq // Hkv, N, d.shape[-1]).sum(3)   # query heads of a kv head
+            acc.index_add_(2, pos, d.transpose(1, 2).reshape(B, Hkv, G * N, d.shape[-1]))
+
+    accs = _over_q_tiles(run, shares, share, lambda: (torch.zeros(k.shape, dtype=cdt, device=dev),
+                                                      torch.zeros(v.shape, dtype=cdt, device=dev)),
+                         dynamic=False, prologue=convert, ranked=True)
+    dk, dv = _summed(accs)
+    return dq, dk.to(k_in.dtype), dv.to(v_in.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Dense and causal calls: whole rows per head
+#
+# Where a call attends exactly every position, or exactly those with kv <= q (what torch's
+# fused kernel computes as is_causal, top-left), no block list or mask is needed: the
+# (batch, kv head) pairs are dealt out to the threads in a few pieces and each piece is one
+# call of the kernel (forward or backward) over whole rows, its causal form skipping the
+# upper triangle at the kernel's own granularity. dq, dk, dv of a piece are its heads' whole
+# gradients (no accumulators to sum). The plan keeps the decision (_Plan.causal).
+
+def _whole_rows(run: CpuRun, idx: _Indices, B: int, Hkv: int, L: int, S: int) -> Optional[bool]:
+    """False where the call attends every position, True where exactly those with kv <= q,
+    None otherwise (and where B and Hkv are both fewer than the threads: its pieces could not
+    keep them busy). Exact: the block lists must list exactly the blocks those positions
+    meet, full blocks only where every position is kept, and the mask_mod on the partial
+    blocks must give the form (the lists are [1, 1, ...]: _batched_plan's condition)."""
+    if L == 0 or S == 0 or (torch.get_num_threads() > 1 and max(B, Hkv) < torch.get_num_threads()):
+        return None
+    qb, kvb, dev = run.q_block, run.kv_block, run.kv_num.device
+    kv_num = run.kv_num[0, 0].tolist()
+    full_num = None if run.full_num is None else run.full_num[0, 0].tolist()
+    every, causal = True, True
+    for i in range(-(-L // qb)):
+        r0, r1 = i * qb, min(L, (i + 1) * qb)
+        part = run.kv_idx[0, 0, i, :kv_num[i]].tolist()
+        full = [] if full_num is None else run.full_idx[0, 0, i, :full_num[i]].tolist()
+        listed = set(part) | set(full)    # (validated: no block twice in a row)
+        every = every and listed == set(range(-(-S // kvb)))
+        causal = (causal and listed == set(range(min(r1 - 1, S - 1) // kvb + 1))
+                  and all(min((b + 1) * kvb, S) - 1 <= r0 for b in full))
+        if not (every or causal):
+            return None
+        if part and run.mask_graph is not None:
+            pos = torch.cat([torch.arange(b * kvb, min((b + 1) * kvb, S), device=dev) for b in part]).view(1, 1, -1)
+            allowed = _allowed(run, idx, idx.q(r0, r1, dev), _KVTile(pos, None, True))
+            every = every and bool(allowed.all())
+            causal = causal and bool((allowed == (pos[..., None, :] <= idx.q(r0, r1, dev))).all())
+    return None if not (every or causal) else not every
+
+
+def _pieces(B: int, Hkv: int) -> list:
+    """(b0, b1, h0, h1): the (batch, kv head) pairs in about 4 pieces per thread (for the
+    dynamic dealing of _over_q_tiles), each a rectangle: whole batches or heads of one."""
+    per = -(-B * Hkv // (4 * max(1, torch.get_num_threads())))
+    if per >= Hkv:
+        nb = per // Hkv
+        return [(b, min(B, b + nb), 0, Hkv) for b in range(0, B, nb)]
+    return [(b, b + 1, h, min(Hkv, h + per)) for b in range(B) for h in range(0, Hkv, per)]
+
+
+def _per_q_head(x: torch.Tensor, group: int) -> torch.Tensor:
+    return x.repeat_interleave(group, 1) if group > 1 else x
+
+
+def _whole_forward(run: CpuRun, causal: bool, q, k, v):
+    B, Hq, L, _ = q.shape
+    Hkv, Ev, cdt = k.shape[1], v.shape[-1], run.compute_dtype
+    group = Hq // Hkv
+    out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, L, dtype=cdt, device=q.device)
+
+    def piece(b0, b1, h0, h1, _acc):
+        heads = (slice(b0, b1), slice(h0 * group, h1 * group))
+        kt, vt = (_per_q_head(x[b0:b1, h0:h1].to(cdt), group) for x in (k, v))
+        o, l = _FLASH(q[heads].to(cdt), kt, vt, 0.0, causal, scale=run.scale)[:2]
+        out[heads] = o
+        lse[heads] = l
+
+    _over_q_tiles(run, _pieces(B, Hkv), piece, lambda: None, dynamic=True, ranked=True)
+    return out, lse
+
+
+def _whole_backward(run: CpuRun, causal: bool, q, k, v, out, lse, dout):
+    B, Hq, L, _ = q.shape
+    Hkv, S, cdt = k.shape[1], k.shape[2], run.compute_dtype
+    group = Hq // Hkv
+    kdt = q.dtype if L >= _NATIVE_ROWS else cdt   # fp16/bf16 as they are on tall rows
+    lse_dtype = torch.float64 if cdt == torch.float64 else torch.float32
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+
+    def piece(b0, b1, h0, h1, _acc):
+        heads = (slice(b0, b1), slice(h0 * group, h1 * group))
+        kt, vt = (_per_q_head(x[b0:b1, h0:h1].to(kdt), group) for x in (k, v))
+        dq_c, dk_c, dv_c = _FLASH_BWD(dout[heads].to(kdt), q[heads].to(kdt), kt, vt, out[heads].to(kdt),
+                                      lse[heads].to(lse_dtype), 0.0, causal, scale=run.scale)
+        dq[heads] = dq_c
+        for acc, d in ((dk, dk_c), (dv, dv_c)):   # query heads of a kv head summed in the compute dtype
+            acc[b0:b1, h0:h1] = d if group == 1 else d.to(cdt).view(b1 - b0, h1 - h0, group, S, -1).sum(2)
+
+    _over_q_tiles(run, _pieces(B, Hkv), piece, lambda: None, dynamic=True, ranked=True)
+    return dq, dk, dv
 
 
 # the least q-tile height at which the fused backward gives fp16/bf16 inputs to the kernel
@@ -851,6 +1012,11 @@ def _backward(run: CpuRun, q, k, v, out, lse, dout, dlse, buffers):
     idx = _Indices(B, Hq, Hkv, dev)
     k_in, v_in = k, v
     if _fused(run, q, v) and (dlse is None or not bool(dlse.any())):   # (autograd passes a zero dlse when lse is unused)
+        plan = _batched_plan(run, B, Hq, Hkv, L, S)
+        if plan is not None and plan.causal is not None:
+            return (*_whole_backward(run, plan.causal, q, k, v, out, lse, dout), [])
+        if plan is not None:
+            return (*_batched_backward(run, plan, q, k, v, out, lse, dout), [])
         tiles = _fused_q_tiles(run, L)
         # fp16/bf16 as they are where every q-tile is tall (the kernel's fp16/bf16 form is
         # faster there, slower than on float32 copies for 128-row tiles); else converted once

@@ -111,6 +111,7 @@ def test_merged_tiles(monkeypatch):
     # the partial blocks' columns only): a ragged last block, masks read per head, GQA, the
     # plain dtypes, and a window wider than _MERGED_BLOCKS (split chunks again) all match
     import flexattn.cpu as cpu
+    monkeypatch.setattr(cpu, "_whole_rows", lambda *args: None)   # causal: not as whole rows here
     merged = []
     real = cpu._allowed
 
@@ -257,6 +258,7 @@ def test_visits_only_listed_blocks(monkeypatch):
     # causal, 4x4 blocks: 6 full (below the diagonal) + 4 partial (on it); 6 empty never visited
     # (a merged tile holds both kinds: the mask is evaluated on its part_cols only)
     import flexattn.cpu as cpu
+    monkeypatch.setattr(cpu, "_whole_rows", lambda *args: None)   # causal: not as whole rows here
     visited = []
     real = cpu._allowed
 

@@ -3,6 +3,8 @@ the fused kernel per thread, by a plan kept on the BlockMask) against the float6
 the tile-by-tile path, and the plan's upkeep."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -14,6 +16,9 @@ from test_attention_cpu import check_case
 
 @pytest.fixture
 def batched_calls(monkeypatch):
+    # dense and causal calls run as whole rows per head (test_cpu_whole.py); here they take
+    # the batched forward like any other mask
+    monkeypatch.setattr(cpu, "_whole_rows", lambda *args: None)
     calls = []
     real = cpu._batched_forward
 
@@ -82,16 +87,52 @@ def test_plan_kept_and_made_anew_when_the_mask_changes(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["none", "causal", "document", "empty_rows"])
-def test_fused_backward_on_half_inputs_as_they_are(name, dtype, monkeypatch):
-    # the fused backward's kernel on fp16 / bf16 inputs as they are (on every q-tile height here)
+@pytest.mark.parametrize("name,mask_BH,path", [
+    ("none", (None, None), "_whole_backward"), ("causal", (None, None), "_whole_backward"),
+    ("document", (None, None), "_batched_backward"), ("empty_rows", (None, None), "_batched_backward"),
+    ("sliding_window", (None, 2), "_fused_backward"),   # block lists per head: tile by tile
+])
+def test_fused_backward_on_half_inputs_as_they_are(name, mask_BH, path, dtype, monkeypatch):
+    # the fused backward's kernel on fp16 / bf16 inputs as they are (on every q-tile height
+    # here), in each of its three forms
     monkeypatch.setattr(cpu, "_NATIVE_ROWS", 1)
-    kdts = []
-    real = cpu._fused_backward
+    kdts, paths = [], []
+    real_kernel, real_path = cpu._FLASH_BWD, getattr(cpu, path)
+
+    def kernel(*args, **kw):
+        kdts.append(args[1].dtype)   # q
+        return real_kernel(*args, **kw)
 
     def spying(*args):
-        kdts.append(args[-2])
-        return real(*args)
-    monkeypatch.setattr(cpu, "_fused_backward", spying)
-    check_case(name, dtype=dtype, B=1, Hq=2, L=97, S=130, lse_in_loss=False)
-    assert kdts == [dtype]
+        paths.append(path)
+        return real_path(*args)
+    monkeypatch.setattr(cpu, "_FLASH_BWD", kernel)
+    monkeypatch.setattr(cpu, path, spying)
+    with _threads(2):
+        check_case(name, dtype=dtype, B=1, Hq=2, L=97, S=130, lse_in_loss=False, mask_BH=mask_BH)
+    assert paths == [path] and kdts and set(kdts) == {dtype}
+
+
+@contextlib.contextmanager
+def _threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("case", [
+    dict(name="sliding_window", B=1, Hq=2, L=300, S=270, block=16),                  # strided K/V views
+    dict(name="document", B=2, Hq=4, Hkv=2, L=129, S=200, block=16),                 # gathers, GQA, B > 1
+    dict(name="document", B=1, Hq=2, L=200, S=200, block=32, dtype=torch.float64),
+    dict(name="empty_rows", B=1, Hq=2, L=97, S=130, block=16),                       # rows with no block
+])
+def test_batched_backward_matches_golden(case, monkeypatch):
+    # the backward by the forward's plan: dk / dv of overlapping windows summed, GQA heads summed
+    calls = []
+    real = cpu._batched_backward
+    monkeypatch.setattr(cpu, "_batched_backward", lambda *args: calls.append(1) or real(*args))
+    check_case(**case, lse_in_loss=False)
+    assert calls
