@@ -313,6 +313,20 @@ class _Workers:
 
 _WORKERS = _Workers()
 
+# Whether this process is a fork of one that may have used the calling thread's OpenMP team:
+# libgomp's team in such a child lists threads that do not exist (its next parallel
+# operation of more than one thread hangs), so a call that would run on that team
+# (_on_caller_pool) runs on flexattn's workers there instead.
+_FORKED = False
+
+
+def _note_fork() -> None:
+    global _FORKED
+    _FORKED = True
+
+
+os.register_at_fork(after_in_child=_note_fork)
+
 
 def _find_one_thread_here():
     """A function that makes torch's operations on the calling thread run on one thread -
@@ -911,10 +925,23 @@ def _per_q_head(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.repeat_interleave(group, 1) if group > 1 else x
 
 
+def _on_caller_pool(*xs) -> bool:
+    """Whether a whole-rows call runs as one kernel call on the calling thread (torch's own
+    thread pool, as SDPA does) rather than in pieces on flexattn's workers: where it needs
+    no other parallel operation (no conversion: xs all in one dtype; no GQA repeats) - one
+    rendezvous per call, on a pool that is warm (still spinning) after the caller's previous
+    operation, where workers would share the cores with that spinning - and not in a forked
+    child (_FORKED)."""
+    return not _FORKED and len({x.dtype for x in xs}) == 1 and xs[0].shape[1] == xs[1].shape[1]
+
+
 def _whole_forward(run: CpuRun, causal: bool, q, k, v):
     B, Hq, L, _ = q.shape
     Hkv, Ev, cdt = k.shape[1], v.shape[-1], run.compute_dtype
     group = Hq // Hkv
+    if q.dtype == cdt and _on_caller_pool(q, k, v):
+        out, lse = _FLASH(q, k, v, 0.0, causal, scale=run.scale)[:2]
+        return out, lse
     out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, L, dtype=cdt, device=q.device)
 
@@ -935,6 +962,8 @@ def _whole_backward(run: CpuRun, causal: bool, q, k, v, out, lse, dout):
     group = Hq // Hkv
     kdt = q.dtype if L >= _NATIVE_ROWS else cdt   # fp16/bf16 as they are on tall rows
     lse_dtype = torch.float64 if cdt == torch.float64 else torch.float32
+    if kdt == q.dtype and lse.dtype == lse_dtype and _on_caller_pool(q, k, v, out, dout):
+        return _FLASH_BWD(dout, q, k, v, out, lse, 0.0, causal, scale=run.scale)
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
 
     def piece(b0, b1, h0, h1, _acc):

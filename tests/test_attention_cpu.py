@@ -373,12 +373,14 @@ def test_thread_count_unchanged_by_calls(monkeypatch):
         torch.set_num_threads(before)
 
 
-def _forked_child(q, bm, want, result):
-    result.put(bool(torch.equal(flex_attention(q, q, q, block_mask=bm), want)))
+def _forked_child(q, bms, wants, result):
+    result.put(all(bool(torch.equal(flex_attention(q, q, q, block_mask=bm), want)) for bm, want in zip(bms, wants)))
 
 
 def test_worker_threads_kept_and_fork_safe():
-    # the worker threads outlive a call; a forked child (which has none of them) makes its own
+    # the worker threads outlive a call; a forked child (which has none of them) makes its
+    # own; a causal call ran on the caller's OpenMP team (as whole rows), which a forked child
+    # has only as a broken copy: there it runs on the workers
     import multiprocessing as mp
     import sys
     if sys.platform != "linux":
@@ -387,16 +389,16 @@ def test_worker_threads_kept_and_fork_safe():
     torch.set_num_threads(2)
     try:
         q = make_qkv(1, 2, 2, 256, 256, 16, requires_grad=False)[0]
-        bm = create_block_mask(make_mod("causal", B=1, H=2, L=256, S=256).mask_mod, None, None, 256, 256,
-                               BLOCK_SIZE=32)
-        want = flex_attention(q, q, q, block_mask=bm)
+        bms = [create_block_mask(make_mod(name, B=1, H=2, L=256, S=256).mask_mod, None, None, 256, 256,
+                                 BLOCK_SIZE=32) for name in ("sliding_window", "causal")]
+        wants = [flex_attention(q, q, q, block_mask=bm) for bm in bms]
         import threading
         import flexattn.cpu as cpu
         if cpu._ONE_THREAD_HERE is not None:
             assert any(t.name.startswith("flexattn-cpu") for t in threading.enumerate())
         ctx = mp.get_context("fork")
         result = ctx.Queue()
-        child = ctx.Process(target=_forked_child, args=(q, bm, want, result))
+        child = ctx.Process(target=_forked_child, args=(q, bms, wants, result))
         child.start()
         assert result.get(timeout=60)
         child.join(timeout=60)

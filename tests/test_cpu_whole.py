@@ -82,3 +82,15 @@ def test_whole_rows_chosen_exactly(mask, L, S, want):
 def test_whole_rows_need_pieces_for_every_thread():
     # one batch and one kv head cannot keep two threads busy: the batched forward instead
     assert _route(lambda b, h, q, k: q >= k, 100, 100, B=1, H=1) is None
+
+
+def test_whole_rows_on_the_workers_in_a_forked_child(monkeypatch, whole_calls):
+    # in a forked child the caller's OpenMP team may be a broken copy: the pieces go to the workers
+    pieces = []
+    real = cpu._over_q_tiles
+    monkeypatch.setattr(cpu, "_over_q_tiles", lambda run, tiles, *a, **kw: pieces.append(len(tiles)) or
+                        real(run, tiles, *a, **kw))
+    monkeypatch.setattr(cpu, "_FORKED", True)
+    with _threads(2):
+        check_case("causal", B=1, Hq=4, L=129, S=129, lse_in_loss=False)
+    assert len(pieces) == 2 and min(pieces) > 1
