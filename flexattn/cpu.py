@@ -464,6 +464,8 @@ def _forward(run: CpuRun, q, k, v):
         plan = _batched_plan(run, B, Hq, Hkv, L, S)
         if plan is not None and plan.causal is not None:
             return _whole_forward(run, plan.causal, q, k, v)
+        if plan is not None and plan.flat is not None and not _FORKED:
+            return _flat_forward(run, plan.flat, q, k, v)
         if plan is not None:
             return _batched_forward(run, plan, q, k, v)
     idx = _Indices(B, Hq, Hkv, dev)
@@ -665,12 +667,27 @@ class _Group:
 
 
 @dataclass
+class _Flat:
+    """A call of one batch whose q-tiles (all M rows, in order, covering q) each meet one
+    span of K/V: the whole call as one kernel call, each tile's span widened to the widest,
+    N (the widening masked out). Tile g reads K/V rows firsts[g] + [0, N)."""
+    M: int
+    N: int
+    firsts: list
+    step: Optional[int]              # firsts[g] = firsts[0] + g * step, or None: not evenly spaced
+    bias: torch.Tensor               # [G, Hq or 1, M, N] additive mask (0 / -inf)
+    some: Optional[torch.Tensor]     # [G, Hq or 1, M]: rows with a position allowed, None: all
+    pos: torch.Tensor                # [G * N] int64: the K/V rows, tile after tile
+
+
+@dataclass
 class _Plan:
     groups: list
     bare: Optional[torch.Tensor]     # the rows of q-tiles that meet no block (out 0, lse -inf)
     # not None: the call attends exactly everywhere (False) or exactly where kv <= q (True) -
     # whole rows per head, the kernel's own causal form (_whole_rows); groups are then empty
     causal: Optional[bool] = None
+    flat: Optional[_Flat] = None     # the call as one kernel call (_flat), where it pays
 
 
 def _batched_plan(run: CpuRun, B: int, Hq: int, Hkv: int, L: int, S: int) -> Optional[_Plan]:
@@ -698,7 +715,7 @@ def _make_plan(run: CpuRun, B: int, Hq: int, Hkv: int, L: int, S: int) -> Option
     if causal is not None:
         return _Plan([], None, causal)
     shapes: dict = {}   # (M, N) -> [(q0, tile)]
-    bare = []
+    bare, order = [], []   # order: (q0, M, tile, allowed) of every tile
     for i, q0, q1 in _fused_q_tiles(run, L):
         chunks = list(_kv_tiles(run, i, S, _chunk_cols(run, B, Hq, q1 - q0), S,
                                 _merged_cols(run, B, Hq, q1 - q0)))
@@ -726,19 +743,118 @@ def _make_plan(run: CpuRun, B: int, Hq: int, Hkv: int, L: int, S: int) -> Option
             pos = torch.cat([t.pos.reshape(-1) for t in tiles])
         bias = some = None
         allowed = [_allowed(run, idx, idx.q(q0, q0 + M, dev), t) for q0, t in members]
+        for (q0, t), a in zip(members, allowed):
+            order.append((q0, M, t, a))
         if any(a is not None for a in allowed):
             lead = [max(a.shape[d] for a in allowed if a is not None) for d in (0, 1)]
             every = torch.ones((), dtype=torch.bool, device=dev)
-            stacked = torch.stack([(every if a is None else a).expand(*lead, M, N) for a in allowed], 1)
+            alike = [(every if a is None else a).expand(*lead, M, N) for a in allowed]
+            if all(a is allowed[0] or (a is not None and allowed[0] is not None and torch.equal(a, allowed[0]))
+                   for a in allowed):   # one mask for every tile (windows): kept once, expanded
+                stacked = alike[0].unsqueeze(1)
+            else:
+                stacked = torch.stack(alike, 1)
             elems += stacked.numel()
             if elems > _PLAN_ELEMS:
                 return None
-            bias = torch.where(stacked, zero, neg_inf)
+            bias = torch.where(stacked, zero, neg_inf).expand(lead[0], len(members), lead[1], M, N)
+            stacked = stacked.expand(bias.shape)
             # a merged tile holds a full block: its rows all have a position
             if any(a is not None and t.part_cols is None for t, a in zip(tiles, allowed)):
                 some = stacked.any(-1)
         groups.append(_Group(rows, [q0 for q0, _ in members], M, N, span, p0s, pos, bias, some))
-    return _Plan(groups, torch.cat(bare) if bare else None)
+    flat = None
+    if B == 1 and not bare:
+        flat = _flat(run, sorted(order, key=lambda t: t[0]), S, Hq, _PLAN_ELEMS - elems)
+    return _Plan(groups, torch.cat(bare) if bare else None, flat=flat)
+
+
+# a flat call may widen its tiles by up to this factor of their columns, or to any width
+# while its scores stay this small (B * Hq * L * N): there the per-call cost outweighs it
+_FLAT_WIDEN, _FLAT_SMALL = 1.25, 1 << 23
+
+
+def _flat(run: CpuRun, order: list, S: int, Hq: int, room: int) -> Optional[_Flat]:
+    """The plan's tiles (q0, M, tile, allowed; B == 1) as one kernel call (_Flat), or None:
+    where they are not all M rows, spans, or their widening would cost more than the
+    per-call work it saves (_FLAT_WIDEN, _FLAT_SMALL), or its mask pass `room` elements."""
+    M = order[0][1]
+    if any(t[1] != M or t[2].span is None for t in order):
+        return None
+    N = max(t[2].span[1] - t[2].span[0] for t in order)
+    G = len(order)
+    lead = max((a.shape[1] for *_, a in order if a is not None), default=1)
+    cols = sum(t[2].span[1] - t[2].span[0] for t in order)
+    if N > S or G * lead * M * N > room or (G * N > _FLAT_WIDEN * cols and Hq * G * M * N > _FLAT_SMALL):
+        return None
+    dev = run.kv_num.device
+    firsts, masks = [], []
+    for q0, _, t, a in order:
+        p0, p1 = t.span
+        f = min(p0, S - N)   # [f, f + N) holds [p0, p1) and lies in [0, S)
+        m = torch.zeros(1, lead, M, N, dtype=torch.bool, device=dev)
+        m[..., p0 - f:p1 - f] = True if a is None else a
+        firsts.append(f)
+        masks.append(m)
+    allowed = torch.cat(masks)
+    steps = {b - a for a, b in zip(firsts, firsts[1:])}
+    zero, neg_inf = (torch.full((), x, dtype=run.compute_dtype, device=dev) for x in (0.0, NEG_INF))
+    some = allowed.any(-1)
+    pos = (torch.tensor(firsts, device=dev)[:, None] + torch.arange(N, device=dev)).flatten()
+    return _Flat(M, N, firsts, steps.pop() if len(steps) == 1 else (0 if G == 1 else None),
+                 torch.where(allowed, zero, neg_inf), None if bool(some.all()) else some, pos)
+
+
+def _flat_tiles(x: torch.Tensor, M: int) -> torch.Tensor:
+    """x [1, H, L, ...] as its L / M tiles of M rows: [L / M, H, M, ...] (a view)."""
+    G = x.shape[2] // M
+    return x.as_strided((G, x.shape[1], M, *x.shape[3:]), (M * x.stride(2), x.stride(1), *x.stride()[2:]),
+                        x.storage_offset())
+
+
+def _flat_kv(x: torch.Tensor, flat: _Flat, Hq: int, dtype) -> torch.Tensor:
+    """x [1, Hkv, S, D] at each tile's rows, per query head: [G, Hq, N, D] in dtype (a view
+    where the tiles' rows are evenly spaced and nothing is converted or repeated)."""
+    G, N = len(flat.firsts), flat.N
+    if flat.step is not None:
+        y = x.as_strided((G, x.shape[1], N, x.shape[3]), (flat.step * x.stride(2), *x.stride()[1:]),
+                         x.storage_offset() + flat.firsts[0] * x.stride(2))
+    else:
+        y = _slices(x, flat.firsts, N)
+    return _per_q_head(y.to(dtype), Hq // x.shape[1])
+
+
+def _flat_forward(run: CpuRun, flat: _Flat, q, k, v):
+    """(out, lse) of the plan's flat call (_Flat), on the calling thread's pool."""
+    Hq, L, cdt = q.shape[1], q.shape[2], run.compute_dtype
+    o, l = _FLASH(_flat_tiles(q, flat.M).to(cdt), _flat_kv(k, flat, Hq, cdt), _flat_kv(v, flat, Hq, cdt),
+                  0.0, False, attn_mask=flat.bias, scale=run.scale)[:2]
+    if flat.some is not None:
+        l = l.masked_fill(~flat.some, NEG_INF)   # the kernel's lse of a fully masked row is 0
+    out = o.transpose(0, 1).reshape(1, Hq, L, o.shape[-1]).to(q.dtype)
+    return out, l.to(cdt).transpose(0, 1).reshape(1, Hq, L)
+
+
+def _flat_backward(run: CpuRun, flat: _Flat, q, k, v, out, lse, dout):
+    """(dq, dk, dv) of the plan's flat call (_Flat), on the calling thread's pool; dk / dv
+    summed at the rows the tiles read (windows overlap)."""
+    Hq, L, D = q.shape[1:]
+    Hkv, cdt = k.shape[1], run.compute_dtype
+    kdt = q.dtype if flat.M >= _NATIVE_ROWS else cdt
+    lse_dtype = torch.float64 if cdt == torch.float64 else torch.float32
+    lt = _flat_tiles(lse.unsqueeze(-1), flat.M).squeeze(-1)
+    lt = torch.where(lt == NEG_INF, float("inf"), lt).to(lse_dtype)   # fully masked rows: p = 0
+    dq_c, dk_c, dv_c = _FLASH_BWD(*(_flat_tiles(x, flat.M).to(kdt) for x in (dout, q)),
+                                  _flat_kv(k, flat, Hq, kdt), _flat_kv(v, flat, Hq, kdt),
+                                  _flat_tiles(out, flat.M).to(kdt), lt, 0.0, False, attn_mask=flat.bias,
+                                  scale=run.scale)
+    G, N = len(flat.firsts), flat.N
+    grads = []
+    for x, d in ((k, dk_c), (v, dv_c)):
+        d = d.to(cdt).view(G, Hkv, Hq // Hkv, N, d.shape[-1]).sum(2)   # query heads of a kv head
+        acc = torch.zeros(x.shape, dtype=cdt, device=x.device)
+        grads.append(acc.index_add_(2, flat.pos, d.transpose(0, 1).reshape(1, Hkv, G * N, d.shape[-1])).to(x.dtype))
+    return dq_c.transpose(0, 1).reshape(1, Hq, L, D).to(q.dtype), *grads
 
 
 def _batched_forward(run: CpuRun, plan: _Plan, q, k, v):
@@ -1044,6 +1160,8 @@ def _backward(run: CpuRun, q, k, v, out, lse, dout, dlse, buffers):
         plan = _batched_plan(run, B, Hq, Hkv, L, S)
         if plan is not None and plan.causal is not None:
             return (*_whole_backward(run, plan.causal, q, k, v, out, lse, dout), [])
+        if plan is not None and plan.flat is not None and not _FORKED:
+            return (*_flat_backward(run, plan.flat, q, k, v, out, lse, dout), [])
         if plan is not None:
             return (*_batched_backward(run, plan, q, k, v, out, lse, dout), [])
         tiles = _fused_q_tiles(run, L)

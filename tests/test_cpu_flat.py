@@ -1,0 +1,79 @@
+"""The CPU path's flat calls (flexattn.cpu: a batched plan whose q-tiles each meet one span of
+K/V run as one call of the fused kernel, every span widened to the widest and the widening
+masked out), against the float64 golden, and where they are not taken."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import flexattn.cpu as cpu
+from conftest import make_qkv
+from flexattn import create_block_mask, flex_attention
+from test_attention_cpu import check_case
+
+
+@contextlib.contextmanager
+def _threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def flat_calls(monkeypatch):
+    calls = []
+    for name in ("_flat_forward", "_flat_backward", "_batched_forward", "_batched_backward"):
+        real = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *args, _n=name, _r=real: calls.append(_n) or _r(*args))
+    return calls
+
+
+@pytest.mark.parametrize("case", [
+    dict(name="sliding_window", B=1, Hq=2, L=256, S=256, block=32),
+    dict(name="document", B=1, Hq=4, Hkv=2, L=256, S=256, block=16),         # GQA, uneven spans
+    dict(name="empty_rows", B=1, Hq=2, L=160, S=160, block=32),              # fully masked rows in a tile
+    dict(name="document", B=1, Hq=2, L=192, S=192, block=32, dtype=torch.float64),
+    dict(name="sliding_window", B=1, Hq=2, L=256, S=256, block=128, dtype=torch.bfloat16),
+])
+def test_flat_calls_match_golden(case, flat_calls):
+    with _threads(2):
+        check_case(**case, lse_in_loss=False)
+    assert flat_calls == ["_flat_forward", "_flat_backward"]
+
+
+def test_flat_calls_not_in_a_forked_child(monkeypatch, flat_calls):
+    # (they run on the caller's OpenMP team, a broken copy in a forked child)
+    monkeypatch.setattr(cpu, "_FORKED", True)
+    check_case("sliding_window", B=1, Hq=2, L=256, S=256, block=32, lse_in_loss=False)
+    assert flat_calls == ["_batched_forward", "_batched_backward"]
+
+
+def test_flat_calls_only_where_widening_pays(monkeypatch):
+    # documents of many lengths: widening every span to the longest would cost more than it saves
+    monkeypatch.setattr(cpu, "_FLAT_SMALL", 0)
+    L = 512
+    doc = torch.arange(L) // 64 * (torch.arange(L) >= 256) + (torch.arange(L) >= 256)
+    q, k, v = make_qkv(1, 2, 2, L, L, 16, requires_grad=False)
+    for mask, flat in ((lambda b, h, qi, ki: (doc[qi] == doc[ki]) & (qi >= ki), False),
+                       (lambda b, h, qi, ki: (qi >= ki) & (qi - ki < 64), True)):
+        bm = create_block_mask(mask, None, None, L, L, BLOCK_SIZE=32)
+        flex_attention(q, k, v, block_mask=bm)
+        plan = list(bm._flexattn_cpu_plans.values())[0][2]
+        assert (plan.flat is not None) == flat
+
+
+def test_one_mask_kept_for_tiles_alike():
+    # a window's tiles all have the same mask: the plan keeps it once (16K sliding window
+    # fits the plan's cap)
+    L = 1024
+    bm = create_block_mask(lambda b, h, qi, ki: (qi >= ki) & (qi - ki < 64), None, None, L, L, BLOCK_SIZE=32)
+    q, k, v = make_qkv(1, 2, 2, L, L, 16, requires_grad=False)
+    flex_attention(q, k, v, block_mask=bm)
+    plan = list(bm._flexattn_cpu_plans.values())[0][2]
+    big = max(plan.groups, key=lambda g: g.G)
+    assert big.G > 20 and big.bias.stride(1) == 0
