@@ -769,31 +769,41 @@ def _make_plan(run: CpuRun, B: int, Hq: int, Hkv: int, L: int, S: int) -> Option
     return _Plan(groups, torch.cat(bare) if bare else None, flat=flat)
 
 
-# a flat call may widen its tiles by up to this factor of their columns, or to any width
-# while its scores stay this small (B * Hq * L * N): there the per-call cost outweighs it
-_FLAT_WIDEN, _FLAT_SMALL = 1.25, 1 << 23
+# a flat call: at most this many scores (Hq * L * N; about a dense call at S=1K with 8
+# heads - where the cost per call, not the work, decides), its spans widened by at most
+# this factor of their columns
+_FLAT_SMALL, _FLAT_WIDEN = 1 << 23, 2.0
 
 
 def _flat(run: CpuRun, order: list, S: int, Hq: int, room: int) -> Optional[_Flat]:
     """The plan's tiles (q0, M, tile, allowed; B == 1) as one kernel call (_Flat), or None:
-    where they are not all M rows, spans, or their widening would cost more than the
-    per-call work it saves (_FLAT_WIDEN, _FLAT_SMALL), or its mask pass `room` elements."""
+    where they are not all M rows and spans, where the call is not small (_FLAT_SMALL: on
+    larger calls the workers' batched calls are faster) or its widening would cost more than
+    _FLAT_WIDEN times the columns, or its mask would pass `room` elements. Each span is first
+    cut to the columns its mask keeps (a document's tile reads from its first row's start)."""
     M = order[0][1]
     if any(t[1] != M or t[2].span is None for t in order):
         return None
-    N = max(t[2].span[1] - t[2].span[0] for t in order)
+    spans = []
+    for _, _, t, a in order:
+        p0, p1 = t.span
+        if a is not None:
+            cols = a.flatten(0, -2).any(0).nonzero().flatten().tolist() or [0]
+            p0, p1 = p0 + cols[0], p0 + cols[-1] + 1
+        spans.append((p0, p1))
+    N = max(p1 - p0 for p0, p1 in spans)
     G = len(order)
     lead = max((a.shape[1] for *_, a in order if a is not None), default=1)
-    cols = sum(t[2].span[1] - t[2].span[0] for t in order)
-    if N > S or G * lead * M * N > room or (G * N > _FLAT_WIDEN * cols and Hq * G * M * N > _FLAT_SMALL):
+    if (N > S or G * lead * M * N > room or Hq * G * M * N > _FLAT_SMALL
+            or G * N > _FLAT_WIDEN * sum(p1 - p0 for p0, p1 in spans)):
         return None
     dev = run.kv_num.device
     firsts, masks = [], []
-    for q0, _, t, a in order:
-        p0, p1 = t.span
+    for (_, _, t, a), (p0, p1) in zip(order, spans):
         f = min(p0, S - N)   # [f, f + N) holds [p0, p1) and lies in [0, S)
         m = torch.zeros(1, lead, M, N, dtype=torch.bool, device=dev)
-        m[..., p0 - f:p1 - f] = True if a is None else a
+        c0 = p0 - t.span[0]
+        m[..., p0 - f:p1 - f] = True if a is None else a[..., c0:c0 + p1 - p0]
         firsts.append(f)
         masks.append(m)
     allowed = torch.cat(masks)

@@ -53,18 +53,24 @@ def test_flat_calls_not_in_a_forked_child(monkeypatch, flat_calls):
     assert flat_calls == ["_batched_forward", "_batched_backward"]
 
 
-def test_flat_calls_only_where_widening_pays(monkeypatch):
-    # documents of many lengths: widening every span to the longest would cost more than it saves
-    monkeypatch.setattr(cpu, "_FLAT_SMALL", 0)
+def test_flat_calls_only_where_small_and_widening_pays(monkeypatch):
+    # one long document among short ones: widening every span to the longest would cost more
+    # than twice the columns; a window's spans are alike; a large call keeps the workers
     L = 512
-    doc = torch.arange(L) // 64 * (torch.arange(L) >= 256) + (torch.arange(L) >= 256)
+    doc = torch.where(torch.arange(L) < 256, 0, 1 + (torch.arange(L) - 256) // 32)
     q, k, v = make_qkv(1, 2, 2, L, L, 16, requires_grad=False)
-    for mask, flat in ((lambda b, h, qi, ki: (doc[qi] == doc[ki]) & (qi >= ki), False),
-                       (lambda b, h, qi, ki: (qi >= ki) & (qi - ki < 64), True)):
+
+    def flat(mask):
         bm = create_block_mask(mask, None, None, L, L, BLOCK_SIZE=32)
         flex_attention(q, k, v, block_mask=bm)
-        plan = list(bm._flexattn_cpu_plans.values())[0][2]
-        assert (plan.flat is not None) == flat
+        return list(bm._flexattn_cpu_plans.values())[0][2].flat is not None
+
+    def window(b, h, qi, ki):
+        return (qi >= ki) & (qi - ki < 64)
+    assert not flat(lambda b, h, qi, ki: (doc[qi] == doc[ki]) & (qi >= ki))
+    assert flat(window)
+    monkeypatch.setattr(cpu, "_FLAT_SMALL", 2 * L * 64)
+    assert not flat(window)
 
 
 def test_one_mask_kept_for_tiles_alike():
