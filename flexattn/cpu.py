@@ -7,9 +7,14 @@ and a slot j, every (b, h) gathers its own j-th kv block by index, and (b, h) pa
 fewer than j+1 blocks mask that slot out. Without a score_mod or dropout each chunk is
 plain masked attention and runs in torch's fused CPU attention kernel (see "fused" below);
 there a q-block whose partial and full blocks are consecutive (sliding windows, documents,
-near the causal diagonal) meets them in one merged chunk (_merged_tile); and where every
-q-tile meets one chunk and the chunks come in a few shapes, the forward stacks the q-tiles
-of one shape into one kernel call per thread (see "batched kernel calls" below).
+near the causal diagonal) meets them in one merged chunk (_merged_tile); where every
+q-tile meets one chunk and the chunks come in a few shapes, the forward and the backward
+stack the q-tiles of one shape into one kernel call per thread (see "batched kernel calls"
+below), or, for a small call of one batch, run all its q-tiles as one kernel call (_Flat);
+and a call that attends exactly everywhere or exactly causally runs whole rows per head
+in the kernel's own causal form (see "whole rows" below). The last two run on the calling
+thread's OpenMP pool, as SDPA does (one kernel call per call); the rest on flexattn's
+worker threads.
 
 Memory, besides the inputs, outputs and per-thread dk/dv accumulators, is per thread one
 chunk: its score / mask matrix, at most _CHUNK_ELEMS (4 MiB of float32) elements for chunks
@@ -19,7 +24,9 @@ fused path may gather up to a whole row, B * Hq * S * D). Never O(L * S). fp16/b
 add one float32 copy of k and v (and of out and dout in the backward, but for the fused one
 on tall q-tiles), converted by the worker threads. A BlockMask used on this path keeps the plan of its batched forward
 (see "batched kernel calls" below): the additive masks of its partial blocks, at most _PLAN_ELEMS
-elements (16 MiB of float32; O(L * window), the blocks the mask lists as partial).
+elements (16 MiB of float32; O(L * window), the blocks the mask lists as partial; the q-tiles
+of a window whose masks are alike keep one, O(tile * window)); making the plan holds each
+q-tile's bool mask of its chunk for a moment (O(L * window) bytes).
 
 Numerics: fp16/bf16/fp32 inputs compute in float32, float64 inputs in float64. The output
 is in q.dtype; lse (natural log) is float32, or float64 for float64 inputs (as torch does);
@@ -629,7 +636,7 @@ def _fused_forward_tile(run: CpuRun, idx: _Indices, q, k, v, out, lse):
 
 
 # ---------------------------------------------------------------------------------------
-# The fused forward in a few batched kernel calls
+# The fused forward and backward in a few batched kernel calls
 #
 # Where a call's q-tiles meet their blocks in one chunk each and the chunks come in a few
 # shapes (sliding windows, documents, short sequences), the q-tiles of one shape are
@@ -642,7 +649,10 @@ def _fused_forward_tile(run: CpuRun, idx: _Indices, q, k, v, out, lse):
 # single-threaded operations per worker thread, and none of the per-tile Python work, chunk
 # merging or mask evaluation. Calls whose chunks fall into many shapes (long causal masks:
 # one per full-block span), whose q-tiles meet several chunks, or whose masks would pass
-# _PLAN_ELEMS keep the tile-by-tile path.
+# _PLAN_ELEMS keep the tile-by-tile path. The backward runs by the same plan (each tile's
+# chunk is its rows' whole row, so the kernel's gradients given the rows' out and lse are
+# theirs). A small call of one batch runs as one kernel call instead (_Flat), and a dense
+# or causal call as whole rows (_whole_rows): the plan says which.
 
 _PLAN_GROUPS = 16          # the most chunk shapes of a batched forward
 _PLAN_ELEMS = 1 << 22      # the most mask elements a plan keeps (16 MiB of float32)
@@ -1054,10 +1064,10 @@ def _per_q_head(x: torch.Tensor, group: int) -> torch.Tensor:
 def _on_caller_pool(*xs) -> bool:
     """Whether a whole-rows call runs as one kernel call on the calling thread (torch's own
     thread pool, as SDPA does) rather than in pieces on flexattn's workers: where it needs
-    no other parallel operation (no conversion: xs all in one dtype; no GQA repeats) - one
-    rendezvous per call, on a pool that is warm (still spinning) after the caller's previous
-    operation, where workers would share the cores with that spinning - and not in a forked
-    child (_FORKED)."""
+    no GQA repeats and its tensors (xs: q and k first) are in one dtype - one kernel call and
+    at most the conversions of fp16/bf16 inputs, few rendezvous per call, on a pool that is
+    warm (still spinning) after the caller's previous operation, where workers would share
+    the cores with that spinning - and not in a forked child (_FORKED)."""
     return not _FORKED and len({x.dtype for x in xs}) == 1 and xs[0].shape[1] == xs[1].shape[1]
 
 
@@ -1065,9 +1075,9 @@ def _whole_forward(run: CpuRun, causal: bool, q, k, v):
     B, Hq, L, _ = q.shape
     Hkv, Ev, cdt = k.shape[1], v.shape[-1], run.compute_dtype
     group = Hq // Hkv
-    if q.dtype == cdt and _on_caller_pool(q, k, v):
-        out, lse = _FLASH(q, k, v, 0.0, causal, scale=run.scale)[:2]
-        return out, lse
+    if _on_caller_pool(q, k, v):
+        out, lse = _FLASH(q.to(cdt), k.to(cdt), v.to(cdt), 0.0, causal, scale=run.scale)[:2]
+        return out.to(q.dtype), lse
     out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, L, dtype=cdt, device=q.device)
 
