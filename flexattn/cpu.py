@@ -44,6 +44,7 @@ require grad), dQ += dS K * scale, dK += dS^T Q * scale. Dropout replays its has
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -332,7 +333,38 @@ def _note_fork() -> None:
     _FORKED = True
 
 
-os.register_at_fork(after_in_child=_note_fork)
+if hasattr(os, "register_at_fork"):   # (POSIX)
+    os.register_at_fork(after_in_child=_note_fork)
+
+
+def _find_omp_set():
+    """omp_set_num_threads of the OpenMP runtime torch loaded (the calling thread's setting),
+    or None."""
+    try:
+        import ctypes
+        return ctypes.CDLL(None).omp_set_num_threads if "OpenMP" in torch.__config__.parallel_info() else None
+    except (OSError, AttributeError):
+        return None
+
+
+_OMP_SET = _find_omp_set()
+
+
+@contextlib.contextmanager
+def _serial_here():
+    """Within: torch's operations on the calling thread run on one thread (its OpenMP setting,
+    restored after). A kernel call on the caller's pool keeps its copies and conversions out
+    of the pool: each parallel operation is a rendezvous, which on a busy machine waits for a
+    descheduled pool thread."""
+    n = torch.get_num_threads()
+    if _OMP_SET is None or n == 1:
+        yield
+        return
+    _OMP_SET(1)
+    try:
+        yield
+    finally:
+        _OMP_SET(n)
 
 
 def _find_one_thread_here():
@@ -847,12 +879,14 @@ def _flat_kv(x: torch.Tensor, flat: _Flat, Hq: int, dtype) -> torch.Tensor:
 def _flat_forward(run: CpuRun, flat: _Flat, q, k, v):
     """(out, lse) of the plan's flat call (_Flat), on the calling thread's pool."""
     Hq, L, cdt = q.shape[1], q.shape[2], run.compute_dtype
-    o, l = _FLASH(_flat_tiles(q, flat.M).to(cdt), _flat_kv(k, flat, Hq, cdt), _flat_kv(v, flat, Hq, cdt),
-                  0.0, False, attn_mask=flat.bias, scale=run.scale)[:2]
-    if flat.some is not None:
-        l = l.masked_fill(~flat.some, NEG_INF)   # the kernel's lse of a fully masked row is 0
-    out = o.transpose(0, 1).reshape(1, Hq, L, o.shape[-1]).to(q.dtype)
-    return out, l.to(cdt).transpose(0, 1).reshape(1, Hq, L)
+    with _serial_here():
+        qt, kt, vt = _flat_tiles(q, flat.M).to(cdt), _flat_kv(k, flat, Hq, cdt), _flat_kv(v, flat, Hq, cdt)
+    o, l = _FLASH(qt, kt, vt, 0.0, False, attn_mask=flat.bias, scale=run.scale)[:2]
+    with _serial_here():
+        if flat.some is not None:
+            l = l.masked_fill(~flat.some, NEG_INF)   # the kernel's lse of a fully masked row is 0
+        out = o.transpose(0, 1).reshape(1, Hq, L, o.shape[-1]).to(q.dtype)
+        return out, l.to(cdt).transpose(0, 1).reshape(1, Hq, L)
 
 
 def _flat_backward(run: CpuRun, flat: _Flat, q, k, v, out, lse, dout):
@@ -862,19 +896,21 @@ def _flat_backward(run: CpuRun, flat: _Flat, q, k, v, out, lse, dout):
     Hkv, cdt = k.shape[1], run.compute_dtype
     kdt = q.dtype if flat.M >= _NATIVE_ROWS else cdt
     lse_dtype = torch.float64 if cdt == torch.float64 else torch.float32
-    lt = _flat_tiles(lse.unsqueeze(-1), flat.M).squeeze(-1)
-    lt = torch.where(lt == NEG_INF, float("inf"), lt).to(lse_dtype)   # fully masked rows: p = 0
-    dq_c, dk_c, dv_c = _FLASH_BWD(*(_flat_tiles(x, flat.M).to(kdt) for x in (dout, q)),
-                                  _flat_kv(k, flat, Hq, kdt), _flat_kv(v, flat, Hq, kdt),
-                                  _flat_tiles(out, flat.M).to(kdt), lt, 0.0, False, attn_mask=flat.bias,
-                                  scale=run.scale)
+    with _serial_here():
+        lt = _flat_tiles(lse.unsqueeze(-1), flat.M).squeeze(-1)
+        lt = torch.where(lt == NEG_INF, float("inf"), lt).to(lse_dtype)   # fully masked rows: p = 0
+        args = (*(_flat_tiles(x, flat.M).to(kdt) for x in (dout, q)), _flat_kv(k, flat, Hq, kdt),
+                _flat_kv(v, flat, Hq, kdt), _flat_tiles(out, flat.M).to(kdt), lt)
+    dq_c, dk_c, dv_c = _FLASH_BWD(*args, 0.0, False, attn_mask=flat.bias, scale=run.scale)
     G, N = len(flat.firsts), flat.N
     grads = []
-    for x, d in ((k, dk_c), (v, dv_c)):
-        d = d.to(cdt).view(G, Hkv, Hq // Hkv, N, d.shape[-1]).sum(2)   # query heads of a kv head
-        acc = torch.zeros(x.shape, dtype=cdt, device=x.device)
-        grads.append(acc.index_add_(2, flat.pos, d.transpose(0, 1).reshape(1, Hkv, G * N, d.shape[-1])).to(x.dtype))
-    return dq_c.transpose(0, 1).reshape(1, Hq, L, D).to(q.dtype), *grads
+    with _serial_here():
+        for x, d in ((k, dk_c), (v, dv_c)):
+            d = d.to(cdt).view(G, Hkv, Hq // Hkv, N, d.shape[-1]).sum(2)   # query heads of a kv head
+            acc = torch.zeros(x.shape, dtype=cdt, device=x.device)
+            grads.append(acc.index_add_(2, flat.pos, d.transpose(0, 1).reshape(1, Hkv, G * N, d.shape[-1]))
+                         .to(x.dtype))
+        return dq_c.transpose(0, 1).reshape(1, Hq, L, D).to(q.dtype), *grads
 
 
 def _batched_forward(run: CpuRun, plan: _Plan, q, k, v):
@@ -1076,8 +1112,11 @@ def _whole_forward(run: CpuRun, causal: bool, q, k, v):
     Hkv, Ev, cdt = k.shape[1], v.shape[-1], run.compute_dtype
     group = Hq // Hkv
     if _on_caller_pool(q, k, v):
-        out, lse = _FLASH(q.to(cdt), k.to(cdt), v.to(cdt), 0.0, causal, scale=run.scale)[:2]
-        return out.to(q.dtype), lse
+        with _serial_here():
+            qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
+        out, lse = _FLASH(qc, kc, vc, 0.0, causal, scale=run.scale)[:2]
+        with _serial_here():
+            return out.to(q.dtype), lse
     out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, L, dtype=cdt, device=q.device)
 
