@@ -86,7 +86,7 @@ class CpuRun:
     compute_dtype: torch.dtype
     grad_slots: tuple = ()  # the score_mod's captured float tensors that require grad
     output_max: bool = False  # forward also returns max_scores (row max of the scores)
-    plans: Optional[dict] = None  # the BlockMask's cache of batched-forward plans (None: none kept)
+    plans: Optional[dict] = None  # the BlockMask's cache of plans (see _batched_plan; None: none kept)
 
     def forward(self, q, k, v, score_bufs, mask_bufs):
         return _forward(self, q, k, v)
@@ -1308,7 +1308,9 @@ def _backward(run: CpuRun, q, k, v, out, lse, dout, dlse, buffers):
 def make_run(dtype, *, score_graph, mask_graph, block_size, kv_blocks, scale, kernel_options, dropout_p,
              dropout_seed, grad_slots=(), output_max=False, plans=None) -> CpuRun:
     """The run of one call; kv_blocks = (kv_num_blocks, kv_indices, full_kv_num_blocks or
-    None, full_kv_indices or None) of the BlockMask; grad_slots, output_max, plans: see CpuRun."""
+    None, full_kv_indices or None) of the BlockMask; grad_slots, output_max, plans: see CpuRun
+    (without plans - the compiled path's calls, which get the BlockMask's tensors - a plan is
+    made for the run alone, so they compute as the eager calls do)."""
     q_block, kv_block = block_size
     tile_m, tile_n = _tile_sizes(kernel_options or {}, q_block, kv_block)
     kv_num, kv_idx, full_num, full_idx = kv_blocks
@@ -1317,7 +1319,7 @@ def make_run(dtype, *, score_graph, mask_graph, block_size, kv_blocks, scale, ke
                  kv_num=kv_num, kv_idx=kv_idx, full_num=full_num, full_idx=full_idx,
                  dropout_p=float(dropout_p), dropout_seed=int(dropout_seed or 0),
                  compute_dtype=_compute_dtype(dtype), grad_slots=tuple(grad_slots), output_max=bool(output_max),
-                 plans=plans)
+                 plans={} if plans is None else plans)
 
 
 def flex_attention_cpu(q, k, v, *, score_graph, mask_graph, block_mask, scale, kernel_options, dropout_p,
