@@ -108,13 +108,14 @@ def test_fused_backward_on_half_inputs_as_they_are(name, mask_BH, path, dtype, m
         return real_path(*args)
     monkeypatch.setattr(cpu, "_FLASH_BWD", kernel)
     monkeypatch.setattr(cpu, path, spying)
-    with _threads(2):
+    with torch_threads(2):
         check_case(name, dtype=dtype, B=1, Hq=2, L=97, S=130, lse_in_loss=False, mask_BH=mask_BH)
     assert paths == [path] and kdts and set(kdts) == {dtype}
 
 
 @contextlib.contextmanager
-def _threads(n):
+def torch_threads(n):
+    """torch.set_num_threads(n) within (the path deals its work to that many threads)."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

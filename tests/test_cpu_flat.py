@@ -3,8 +3,6 @@ K/V run as one call of the fused kernel, every span widened to the widest and th
 masked out), against the float64 golden, and where they are not taken."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -12,16 +10,7 @@ import flexattn.cpu as cpu
 from conftest import make_qkv
 from flexattn import create_block_mask, flex_attention
 from test_attention_cpu import check_case
-
-
-@contextlib.contextmanager
-def _threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from test_cpu_batched import torch_threads
 
 
 @pytest.fixture
@@ -41,7 +30,7 @@ def flat_calls(monkeypatch):
     dict(name="sliding_window", B=1, Hq=2, L=256, S=256, block=128, dtype=torch.bfloat16),
 ])
 def test_flat_calls_match_golden(case, flat_calls):
-    with _threads(2):
+    with torch_threads(2):
         check_case(**case, lse_in_loss=False)
     assert flat_calls == ["_flat_forward", "_flat_backward"]
 

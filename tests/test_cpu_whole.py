@@ -3,8 +3,6 @@ fused kernel per piece of (batch, kv head) pairs, its own causal form), against 
 golden, and the exactness of choosing that form."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -12,16 +10,7 @@ import flexattn.cpu as cpu
 from conftest import make_qkv
 from flexattn import create_block_mask, flex_attention
 from test_attention_cpu import check_case
-
-
-@contextlib.contextmanager
-def _threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from test_cpu_batched import torch_threads
 
 
 @pytest.fixture
@@ -43,7 +32,7 @@ def whole_calls(monkeypatch):
     dict(name="none", B=1, Hq=2, L=64, S=64, dtype=torch.float16, make_noncontiguous=True),
 ])
 def test_whole_rows_match_golden(case, whole_calls):
-    with _threads(2):
+    with torch_threads(2):
         check_case(**case, lse_in_loss=False)
     causal = case["name"] == "causal"
     assert whole_calls == [("_whole_forward", causal), ("_whole_backward", causal)]
@@ -52,7 +41,7 @@ def test_whole_rows_match_golden(case, whole_calls):
 def _route(mask, L, S, B=1, H=2, block=16):
     q, k, v = make_qkv(B, H, H, L, S, 16, requires_grad=False)
     bm = create_block_mask(mask, None, None, L, S, BLOCK_SIZE=block)
-    with _threads(2):
+    with torch_threads(2):
         out = flex_attention(q, k, v, block_mask=bm)
     plan = list(bm._flexattn_cpu_plans.values())[0][2]
     dense = torch.ones(L, S, dtype=torch.bool)
@@ -91,6 +80,6 @@ def test_whole_rows_on_the_workers_in_a_forked_child(monkeypatch, whole_calls):
     monkeypatch.setattr(cpu, "_over_q_tiles", lambda run, tiles, *a, **kw: pieces.append(len(tiles)) or
                         real(run, tiles, *a, **kw))
     monkeypatch.setattr(cpu, "_FORKED", True)
-    with _threads(2):
+    with torch_threads(2):
         check_case("causal", B=1, Hq=4, L=129, S=129, lse_in_loss=False)
     assert len(pieces) == 2 and min(pieces) > 1
