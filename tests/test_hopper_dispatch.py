@@ -245,4 +245,6 @@ def test_hopper_backward_source_compiles_for_sm90():
         return score + bias[h]
     for score_mod, mask_mod in ((None, document), (softcap, lambda b, h, q, kv: q >= kv), (head_bias, None)):
         ptx = _compile_bwd_sm90(score_mod, mask_mod).asm["ptx"]
-        assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx and "atom.global" in ptx
+        # dq's float32 adds: atom.global (Triton 3.6-3.8) or red.global (3.9: the result unused)
+        assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
+        assert "atom.global" in ptx or "red.global" in ptx

@@ -99,10 +99,21 @@ class recording:
         return False
 
 
+# Compile options every flexattn launch states rather than leaves to Triton's defaults: the
+# kernels were tuned and checked with floating-point contraction (fused multiply-adds), which
+# Triton 3.9 warns it will stop doing by default from 3.10 on.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+
+def _with_options(kwargs: dict) -> dict:
+    return kwargs if "enable_fp_fusion" in kwargs else {**kwargs, **COMPILE_OPTIONS}
+
+
 def launch_cached(kernel, grid, args, kwargs):
-    """`kernel[grid](*args, **kwargs)`, through the compiled kernel's own launcher when this
-    (kernel, device, kwargs, argument features) was launched before. Returns what the JIT
-    returned (a CompiledKernel; None under the interpreter)."""
+    """`kernel[grid](*args, **kwargs)` (with COMPILE_OPTIONS), through the compiled kernel's
+    own launcher when this (kernel, device, kwargs, argument features) was launched before.
+    Returns what the JIT returned (a CompiledKernel; None under the interpreter)."""
+    kwargs = _with_options(kwargs)
     if CAPTURE:
         CAPTURE[-1].append((kernel, grid, args, kwargs))
         return None
@@ -142,7 +153,7 @@ def compiled_entry(kernel, args, kwargs):
     the JIT - interpreter, no entry yet). kernels.replay keeps it to launch directly."""
     if not _CACHE.enabled or isinstance(kernel, InterpretedFunction) or not torch.cuda.is_available():
         return None
-    return _CACHE.entries.get(_entry_key(kernel, torch.cuda.current_device(), args, kwargs))
+    return _CACHE.entries.get(_entry_key(kernel, torch.cuda.current_device(), args, _with_options(kwargs)))
 
 
 def _entry_key(kernel, device, args, kwargs) -> tuple:
