@@ -7,6 +7,7 @@ import itertools
 
 import torch
 
+from flexattn.kernels import launcher
 from flexattn.kernels.launcher import spec_features, triton_features
 
 
@@ -37,3 +38,14 @@ def test_features_separate_what_triton_separates():
         assert not (feats & seen)
         seen |= feats
     assert len(classes) >= 10
+
+
+def test_launches_state_fp_fusion():
+    # every launch (and so every background compile of a recorded one) asks for fused
+    # multiply-adds itself: Triton 3.10 turns them off by default; a caller's choice stays
+    with launcher.recording() as rec:
+        launcher.launch_cached("kernel", (1,), (), {"BLOCK": 16})
+        launcher.launch_cached("kernel", (1,), (), {"BLOCK": 16, "enable_fp_fusion": False})
+    assert [kw for *_, kw in rec] == [{"BLOCK": 16, "enable_fp_fusion": True},
+                                               {"BLOCK": 16, "enable_fp_fusion": False}]
+
