@@ -377,9 +377,9 @@ def _find_one_thread_here():
         import ctypes
         import glob
         info = torch.__config__.parallel_info()
-        if "OpenMP" not in info:
+        omp = _OMP_SET
+        if omp is None:
             return None
-        omp = ctypes.CDLL(None).omp_set_num_threads   # the runtime torch loaded
         mkl = None
         if "Math Kernel Library" in info:
             for path in glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu*")):

@@ -340,6 +340,8 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE, MAX,
             mbarrier.init(q_bar.index(side), count=1)
             mbarrier.init(turn.index(side), count=1)
         fence_async_shared()
+        # the two consumers' argument tuples differ only in SIDE; they are written out whole
+        # because Gluon's frontend miscompiled a tuple built by concatenation here
         gl.warp_specialize([
             (_pingpong_consumer, (q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty,
                                   turn, LSE, MAX, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, pid_zh, start_m,

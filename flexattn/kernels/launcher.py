@@ -106,7 +106,7 @@ COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
 def _with_options(kwargs: dict) -> dict:
-    return kwargs if "enable_fp_fusion" in kwargs else {**kwargs, **COMPILE_OPTIONS}
+    return {**COMPILE_OPTIONS, **kwargs}   # a caller's own choice wins
 
 
 def launch_cached(kernel, grid, args, kwargs):
