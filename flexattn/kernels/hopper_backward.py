@@ -77,12 +77,12 @@ def _producer(q_desc, do_desc, q_ring, do_ring, q_ready, do_ready, qdo_empty,
         off_h = off_hkv * GQA_GROUP + g
         n_part, idx_ptr = _block_list(Q_NUM, Q_IDX, off_z, off_h, sparse_n,
                                       stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im)
-        it = _load_list(q_desc, do_desc, q_ring, do_ring, q_ready, do_ready, qdo_empty, idx_ptr, n_part,
+        it = _load_list(q_desc, do_desc, q_ring, do_ring, q_ready, do_ready, qdo_empty, qdo_empty, idx_ptr, n_part,
                         off_z, off_h, it, SPARSE_BLOCK=SPARSE_Q_BLOCK, BLOCK=BLOCK_M, STAGES=STAGES)
         if HAS_FULL:
             n_full, fidx_ptr = _block_list(FULL_Q_NUM, FULL_Q_IDX, off_z, off_h, sparse_n,
                                            stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim)
-            it = _load_list(q_desc, do_desc, q_ring, do_ring, q_ready, do_ready, qdo_empty, fidx_ptr, n_full,
+            it = _load_list(q_desc, do_desc, q_ring, do_ring, q_ready, do_ready, qdo_empty, qdo_empty, fidx_ptr, n_full,
                             off_z, off_h, it, SPARSE_BLOCK=SPARSE_Q_BLOCK, BLOCK=BLOCK_M, STAGES=STAGES)
 
 

@@ -7,9 +7,10 @@ applied) and then its full kv blocks (mask_mod skipped); empty blocks are never 
 
 Partitions (gl.warp_specialize):
   * producer, 1 warp: reads the BlockMask index lists and issues the TMA loads of each K
-    and V tile into a STAGES-deep ring of shared-memory slots. Slot s is filled once
-    `kv_empty[s]` says the consumer is done with it; K and V of a slot have their own
-    `k_ready` / `v_ready` barriers, so QK^T starts before V has landed.
+    and V tile into a STAGES-deep ring of shared-memory slots. K and V of a slot have
+    their own `k_ready` / `v_ready` barriers, so QK^T starts before V has landed, and their
+    own `k_empty` / `v_empty`: a slot's K is refilled once the S wgmmas that read it are
+    done, a tile before its V (read by P V one step later) is.
   * consumer (the default partition), num_warps warps = num_warps // 4 warpgroups that
     split BLOCK_M rows: S = Q K^T by wgmma from shared memory, score_mod / mask_mod on S in
     registers, online softmax in the exp2 domain, O += P V by wgmma with P from registers.
@@ -78,20 +79,22 @@ _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 
 @gluon.jit
-def _load_list(a_desc, b_desc, a_ring, b_ring, a_ready, b_ready, empty, idx_ptr, n_blocks, off_z, off_h, it,
-               SPARSE_BLOCK: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr):
+def _load_list(a_desc, b_desc, a_ring, b_ring, a_ready, b_ready, a_empty, b_empty, idx_ptr, n_blocks, off_z, off_h,
+               it, SPARSE_BLOCK: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr):
     # For every tile of BLOCK rows in the n_blocks blocks of one list, TMA-load the tile of
-    # two tensors (K and V, or q and dO) into slot it % STAGES of their rings once `empty`
-    # says the slot is free; each ring has its own ready barrier. Returns `it` past the list.
+    # two tensors (K and V, or q and dO) into slot it % STAGES of their rings, each once its
+    # ring's `empty` barrier says the slot is free (the two may be one barrier); each ring
+    # has its own ready barrier. Returns `it` past the list.
     MULT: gl.constexpr = SPARSE_BLOCK // BLOCK
     for t in range(n_blocks * MULT):
         start = _tile_start(idx_ptr, t, n_blocks, SPARSE_BLOCK, BLOCK)
         s = it % STAGES
         # a fresh barrier counts as having completed the phase before 0: the first
         # STAGES waits pass at once
-        mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+        mbarrier.wait(a_empty.index(s), ((it // STAGES) & 1) ^ 1)
         mbarrier.expect(a_ready.index(s), a_desc.block_type.nbytes)
         _tma_load(a_desc, [off_z, off_h, start, 0], a_ready.index(s), a_ring.index(s).reshape(a_desc.block_type.shape))
+        mbarrier.wait(b_empty.index(s), ((it // STAGES) & 1) ^ 1)
         mbarrier.expect(b_ready.index(s), b_desc.block_type.nbytes)
         _tma_load(b_desc, [off_z, off_h, start, 0], b_ready.index(s), b_ring.index(s).reshape(b_desc.block_type.shape))
         it += 1
@@ -105,14 +108,14 @@ HOPPER_FWD_TEMPLATE = GLUON_PRELUDE + r'''
 
 
 @gluon.jit
-def _producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty,
+def _producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
               idx_ptr, n_part, fidx_ptr, n_full, off_z, off_hkv,
               HAS_FULL: gl.constexpr, SPARSE_KV_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr):
-    it = _load_list(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, idx_ptr, n_part, off_z, off_hkv,
+    it = _load_list(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, idx_ptr, n_part, off_z, off_hkv,
                     gl.to_tensor(0), SPARSE_BLOCK=SPARSE_KV_BLOCK, BLOCK=BLOCK_N, STAGES=STAGES)
     if HAS_FULL:
-        _load_list(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, fidx_ptr, n_full, off_z, off_hkv, it,
+        _load_list(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fidx_ptr, n_full, off_z, off_hkv, it,
                    SPARSE_BLOCK=SPARSE_KV_BLOCK, BLOCK=BLOCK_N, STAGES=STAGES)
 
 
@@ -162,7 +165,7 @@ def _softmax_tile(qk, l_i, m_i, start_n, off_z, off_h, q_idx, KV_LEN, SCALE, SCA
 
 
 @gluon.jit
-def _consume_list(acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, kv_empty, turn, s_zero,
+def _consume_list(acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, turn, s_zero,
                   idx_ptr, n_blocks, t0, it,
                   off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
                   {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}
@@ -186,20 +189,21 @@ def _consume_list(acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, kv
         if PINGPONG:
             mbarrier.arrive(turn.index(1 - SIDE), count=1)
         qk = warpgroup_mma_wait(1, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(it % STAGES), count=1)  # K(it) read: the producer may refill its slot
         p, alpha, l_i, m_i = _softmax_tile(
             qk, l_i, m_i, start_n, off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
             {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
             p_layout=p_layout, P_DTYPE=v_ring.dtype, IS_FULL=IS_FULL, HAS_SCORE_MOD=HAS_SCORE_MOD, KV_DIVISIBLE=KV_DIVISIBLE,
             SCALE_POSITIVE=SCALE_POSITIVE, BLOCK_N=BLOCK_N)
         acc = warpgroup_mma_wait(0, deps=(o_tok, ))
-        mbarrier.arrive(kv_empty.index((it - 1) % STAGES), count=1)
+        mbarrier.arrive(v_empty.index((it - 1) % STAGES), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         it += 1
     return acc, l_i, m_i, p, it
 
 
 @gluon.jit
-def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty, turn,
+def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
               idx_ptr, n_part, fidx_ptr, n_full,
               off_z, off_h, start_m, KV_LEN, SCALE, SCALE_LOG2,
               {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}
@@ -234,20 +238,21 @@ def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty, turn,
         else:
             start_n = _tile_start(fidx_ptr, 0, n_full, SPARSE_KV_BLOCK, BLOCK_N)
         qk = warpgroup_mma_wait(0, deps=(_issue_qk(q_smem, k_ring, k_ready, s_zero, 0, STAGES), ))
+        mbarrier.arrive(k_empty.index(0), count=1)
         p, alpha, l_i, m_i = _softmax_tile(
             qk, l_i, m_i, start_n, off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
             {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
             p_layout=p_layout, P_DTYPE=v_ring.dtype, IS_FULL=False, HAS_SCORE_MOD=HAS_SCORE_MOD, KV_DIVISIBLE=KV_DIVISIBLE,
             SCALE_POSITIVE=SCALE_POSITIVE, BLOCK_N=BLOCK_N)
         acc, l_i, m_i, p, it = _consume_list(
-            acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, kv_empty, turn, s_zero,
+            acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, turn, s_zero,
             idx_ptr, n_part, 1, gl.to_tensor(1), off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
             {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
             IS_FULL=False, HAS_SCORE_MOD=HAS_SCORE_MOD, KV_DIVISIBLE=KV_DIVISIBLE, SCALE_POSITIVE=SCALE_POSITIVE,
             SPARSE_KV_BLOCK=SPARSE_KV_BLOCK, BLOCK_N=BLOCK_N, STAGES=STAGES, PINGPONG=PINGPONG, SIDE=SIDE)
         if HAS_FULL:
             acc, l_i, m_i, p, it = _consume_list(
-                acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, kv_empty, turn, s_zero,
+                acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, turn, s_zero,
                 fidx_ptr, n_full, gl.where(n_part_tiles > 0, 0, 1), it, off_z, off_h, q_idx, KV_LEN,
                 SCALE, SCALE_LOG2,
                 {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
@@ -256,7 +261,7 @@ def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty, turn,
                 PINGPONG=PINGPONG, SIDE=SIDE)
         # the last tile's P V
         acc = warpgroup_mma_wait(0, deps=(_issue_pv(p, v_ring, v_ready, acc, it - 1, STAGES), ))
-        mbarrier.arrive(kv_empty.index((it - 1) % STAGES), count=1)
+        mbarrier.arrive(v_empty.index((it - 1) % STAGES), count=1)
     return acc, l_i, m_i
 
 
@@ -309,12 +314,14 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE, MAX,
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, V_HEAD], dtype))
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
-        # a slot is free once every consumer partition is done with it
-        mbarrier.init(kv_empty.index(s), count=2 if PINGPONG else 1)
+        # a slot's K (V) is free once every consumer partition's S (P V) wgmma has read it
+        mbarrier.init(k_empty.index(s), count=2 if PINGPONG else 1)
+        mbarrier.init(v_empty.index(s), count=2 if PINGPONG else 1)
 
     n_part = gl.load(KV_NUM + off_z * stride_nz + off_h * stride_nh + sparse_m * stride_nm)
     idx_ptr = KV_IDX + off_z.to(gl.int64) * stride_iz + off_h * stride_ih + sparse_m * stride_im
@@ -343,19 +350,19 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE, MAX,
         # the two consumers' argument tuples differ only in SIDE; they are written out whole
         # because Gluon's frontend miscompiled a tuple built by concatenation here
         gl.warp_specialize([
-            (_pingpong_consumer, (q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty,
+            (_pingpong_consumer, (q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
                                   turn, LSE, MAX, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, pid_zh, start_m,
                                   Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
                                   {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
                                   HAS_FULL, HAS_SCORE_MOD, HALF, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
                                   SCALE_POSITIVE, STAGES, OUTPUT_MAX, 0, num_warps)),
-            (_pingpong_consumer, (q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty,
+            (_pingpong_consumer, (q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
                                   turn, LSE, MAX, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, pid_zh, start_m,
                                   Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
                                   {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
                                   HAS_FULL, HAS_SCORE_MOD, HALF, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
                                   SCALE_POSITIVE, STAGES, OUTPUT_MAX, 1, num_warps)),
-            (_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty,
+            (_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
                          idx_ptr, n_part, fidx_ptr, n_full, off_z, off_hkv,
                          HAS_FULL, SPARSE_KV_BLOCK, BLOCK_N, STAGES)),
         ], [num_warps, 1], [240, 24])
@@ -370,12 +377,12 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE, MAX,
         _tma_load(q_desc, [off_z, off_h, start_m, 0], q_bar, q_smem.reshape(q_desc.block_type.shape))
         acc, l_i, m_i = gl.warp_specialize([
             # (turn None: only the ping-pong form takes turns)
-            (_consumer, (q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty, None,
+            (_consumer, (q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty, None,
                          idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, start_m, KV_LEN, SCALE, SCALE_LOG2,
                          {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
                          HAS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
                          SCALE_POSITIVE, STAGES, num_warps)),
-            (_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty,
+            (_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
                          idx_ptr, n_part, fidx_ptr, n_full, off_z, off_hkv,
                          HAS_FULL, SPARSE_KV_BLOCK, BLOCK_N, STAGES)),
         ], [1], [24])
@@ -390,8 +397,8 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE, MAX,
 
 
 @gluon.jit
-def _pingpong_consumer(q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_ready, v_ready, kv_empty, turn,
-                       LSE, MAX, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, pid_zh, start_m,
+def _pingpong_consumer(q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
+                       turn, LSE, MAX, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, pid_zh, start_m,
                        Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
                        {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}
                        HAS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr, BLOCK_M: gl.constexpr,
@@ -406,7 +413,7 @@ def _pingpong_consumer(q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_
     q_half = q_smem.index(SIDE)
     mbarrier.expect(q_bar.index(SIDE), q_desc.block_type.nbytes)
     _tma_load(q_desc, [off_z, off_h, row0, 0], q_bar.index(SIDE), q_half.reshape(q_desc.block_type.shape))
-    acc, l_i, m_i = _consumer(q_half, k_ring, v_ring, q_bar.index(SIDE), k_ready, v_ready, kv_empty, turn,
+    acc, l_i, m_i = _consumer(q_half, k_ring, v_ring, q_bar.index(SIDE), k_ready, v_ready, k_empty, v_empty, turn,
                               idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, row0, KV_LEN, SCALE, SCALE_LOG2,
                               {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
                               HAS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
