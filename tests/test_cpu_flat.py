@@ -28,6 +28,10 @@ def flat_calls(monkeypatch):
     dict(name="empty_rows", B=1, Hq=2, L=160, S=160, block=32),              # fully masked rows in a tile
     dict(name="document", B=1, Hq=2, L=192, S=192, block=32, dtype=torch.float64),
     dict(name="sliding_window", B=1, Hq=2, L=256, S=256, block=128, dtype=torch.bfloat16),
+    # 128-row tiles halved, K/V a view of a padded copy (window) or of the first rows (documents)
+    dict(name="sliding_window", B=1, Hq=2, L=512, S=512, block=128),
+    dict(name="sliding_window", B=1, Hq=4, Hkv=2, L=512, S=512, block=128, dtype=torch.bfloat16),
+    dict(name="document", B=1, Hq=2, L=512, S=512, block=128),
 ])
 def test_flat_calls_match_golden(case, flat_calls):
     with torch_threads(2):
@@ -72,3 +76,24 @@ def test_one_mask_kept_for_tiles_alike():
     plan = list(bm._flexattn_cpu_plans.values())[0][2]
     big = max(plan.groups, key=lambda g: g.G)
     assert big.G > 20 and big.bias.stride(1) == 0
+
+
+@pytest.mark.parametrize("mask, layout", [
+    # every 64-row tile reads the window before it: 319 columns at the same offset from its
+    # rows, so K/V are a view of themselves padded with 255 rows before the first
+    (lambda b, h, qi, ki: (qi >= ki) & (qi - ki < 256), (64, 319, 64, (255, 0))),
+    # six documents, causal: every tile's span ends at its last row
+    (lambda b, h, qi, ki: (qi // 171 == ki // 171) & (qi >= ki), (64, 234, 64, (170, 0))),
+    # a window ahead of the rows: padding after the last row
+    (lambda b, h, qi, ki: (ki >= qi) & (ki - qi < 256), (64, 319, 64, (0, 255))),
+])
+def test_flat_tiles_halved_and_kv_a_view(mask, layout):
+    L = 1024
+    bm = create_block_mask(mask, None, None, L, L, BLOCK_SIZE=128)
+    q, k, v = make_qkv(1, 2, 2, L, L, 16, requires_grad=False)
+    out = flex_attention(q, k, v, block_mask=bm)
+    flat = list(bm._flexattn_cpu_plans.values())[0][2].flat
+    assert (flat.M, flat.N, flat.step, flat.pad) == layout
+    allowed = mask(0, 0, torch.arange(L)[:, None], torch.arange(L)[None])
+    ref = torch.softmax((q @ k.transpose(-1, -2) / 4).masked_fill(~allowed, float("-inf")), -1) @ v
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
