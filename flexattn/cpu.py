@@ -721,7 +721,6 @@ class _Flat:
     pad: tuple
     bias: torch.Tensor               # [G, Hq or 1, M, N] additive mask (0 / -inf)
     some: Optional[torch.Tensor]     # [G, Hq or 1, M]: rows with a position allowed, None: all
-    pos: torch.Tensor                # [G * N] int64: the padded K/V rows, tile after tile
 
 
 @dataclass
@@ -883,9 +882,8 @@ def _flat(run: CpuRun, order: list, S: int, Hq: int, room: int) -> Optional[_Fla
     steps = {b - a for a, b in zip(firsts, firsts[1:])}
     zero, neg_inf = (torch.full((), x, dtype=run.compute_dtype, device=dev) for x in (0.0, NEG_INF))
     some = allowed.any(-1)
-    pos = (torch.tensor(firsts, device=dev)[:, None] + torch.arange(N, device=dev)).flatten()
     return _Flat(M, N, firsts, steps.pop() if len(steps) == 1 else (0 if G == 1 else None), pad,
-                 torch.where(allowed, zero, neg_inf), None if bool(some.all()) else some, pos)
+                 torch.where(allowed, zero, neg_inf), None if bool(some.all()) else some)
 
 
 def _flat_tiles(x: torch.Tensor, M: int) -> torch.Tensor:
@@ -935,14 +933,14 @@ def _flat_backward(run: CpuRun, flat: _Flat, q, k, v, out, lse, dout):
         args = (*(_flat_tiles(x, flat.M).to(kdt) for x in (dout, q)), _flat_kv(k, flat, Hq, kdt),
                 _flat_kv(v, flat, Hq, kdt), _flat_tiles(out, flat.M).to(kdt), lt)
     dq_c, dk_c, dv_c = _FLASH_BWD(*args, 0.0, False, attn_mask=flat.bias, scale=run.scale)
-    G, N = len(flat.firsts), flat.N
-    grads = []
+    N, grads = flat.N, []
     with _serial_here():
         for x, d in ((k, dk_c), (v, dv_c)):
-            d = d.to(cdt).view(G, Hkv, Hq // Hkv, N, d.shape[-1]).sum(2)   # query heads of a kv head
-            acc = torch.zeros(1, Hkv, sum(flat.pad) + x.shape[2], x.shape[3], dtype=cdt, device=x.device)
-            acc.index_add_(2, flat.pos, d.transpose(0, 1).reshape(1, Hkv, G * N, d.shape[-1]))
-            grads.append(acc[:, :, flat.pad[0]:flat.pad[0] + x.shape[2]].to(x.dtype))
+            # rows first, the kernel's own layout of d (each tile's add is contiguous), padded
+            acc = torch.zeros(sum(flat.pad) + x.shape[2], Hkv, x.shape[3], dtype=cdt, device=x.device)
+            for f, dg in zip(flat.firsts, d.transpose(1, 2)):   # dg [N, Hq, D]
+                acc[f:f + N] += dg if Hq == Hkv else dg.unflatten(1, (Hkv, Hq // Hkv)).sum(2)
+            grads.append(acc[flat.pad[0]:flat.pad[0] + x.shape[2]].permute(1, 0, 2).unsqueeze(0).to(x.dtype))
         return dq_c.transpose(0, 1).reshape(1, Hq, L, D).to(q.dtype), *grads
 
 
