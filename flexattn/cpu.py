@@ -933,14 +933,12 @@ def _flat_backward(run: CpuRun, flat: _Flat, q, k, v, out, lse, dout):
         args = (*(_flat_tiles(x, flat.M).to(kdt) for x in (dout, q)), _flat_kv(k, flat, Hq, kdt),
                 _flat_kv(v, flat, Hq, kdt), _flat_tiles(out, flat.M).to(kdt), lt)
     dq_c, dk_c, dv_c = _FLASH_BWD(*args, 0.0, False, attn_mask=flat.bias, scale=run.scale)
-    N, grads = flat.N, []
+    grads = []
     with _serial_here():
         for x, d in ((k, dk_c), (v, dv_c)):
-            # rows first, the kernel's own layout of d (each tile's add is contiguous), padded
-            acc = torch.zeros(sum(flat.pad) + x.shape[2], Hkv, x.shape[3], dtype=cdt, device=x.device)
-            for f, dg in zip(flat.firsts, d.transpose(1, 2)):   # dg [N, Hq, D]
-                acc[f:f + N] += dg if Hq == Hkv else dg.unflatten(1, (Hkv, Hq // Hkv)).sum(2)
-            grads.append(acc[flat.pad[0]:flat.pad[0] + x.shape[2]].permute(1, 0, 2).unsqueeze(0).to(x.dtype))
+            acc = torch.zeros(1, sum(flat.pad) + x.shape[2], Hkv, x.shape[3], dtype=cdt, device=x.device)
+            _add_rows(acc, flat.firsts, d.transpose(1, 2).unsqueeze(0))
+            grads.append(_rows_first(acc[:, flat.pad[0]:flat.pad[0] + x.shape[2]], x.dtype))
         return dq_c.transpose(0, 1).reshape(1, Hq, L, D).to(q.dtype), *grads
 
 
@@ -1021,14 +1019,12 @@ def _group_kv(x: torch.Tensor, g: _Group, g0: int, g1: int, Hq: int) -> torch.Te
     return y.repeat_interleave(Hq // Hkv, 1) if Hq != Hkv else y
 
 
-def _group_pos(g: _Group, g0: int, g1: int) -> torch.Tensor:
-    """The kv rows the group's tiles g0..g1 read, tile after tile: [(g1 - g0) * N] int64."""
+def _group_rows(g: _Group, g0: int, g1: int):
+    """The kv rows the group's tiles g0..g1 read: each tile's first row (a list) where the
+    tiles read spans, else every row, tile after tile ([(g1 - g0) * N] int64)."""
     if g.pos is not None:
         return g.pos[g0 * g.N:g1 * g.N]
-    dev = g.rows.device
-    firsts = (torch.tensor(g.p0s[g0:g1], device=dev) if g.p0s is not None
-              else g.span[0] + g.span[1] * torch.arange(g0, g1, device=dev))
-    return (firsts[:, None] + torch.arange(g.N, device=dev)).flatten()
+    return g.p0s[g0:g1] if g.p0s is not None else [g.span[0] + g.span[1] * i for i in range(g0, g1)]
 
 
 def _batched_backward(run: CpuRun, plan: _Plan, q, k, v, out, lse, dout):
@@ -1062,16 +1058,36 @@ def _batched_backward(run: CpuRun, plan: _Plan, q, k, v, out, lse, dout):
         dq_c, dk_c, dv_c = _FLASH_BWD(dot, qt, kt, vt, ot, lt, 0.0, False, attn_mask=bias, scale=run.scale)
         dq.index_copy_(2, g.rows[g0 * M:g1 * M],
                        dq_c.view(B, G, Hq, M, D).transpose(1, 2).reshape(B, Hq, G * M, D).to(q.dtype))
-        pos = _group_pos(g, g0, g1)
+        rows = _group_rows(g, g0, g1)
         for acc, d in zip(accs, (dk_c, dv_c)):
-            d = d.to(cdt).view(B, G, Hkv, Hq // Hkv, N, d.shape[-1]).sum(3)   # query heads of a kv head
-            acc.index_add_(2, pos, d.transpose(1, 2).reshape(B, Hkv, G * N, d.shape[-1]))
+            _add_rows(acc, rows, d.transpose(1, 2).unflatten(0, (B, G)))
 
-    accs = _over_q_tiles(run, shares, share, lambda: (torch.zeros(k.shape, dtype=cdt, device=dev),
-                                                      torch.zeros(v.shape, dtype=cdt, device=dev)),
+    accs = _over_q_tiles(run, shares, share, lambda: tuple(torch.zeros(B, x.shape[2], Hkv, x.shape[3], dtype=cdt,
+                                                                       device=dev) for x in (k, v)),
                          dynamic=False, prologue=convert, ranked=True)
     dk, dv = _summed(accs)
-    return dq, dk.to(k_in.dtype), dv.to(v_in.dtype)
+    return dq, _rows_first(dk, k_in.dtype), _rows_first(dv, v_in.dtype)
+
+
+def _add_rows(acc: torch.Tensor, rows, d: torch.Tensor) -> None:
+    """acc [B, S, Hkv, D] += each tile's d [B, G, N, Hq, D] at rows rows[g] + [0, N) (a
+    list of first rows) or at `rows` ([G * N] int64), a kv head's query heads summed. Rows
+    first is the kernel's own layout of its dk / dv, so a tile's add is contiguous (a
+    per-head sum, a transposed copy and an index_add cost 2-3x as much)."""
+    Hkv = acc.shape[2]
+    if d.shape[3] != Hkv:
+        d = d.unflatten(3, (Hkv, d.shape[3] // Hkv)).sum(4)
+    if torch.is_tensor(rows):
+        acc.index_add_(1, rows, d.flatten(1, 2).to(acc.dtype))
+        return
+    N = d.shape[2]
+    for g, r in enumerate(rows):
+        acc[:, r:r + N] += d[:, g]
+
+
+def _rows_first(acc: torch.Tensor, dtype) -> torch.Tensor:
+    """A [B, S, H, D] accumulator as the gradient [B, H, S, D] in dtype (a view where dtype is its own)."""
+    return acc.permute(0, 2, 1, 3).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------
