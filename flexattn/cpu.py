@@ -937,7 +937,8 @@ def _flat_backward(run: CpuRun, flat: _Flat, q, k, v, out, lse, dout):
     with _serial_here():
         for x, d in ((k, dk_c), (v, dv_c)):
             acc = torch.zeros(1, sum(flat.pad) + x.shape[2], Hkv, x.shape[3], dtype=cdt, device=x.device)
-            _add_rows(acc, flat.firsts, d.transpose(1, 2).unsqueeze(0))
+            _add_rows(acc, range(flat.firsts[0], flat.firsts[-1] + 1, flat.step) if flat.step else flat.firsts,
+                      d.transpose(1, 2).unsqueeze(0))
             grads.append(_rows_first(acc[:, flat.pad[0]:flat.pad[0] + x.shape[2]], x.dtype))
         return dq_c.transpose(0, 1).reshape(1, Hq, L, D).to(q.dtype), *grads
 
@@ -1020,11 +1021,15 @@ def _group_kv(x: torch.Tensor, g: _Group, g0: int, g1: int, Hq: int) -> torch.Te
 
 
 def _group_rows(g: _Group, g0: int, g1: int):
-    """The kv rows the group's tiles g0..g1 read: each tile's first row (a list) where the
-    tiles read spans, else every row, tile after tile ([(g1 - g0) * N] int64)."""
+    """The kv rows the group's tiles g0..g1 read: each tile's first row where the tiles
+    read spans (a range where they are evenly spaced, else a list), else every row, tile
+    after tile ([(g1 - g0) * N] int64)."""
     if g.pos is not None:
         return g.pos[g0 * g.N:g1 * g.N]
-    return g.p0s[g0:g1] if g.p0s is not None else [g.span[0] + g.span[1] * i for i in range(g0, g1)]
+    if g.p0s is not None:
+        return g.p0s[g0:g1]
+    p0, step = g.span
+    return range(p0 + g0 * step, p0 + g1 * step, step) if step else [p0] * (g1 - g0)
 
 
 def _batched_backward(run: CpuRun, plan: _Plan, q, k, v, out, lse, dout):
@@ -1070,24 +1075,36 @@ def _batched_backward(run: CpuRun, plan: _Plan, q, k, v, out, lse, dout):
 
 
 def _add_rows(acc: torch.Tensor, rows, d: torch.Tensor) -> None:
-    """acc [B, S, Hkv, D] += each tile's d [B, G, N, Hq, D] at rows rows[g] + [0, N) (a
-    list of first rows) or at `rows` ([G * N] int64), a kv head's query heads summed. Rows
-    first is the kernel's own layout of its dk / dv, so a tile's add is contiguous (a
-    per-head sum, a transposed copy and an index_add cost 2-3x as much)."""
+    """acc [B, S, Hkv, D] += each tile's d [B, G, N, Hq, D] at rows rows[g] + [0, N) (rows:
+    the tiles' first rows, a range where they are evenly spaced) or at `rows` ([G * N]
+    int64), a kv head's query heads summed. Rows first is the kernel's own layout of its
+    dk / dv, so the adds are contiguous runs (a per-head sum, a transposed copy and an
+    index_add cost 2-3x as much); evenly spaced tiles take one add per `step` rows of a
+    tile, every tile at once, not one per tile (each op is a time slice on a busy machine)."""
     Hkv = acc.shape[2]
     if d.shape[3] != Hkv:
         d = d.unflatten(3, (Hkv, d.shape[3] // Hkv)).sum(4)
     if torch.is_tensor(rows):
         acc.index_add_(1, rows, d.flatten(1, 2).to(acc.dtype))
         return
-    N = d.shape[2]
+    G, N = d.shape[1], d.shape[2]
+    if isinstance(rows, range) and G > 1 and rows.step > 0:
+        for j in range(0, N, rows.step):   # rows j.. of every tile: disjoint, as step >= their count
+            w = min(rows.step, N - j)
+            at = acc.as_strided((acc.shape[0], G, w, *acc.shape[2:]),
+                                (acc.stride(0), rows.step * acc.stride(1), *acc.stride()[1:]),
+                                acc.storage_offset() + (rows.start + j) * acc.stride(1))
+            at += d[:, :, j:j + w]
+        return
     for g, r in enumerate(rows):
         acc[:, r:r + N] += d[:, g]
 
 
 def _rows_first(acc: torch.Tensor, dtype) -> torch.Tensor:
-    """A [B, S, H, D] accumulator as the gradient [B, H, S, D] in dtype (a view where dtype is its own)."""
-    return acc.permute(0, 2, 1, 3).to(dtype)
+    """A [B, S, H, D] accumulator as the gradient [B, H, S, D] in dtype, contiguous as k / v
+    are: autograd then takes it as the leaf's grad instead of copying it on the caller's
+    pool, a parallel region more per gradient (each costs a time slice on a busy machine)."""
+    return acc.permute(0, 2, 1, 3).to(dtype, memory_format=torch.contiguous_format)
 
 
 # ---------------------------------------------------------------------------------------
