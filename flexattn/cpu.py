@@ -10,8 +10,10 @@ there a q-block whose partial and full blocks are consecutive (sliding windows, 
 near the causal diagonal) meets them in one merged chunk (_merged_tile); where every
 q-tile meets one chunk and the chunks come in a few shapes, the forward and the backward
 stack the q-tiles of one shape into one kernel call per thread (see "batched kernel calls"
-below), or, for a small call of one batch, run all its q-tiles as one kernel call (_Flat);
-and a call that attends exactly everywhere or exactly causally runs whole rows per head
+below), or, for a small call of one batch, run all its q-tiles as one kernel call (_Flat:
+where every tile's span lies at one offset from its rows, K/V are a view, padded at the
+ends, and 128-row tiles are halved where that saves scores); dk / dv gather rows first,
+the kernel's own layout (_add_rows); and a call that attends exactly everywhere or exactly causally runs whole rows per head
 in the kernel's own causal form (see "whole rows" below). The last two run on the calling
 thread's OpenMP pool, as SDPA does (one kernel call per call); the rest on flexattn's
 worker threads.
