@@ -13,16 +13,17 @@ stack the q-tiles of one shape into one kernel call per thread (see "batched ker
 below), or, for a small call of one batch, run all its q-tiles as one kernel call (_Flat:
 where every tile's span lies at one offset from its rows, K/V are a view, padded at the
 ends, and 128-row tiles are halved where that saves scores); dk / dv gather rows first,
-the kernel's own layout (_add_rows); and a call that attends exactly everywhere or exactly causally runs whole rows per head
-in the kernel's own causal form (see "whole rows" below). The last two run on the calling
-thread's OpenMP pool, as SDPA does (one kernel call per call); the rest on flexattn's
-worker threads.
+the kernel's own layout (_add_rows); and a call that attends exactly everywhere or exactly
+causally runs whole rows per head in the kernel's own causal form (see "whole rows" below).
+The last two run on the calling thread's OpenMP pool, as SDPA does (one kernel call per
+call); the rest on flexattn's worker threads.
 
 Memory, besides the inputs, outputs and per-thread dk/dv accumulators, is per thread one
 chunk: its score / mask matrix, at most _CHUNK_ELEMS (4 MiB of float32) elements for chunks
 with a mask (a merged chunk's mask: at most _MERGED_BLOCKS blocks wide), and its gathered
 K/V rows (a slice - no copy - when the blocks are consecutive; full-block chunks of the
-fused path may gather up to a whole row, B * Hq * S * D). Never O(L * S). fp16/bf16 inputs
+fused path may gather up to a whole row, B * Hq * S * D; a flat call with padded K/V holds
+one copy of each, S plus at most a span's rows). Never O(L * S). fp16/bf16 inputs
 add one float32 copy of k and v (and of out and dout in the backward, but for the fused one
 on tall q-tiles), converted by the worker threads. A BlockMask used on this path keeps the plan of its batched forward
 (see "batched kernel calls" below): the additive masks of its partial blocks, at most _PLAN_ELEMS
@@ -818,7 +819,7 @@ def _make_plan(run: CpuRun, B: int, Hq: int, Hkv: int, L: int, S: int) -> Option
 # heads - where the cost per call, not the work, decides), its spans widened by at most
 # this factor of their columns
 _FLAT_SMALL, _FLAT_WIDEN = 1 << 23, 2.0
-# q-tiles of at least 2 * _FLAT_HALF rows are halved where that saves a tenth of the scores
+# q-tiles of a multiple of 2 * _FLAT_HALF rows are halved where that saves a tenth of the scores
 # and K/V stay a view (a window's tiles: 128 rows and a window of 256 read 383 columns a
 # row, 64 rows 319 - the fused kernel took 8% less time, float32 at S=1K, 2 threads)
 _FLAT_HALF, _FLAT_HALF_GAIN = 64, 0.9
@@ -897,7 +898,7 @@ def _flat_tiles(x: torch.Tensor, M: int) -> torch.Tensor:
 
 def _flat_kv(x: torch.Tensor, flat: _Flat, Hq: int, dtype) -> torch.Tensor:
     """x [1, Hkv, S, D] at each tile's rows, per query head: [G, Hq, N, D] in dtype (a view
-    where the tiles' rows are evenly spaced and nothing is converted or repeated)."""
+    where the tiles' rows are evenly spaced and nothing is padded, converted or repeated)."""
     G, N = len(flat.firsts), flat.N
     if flat.pad != (0, 0):   # zeros: finite scores, masked out by the bias
         x = torch.nn.functional.pad(x.to(dtype), (0, 0, *flat.pad))
