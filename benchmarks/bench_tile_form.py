@@ -1,6 +1,7 @@
 """A mask's tile-table form against its own kernels (needs a CUDA GPU).
 
     PYTHONPATH=. python3 benchmarks/bench_tile_form.py --cases sliding_window,document,prefix_lm,causal
+        [--dims 64] [--tile-options '{"num_warps": 8}']   (kernel_options for the tile form only)
 
 A new mask's first calls run through its tile-table form (flexattn.mask_tiles) while its own
 kernels compile (flexattn.kernels.tiered); a user who benchmarks right after the first call
@@ -11,6 +12,7 @@ PEERS.md counts them (B=4, H=16, bf16) and the ratio tile form / own kernels.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -28,7 +30,10 @@ def main():
     p.add_argument("--cases", default="sliding_window,document,prefix_lm,causal")
     p.add_argument("--seqs", default="8192")
     p.add_argument("--dims", default="128")
+    p.add_argument("--tile-options", default=None,
+                   help='kernel_options for the tile form only, as JSON, e.g. \'{"num_warps": 8}\'')
     a = p.parse_args()
+    tile_options = json.loads(a.tile_options) if a.tile_options else {}
     import flexattn
     from flexattn import codegen
     from flexattn.kernels import flex_attention_triton, source
@@ -57,9 +62,11 @@ def main():
                     codegen.tile_table_lookup = (lambda g: None) if name == "generic" else lookup
                     source._MODULES.clear()  # keyed by the mask's structure, not by how it prints
 
-                    def fwd(bm=bm):
+                    options = {"TIERED": False, **(tile_options if name != "own" else {})}
+
+                    def fwd(bm=bm, options=options):
                         return flex_attention_triton(q, k, v, score_graph=None, mask_graph=bm.mask_graph,
-                                                     block_mask=bm, kernel_options={"TIERED": False})[0]
+                                                     block_mask=bm, kernel_options=options)[0]
 
                     def step(fwd=fwd):
                         q.grad = k.grad = v.grad = None
