@@ -780,9 +780,9 @@ def _make_plan(run: CpuRun, B: int, Hq: int, Hkv: int, L: int, S: int) -> Option
         tiles = [t for _, t in members]
         span = p0s = pos = None
         firsts = [t.span[0] for t in tiles if t.span is not None]
-        steps = {b - a for a, b in zip(firsts, firsts[1:])}
-        if len(firsts) == len(tiles) and len(steps) <= 1 and (B == 1 or len(tiles) == 1):
-            span = (firsts[0], steps.pop() if steps else 0)
+        step = _even_step(firsts)
+        if len(firsts) == len(tiles) and step is not None and (B == 1 or len(tiles) == 1):
+            span = (firsts[0], step)
         elif len(firsts) == len(tiles):
             p0s = firsts
         else:
@@ -823,6 +823,12 @@ _FLAT_SMALL, _FLAT_WIDEN = 1 << 23, 2.0
 # and K/V stay a view (a window's tiles: 128 rows and a window of 256 read 383 columns a
 # row, 64 rows 319 - the fused kernel took 8% less time, float32 at S=1K, 2 threads)
 _FLAT_HALF, _FLAT_HALF_GAIN = 64, 0.9
+
+
+def _even_step(firsts: list) -> Optional[int]:
+    """The common difference of `firsts` (0 for one), or None where they are not evenly spaced."""
+    steps = {b - a for a, b in zip(firsts, firsts[1:])}
+    return steps.pop() if len(steps) == 1 else (0 if len(firsts) == 1 else None)
 
 
 def _flat_spans(order: list, M: int) -> list:
@@ -869,8 +875,7 @@ def _flat(run: CpuRun, order: list, S: int, Hq: int, room: int) -> Optional[_Fla
     if M % (2 * _FLAT_HALF) == 0:
         halves = _flat_spans(order, M // 2)
         N2, firsts2, pad2 = _flat_layout(halves, S)
-        if N2 * len(halves) * (M // 2) <= _FLAT_HALF_GAIN * N * len(spans) * M and len(set(
-                b - a for a, b in zip(firsts2, firsts2[1:]))) <= 1:
+        if N2 * len(halves) * (M // 2) <= _FLAT_HALF_GAIN * N * len(spans) * M and _even_step(firsts2) is not None:
             M, spans, N, firsts, pad = M // 2, halves, N2, firsts2, pad2
     G = len(spans)
     lead = max((a.shape[1] for *_, a in spans if a is not None), default=1)
@@ -882,10 +887,9 @@ def _flat(run: CpuRun, order: list, S: int, Hq: int, room: int) -> Optional[_Fla
     for g, ((_, p0, p1, a), f) in enumerate(zip(spans, firsts)):
         c0 = p0 + pad[0] - f
         allowed[g, :, :, c0:c0 + p1 - p0] = True if a is None else a[0]
-    steps = {b - a for a, b in zip(firsts, firsts[1:])}
     zero, neg_inf = (torch.full((), x, dtype=run.compute_dtype, device=dev) for x in (0.0, NEG_INF))
     some = allowed.any(-1)
-    return _Flat(M, N, firsts, steps.pop() if len(steps) == 1 else (0 if G == 1 else None), pad,
+    return _Flat(M, N, firsts, _even_step(firsts), pad,
                  torch.where(allowed, zero, neg_inf), None if bool(some.all()) else some)
 
 
@@ -1056,7 +1060,7 @@ def _batched_backward(run: CpuRun, plan: _Plan, q, k, v, out, lse, dout):
             dq.index_fill_(2, plan.bare, 0)
             return
         g = plan.groups[n_g]
-        G, M, N = g1 - g0, g.M, g.N
+        G, M = g1 - g0, g.M
         qt, dot, ot = (_slices(x, g.q0s[g0:g1], M).to(kdt) for x in (q, dout, out))
         lt = _slices(lse.unsqueeze(-1), g.q0s[g0:g1], M).squeeze(-1)
         # fully masked rows (lse -inf): +inf makes the kernel's p = exp(s - lse) exactly 0
