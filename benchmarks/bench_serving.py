@@ -15,6 +15,9 @@ padding shows up as a lower rate). Chunked prefill: one 2K-token chunk (causal, 
 positions) at the end of a 16K-128K cache; TFLOP/s = 4 * Hq * D * attended pairs / time.
 Mixed (continuous batching): 62 sequences decoding and two prefilling 1K-token chunks in one
 paged cache, every query packed in one call (query_lens) vs one call per kind.
+Sweep (--sweep; --only prefill for chunked prefill): flexattn alone (contiguous, pages of 16 and
+128) under each decode_* kernel_options config of SWEEP_CONFIGS / PREFILL_SWEEP_CONFIGS,
+CUDA-graph replays, rates as above.
 Times: medians of triton.testing.do_bench, eager (host included) and replayed as a CUDA
 graph (the GPU's time; the rates use it when the peer can be captured, as engines capture
 their decode steps). Rows go to benchmarks/results/serving-<utc>.json.
@@ -267,6 +270,81 @@ def mixed_rows(args):
     return rows
 
 
+# decode_* kernel_options tried by --sweep (None: serving_config's choice); the kv tile, the
+# pipeline depth and the split count bound a decode that reads K/V once
+SWEEP_CONFIGS = [None] + [dict(decode_BLOCK_N=bn, decode_num_stages=st, decode_num_warps=w)
+                          for bn in (64, 128) for st in (2, 3, 4) for w in (4, 8)] \
+    + [dict(decode_SPLITS=sp, decode_BLOCK_N=bn) for sp in (16, 48, 64, 96, 128) for bn in (64, 128)]
+# a prefill chunk's programs run tensor-core tiles: the kv tile, stages and warps
+PREFILL_SWEEP_CONFIGS = [None] + [dict(decode_BLOCK_N=bn, decode_num_stages=st, decode_num_warps=w)
+                                  for bn in (32, 64, 128) for st in (2, 3) for w in (4, 8)]
+
+
+def sweep_layouts(lens, k, v, q, opts_call):
+    """name -> call(kernel_options) for the contiguous cache and a paged copy per page size."""
+    from flexattn.serving import paged_attention
+    from flexattn.serving.checks import CacheLengths
+    both = CacheLengths(torch.tensor(lens, dtype=torch.int32, device="cuda"), lens)
+    layouts = {"contiguous": lambda opts: paged_attention(q, k, v, both, kernel_options=opts, **opts_call)}
+    for ps in (16, 128):
+        cache = fill_paged(lens, k, v, ps)
+        layouts[f"paged {ps}"] = lambda opts, cache=cache: cache.attention(q, list(range(len(lens))),
+                                                                          kernel_options=opts, **opts_call)
+    return layouts
+
+
+def sweep_one(head, layouts, configs, work, unit):
+    """One row per (layout, config): CUDA-graph time, rate, difference from the contiguous default."""
+    rows = []
+    ref = layouts["contiguous"](None).float()
+    for name, call in layouts.items():
+        for opts in configs:
+            row = dict(head, layout=name, options=opts)
+            try:
+                row["max_diff"] = float((call(opts).float() - ref).abs().max())
+                ms = bench_graph(lambda: call(opts))
+                row.update(ms_graph=ms)
+                row[unit] = work / (ms / 1e3)
+                print(f"sweep {head} {name:<11} {str(opts):<80} {ms:8.4f} ms {row[unit]:7.0f} {unit} "
+                      f"diff {row['max_diff']:.1e}", flush=True)
+            except Exception as e:
+                row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                print(f"sweep {head} {name:<11} {str(opts):<80} skipped ({row['skipped']})", flush=True)
+            rows.append(row)
+    return rows
+
+
+def sweep_rows(args):
+    """Decode GB/s (B in args.batches) or chunked-prefill TFLOP/s (caches 32K and 128K) of
+    flexattn (contiguous, paged 16 / 128) under each config of SWEEP_CONFIGS /
+    PREFILL_SWEEP_CONFIGS."""
+    from flexattn.masks import causal
+    from flexattn.serving import create_cache_block_mask
+    rows = []
+    prefill = args.only == "prefill"
+    for n in ([c for c in args.caches if c in (32768, 131072)] or args.caches[:1]) if prefill else args.batches:
+        lens = [n] if prefill else lengths(n, args.max_len)
+        B, S, L = len(lens), max(lens), args.chunk if prefill else 1
+        torch.manual_seed(0)
+        k = torch.randn(B, HKV, S, D, dtype=DTYPE, device="cuda")
+        v = torch.randn(B, HKV, S, D, dtype=DTYPE, device="cuda")
+        q = torch.randn(B, HQ, L, D, dtype=DTYPE, device="cuda")
+        if prefill:
+            mm = causal()
+            call = dict(mask_mod=mm, block_mask=create_cache_block_mask(mm, lens, L, device="cuda"))
+            work, unit = 4 * HQ * D * (L * (S - L) + L * (L + 1) // 2) / 1e12, "TFLOPs"
+            head = dict(kind="prefill sweep", chunk=L, cache=S)
+        else:
+            call = {}
+            work, unit = sum(lens) * HKV * D * 2 * k.element_size() / 1e9, "GBps"
+            head = dict(kind="decode sweep", B=B, max_len=S)
+        rows += sweep_one(head, sweep_layouts(lens, k, v, q, call),
+                          PREFILL_SWEEP_CONFIGS if prefill else SWEEP_CONFIGS, work, unit)
+        del k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
 def run_peers(peers, base, as_float, work, unit, verbose) -> list:
     """One row per peer (name -> make() -> (fn, note)): its output's largest difference from
     the first peer's, its times and rate; a peer that cannot run is skipped, its reason kept."""
@@ -336,6 +414,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
     ap.add_argument("--only", choices=("decode", "prefill", "mixed"))
+    ap.add_argument("--sweep", action="store_true",
+                    help="flexattn's decode (with --only prefill: prefill) under each config of SWEEP_CONFIGS "
+                         "(PREFILL_SWEEP_CONFIGS) instead of the peers")
     ap.add_argument("--verbose", action="store_true", help="print the traceback of a skipped peer")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/serving-<utc>.json)")
     args = ap.parse_args()
@@ -353,11 +434,13 @@ def main():
                 dtype=str(DTYPE))
     print(meta, flush=True)
     rows = []
-    if args.only in (None, "decode"):
+    if args.sweep:
+        rows += sweep_rows(args)
+    elif args.only in (None, "decode"):
         rows += decode_rows(args)
-    if args.only in (None, "prefill"):
+    if args.only in (None, "prefill") and not args.sweep:
         rows += prefill_rows(args)
-    if args.only in (None, "mixed"):
+    if args.only in (None, "mixed") and not args.sweep:
         rows += mixed_rows(args)
     ratios(rows)
     out = args.out or os.path.join(os.path.dirname(__file__), "results",

@@ -220,6 +220,30 @@ GROUPS = {
 }
 
 
+@pytest.mark.parametrize("lengths, q_len", [([32768] + [1024] * 63, 1), ([32768] * 8, 1), ([300, 32768], 4),
+                                           ([32768], 2048)])
+def test_serving_splits(lengths, q_len):
+    """serving_config's kv splits: a decode's longest sequence is cut into slices of at most
+    DECODE_SLICE positions even where the batch's work alone would give each program more
+    (which left the longest sequences as the tail of a mixed-length batch); a prefill chunk
+    is not cut that way (its partials would be chunk-sized)."""
+    from types import SimpleNamespace
+    from flexattn.kernels.decode import KVLayout
+    from flexattn.kernels.paged import DECODE_SLICE, MAX_SPLITS, serving_config
+    Hq, Hkv, D = 32, 8, 128
+    q = torch.empty(len(lengths), Hq, q_len, D)
+    v = torch.empty(1, Hkv, 1, D)
+    blocks = SimpleNamespace(block=(128, 128), kv_num=torch.zeros(1, 1, 1).expand(len(lengths), Hq, 1))
+    plan = SimpleNamespace(opts={}, blocks=blocks)
+    cfg = serving_config(plan, q, v, KVLayout(dense=True), lengths, q_len)
+    longest = -(-max(lengths) // cfg.block_n)
+    slice_positions = -(-longest // cfg.splits) * cfg.block_n
+    if q_len * Hq // Hkv <= 64:  # decode / verification
+        assert slice_positions <= DECODE_SLICE or cfg.splits == MAX_SPLITS, (cfg, slice_positions)
+    else:
+        assert cfg.splits == 1, cfg
+
+
 @pytest.mark.parametrize("group", sorted(GROUPS))
 def test_serving_kernels_interpreted(group):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
