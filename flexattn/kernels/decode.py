@@ -182,8 +182,10 @@ def flex_decode(Q, K, V, ACC, M_OUT, L_OUT,
             page = tl.load(pt_row + start_n // PAGE_SIZE, mask=start_n < kv_len, other=0)
             kv_rows = page.to(tl.int64) * PAGE_SIZE + (start_n % PAGE_SIZE) + offs_n0
         elif PAGE_SIZE > 0:
-            pages = tl.load(pt_row + offs_n // PAGE_SIZE, mask=n_ok, other=0)
-            kv_rows = pages.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+            PAGES: tl.constexpr = BLOCK_N // PAGE_SIZE
+            first = start_n // PAGE_SIZE + tl.arange(0, PAGES)
+            pages = tl.load(pt_row + first, mask=first * PAGE_SIZE < kv_len, other=0)
+            kv_rows = tl.reshape(pages[:, None] * PAGE_SIZE + tl.arange(0, PAGE_SIZE)[None, :], (BLOCK_N,))
         else:
             kv_rows = offs_n
         k = _load_at(_tile_ptrs(k_base, kv_rows, offs_d, stride_kn, stride_kk, OFFS_64=True), offs_n, offs_d,
