@@ -54,7 +54,9 @@ DECODE_TEMPLATE = r'''
 #                         PAGE_TABLE[b, n // PAGE_SIZE] * PAGE_SIZE + n % PAGE_SIZE
 #   VARLEN_Q              packed queries of several lengths: Q is [1, HQ, Q_LEN, D] and sequence
 #                         b's Q_LENS[b] queries are its rows from Q_START[b] (its last Q_LENS[b]
-#                         positions; HAS_SEQLENS); the partials are packed the same way
+#                         positions; HAS_SEQLENS); its partials are rows P_START[b] on of
+#                         partials of P_ROWS rows (P_START = Q_START, P_ROWS = Q_LEN unless the
+#                         launch takes some of the sequences: their partials then packed apart)
 {SCORE_MOD}
 
 {MASK_MOD}
@@ -62,14 +64,14 @@ DECODE_TEMPLATE = r'''
 
 @triton.jit
 def flex_decode(Q, K, V, ACC, M_OUT, L_OUT,
-                KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, PAGE_TABLE, SEQLENS, Q_START, Q_LENS,
+                KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, PAGE_TABLE, SEQLENS, Q_START, Q_LENS, P_START,
                 stride_qz, stride_qh, stride_qm, stride_qk,
                 stride_kz, stride_kh, stride_kn, stride_kk,
                 stride_vz, stride_vh, stride_vn, stride_vk,
                 stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im,
                 stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim,
                 stride_ptz,
-                HQ, HKV, Q_LEN, KV_LEN, SCALE, SCALE_LOG2, SPLITS,
+                HQ, HKV, Q_LEN, KV_LEN, SCALE, SCALE_LOG2, SPLITS, P_ROWS,
                 {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}
                 GQA_GROUP: tl.constexpr, PACK_GQA: tl.constexpr, HAS_FULL: tl.constexpr,
                 HAS_SCORE_MOD: tl.constexpr,
@@ -111,10 +113,12 @@ def flex_decode(Q, K, V, ACC, M_OUT, L_OUT,
     if VARLEN_Q:
         seq_q_len = tl.load(Q_LENS + off_z)
         row0 = tl.load(Q_START + off_z)
+        prow0 = tl.load(P_START + off_z)
         q_z = 0
     else:
         seq_q_len = Q_LEN
         row0 = 0
+        prow0 = 0
         q_z = off_z
     row_ok = q_pos < seq_q_len
     off_h = tl.where(row_ok, off_h, h0)
@@ -204,8 +208,8 @@ def flex_decode(Q, K, V, ACC, M_OUT, L_OUT,
                      kv_len, CHECK_R=True, C=V_HEAD, C_PAD=V_HEAD_PAD)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
 
-    # partials: [B (1 with VARLEN_Q), HQ, SPLITS, Q_LEN, ...] (contiguous), unnormalised
-    part = ((q_z * HQ + off_h).to(tl.int64) * SPLITS + pid_s) * Q_LEN + row0 + q_pos
+    # partials: [B (1 with VARLEN_Q), HQ, SPLITS, P_ROWS, ...] (contiguous), unnormalised
+    part = ((q_z * HQ + off_h).to(tl.int64) * SPLITS + pid_s) * P_ROWS + prow0 + q_pos
     tl.store(M_OUT + part, m_i, mask=row_ok)
     tl.store(L_OUT + part, l_i, mask=row_ok)
     tl.store(ACC + part[:, None] * V_HEAD + offs_dv[None, :], acc,
@@ -272,13 +276,17 @@ class KVLayout:
     page_table (int32 [B, pages per sequence]). dense: walk positions [0, seqlen) without
     block lists (there is no BlockMask). q_starts / q_lens: int32 [B], packed queries of
     several lengths: q is [1, Hq, T, E] and sequence b's q_lens[b] queries (its last
-    positions) are its rows from q_starts[b] (needs seqlens)."""
+    positions) are its rows from q_starts[b] (needs seqlens). p_starts / p_rows: with
+    q_lens, the results packed apart: sequence b's rows of out / lse are rows p_starts[b]
+    on of p_rows (a launch that takes some of the sequences: the others' q_lens 0)."""
     seqlens: torch.Tensor | None = None
     page_table: torch.Tensor | None = None
     page_size: int = 0
     dense: bool = False
     q_starts: torch.Tensor | None = None
     q_lens: torch.Tensor | None = None
+    p_starts: torch.Tensor | None = None
+    p_rows: int = 0
 
 
 def _n_sm(device) -> int:
@@ -291,15 +299,17 @@ def split_kv_forward(plan, q, k, v, cfg: SplitConfig, layout: KVLayout = KVLayou
     """Launch flex_decode on grid (splits, B * heads, q tiles) and merge its partials ->
     (out [B, Hq, L, Ev] in q.dtype, lse [B, Hq, L] float32, natural log), and max_scores
     [B, Hq, L] float32 when plan.output_max; with packed queries (layout.q_lens) B is the
-    number of sequences and out / lse / max_scores are packed like q."""
+    number of sequences and out / lse / max_scores are packed like q (or as layout.p_starts
+    says: then L is layout.p_rows)."""
     Bq, Hq, L, E = q.shape
     Hkv, S, Ev = v.shape[1], v.shape[2], v.shape[3]
     varlen = layout.q_lens is not None
     B = layout.q_lens.numel() if varlen else Bq
     blk = plan.blocks
     splits = cfg.splits
-    acc = torch.empty(Bq, Hq, splits, L, Ev, dtype=torch.float32, device=q.device)
-    m = torch.empty(Bq, Hq, splits, L, dtype=torch.float32, device=q.device)
+    rows = layout.p_rows if layout.p_starts is not None else L  # of the partials and the results
+    acc = torch.empty(Bq, Hq, splits, rows, Ev, dtype=torch.float32, device=q.device)
+    m = torch.empty(Bq, Hq, splits, rows, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     mod = plan.module("decode")
     kv_num, kv_idx, full_num, full_idx = kv_lists(blk)
@@ -313,9 +323,10 @@ def split_kv_forward(plan, q, k, v, cfg: SplitConfig, layout: KVLayout = KVLayou
     launch_cached(mod.flex_decode, (splits, base, cfg.q_tiles), (
         q, k, v, acc, m, l, kv_num, kv_idx, full_num, full_idx, table, seqlens,
         layout.q_starts if varlen else seqlens, layout.q_lens if varlen else seqlens,
+        layout.p_starts if layout.p_starts is not None else layout.q_starts if varlen else seqlens,
         *q.stride(), *k_strides, *v_strides,
         *bm_strides(kv_num, kv_idx), *bm_strides(full_num, full_idx), stride_ptz,
-        Hq, Hkv, L, S, plan.scale, plan.scale * LOG2E, splits,
+        Hq, Hkv, L, S, plan.scale, plan.scale * LOG2E, splits, rows,
         *buffer_args(plan.score_graph, plan.score_bufs), *buffer_args(plan.mask_graph, plan.mask_bufs)),
         dict(GQA_GROUP=Hq // Hkv, PACK_GQA=cfg.pack, HAS_FULL=blk.has_full and not layout.dense,
              HAS_SCORE_MOD=plan.score_graph is not None,

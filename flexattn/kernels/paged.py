@@ -9,12 +9,18 @@ that the longest sequence's tiles spread over the GPU.
 """
 from __future__ import annotations
 
+import itertools
+from dataclasses import replace
+
+import torch
+
 from .config import device_key, fit_tile, pad_dim
 from .decode import KVLayout, SplitConfig, _n_sm, split_kv_forward
 from .launcher import cdiv
 
 MAX_SPLITS = 64
 DECODE_SLICE = 2048  # kv positions, the most one decode program walks (see serving_config)
+DECODE_ROWS = 64  # q rows (GQA group included) up to which loads, not dots, bound a sequence's time
 
 
 def _kv_tile(want: int, kv_block: int, page_size: int) -> int:
@@ -54,7 +60,7 @@ def serving_config(plan, q, v, layout: KVLayout, lengths: list, q_len: int) -> S
     cuda = q.device.type == "cuda"
     q_block, kv_block = blk.block
     most = 128 if cuda else 64
-    prefill = G * L > 64  # q tiles of many rows: the dots, not the loads, bound the time
+    prefill = G * L > DECODE_ROWS  # q tiles of many rows: the dots, not the loads, bound the time
     # H200, bf16, D=128 (a sweep of tile, warps, stages): decode 128-wide kv tiles (GB/s of pages
     # of 16 / 128 vs 64-wide: +3-5%); prefill 64-wide tiles with 4 warps, 2 stages (371 TFLOP/s
     # at a 2K chunk on a 32K cache vs 248-361 for the other seven)
@@ -84,7 +90,41 @@ def serving_config(plan, q, v, layout: KVLayout, lengths: list, q_len: int) -> S
                        o.get("decode_num_stages", 1 if interp else 2 if prefill else 3))
 
 
-def serving_forward(plan, q, k, v, layout: KVLayout, lengths: list, q_len: int):
+def serving_forward(plan, q, k, v, layout: KVLayout, lengths: list, q_len: int, query_lens: list | None = None):
     """(out, lse) of q's rows at the last positions of each sequence (see KVLayout); q_len:
-    the most queries of a sequence (q's rows unless they are packed)."""
+    the most queries of a sequence (q's rows unless they are packed); query_lens: each
+    sequence's number of queries (host ints) when they are packed (layout.q_lens)."""
+    if query_lens is not None:
+        G = q.shape[1] // v.shape[1]
+        decodes = [b for b, n in enumerate(query_lens) if 0 < n * G <= DECODE_ROWS]
+        if decodes and len(decodes) < sum(1 for n in query_lens if n):
+            return _decodes_and_chunks(plan, q, k, v, layout, lengths, query_lens, set(decodes))
     return split_kv_forward(plan, q, k, v, serving_config(plan, q, v, layout, lengths, q_len), layout)
+
+
+def _decodes_and_chunks(plan, q, k, v, layout: KVLayout, lengths: list, query_lens: list, decodes: set):
+    """Packed queries where decodes (at most DECODE_ROWS rows, the GQA group's included) share
+    the call with longer chunks: one launch for each kind, with its own tiles and kv splits
+    (in one launch the decodes ran in the chunks' 128-row q tiles without splits, and a
+    continuous-batching step of 62 decodes and two 1K chunks took 1.5x two calls, one per
+    kind, on an H200). The chunks' launch writes every row of the packed out / lse (the
+    decodes' rows without partials: overwritten next); the decodes' launch packs its rows
+    apart (p_starts) and they are copied to their places."""
+    dev = q.device
+    chunk_lens = [0 if b in decodes else n for b, n in enumerate(query_lens)]
+    dec_lens = [n if b in decodes else 0 for b, n in enumerate(query_lens)]
+    q_starts = list(itertools.accumulate(query_lens, initial=0))
+    p_starts = list(itertools.accumulate(dec_lens, initial=0))[:-1]
+    dec_rows = [r for b in sorted(decodes) for r in range(q_starts[b], q_starts[b + 1])]
+    ints = torch.tensor(chunk_lens + dec_lens + p_starts, dtype=torch.int32).to(dev, non_blocking=True)
+    nb = len(query_lens)
+    chunks = replace(layout, q_lens=ints[:nb])
+    cfg = serving_config(plan, q, v, chunks, [n for n, c in zip(lengths, chunk_lens) if c], max(chunk_lens))
+    res = split_kv_forward(plan, q, k, v, cfg, chunks)
+    dec = replace(layout, q_lens=ints[nb:2 * nb], p_starts=ints[2 * nb:], p_rows=len(dec_rows))
+    cfg = serving_config(plan, q, v, dec, [lengths[b] for b in sorted(decodes)], max(dec_lens))
+    res_dec = split_kv_forward(plan, q, k, v, cfg, dec)
+    rows = torch.tensor(dec_rows, dtype=torch.int64).to(dev, non_blocking=True)
+    for whole, part in zip(res, res_dec):  # out, lse (and max_scores): rows along dim 2
+        whole.index_copy_(2, rows, part)
+    return res

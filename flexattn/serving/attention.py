@@ -133,4 +133,4 @@ def _kernel_forward(q, k, v, lengths, page_table, page_size, score_graph, mask_g
     layout = KVLayout(lengths.device, page_table, page_size, dense=block_mask is None,
                       q_starts=None if queries is None else queries.starts,
                       q_lens=None if queries is None else queries.lens)
-    return serving_forward(plan, q, k, v, layout, lengths.host, L)
+    return serving_forward(plan, q, k, v, layout, lengths.host, L, None if queries is None else queries.host_lens)
