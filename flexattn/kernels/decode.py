@@ -57,6 +57,8 @@ DECODE_TEMPLATE = r'''
 #                         positions; HAS_SEQLENS); its partials are rows P_START[b] on of
 #                         partials of P_ROWS rows (P_START = Q_START, P_ROWS = Q_LEN unless the
 #                         launch takes some of the sequences: their partials then packed apart)
+#   HAS_SEQ_IDS           with VARLEN_Q: the launch takes sequences SEQ_IDS[0..] only (grid axis 1
+#                         holds one entry per id): sequence index = SEQ_IDS[program's entry]
 {SCORE_MOD}
 
 {MASK_MOD}
@@ -64,7 +66,7 @@ DECODE_TEMPLATE = r'''
 
 @triton.jit
 def flex_decode(Q, K, V, ACC, M_OUT, L_OUT,
-                KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, PAGE_TABLE, SEQLENS, Q_START, Q_LENS, P_START,
+                KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, PAGE_TABLE, SEQLENS, Q_START, Q_LENS, P_START, SEQ_IDS,
                 stride_qz, stride_qh, stride_qm, stride_qk,
                 stride_kz, stride_kh, stride_kn, stride_kk,
                 stride_vz, stride_vh, stride_vn, stride_vk,
@@ -80,7 +82,8 @@ def flex_decode(Q, K, V, ACC, M_OUT, L_OUT,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 SPARSE_Q_BLOCK: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, HAS_SEQLENS: tl.constexpr = False,
-                DENSE_KV: tl.constexpr = False, PAGE_SIZE: tl.constexpr = 0, VARLEN_Q: tl.constexpr = False):
+                DENSE_KV: tl.constexpr = False, PAGE_SIZE: tl.constexpr = 0, VARLEN_Q: tl.constexpr = False,
+                HAS_SEQ_IDS: tl.constexpr = False):
     tl.static_assert(SPARSE_KV_BLOCK % BLOCK_N == 0, "a BlockMask kv block must hold whole kv tiles")
     tl.static_assert(QK_HEAD_PAD >= QK_HEAD and (QK_HEAD_PAD & (QK_HEAD_PAD - 1)) == 0)
     tl.static_assert(V_HEAD_PAD >= V_HEAD and (V_HEAD_PAD & (V_HEAD_PAD - 1)) == 0)
@@ -89,6 +92,7 @@ def flex_decode(Q, K, V, ACC, M_OUT, L_OUT,
                      "a page holds whole kv tiles or a kv tile whole pages")
     tl.static_assert(not DENSE_KV or HAS_SEQLENS, "DENSE_KV walks the kv length of each sequence")
     tl.static_assert(not VARLEN_Q or HAS_SEQLENS, "packed queries are the last positions of their sequence")
+    tl.static_assert(not HAS_SEQ_IDS or VARLEN_Q, "a launch over some sequences takes packed queries")
     MULT: tl.constexpr = SPARSE_KV_BLOCK // BLOCK_N
     LOG2E: tl.constexpr = 1.4426950408889634
     pid_s = tl.program_id(0)
@@ -109,6 +113,8 @@ def flex_decode(Q, K, V, ACC, M_OUT, L_OUT,
         off_h = h0 + rows * 0
         q_pos = rows
         first_pos = pid_m * BLOCK_M
+    if HAS_SEQ_IDS:
+        off_z = tl.load(SEQ_IDS + off_z)
     # this sequence's queries: seq_q_len of them, from row row0 of Q's batch q_z
     if VARLEN_Q:
         seq_q_len = tl.load(Q_LENS + off_z)
@@ -278,7 +284,7 @@ class KVLayout:
     several lengths: q is [1, Hq, T, E] and sequence b's q_lens[b] queries (its last
     positions) are its rows from q_starts[b] (needs seqlens). p_starts / p_rows: with
     q_lens, the results packed apart: sequence b's rows of out / lse are rows p_starts[b]
-    on of p_rows (a launch that takes some of the sequences: the others' q_lens 0)."""
+    on of p_rows. seq_ids: int32, with q_lens, the launch takes these sequences only."""
     seqlens: torch.Tensor | None = None
     page_table: torch.Tensor | None = None
     page_size: int = 0
@@ -287,6 +293,7 @@ class KVLayout:
     q_lens: torch.Tensor | None = None
     p_starts: torch.Tensor | None = None
     p_rows: int = 0
+    seq_ids: torch.Tensor | None = None
 
 
 def _n_sm(device) -> int:
@@ -304,7 +311,7 @@ def split_kv_forward(plan, q, k, v, cfg: SplitConfig, layout: KVLayout = KVLayou
     Bq, Hq, L, E = q.shape
     Hkv, S, Ev = v.shape[1], v.shape[2], v.shape[3]
     varlen = layout.q_lens is not None
-    B = layout.q_lens.numel() if varlen else Bq
+    B = layout.seq_ids.numel() if layout.seq_ids is not None else layout.q_lens.numel() if varlen else Bq
     blk = plan.blocks
     splits = cfg.splits
     rows = layout.p_rows if layout.p_starts is not None else L  # of the partials and the results
@@ -324,6 +331,7 @@ def split_kv_forward(plan, q, k, v, cfg: SplitConfig, layout: KVLayout = KVLayou
         q, k, v, acc, m, l, kv_num, kv_idx, full_num, full_idx, table, seqlens,
         layout.q_starts if varlen else seqlens, layout.q_lens if varlen else seqlens,
         layout.p_starts if layout.p_starts is not None else layout.q_starts if varlen else seqlens,
+        layout.seq_ids if layout.seq_ids is not None else seqlens,
         *q.stride(), *k_strides, *v_strides,
         *bm_strides(kv_num, kv_idx), *bm_strides(full_num, full_idx), stride_ptz,
         Hq, Hkv, L, S, plan.scale, plan.scale * LOG2E, splits, rows,
@@ -333,6 +341,6 @@ def split_kv_forward(plan, q, k, v, cfg: SplitConfig, layout: KVLayout = KVLayou
              QK_HEAD=E, QK_HEAD_PAD=pad_dim(E), V_HEAD=Ev, V_HEAD_PAD=pad_dim(Ev),
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPARSE_Q_BLOCK=blk.block[0], SPARSE_KV_BLOCK=blk.block[1],
              DOT_PRECISION=dot_precision(q.dtype, plan.opts), HAS_SEQLENS=layout.seqlens is not None,
-             DENSE_KV=layout.dense, PAGE_SIZE=layout.page_size, VARLEN_Q=varlen,
+             DENSE_KV=layout.dense, PAGE_SIZE=layout.page_size, VARLEN_Q=varlen, HAS_SEQ_IDS=layout.seq_ids is not None,
              num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return decode_merge(acc, m, l, q.dtype, plan.output_max)

@@ -104,25 +104,26 @@ def serving_forward(plan, q, k, v, layout: KVLayout, lengths: list, q_len: int, 
 
 def _decodes_and_chunks(plan, q, k, v, layout: KVLayout, lengths: list, query_lens: list, decodes: set):
     """Packed queries where decodes (at most DECODE_ROWS rows, the GQA group's included) share
-    the call with longer chunks: one launch for each kind, with its own tiles and kv splits
-    (in one launch the decodes ran in the chunks' 128-row q tiles without splits, and a
-    continuous-batching step of 62 decodes and two 1K chunks took 1.5x two calls, one per
-    kind, on an H200). The chunks' launch writes every row of the packed out / lse (the
-    decodes' rows without partials: overwritten next); the decodes' launch packs its rows
-    apart (p_starts) and they are copied to their places."""
+    the call with longer chunks: one launch for each kind over its own sequences (seq_ids),
+    with its own tiles and kv splits (in one launch the decodes ran in the chunks' 128-row
+    q tiles without splits, and a continuous-batching step of 62 decodes and two 1K chunks
+    took 1.5x two calls, one per kind, on an H200). The chunks' launch writes every row of
+    the packed out / lse (the decodes' rows without partials: overwritten next); the
+    decodes' launch packs its rows apart (p_starts) and they are copied to their places."""
     dev = q.device
-    chunk_lens = [0 if b in decodes else n for b, n in enumerate(query_lens)]
+    chunk_ids = [b for b, n in enumerate(query_lens) if n and b not in decodes]
+    dec_ids = sorted(decodes)
     dec_lens = [n if b in decodes else 0 for b, n in enumerate(query_lens)]
     q_starts = list(itertools.accumulate(query_lens, initial=0))
     p_starts = list(itertools.accumulate(dec_lens, initial=0))[:-1]
-    dec_rows = [r for b in sorted(decodes) for r in range(q_starts[b], q_starts[b + 1])]
-    ints = torch.tensor(chunk_lens + dec_lens + p_starts, dtype=torch.int32).to(dev, non_blocking=True)
-    nb = len(query_lens)
-    chunks = replace(layout, q_lens=ints[:nb])
-    cfg = serving_config(plan, q, v, chunks, [n for n, c in zip(lengths, chunk_lens) if c], max(chunk_lens))
+    dec_rows = [r for b in dec_ids for r in range(q_starts[b], q_starts[b + 1])]
+    ints = torch.tensor(chunk_ids + dec_ids + p_starts, dtype=torch.int32).to(dev, non_blocking=True)
+    nc, nd = len(chunk_ids), len(dec_ids)
+    chunks = replace(layout, seq_ids=ints[:nc])
+    cfg = serving_config(plan, q, v, chunks, [lengths[b] for b in chunk_ids], max(query_lens[b] for b in chunk_ids))
     res = split_kv_forward(plan, q, k, v, cfg, chunks)
-    dec = replace(layout, q_lens=ints[nb:2 * nb], p_starts=ints[2 * nb:], p_rows=len(dec_rows))
-    cfg = serving_config(plan, q, v, dec, [lengths[b] for b in sorted(decodes)], max(dec_lens))
+    dec = replace(layout, seq_ids=ints[nc:nc + nd], p_starts=ints[nc + nd:], p_rows=len(dec_rows))
+    cfg = serving_config(plan, q, v, dec, [lengths[b] for b in dec_ids], max(dec_lens))
     res_dec = split_kv_forward(plan, q, k, v, cfg, dec)
     rows = torch.tensor(dec_rows, dtype=torch.int64).to(dev, non_blocking=True)
     for whole, part in zip(res, res_dec):  # out, lse (and max_scores): rows along dim 2
