@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python3 benchmarks/bench_tile_form.py --cases sliding_window,document,prefix_lm,causal
         [--dims 64] [--tile-options '{"num_warps": 8}']   (kernel_options for the tile form only)
+        [--form tiles]   (the tiles' bytes even where the interval form applies)
 
 A new mask's first calls run through its tile-table form (flexattn.mask_tiles) while its own
 kernels compile (flexattn.kernels.tiered); a user who benchmarks right after the first call
@@ -30,6 +31,9 @@ def main():
     p.add_argument("--cases", default="sliding_window,document,prefix_lm,causal")
     p.add_argument("--seqs", default="8192")
     p.add_argument("--dims", default="128")
+    p.add_argument("--form", choices=("intervals", "tiles"), default="intervals",
+                   help="intervals: the interval form where every partial block's rows allow it (the default); "
+                        "tiles: the tiles' bytes always")
     p.add_argument("--tile-options", default=None,
                    help='kernel_options for the tile form only, as JSON, e.g. \'{"num_warps": 8}\'')
     a = p.parse_args()
@@ -49,14 +53,16 @@ def main():
                            for _ in range(3)]
                 go = torch.randn_like(q)
                 own = flexattn.create_block_mask(mask_mod, None, None, S, S, device="cuda")
-                tile = tile_table_form(own)
+                intervals = a.form == "intervals"
+                tile = tile_table_form(own, intervals=intervals)
                 dens = block_density(own)
                 flops = 4 * B * H * S * S * D * dens
                 res = {}
                 outs = {}
                 lookup = codegen.tile_table_lookup
                 # a BlockMask object of its own: cached calls (kernels.replay) are per BlockMask
-                generic = tile_table_form(flexattn.create_block_mask(mask_mod, None, None, S, S, device="cuda"))
+                generic = tile_table_form(flexattn.create_block_mask(mask_mod, None, None, S, S, device="cuda"),
+                                          intervals=intervals)
                 for name, bm in (("own", own), ("tile", tile), ("generic", generic)):
                     # "generic": the tile form printed like any mask (no per-row slot lookup)
                     codegen.tile_table_lookup = (lambda g: None) if name == "generic" else lookup
@@ -79,7 +85,8 @@ def main():
                 source._MODULES.clear()
                 same = torch.equal(outs["own"], outs["tile"])
                 err = ((outs["own"] - outs["tile"]).norm() / outs["own"].norm()).item()
-                print(f"{case:>15} D={D} S={S} density {dens:.3f} | own {res['own_f']:.0f} / {res['own_fb']:.0f}"
+                form = "intervals" if len(tile.mask_graph.buffers) == 3 else "tiles"
+                print(f"{case:>15} D={D} S={S} density {dens:.3f} {form} | own {res['own_f']:.0f} / {res['own_fb']:.0f}"
                       f" | tile form {res['tile_f']:.0f} / {res['tile_fb']:.0f} TFLOP/s (fwd / fwd+bwd)"
                       f" | tile / own {res['tile_f'] / res['own_f']:.2f} / {res['tile_fb'] / res['own_fb']:.2f}"
                       f" | generic print {res['generic_f']:.0f} / {res['generic_fb']:.0f}"

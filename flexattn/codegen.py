@@ -659,64 +659,115 @@ def _const_int(n: Node):
 
 @dataclass(frozen=True)
 class TileLookup:
-    """The parts of a tile-table lookup (see tile_table_lookup): the buffer slots of `slots`
-    and `tiles`, the kernel expressions of b and h ("off_z" / "off_h" or "0"), the block
-    sizes and the node the tile's byte is compared with."""
+    """The parts of a tile-table lookup (see tile_table_lookup): the buffer slot of `slots`,
+    those of the tables (`tiles`; or `lows`, `highs` for the interval form), the kernel
+    expressions of b and h ("off_z" / "off_h" or "0"), the block sizes and, for tiles, the
+    node the tile's byte is compared with."""
     slots: int
-    tiles: int
+    tables: tuple
     b: str
     h: str
     qb: int
     kvb: int
-    zero: Node
+    zero: Node | None = None
+
+    @property
+    def intervals(self) -> bool:
+        return len(self.tables) == 2
 
 
-def tile_table_lookup(graph: Graph) -> TileLookup | None:
-    """The parts of `graph` when it is the tile-table lookup of flexattn.mask_tiles,
-    `tiles[slots[b, h, q_idx // QB, kv_idx // KVB], q_idx % QB, kv_idx % KVB] != 0` (b, h
-    each the input or the literal 0; QB, KVB powers of two; slots int32 [4-d], tiles int8
-    [3-d]), else None."""
-    out = graph.output
-    if out is None or out.op != "ne" or out.args[0].op != "load":
+def _slot_load(slot: Node):
+    """(slots buffer node, b, h, QB, KVB) of `slots[b, h, q_idx // QB, kv_idx // KVB]` (an int32
+    4-d buffer; QB, KVB powers of two), else None."""
+    if slot.op != "load" or len(slot.args) != 5:
         return None
-    tile, zero = out.args
-    if not (zero.op == "const" and zero.args[0] == 0 or zero.op == "param" and graph.params[zero.args[0]] == 0):
-        return None
-    if len(tile.args) != 4 or tile.args[1].op != "load" or len(tile.args[1].args) != 5:
-        return None
-    tiles_buf, slot, q_in, kv_in = tile.args
     slots_buf, b, h, q_blk, kv_blk = slot.args
-    if tiles_buf.op != "buffer" or slots_buf.op != "buffer" or tiles_buf.dtype != torch.int8 \
-            or slots_buf.dtype != torch.int32:
+    if slots_buf.op != "buffer" or slots_buf.dtype != torch.int32:
         return None
     sizes = []
-    for blk, within, name in ((q_blk, q_in, "q_idx"), (kv_blk, kv_in, "kv_idx")):
-        if blk.op != "floordiv" or within.op != "mod" or blk.args[1] is not within.args[1] \
-                or not (blk.args[0] is within.args[0] and blk.args[0].op == "input" and blk.args[0].args[0] == name):
+    for blk, name in ((q_blk, "q_idx"), (kv_blk, "kv_idx")):
+        if blk.op != "floordiv" or not _is_input(blk.args[0], name):
             return None
         size = _const_int(blk.args[1])
         if size is None or size <= 0 or size & (size - 1):
             return None
         sizes.append(size)
+    return slots_buf, b, h, *sizes
+
+
+def _is_input(n: Node, name: str) -> bool:
+    return n.op == "input" and n.args[0] == name
+
+
+def _within(n: Node, name: str, size: int) -> bool:
+    """n is `name % size` (the position within its block)."""
+    return n.op == "mod" and _is_input(n.args[0], name) and _const_int(n.args[1]) == size
+
+
+def _index_exprs(b: Node, h: Node):
+    """The kernel expressions of a lookup's b and h (the input, or a literal 0), else None."""
     read = []
     for node, name in ((b, "b"), (h, "h")):
-        if node.op == "input" and node.args[0] == name:
+        if _is_input(node, name):
             read.append(INDEX_INPUTS[name])
         elif _const_int(node) == 0:
             read.append("0")
         else:
             return None
-    return TileLookup(slots_buf.args[0], tiles_buf.args[0], *read, *sizes, zero)
+    return read
+
+
+def tile_table_lookup(graph: Graph) -> TileLookup | None:
+    """The parts of `graph` when it is a lookup of flexattn.mask_tiles, else None: the tile
+    form `tiles[slots[b, h, q_idx // QB, kv_idx // KVB], q_idx % QB, kv_idx % KVB] != 0`
+    (tiles int8 [3-d]) or the interval form `(kv_idx % KVB >= lows[s, q_idx % QB]) &
+    (kv_idx % KVB < highs[s, q_idx % QB])` with s that slot (lows, highs int32 [2-d]); b, h
+    each the input or the literal 0; QB, KVB powers of two; slots int32 [4-d]."""
+    out = graph.output
+    if out is None:
+        return None
+    if out.op == "ne" and out.args[0].op == "load":   # tiles
+        tile, zero = out.args
+        if not (zero.op == "const" and zero.args[0] == 0 or zero.op == "param" and graph.params[zero.args[0]] == 0):
+            return None
+        if len(tile.args) != 4:
+            return None
+        tiles_buf, slot, q_in, kv_in = tile.args
+        parts = _slot_load(slot)
+        if parts is None or tiles_buf.op != "buffer" or tiles_buf.dtype != torch.int8:
+            return None
+        slots_buf, b, h, qb, kvb = parts
+        if not (_within(q_in, "q_idx", qb) and _within(kv_in, "kv_idx", kvb)):
+            return None
+        read = _index_exprs(b, h)
+        return None if read is None else TileLookup(slots_buf.args[0], (tiles_buf.args[0],), *read, qb, kvb, zero)
+    if out.op != "and" or out.args[0].op != "ge" or out.args[1].op != "lt":   # intervals
+        return None
+    (col, low), (col2, high) = out.args[0].args, out.args[1].args
+    if col2 is not col or low.op != "load" or high.op != "load" or len(low.args) != 3 or len(high.args) != 3:
+        return None
+    (lows_buf, slot, row), (highs_buf, slot2, row2) = low.args, high.args
+    parts = _slot_load(slot)
+    if parts is None or slot2 is not slot or row2 is not row:
+        return None
+    slots_buf, b, h, qb, kvb = parts
+    if any(t.op != "buffer" or t.dtype != torch.int32 for t in (lows_buf, highs_buf)) \
+            or not (_within(row, "q_idx", qb) and _within(col, "kv_idx", kvb)):
+        return None
+    read = _index_exprs(b, h)
+    return None if read is None else TileLookup(slots_buf.args[0], (lows_buf.args[0], highs_buf.args[0]), *read,
+                                                qb, kvb)
 
 
 def _tile_table_body(lookup: TileLookup, prefix: str) -> list[str]:
     """The lookup of `tile_table_lookup` printed for the kernels: the same values as the
-    generic print, with one slot per row instead of one per score and the tile's bytes at
-    affine addresses. Those load as vectors only where Triton sees the column offset
-    contiguous: `kv_idx % KVB` (kv_idx >= 0 in every kernel), not _floormod, whose select
-    hides it (one byte load per score: at D=64 on an H200 the Triton forward's tile form of
-    sliding-window and document masks ran at 0.29-0.30x the masks' own kernels, 0.74-0.78x
-    with vector loads). Printed per score, the two gathers per score were slower still.
+    generic print, with one slot per row instead of one per score, the interval form's two
+    numbers per row, and the tile form's bytes at affine addresses. Those load as vectors
+    only where Triton sees the column offset contiguous: `kv_idx % KVB` (kv_idx >= 0 in every
+    kernel), not _floormod, whose select hides it (one byte load per score: at D=64 on an
+    H200 the Triton forward's tile form of sliding-window and document masks ran at
+    0.29-0.30x the masks' own kernels, 0.74-0.78x with vector loads). Printed per score, the
+    two gathers per score were slower still.
 
     Exact because a kernel's kv tile never straddles a kv block of KVB columns (every
     template walks kv tiles of BLOCK_N columns at multiples of BLOCK_N, and BLOCK_N <= KVB,
@@ -724,9 +775,8 @@ def _tile_table_body(lookup: TileLookup, prefix: str) -> list[str]:
     kernel packs heads and positions into its rows). Out-of-range indices read 0, as in
     the generic print."""
     b, h, qb, kvb = lookup.b, lookup.h, lookup.qb, lookup.kvb
-    slots, tiles = f"{prefix}{lookup.slots}", f"{prefix}{lookup.tiles}"
-    zero_expr = "0" if lookup.zero.op == "const" else f"{prefix}p{lookup.zero.args[0]}"
-    return [
+    slots = f"{prefix}{lookup.slots}"
+    lines = [
         "kj = tl.min(tl.min(kv_idx, 1), 0) // " + str(kvb),  # kv_idx >= 0: // floors
         f"qi = _floordiv(q_idx, {qb})",
         f"slot = tl.load({slots}_ptr + {b} * {slots}_s0 + {h} * {slots}_s1 + qi.to(tl.int64) * {slots}_s2"
@@ -735,6 +785,16 @@ def _tile_table_body(lookup: TileLookup, prefix: str) -> list[str]:
         f" & (kj < {slots}_n3), other=0)",
         f"q_in = _floormod(q_idx, {qb})",
         f"kv_in = kv_idx % {kvb}",  # kv_idx >= 0: the floor remainder, contiguous along the tile
+    ]
+    if lookup.intervals:
+        for name, t in zip(("lo", "hi"), lookup.tables):
+            t = f"{prefix}{t}"
+            lines += [f"{name} = tl.load({t}_ptr + slot.to(tl.int64) * {t}_s0 + q_in * {t}_s1,",
+                      f"             mask=(slot >= 0) & (slot < {t}_n0) & (q_in < {t}_n1), other=0)"]
+        return lines + ["return (kv_in >= lo) & (kv_in < hi)"]
+    tiles = f"{prefix}{lookup.tables[0]}"
+    zero_expr = "0" if lookup.zero.op == "const" else f"{prefix}p{lookup.zero.args[0]}"
+    return lines + [
         f"tile = tl.load({tiles}_ptr + slot.to(tl.int64) * {tiles}_s0 + q_in * {tiles}_s1 + kv_in * {tiles}_s2,",
         f"               mask=(slot >= 0) & (slot < {tiles}_n0) & (q_in < {tiles}_n1) & (kv_in < {tiles}_n2),"
         " other=0)",

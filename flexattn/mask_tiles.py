@@ -1,24 +1,39 @@
 """The tile-table form of a BlockMask: its mask_mod evaluated once, exactly, on every
 partial block, and read back by a lookup whose structure does not depend on the mask.
 
+    slots [Bs, Hs, nQ, nKV] int32           slots[b, h, i, j] = s for partial block (i, j)
     tiles [T, Q_BLOCK, KV_BLOCK] int8       tiles[s] = the mask on partial block s (tile 0 and
                                             the padding up to T = P + 1 rounded up to a
                                             multiple of 16: all false)
-    slots [Bs, Hs, nQ, nKV] int32           slots[b, h, i, j] = s for partial block (i, j)
 
     tile_lookup(b, h, q_idx, kv_idx) =
         tiles[slots[b, h, q_idx // Q_BLOCK, kv_idx // KV_BLOCK], q_idx % Q_BLOCK, kv_idx % KV_BLOCK] != 0
+
+Where every row of every partial block keeps one run of consecutive columns (or none) -
+causal, sliding-window, prefix-LM and document masks - the form keeps the runs instead of
+the tiles (the interval form):
+
+    lows, highs [T, Q_BLOCK] int32          row r of tile s keeps columns [lows, highs) (both 0:
+                                            none)
+
+    interval_lookup(b, h, q_idx, kv_idx) =
+        lows[s, q_idx % Q_BLOCK] <= kv_idx % KV_BLOCK < highs[s, q_idx % Q_BLOCK],
+        s = slots[b, h, q_idx // Q_BLOCK, kv_idx // KV_BLOCK]
+
+which a kernel reads as two numbers per row and two compares per score, against a tile's
+bytes per score (16 KiB a partial kv tile at 128 x 128).
 
 (b, h read as literal 0 where the mask does not depend on them.) On every partial block the
 lookup equals mask_mod, and kernels evaluate a mask only on partial blocks, so attention
 with `tile_table_form(bm)` masks exactly what `bm` masks (bit for bit the same result on
 the CPU path and in the interpreter; compiled GPU kernels may round differently). The lookup's IR - and so
-its kernels - depends only on the block sizes and which of b, h it reads: one compiled
-kernel serves every mask. `flexattn.kernels.tiered` runs a new mask structure's first
-calls through it while the mask's own kernels compile.
+its kernels - depends only on the form, the block sizes and which of b, h it reads: one
+compiled kernel per form serves every mask. `flexattn.kernels.tiered` runs a new mask
+structure's first calls through it while the mask's own kernels compile.
 
-Memory: Q_BLOCK * KV_BLOCK bytes per partial block (16 KiB at 128 x 128) plus 4 bytes per
-block; `tile_table_form` returns None past `max_bytes`.
+Memory: Q_BLOCK * KV_BLOCK bytes per partial block (16 KiB at 128 x 128; the interval form
+keeps 8 * Q_BLOCK bytes) plus 4 bytes per block; `tile_table_form` returns None past
+`max_bytes` (counted for the tiles, which are built first).
 """
 from __future__ import annotations
 
@@ -44,19 +59,44 @@ def _tile_lookup_mod(slots: torch.Tensor, tiles: torch.Tensor, qb: int, kvb: int
     return tile_lookup
 
 
-def tile_table_form(block_mask: BlockMask, max_bytes: int = DEFAULT_MAX_BYTES) -> Optional[BlockMask]:
+def _interval_lookup_mod(slots: torch.Tensor, lows: torch.Tensor, highs: torch.Tensor, qb: int, kvb: int,
+                         uses_b: bool, uses_h: bool):
+    def interval_lookup(b, h, q_idx, kv_idx):
+        slot = slots[b if uses_b else 0, h if uses_h else 0, q_idx // qb, kv_idx // kvb]
+        row, col = q_idx % qb, kv_idx % kvb
+        return (col >= lows[slot, row]) & (col < highs[slot, row])
+    return interval_lookup
+
+
+def _intervals(tiles: torch.Tensor) -> Optional[tuple]:
+    """(lows, highs) int32 [T, Q_BLOCK] of tiles [T, Q_BLOCK, KV_BLOCK] whose every row keeps
+    one run of consecutive columns or none, else None."""
+    kept = tiles.bool()
+    count = kept.sum(-1, dtype=torch.int32)
+    first = kept.to(torch.int8).argmax(-1).to(torch.int32)   # the first kept column (0: none)
+    last = tiles.shape[-1] - 1 - kept.flip(-1).to(torch.int8).argmax(-1).to(torch.int32)
+    if not bool(((count == 0) | (last - first + 1 == count)).all()):
+        return None
+    lows = torch.where(count > 0, first, 0)
+    return lows, lows + count
+
+
+def tile_table_form(block_mask: BlockMask, max_bytes: int = DEFAULT_MAX_BYTES,
+                    intervals: bool = True) -> Optional[BlockMask]:
     """`block_mask` with its mask_mod replaced by the tile lookup (same block lists, same
-    results); None when it has no traced mask or its tiles would pass `max_bytes`.
-    Cached on the BlockMask."""
+    results) - the interval form where every partial block's rows allow it and `intervals`
+    is set; None when it has no traced mask or its tiles would pass `max_bytes`. Cached on
+    the BlockMask."""
+    key = (max_bytes, intervals)
     cached = block_mask.__dict__.get("_flexattn_tile_form")
-    if cached is not None and cached[0] == max_bytes:
+    if cached is not None and cached[0] == key:
         return cached[1]
-    form = _build(block_mask, max_bytes)
-    block_mask.__dict__["_flexattn_tile_form"] = (max_bytes, form)
+    form = _build(block_mask, max_bytes, intervals)
+    block_mask.__dict__["_flexattn_tile_form"] = (key, form)
     return form
 
 
-def _build(bm: BlockMask, max_bytes: int) -> Optional[BlockMask]:
+def _build(bm: BlockMask, max_bytes: int, intervals: bool) -> Optional[BlockMask]:
     graph = bm.mask_graph
     if graph is None:
         return None
@@ -94,6 +134,10 @@ def _build(bm: BlockMask, max_bytes: int) -> Optional[BlockMask]:
         tiles[s + 1:e + 1] = evaluate_block_tiles(graph, b_i[s:e].to(torch.int32)[:, None, None],
                                                   h_i[s:e].to(torch.int32)[:, None, None], q_i[s:e], kv_i[s:e],
                                                   (qb, kvb), Q_LEN, KV_LEN).to(torch.int8)
-    lookup = _tile_lookup_mod(slots, tiles, qb, kvb, uses_b, uses_h)
+    runs = _intervals(tiles) if intervals else None
+    if runs is not None:
+        lookup = _interval_lookup_mod(slots, *runs, qb, kvb, uses_b, uses_h)
+    else:
+        lookup = _tile_lookup_mod(slots, tiles, qb, kvb, uses_b, uses_h)
     return BlockMask(*(getattr(bm, a) for a in BlockMask._TENSOR_ATTRS), BLOCK_SIZE=bm.BLOCK_SIZE,
                      mask_mod=lookup, seq_lengths=bm.seq_lengths, mask_graph=trace_mask(lookup))

@@ -254,19 +254,30 @@ def test_replayed_calls_match_the_normal_path():
             assert torch.equal(a, b), name
 
 
+def _strided(d):  # a mask whose partial blocks keep several runs of columns a row: the tile form
+    return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & ((q_idx - kv_idx) % d != d - 1)
+
+
+def _window_docs(w):  # one run a row: the interval form (a new structure for each w)
+    if w % 2:
+        return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx <= w)
+    return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx // w == kv_idx // w)
+
+
 @pytest.mark.parametrize("E", [64, 128])
-def test_tiered_new_mask_structure(E):
+@pytest.mark.parametrize("masks", [(_strided(97), _strided(89)), (_window_docs(97), _window_docs(90))],
+                         ids=["tile_form", "interval_form"])
+def test_tiered_new_mask_structure(E, masks):
     """A new mask structure's first call runs through the tile-table kernels (compiled in
-    the background after an earlier new mask), its own kernels compile in the background,
-    and the calls after that run them; both under the numerics rule (the two kernels may
-    round differently: kernels.tiered). E=128 on sm90 takes the Hopper forward, which is not
-    tiered (kernels.tiered.route): its own kernels compile at once."""
+    the background after an earlier new mask of the same form), its own kernels compile in
+    the background, and the calls after that run them; both under the numerics rule (the two
+    kernels may round differently: kernels.tiered). E=128 on sm90 takes the Hopper forward,
+    which is not tiered (kernels.tiered.route): its own kernels compile at once."""
     import flexattn
     from flexattn.kernels import tiered
     from flexattn.reference import reference_attention
 
-    def strided(d):
-        return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & ((q_idx - kv_idx) % d != d - 1)
+    warm, new = masks
     q, k, v = make_qkv(B=2, Hq=4, L=384, S=384, E=E, dtype=torch.bfloat16, device=DEV, seed=3)
     go = torch.randn_like(q)
 
@@ -274,21 +285,21 @@ def test_tiered_new_mask_structure(E):
         out = flexattn.flex_attention(q, k, v, block_mask=flexattn.create_block_mask(mask, None, None, 384, 384,
                                                                                        device=DEV))
         return [out, *torch.autograd.grad(out, [q, k, v], go)]
-    run(strided(97))  # compiles its own kernels now, the tile form's in the background
+    run(warm)  # compiles its own kernels now (or ran before), the tile form's in the background
     tiered.wait()
     submitted = len(tiered._submitted)
-    first = run(strided(89))
+    first = run(new)
     hopper = E == 128 and torch.cuda.get_device_capability() == (9, 0)
     sent = 0 if hopper else 3  # fwd, dq, dk/dv of the new mask sent to compile in the background
     assert len(tiered._submitted) == submitted + sent
     tiered.wait()
-    again = run(strided(89))
+    again = run(new)
     assert len(tiered._submitted) == submitted + sent  # its own kernels ran: nothing more to compile
     qr, kr, vr = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    ro, _ = reference_attention(qr, kr, vr, None, strided(89))
+    ro, _ = reference_attention(qr, kr, vr, None, new)
     ref = [ro, *torch.autograd.grad(ro, [qr, kr, vr], go)]
     q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    g64, _ = reference_attention(q64, k64, v64, None, strided(89))
+    g64, _ = reference_attention(q64, k64, v64, None, new)
     gold = [g64, *torch.autograd.grad(g64, [q64, k64, v64], go.double())]
     for name, a, b, r, g in zip(["out", "dq", "dk", "dv"], first, again, ref, gold):
         assert_close_to_golden(name + " (tile form)", a, r, g)

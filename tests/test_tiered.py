@@ -46,7 +46,14 @@ def test_tile_form_same_bits_cpu(name, B, H, L, S, block):
 def test_tile_form_table_contents_and_limits():
     causal = lambda b, h, q, kv: q >= kv  # noqa: E731
     bm = flexattn.create_block_mask(causal, None, None, 300, 300, BLOCK_SIZE=128)
-    form = tile_table_form(bm)
+    # the interval form: row r of a partial block keeps columns [lows, highs)
+    slots, lows, highs = tile_table_form(bm).mask_graph.buffers
+    assert lows.shape == highs.shape == (16, 128) and lows.dtype == highs.dtype == torch.int32
+    assert slots[0, 0].tolist() == [[1, 0, 0], [0, 2, 0], [3, 4, 5]]
+    assert not lows.any() and highs[1].tolist() == list(range(1, 129))
+    assert highs[5].tolist() == list(range(1, 45)) + [0] * 84   # padding rows keep nothing
+    assert highs[3].tolist() == [128] * 44 + [0] * 84 and not highs[0].any() and not highs[6:].any()
+    form = tile_table_form(bm, intervals=False)
     slots, tiles = form.mask_graph.buffers
     # partial: the diagonal, and the last block row (it holds padding rows), numbered row by
     # row from 1; tile 0 and the rows padding the table to 16 stay empty
@@ -55,36 +62,65 @@ def test_tile_form_table_contents_and_limits():
     assert torch.equal(tiles[5][:44, :44].bool(), torch.ones(44, 44, dtype=torch.bool).tril())
     assert not tiles[5][44:].any() and not tiles[5][:, 44:].any()  # padding is false
     assert tiles[3][:44].all() and not tiles[3][44:].any()
-    assert tile_table_form(bm) is form  # cached on the BlockMask
-    assert tile_table_form(bm, max_bytes=100_000) is None  # 16 tiles of 16 KiB do not fit
+    assert tile_table_form(bm, intervals=False) is form  # cached on the BlockMask
+    assert tile_table_form(bm, max_bytes=100_000) is None  # 16 tiles of 16 KiB do not fit (built first)
     dense = flexattn.BlockMask.from_kv_blocks(bm.kv_num_blocks, bm.kv_indices)
     assert tile_table_form(dense) is None  # no traced mask: nothing to tabulate
 
 
 def test_tile_form_prints_one_slot_per_row():
-    """The tile form's lookup prints with a slot per row and the tile's bytes at affine
-    addresses (codegen.tile_table_lookup), a mask that only resembles it does not."""
+    """Both forms' lookups print with a slot per row (codegen.tile_table_lookup): the interval
+    form's two numbers per row, the tile form's bytes at affine addresses; a mask that only
+    resembles one does not."""
     from flexattn.kernels import generated_source
-    form = tile_table_form(flexattn.create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 256, 256))
-    assert "tl.min(tl.min(kv_idx, 1), 0) // 128" in generated_source(None, form.mask_graph, "fwd")
+    causal = flexattn.create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 256, 256)
+    for intervals, last in ((True, "return (kv_in >= lo) & (kv_in < hi)"), (False, "return tile != 0")):
+        src = generated_source(None, tile_table_form(causal, intervals=intervals).mask_graph, "fwd")
+        assert "tl.min(tl.min(kv_idx, 1), 0) // 128" in src and last in src
     tiles = torch.zeros(3, 128, 128, dtype=torch.int8)
     slots = torch.zeros(1, 1, 3, 3, dtype=torch.int32)
+    lows, highs = torch.zeros(3, 128, dtype=torch.int32), torch.zeros(3, 128, dtype=torch.int32)
     for near in (lambda b, h, q, kv: tiles[slots[0, 0, q // 128, kv // 128], q % 128, kv % 128] != 1,
                  lambda b, h, q, kv: tiles[slots[0, 0, q // 128, kv // 96], q % 128, kv % 96] != 0,
-                 lambda b, h, q, kv: tiles[slots[0, 0, kv // 128, q // 128], q % 128, kv % 128] != 0):
+                 lambda b, h, q, kv: tiles[slots[0, 0, kv // 128, q // 128], q % 128, kv % 128] != 0,
+                 lambda b, h, q, kv: ((kv % 128 >= lows[slots[0, 0, q // 128, kv // 128], q % 128])
+                                      & (kv % 128 <= highs[slots[0, 0, q // 128, kv // 128], q % 128])),
+                 lambda b, h, q, kv: ((kv % 128 >= lows[slots[0, 0, q // 128, kv // 128], q % 128])
+                                      & (kv % 128 < highs[slots[0, 0, q // 128, kv // 128], kv % 128]))):
         bm = flexattn.create_block_mask(near, None, None, 256, 256)
         assert "tl.min(tl.min(kv_idx" not in generated_source(None, bm.mask_graph, "fwd")
 
 
-def test_tile_form_one_kernel_source_for_every_mask():
+def test_tile_form_one_kernel_source_per_form():
+    """Masks whose partial blocks keep one run of columns a row (causal, sliding window,
+    prefix-LM, documents) share the interval form's kernel source; the others share the
+    tile form's."""
     from flexattn.kernels import generated_source
-    masks = [lambda b, h, q, kv: q >= kv, lambda b, h, q, kv: (q - kv) % 7 != 3,
-             lambda b, h, q, kv: (kv < 64) | ((q // 32) == (kv // 32))]
-    sources = set()
-    for mask in masks:
-        form = tile_table_form(flexattn.create_block_mask(mask, None, None, 256, 256))
-        sources.add(generated_source(None, form.mask_graph, "fwd"))
-    assert len(sources) == 1
+    runs = [lambda b, h, q, kv: q >= kv, lambda b, h, q, kv: (q - kv).abs() <= 40,
+            lambda b, h, q, kv: (kv < 100) | (q >= kv), lambda b, h, q, kv: (q // 48 == kv // 48) & (q >= kv)]
+    other = [lambda b, h, q, kv: (q - kv) % 7 != 3, lambda b, h, q, kv: (kv < 64) | ((q // 32) == (kv // 32))]
+    sources = {}
+    for kind, masks in (("intervals", runs), ("tiles", other)):
+        for mask in masks:
+            form = tile_table_form(flexattn.create_block_mask(mask, None, None, 256, 256))
+            assert len(form.mask_graph.buffers) == (3 if kind == "intervals" else 2)
+            sources.setdefault(kind, set()).add(generated_source(None, form.mask_graph, "fwd"))
+    assert len(sources["intervals"]) == len(sources["tiles"]) == 1 and sources["intervals"] != sources["tiles"]
+
+
+def test_intervals_exact():
+    """_intervals gives runs that reproduce every tile, or None where a row keeps two runs."""
+    from flexattn.mask_tiles import _intervals
+    g = torch.Generator().manual_seed(0)
+    lo = torch.randint(0, 33, (50, 16), generator=g)
+    hi = torch.minimum(lo + torch.randint(0, 33, (50, 16), generator=g), torch.tensor(32))
+    cols = torch.arange(32)
+    tiles = ((cols >= lo[..., None]) & (cols < hi[..., None])).to(torch.int8)
+    lows, highs = _intervals(tiles)
+    assert torch.equal(((cols >= lows[..., None]) & (cols < highs[..., None])).to(torch.int8), tiles)
+    assert not lows[hi <= lo].any() and not highs[hi <= lo].any()   # rows keeping nothing: (0, 0)
+    tiles[7, 3] = ((cols < 5) | (cols >= 9)).to(torch.int8)   # one row keeping two runs
+    assert _intervals(tiles) is None
 
 
 def test_policy_routes_new_structures_through_the_tile_form(monkeypatch):
@@ -158,6 +194,17 @@ outs = [flexattn.flex_attention(q, k, v, block_mask=mask, enable_gqa=True,
                                 kernel_options={"BACKEND": "triton", "FORCE_DECODE": True})
         for mask in (bm, tile_table_form(bm))]
 assert torch.equal(*outs), "decode"
+# the same with a mask of one run a row (the interval form) that reads h
+def window_by_head(b, h, q, kv):
+    return (kv <= q + 90 - 7 * h) & (kv >= q + 20 - 3 * h)
+bm = flexattn.create_block_mask(window_by_head, 1, 4, 3, 100, BLOCK_SIZE=32)
+form = tile_table_form(bm)
+assert len(form.mask_graph.buffers) == 3, "interval form"
+q = torch.randn(1, 4, 3, 32, generator=g)
+outs = [flexattn.flex_attention(q, k, v, block_mask=mask, enable_gqa=True,
+                                kernel_options={"BACKEND": "triton", "FORCE_DECODE": True})
+        for mask in (bm, form)]
+assert torch.equal(*outs), "decode, interval form"
 # a hand-written lookup of the same shape over 16-wide blocks, smaller than the kernels' 32-wide
 # kv tiles: the per-score form (a kv tile spans two of its blocks)
 slots = torch.arange(16, dtype=torch.int32).view(1, 1, 4, 4) % 5
@@ -194,8 +241,9 @@ def test_tile_form_rows_that_differ_only_in_b():
     kv_idx[1, 0, 3, :2] = torch.tensor([0, 3], dtype=kv_idx.dtype)
     bm = flexattn.BlockMask.from_kv_blocks(kv_num, kv_idx, mask_mod=causal, BLOCK_SIZE=64)
     form = tile_table_form(bm)
-    slots, tiles = form.mask_graph.buffers
-    assert slots.shape == (1, 1, 4, 4) and slots[0, 0, 3, 0] > 0 and tiles[slots[0, 0, 3, 0]].all()
+    slots, lows, highs = form.mask_graph.buffers
+    s = slots[0, 0, 3, 0]
+    assert slots.shape == (1, 1, 4, 4) and s > 0 and not lows[s].any() and (highs[s] == 64).all()
     assert torch.equal(form.to_dense(), bm.to_dense())
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 2, 256, 16, generator=g) for _ in range(3))

@@ -6,8 +6,10 @@ A mask_mod is compiled into the kernels. New numbers in a mask (a window width) 
 values in its captured tensors (a document layout) are kernel arguments and never
 recompile, but a new mask *expression* costs a Triton compile before its first output
 (1.2-1.7 s on the lent H200's host). The tile-table form reads the mask from a table built
-by evaluating mask_mod once on every partial block; its kernels depend only on the block
-sizes and on which of b, h the mask reads, so they are compiled once and serve every mask.
+by evaluating mask_mod once on every partial block (each row's run of kept columns where
+every row has one, else the tiles' bytes: flexattn.mask_tiles); its kernels depend only on
+that form, the block sizes and which of b, h the mask reads, so they are compiled once per
+form and serve every mask of that form.
 Both forms place -inf at exactly the same positions and run the same kernel template: on
 the CPU path and in the interpreter the results are the same bits; compiled for a GPU the
 two kernels may round differently (the compiler fuses multiply-adds around different mask
@@ -21,7 +23,8 @@ it needs gradients):
 * else, if the tile-table kernels are compiled and the table fits: use the tile-table form,
   and after the launch compile the mask's own kernels in the background (`after_launch`);
 * else: the mask's own kernels, compiled now (as without tiering), and after the launch the
-  tile-table kernels are compiled in the background, so that the next new mask is instant.
+  tile-table kernels (of the mask's form) are compiled in the background, so that the next
+  new mask of that form is instant.
 
 GPU only (the interpreter compiles nothing); off with kernel_options={"TIERED": False},
 under DETERMINISTIC (same bits call to call), under AUTOTUNE (which times the mask's
