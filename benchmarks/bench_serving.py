@@ -280,13 +280,13 @@ PREFILL_SWEEP_CONFIGS = [None] + [dict(decode_BLOCK_N=bn, decode_num_stages=st, 
                                   for bn in (32, 64, 128) for st in (2, 3) for w in (4, 8)]
 
 
-def sweep_layouts(lens, k, v, q, opts_call):
+def sweep_layouts(lens, k, v, q, page_sizes, opts_call):
     """name -> call(kernel_options) for the contiguous cache and a paged copy per page size."""
     from flexattn.serving import paged_attention
     from flexattn.serving.checks import CacheLengths
     both = CacheLengths(torch.tensor(lens, dtype=torch.int32, device="cuda"), lens)
     layouts = {"contiguous": lambda opts: paged_attention(q, k, v, both, kernel_options=opts, **opts_call)}
-    for ps in (16, 128):
+    for ps in page_sizes:
         cache = fill_paged(lens, k, v, ps)
         layouts[f"paged {ps}"] = lambda opts, cache=cache: cache.attention(q, list(range(len(lens))),
                                                                           kernel_options=opts, **opts_call)
@@ -308,7 +308,7 @@ def sweep_one(head, layouts, configs, work, unit):
                 print(f"sweep {head} {name:<11} {str(opts):<80} {ms:8.4f} ms {row[unit]:7.0f} {unit} "
                       f"diff {row['max_diff']:.1e}", flush=True)
             except Exception as e:
-                row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                row["skipped"] = _reason(e)
                 print(f"sweep {head} {name:<11} {str(opts):<80} skipped ({row['skipped']})", flush=True)
             rows.append(row)
     return rows
@@ -338,11 +338,16 @@ def sweep_rows(args):
             call = {}
             work, unit = sum(lens) * HKV * D * 2 * k.element_size() / 1e9, "GBps"
             head = dict(kind="decode sweep", B=B, max_len=S)
-        rows += sweep_one(head, sweep_layouts(lens, k, v, q, call),
+        rows += sweep_one(head, sweep_layouts(lens, k, v, q, args.page_sizes, call),
                           PREFILL_SWEEP_CONFIGS if prefill else SWEEP_CONFIGS, work, unit)
         del k, v
         torch.cuda.empty_cache()
     return rows
+
+
+def _reason(e: Exception) -> str:
+    """Why a measurement was skipped: the exception's type and first line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
 
 def run_peers(peers, base, as_float, work, unit, verbose) -> list:
@@ -359,7 +364,7 @@ def run_peers(peers, base, as_float, work, unit, verbose) -> list:
             timed(row, fn, work, unit)
             row["note"] = note
         except Exception as e:
-            row.update(skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+            row.update(skipped=_reason(e))
             if verbose:
                 traceback.print_exc()
         rows.append(row)
@@ -433,15 +438,11 @@ def main():
                 gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 dtype=str(DTYPE))
     print(meta, flush=True)
-    rows = []
     if args.sweep:
-        rows += sweep_rows(args)
-    elif args.only in (None, "decode"):
-        rows += decode_rows(args)
-    if args.only in (None, "prefill") and not args.sweep:
-        rows += prefill_rows(args)
-    if args.only in (None, "mixed") and not args.sweep:
-        rows += mixed_rows(args)
+        rows = sweep_rows(args)
+    else:
+        rows = [r for kind, fn in (("decode", decode_rows), ("prefill", prefill_rows), ("mixed", mixed_rows))
+                if args.only in (None, kind) for r in fn(args)]
     ratios(rows)
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    f"serving-{meta['date'].replace(':', '')}.json")

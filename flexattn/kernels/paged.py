@@ -96,23 +96,25 @@ def serving_forward(plan, q, k, v, layout: KVLayout, lengths: list, q_len: int, 
     sequence's number of queries (host ints) when they are packed (layout.q_lens)."""
     if query_lens is not None:
         G = q.shape[1] // v.shape[1]
-        decodes = [b for b, n in enumerate(query_lens) if 0 < n * G <= DECODE_ROWS]
-        if decodes and len(decodes) < sum(1 for n in query_lens if n):
-            return _decodes_and_chunks(plan, q, k, v, layout, lengths, query_lens, set(decodes))
+        dec_ids = [b for b, n in enumerate(query_lens) if 0 < n * G <= DECODE_ROWS]
+        chunk_ids = [b for b, n in enumerate(query_lens) if n * G > DECODE_ROWS]
+        if dec_ids and chunk_ids:
+            return _decodes_and_chunks(plan, q, k, v, layout, lengths, query_lens, dec_ids, chunk_ids)
     return split_kv_forward(plan, q, k, v, serving_config(plan, q, v, layout, lengths, q_len), layout)
 
 
-def _decodes_and_chunks(plan, q, k, v, layout: KVLayout, lengths: list, query_lens: list, decodes: set):
+def _decodes_and_chunks(plan, q, k, v, layout: KVLayout, lengths: list, query_lens: list, dec_ids: list,
+                        chunk_ids: list):
     """Packed queries where decodes (at most DECODE_ROWS rows, the GQA group's included) share
     the call with longer chunks: one launch for each kind over its own sequences (seq_ids),
     with its own tiles and kv splits (in one launch the decodes ran in the chunks' 128-row
     q tiles without splits, and a continuous-batching step of 62 decodes and two 1K chunks
     took 1.5x two calls, one per kind, on an H200). The chunks' launch writes every row of
     the packed out / lse (the decodes' rows without partials: overwritten next); the
-    decodes' launch packs its rows apart (p_starts) and they are copied to their places."""
+    decodes' launch packs its rows apart (p_starts) and they are copied to their places.
+    dec_ids / chunk_ids: the sequences of each kind, in order."""
     dev = q.device
-    chunk_ids = [b for b, n in enumerate(query_lens) if n and b not in decodes]
-    dec_ids = sorted(decodes)
+    decodes = set(dec_ids)
     dec_lens = [n if b in decodes else 0 for b, n in enumerate(query_lens)]
     q_starts = list(itertools.accumulate(query_lens, initial=0))
     p_starts = list(itertools.accumulate(dec_lens, initial=0))[:-1]
