@@ -52,14 +52,15 @@ def run_forward(plan: Plan, q, k, v):
     kind = fwd_path(plan, q, k, v)
     fn = forward_launch(kind)
     results = fn(plan, q, k, v)   # (out, lse), and max_scores when plan.output_max
-    tiered.after_launch(kind, plan, lambda other: _captured(fn, other, q, k, v))
+    tiered.after_launch(plan, lambda other: fwd_path(other, q, k, v),
+                        lambda other, other_kind: _captured(forward_launch(other_kind), other, q, k, v))
     return results
 
 
 def run_backward(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs):
     grads = launch_bwd(plan, q, k, v, out, lse, dout, dlse, score_bufs)
-    tiered.after_launch("bwd", plan, lambda other: _captured(launch_bwd, other, q, k, v, out, lse, dout, dlse,
-                                                             score_bufs))
+    tiered.after_launch(plan, lambda other: "bwd", lambda other, _: _captured(launch_bwd, other, q, k, v, out, lse,
+                                                                              dout, dlse, score_bufs))
     return grads
 
 

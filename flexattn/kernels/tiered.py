@@ -27,8 +27,9 @@ it needs gradients):
   new mask of that form is instant.
 
 GPU only (the interpreter compiles nothing); off with kernel_options={"TIERED": False},
-under DETERMINISTIC (same bits call to call), under AUTOTUNE (which times the mask's
-own kernels) and for calls whose forward is the Hopper forward (see `route`). The
+under DETERMINISTIC (same bits call to call) and under AUTOTUNE (which times the mask's
+own kernels). A call whose own forward is the Hopper forward runs its tile form through the
+Triton forward (see `route`) while the Hopper forward compiles. The
 background compile competes for the host's CPU (and Python's lock) for a second or two:
 calls made meanwhile are slower. The tile form's kernels are warmed with
 and without full blocks, since a new mask structure often differs from the first in that.
@@ -88,12 +89,6 @@ def route(plan, kinds, block_mask, q):
             or o.get("AUTOTUNE") or o.get("DETERMINISTIC") or all(_ready(k, plan) for k in kinds)
             or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):  # the table syncs
         return plan
-    if "fwd_hopper" in kinds:
-        # not through the Hopper forward: its tile form gave wrong outputs on an H200 (prefix-LM
-        # 8K, B=4, H=16, D=128, after two other masks had run the tile form's module: rel. diff
-        # 0.22 from the mask's own kernels, which agree with torch FLASH; benchmarks/
-        # bench_tile_form.py shows it). Until that is found, such a call compiles its own kernels
-        return plan
     form = tile_table_form(block_mask)
     if form is None:
         return plan
@@ -104,25 +99,40 @@ def route(plan, kinds, block_mask, q):
             (plan.mask_graph.uses("h") and slots.shape[1] != q.shape[1]):
         return plan
     graph = codegen.kernel_graph(form.mask_graph)
-    tiled = replace(plan, mask_graph=graph, mask_bufs=list(graph.buffers), tiering=None, modules={})
-    if all(_ready(k, tiled) for k in kinds):
+    opts, tiled_kinds = plan.opts, kinds
+    if "fwd_hopper" in kinds:
+        if o.get("BACKEND") == "hopper":   # asked for by name: no other forward
+            return plan
+        # the tile form runs the Triton forward: through the Hopper forward it gave wrong
+        # outputs on an H200 (prefix-LM 8K, B=4, H=16, D=128, after two other masks had run the
+        # tile form's module: rel. diff 0.22 from the mask's own kernels, which agree with torch
+        # FLASH; benchmarks/bench_tile_form.py --dims 128 shows it); the Hopper forward is what
+        # compiles in the background
+        opts = dict(plan.opts, BACKEND="triton")
+        tiled_kinds = tuple("fwd" if k == "fwd_hopper" else k for k in kinds)
+    tiled = replace(plan, mask_graph=graph, mask_bufs=list(graph.buffers), tiering=None, modules={}, opts=opts)
+    if all(_ready(k, tiled) for k in tiled_kinds):
         return replace(tiled, tiering=("own", plan))        # run the tile form; compile the mask's own
     return replace(plan, tiering=("tile_form", tiled))      # run the mask's own; warm the tile form
 
 
-def after_launch(kind, plan, capture_launches) -> None:
-    """After `plan` launched the kernels of `kind`: compile the other form's kernels of
-    `kind` in the background. `capture_launches(other_plan)` runs the launch path of
-    `other_plan` with launches recorded instead of run, and returns them."""
+def after_launch(plan, kind_of, capture_launches) -> None:
+    """After `plan` launched its kernels of one kind (forward or backward): compile the other
+    form's kernels of that step in the background. `kind_of(other_plan)` is the kind the
+    other plan launches for that step (a Hopper forward's tile form runs the Triton forward);
+    `capture_launches(other_plan, kind)` runs its launch path with launches recorded instead
+    of run, and returns them."""
     if plan.tiering is None:
         return
     other = plan.tiering[1]
+    kind = kind_of(other)
     todo = [k for k in _kernels(kind, other) if not _is_compiled(k) and id(k) not in _submitted]
     if not todo:
         return
-    # the job keeps stand-ins, not the tensors: the capture's own outputs are freed now
+    # the job keeps stand-ins, not the tensors: the capture's own outputs are freed now (a
+    # TMA descriptor, not a tensor, keeps its tensor until the compile is done)
     launches = [(kernel, grid, [_ArgStub(a) if isinstance(a, torch.Tensor) else a for a in args], kwargs)
-                for kernel, grid, args, kwargs in capture_launches(other) if kernel in todo]
+                for kernel, grid, args, kwargs in capture_launches(other, kind) if kernel in todo]
     if plan.tiering[0] == "tile_form":
         # the tile form serves masks to come: warm it with and without full blocks too (a new
         # mask structure often has none, or the first one had none)
