@@ -315,6 +315,23 @@ def test_block_mask_from_kv_blocks_without_full_blocks():
                                reference_attention(q, k, v, mask_mod=mask)[0])
 
 
+def test_full_blocks_skip_the_mask_mod():
+    # a block listed as full skips mask_mod even where mask_mod is false in it (torch's
+    # semantics), also in a row whose blocks are all full
+    from flexattn.block_mask import BlockMask
+    mask = make_mod("causal", B=1, H=1, L=48, S=48).mask_mod
+    i32 = dict(dtype=torch.int32)
+    kv_num, kv_idx = torch.tensor([[[1, 0, 1]]], **i32), torch.tensor([[[[0, 0, 0], [0, 0, 0], [2, 0, 0]]]], **i32)
+    f_num, f_idx = torch.tensor([[[1, 3, 1]]], **i32), torch.tensor([[[[1, 0, 0], [0, 1, 2], [0, 0, 0]]]], **i32)
+    bm = BlockMask.from_kv_blocks(kv_num, kv_idx, f_num, f_idx, BLOCK_SIZE=16, mask_mod=mask)
+    keep = torch.zeros(48, 48, dtype=torch.bool)
+    keep[:16, 16:32] = keep[16:32] = keep[32:, :16] = True
+    keep[:16, :16] = keep[32:, 32:] = torch.ones(16, 16).tril().bool()
+    q, k, v = make_qkv(1, 2, 2, 48, 48, 16, requires_grad=False)
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=bm),
+                               reference_attention(q, k, v, mask_mod=lambda b, h, qi, ki: keep[qi, ki])[0])
+
+
 def test_gradients_reproducible_with_threads():
     # the backward deals q-tiles to threads in a fixed order: bitwise-identical gradients
     m = make_mod("alibi_causal", B=1, H=2, L=300, S=300, requires_grad=True)

@@ -363,6 +363,39 @@ def test_hopper_auto_dispatch_and_refusals():
 HOPPER_BWD = {"BACKEND": "hopper", "bwd_HOPPER": True}
 
 
+@pytest.mark.parametrize("opts", [{"BACKEND": "triton"}, HOPPER, HOPPER_BWD], ids=["triton", "hopper", "hopper_bwd"])
+def test_full_blocks_skip_the_mask_mod(opts):
+    # a block listed as full skips mask_mod even where mask_mod is false in it (torch's
+    # semantics): in rows with partial blocks and in a row whose blocks are all full (the
+    # Hopper forward's first tile is peeled from either list)
+    import flexattn
+    from flexattn.reference import reference_attention
+    if opts.get("BACKEND") == "hopper":
+        _needs_sm90()
+    i32 = dict(dtype=torch.int32, device=DEV)
+    kv_num, kv_idx = torch.tensor([[[1, 0, 1]]], **i32), torch.tensor([[[[0, 0, 0], [0, 0, 0], [2, 0, 0]]]], **i32)
+    f_num, f_idx = torch.tensor([[[1, 3, 1]]], **i32), torch.tensor([[[[1, 0, 0], [0, 1, 2], [0, 0, 0]]]], **i32)
+    bm = flexattn.BlockMask.from_kv_blocks(kv_num, kv_idx, f_num, f_idx, BLOCK_SIZE=128,
+                                           mask_mod=lambda b, h, q, kv: q >= kv)
+    keep = torch.zeros(384, 384, dtype=torch.bool, device=DEV)
+    keep[:128, 128:256] = keep[128:256] = keep[256:, :128] = True
+    keep[:128, :128] = keep[256:, 256:] = torch.ones(128, 128, device=DEV).tril().bool()
+    q, k, v = make_qkv(B=1, Hq=2, L=384, S=384, E=128, dtype=torch.bfloat16, device=DEV)
+    out = flexattn.flex_attention(q, k, v, block_mask=bm, kernel_options=opts)
+    qr, kr, vr = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    ro, _ = reference_attention(qr, kr, vr, None, lambda b, h, qi, ki: keep[qi, ki])
+    q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    g64, _ = reference_attention(q64, k64, v64, None, lambda b, h, qi, ki: keep[qi, ki])
+    go = torch.randn_like(out)
+    got = [out, *torch.autograd.grad(out, [q, k, v], go)]
+    ref = [ro, *torch.autograd.grad(ro, [qr, kr, vr], go)]
+    gold = [g64, *torch.autograd.grad(g64, [q64, k64, v64], go.double())]
+    for name, a, r, g in zip(["out", "dq", "dk", "dv"], got, ref, gold):
+        assert_close_to_golden(name, a, r, g)
+
+
+
+
 @pytest.mark.parametrize("name", ZOO_NAMES)
 def test_hopper_backward_zoo(name):
     # forward and dk/dv/dq on the Hopper kernels (dq and captured-tensor gradients by atomics)

@@ -139,9 +139,11 @@ def _issue_pv(p, v_ring, v_ready, acc, it, STAGES: gl.constexpr):
 def _softmax_tile(qk, l_i, m_i, start_n, off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
                   {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}
                   p_layout: gl.constexpr, P_DTYPE: gl.constexpr, IS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr,
-                  KV_DIVISIBLE: gl.constexpr, SCALE_POSITIVE: gl.constexpr, BLOCK_N: gl.constexpr):
+                  KV_DIVISIBLE: gl.constexpr, SCALE_POSITIVE: gl.constexpr, BLOCK_N: gl.constexpr,
+                  from_full=False):
     """The online-softmax step of one S tile: (P as the A operand of the P V wgmma, the
-    factor that rescales O, l, m)."""
+    factor that rescales O, l, m). A tile compiled as partial (IS_FULL False) keeps every
+    score in range where from_full (a run-time flag: the peeled first tile) is true."""
     LOG2E: gl.constexpr = 1.4426950408889634
     s_layout: gl.constexpr = qk.type.layout
     kv_idx = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)), 0)
@@ -156,7 +158,7 @@ def _softmax_tile(qk, l_i, m_i, start_n, off_z, off_h, q_idx, KV_LEN, SCALE, SCA
         t = qk * SCALE_LOG2
         TO_LOG2 = 1.0
     if not IS_FULL:
-        keep = mask_mod(off_z, off_h, q_idx, kv_idx{MASK_BUF_ARGS})
+        keep = mask_mod(off_z, off_h, q_idx, kv_idx{MASK_BUF_ARGS}) | from_full
         if not KV_DIVISIBLE:
             keep = keep & (kv_idx < KV_LEN)
         t = gl.where(keep, t, float("-inf"))
@@ -231,8 +233,10 @@ def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
         n_total += n_full * MULT
     mbarrier.wait(q_bar, 0)
     if n_total > 0:
-        # tile 0, peeled: S waited for at once. It is treated as a partial tile whichever
-        # list it comes from (mask_mod is true everywhere on a full block)
+        # tile 0, peeled: S waited for at once. One softmax step serves both lists: mask_mod is
+        # evaluated but overridden where the tile is the first of a row's full blocks (a full
+        # block skips mask_mod: a tile-table lookup reads "no slot" there, and a BlockMask
+        # built by hand may list as full a block where mask_mod is false)
         if n_part_tiles > 0:
             start_n = _tile_start(idx_ptr, 0, n_part, SPARSE_KV_BLOCK, BLOCK_N)
         else:
@@ -243,7 +247,7 @@ def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
             qk, l_i, m_i, start_n, off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
             {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
             p_layout=p_layout, P_DTYPE=v_ring.dtype, IS_FULL=False, HAS_SCORE_MOD=HAS_SCORE_MOD, KV_DIVISIBLE=KV_DIVISIBLE,
-            SCALE_POSITIVE=SCALE_POSITIVE, BLOCK_N=BLOCK_N)
+            SCALE_POSITIVE=SCALE_POSITIVE, BLOCK_N=BLOCK_N, from_full=n_part_tiles == 0)
         acc, l_i, m_i, p, it = _consume_list(
             acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, turn, s_zero,
             idx_ptr, n_part, 1, gl.to_tensor(1), off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
