@@ -759,7 +759,7 @@ def tile_table_lookup(graph: Graph) -> TileLookup | None:
                                                 qb, kvb)
 
 
-def _tile_table_body(lookup: TileLookup, prefix: str) -> list[str]:
+def _tile_table_body(lookup: TileLookup, prefix: str, narrow_loads: bool = False) -> list[str]:
     """The lookup of `tile_table_lookup` printed for the kernels: the same values as the
     generic print, with one slot per row instead of one per score, the interval form's two
     numbers per row, and the tile form's bytes at affine addresses. Those load as vectors
@@ -768,6 +768,15 @@ def _tile_table_body(lookup: TileLookup, prefix: str) -> list[str]:
     H200 the Triton forward's tile form of sliding-window and document masks ran at
     0.29-0.30x the masks' own kernels, 0.74-0.78x with vector loads). Printed per score, the
     two gathers per score were slower still.
+
+    narrow_loads (the backward kernels): the interval form's ends are read as their two
+    16-bit halves (little-endian, as every GPU and the interpreter's host), loads narrower
+    than 32 bits a thread, which Triton's software pipeliner leaves out. Read as int32 they
+    form a chain (slot, then the ends) that the pipeliner takes and cannot schedule: it left
+    the dq and dk/dv kernels' partial-block loops unpipelined (every async copy waited for at
+    once), and the tile form's backward ran at ~0.72x the own kernels' on sliding-window and
+    document masks (H200, D=64). The forward keeps int32 reads: its loop, pipelined
+    around narrow loads, held them in a layout of their own and spilled (D=64: 0.4x).
 
     Exact because a kernel's kv tile never straddles a kv block of KVB columns (every
     template walks kv tiles of BLOCK_N columns at multiples of BLOCK_N, and BLOCK_N <= KVB,
@@ -789,8 +798,14 @@ def _tile_table_body(lookup: TileLookup, prefix: str) -> list[str]:
     if lookup.intervals:
         for name, t in zip(("lo", "hi"), lookup.tables):
             t = f"{prefix}{t}"
-            lines += [f"{name} = tl.load({t}_ptr + slot.to(tl.int64) * {t}_s0 + q_in * {t}_s1,",
-                      f"             mask=(slot >= 0) & (slot < {t}_n0) & (q_in < {t}_n1), other=0)"]
+            at = f"slot.to(tl.int64) * {t}_s0 + q_in * {t}_s1"
+            ok = f"(slot >= 0) & (slot < {t}_n0) & (q_in < {t}_n1)"
+            if narrow_loads:  # the int32 as its two 16-bit halves, low half first (little-endian)
+                lines += [f"{name}_p = {t}_ptr.to(tl.pointer_type(tl.int16)) + 2 * ({at})",
+                          f"{name} = (tl.load({name}_p + 1, mask={ok}, other=0).to(tl.int32) << 16)"
+                          f" | (tl.load({name}_p, mask={ok}, other=0).to(tl.int32) & 0xFFFF)"]
+            else:
+                lines += [f"{name} = tl.load({t}_ptr + {at}, mask={ok}, other=0)"]
         return lines + ["return (kv_in >= lo) & (kv_in < hi)"]
     tiles = f"{prefix}{lookup.tables[0]}"
     zero_expr = "0" if lookup.zero.op == "const" else f"{prefix}p{lookup.zero.args[0]}"
@@ -837,11 +852,12 @@ def buffer_args(graph: Graph | None, buffers=None) -> list:
 INDEX_INPUTS = {"score": "score", "b": "off_z", "h": "off_h", "q_idx": "q_idx", "kv_idx": "kv_idx"}
 
 
-def mod_function(name: str, graph: Graph | None, kind: str, prefix: str, small_indices: bool = False) -> str:
+def mod_function(name: str, graph: Graph | None, kind: str, prefix: str, small_indices: bool = False,
+                 narrow_lookup_loads: bool = False) -> str:
     """`@triton.jit def name(score, off_z, off_h, q_idx, kv_idx, *bufs)` for a score mod
     (returns the new score, float32) or `name(off_z, off_h, q_idx, kv_idx, *bufs)` for a mask
     mod (returns a bool tile or scalar). graph None: identity score / all-true mask.
-    small_indices: see TritonPrinter."""
+    small_indices: see TritonPrinter; narrow_lookup_loads: see _tile_table_body."""
     params = (["score"] if kind == "score" else []) + ["off_z", "off_h", "q_idx", "kv_idx"]
     params += buffer_params(graph, prefix)
     lines = ["@triton.jit", f"def {name}({', '.join(params)}):"]
@@ -860,7 +876,8 @@ def mod_function(name: str, graph: Graph | None, kind: str, prefix: str, small_i
         body.append(f"return {out}")
         lookup = tile_table_lookup(graph)
         if lookup is not None:  # the kernels' own form of the lookup where a kv tile fits a kv block
-            body = ([f"if kv_idx.numel <= {lookup.kvb}:"] + ["    " + ln for ln in _tile_table_body(lookup, prefix)]
+            body = ([f"if kv_idx.numel <= {lookup.kvb}:"]
+                    + ["    " + ln for ln in _tile_table_body(lookup, prefix, narrow_lookup_loads)]
                     + ["else:"] + ["    " + ln for ln in body])
     lines += ["    " + ln for ln in body]
     # the traced graph as a comment, without the lines on captured shapes and param values:
