@@ -1,6 +1,7 @@
 """Tiered compilation: a new mask structure's first calls run at once, through the mask's
-tile-table form (flexattn.mask_tiles), while the mask's own kernels compile in a
-background thread; once those are compiled the calls switch to them.
+tile-table form (flexattn.mask_tiles), while the mask's own kernels compile in the
+background (a worker process, flexattn.kernels.compile_worker, driven from a thread); once
+those are compiled the calls switch to them.
 
 A mask_mod is compiled into the kernels. New numbers in a mask (a window width) and new
 values in its captured tensors (a document layout) are kernel arguments and never
@@ -30,8 +31,10 @@ GPU only (the interpreter compiles nothing); off with kernel_options={"TIERED": 
 under DETERMINISTIC (same bits call to call) and under AUTOTUNE (which times the mask's
 own kernels). A call whose own forward is the Hopper forward runs its tile form through the
 Triton forward (see `route`) while the Hopper forward compiles. The
-background compile competes for the host's CPU (and Python's lock) for a second or two:
-calls made meanwhile are slower. The tile form's kernels are warmed with
+background compile runs in a worker process, which leaves Python's lock to the caller (a
+compile in a thread held it long enough to idle the GPU: compile_worker); loading the
+compiled kernel back from Triton's cache takes the thread a few tenths of a second, and
+where the worker cannot run the thread compiles as before. The tile form's kernels are warmed with
 and without full blocks, since a new mask structure often differs from the first in that.
 To know what to compile, the other form's launches are captured by running its launch
 path with launches recorded (kernels.launcher.recording): that allocates its outputs once,
@@ -51,7 +54,8 @@ import torch
 
 from .. import codegen
 from ..mask_tiles import tile_table_form
-from . import launcher
+from . import compile_worker, launcher
+from .compile_worker import compile_variants, stand_in
 from .source import KERNEL_NAMES
 
 # id -> JIT kernel (holding it keeps the id unique); kernels launched in the foreground are
@@ -126,9 +130,8 @@ def after_launch(plan, kind_of, capture_launches) -> None:
     todo = [k for k in _kernels(kind, other) if not _is_compiled(k) and id(k) not in _submitted]
     if not todo:
         return
-    # the job keeps stand-ins, not the tensors: the capture's own outputs are freed now (a
-    # TMA descriptor, not a tensor, keeps its tensor until the compile is done)
-    launches = [(kernel, grid, [_ArgStub(a) if isinstance(a, torch.Tensor) else a for a in args], kwargs)
+    # the job keeps stand-ins, not the tensors: the capture's own outputs are freed now
+    launches = [(kernel, grid, [stand_in(a) for a in args], kwargs)
                 for kernel, grid, args, kwargs in capture_launches(other, kind) if kernel in todo]
     if plan.tiering[0] == "tile_form":
         # the tile form serves masks to come: warm it with and without full blocks too (a new
@@ -149,30 +152,16 @@ def _executor() -> ThreadPoolExecutor:
     return _pool
 
 
-class _ArgStub:
-    """Stands in for a tensor argument at compile time: what the JIT specialises on (dtype,
-    16-byte alignment), without keeping the tensor alive."""
-
-    def __init__(self, t: torch.Tensor):
-        self.dtype = t.dtype
-        self._ptr = t.data_ptr() % 16
-
-    def data_ptr(self) -> int:
-        return self._ptr
-
-
 def _compile(device, launches, kernels) -> None:
     try:
         with torch.cuda.device(device):
             from triton.runtime.driver import driver
             max_shared = driver.active.utils.get_device_properties(device)["max_shared_mem"]
+            target = driver.active.get_current_target()
             for kernel, grid, stubs, kwargs in launches:
-                kwargs = dict(kwargs)
-                # a config that needs more shared memory than the GPU has makes the launch
-                # fall back to fewer stages (launcher.launch): compile those too
-                while kernel.warmup(*stubs, grid=grid, **kwargs).metadata.shared > max_shared \
-                        and kwargs.get("num_stages", 1) > 1:
-                    kwargs["num_stages"] -= 1
+                # compiled in the worker, then a hit in Triton's on-disk cache here
+                compile_worker.compile_in_worker(kernel, grid, stubs, kwargs, device, target, max_shared)
+                compile_variants(kernel, grid, stubs, kwargs, max_shared)
     finally:
         # failed or not, the kernels count as compiled: a failure then recurs in the
         # foreground, at the call that needs them, with its error
