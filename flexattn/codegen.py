@@ -759,9 +759,10 @@ def tile_table_lookup(graph: Graph) -> TileLookup | None:
                                                 qb, kvb)
 
 
-def _tile_table_body(lookup: TileLookup, prefix: str, narrow_loads: bool = False) -> list[str]:
+def _tile_table_body(lookup: TileLookup, prefix: str) -> list[str]:
     """The lookup of `tile_table_lookup` printed for the kernels: the same values as the
-    generic print, with one slot per row instead of one per score, the interval form's two
+    generic print, with one slot per tile instead of one per score (per row where the decode
+    kernel packs query heads into its rows and the mask reads h), the interval form's two
     numbers per row, and the tile form's bytes at affine addresses. Those load as vectors
     only where Triton sees the column offset contiguous: `kv_idx % KVB` (kv_idx >= 0 in every
     kernel), not _floormod, whose select hides it (one byte load per score: at D=64 on an
@@ -769,43 +770,38 @@ def _tile_table_body(lookup: TileLookup, prefix: str, narrow_loads: bool = False
     0.29-0.30x the masks' own kernels, 0.74-0.78x with vector loads). Printed per score, the
     two gathers per score were slower still.
 
-    narrow_loads (the backward kernels): the interval form's ends are read as their two
-    16-bit halves (little-endian, as every GPU and the interpreter's host), loads narrower
-    than 32 bits a thread, which Triton's software pipeliner leaves out. Read as int32 they
-    form a chain (slot, then the ends) that the pipeliner takes and cannot schedule: it left
-    the dq and dk/dv kernels' partial-block loops unpipelined (every async copy waited for at
-    once), and the tile form's backward ran at ~0.72x the own kernels' on sliding-window and
-    document masks (H200, D=64). The forward keeps int32 reads: its loop, pipelined
-    around narrow loads, held them in a layout of their own and spilled (D=64: 0.4x).
+    The slot is read as its two 16-bit halves (little-endian, as every GPU and the
+    interpreter's host), loads narrower than 32 bits a thread, which Triton's software
+    pipeliner leaves out, and once per tile (a kernel's q tile lies in one q block). Read as
+    one int32 it began a chain of dependent loads (the slot, then the run's ends or the tile's
+    bytes at it) that the pipeliner took and could not schedule: every kernel's partial-block
+    loop ran unpipelined, every async copy waited for at once (H200: the backward of the
+    tile form at 0.72x the own kernels' at D=64). Narrow loads of the ends instead (the slot
+    per row) pipelined the backward but not the forward, which spilled around them.
 
     Exact because a kernel's kv tile never straddles a kv block of KVB columns (every
     template walks kv tiles of BLOCK_N columns at multiples of BLOCK_N, and BLOCK_N <= KVB,
-    both powers of two: the constexpr test); q rows are looked up one by one (the decode
-    kernel packs heads and positions into its rows). Out-of-range indices read 0, as in
-    the generic print."""
+    both powers of two: the constexpr test) and a q tile never straddles a q block (every
+    kernel's tiles, the decode kernel's packed rows too, lie in one). Out-of-range indices
+    read 0, as in the generic print."""
     b, h, qb, kvb = lookup.b, lookup.h, lookup.qb, lookup.kvb
     slots = f"{prefix}{lookup.slots}"
     lines = [
         "kj = tl.min(tl.min(kv_idx, 1), 0) // " + str(kvb),  # kv_idx >= 0: // floors
-        f"qi = _floordiv(q_idx, {qb})",
-        f"slot = tl.load({slots}_ptr + {b} * {slots}_s0 + {h} * {slots}_s1 + qi.to(tl.int64) * {slots}_s2"
-        f" + kj.to(tl.int64) * {slots}_s3,",
-        f"               mask=({slots}_n0 > {b}) & ({slots}_n1 > {h}) & (qi >= 0) & (qi < {slots}_n2)"
-        f" & (kj < {slots}_n3), other=0)",
+        "qi = tl.min(tl.min(q_idx, 1), 0) // " + str(qb),  # every kernel's q tile lies in one q block
+        f"slot_ok = ({slots}_n0 > {b}) & ({slots}_n1 > {h}) & (qi < {slots}_n2) & (kj < {slots}_n3)",
+        f"slot_p = {slots}_ptr.to(tl.pointer_type(tl.int16)) + 2 * ({b} * {slots}_s0 + {h} * {slots}_s1"
+        f" + qi.to(tl.int64) * {slots}_s2 + kj.to(tl.int64) * {slots}_s3)",
+        "slot = (tl.load(slot_p + 1, mask=slot_ok, other=0).to(tl.int32) << 16) \\",
+        "    | (tl.load(slot_p, mask=slot_ok, other=0).to(tl.int32) & 0xFFFF)",
         f"q_in = _floormod(q_idx, {qb})",
         f"kv_in = kv_idx % {kvb}",  # kv_idx >= 0: the floor remainder, contiguous along the tile
     ]
     if lookup.intervals:
         for name, t in zip(("lo", "hi"), lookup.tables):
             t = f"{prefix}{t}"
-            at = f"slot.to(tl.int64) * {t}_s0 + q_in * {t}_s1"
-            ok = f"(slot >= 0) & (slot < {t}_n0) & (q_in < {t}_n1)"
-            if narrow_loads:  # the int32 as its two 16-bit halves, low half first (little-endian)
-                lines += [f"{name}_p = {t}_ptr.to(tl.pointer_type(tl.int16)) + 2 * ({at})",
-                          f"{name} = (tl.load({name}_p + 1, mask={ok}, other=0).to(tl.int32) << 16)"
-                          f" | (tl.load({name}_p, mask={ok}, other=0).to(tl.int32) & 0xFFFF)"]
-            else:
-                lines += [f"{name} = tl.load({t}_ptr + {at}, mask={ok}, other=0)"]
+            lines += [f"{name} = tl.load({t}_ptr + slot.to(tl.int64) * {t}_s0 + q_in * {t}_s1,",
+                      f"             mask=(slot >= 0) & (slot < {t}_n0) & (q_in < {t}_n1), other=0)"]
         return lines + ["return (kv_in >= lo) & (kv_in < hi)"]
     tiles = f"{prefix}{lookup.tables[0]}"
     zero_expr = "0" if lookup.zero.op == "const" else f"{prefix}p{lookup.zero.args[0]}"
@@ -852,12 +848,11 @@ def buffer_args(graph: Graph | None, buffers=None) -> list:
 INDEX_INPUTS = {"score": "score", "b": "off_z", "h": "off_h", "q_idx": "q_idx", "kv_idx": "kv_idx"}
 
 
-def mod_function(name: str, graph: Graph | None, kind: str, prefix: str, small_indices: bool = False,
-                 narrow_lookup_loads: bool = False) -> str:
+def mod_function(name: str, graph: Graph | None, kind: str, prefix: str, small_indices: bool = False) -> str:
     """`@triton.jit def name(score, off_z, off_h, q_idx, kv_idx, *bufs)` for a score mod
     (returns the new score, float32) or `name(off_z, off_h, q_idx, kv_idx, *bufs)` for a mask
     mod (returns a bool tile or scalar). graph None: identity score / all-true mask.
-    small_indices: see TritonPrinter; narrow_lookup_loads: see _tile_table_body."""
+    small_indices: see TritonPrinter."""
     params = (["score"] if kind == "score" else []) + ["off_z", "off_h", "q_idx", "kv_idx"]
     params += buffer_params(graph, prefix)
     lines = ["@triton.jit", f"def {name}({', '.join(params)}):"]
@@ -876,8 +871,7 @@ def mod_function(name: str, graph: Graph | None, kind: str, prefix: str, small_i
         body.append(f"return {out}")
         lookup = tile_table_lookup(graph)
         if lookup is not None:  # the kernels' own form of the lookup where a kv tile fits a kv block
-            body = ([f"if kv_idx.numel <= {lookup.kvb}:"]
-                    + ["    " + ln for ln in _tile_table_body(lookup, prefix, narrow_lookup_loads)]
+            body = ([f"if kv_idx.numel <= {lookup.kvb}:"] + ["    " + ln for ln in _tile_table_body(lookup, prefix)]
                     + ["else:"] + ["    " + ln for ln in body])
     lines += ["    " + ln for ln in body]
     # the traced graph as a comment, without the lines on captured shapes and param values:

@@ -228,13 +228,13 @@ q, k, v = (torch.randn(1, 2, 64, 32, generator=g) for _ in range(3))
 got = flexattn.flex_attention(q, k, v, block_mask=bm, kernel_options={"BACKEND": "triton"})
 want = flexattn.flex_attention(q, k, v, block_mask=bm, kernel_options={"BACKEND": "cpu"})
 assert (got - want).abs().max() < 1e-5, "hand-written lookup"
-# a hand-written interval lookup whose ends need all 32 bits (the backward kernels read each end
-# as its two 16-bit halves): kernels against the CPU path, forward and backward
-slots = torch.arange(16, dtype=torch.int32).view(1, 1, 4, 4) % 3
-even = torch.arange(32) % 2 == 0   # every block partial: rows differ
-lows = torch.stack([torch.full((32,), -70000), torch.where(even, 65539, 0), torch.randint(0, 32, (32,), generator=g)])
-highs = torch.stack([torch.where(even, 65556, 10), torch.full((32,), 40), torch.randint(0, 33, (32,), generator=g)])
-lows, highs = lows.to(torch.int32), highs.to(torch.int32)
+# a hand-written interval lookup whose slots need all 32 bits (the kernels read a slot as its
+# two 16-bit halves): kernels against the CPU path, forward and backward
+slots = torch.arange(16, dtype=torch.int32).view(1, 1, 4, 4) % 3 + 65536
+lows = torch.zeros(65539, 32, dtype=torch.int32)
+highs = torch.zeros(65539, 32, dtype=torch.int32)   # rows 0-65535 keep nothing: a wrong slot shows
+lows[65536:] = torch.randint(0, 32, (3, 32), generator=g, dtype=torch.int32)
+highs[65536:] = torch.randint(0, 33, (3, 32), generator=g, dtype=torch.int32)
 def runs(b, h, q, kv):
     s, row, col = slots[0, 0, q // 32, kv // 32], q % 32, kv % 32
     return (col >= lows[s, row]) & (col < highs[s, row])

@@ -53,9 +53,7 @@ def fill(template: str, score_graph, mask_graph, grad_slots=None, small_indices=
     mp = codegen.buffer_params(mask_graph, "mb")
     parts = {
         "{SCORE_MOD}": codegen.mod_function("score_mod", score_graph, "score", "sb", small_indices),
-        # the backward's tile-table lookups in narrow loads (codegen._tile_table_body)
-        "{MASK_MOD}": codegen.mod_function("mask_mod", mask_graph, "mask", "mb", small_indices,
-                                           narrow_lookup_loads=grad_slots is not None),
+        "{MASK_MOD}": codegen.mod_function("mask_mod", mask_graph, "mask", "mb", small_indices),
         "{SCORE_BUF_PARAMS_TRAIL}": _trail(sp), "{MASK_BUF_PARAMS_TRAIL}": _trail(mp),
         "{SCORE_BUF_ARGS_TRAIL}": _trail(sp), "{MASK_BUF_ARGS_TRAIL}": _trail(mp),
         "{SCORE_BUF_ARGS}": _lead(sp), "{MASK_BUF_ARGS}": _lead(mp),
