@@ -32,7 +32,8 @@ def _forward_launch(monkeypatch):
     """The forward launch of a mask of its own, captured as the sm90 path would make it."""
     S = 256
     q, k, v = (torch.empty(1, 2, S, 64, dtype=torch.bfloat16) for _ in range(3))
-    bm = flexattn.create_block_mask(lambda b, h, qi, ki: (qi >= ki) & ((qi - ki) % 13 != 4), None, None, S, S)
+    bm = flexattn.create_block_mask(lambda b, h, qi, ki: (qi >= ki) & ((qi - ki) % 13 != 4), None, None, S, S,
+                                   device="cpu")
     plan = make_plan(q, k, v, score_graph=None, mask_graph=bm.mask_graph, block_mask=bm, scale=None,
                      kernel_options={"BACKEND": "triton"})
     launches = []

@@ -157,18 +157,16 @@ def test_policy_routes_new_structures_through_the_tile_form(monkeypatch):
     # the mask's own compiled: the plan itself, nothing more to do
     mark_compiled(plan, ("fwd",))
     assert tiered.route(plan, ("fwd",), bm, cuda) is plan
-    # a call whose own forward is the Hopper forward: its tile form runs the Triton forward
+    # a call whose own forward is the Hopper forward: its tile form runs the Hopper forward too
     monkeypatch.setattr(tiered, "_compiled", {})
     hopper_kinds = ("fwd_hopper", "bwd")
     first = tiered.route(plan, hopper_kinds, bm, cuda)
-    assert first.mask_graph is plan.mask_graph and first.tiering[1].opts["BACKEND"] == "triton"
-    mark_compiled(first.tiering[1], ("fwd", "bwd"))   # the tile form's Triton forward and backward
+    assert first.mask_graph is plan.mask_graph and first.tiering[0] == "tile_form"
+    mark_compiled(first.tiering[1], ("fwd", "bwd"))   # the Triton forward's tile form is not the one it needs
+    assert tiered.route(plan, hopper_kinds, bm, cuda).mask_graph is plan.mask_graph
+    mark_compiled(first.tiering[1], ("fwd_hopper",))
     routed = tiered.route(plan, hopper_kinds, bm, cuda)
-    assert routed.opts["BACKEND"] == "triton" and routed.tiering == ("own", plan)
-    assert plan.opts.get("BACKEND", "auto") == "auto"   # the call's own plan keeps its forward
-    forced = make_plan(q, k, v, score_graph=None, mask_graph=bm.mask_graph, block_mask=bm, scale=None,
-                       kernel_options={"BACKEND": "hopper"})
-    assert tiered.route(forced, hopper_kinds, bm, cuda) is forced   # asked for by name: no other forward
+    assert routed.tiering == ("own", plan) and routed.opts == plan.opts
     # CPU tensors, TIERED off, AUTOTUNE on: never tiered
     off = make_plan(q, k, v, score_graph=None, mask_graph=bm.mask_graph, block_mask=bm, scale=None,
                     kernel_options={"TIERED": False})

@@ -29,13 +29,12 @@ it needs gradients):
 
 GPU only (the interpreter compiles nothing); off with kernel_options={"TIERED": False},
 under DETERMINISTIC (same bits call to call) and under AUTOTUNE (which times the mask's
-own kernels). A call whose own forward is the Hopper forward runs its tile form through the
-Triton forward (see `route`) while the Hopper forward compiles. The
+own kernels). The tile form runs the call's own forward, the Hopper forward included. The
 background compile runs in a worker process, which leaves Python's lock to the caller (a
-compile in a thread held it long enough to idle the GPU: compile_worker); loading the
-compiled kernel back from Triton's cache takes the thread a few tenths of a second, and
-where the worker cannot run the thread compiles as before. The tile form's kernels are warmed with
-and without full blocks, since a new mask structure often differs from the first in that.
+compile in a thread held it long enough to idle the GPU: compile_worker); the thread then
+loads the kernel from Triton's on-disk cache, and compiles it itself where the worker cannot
+run. The tile form's kernels are warmed with and without full blocks, since a new mask
+structure often differs from the first in that.
 To know what to compile, the other form's launches are captured by running its launch
 path with launches recorded (kernels.launcher.recording): that allocates its outputs once,
 freed at once. "Compiled" is tracked per kernel, not per shape: a later call with another
@@ -103,16 +102,10 @@ def route(plan, kinds, block_mask, q):
             (plan.mask_graph.uses("h") and slots.shape[1] != q.shape[1]):
         return plan
     graph = codegen.kernel_graph(form.mask_graph)
-    opts, tiled_kinds = plan.opts, kinds
-    if "fwd_hopper" in kinds:
-        if o.get("BACKEND") == "hopper":   # asked for by name: no other forward
-            return plan
-        # the tile form runs the Triton forward while the Hopper forward compiles in the
-        # background (H200, D=128: first call 0.03-0.73 s instead of 2.4-4.1 s)
-        opts = dict(plan.opts, BACKEND="triton")
-        tiled_kinds = tuple("fwd" if k == "fwd_hopper" else k for k in kinds)
-    tiled = replace(plan, mask_graph=graph, mask_bufs=list(graph.buffers), tiering=None, modules={}, opts=opts)
-    if all(_ready(k, tiled) for k in tiled_kinds):
+    # the tile form takes the call's own forward, the Hopper forward too (H200, D=128: 0.98-1.00x
+    # the own kernels' forward through it, 0.75-0.80x through the Triton forward)
+    tiled = replace(plan, mask_graph=graph, mask_bufs=list(graph.buffers), tiering=None, modules={})
+    if all(_ready(k, tiled) for k in kinds):
         return replace(tiled, tiering=("own", plan))        # run the tile form; compile the mask's own
     return replace(plan, tiering=("tile_form", tiled))      # run the mask's own; warm the tile form
 
@@ -120,7 +113,7 @@ def route(plan, kinds, block_mask, q):
 def after_launch(plan, kind_of, capture_launches) -> None:
     """After `plan` launched its kernels of one kind (forward or backward): compile the other
     form's kernels of that step in the background. `kind_of(other_plan)` is the kind the
-    other plan launches for that step (a Hopper forward's tile form runs the Triton forward);
+    other plan launches for that step;
     `capture_launches(other_plan, kind)` runs its launch path with launches recorded instead
     of run, and returns them."""
     if plan.tiering is None:
