@@ -113,9 +113,9 @@ def route(plan, kinds, block_mask, q):
 def after_launch(plan, kind_of, capture_launches) -> None:
     """After `plan` launched its kernels of one kind (forward or backward): compile the other
     form's kernels of that step in the background. `kind_of(other_plan)` is the kind the
-    other plan launches for that step;
-    `capture_launches(other_plan, kind)` runs its launch path with launches recorded instead
-    of run, and returns them."""
+    other plan launches for that step (the forwards of the two forms may differ: the Hopper
+    forward takes some mods and not others); `capture_launches(other_plan, kind)` runs its
+    launch path with launches recorded instead of run, and returns them."""
     if plan.tiering is None:
         return
     other = plan.tiering[1]
