@@ -271,8 +271,8 @@ def test_tiered_new_mask_structure(E, masks):
     """A new mask structure's first call runs through the tile-table kernels (compiled in
     the background after an earlier new mask of the same form), its own kernels compile in
     the background, and the calls after that run them; both under the numerics rule (the two
-    kernels may round differently: kernels.tiered). E=128 on sm90: the own forward is the
-    Hopper forward, the tile form runs the Triton forward (kernels.tiered.route)."""
+    kernels may round differently: kernels.tiered). E=128 on sm90: both forms run the Hopper
+    forward (kernels.tiered.route)."""
     import flexattn
     from flexattn.kernels import tiered
     from flexattn.reference import reference_attention
@@ -395,8 +395,6 @@ def test_full_blocks_skip_the_mask_mod(opts):
     gold = [g64, *torch.autograd.grad(g64, [q64, k64, v64], go.double())]
     for name, a, r, g in zip(["out", "dq", "dk", "dv"], got, ref, gold):
         assert_close_to_golden(name, a, r, g)
-
-
 
 
 @pytest.mark.parametrize("name", ZOO_NAMES)
