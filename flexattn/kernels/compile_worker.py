@@ -95,8 +95,11 @@ def compile_in_worker(kernel, grid, args, kwargs, device: int, target, max_share
 def _worker() -> subprocess.Popen:
     global _proc
     if _proc is None or _proc.poll() is not None:
+        from triton import knobs
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in sys.path if p]))
+        # the caller's cache directory, also where it was set in code rather than the environment
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in sys.path if p]),
+                   TRITON_CACHE_DIR=knobs.cache.dir)
         _proc = subprocess.Popen([sys.executable, "-m", "flexattn.kernels.compile_worker"], env=env,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     return _proc
