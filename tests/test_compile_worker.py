@@ -5,6 +5,7 @@ caller."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ def fresh_worker(monkeypatch, tmp_path):
     monkeypatch.setattr(compile_worker, "_proc", None)
     monkeypatch.setattr(compile_worker, "_broken", False)
     yield tmp_path
-    if compile_worker._proc is not None:
+    if compile_worker._proc is not None and compile_worker._proc.poll() is None:
         compile_worker._proc.stdin.close()
         compile_worker._proc.wait(timeout=60)
 
@@ -76,6 +77,23 @@ def test_unavailable_worker_leaves_the_compile_to_the_caller(monkeypatch, fresh_
                                                 MAX_SHARED)
     assert compile_worker._broken   # not tried again in this process
     assert not _entries(fresh_worker)
+
+
+def test_silent_worker_times_out(monkeypatch, fresh_worker):
+    # an executable that starts but never answers (not a Python that runs the worker): the
+    # caller stops waiting, kills it and compiles itself from then on
+    from triton.backends.compiler import GPUTarget
+    kernel, grid, args, kwargs = _forward_launch(monkeypatch)
+    silent = fresh_worker / "silent"
+    silent.write_text("#!/bin/sh\nsleep 60\n")
+    silent.chmod(0o755)
+    monkeypatch.setattr(compile_worker.sys, "executable", str(silent))
+    monkeypatch.setattr(compile_worker, "READY_S", 1.0)
+    t = time.perf_counter()
+    assert not compile_worker.compile_in_worker(kernel, grid, args, kwargs, 0, GPUTarget("cuda", 90, 32),
+                                                MAX_SHARED)
+    assert time.perf_counter() - t < 30 and compile_worker._broken
+    compile_worker._proc.wait(timeout=10)   # killed
 
 
 def test_stand_ins_keep_no_tensor():

@@ -10,9 +10,11 @@ thread then loads it from there (no front end, no compiler passes: a cache hit).
 
 The worker is `python -m flexattn.kernels.compile_worker`, started at the first background
 compile of a process and kept; it ends when the caller's end of its pipe closes. Requests and
-answers are pickled, length-prefixed, over its stdin / stdout. Tensors never cross: the launch
-arguments are stand-ins (`stand_in`). A worker that cannot start, or fails a compile, leaves the
-compile to the caller's thread, as without it.
+answers are pickled, length-prefixed, over its stdin / stdout; it first answers "ready". Tensors
+never cross: the launch arguments are stand-ins (`stand_in`). A worker that cannot start, does
+not answer in time (READY_S, ANSWER_S: an interpreter that is not a plain Python, say) or fails
+a compile leaves the compile to the caller's thread, as without it (POSIX only: elsewhere the
+thread compiles).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import dataclasses
 import importlib.util
 import os
 import pickle
+import select
 import struct
 import subprocess
 import sys
@@ -68,7 +71,9 @@ def compile_variants(kernel, grid, args, kwargs, max_shared: int) -> list[dict]:
 
 _lock = threading.Lock()
 _proc: subprocess.Popen | None = None
-_broken = False
+_broken = os.name != "posix"   # the pipes are waited on with select
+READY_S = 120.0    # to start (import torch and Triton) and say so
+ANSWER_S = 900.0   # to compile one launch's configs
 
 
 def compile_in_worker(kernel, grid, args, kwargs, device: int, target, max_shared: int) -> bool:
@@ -85,9 +90,12 @@ def compile_in_worker(kernel, grid, args, kwargs, device: int, target, max_share
         try:
             proc = _worker()
             _send(proc.stdin, request)
-            status, _ = _receive(proc.stdout)
-        except (OSError, EOFError, pickle.PickleError, struct.error):
-            _broken = True   # it could not start, or died: compiles stay in the caller's threads
+            status, _ = _receive(proc.stdout, ANSWER_S)
+        except (OSError, EOFError, TimeoutError, pickle.PickleError, struct.error):
+            # it could not start, died or hangs: compiles stay in the caller's threads
+            _broken = True
+            if _proc is not None and _proc.poll() is None:
+                _proc.kill()
             return False
     return status == "ok"
 
@@ -102,6 +110,8 @@ def _worker() -> subprocess.Popen:
                    TRITON_CACHE_DIR=knobs.cache.dir)
         _proc = subprocess.Popen([sys.executable, "-m", "flexattn.kernels.compile_worker"], env=env,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        if _receive(_proc.stdout, READY_S)[0] != "ready":
+            raise EOFError("compile worker did not start")
     return _proc
 
 
@@ -111,7 +121,11 @@ def _send(stream, obj) -> None:
     stream.flush()
 
 
-def _receive(stream):
+def _receive(stream, timeout_s: float | None = None):
+    # select sees the pipe, not the reader's buffer: safe because each side waits for the
+    # other's one message before it writes (nothing is ever read ahead)
+    if timeout_s is not None and not select.select([stream], [], [], timeout_s)[0]:
+        raise TimeoutError(f"compile worker: no answer in {timeout_s:.0f} s")
     head = stream.read(8)
     if len(head) < 8:
         raise EOFError("compile worker closed its pipe")
@@ -156,6 +170,7 @@ def main() -> None:
     from triton.runtime.driver import driver
     requests, answers = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr   # the pipe carries answers only
+    _send(answers, ("ready", None))
     while True:
         try:
             path, name, kernel_name, device, target, grid, args, kwargs, max_shared = _receive(requests)
