@@ -54,7 +54,6 @@ import torch
 from .. import codegen
 from ..mask_tiles import tile_table_form
 from . import compile_worker, launcher
-from .compile_worker import compile_variants, stand_in
 from .source import KERNEL_NAMES
 
 # id -> JIT kernel (holding it keeps the id unique); kernels launched in the foreground are
@@ -124,7 +123,7 @@ def after_launch(plan, kind_of, capture_launches) -> None:
     if not todo:
         return
     # the job keeps stand-ins, not the tensors: the capture's own outputs are freed now
-    launches = [(kernel, grid, [stand_in(a) for a in args], kwargs)
+    launches = [(kernel, grid, [compile_worker.stand_in(a) for a in args], kwargs)
                 for kernel, grid, args, kwargs in capture_launches(other, kind) if kernel in todo]
     if plan.tiering[0] == "tile_form":
         # the tile form serves masks to come: warm it with and without full blocks too (a new
@@ -154,7 +153,7 @@ def _compile(device, launches, kernels) -> None:
             for kernel, grid, stubs, kwargs in launches:
                 # compiled in the worker, then a hit in Triton's on-disk cache here
                 compile_worker.compile_in_worker(kernel, grid, stubs, kwargs, device, target, max_shared)
-                compile_variants(kernel, grid, stubs, kwargs, max_shared)
+                compile_worker.compile_variants(kernel, grid, stubs, kwargs, max_shared)
     finally:
         # failed or not, the kernels count as compiled: a failure then recurs in the
         # foreground, at the call that needs them, with its error
