@@ -3,6 +3,7 @@
     PYTHONPATH=. python3 benchmarks/bench_tile_form.py --cases sliding_window,document,prefix_lm,causal
         [--dims 64] [--tile-options '{"num_warps": 8}']   (kernel_options for the tile form only)
         [--form tiles]   (the tiles' bytes even where the interval form applies)
+        [--forward-slot per-tile]   (the Triton forward's lookup reads its slot once per tile)
 
 A new mask's first calls run through its tile-table form (flexattn.mask_tiles) while its own
 kernels compile (flexattn.kernels.tiered); a user who benchmarks right after the first call
@@ -36,11 +37,16 @@ def main():
                         "tiles: the tiles' bytes always")
     p.add_argument("--tile-options", default=None,
                    help='kernel_options for the tile form only, as JSON, e.g. \'{"num_warps": 8}\'')
+    p.add_argument("--forward-slot", choices=("per-row", "per-tile"), default=None,
+                   help="how the Triton forward's lookup reads its slot (default: as the kernels do, "
+                        "flexattn.kernels.source.SLOT_PER_ROW_KINDS)")
     a = p.parse_args()
     tile_options = json.loads(a.tile_options) if a.tile_options else {}
     import flexattn
     from flexattn import codegen
     from flexattn.kernels import flex_attention_triton, source
+    if a.forward_slot is not None:
+        source.SLOT_PER_ROW_KINDS = ("fwd",) if a.forward_slot == "per-row" else ()
     from flexattn.mask_tiles import tile_table_form
     B, H = 4, 16
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")

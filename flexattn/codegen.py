@@ -759,7 +759,7 @@ def tile_table_lookup(graph: Graph) -> TileLookup | None:
                                                 qb, kvb)
 
 
-def _tile_table_body(lookup: TileLookup, prefix: str) -> list[str]:
+def _tile_table_body(lookup: TileLookup, prefix: str, slot_per_row: bool = False) -> list[str]:
     """The lookup of `tile_table_lookup` printed for the kernels: the same values as the
     generic print, with one slot per tile instead of one per score (per row where the decode
     kernel packs query heads into its rows and the mask reads h), the interval form's two
@@ -779,6 +779,14 @@ def _tile_table_body(lookup: TileLookup, prefix: str) -> list[str]:
     tile form at 0.72x the own kernels' at D=64). Narrow loads of the ends instead (the slot
     per row) pipelined the backward but not the forward, which spilled around them.
 
+    slot_per_row (the Triton forward: kernels.source.SLOT_PER_ROW_KINDS): the slot read per row,
+    as one int32. On an H200 at D=64 the Triton forward's tile form ran at 0.91-0.92x its own
+    kernels' forward that way (sliding window, document; two runs) and at 0.61-0.63x with the
+    slot per tile as 16-bit halves (two later runs), although compiled for sm_90 the
+    per-row loop is the one left unpipelined (1652 instructions, 12 B spilled; per tile 1738,
+    pipelined). The Hopper forward and the backward keep the slot per tile (measured there:
+    0.98-1.00x, and the backward's pipelined loops above).
+
     Exact because a kernel's kv tile never straddles a kv block of KVB columns (every
     template walks kv tiles of BLOCK_N columns at multiples of BLOCK_N, and BLOCK_N <= KVB,
     both powers of two: the constexpr test) and a q tile never straddles a q block (every
@@ -786,14 +794,23 @@ def _tile_table_body(lookup: TileLookup, prefix: str) -> list[str]:
     read 0, as in the generic print."""
     b, h, qb, kvb = lookup.b, lookup.h, lookup.qb, lookup.kvb
     slots = f"{prefix}{lookup.slots}"
-    lines = [
-        "kj = tl.min(tl.min(kv_idx, 1), 0) // " + str(kvb),  # kv_idx >= 0: // floors
-        "qi = tl.min(tl.min(q_idx, 1), 0) // " + str(qb),  # every kernel's q tile lies in one q block
-        f"slot_ok = ({slots}_n0 > {b}) & ({slots}_n1 > {h}) & (qi < {slots}_n2) & (kj < {slots}_n3)",
-        f"slot_p = {slots}_ptr.to(tl.pointer_type(tl.int16)) + 2 * ({b} * {slots}_s0 + {h} * {slots}_s1"
-        f" + qi.to(tl.int64) * {slots}_s2 + kj.to(tl.int64) * {slots}_s3)",
-        "slot = (tl.load(slot_p + 1, mask=slot_ok, other=0).to(tl.int32) << 16) \\",
-        "    | (tl.load(slot_p, mask=slot_ok, other=0).to(tl.int32) & 0xFFFF)",
+    lines = ["kj = tl.min(tl.min(kv_idx, 1), 0) // " + str(kvb)]  # kv_idx >= 0: // floors
+    if slot_per_row:
+        lines += [
+            f"qi = _floordiv(q_idx, {qb})",
+            f"slot = tl.load({slots}_ptr + {b} * {slots}_s0 + {h} * {slots}_s1 + qi.to(tl.int64) * {slots}_s2"
+            f" + kj.to(tl.int64) * {slots}_s3,",
+            f"               mask=({slots}_n0 > {b}) & ({slots}_n1 > {h}) & (qi >= 0) & (qi < {slots}_n2)"
+            f" & (kj < {slots}_n3), other=0)"]
+    else:
+        lines += [
+            "qi = tl.min(tl.min(q_idx, 1), 0) // " + str(qb),  # every kernel's q tile lies in one q block
+            f"slot_ok = ({slots}_n0 > {b}) & ({slots}_n1 > {h}) & (qi < {slots}_n2) & (kj < {slots}_n3)",
+            f"slot_p = {slots}_ptr.to(tl.pointer_type(tl.int16)) + 2 * ({b} * {slots}_s0 + {h} * {slots}_s1"
+            f" + qi.to(tl.int64) * {slots}_s2 + kj.to(tl.int64) * {slots}_s3)",
+            "slot = (tl.load(slot_p + 1, mask=slot_ok, other=0).to(tl.int32) << 16) \\",
+            "    | (tl.load(slot_p, mask=slot_ok, other=0).to(tl.int32) & 0xFFFF)"]
+    lines += [
         f"q_in = _floormod(q_idx, {qb})",
         f"kv_in = kv_idx % {kvb}",  # kv_idx >= 0: the floor remainder, contiguous along the tile
     ]
@@ -848,11 +865,12 @@ def buffer_args(graph: Graph | None, buffers=None) -> list:
 INDEX_INPUTS = {"score": "score", "b": "off_z", "h": "off_h", "q_idx": "q_idx", "kv_idx": "kv_idx"}
 
 
-def mod_function(name: str, graph: Graph | None, kind: str, prefix: str, small_indices: bool = False) -> str:
+def mod_function(name: str, graph: Graph | None, kind: str, prefix: str, small_indices: bool = False,
+                 slot_per_row: bool = False) -> str:
     """`@triton.jit def name(score, off_z, off_h, q_idx, kv_idx, *bufs)` for a score mod
     (returns the new score, float32) or `name(off_z, off_h, q_idx, kv_idx, *bufs)` for a mask
     mod (returns a bool tile or scalar). graph None: identity score / all-true mask.
-    small_indices: see TritonPrinter."""
+    small_indices: see TritonPrinter; slot_per_row: see _tile_table_body."""
     params = (["score"] if kind == "score" else []) + ["off_z", "off_h", "q_idx", "kv_idx"]
     params += buffer_params(graph, prefix)
     lines = ["@triton.jit", f"def {name}({', '.join(params)}):"]
@@ -871,7 +889,8 @@ def mod_function(name: str, graph: Graph | None, kind: str, prefix: str, small_i
         body.append(f"return {out}")
         lookup = tile_table_lookup(graph)
         if lookup is not None:  # the kernels' own form of the lookup where a kv tile fits a kv block
-            body = ([f"if kv_idx.numel <= {lookup.kvb}:"] + ["    " + ln for ln in _tile_table_body(lookup, prefix)]
+            body = ([f"if kv_idx.numel <= {lookup.kvb}:"]
+                    + ["    " + ln for ln in _tile_table_body(lookup, prefix, slot_per_row)]
                     + ["else:"] + ["    " + ln for ln in body])
     lines += ["    " + ln for ln in body]
     # the traced graph as a comment, without the lines on captured shapes and param values:

@@ -75,8 +75,15 @@ def test_tile_form_prints_one_slot_per_row():
     from flexattn.kernels import generated_source
     causal = flexattn.create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 256, 256)
     for intervals, last in ((True, "return (kv_in >= lo) & (kv_in < hi)"), (False, "return tile != 0")):
-        src = generated_source(None, tile_table_form(causal, intervals=intervals).mask_graph, "fwd")
-        assert "tl.min(tl.min(kv_idx, 1), 0) // 128" in src and last in src
+        graph = tile_table_form(causal, intervals=intervals).mask_graph
+        for kind in ("fwd", "bwd", "decode"):
+            src = generated_source(None, graph, kind)
+            assert "tl.min(tl.min(kv_idx, 1), 0) // 128" in src and last in src
+            # the Triton forward reads the slot per row as one int32, the other kernels once
+            # per tile as 16-bit halves (codegen._tile_table_body)
+            per_row, per_tile = "qi = _floordiv(q_idx, 128)", "qi = tl.min(tl.min(q_idx, 1), 0) // 128"
+            assert (per_row in src, per_tile in src) == ((True, False) if kind == "fwd" else (False, True))
+            assert ("pointer_type(tl.int16)" in src) == (kind != "fwd")
     tiles = torch.zeros(3, 128, 128, dtype=torch.int8)
     slots = torch.zeros(1, 1, 3, 3, dtype=torch.int32)
     lows, highs = torch.zeros(3, 128, dtype=torch.int32), torch.zeros(3, 128, dtype=torch.int32)

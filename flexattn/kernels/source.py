@@ -29,6 +29,10 @@ KERNEL_NAMES = {"fwd": ("flex_fwd",), "decode": ("flex_decode",), "bwd": ("flex_
 # fwd+bwd went from 1.06-1.08x to 1.01-1.05x torch on the H200 (run 10).
 FLOAT_INDEX_KINDS = ("fwd", "decode", "fwd_hopper")
 
+# The kernels whose tile-table lookup reads its slot per row, as one int32 (the others once
+# per tile, as 16-bit halves: codegen._tile_table_body).
+SLOT_PER_ROW_KINDS = ("fwd",)
+
 # the kinds whose templates take the score_mod's derivative and the gradients' buffers
 GRAD_KINDS = ("bwd", "bwd_hopper")
 
@@ -46,14 +50,15 @@ def _lead(params: list[str]) -> str:
     return "".join(", " + p for p in params)
 
 
-def fill(template: str, score_graph, mask_graph, grad_slots=None, small_indices=False) -> str:
+def fill(template: str, score_graph, mask_graph, grad_slots=None, small_indices=False, slot_per_row=False) -> str:
     """`template` with its holes filled for these (kernel) graphs, after codegen.PRELUDE;
-    ValueError if a hole is left."""
+    ValueError if a hole is left. slot_per_row: the tile-table lookup's print for the kernel
+    (codegen._tile_table_body; SLOT_PER_ROW_KINDS)."""
     sp = codegen.buffer_params(score_graph, "sb")
     mp = codegen.buffer_params(mask_graph, "mb")
     parts = {
         "{SCORE_MOD}": codegen.mod_function("score_mod", score_graph, "score", "sb", small_indices),
-        "{MASK_MOD}": codegen.mod_function("mask_mod", mask_graph, "mask", "mb", small_indices),
+        "{MASK_MOD}": codegen.mod_function("mask_mod", mask_graph, "mask", "mb", small_indices, slot_per_row),
         "{SCORE_BUF_PARAMS_TRAIL}": _trail(sp), "{MASK_BUF_PARAMS_TRAIL}": _trail(mp),
         "{SCORE_BUF_ARGS_TRAIL}": _trail(sp), "{MASK_BUF_ARGS_TRAIL}": _trail(mp),
         "{SCORE_BUF_ARGS}": _lead(sp), "{MASK_BUF_ARGS}": _lead(mp),
@@ -93,7 +98,7 @@ def source(kind: str, score_graph, mask_graph, grad_slots, small_indices: bool) 
     """The Triton source of `kind` ("fwd", "bwd", "decode", "fwd_hopper") for these (kernel) graphs;
     grad_slots only for "bwd"; small_indices: Plan.small_indices."""
     return fill(TEMPLATES[kind], score_graph, mask_graph, list(grad_slots) if kind in GRAD_KINDS else None,
-                float_indices(kind, small_indices))
+                float_indices(kind, small_indices), kind in SLOT_PER_ROW_KINDS)
 
 
 _MODULES: dict = {}
