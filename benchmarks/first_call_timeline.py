@@ -22,6 +22,7 @@ import argparse
 import os
 import sys
 import time
+from statistics import median
 
 import torch
 
@@ -43,10 +44,6 @@ def event_ms(fn) -> float:
     e1.record()
     e1.synchronize()
     return e0.elapsed_time(e1)
-
-
-def median(xs):
-    return sorted(xs)[len(xs) // 2]
 
 
 def pending() -> bool:
@@ -95,33 +92,35 @@ def route_vs_direct(q, k, v):
         for entry in log:
             print("  ", entry)
         log.clear()
-    _, causal = mods("causal", S, H, "cuda")
-    bmc = flexattn.create_block_mask(causal, None, None, S, S, device="cuda")
-    flexattn.flex_attention(q, k, v, block_mask=bmc)
-    tiered.wait()   # the tile form's kernels are compiled now
-    print("causal, own kernels: gpu ms", median([event_ms(lambda: flexattn.flex_attention(q, k, v, block_mask=bmc))
-                                                for _ in range(30)]))
-    _, sliding = mods("sliding_window", S, H, "cuda")
-    bm = flexattn.create_block_mask(sliding, None, None, S, S, device="cuda")
-    log.clear()
+    try:
+        _, causal = mods("causal", S, H, "cuda")
+        bmc = flexattn.create_block_mask(causal, None, None, S, S, device="cuda")
+        flexattn.flex_attention(q, k, v, block_mask=bmc)
+        tiered.wait()   # the tile form's kernels are compiled now
+        own = [event_ms(lambda: flexattn.flex_attention(q, k, v, block_mask=bmc)) for _ in range(30)]
+        print("causal, own kernels: gpu ms", median(own))
+        _, sliding = mods("sliding_window", S, H, "cuda")
+        bm = flexattn.create_block_mask(sliding, None, None, S, S, device="cuda")
+        log.clear()
 
-    def routed():
-        return flexattn.flex_attention(q, k, v, block_mask=bm)
-    routed()
-    show("sliding window, first call through the tiered route (the other form's launches are recorded, not run):")
-    print("tiered route gpu ms", median([event_ms(routed) for _ in range(20)]), "pending", pending())
-    tile = tile_table_form(bm)
+        def routed():
+            return flexattn.flex_attention(q, k, v, block_mask=bm)
+        routed()
+        show("sliding window, first call through the tiered route (the other form's launches are recorded, not run):")
+        print("tiered route gpu ms", median([event_ms(routed) for _ in range(20)]), "pending", pending())
+        tile = tile_table_form(bm)
 
-    def direct():
-        return flex_attention_triton(q, k, v, score_graph=None, mask_graph=tile.mask_graph, block_mask=tile,
-                                     kernel_options={"TIERED": False})[0]
-    direct()
-    show("the tile form called directly:")
-    print("direct tile form gpu ms", median([event_ms(direct) for _ in range(30)]))
-    tiered.wait()
-    print("after the background compiles: tiered route gpu ms", median([event_ms(routed) for _ in range(30)]),
-          "direct tile form", median([event_ms(direct) for _ in range(30)]))
-    launcher.launch_cached = launch_cached
+        def direct():
+            return flex_attention_triton(q, k, v, score_graph=None, mask_graph=tile.mask_graph, block_mask=tile,
+                                         kernel_options={"TIERED": False})[0]
+        direct()
+        show("the tile form called directly:")
+        print("direct tile form gpu ms", median([event_ms(direct) for _ in range(30)]))
+        tiered.wait()
+        print("after the background compiles: tiered route gpu ms", median([event_ms(routed) for _ in range(30)]),
+              "direct tile form", median([event_ms(direct) for _ in range(30)]))
+    finally:
+        launcher.launch_cached = launch_cached
 
 
 def main():

@@ -109,9 +109,10 @@ def _decodes_and_chunks(plan, q, k, v, layout: KVLayout, lengths: list, query_le
     the call with longer chunks: one launch for each kind over its own sequences (seq_ids),
     with its own tiles and kv splits (in one launch the decodes ran in the chunks' 128-row
     q tiles without splits, and a continuous-batching step of 62 decodes and two 1K chunks
-    took 1.5x two calls, one per kind, on an H200; launched so, 1.17x). The chunks' launch writes every row of
-    the packed out / lse (the decodes' rows without partials: overwritten next); the
-    decodes' launch packs its rows apart (p_starts) and they are copied to their places.
+    took 1.5x two calls, one per kind, on an H200; launched so, 1.17x). The chunks' launch
+    writes every row of the packed out / lse (the decodes' rows without partials: overwritten
+    next); the decodes' launch packs its rows apart (p_starts) and they are copied to their
+    places.
     dec_ids / chunk_ids: the sequences of each kind, in order."""
     dev = q.device
     decodes = set(dec_ids)
