@@ -15,7 +15,10 @@ Partitions (gl.warp_specialize):
     split BLOCK_M rows: S = Q K^T by wgmma from shared memory, score_mod / mask_mod on S in
     registers, online softmax in the exp2 domain, O += P V by wgmma with P from registers.
     Each iteration issues S of tile t and then P V of tile t-1, waits for S alone, and runs
-    the softmax of tile t while P V of tile t-1 is still on the tensor cores.
+    the softmax of tile t while P V of tile t-1 is still on the tensor cores. A row's
+    running max lags its true max by up to RESCALE_SLACK (log2 units), so O is rescaled only
+    on tiles where some row's max grew by more (lse stays exact; a call that returns the row
+    maxima keeps the exact max instead).
   * PINGPONG (kernel_options "fwd_PINGPONG", default up to head dim 128: pingpong_default):
     the two warpgroups are two partitions of BLOCK_M / 2 rows each, with their own Q and O,
     and they take turns to issue their wgmmas (two mbarriers pass the turn), so that one's
@@ -140,10 +143,11 @@ def _softmax_tile(qk, l_i, m_i, start_n, off_z, off_h, q_idx, KV_LEN, SCALE, SCA
                   {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}
                   p_layout: gl.constexpr, P_DTYPE: gl.constexpr, IS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr,
                   KV_DIVISIBLE: gl.constexpr, SCALE_POSITIVE: gl.constexpr, BLOCK_N: gl.constexpr,
-                  from_full=False):
+                  LAZY: gl.constexpr, from_full=False):
     """The online-softmax step of one S tile: (P as the A operand of the P V wgmma, the
-    factor that rescales O, l, m). A tile compiled as partial (IS_FULL False) keeps every
-    score in range where from_full (a run-time flag: the peeled first tile) is true."""
+    factor that rescales O, l, m, moved: 0 where O needs no rescale). A tile compiled as
+    partial (IS_FULL False) keeps every score in range where from_full (a run-time flag: the
+    peeled first tile) is true. LAZY: the running max lags (_lazy_softmax)."""
     LOG2E: gl.constexpr = 1.4426950408889634
     s_layout: gl.constexpr = qk.type.layout
     kv_idx = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)), 0)
@@ -162,8 +166,37 @@ def _softmax_tile(qk, l_i, m_i, start_n, off_z, off_h, q_idx, KV_LEN, SCALE, SCA
         if not KV_DIVISIBLE:
             keep = keep & (kv_idx < KV_LEN)
         t = gl.where(keep, t, float("-inf"))
-    m_new, alpha, p, l_i = _online_softmax(m_i, l_i, t, TO_LOG2, FINITE=IS_FULL and not HAS_SCORE_MOD)
-    return gl.convert_layout(_to_pairs(p, P_DTYPE), p_layout), alpha, l_i, m_new
+    if LAZY:
+        m_new, alpha, p, l_i, moved = _lazy_softmax(m_i, l_i, t, TO_LOG2, FINITE=IS_FULL and not HAS_SCORE_MOD)
+    else:
+        m_new, alpha, p, l_i = _online_softmax(m_i, l_i, t, TO_LOG2, FINITE=IS_FULL and not HAS_SCORE_MOD)
+        moved = 1
+    return gl.convert_layout(_to_pairs(p, P_DTYPE), p_layout), alpha, l_i, m_new, moved
+
+
+# log2 units a row's running max may lag its true max (LAZY): P is then at most 2^8, and O and l
+# keep their scale until some row of the tile outgrows it
+RESCALE_SLACK = gl.constexpr(8.0)
+
+
+@gluon.jit
+def _lazy_softmax(m_i, l_i, t, TO_LOG2, FINITE: gl.constexpr):
+    # _online_softmax with a lagging max: a row's m moves only where the tile's max exceeds it by
+    # more than RESCALE_SLACK. moved (a scalar over the partition's rows) is 0 where no row's m
+    # moved: every alpha is then 1 (or 0 on rows that have seen nothing and hold nothing), and the
+    # caller skips rescaling O. lse = m + log2(l) stays exact; the row max output does not (the
+    # kernel takes the eager step where it stores the max)
+    m_tile = gl.max(t, 1) * TO_LOG2
+    m_new = gl.where(m_tile > m_i + RESCALE_SLACK, m_tile, m_i)
+    if FINITE:
+        m_shift = m_new
+    else:
+        m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)
+    moved = gl.max((m_new > m_i).to(gl.int32), 0)
+    alpha = gl.exp2(m_i - m_shift)
+    p = gl.exp2(t * TO_LOG2 - gl.expand_dims(m_shift, 1))
+    l_new = l_i * alpha + gl.sum(p, 1)
+    return m_new, alpha, p, l_new, moved
 
 
 @gluon.jit
@@ -182,10 +215,13 @@ def _consume_list(acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, k_
                   {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}
                   IS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr, KV_DIVISIBLE: gl.constexpr,
                   SCALE_POSITIVE: gl.constexpr, SPARSE_KV_BLOCK: gl.constexpr,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, SIDE: gl.constexpr):
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, SIDE: gl.constexpr,
+                  LAZY: gl.constexpr):
     # Tiles t0.. of one list; `it` counts tiles over both lists (ring slot and phase).
     # Invariant at the top of an iteration: P of tile it-1 is in registers, its P V not yet
-    # issued; O holds the sum over tiles < it-1, rescaled to tile it-1's row max.
+    # issued; O holds the sum over tiles < it-1, scaled to m after tile it-1 (the running row
+    # max, or with LAZY a value at most RESCALE_SLACK under it); rescaling O is skipped where
+    # no row's m moved.
     # Each iteration issues S(it) and then P V(it-1), waits for S(it) only, and runs the
     # softmax of S(it) while P V(it-1) is on the tensor cores.
     MULT: gl.constexpr = SPARSE_KV_BLOCK // BLOCK_N
@@ -201,14 +237,15 @@ def _consume_list(acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, k_
             mbarrier.arrive(turn.index(1 - SIDE), count=1)
         qk = warpgroup_mma_wait(1, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(it % STAGES), count=1)  # K(it) read: the producer may refill its slot
-        p, alpha, l_i, m_i = _softmax_tile(
+        p, alpha, l_i, m_i, moved = _softmax_tile(
             qk, l_i, m_i, start_n, off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
             {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
             p_layout=p_layout, P_DTYPE=v_ring.dtype, IS_FULL=IS_FULL, HAS_SCORE_MOD=HAS_SCORE_MOD, KV_DIVISIBLE=KV_DIVISIBLE,
-            SCALE_POSITIVE=SCALE_POSITIVE, BLOCK_N=BLOCK_N)
+            SCALE_POSITIVE=SCALE_POSITIVE, BLOCK_N=BLOCK_N, LAZY=LAZY)
         acc = warpgroup_mma_wait(0, deps=(o_tok, ))
         mbarrier.arrive(v_empty.index((it - 1) % STAGES), count=1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        if moved > 0:
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         it += 1
     return acc, l_i, m_i, p, it
 
@@ -222,7 +259,7 @@ def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, V_HEAD: gl.constexpr,
               SPARSE_KV_BLOCK: gl.constexpr, KV_DIVISIBLE: gl.constexpr, SCALE_POSITIVE: gl.constexpr,
               STAGES: gl.constexpr, num_warps: gl.constexpr, PINGPONG: gl.constexpr = False,
-              SIDE: gl.constexpr = 0):
+              SIDE: gl.constexpr = 0, LAZY: gl.constexpr = False):
     # the online softmax over the row's kv tiles -> (O unnormalised, l, m) of BLOCK_M rows
     # from start_m, Q in q_smem (waited for on q_bar)
     MULT: gl.constexpr = SPARSE_KV_BLOCK // BLOCK_N
@@ -252,17 +289,18 @@ def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
             start_n = _tile_start(fidx_ptr, 0, n_full, SPARSE_KV_BLOCK, BLOCK_N)
         qk = warpgroup_mma_wait(0, deps=(_issue_qk(q_smem, k_ring, k_ready, s_zero, 0, STAGES), ))
         mbarrier.arrive(k_empty.index(0), count=1)
-        p, alpha, l_i, m_i = _softmax_tile(
+        p, alpha, l_i, m_i, moved = _softmax_tile(
             qk, l_i, m_i, start_n, off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
             {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
             p_layout=p_layout, P_DTYPE=v_ring.dtype, IS_FULL=False, HAS_SCORE_MOD=HAS_SCORE_MOD, KV_DIVISIBLE=KV_DIVISIBLE,
-            SCALE_POSITIVE=SCALE_POSITIVE, BLOCK_N=BLOCK_N, from_full=n_part_tiles == 0)
+            SCALE_POSITIVE=SCALE_POSITIVE, BLOCK_N=BLOCK_N, LAZY=LAZY, from_full=n_part_tiles == 0)
         acc, l_i, m_i, p, it = _consume_list(
             acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, turn, s_zero,
             idx_ptr, n_part, 1, gl.to_tensor(1), off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
             {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
             IS_FULL=False, HAS_SCORE_MOD=HAS_SCORE_MOD, KV_DIVISIBLE=KV_DIVISIBLE, SCALE_POSITIVE=SCALE_POSITIVE,
-            SPARSE_KV_BLOCK=SPARSE_KV_BLOCK, BLOCK_N=BLOCK_N, STAGES=STAGES, PINGPONG=PINGPONG, SIDE=SIDE)
+            SPARSE_KV_BLOCK=SPARSE_KV_BLOCK, BLOCK_N=BLOCK_N, STAGES=STAGES, PINGPONG=PINGPONG, SIDE=SIDE,
+            LAZY=LAZY)
         if HAS_FULL:
             acc, l_i, m_i, p, it = _consume_list(
                 acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, turn, s_zero,
@@ -271,7 +309,7 @@ def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
                 {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
                 IS_FULL=True, HAS_SCORE_MOD=HAS_SCORE_MOD, KV_DIVISIBLE=KV_DIVISIBLE,
                 SCALE_POSITIVE=SCALE_POSITIVE, SPARSE_KV_BLOCK=SPARSE_KV_BLOCK, BLOCK_N=BLOCK_N, STAGES=STAGES,
-                PINGPONG=PINGPONG, SIDE=SIDE)
+                PINGPONG=PINGPONG, SIDE=SIDE, LAZY=LAZY)
         # the last tile's P V
         acc = warpgroup_mma_wait(0, deps=(_issue_pv(p, v_ring, v_ready, acc, it - 1, STAGES), ))
         mbarrier.arrive(v_empty.index((it - 1) % STAGES), count=1)
@@ -394,7 +432,7 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE, MAX,
                          idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, start_m, KV_LEN, SCALE, SCALE_LOG2,
                          {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
                          HAS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
-                         SCALE_POSITIVE, STAGES, num_warps)),
+                         SCALE_POSITIVE, STAGES, num_warps, False, 0, not OUTPUT_MAX)),
             (_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
                          idx_ptr, n_part, fidx_ptr, n_full, off_z, off_hkv,
                          HAS_FULL, SPARSE_KV_BLOCK, BLOCK_N, STAGES)),
@@ -430,7 +468,8 @@ def _pingpong_consumer(q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_
                               idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, row0, KV_LEN, SCALE, SCALE_LOG2,
                               {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
                               HAS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
-                              SCALE_POSITIVE, STAGES, num_warps, PINGPONG=True, SIDE=SIDE)
+                              SCALE_POSITIVE, STAGES, num_warps, PINGPONG=True, SIDE=SIDE,
+                              LAZY=not OUTPUT_MAX)
     _epilogue(acc, l_i, m_i, o_desc, o_smem.index(SIDE), LSE, MAX, pid_zh, off_z, off_h, row0, Q_LEN,
               OUTPUT_MAX=OUTPUT_MAX)
 
