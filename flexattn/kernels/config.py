@@ -42,7 +42,11 @@ DEFAULT_FWD = {
 # than the GPU has at 2 stages (the launch fell back to 1 stage, which spills 176 B); 32x128
 # fits both launches at 2 stages without spills (sm_90 ptxas: 242 / 223 registers); measured
 # on the H200 it gives 268 / 232 TFLOP/s causal / softcap (64x128: 277 / 231), and 290 / 256
-# with dq by atomics from the dk launch (atomic_dq, its default there)
+# with dq by atomics from the dk launch (atomic_dq, its default there). With those atomics the
+# dk launch needs 278,784 B of shared memory at 2 stages (sm_90 ptxas, Triton 3.6), more than
+# an H100 / H200 block may have (232,448): it runs at the 1 stage launcher.launch falls back to
+# (no async copies, 112 B spilled). 32x64 tiles at 3 stages fit both launches pipelined without
+# spills (214,016 / 132,096 B; 255 / 160 registers); not yet measured
 DEFAULT_BWD = {
     ("interp", 0): (32, 32, 32, 32, 4, 1),
     ("fp32", 128): (32, 32, 32, 32, 4, 1), ("fp32", 256): (16, 16, 16, 16, 4, 1),
