@@ -347,6 +347,34 @@ def test_hopper_gqa(name, pingpong):
            lse_grad=name == "empty_rows")
 
 
+@pytest.mark.parametrize("pingpong", PINGPONG)
+def test_hopper_lagging_max(pingpong):
+    # the forward lets a row's running max lag its true max by up to 8 (log2) and skips rescaling O
+    # where no row's max moved: a ramp along kv (one slope a head) makes the row maxima grow per
+    # 128-wide kv tile by 0, 2.9, 7.2 and 17.3 in log2 units - under and over that slack - under a
+    # causal mask (partial and full tiles); out and lse against the float64 reference
+    _needs_sm90()
+    import flexattn
+    from flexattn.reference import reference_attention
+    H, S = 4, 1024
+    slopes = torch.tensor([0.0, 2.0, 5.0, 12.0], device=DEV) / 128
+
+    def ramp(slope):
+        return lambda score, b, h, q_idx, kv_idx: score + slope[h] * kv_idx
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    q, k, v = make_qkv(B=1, Hq=H, Hkv=H, L=S, S=S, E=128, dtype=torch.bfloat16, device=DEV, seed=0)
+    bm = flexattn.create_block_mask(causal, None, None, S, S, device=DEV)
+    out, lse = flexattn.flex_attention(q, k, v, score_mod=ramp(slopes), block_mask=bm, return_lse=True,
+                                       kernel_options=dict(HOPPER, fwd_PINGPONG=pingpong))
+    ro, rl = reference_attention(q, k, v, ramp(slopes.to(q.dtype)), causal)
+    go, gl = reference_attention(q.double(), k.double(), v.double(), ramp(slopes.double()), causal)
+    assert_close_to_golden("out", out, ro, go)
+    assert_close_to_golden("lse", lse, rl.float(), gl, eps=1e-3 * gl.abs().max().item())
+
+
 def test_hopper_auto_dispatch_and_refusals():
     import flexattn
     _needs_sm90()
