@@ -2,7 +2,7 @@
 the sparse masks, a dense float bias for ALiBi), 2 threads, float32 by default.
 
     PYTHONPATH=$PWD python benchmarks/bench_cpu.py [--S 4096] [--dtype float32] [--busy]
-        [--masks dense causal ...] [--no-compiled] [--reps 3] [--json out.json] [--full]
+        [--after-op] [--masks dense causal ...] [--no-compiled] [--reps 3] [--json out.json] [--full]
 
 Cases (--masks): dense, causal, sliding (window 256), document (six documents, causal in
 each), and two score_mods under a causal mask: alibi (per-head slopes) and softcap (30 tanh);
@@ -15,7 +15,10 @@ Prints one table (median seconds of --reps runs after one warm-up; the implement
 turns run by run) for forward and fwd+bwd; torch.compile(flex_attention) has no CPU
 backward, so its fwd+bwd column is '-'.
 --busy starts two processes that burn a CPU each for the duration of the timing (the
-machine's two cores are then contended, as on a shared machine).
+machine's two cores are then contended, as on a shared machine). --after-op runs a 1024 x 1024
+matmul on torch's threads, untimed, right before each timed call, as a model's projections run
+just before its attention: torch's OpenMP threads then still spin, waiting for more work, when
+the call starts.
 """
 from __future__ import annotations
 
@@ -79,14 +82,17 @@ def _burn(stop):
             x += 1
 
 
-def timeit(fns: dict, reps: int) -> dict:
+def timeit(fns: dict, reps: int, before=None) -> dict:
     """{name: (median, worst) seconds of reps runs after one warm-up}; the functions take
-    turns run by run, so a change in the machine's load falls on all of them alike."""
+    turns run by run, so a change in the machine's load falls on all of them alike.
+    before: called, untimed, right before each timed run."""
     for fn in fns.values():
         fn()
     ts = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
+            if before is not None:
+                before()
             t = time.perf_counter()
             fn()
             ts[name].append(time.perf_counter() - t)
@@ -112,6 +118,9 @@ def main():
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--json")
     ap.add_argument("--full", action="store_true", help="S in {1K, 4K, 16K}, float32 and bfloat16")
+    ap.add_argument("--after-op", action="store_true",
+                    help="before each timed call, untimed, a 1024 x 1024 matmul on torch's threads, as a model's "
+                         "projections run just before its attention")
     a = ap.parse_args()
     if a.full:
         a.S, a.dtype = [1024, 4096, 16384], ["float32", "bfloat16"]
@@ -134,6 +143,8 @@ def main():
         for p in procs:
             p.start()
     rows = []
+    w = torch.randn(1024, 1024)
+    before = (lambda: w @ w) if a.after_op else None
     try:
         for S, dname, name in itertools.product(a.S, a.dtype, a.masks):
             dtype = getattr(torch, dname)
@@ -144,7 +155,7 @@ def main():
             tbm = None if mm is None else torch_cbm(mm, None, None, S, S, device="cpu")
             dense = None if mm is None or name == "causal" else flexattn.create_mask(mm, None, None, S, S)
             sdpa_args = sdpa_inputs(name, S, dense)
-            r = {"S": S, "mask": name, "dtype": dname, "busy": a.busy}
+            r = {"S": S, "mask": name, "dtype": dname, "busy": a.busy, "after_op": a.after_op}
 
             def ours():
                 return flexattn.flex_attention(q, k, v, sm, block_mask=bm, kernel_options={"BACKEND": "cpu"})
@@ -163,12 +174,12 @@ def main():
                 fwd["sdpa_fwd"] = sdpa
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                r.update(timeit({key: _no_grad(fn) for key, fn in fwd.items()}, a.reps))
+                r.update(timeit({key: _no_grad(fn) for key, fn in fwd.items()}, a.reps, before))
             if not a.no_bwd:
                 bwd = {"flexattn_fwdbwd": lambda: ours().sum().backward()}
                 if sdpa_args is not None:
                     bwd["sdpa_fwdbwd"] = lambda: sdpa().sum().backward()
-                r.update(timeit(bwd, a.reps))
+                r.update(timeit(bwd, a.reps, before))
             rows.append(r)
             f = lambda key: "-" if key not in r else f"{r[key][0]:.3f} ({r[key][1]:.3f})"
             print(f"S={S:6d} {dname:8s} {name:9s} fwd: flexattn {f('flexattn_fwd')}  compiled {f('compiled_fwd')}  "
@@ -179,7 +190,7 @@ def main():
         for p in procs:
             p.join(timeout=5)
     print(f"(median (worst) seconds of {a.reps}; {a.threads} threads; {os.cpu_count()} CPUs; "
-          f"load average {os.getloadavg()}; busy={a.busy})")
+          f"load average {os.getloadavg()}; busy={a.busy}; after_op={a.after_op})")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(rows, fh, indent=1)
