@@ -780,9 +780,10 @@ def _tile_table_body(lookup: TileLookup, prefix: str, slot_per_row: bool = False
     per row) pipelined the backward but not the forward, which spilled around them.
 
     slot_per_row (the Triton forward: kernels.source.SLOT_PER_ROW_KINDS): the slot read per row,
-    as one int32. On an H200 at D=64 the Triton forward's tile form ran at 0.91-0.92x its own
-    kernels' forward that way (sliding window, document; two runs) and at 0.61-0.63x with the
-    slot per tile as 16-bit halves (two later runs), although compiled for sm_90 the
+    as one int32. On an H200 at D=64 the Triton forward's tile form ran at 0.91-0.99x its own
+    kernels' forward that way and at 0.60-0.69x with the slot per tile as 16-bit halves
+    (sliding window, document, prefix-LM, causal; the two alternating in one process,
+    benchmarks/bench_tile_form.py --forward-slot), although compiled for sm_90 the
     per-row loop is the one left unpipelined (1652 instructions, 12 B spilled; per tile 1738,
     pipelined). The Hopper forward and the backward keep the slot per tile (measured there:
     0.98-1.00x, and the backward's pipelined loops above).

@@ -185,7 +185,9 @@ def _lazy_softmax(m_i, l_i, t, TO_LOG2, FINITE: gl.constexpr):
     # more than RESCALE_SLACK. moved (a scalar over the partition's rows) is 0 where no row's m
     # moved: every alpha is then 1 (or 0 on rows that have seen nothing and hold nothing), and the
     # caller skips rescaling O. lse = m + log2(l) stays exact; the row max output does not (the
-    # kernel takes the eager step where it stores the max)
+    # kernel takes the eager step where it stores the max). The last four lines are
+    # _online_softmax's own: written out, as a helper called from both changed the sm_90a code
+    # of the measured kernels (ptxas scheduled the partial-block loops differently)
     m_tile = gl.max(t, 1) * TO_LOG2
     m_new = gl.where(m_tile > m_i + RESCALE_SLACK, m_tile, m_i)
     if FINITE:
@@ -427,7 +429,7 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE, MAX,
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         _tma_load(q_desc, [off_z, off_h, start_m, 0], q_bar, q_smem.reshape(q_desc.block_type.shape))
         acc, l_i, m_i = gl.warp_specialize([
-            # (turn None: only the ping-pong form takes turns)
+            # (turn None: only the ping-pong form takes turns; then PINGPONG, SIDE, LAZY)
             (_consumer, (q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty, None,
                          idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, start_m, KV_LEN, SCALE, SCALE_LOG2,
                          {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
