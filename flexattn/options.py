@@ -24,8 +24,8 @@ VALID_OPTIONS = {
                   "(an error naming why if the call cannot take it; default False: slower than the Triton "
                   "kernels on the H200 so far)",
     "fwd_PINGPONG": "True: the Hopper forward runs its two consumer warpgroups as two partitions that take "
-                    "turns on the tensor cores (default: True up to head dim 128, False past it; see "
-                    "flexattn.kernels.hopper_forward.pingpong_default)",
+                    "turns on the tensor cores (default: True; False: the two in one partition, see "
+                    "flexattn.kernels.hopper_forward.PINGPONG_DEFAULT)",
     "bwd_ATOMIC_DQ": "True/False: the dk/dv kernel also computes dq, adding each tile's share by float32 "
                      "atomics, instead of a dq kernel recomputing every tile (default: see "
                      "flexattn.kernels.config.atomic_dq; never with DETERMINISTIC)",

@@ -46,7 +46,9 @@ DEFAULT_FWD = {
 # dk launch needs 278,784 B of shared memory at 2 stages (sm_90 ptxas, Triton 3.6), more than
 # an H100 / H200 block may have (232,448): it runs at the 1 stage launcher.launch falls back to
 # (no async copies, 112 B spilled). 32x64 tiles at 3 stages fit both launches pipelined without
-# spills (214,016 / 132,096 B; 255 / 160 registers); not yet measured
+# spills (214,016 / 132,096 B; 255 / 160 registers) but measured far slower on the H200 (causal /
+# dense fwd+bwd 191 / 189 TFLOP/s against 296 / 270; 2 stages 170 / 158): 64-row kv tiles double
+# the programs that walk each q tile, so the dq atomics and the q / dO reads double too
 DEFAULT_BWD = {
     ("interp", 0): (32, 32, 32, 32, 4, 1),
     ("fp32", 128): (32, 32, 32, 32, 4, 1), ("fp32", 256): (16, 16, 16, 16, 4, 1),

@@ -19,7 +19,7 @@ Partitions (gl.warp_specialize):
     running max lags its true max by up to RESCALE_SLACK (log2 units), so O is rescaled only
     on tiles where some row's max grew by more (lse stays exact; a call that returns the row
     maxima keeps the exact max instead).
-  * PINGPONG (kernel_options "fwd_PINGPONG", default up to head dim 128: pingpong_default):
+  * PINGPONG (kernel_options "fwd_PINGPONG", default True: PINGPONG_DEFAULT):
     the two warpgroups are two partitions of BLOCK_M / 2 rows each, with their own Q and O,
     and they take turns to issue their wgmmas (two mbarriers pass the turn), so that one's
     softmax runs while the tensor cores run the other's S and P V (FA3's ping-pong schedule).
@@ -550,12 +550,12 @@ def tma_unsupported(name: str, t) -> str | None:
 AUTO_HEAD_DIMS = range(65, 257)
 
 
-def pingpong_default(d: int, dv: int) -> bool:
-    """Whether the Hopper forward takes its ping-pong form when kernel_options leave
-    "fwd_PINGPONG" out: up to head dim 128 (1.06-1.24x the one-partition form on the H200,
-    the same cases); past it the one-partition form (ping-pong 0.97-1.00x there, except ALiBi
-    and softcap, whose longer softmax it hides: 1.05-1.09x)."""
-    return max(d, dv) <= 128
+# Whether the Hopper forward takes its ping-pong form when kernel_options leave "fwd_PINGPONG" out.
+# H200, B=4, H=16, S=8K, bf16: 1.06-1.24x the one-partition form at D=128; at D=256 0.97-1.00x before
+# the lagging row max and 1.10-1.13x with it on every case (dense 634 -> 717, causal 606 -> 667 TFLOP/s):
+# with the rescale of O mostly skipped, the softmax a partition hides behind the other's wgmmas is short
+# enough at D=256 too.
+PINGPONG_DEFAULT = True
 
 
 def use_hopper(device: str, q, k, v, block_size, dropout_p: float, request: str, graphs=()) -> bool:
@@ -603,7 +603,7 @@ def hopper_forward(plan, q, k, v):
     _, Hkv, S, Ev = v.shape
     bm, bn, stages, warps = hopper_fwd_config(E, Ev)
     # ping-pong: two partitions of one warpgroup each, each with its own half of the rows
-    pingpong = bool(plan.opts.get("fwd_PINGPONG", pingpong_default(E, Ev)))
+    pingpong = bool(plan.opts.get("fwd_PINGPONG", PINGPONG_DEFAULT))
     rows, warps = (bm // 2, warps // 2) if pingpong else (bm, warps)
     blk = plan.blocks
     out = torch.empty(B, Hq, L, Ev, dtype=q.dtype, device=q.device)
