@@ -4,13 +4,18 @@ Costs no device time; use it before a GPU run.
 
     python benchmarks/aot_inspect.py               # fwd/bwd for causal, D=128 and 64
     python benchmarks/aot_inspect.py --kinds bwd --cases dense,causal,document --seq 2048 --loops
+    python benchmarks/aot_inspect.py --kinds hopper --cases causal,softcap --dims 128,256 --loops --ops
+        # the Hopper (Gluon) forward; --options '{"fwd_PINGPONG": false}' for its one-partition form
 
 Per kernel: registers and spill bytes (ptxas -v on the PTX Triton produced), shared memory,
 async copies, wgmma. With --loops, per scf.for of the TTGIR (in program order: dq walks the
 partial then the full kv blocks; dk/dv the partial then the full q blocks of each GQA head)
 the async_wait counts inside it (num=0 in a loop: the loads are not pipelined), and per
-loop of the SASS (a backward branch) its instruction count and the HGMMA / MUFU.EX2 /
-local-memory (spill) / global-load instructions in it.
+innermost loop of the SASS (a backward branch) its instruction count and the HGMMA / MUFU /
+local-memory (spill) / global-load instructions in it; with --ops, every opcode's count in it.
+For the Hopper forward the registers are the launch's (warp_specialize's setmaxnreg gives the
+consumer warps 240), and its SASS loops come per partition: a consumer's partial- then
+full-block loop (two consumers in the ping-pong form), then the producer's two.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 
 import torch
 import triton
@@ -30,6 +36,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def _ty(v):
+    if hasattr(v, "block_shape") and hasattr(v, "layout"):  # a Gluon TMA descriptor (hopper_forward.descriptor)
+        dt = {torch.bfloat16: "bf16", torch.float16: "fp16"}[v.base.dtype]
+        return f"tensordesc<{dt}[{', '.join(map(str, v.block_shape))}],{v.layout!r}>"
     if isinstance(v, torch.Tensor):
         return "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "i8",
                       torch.int32: "i32", torch.int64: "i64"}[v.dtype]
@@ -46,7 +55,8 @@ def compile_sm90(jitfn, args, kwargs):
     """args: the launch's positional values (tensors may be meta/CPU); kwargs: constexprs +
     num_warps/num_stages. Ints equal to 1 are specialised like Triton does at launch."""
     kw = dict(kwargs)
-    opts = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
+    # compile options (a Gluon kernel also names num_warps among its parameters)
+    opts = {k: kw[k] for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kw}
     names = jitfn.arg_names
     sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(names):
@@ -62,7 +72,11 @@ def compile_sm90(jitfn, args, kwargs):
         else:
             sig[name] = "constexpr"
             consts[(i,)] = kw[name]
-    src = ASTSource(jitfn, sig, consts, attrs)
+    if type(jitfn).__name__ == "GluonJITFunction":
+        from triton.experimental.gluon._runtime import GluonASTSource
+        src = GluonASTSource(jitfn, sig, consts, attrs)
+    else:
+        src = ASTSource(jitfn, sig, consts, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
@@ -93,30 +107,44 @@ def sass_of(cubin):
                               capture_output=True, text=True).stdout
 
 
-def sass_loops(sass):
-    """[(start, end, counts)] for each backward branch of the SASS (a loop), in address order."""
+_MIN_LOOP = 16  # instructions
+
+
+def sass_loops(sass, all_ops=False):
+    """[(start, end, counts)] for each innermost loop of the SASS (a backward branch whose body
+    holds no other loop's), in address order; all_ops: every opcode's count too (key "ops")."""
     ins = []
     for line in sass.splitlines():
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
         if m:
             ins.append((int(m.group(1), 16), m.group(2).strip()))
-    loops = []
+    spans = []
     for addr, text in ins:
         b = re.search(r"\bBRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)", text)
         if b and int(b.group(1), 16) < addr and not text.startswith("BRA 0x%x" % addr):
-            lo = int(b.group(1), 16)
-            body = [t for a, t in ins if lo <= a <= addr]
-            ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body]
-            cnt = {"instr": len(body),
-                   "HGMMA": sum(o.startswith("HGMMA") for o in ops),
-                   "MUFU.EX2": sum(o.startswith("MUFU.EX2") for o in ops),
-                   "LDGSTS": sum(o.startswith("LDGSTS") for o in ops),
-                   "LDG": sum(o.startswith("LDG.") or o == "LDG" for o in ops),
-                   "STL/LDL": sum(o.startswith(("STL", "LDL")) for o in ops),
-                   "ISETP": sum(o.startswith("ISETP") for o in ops),
-                   "FSEL/SEL": sum(o.startswith(("FSEL", "SEL")) for o in ops),
-                   "BAR/SYNC": sum(o.startswith(("BAR", "WARPSYNC", "DEPBAR", "WARPGROUP")) for o in ops)}
-            loops.append((lo, addr, cnt))
+            spans.append((int(b.group(1), 16), addr))
+    # a barrier's try-wait retry (a few instructions) is no loop of the kernel's own; nor is a span
+    # that crosses one ending before it (a jump back from code ptxas moved past the loops)
+    spans = [(lo, hi) for lo, hi in spans if sum(lo <= a <= hi for a, _ in ins) >= _MIN_LOOP]
+    spans = [(lo, hi) for lo, hi in spans if not any(lo2 < lo < hi2 < hi for lo2, hi2 in spans)]
+    loops = []
+    for lo, hi in spans:
+        if any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi) for lo2, hi2 in spans):
+            continue  # holds another loop: not innermost
+        ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for a, t in ins if lo <= a <= hi]
+        cnt = {"instr": len(ops),
+               "HGMMA": sum(o.startswith("HGMMA") for o in ops),
+               "MUFU": sum(o.startswith("MUFU") for o in ops),
+               "MUFU.EX2": sum(o.startswith("MUFU.EX2") for o in ops),
+               "LDGSTS": sum(o.startswith("LDGSTS") for o in ops),
+               "LDG": sum(o.startswith("LDG.") or o == "LDG" for o in ops),
+               "STL/LDL": sum(o.startswith(("STL", "LDL")) for o in ops),
+               "ISETP": sum(o.startswith("ISETP") for o in ops),
+               "FSEL/SEL": sum(o.startswith(("FSEL", "SEL")) for o in ops),
+               "BAR/SYNC": sum(o.startswith(("BAR", "WARPSYNC", "DEPBAR", "WARPGROUP")) for o in ops)}
+        if all_ops:
+            cnt["ops"] = dict(sorted(Counter(ops).items(), key=lambda kv: -kv[1]))
+        loops.append((lo, hi, cnt))
     return loops
 
 
@@ -138,7 +166,7 @@ def ttgir_loops(ttgir):
     return out
 
 
-def report(tag, ck, loops=False):
+def report(tag, ck, loops=False, ops=False):
     md = ck.metadata
     ttgir = ck.asm.get("ttgir", "")
     n_async = len(re.findall(r"async_copy_global_to_local|async_tma_copy", ttgir))
@@ -156,8 +184,11 @@ def report(tag, ck, loops=False):
     if loops:
         for i, lp in enumerate(ttgir_loops(ttgir)):
             print(f"    ttgir loop {i}: {lp['ops']} ops, async_wait num={lp['waits']}")
-        for i, (lo, hi, cnt) in enumerate(sass_loops(sass_of(ck.asm["cubin"]))):
+        for i, (lo, hi, cnt) in enumerate(sass_loops(sass_of(ck.asm["cubin"]), all_ops=ops)):
+            hist = cnt.pop("ops", None)
             print(f"    sass loop {i} [{lo:#x}-{hi:#x}]: " + ", ".join(f"{k} {v}" for k, v in cnt.items()))
+            if hist:
+                print("        " + ", ".join(f"{k} {v}" for k, v in hist.items()))
     return ck
 
 
@@ -171,6 +202,7 @@ def capture(kind, case, S=8192, D=128, B=4, H=16, cfg=None, bwd_cfg=None, option
     from flexattn.kernels import config, launcher, make_plan
     from flexattn.kernels.backward import flex_backward
     from flexattn.kernels.forward import flex_forward
+    from flexattn.kernels.hopper_forward import hopper_forward
     from flexattn.trace import trace_score
     from bench_attention import mods
     sm, mm = mods(case, S, H, "cpu")
@@ -188,6 +220,10 @@ def capture(kind, case, S=8192, D=128, B=4, H=16, cfg=None, bwd_cfg=None, option
     try:
         if kind == "fwd":
             flex_forward(plan, q, k, v, cfg=cfg)
+        elif kind == "hopper":  # through launch_cached: recorded, not run
+            with launcher.recording() as recorded:
+                hopper_forward(plan, q, k, v)
+            launches += recorded
         else:
             out = torch.empty_like(q)
             lse = torch.empty(B, H, S)
@@ -198,7 +234,7 @@ def capture(kind, case, S=8192, D=128, B=4, H=16, cfg=None, bwd_cfg=None, option
     return launches
 
 
-def inspect_case(kind, case, D=128, cfg=None, S=8192, loops=False, options=None):
+def inspect_case(kind, case, D=128, cfg=None, S=8192, loops=False, options=None, ops=False):
     """cfg: the forward's or the backward's tile config (by kind); None: the default."""
     out = []
     fwd_cfg, bwd_cfg = (cfg, None) if kind == "fwd" else (None, cfg)
@@ -206,19 +242,20 @@ def inspect_case(kind, case, D=128, cfg=None, S=8192, loops=False, options=None)
         ck = compile_sm90(kernel, args, kwargs)
         tag = f"{kind} {case} S={S} D={D} {kernel.__name__} " + \
               " ".join(f"{k}={kwargs[k]}" for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "WANT_DQ",
-                                                     "WANT_DK", "WANT_DV", "ATOMIC_DQ") if k in kwargs)
-        out.append(report(tag, ck, loops=loops))
+                                                     "WANT_DK", "WANT_DV", "ATOMIC_DQ", "PINGPONG") if k in kwargs)
+        out.append(report(tag, ck, loops=loops, ops=ops))
     return out
 
 
 def main():
     import argparse
     p = argparse.ArgumentParser()
-    p.add_argument("--kinds", default="fwd,bwd")
     p.add_argument("--cases", default="dense,causal,softcap")
     p.add_argument("--dims", default="128,64")
     p.add_argument("--seq", type=int, default=8192, help="sequence length (Q = KV)")
+    p.add_argument("--kinds", default="fwd,bwd", help="fwd, bwd (the Triton kernels), hopper (the Hopper forward)")
     p.add_argument("--loops", action="store_true", help="per-loop pipelining (TTGIR) and SASS counts")
+    p.add_argument("--ops", action="store_true", help="with --loops: every opcode's count per SASS loop")
     p.add_argument("--dump", default=None, help="folder to write ttgir/ptx/sass")
     p.add_argument("--cfg", default=None,
                    help="tile config instead of the default, comma-separated: BLOCK_M,BLOCK_N,warps,stages "
@@ -230,10 +267,12 @@ def main():
     for kind in a.kinds.split(","):
         for D in map(int, a.dims.split(",")):
             for case in a.cases.split(","):
-                for ck in inspect_case(kind, case, D=D, cfg=cfg, S=a.seq, loops=a.loops, options=options):
+                cks = inspect_case(kind, case, D=D, cfg=cfg, S=a.seq, loops=a.loops, options=options, ops=a.ops)
+                for i, ck in enumerate(cks):
                     if a.dump:
                         os.makedirs(a.dump, exist_ok=True)
-                        stem = f"{kind}_{case}_{a.seq}_{D}_{ck.metadata.name}"
+                        # the launch's index too: dk and dv are two launches of one kernel
+                        stem = f"{kind}_{case}_{a.seq}_{D}_{i}_{ck.metadata.name}"
                         for ext in ("ttgir", "ptx"):
                             with open(os.path.join(a.dump, f"{stem}.{ext}"), "w") as f:
                                 f.write(ck.asm[ext])
