@@ -264,6 +264,8 @@ def main():
     a = p.parse_args()
     options = json.loads(a.options) if a.options else None
     cfg = tuple(map(int, a.cfg.split(","))) if a.cfg else None
+    if cfg and "hopper" in a.kinds.split(","):
+        p.error("--cfg sets the Triton kernels' tiles; the Hopper forward's are hopper_forward.hopper_fwd_config")
     for kind in a.kinds.split(","):
         for D in map(int, a.dims.split(",")):
             for case in a.cases.split(","):
