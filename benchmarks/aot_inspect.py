@@ -194,10 +194,11 @@ def report(tag, ck, loops=False, ops=False):
 
 
 
-def capture(kind, case, S=8192, D=128, B=4, H=16, cfg=None, bwd_cfg=None, options=None):
+def capture(kind, case, S=8192, D=128, B=4, H=16, cfg=None, bwd_cfg=None, options=None, exact_tanh=False):
     """Run the launch path on CPU tensors but capture each launch (kernel, args, kwargs)
     instead of running it; `cfg`/`bwd_cfg` override the tile config (GPU defaults), `options`
-    are kernel_options."""
+    are kernel_options; exact_tanh: tanh as the formula, not the hardware tanh a GPU call with
+    these bf16 inputs takes (Plan.fast_tanh)."""
     import flexattn
     from flexattn.kernels import config, launcher, make_plan
     from flexattn.kernels.backward import flex_backward
@@ -211,6 +212,7 @@ def capture(kind, case, S=8192, D=128, B=4, H=16, cfg=None, bwd_cfg=None, option
     sg = trace_score(sm) if sm else None
     plan = make_plan(q, k, v, score_graph=sg, mask_graph=bm.mask_graph if bm else None, block_mask=bm,
                      scale=None, kernel_options=options)
+    plan.fast_tanh = not exact_tanh  # what make_plan decides for bf16 inputs on the GPU
     launches = []
     orig = launcher.launch
     launcher.launch = lambda kernel, grid, args, kwargs, key, shrink="BLOCK_N": launches.append(
@@ -234,11 +236,12 @@ def capture(kind, case, S=8192, D=128, B=4, H=16, cfg=None, bwd_cfg=None, option
     return launches
 
 
-def inspect_case(kind, case, D=128, cfg=None, S=8192, loops=False, options=None, ops=False):
+def inspect_case(kind, case, D=128, cfg=None, S=8192, loops=False, options=None, ops=False, exact_tanh=False):
     """cfg: the forward's or the backward's tile config (by kind); None: the default."""
     out = []
     fwd_cfg, bwd_cfg = (cfg, None) if kind == "fwd" else (None, cfg)
-    for kernel, grid, args, kwargs in capture(kind, case, S=S, D=D, cfg=fwd_cfg, bwd_cfg=bwd_cfg, options=options):
+    for kernel, grid, args, kwargs in capture(kind, case, S=S, D=D, cfg=fwd_cfg, bwd_cfg=bwd_cfg, options=options,
+                                              exact_tanh=exact_tanh):
         ck = compile_sm90(kernel, args, kwargs)
         tag = f"{kind} {case} S={S} D={D} {kernel.__name__} " + \
               " ".join(f"{k}={kwargs[k]}" for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "WANT_DQ",
@@ -261,6 +264,8 @@ def main():
                    help="tile config instead of the default, comma-separated: BLOCK_M,BLOCK_N,warps,stages "
                         "(fwd) or M1,N1,M2,N2,warps,stages (bwd); with one kind only")
     p.add_argument("--options", default=None, help='kernel_options as JSON, e.g. \'{"bwd_ATOMIC_DQ": true}\'')
+    p.add_argument("--exact-tanh", action="store_true",
+                   help="tanh as the exact formula (what float32 calls run), not the hardware tanh of bf16 calls")
     a = p.parse_args()
     options = json.loads(a.options) if a.options else None
     cfg = tuple(map(int, a.cfg.split(","))) if a.cfg else None
@@ -269,7 +274,8 @@ def main():
     for kind in a.kinds.split(","):
         for D in map(int, a.dims.split(",")):
             for case in a.cases.split(","):
-                cks = inspect_case(kind, case, D=D, cfg=cfg, S=a.seq, loops=a.loops, options=options, ops=a.ops)
+                cks = inspect_case(kind, case, D=D, cfg=cfg, S=a.seq, loops=a.loops, options=options, ops=a.ops,
+                                   exact_tanh=a.exact_tanh)
                 for i, ck in enumerate(cks):
                     if a.dump:
                         os.makedirs(a.dump, exist_ok=True)

@@ -35,7 +35,8 @@ Semantics that differ between torch and Triton and are handled here:
 
 Arithmetic that costs fewer instructions per score than a literal translation (a softcap
 kernel is bound by instruction issue; `benchmarks/aot_inspect.py` counts them): tanh as
-2 / (1 + exp(-2x)) - 1 with the hardware reciprocal, a division by a number as a
+2 / (1 + exp(-2x)) - 1 with the hardware reciprocal (for 16-bit inputs the hardware's
+approximate tanh, one instruction: FAST_TANH_DTYPES), a division by a number as a
 multiply by its reciprocal (within 1.5 ulp of the division), and, when the indices are
 small (`small_indices`), an index difference used as a float (ALiBi's `kv - q`) as the
 difference of the indices converted once per row and column: bit-identical, and it saves
@@ -69,6 +70,16 @@ TL_DTYPES = {
     torch.int64: "tl.int64", torch.uint8: "tl.uint8", torch.float16: "tl.float16",
     torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32", torch.float64: "tl.float64",
 }
+
+# Whether the generated code may use PTX's approximate math instructions (inline assembly):
+# not under the interpreter, not on AMD GPUs.
+HARDWARE_MATH = os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None
+
+# The input dtypes whose kernels print tanh as the hardware's approximate tanh (Plan.fast_tanh;
+# as FlashAttention's soft-capping does): its error, 2^-11 of the value, is below what rounding
+# P to 16 bits for the P @ V product already costs (2^-9), and a soft-capped kernel is bound by
+# its MUFU ops (tanh by exp2 + reciprocal takes two a score, on top of the softmax's exp2).
+FAST_TANH_DTYPES = (torch.float16, torch.bfloat16)
 
 # Helper functions every generated module starts with (torch semantics in Triton).
 PRELUDE = '''
@@ -130,11 +141,25 @@ def _rcp(x):
     # (five instructions per element), and a softcap kernel is bound by instruction issue
     return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
                                      is_pure=True, pack=1)
-''' if os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None else '''
+
+
+@triton.jit
+def _tanh_approx(x):
+    # the hardware tanh: one MUFU op (relative error below 2^-10.98) where _tanh takes two
+    # (exp2, reciprocal); printed only for 16-bit inputs (see FAST_TANH_DTYPES)
+    t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x.to(tl.float32)], dtype=tl.float32,
+                                  is_pure=True, pack=1)
+    return t.to(x.dtype)
+''' if HARDWARE_MATH else '''
 
 @triton.jit
 def _rcp(x):
     return 1.0 / x  # the interpreter runs no inline assembly; AMD GPUs no PTX
+
+
+@triton.jit
+def _tanh_approx(x):
+    return _tanh(x)
 ''')
 
 
@@ -181,14 +206,16 @@ class TritonPrinter:
     buffer arguments (`{buf_prefix}{slot}_ptr`, `_s{d}`, `_n{d}`). `small_indices`: the
     kernel's index inputs are below SMALL_INDEX_LIMIT (an int sum of indices converted to
     float32 is then printed as a float32 sum of the converted indices: `_float_index`).
+    `fast_tanh`: tanh below float64 prints as the hardware's approximate tanh (FAST_TANH_DTYPES).
     """
 
     def __init__(self, graph: Graph, input_names: dict[str, str], buf_prefix: str = "sb",
-                 small_indices: bool = False):
+                 small_indices: bool = False, fast_tanh: bool = False):
         self.graph = graph
         self.input_names = input_names
         self.buf_prefix = buf_prefix
         self.small_indices = small_indices
+        self.fast_tanh = fast_tanh
         self.lines: list[str] = []
         self.names: dict[int, str] = {}
         self.float_names: dict[int, str] = {}  # node id -> its float32 twin (_float_index)
@@ -410,7 +437,8 @@ class TritonPrinter:
     def _print_log2(self, n, a): return self._unary_math("tl.log2")(n, a)
     def _print_sqrt(self, n, a): return self._unary_math("tl.sqrt")(n, a)
     def _print_rsqrt(self, n, a): return self._unary_math("tl.rsqrt")(n, a)
-    def _print_tanh(self, n, a): return self._unary_math("_tanh")(n, a)
+    def _print_tanh(self, n, a):
+        return self._unary_math("_tanh_approx" if self.fast_tanh and n.dtype != torch.float64 else "_tanh")(n, a)
     def _print_sigmoid(self, n, a): return self._unary_math("tl.sigmoid")(n, a)
     def _print_sin(self, n, a): return self._unary_math("tl.sin")(n, a)
     def _print_cos(self, n, a): return self._unary_math("tl.cos")(n, a)
@@ -867,18 +895,18 @@ INDEX_INPUTS = {"score": "score", "b": "off_z", "h": "off_h", "q_idx": "q_idx", 
 
 
 def mod_function(name: str, graph: Graph | None, kind: str, prefix: str, small_indices: bool = False,
-                 slot_per_row: bool = False) -> str:
+                 slot_per_row: bool = False, fast_tanh: bool = False) -> str:
     """`@triton.jit def name(score, off_z, off_h, q_idx, kv_idx, *bufs)` for a score mod
     (returns the new score, float32) or `name(off_z, off_h, q_idx, kv_idx, *bufs)` for a mask
     mod (returns a bool tile or scalar). graph None: identity score / all-true mask.
-    small_indices: see TritonPrinter; slot_per_row: see _tile_table_body."""
+    small_indices, fast_tanh: see TritonPrinter; slot_per_row: see _tile_table_body."""
     params = (["score"] if kind == "score" else []) + ["off_z", "off_h", "q_idx", "kv_idx"]
     params += buffer_params(graph, prefix)
     lines = ["@triton.jit", f"def {name}({', '.join(params)}):"]
     if graph is None:
         lines.append("    return score" if kind == "score" else "    return True")
         return "\n".join(lines) + "\n"
-    pr = TritonPrinter(graph, INDEX_INPUTS, prefix, small_indices)
+    pr = TritonPrinter(graph, INDEX_INPUTS, prefix, small_indices, fast_tanh)
     (out,) = pr.print_nodes([graph.output])
     body = pr.lines
     if kind == "score":
@@ -902,7 +930,7 @@ def mod_function(name: str, graph: Graph | None, kind: str, prefix: str, small_i
 
 
 def mod_backward_function(name: str, graph: Graph | None, prefix: str, grad_bufs: list[int],
-                          small_indices: bool = False) -> str:
+                          small_indices: bool = False, fast_tanh: bool = False) -> str:
     """`@triton.jit def name(score, grad, valid, off_z, off_h, q_idx, kv_idx, *bufs, *grad_bufs,
     Q_AXIS, ACCUM)`: returns d(score_mod)/d(score) * grad, and atomically adds the gradient of every
     load of a captured float tensor in `grad_bufs` (slots) into `gb<slot>_ptr` (float32, same
@@ -911,7 +939,8 @@ def mod_backward_function(name: str, graph: Graph | None, prefix: str, grad_bufs
     Q_AXIS (constexpr) is the tile axis that q_idx runs along: sums over the other axis
     happen before the atomics when an index does not depend on it. ACCUM (constexpr) False
     skips the buffer gradients (only one of the backward kernels adds them); FIXED_POINT
-    accumulates them as int64 fixed point (bitwise deterministic)."""
+    accumulates them as int64 fixed point (bitwise deterministic). small_indices, fast_tanh: see
+    TritonPrinter."""
     from .autodiff import differentiate
 
     params = ["score", "grad", "valid", "off_z", "off_h", "q_idx", "kv_idx"] + buffer_params(graph, prefix)
@@ -922,7 +951,7 @@ def mod_backward_function(name: str, graph: Graph | None, prefix: str, grad_bufs
         lines.append("    return grad")
         return "\n".join(lines) + "\n"
     d = differentiate(graph, grad_bufs)
-    pr = TritonPrinter(d.graph, INDEX_INPUTS, prefix, small_indices)
+    pr = TritonPrinter(d.graph, INDEX_INPUTS, prefix, small_indices, fast_tanh)
     index_nodes = [i for load, _ in d.load_grads for i in load.args[1:]]
     outs = pr.print_nodes([d.dscore] + [g for _, g in d.load_grads] + index_nodes)
     lines += ["    " + ln for ln in pr.lines]

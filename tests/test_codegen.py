@@ -175,6 +175,32 @@ def test_small_indices_bound():
     assert not small_indices(meta(1, lim, 64, 8), meta(1, lim, 64, 8))
 
 
+def test_fast_tanh_prints_the_hardware_tanh_below_float64():
+    """Plan.fast_tanh prints tanh (forward and derivative) as the one-instruction hardware tanh;
+    a float64 tanh and a plan without it keep the exact formula."""
+    softcap = lift_params.kernel_graph(trace_score(lambda s, b, h, q, kv: 20.0 * torch.tanh(s / 20.0)))
+    fast = codegen.mod_function("score_mod", softcap, "score", "sb", fast_tanh=True)
+    assert "_tanh_approx(" in fast and "_tanh(" not in fast, fast
+    exact = codegen.mod_function("score_mod", softcap, "score", "sb")
+    assert "_tanh(" in exact and "_tanh_approx(" not in exact, exact
+    dfast = codegen.mod_backward_function("score_mod_bwd", softcap, "sb", [], fast_tanh=True)
+    assert "_tanh_approx(" in dfast and "_tanh(" not in dfast, dfast
+    double = lift_params.kernel_graph(trace_score(lambda s, b, h, q, kv: torch.tanh(s.to(torch.float64))))
+    assert "_tanh_approx(" not in codegen.mod_function("score_mod", double, "score", "sb", fast_tanh=True)
+
+
+def test_fast_tanh_is_for_16_bit_inputs_on_nvidia_gpus(monkeypatch):
+    from types import SimpleNamespace
+
+    from flexattn.kernels.plan import fast_tanh
+    q = lambda dtype, device: SimpleNamespace(dtype=dtype, device=torch.device(device))  # noqa: E731
+    monkeypatch.setattr(codegen, "HARDWARE_MATH", True)
+    assert fast_tanh(q(torch.bfloat16, "cuda")) and fast_tanh(q(torch.float16, "cuda"))
+    assert not fast_tanh(q(torch.float32, "cuda")) and not fast_tanh(q(torch.bfloat16, "cpu"))
+    monkeypatch.setattr(codegen, "HARDWARE_MATH", False)  # the interpreter, AMD GPUs
+    assert not fast_tanh(q(torch.bfloat16, "cuda"))
+
+
 def test_small_index_sums_are_bit_identical_in_triton():
     """The float32 sum of converted indices equals the converted int32 sum, bit for bit, for
     indices up to SMALL_INDEX_LIMIT (the interpreter rounds like the GPU: IEEE float32)."""

@@ -27,6 +27,7 @@ class Plan:
     score_bufs: list  # the captured tensors the kernels read (the graphs' by default)
     mask_bufs: list
     small_indices: bool = False  # batch, heads and lengths below codegen.SMALL_INDEX_LIMIT
+    fast_tanh: bool = False  # tanh as the hardware's approximate one (codegen.FAST_TANH_DTYPES)
     tiering: tuple | None = None  # ("own" | "tile_form", the other plan): see kernels.tiered
     output_max: bool = False  # the forward also returns max_scores (the row max of the scores)
     modules: dict = field(default_factory=dict)  # kind -> generated module, memo of module()
@@ -37,13 +38,20 @@ class Plan:
         mod = self.modules.get(kind)
         if mod is None:
             mod = self.modules[kind] = load(kind, self.score_graph, self.mask_graph,
-                                            list(self.grad_slots) if kind in GRAD_KINDS else None, self.small_indices)
+                                            list(self.grad_slots) if kind in GRAD_KINDS else None, self.small_indices,
+                                            self.fast_tanh)
         return mod
 
 
 def small_indices(q, k) -> bool:
     """Whether batch, heads and lengths are below codegen.SMALL_INDEX_LIMIT (Plan.small_indices)."""
     return max(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) < codegen.SMALL_INDEX_LIMIT
+
+
+def fast_tanh(q) -> bool:
+    """Whether the kernels for q print tanh as the hardware's approximate one (Plan.fast_tanh):
+    16-bit inputs (codegen.FAST_TANH_DTYPES) on an NVIDIA GPU, outside the interpreter."""
+    return q.dtype in codegen.FAST_TANH_DTYPES and q.device.type == "cuda" and codegen.HARDWARE_MATH
 
 
 def build_plan(q, k, score_graph, mask_graph, blocks: KernelBlocks, scale: float, opts: dict, dropout_p,
@@ -53,7 +61,7 @@ def build_plan(q, k, score_graph, mask_graph, blocks: KernelBlocks, scale: float
     return Plan(score_graph, mask_graph, blocks, scale, opts, float(dropout_p or 0.0), dropout_seed,
                 tuple(grad_slots), list(score_graph.buffers) if score_graph is not None else [],
                 list(mask_graph.buffers) if mask_graph is not None else [], small_indices=small_indices(q, k),
-                output_max=bool(output_max))
+                fast_tanh=fast_tanh(q), output_max=bool(output_max))
 
 
 def make_plan(q, k, v, *, score_graph, mask_graph, block_mask, scale, kernel_options,

@@ -1,6 +1,6 @@
 """The kernels' Triton source: a template (forward.py, backward.py, decode.py) with its
 holes filled by `flexattn.codegen` for the call's mods, loaded as a module and cached per
-(kind, mod structures, gradient slots, index width).
+(kind, mod structures, gradient slots, index width, tanh form).
 """
 from __future__ import annotations
 
@@ -50,15 +50,18 @@ def _lead(params: list[str]) -> str:
     return "".join(", " + p for p in params)
 
 
-def fill(template: str, score_graph, mask_graph, grad_slots=None, small_indices=False, slot_per_row=False) -> str:
+def fill(template: str, score_graph, mask_graph, grad_slots=None, small_indices=False, slot_per_row=False,
+         fast_tanh=False) -> str:
     """`template` with its holes filled for these (kernel) graphs, after codegen.PRELUDE;
     ValueError if a hole is left. slot_per_row: the tile-table lookup's print for the kernel
-    (codegen._tile_table_body; SLOT_PER_ROW_KINDS)."""
+    (codegen._tile_table_body; SLOT_PER_ROW_KINDS); small_indices, fast_tanh: codegen.TritonPrinter."""
     sp = codegen.buffer_params(score_graph, "sb")
     mp = codegen.buffer_params(mask_graph, "mb")
     parts = {
-        "{SCORE_MOD}": codegen.mod_function("score_mod", score_graph, "score", "sb", small_indices),
-        "{MASK_MOD}": codegen.mod_function("mask_mod", mask_graph, "mask", "mb", small_indices, slot_per_row),
+        "{SCORE_MOD}": codegen.mod_function("score_mod", score_graph, "score", "sb", small_indices,
+                                           fast_tanh=fast_tanh),
+        "{MASK_MOD}": codegen.mod_function("mask_mod", mask_graph, "mask", "mb", small_indices, slot_per_row,
+                                          fast_tanh),
         "{SCORE_BUF_PARAMS_TRAIL}": _trail(sp), "{MASK_BUF_PARAMS_TRAIL}": _trail(mp),
         "{SCORE_BUF_ARGS_TRAIL}": _trail(sp), "{MASK_BUF_ARGS_TRAIL}": _trail(mp),
         "{SCORE_BUF_ARGS}": _lead(sp), "{MASK_BUF_ARGS}": _lead(mp),
@@ -66,7 +69,7 @@ def fill(template: str, score_graph, mask_graph, grad_slots=None, small_indices=
     if grad_slots is not None:
         gp = [f"gsb{s}_ptr" for s in grad_slots]
         parts["{SCORE_MOD_BWD}"] = codegen.mod_backward_function("score_mod_bwd", score_graph, "sb", grad_slots,
-                                                                small_indices)
+                                                                small_indices, fast_tanh)
         parts["{GRAD_BUF_PARAMS_TRAIL}"] = _trail(gp)
         parts["{GRAD_BUF_ARGS_TRAIL}"] = _trail(gp)
         parts["{GRAD_BUF_ARGS}"] = _lead(gp)
@@ -94,32 +97,34 @@ def float_indices(kind: str, small_indices: bool) -> bool:
     return small_indices and kind in FLOAT_INDEX_KINDS
 
 
-def source(kind: str, score_graph, mask_graph, grad_slots, small_indices: bool) -> str:
+def source(kind: str, score_graph, mask_graph, grad_slots, small_indices: bool, fast_tanh: bool = False) -> str:
     """The Triton source of `kind` ("fwd", "bwd", "decode", "fwd_hopper") for these (kernel) graphs;
-    grad_slots only for "bwd"; small_indices: Plan.small_indices."""
+    grad_slots only for "bwd"; small_indices, fast_tanh: Plan.small_indices, Plan.fast_tanh."""
     return fill(TEMPLATES[kind], score_graph, mask_graph, list(grad_slots) if kind in GRAD_KINDS else None,
-                float_indices(kind, small_indices), kind in SLOT_PER_ROW_KINDS)
+                float_indices(kind, small_indices), kind in SLOT_PER_ROW_KINDS, fast_tanh)
 
 
 _MODULES: dict = {}
 
 
-def load(kind: str, score_graph, mask_graph, grad_slots=None, small_indices=False):
+def load(kind: str, score_graph, mask_graph, grad_slots=None, small_indices=False, fast_tanh=False):
     """The generated module for (kind, score structure, mask structure, grad slots, whether
-    the indices are below codegen.SMALL_INDEX_LIMIT)."""
+    the indices are below codegen.SMALL_INDEX_LIMIT, whether tanh is the hardware's approximate one)."""
     key = (kind, score_graph.structure_key() if score_graph is not None else None,
            mask_graph.structure_key() if mask_graph is not None else None,
-           tuple(grad_slots) if grad_slots is not None else None, float_indices(kind, small_indices))
+           tuple(grad_slots) if grad_slots is not None else None, float_indices(kind, small_indices), fast_tanh)
     mod = _MODULES.get(key)
     if mod is None:
         apply_interpreter_fix()
-        src = source(kind, score_graph, mask_graph, grad_slots, small_indices)
+        src = source(kind, score_graph, mask_graph, grad_slots, small_indices, fast_tanh)
         mod = _MODULES[key] = codegen.load_module(src, f"flex_{kind}")
     return mod
 
 
-def generated_source(score_graph, mask_graph, kind: str = "fwd", grad_slots=(), small_indices=True) -> str:
+def generated_source(score_graph, mask_graph, kind: str = "fwd", grad_slots=(), small_indices=True,
+                     fast_tanh=False) -> str:
     """The Triton source the kernels of `kind` ("fwd", "bwd", "decode") run for these mods
-    (by default for batch, heads and lengths below codegen.SMALL_INDEX_LIMIT)."""
+    (by default for batch, heads and lengths below codegen.SMALL_INDEX_LIMIT, and inputs not in
+    codegen.FAST_TANH_DTYPES)."""
     score_graph, mask_graph = codegen.kernel_graph(score_graph), codegen.kernel_graph(mask_graph)
-    return source(kind, score_graph, mask_graph, grad_slots, small_indices)
+    return source(kind, score_graph, mask_graph, grad_slots, small_indices, fast_tanh)
