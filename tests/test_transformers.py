@@ -14,7 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.masking_utils")
-from conftest import assert_close_to_golden  # noqa: E402
+from conftest import EPS, assert_close_to_golden  # noqa: E402
 
 import flexattn  # noqa: E402
 from flexattn.integrations import transformers as fx  # noqa: E402  (registers "flexattn")
@@ -71,7 +71,24 @@ def check_against_eager(model, inputs, keep):
     assert torch.isfinite(gold_y[k]).all(), "the float64 golden has NaN/inf entries: a test that checks nothing"
     assert_close_to_golden("out", got_y[k], ref_y[k], gold_y[k])
     for n in gold_g:
-        assert_close_to_golden(f"grad {n}", got_g[n], ref_g[n], gold_g[n])
+        assert_close_to_golden(f"grad {n}", got_g[n], ref_g[n], gold_g[n], eps=cancelled_eps(n, gold_g))
+
+
+def cancelled_eps(name, gold_g):
+    """The numerics rule's eps for a gradient that is zero in exact arithmetic (a key bias:
+    softmax ignores a shift of a row's scores): what is left of it is the rounding of sums whose
+    terms are as large as the weight's gradient beside it, so eps is taken at that scale (None:
+    the rule's own, at the gradient's scale). Measured on BERT's key bias (float32, torch 2.13):
+    eager 7.1e-07 from the float64 golden, torch's SDPA 3.5e-06 and flexattn 4.1e-06, where the
+    key weight's gradient reaches 3.8: a flash-style backward takes each row's sum of P * dP as
+    rowsum(dO * O), which eager's softmax backward does not."""
+    weight = name[:-len("bias")] + "weight"
+    if not name.endswith("bias") or weight not in gold_g:
+        return None
+    g, w = gold_g[name].abs().max().item(), gold_g[weight].abs().max().item()
+    if g > 1e-12 * max(1.0, w):
+        return None
+    return EPS[torch.float32] * max(1.0, w)
 
 
 def ids(B, S, seed=1):
