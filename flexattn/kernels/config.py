@@ -48,7 +48,10 @@ DEFAULT_FWD = {
 # (no async copies, 112 B spilled). 32x64 tiles at 3 stages fit both launches pipelined without
 # spills (214,016 / 132,096 B; 255 / 160 registers) but measured far slower on the H200 (causal /
 # dense fwd+bwd 191 / 189 TFLOP/s against 296 / 270; 2 stages 170 / 158): 64-row kv tiles double
-# the programs that walk each q tile, so the dq atomics and the q / dO reads double too
+# the programs that walk each q tile, so the dq atomics and the q / dO reads double too. D=128
+# tiles that fit two programs an SM (64x64, 4 warps, 2 stages: 99,328 B of shared memory) measured
+# 0.96-1.00x the default on the H200 (causal / dense / document fwd+bwd 431 / 435 / 365 TFLOP/s
+# against 438 / 450 / 365; logs/h200_2026-12-02_sweep_d128_bwd_two_programs.log)
 DEFAULT_BWD = {
     ("interp", 0): (32, 32, 32, 32, 4, 1),
     ("fp32", 128): (32, 32, 32, 32, 4, 1), ("fp32", 256): (16, 16, 16, 16, 4, 1),
