@@ -94,8 +94,9 @@ def test_plan_kept_and_made_anew_when_the_mask_changes(monkeypatch):
 ])
 def test_fused_backward_on_half_inputs_as_they_are(name, mask_BH, path, dtype, monkeypatch):
     # the fused backward's kernel on fp16 / bf16 inputs as they are (on every q-tile height
-    # here), in each of its three forms
+    # here, as on a CPU that multiplies them natively), in each of its three forms
     monkeypatch.setattr(cpu, "_NATIVE_ROWS", 1)
+    monkeypatch.setattr(cpu, "_native_16bit", lambda dtype: True)
     kdts, paths = [], []
     real_kernel, real_path = cpu._FLASH_BWD, getattr(cpu, path)
 
@@ -111,6 +112,42 @@ def test_fused_backward_on_half_inputs_as_they_are(name, mask_BH, path, dtype, m
     with torch_threads(2):
         check_case(name, dtype=dtype, B=1, Hq=2, L=97, S=130, lse_in_loss=False, mask_BH=mask_BH)
     assert paths == [path] and kdts and set(kdts) == {dtype}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_backward_converts_half_inputs_where_the_cpu_lacks_16_bit_products(dtype, monkeypatch):
+    # tall tiles (whole rows, 256+), but no native 16-bit products: the kernel runs on float32
+    # copies (its emulated bf16 / fp16 form took 5-8x the time of float32 on an AVX2 CPU)
+    monkeypatch.setattr(cpu, "_native_16bit", lambda d: False)
+    kdts = []
+    real_kernel = cpu._FLASH_BWD
+
+    def kernel(*args, **kw):
+        kdts.append(args[1].dtype)   # q
+        return real_kernel(*args, **kw)
+    monkeypatch.setattr(cpu, "_FLASH_BWD", kernel)
+    with torch_threads(2):
+        check_case("causal", dtype=dtype, B=1, Hq=2, L=300, S=300, lse_in_loss=False, mask_BH=(None, None))
+    assert kdts and set(kdts) == {torch.float32}
+
+
+def test_native_16bit_reads_the_cpu_capabilities(monkeypatch):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    cpu._native_16bit.cache_clear()
+    try:
+        assert not cpu._native_16bit(torch.bfloat16) and not cpu._native_16bit(torch.float16)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+        cpu._native_16bit.cache_clear()
+        assert cpu._native_16bit(torch.bfloat16) and not cpu._native_16bit(torch.float16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: True)
+        cpu._native_16bit.cache_clear()
+        assert cpu._native_16bit(torch.float16)
+        monkeypatch.delattr(torch.cpu, "_is_amx_fp16_supported")   # a torch without the check: no
+        cpu._native_16bit.cache_clear()
+        assert not cpu._native_16bit(torch.float16)
+    finally:
+        cpu._native_16bit.cache_clear()
 
 
 @contextlib.contextmanager
