@@ -234,13 +234,19 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, id
             else:
                 dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
         if WANT_DK:
+            if HAS_SCORE_MOD and not ATOMIC_DQ:
+                # score_mod_bwd is linear in its grad and adds no buffer gradients here (ACCUM False):
+                # P^T times the mod's derivative now, so S^T need not live across the dV / dP^T
+                # wgmmas (32 registers a thread at 128 x 64, 8 warps, where the loop spilled)
+                pT = score_mod_bwd(sT, pT, valid, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}{GRAD_BUF_ARGS},
+                                   Q_AXIS=1, ACCUM=False, FIXED_POINT=DETERMINISTIC)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
                 dpT = tl.where(keepT, dpT * DROP_SCALE, 0.0)
             dsT = pT * (dpT - delta[None, :])
-            if HAS_SCORE_MOD:
+            if HAS_SCORE_MOD and ATOMIC_DQ:
                 dsT = score_mod_bwd(sT, dsT, valid, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}{GRAD_BUF_ARGS},
-                                    Q_AXIS=1, ACCUM=ATOMIC_DQ, FIXED_POINT=DETERMINISTIC)
+                                    Q_AXIS=1, ACCUM=True, FIXED_POINT=DETERMINISTIC)
             dsT = dsT.to(q.dtype)
             dk += tl.dot(dsT, q, input_precision=DOT_PRECISION)
             if ATOMIC_DQ:
