@@ -217,8 +217,9 @@ def capture(kind, case, S=8192, D=128, B=4, H=16, cfg=None, bwd_cfg=None, option
     orig = launcher.launch
     launcher.launch = lambda kernel, grid, args, kwargs, key, shrink="BLOCK_N": launches.append(
         (kernel, grid, args, kwargs))
-    old_dk = config.device_key
+    old_dk, old_sms = config.device_key, launcher.sm_count
     config.device_key = lambda d: "sm90"
+    launcher.sm_count = lambda device: 132  # the H100 / H200's
     try:
         if kind == "fwd":
             flex_forward(plan, q, k, v, cfg=cfg)
@@ -232,7 +233,7 @@ def capture(kind, case, S=8192, D=128, B=4, H=16, cfg=None, bwd_cfg=None, option
             flex_backward(plan, q, k, v, out, lse, torch.empty_like(q), None, plan.score_bufs, cfg=bwd_cfg)
     finally:
         launcher.launch = orig
-        config.device_key = old_dk
+        config.device_key, launcher.sm_count = old_dk, old_sms
     return launches
 
 

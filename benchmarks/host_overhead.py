@@ -44,7 +44,7 @@ def main():
     launcher.run_compiled = lambda entry, grid3, stream, args: None
     launcher.current_stream = lambda: 0
     config.device_key = lambda device: "sm90"  # the GPU configs
-    decode._sm_count = lambda index: 132
+    launcher.sm_count = lambda device: 132
     if a.decode:
         B, Hq, Hkv, L, S, D = 8, 32, 8, 1, 8192, 128
     else:

@@ -26,6 +26,8 @@ VALID_OPTIONS = {
     "fwd_PINGPONG": "True: the Hopper forward runs its two consumer warpgroups as two partitions that take "
                     "turns on the tensor cores (default: True; False: the two in one partition, see "
                     "flexattn.kernels.hopper_forward.PINGPONG_DEFAULT)",
+    "fwd_PERSISTENT": "True: the Hopper forward's ping-pong form runs one program an SM, taking row blocks from "
+                      "a counter (default: flexattn.kernels.hopper_forward.PERSISTENT_DEFAULT)",
     "bwd_ATOMIC_DQ": "True/False: the dk/dv kernel also computes dq, adding each tile's share by float32 "
                      "atomics, instead of a dq kernel recomputing every tile (default: see "
                      "flexattn.kernels.config.atomic_dq; never with DETERMINISTIC)",
@@ -101,7 +103,8 @@ _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "bwd_BLOCK_M", "bwd_BLOCK_N", "BLOCK_M1", "B
               "decode_BLOCK_N")
 _WARP_KEYS = ("num_warps", "bwd_num_warps", "decode_num_warps")
 _STAGE_KEYS = ("num_stages", "bwd_num_stages", "decode_num_stages")
-_FLAG_KEYS = ("AUTOTUNE", "TIERED", "bwd_SPLIT_DKDV", "bwd_ATOMIC_DQ", "bwd_HOPPER", "fwd_PINGPONG")
+_FLAG_KEYS = ("AUTOTUNE", "TIERED", "bwd_SPLIT_DKDV", "bwd_ATOMIC_DQ", "bwd_HOPPER", "fwd_PINGPONG",
+              "fwd_PERSISTENT")
 
 
 def check_kernel_options(kernel_options) -> dict:

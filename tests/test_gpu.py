@@ -318,37 +318,40 @@ def _needs_sm90():
         pytest.skip("the Hopper forward runs on sm90 only")
 
 
-PINGPONG = [False, True]  # the consumer warpgroups in one partition / as two taking turns (fwd_PINGPONG)
+# the Hopper forward's forms: the consumer warpgroups in one partition, as two taking turns (fwd_PINGPONG), and
+# those two in one program an SM walking row blocks (fwd_PERSISTENT)
+FORMS = {"one": dict(fwd_PINGPONG=False), "pingpong": dict(fwd_PINGPONG=True, fwd_PERSISTENT=False),
+         "persistent": dict(fwd_PINGPONG=True, fwd_PERSISTENT=True)}
 
 
-@pytest.mark.parametrize("pingpong", PINGPONG)
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("name", ZOO_NAMES)
-def test_hopper_zoo(name, pingpong):
+def test_hopper_zoo(name, form):
     # forward on the Hopper kernel, backward on the Triton kernels (from its out and lse)
     _needs_sm90()
-    _check(name, L=512, S=512, E=128, opts=dict(HOPPER, fwd_PINGPONG=pingpong))
+    _check(name, L=512, S=512, E=128, opts=dict(HOPPER, **FORMS[form]))
 
 
-@pytest.mark.parametrize("pingpong", PINGPONG)
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("L,S,E,Ev,dtype", [(17, 129, 96, 96, torch.float16), (1000, 113, 128, 64, torch.bfloat16),
                                             (129, 513, 80, 80, torch.bfloat16), (300, 300, 64, 128, torch.float16),
                                             (255, 1000, 128, 128, torch.float16), (300, 333, 256, 256, torch.bfloat16),
                                             (129, 257, 192, 192, torch.float16), (200, 300, 256, 128, torch.bfloat16)])
-def test_hopper_shapes(L, S, E, Ev, dtype, pingpong):
+def test_hopper_shapes(L, S, E, Ev, dtype, form):
     _needs_sm90()
-    _check("document", B=1, Hq=2, L=L, S=S, E=E, Ev=Ev, dtype=dtype, opts=dict(HOPPER, fwd_PINGPONG=pingpong))
+    _check("document", B=1, Hq=2, L=L, S=S, E=E, Ev=Ev, dtype=dtype, opts=dict(HOPPER, **FORMS[form]))
 
 
-@pytest.mark.parametrize("pingpong", PINGPONG)
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("name", ["causal", "rel_bias", "softcap", "empty_rows"])
-def test_hopper_gqa(name, pingpong):
+def test_hopper_gqa(name, form):
     _needs_sm90()
-    _check(name, Hq=8, Hkv=2, L=384, S=320, E=128, opts=dict(HOPPER, fwd_PINGPONG=pingpong),
+    _check(name, Hq=8, Hkv=2, L=384, S=320, E=128, opts=dict(HOPPER, **FORMS[form]),
            lse_grad=name == "empty_rows")
 
 
-@pytest.mark.parametrize("pingpong", PINGPONG)
-def test_hopper_lagging_max(pingpong):
+@pytest.mark.parametrize("form", list(FORMS))
+def test_hopper_lagging_max(form):
     # the forward lets a row's running max lag its true max by up to 8 (log2) and skips rescaling O
     # where no row's max moved: a ramp along kv (one slope a head) makes the row maxima grow per
     # 128-wide kv tile by 0, 2.9, 7.2 and 17.3 in log2 units - under and over that slack - under a
@@ -368,11 +371,38 @@ def test_hopper_lagging_max(pingpong):
     q, k, v = make_qkv(B=1, Hq=H, Hkv=H, L=S, S=S, E=128, dtype=torch.bfloat16, device=DEV, seed=0)
     bm = flexattn.create_block_mask(causal, None, None, S, S, device=DEV)
     out, lse = flexattn.flex_attention(q, k, v, score_mod=ramp(slopes), block_mask=bm, return_lse=True,
-                                       kernel_options=dict(HOPPER, fwd_PINGPONG=pingpong))
+                                       kernel_options=dict(HOPPER, **FORMS[form]))
     ro, rl = reference_attention(q, k, v, ramp(slopes.to(q.dtype)), causal)
     go, gl = reference_attention(q.double(), k.double(), v.double(), ramp(slopes.double()), causal)
     assert_close_to_golden("out", out, ro, go)
     assert_close_to_golden("lse", lse, rl.float(), gl, eps=1e-3 * gl.abs().max().item())
+
+
+@pytest.mark.parametrize("E", [128, 256])
+def test_hopper_persistent_walk_bitwise(E):
+    # fwd_PERSISTENT: one program an SM takes row blocks from a counter, its K / V ring, turns and Q
+    # buffers running on from one block to the next. Many more row blocks than SMs, rows of every
+    # length (causal within documents, rows that see nothing, a ragged last block), GQA: out and
+    # lse bit for bit those of the ping-pong form, which runs each row block the same way in a
+    # program of its own
+    _needs_sm90()
+    import flexattn
+    L = S = 4000
+    doc = torch.div(torch.arange(L, device=DEV), 700, rounding_mode="floor")
+
+    def mask(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx) & ((q_idx < 1300) | (q_idx >= 1600) | (h == 0))
+
+    def bias(score, b, h, q_idx, kv_idx):
+        return score + 0.01 * (h + 1) * (kv_idx - q_idx)
+
+    q, k, v = make_qkv(B=2, Hq=8, Hkv=2, L=L, S=S, E=E, dtype=torch.bfloat16, device=DEV, seed=1)
+    bm = flexattn.create_block_mask(mask, 2, 8, L, S, device=DEV)
+    got = [flexattn.flex_attention(q, k, v, score_mod=bias, block_mask=bm, return_lse=True, enable_gqa=True,
+                                   kernel_options=dict(HOPPER, TIERED=False, **FORMS[form]))
+           for form in ("pingpong", "persistent")]
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+    assert (got[1][1][:, 1:, 1300:1600] == float("-inf")).all() and (got[1][0][:, 1:, 1300:1600] == 0).all()
 
 
 def test_hopper_auto_dispatch_and_refusals():

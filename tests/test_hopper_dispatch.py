@@ -76,10 +76,10 @@ def test_row_reducing_mods_keep_triton():
         hf.use_hopper(SM90, q, k, v, BLOCK, 0.0, "hopper", (graph, None))
 
 
-def _compile_sm90(score_mod, mask_mod, E=128, output_max=False, pingpong=False):
+def _compile_sm90(score_mod, mask_mod, E=128, output_max=False, pingpong=False, persistent=False):
     """The Hopper forward compiled for sm_90a with Triton's bundled ptxas (no GPU needed):
     the generated Gluon source must build, whatever the mods (pingpong: fwd_PINGPONG's form,
-    64-row q / o boxes and one warpgroup a partition)."""
+    64-row q / o boxes and one warpgroup a partition; persistent: fwd_PERSISTENT's walk)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -96,11 +96,12 @@ def _compile_sm90(score_mod, mask_mod, E=128, output_max=False, pingpong=False):
     rows, warps = (64, 4) if pingpong else (128, 8)
     bn = hf.hopper_fwd_config(E, E)[1]
     types = dict(q_desc=desc(rows), k_desc=desc(bn), v_desc=desc(bn), o_desc=desc(rows), LSE="*fp32", MAX="*fp32",
-                 KV_NUM="*i32", KV_IDX="*i32", FULL_KV_NUM="*i32", FULL_KV_IDX="*i32", SCALE="fp32", SCALE_LOG2="fp32")
+                 KV_NUM="*i32", KV_IDX="*i32", FULL_KV_NUM="*i32", FULL_KV_IDX="*i32", TILES="*i32", SCALE="fp32",
+                 SCALE_LOG2="fp32")
     consts = dict(GQA_GROUP=1, HAS_FULL=True, HAS_SCORE_MOD=sg is not None, BLOCK_M=128, BLOCK_N=bn,
                   SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, KV_DIVISIBLE=False, SCALE_POSITIVE=True, STAGES=2,
                   LAST_ROWS_FIRST=True, QK_HEAD_PAD=E, V_HEAD_PAD=E, FP16=False, OUTPUT_MAX=output_max,
-                  PINGPONG=pingpong, num_warps=warps)
+                  PINGPONG=pingpong, PERSISTENT=persistent, num_warps=warps)
     sig, cst = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -140,6 +141,10 @@ def test_hopper_source_compiles_for_sm90():
     kernel = _compile_sm90(softcap, document, output_max=True, pingpong=True)
     ptx = kernel.asm["ptx"]
     assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx and ".reqntid 384" in ptx
+    # fwd_PERSISTENT: the ping-pong form walking row blocks taken from a counter
+    for E in (128, 256):
+        ptx = _compile_sm90(softcap, document, E=E, output_max=True, pingpong=True, persistent=True).asm["ptx"]
+        assert "wgmma.mma_async" in ptx and "atom.global" in ptx and ".reqntid 384" in ptx
     # head dim 256: 64-column kv tiles, both forms
     for pingpong in (False, True):
         assert "wgmma.mma_async" in _compile_sm90(softcap, document, E=256, pingpong=pingpong).asm["ptx"]

@@ -18,13 +18,12 @@ tensors' parameters in the signature, each followed by ", ") and {SCORE_BUF_ARGS
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
 from ..codegen import buffer_args
-from . import config
+from . import config, launcher
 from .blocks import bm_strides, kv_lists
 from .config import LOG2E, dot_precision, fit_tile, pad_dim
 from .launcher import cdiv, launch_cached
@@ -234,11 +233,6 @@ def use_decode(plan, q, v) -> bool:
     return L <= DECODE_MAX_Q and v.shape[2] >= 256
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:  # asked on every call: the property query is not free
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def decode_forward(plan, q, k, v):
     """Launch the split-KV decode kernel and merge its partials -> (out, lse[, max_scores]) as
     flex_forward."""
@@ -253,7 +247,7 @@ def decode_forward(plan, q, k, v):
     block_n = fit_tile(o.get("decode_BLOCK_N", 64 if q.device.type == "cuda" else 32), blk.block[1], blk.block[1])
     base = B * (Hkv if pack else Hq)
     max_tiles = blk.kv_idx.shape[-1] * (blk.block[1] // block_n)
-    splits = o.get("decode_SPLITS", max(1, min(cdiv(2 * _n_sm(q.device), base), max_tiles, 64)))
+    splits = o.get("decode_SPLITS", max(1, min(cdiv(2 * launcher.sm_count(q.device), base), max_tiles, 64)))
     # one q tile holds every query row (all in q block 0)
     cfg = SplitConfig(pack, pad_dim(rows), block_n, 1, splits, o.get("decode_num_warps", 4),
                       o.get("decode_num_stages", 3 if config.device_key(q.device) != "interp" else 1))
@@ -294,12 +288,6 @@ class KVLayout:
     p_starts: torch.Tensor | None = None
     p_rows: int = 0
     seq_ids: torch.Tensor | None = None
-
-
-def _n_sm(device) -> int:
-    if device.type != "cuda":
-        return 4
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def split_kv_forward(plan, q, k, v, cfg: SplitConfig, layout: KVLayout = KVLayout()):

@@ -114,12 +114,14 @@ HOPPER_FWD_TEMPLATE = GLUON_PRELUDE + r'''
 def _producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
               idx_ptr, n_part, fidx_ptr, n_full, off_z, off_hkv,
               HAS_FULL: gl.constexpr, SPARSE_KV_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr):
+              STAGES: gl.constexpr, it=0):
+    # the K / V tiles of one query-row block's lists into the ring from slot count `it`; returns it past them
     it = _load_list(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, idx_ptr, n_part, off_z, off_hkv,
-                    gl.to_tensor(0), SPARSE_BLOCK=SPARSE_KV_BLOCK, BLOCK=BLOCK_N, STAGES=STAGES)
+                    gl.to_tensor(it), SPARSE_BLOCK=SPARSE_KV_BLOCK, BLOCK=BLOCK_N, STAGES=STAGES)
     if HAS_FULL:
-        _load_list(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fidx_ptr, n_full, off_z, off_hkv, it,
-                   SPARSE_BLOCK=SPARSE_KV_BLOCK, BLOCK=BLOCK_N, STAGES=STAGES)
+        it = _load_list(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fidx_ptr, n_full, off_z,
+                        off_hkv, it, SPARSE_BLOCK=SPARSE_KV_BLOCK, BLOCK=BLOCK_N, STAGES=STAGES)
+    return it
 
 
 @gluon.jit
@@ -212,14 +214,15 @@ def _to_pairs(p, P_DTYPE: gl.constexpr):
 
 @gluon.jit
 def _consume_list(acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, turn, s_zero,
-                  idx_ptr, n_blocks, t0, it,
+                  idx_ptr, n_blocks, t0, it, tk,
                   off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
                   {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}
                   IS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr, KV_DIVISIBLE: gl.constexpr,
                   SCALE_POSITIVE: gl.constexpr, SPARSE_KV_BLOCK: gl.constexpr,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, SIDE: gl.constexpr,
                   LAZY: gl.constexpr):
-    # Tiles t0.. of one list; `it` counts tiles over both lists (ring slot and phase).
+    # Tiles t0.. of one list; `it` counts tiles over both lists (ring slot and phase), `tk` the
+    # partition's turns (PINGPONG; every tile's but a row block's first, which takes none).
     # Invariant at the top of an iteration: P of tile it-1 is in registers, its P V not yet
     # issued; O holds the sum over tiles < it-1, scaled to m after tile it-1 (the running row
     # max, or with LAZY a value at most RESCALE_SLACK under it); rescaling O is skipped where
@@ -231,8 +234,8 @@ def _consume_list(acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, k_
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     for t in range(t0, n_blocks * MULT):
         start_n = _tile_start(idx_ptr, t, n_blocks, SPARSE_KV_BLOCK, BLOCK_N)
-        if PINGPONG:  # my turn to issue (see _pingpong_consumer); the k-th turn is tile it = k + 1
-            mbarrier.wait(turn.index(SIDE), ((it - 1) & 1) ^ (1 - SIDE))
+        if PINGPONG:  # my turn to issue (see _pingpong_consumer): side 0 takes the even turns
+            mbarrier.wait(turn.index(SIDE), (tk & 1) ^ (1 - SIDE))
         s_tok = _issue_qk(q_smem, k_ring, k_ready, s_zero, it, STAGES)
         o_tok = _issue_pv(p, v_ring, v_ready, acc, it - 1, STAGES)
         if PINGPONG:
@@ -249,7 +252,8 @@ def _consume_list(acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, k_
         if moved > 0:
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         it += 1
-    return acc, l_i, m_i, p, it
+        tk += 1
+    return acc, l_i, m_i, p, it, tk
 
 
 @gluon.jit
@@ -261,9 +265,11 @@ def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, V_HEAD: gl.constexpr,
               SPARSE_KV_BLOCK: gl.constexpr, KV_DIVISIBLE: gl.constexpr, SCALE_POSITIVE: gl.constexpr,
               STAGES: gl.constexpr, num_warps: gl.constexpr, PINGPONG: gl.constexpr = False,
-              SIDE: gl.constexpr = 0, LAZY: gl.constexpr = False):
+              SIDE: gl.constexpr = 0, LAZY: gl.constexpr = False, it=0, tk=0, q_phase=0):
     # the online softmax over the row's kv tiles -> (O unnormalised, l, m) of BLOCK_M rows
-    # from start_m, Q in q_smem (waited for on q_bar)
+    # from start_m, Q in q_smem (waited for on q_bar in phase q_phase), and the ring's tile count
+    # and the turn count past them: the row's first tile is ring tile `it`, its first turn `tk`
+    # (a persistent program's rows continue both)
     MULT: gl.constexpr = SPARSE_KV_BLOCK // BLOCK_N
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -279,7 +285,9 @@ def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
     n_total = n_part_tiles
     if HAS_FULL:
         n_total += n_full * MULT
-    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(q_bar, q_phase)
+    it = gl.to_tensor(it)
+    tk = gl.to_tensor(tk)
     if n_total > 0:
         # tile 0, peeled: S waited for at once. One softmax step serves both lists: mask_mod is
         # evaluated but overridden where the tile is the first of a row's full blocks (a full
@@ -289,24 +297,24 @@ def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
             start_n = _tile_start(idx_ptr, 0, n_part, SPARSE_KV_BLOCK, BLOCK_N)
         else:
             start_n = _tile_start(fidx_ptr, 0, n_full, SPARSE_KV_BLOCK, BLOCK_N)
-        qk = warpgroup_mma_wait(0, deps=(_issue_qk(q_smem, k_ring, k_ready, s_zero, 0, STAGES), ))
-        mbarrier.arrive(k_empty.index(0), count=1)
+        qk = warpgroup_mma_wait(0, deps=(_issue_qk(q_smem, k_ring, k_ready, s_zero, it, STAGES), ))
+        mbarrier.arrive(k_empty.index(it % STAGES), count=1)
         p, alpha, l_i, m_i, moved = _softmax_tile(
             qk, l_i, m_i, start_n, off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
             {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
             p_layout=p_layout, P_DTYPE=v_ring.dtype, IS_FULL=False, HAS_SCORE_MOD=HAS_SCORE_MOD, KV_DIVISIBLE=KV_DIVISIBLE,
             SCALE_POSITIVE=SCALE_POSITIVE, BLOCK_N=BLOCK_N, LAZY=LAZY, from_full=n_part_tiles == 0)
-        acc, l_i, m_i, p, it = _consume_list(
+        acc, l_i, m_i, p, it, tk = _consume_list(
             acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, turn, s_zero,
-            idx_ptr, n_part, 1, gl.to_tensor(1), off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
+            idx_ptr, n_part, 1, it + 1, tk, off_z, off_h, q_idx, KV_LEN, SCALE, SCALE_LOG2,
             {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
             IS_FULL=False, HAS_SCORE_MOD=HAS_SCORE_MOD, KV_DIVISIBLE=KV_DIVISIBLE, SCALE_POSITIVE=SCALE_POSITIVE,
             SPARSE_KV_BLOCK=SPARSE_KV_BLOCK, BLOCK_N=BLOCK_N, STAGES=STAGES, PINGPONG=PINGPONG, SIDE=SIDE,
             LAZY=LAZY)
         if HAS_FULL:
-            acc, l_i, m_i, p, it = _consume_list(
+            acc, l_i, m_i, p, it, tk = _consume_list(
                 acc, l_i, m_i, p, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, turn, s_zero,
-                fidx_ptr, n_full, gl.where(n_part_tiles > 0, 0, 1), it, off_z, off_h, q_idx, KV_LEN,
+                fidx_ptr, n_full, gl.where(n_part_tiles > 0, 0, 1), it, tk, off_z, off_h, q_idx, KV_LEN,
                 SCALE, SCALE_LOG2,
                 {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
                 IS_FULL=True, HAS_SCORE_MOD=HAS_SCORE_MOD, KV_DIVISIBLE=KV_DIVISIBLE,
@@ -315,7 +323,7 @@ def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
         # the last tile's P V
         acc = warpgroup_mma_wait(0, deps=(_issue_pv(p, v_ring, v_ready, acc, it - 1, STAGES), ))
         mbarrier.arrive(v_empty.index((it - 1) % STAGES), count=1)
-    return acc, l_i, m_i
+    return acc, l_i, m_i, it, tk
 
 
 @gluon.jit
@@ -325,7 +333,7 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE, MAX,
                     stride_iz, stride_ih, stride_im,
                     stride_fnz, stride_fnh, stride_fnm,
                     stride_fiz, stride_fih, stride_fim,
-                    HQ, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
+                    HQ, Q_LEN, KV_LEN, SCALE, SCALE_LOG2, TILES, N_TILES, SECTION,
                     {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}
                     GQA_GROUP: gl.constexpr, HAS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -333,11 +341,15 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE, MAX,
                     KV_DIVISIBLE: gl.constexpr, SCALE_POSITIVE: gl.constexpr,
                     STAGES: gl.constexpr, LAST_ROWS_FIRST: gl.constexpr,
                     QK_HEAD_PAD: gl.constexpr, V_HEAD_PAD: gl.constexpr, FP16: gl.constexpr,
-                    OUTPUT_MAX: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr):
+                    OUTPUT_MAX: gl.constexpr, PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr,
+                    num_warps: gl.constexpr):
     # q/k/v/o descriptors: rank 4 over [B, H, S, D] with [1, 1, rows, D_PAD] boxes, D_PAD the
     # head dim rounded up to a power of two. A box past the end of a head's rows or of the
     # head dim is zero-filled on load (zeros add nothing to Q K^T; their P V columns are
-    # clipped on store), never read from another head
+    # clipped on store), never read from another head.
+    # PERSISTENT (ping-pong only): one program an SM walks row blocks ("tiles": N_TILES of them,
+    # _tile_rows' order) taken from the counter TILES[0]; the producer takes each and hands it to
+    # the consumers through TILES[1 + 2 * program + slot]. Otherwise one program a row block.
     QK_HEAD: gl.constexpr = q_desc.block_type.shape[3]
     V_HEAD: gl.constexpr = v_desc.block_type.shape[3]
     # the descriptors' static properties, also passed as constexprs (the host's launch cache
@@ -348,17 +360,7 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE, MAX,
     gl.static_assert(SPARSE_Q_BLOCK % BLOCK_M == 0)
     # one wgmma row block of 16 per warp; PINGPONG: two partitions of num_warps warps
     gl.static_assert(BLOCK_M == (32 if PINGPONG else 16) * num_warps)
-    # LAST_ROWS_FIRST: the last query rows start first; under a causal mask they have the
-    # most kv blocks, and the short programs then fill the tail of the grid
-    pid_m = gl.program_id(0)
-    if LAST_ROWS_FIRST:
-        pid_m = gl.num_programs(0) - 1 - pid_m
-    pid_zh = gl.program_id(1)
-    off_z = pid_zh // HQ
-    off_h = pid_zh % HQ
-    off_hkv = off_h // GQA_GROUP
-    start_m = pid_m * BLOCK_M
-    sparse_m = start_m // SPARSE_Q_BLOCK
+    gl.static_assert(PINGPONG or not PERSISTENT)
 
     dtype: gl.constexpr = q_desc.dtype
     k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, QK_HEAD],
@@ -376,77 +378,133 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE, MAX,
         mbarrier.init(k_empty.index(s), count=2 if PINGPONG else 1)
         mbarrier.init(v_empty.index(s), count=2 if PINGPONG else 1)
 
-    n_part = gl.load(KV_NUM + off_z * stride_nz + off_h * stride_nh + sparse_m * stride_nm)
-    idx_ptr = KV_IDX + off_z.to(gl.int64) * stride_iz + off_h * stride_ih + sparse_m * stride_im
-    n_full = 0
-    fidx_ptr = idx_ptr
-    if HAS_FULL:
-        n_full = gl.load(FULL_KV_NUM + off_z * stride_fnz + off_h * stride_fnh + sparse_m * stride_fnm)
-        fidx_ptr = FULL_KV_IDX + off_z.to(gl.int64) * stride_fiz + off_h * stride_fih + sparse_m * stride_fim
-
-    if PINGPONG:
-        # two consumer partitions of BLOCK_M / 2 rows each, taking turns to issue their wgmmas
-        HALF: gl.constexpr = BLOCK_M // 2
-        q_smem = gl.allocate_shared_memory(dtype, [2, HALF, QK_HEAD],
-                                           gl.NVMMASharedLayout.get_default_for([HALF, QK_HEAD], dtype))
-        if QK_HEAD == V_HEAD:  # O goes out through Q's buffer (the last S wgmma is done by then)
-            o_smem = q_smem
+    if PERSISTENT:
+        HALF_P: gl.constexpr = BLOCK_M // 2
+        q_smem_p = gl.allocate_shared_memory(dtype, [2, HALF_P, QK_HEAD],
+                                             gl.NVMMASharedLayout.get_default_for([HALF_P, QK_HEAD], dtype))
+        if QK_HEAD == V_HEAD:  # O goes out through Q's buffer (stored before the next row block's Q comes in)
+            o_smem_p = q_smem_p
         else:
-            o_smem = gl.allocate_shared_memory(dtype, [2, HALF, V_HEAD],
-                                               gl.NVMMASharedLayout.get_default_for([HALF, V_HEAD], dtype))
-        q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for side in gl.static_range(2):
-            mbarrier.init(q_bar.index(side), count=1)
-            mbarrier.init(turn.index(side), count=1)
+            o_smem_p = gl.allocate_shared_memory(dtype, [2, HALF_P, V_HEAD],
+                                                 gl.NVMMASharedLayout.get_default_for([HALF_P, V_HEAD], dtype))
+        q_bar_p = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        turn_p = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        tile_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        tile_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(q_bar_p.index(i), count=1)
+            mbarrier.init(turn_p.index(i), count=1)
+            mbarrier.init(tile_ready.index(i), count=1)
+            mbarrier.init(tile_empty.index(i), count=2)  # both consumer partitions read each tile
         fence_async_shared()
-        # the two consumers' argument tuples differ only in SIDE; they are written out whole
-        # because Gluon's frontend miscompiled a tuple built by concatenation here
         gl.warp_specialize([
-            (_pingpong_consumer, (q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
-                                  turn, LSE, MAX, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, pid_zh, start_m,
-                                  Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
-                                  {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
-                                  HAS_FULL, HAS_SCORE_MOD, HALF, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
-                                  SCALE_POSITIVE, STAGES, OUTPUT_MAX, 0, num_warps)),
-            (_pingpong_consumer, (q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
-                                  turn, LSE, MAX, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, pid_zh, start_m,
-                                  Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
-                                  {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
-                                  HAS_FULL, HAS_SCORE_MOD, HALF, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
-                                  SCALE_POSITIVE, STAGES, OUTPUT_MAX, 1, num_warps)),
-            (_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
-                         idx_ptr, n_part, fidx_ptr, n_full, off_z, off_hkv,
-                         HAS_FULL, SPARSE_KV_BLOCK, BLOCK_N, STAGES)),
+            (_persistent_consumer, (q_desc, o_desc, q_smem_p, o_smem_p, k_ring, v_ring, q_bar_p, k_ready, v_ready,
+                                    k_empty, v_empty, turn_p, tile_ready, tile_empty, TILES, N_TILES, SECTION, LSE, MAX,
+                                    KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, stride_nz, stride_nh, stride_nm,
+                                    stride_iz, stride_ih, stride_im, stride_fnz, stride_fnh, stride_fnm,
+                                    stride_fiz, stride_fih, stride_fim, HQ, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
+                                    {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
+                                    HAS_FULL, HAS_SCORE_MOD, HALF_P, BLOCK_N, V_HEAD, SPARSE_Q_BLOCK,
+                                    SPARSE_KV_BLOCK, KV_DIVISIBLE, SCALE_POSITIVE, STAGES, LAST_ROWS_FIRST,
+                                    OUTPUT_MAX, 0, num_warps)),
+            (_persistent_consumer, (q_desc, o_desc, q_smem_p, o_smem_p, k_ring, v_ring, q_bar_p, k_ready, v_ready,
+                                    k_empty, v_empty, turn_p, tile_ready, tile_empty, TILES, N_TILES, SECTION, LSE, MAX,
+                                    KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, stride_nz, stride_nh, stride_nm,
+                                    stride_iz, stride_ih, stride_im, stride_fnz, stride_fnh, stride_fnm,
+                                    stride_fiz, stride_fih, stride_fim, HQ, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
+                                    {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
+                                    HAS_FULL, HAS_SCORE_MOD, HALF_P, BLOCK_N, V_HEAD, SPARSE_Q_BLOCK,
+                                    SPARSE_KV_BLOCK, KV_DIVISIBLE, SCALE_POSITIVE, STAGES, LAST_ROWS_FIRST,
+                                    OUTPUT_MAX, 1, num_warps)),
+            (_persistent_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
+                                    tile_ready, tile_empty, TILES, N_TILES, SECTION,
+                                    KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, stride_nz, stride_nh, stride_nm,
+                                    stride_iz, stride_ih, stride_im, stride_fnz, stride_fnh, stride_fnm,
+                                    stride_fiz, stride_fih, stride_fim, HQ, Q_LEN, GQA_GROUP, HAS_FULL,
+                                    BLOCK_M, BLOCK_N, SPARSE_Q_BLOCK, SPARSE_KV_BLOCK, STAGES, LAST_ROWS_FIRST)),
         ], [num_warps, 1], [240, 24])
     else:
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, QK_HEAD],
-                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, QK_HEAD], dtype))
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        fence_async_shared()
-        # load q: it stays in shared memory throughout, the A operand of every S wgmma
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        _tma_load(q_desc, [off_z, off_h, start_m, 0], q_bar, q_smem.reshape(q_desc.block_type.shape))
-        acc, l_i, m_i = gl.warp_specialize([
-            # (turn None: only the ping-pong form takes turns; then PINGPONG, SIDE, LAZY)
-            (_consumer, (q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty, None,
-                         idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, start_m, KV_LEN, SCALE, SCALE_LOG2,
-                         {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
-                         HAS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
-                         SCALE_POSITIVE, STAGES, num_warps, False, 0, not OUTPUT_MAX)),
-            (_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
-                         idx_ptr, n_part, fidx_ptr, n_full, off_z, off_hkv,
-                         HAS_FULL, SPARSE_KV_BLOCK, BLOCK_N, STAGES)),
-        ], [1], [24])
-        # O through shared memory (q's buffer when the shapes agree: the last S wgmma is done)
-        if QK_HEAD == V_HEAD:
-            o_smem = q_smem
+        # LAST_ROWS_FIRST: the last query rows start first; under a causal mask they have the
+        # most kv blocks, and the short programs then fill the tail of the grid
+        pid_m = gl.program_id(0)
+        if LAST_ROWS_FIRST:
+            pid_m = gl.num_programs(0) - 1 - pid_m
+        pid_zh = gl.program_id(1)
+        off_z = pid_zh // HQ
+        off_h = pid_zh % HQ
+        off_hkv = off_h // GQA_GROUP
+        start_m = pid_m * BLOCK_M
+        sparse_m = start_m // SPARSE_Q_BLOCK
+        n_part, idx_ptr = _block_list(KV_NUM, KV_IDX, off_z, off_h, sparse_m, stride_nz, stride_nh, stride_nm,
+                                      stride_iz, stride_ih, stride_im)
+        n_full = 0
+        fidx_ptr = idx_ptr
+        if HAS_FULL:
+            n_full, fidx_ptr = _block_list(FULL_KV_NUM, FULL_KV_IDX, off_z, off_h, sparse_m, stride_fnz, stride_fnh,
+                                           stride_fnm, stride_fiz, stride_fih, stride_fim)
+        if PINGPONG:
+            # two consumer partitions of BLOCK_M / 2 rows each, taking turns to issue their wgmmas
+            HALF: gl.constexpr = BLOCK_M // 2
+            q_smem = gl.allocate_shared_memory(dtype, [2, HALF, QK_HEAD],
+                                               gl.NVMMASharedLayout.get_default_for([HALF, QK_HEAD], dtype))
+            if QK_HEAD == V_HEAD:  # O goes out through Q's buffer (the last S wgmma is done by then)
+                o_smem = q_smem
+            else:
+                o_smem = gl.allocate_shared_memory(dtype, [2, HALF, V_HEAD],
+                                                   gl.NVMMASharedLayout.get_default_for([HALF, V_HEAD], dtype))
+            q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            for side in gl.static_range(2):
+                mbarrier.init(q_bar.index(side), count=1)
+                mbarrier.init(turn.index(side), count=1)
+            fence_async_shared()
+            # the two consumers' argument tuples differ only in SIDE; they are written out whole
+            # because Gluon's frontend miscompiled a tuple built by concatenation here
+            gl.warp_specialize([
+                (_pingpong_consumer, (q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
+                                      turn, LSE, MAX, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, pid_zh, start_m,
+                                      Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
+                                      {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
+                                      HAS_FULL, HAS_SCORE_MOD, HALF, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
+                                      SCALE_POSITIVE, STAGES, OUTPUT_MAX, 0, num_warps)),
+                (_pingpong_consumer, (q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
+                                      turn, LSE, MAX, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, pid_zh, start_m,
+                                      Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
+                                      {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
+                                      HAS_FULL, HAS_SCORE_MOD, HALF, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
+                                      SCALE_POSITIVE, STAGES, OUTPUT_MAX, 1, num_warps)),
+                (_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
+                             idx_ptr, n_part, fidx_ptr, n_full, off_z, off_hkv,
+                             HAS_FULL, SPARSE_KV_BLOCK, BLOCK_N, STAGES)),
+            ], [num_warps, 1], [240, 24])
         else:
-            o_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, V_HEAD],
-                                               gl.NVMMASharedLayout.get_default_for([BLOCK_M, V_HEAD], dtype))
-        _epilogue(acc, l_i, m_i, o_desc, o_smem, LSE, MAX, pid_zh, off_z, off_h, start_m, Q_LEN,
-                  OUTPUT_MAX=OUTPUT_MAX)
+            q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, QK_HEAD],
+                                               gl.NVMMASharedLayout.get_default_for([BLOCK_M, QK_HEAD], dtype))
+            q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            mbarrier.init(q_bar, count=1)
+            fence_async_shared()
+            # load q: it stays in shared memory throughout, the A operand of every S wgmma
+            mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+            _tma_load(q_desc, [off_z, off_h, start_m, 0], q_bar, q_smem.reshape(q_desc.block_type.shape))
+            acc, l_i, m_i, _it, _tk = gl.warp_specialize([
+                # (turn None: only the ping-pong form takes turns; then PINGPONG, SIDE, LAZY)
+                (_consumer, (q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty, None,
+                             idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, start_m, KV_LEN, SCALE, SCALE_LOG2,
+                             {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
+                             HAS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
+                             SCALE_POSITIVE, STAGES, num_warps, False, 0, not OUTPUT_MAX)),
+                (_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
+                             idx_ptr, n_part, fidx_ptr, n_full, off_z, off_hkv,
+                             HAS_FULL, SPARSE_KV_BLOCK, BLOCK_N, STAGES)),
+            ], [1], [24])
+            # O through shared memory (q's buffer when the shapes agree: the last S wgmma is done)
+            if QK_HEAD == V_HEAD:
+                o_smem = q_smem
+            else:
+                o_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, V_HEAD],
+                                                   gl.NVMMASharedLayout.get_default_for([BLOCK_M, V_HEAD], dtype))
+            _epilogue(acc, l_i, m_i, o_desc, o_smem, LSE, MAX, pid_zh, off_z, off_h, start_m, Q_LEN,
+                      OUTPUT_MAX=OUTPUT_MAX)
 
 
 @gluon.jit
@@ -466,7 +524,7 @@ def _pingpong_consumer(q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_
     q_half = q_smem.index(SIDE)
     mbarrier.expect(q_bar.index(SIDE), q_desc.block_type.nbytes)
     _tma_load(q_desc, [off_z, off_h, row0, 0], q_bar.index(SIDE), q_half.reshape(q_desc.block_type.shape))
-    acc, l_i, m_i = _consumer(q_half, k_ring, v_ring, q_bar.index(SIDE), k_ready, v_ready, k_empty, v_empty, turn,
+    acc, l_i, m_i, _it, _tk = _consumer(q_half, k_ring, v_ring, q_bar.index(SIDE), k_ready, v_ready, k_empty, v_empty, turn,
                               idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, row0, KV_LEN, SCALE, SCALE_LOG2,
                               {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
                               HAS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
@@ -474,6 +532,131 @@ def _pingpong_consumer(q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_
                               LAZY=not OUTPUT_MAX)
     _epilogue(acc, l_i, m_i, o_desc, o_smem.index(SIDE), LSE, MAX, pid_zh, off_z, off_h, row0, Q_LEN,
               OUTPUT_MAX=OUTPUT_MAX)
+
+
+@gluon.jit
+def _tile_rows(tile, N_M, SECTION, BH, LAST_ROWS_FIRST: gl.constexpr):
+    # (row block, batch * HQ + head) of a persistent walk's tile: sections of SECTION (batch, head)
+    # pairs one after the other; within a section the row blocks in turn (the last rows first:
+    # under a causal mask the longest) and for each the section's heads side by side, so the
+    # programs running at once share the K / V of a few heads in L2
+    sec = tile // (SECTION * N_M)
+    heads = gl.minimum(BH - sec * SECTION, SECTION)
+    rest = tile - sec * SECTION * N_M
+    pid_m = rest // heads
+    if LAST_ROWS_FIRST:
+        pid_m = N_M - 1 - pid_m
+    return pid_m, sec * SECTION + rest % heads
+
+
+@gluon.jit
+def _publish_tile(TILES, tile_ready, tile_empty, tile, j):
+    # the producer hands the program's j-th tile to the consumers (slot j % 2 of its two)
+    s = j % 2
+    mbarrier.wait(tile_empty.index(s), ((j // 2) & 1) ^ 1)
+    gl.store(TILES + 1 + 2 * gl.program_id(0) + s, tile)
+    _cta_barrier()
+    mbarrier.arrive(tile_ready.index(s), count=1)
+
+
+@gluon.jit
+def _take_tile(TILES, tile_ready, tile_empty, j):
+    # a consumer partition reads the program's j-th tile and frees its slot
+    s = j % 2
+    mbarrier.wait(tile_ready.index(s), (j // 2) & 1)
+    tile = gl.load(TILES + 1 + 2 * gl.program_id(0) + s, volatile=True)
+    _cta_barrier()
+    mbarrier.arrive(tile_empty.index(s), count=1)
+    return tile
+
+
+@gluon.jit
+def _persistent_producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
+                         tile_ready, tile_empty, TILES, N_TILES, SECTION,
+                         KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, stride_nz, stride_nh, stride_nm,
+                         stride_iz, stride_ih, stride_im, stride_fnz, stride_fnh, stride_fnm,
+                         stride_fiz, stride_fih, stride_fim, HQ, Q_LEN,
+                         GQA_GROUP: gl.constexpr, HAS_FULL: gl.constexpr, BLOCK_M: gl.constexpr,
+                         BLOCK_N: gl.constexpr, SPARSE_Q_BLOCK: gl.constexpr, SPARSE_KV_BLOCK: gl.constexpr,
+                         STAGES: gl.constexpr, LAST_ROWS_FIRST: gl.constexpr):
+    # takes the program's tiles (its first by its number, the next ones from the counter, so a
+    # program that finishes early takes more) and loads each one's K / V tiles into the ring,
+    # which runs on from tile to tile
+    n_m = (Q_LEN + BLOCK_M - 1) // BLOCK_M
+    bh = N_TILES // n_m
+    tile = gl.program_id(0)
+    j = 0
+    it = 0
+    _publish_tile(TILES, tile_ready, tile_empty, tile, j)
+    while tile < N_TILES:
+        pid_m, pid_zh = _tile_rows(tile, n_m, SECTION, bh, LAST_ROWS_FIRST)
+        off_z = pid_zh // HQ
+        off_h = pid_zh % HQ
+        sparse_m = pid_m * BLOCK_M // SPARSE_Q_BLOCK
+        n_part, idx_ptr = _block_list(KV_NUM, KV_IDX, off_z, off_h, sparse_m, stride_nz, stride_nh, stride_nm,
+                                      stride_iz, stride_ih, stride_im)
+        n_full = 0
+        fidx_ptr = idx_ptr
+        if HAS_FULL:
+            n_full, fidx_ptr = _block_list(FULL_KV_NUM, FULL_KV_IDX, off_z, off_h, sparse_m, stride_fnz, stride_fnh,
+                                           stride_fnm, stride_fiz, stride_fih, stride_fim)
+        it = _producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
+                       idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h // GQA_GROUP,
+                       HAS_FULL, SPARSE_KV_BLOCK, BLOCK_N, STAGES, it)
+        tile = gl.atomic_add(TILES, 1) + gl.num_programs(0)
+        j += 1
+        _publish_tile(TILES, tile_ready, tile_empty, tile, j)
+
+
+@gluon.jit
+def _persistent_consumer(q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
+                         turn, tile_ready, tile_empty, TILES, N_TILES, SECTION, LSE, MAX,
+                         KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, stride_nz, stride_nh, stride_nm,
+                         stride_iz, stride_ih, stride_im, stride_fnz, stride_fnh, stride_fnm,
+                         stride_fiz, stride_fih, stride_fim, HQ, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
+                         {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}
+                         HAS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr, BLOCK_M: gl.constexpr,
+                         BLOCK_N: gl.constexpr, V_HEAD: gl.constexpr, SPARSE_Q_BLOCK: gl.constexpr,
+                         SPARSE_KV_BLOCK: gl.constexpr, KV_DIVISIBLE: gl.constexpr, SCALE_POSITIVE: gl.constexpr,
+                         STAGES: gl.constexpr, LAST_ROWS_FIRST: gl.constexpr, OUTPUT_MAX: gl.constexpr,
+                         SIDE: gl.constexpr, num_warps: gl.constexpr):
+    # _pingpong_consumer over the tiles the producer hands out: its BLOCK_M rows (half of each
+    # row block) of every tile; the K / V ring's tile count and the turns run on from tile to tile
+    n_m = (Q_LEN + 2 * BLOCK_M - 1) // (2 * BLOCK_M)
+    bh = N_TILES // n_m
+    q_half = q_smem.index(SIDE)
+    j = 0
+    it = 0
+    tk = 0
+    tile = _take_tile(TILES, tile_ready, tile_empty, j)
+    while tile < N_TILES:
+        pid_m, pid_zh = _tile_rows(tile, n_m, SECTION, bh, LAST_ROWS_FIRST)
+        off_z = pid_zh // HQ
+        off_h = pid_zh % HQ
+        start_m = pid_m * 2 * BLOCK_M
+        sparse_m = start_m // SPARSE_Q_BLOCK
+        n_part, idx_ptr = _block_list(KV_NUM, KV_IDX, off_z, off_h, sparse_m, stride_nz, stride_nh, stride_nm,
+                                      stride_iz, stride_ih, stride_im)
+        n_full = 0
+        fidx_ptr = idx_ptr
+        if HAS_FULL:
+            n_full, fidx_ptr = _block_list(FULL_KV_NUM, FULL_KV_IDX, off_z, off_h, sparse_m, stride_fnz, stride_fnh,
+                                           stride_fnm, stride_fiz, stride_fih, stride_fim)
+        row0 = start_m + SIDE * BLOCK_M
+        # Q into the buffer the previous tile's O left through (its store waited for in _epilogue)
+        mbarrier.expect(q_bar.index(SIDE), q_desc.block_type.nbytes)
+        _tma_load(q_desc, [off_z, off_h, row0, 0], q_bar.index(SIDE), q_half.reshape(q_desc.block_type.shape))
+        acc, l_i, m_i, it, tk = _consumer(q_half, k_ring, v_ring, q_bar.index(SIDE), k_ready, v_ready, k_empty,
+                                          v_empty, turn, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, row0,
+                                          KV_LEN, SCALE, SCALE_LOG2,
+                                          {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
+                                          HAS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK,
+                                          KV_DIVISIBLE, SCALE_POSITIVE, STAGES, num_warps, PINGPONG=True, SIDE=SIDE,
+                                          LAZY=not OUTPUT_MAX, it=it, tk=tk, q_phase=j & 1)
+        _epilogue(acc, l_i, m_i, o_desc, o_smem.index(SIDE), LSE, MAX, pid_zh, off_z, off_h, row0, Q_LEN,
+                  OUTPUT_MAX=OUTPUT_MAX)
+        j += 1
+        tile = _take_tile(TILES, tile_ready, tile_empty, j)
 
 
 @gluon.jit
@@ -557,6 +740,14 @@ AUTO_HEAD_DIMS = range(65, 257)
 # enough at D=256 too.
 PINGPONG_DEFAULT = True
 
+# Whether the ping-pong form runs persistent (one program an SM taking row blocks from a counter, the
+# next block's loads under the last one's epilogue) when kernel_options leave "fwd_PERSISTENT" out.
+PERSISTENT_DEFAULT = False
+
+# A persistent walk takes row blocks of as many heads side by side as have this many bytes of K and V
+# (the H100 / H200 hold 50 MB in L2; the rest is for Q, O and other work)
+L2_SECTION_BYTES = 32 << 20
+
 
 def use_hopper(device: str, q, k, v, block_size, dropout_p: float, request: str, graphs=()) -> bool:
     """Whether the forward runs the Hopper kernel. device: config.device_key ("sm90", ...,
@@ -610,10 +801,19 @@ def hopper_forward(plan, q, k, v):
     lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
     mx = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device) if plan.output_max else None
     kv_num, kv_idx, full_num, full_idx = kv_lists(blk)
+    persistent = pingpong and bool(plan.opts.get("fwd_PERSISTENT", PERSISTENT_DEFAULT))
+    n_tiles = cdiv(L, bm) * B * Hq
+    if persistent:
+        grid = (min(n_tiles, launcher.sm_count(q.device)), )
+        # the tile counter, then two hand-over slots a program (zeroed: the counter starts at 0)
+        tiles = torch.zeros(1 + 2 * grid[0], dtype=torch.int32, device=q.device)
+        section = max(1, min(B * Hq, L2_SECTION_BYTES * (Hq // Hkv) // (S * (E + Ev) * q.element_size())))
+    else:
+        grid, tiles, section = (cdiv(L, bm), B * Hq), kv_num, 1
     args = (descriptor(q, rows), descriptor(k, bn), descriptor(v, bn), descriptor(out, rows), lse,
             lse if mx is None else mx,
             kv_num, kv_idx, full_num, full_idx, *bm_strides(kv_num, kv_idx), *bm_strides(full_num, full_idx),
-            Hq, L, S, plan.scale, plan.scale * LOG2E,
+            Hq, L, S, plan.scale, plan.scale * LOG2E, tiles, n_tiles, section,
             *buffer_args(plan.score_graph, plan.score_bufs), *buffer_args(plan.mask_graph, plan.mask_bufs))
     # the descriptors' dtype and box widths are in the constexprs too: the launch cache keys
     # on constexprs and tensor features, and sees a descriptor by its type only
@@ -621,6 +821,7 @@ def hopper_forward(plan, q, k, v):
                   BLOCK_M=bm, BLOCK_N=bn, SPARSE_Q_BLOCK=blk.block[0], SPARSE_KV_BLOCK=blk.block[1],
                   KV_DIVISIBLE=S % blk.block[1] == 0, SCALE_POSITIVE=plan.scale > 0, STAGES=stages,
                   LAST_ROWS_FIRST=True, QK_HEAD_PAD=next_pow2(E), V_HEAD_PAD=next_pow2(Ev),
-                  FP16=q.dtype == torch.float16, OUTPUT_MAX=mx is not None, PINGPONG=pingpong, num_warps=warps)
-    launcher.launch_cached(plan.module("fwd_hopper").flex_fwd_hopper, (cdiv(L, bm), B * Hq), args, kwargs)
+                  FP16=q.dtype == torch.float16, OUTPUT_MAX=mx is not None, PINGPONG=pingpong,
+                  PERSISTENT=persistent, num_warps=warps)
+    launcher.launch_cached(plan.module("fwd_hopper").flex_fwd_hopper, grid, args, kwargs)
     return (out, lse) if mx is None else (out, lse, mx)

@@ -18,6 +18,8 @@ the JIT's path.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from triton.runtime.errors import OutOfResources
 from triton.runtime.interpreter import InterpretedFunction
@@ -25,6 +27,18 @@ from triton.runtime.interpreter import InterpretedFunction
 _I32_LO, _I32_HI = -2 ** 31, 2 ** 31 - 1
 _I64_LO, _I64_HI = -2 ** 63, 2 ** 63 - 1
 _MAX_ENTRIES = 4096  # distinct (kernel, shape-class) keys kept; cleared when full
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:  # asked on every call: the property query is not free
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device) -> int:
+    """The number of SMs of a CUDA device (4 for other devices: the interpreter's grids)."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def cdiv(a: int, b: int) -> int:

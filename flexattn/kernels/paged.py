@@ -14,8 +14,9 @@ from dataclasses import replace
 
 import torch
 
+from . import launcher
 from .config import device_key, fit_tile, pad_dim
-from .decode import KVLayout, SplitConfig, _n_sm, split_kv_forward
+from .decode import KVLayout, SplitConfig, split_kv_forward
 from .launcher import cdiv
 
 MAX_SPLITS = 64
@@ -81,7 +82,7 @@ def serving_config(plan, q, v, layout: KVLayout, lengths: list, q_len: int) -> S
     heads = Hkv if pack else Hq
     tiles = [cdiv(n, block_n) for n in lengths]
     work = sum(tiles) * heads * q_tiles
-    per_program = max(4, cdiv(work, 2 * _n_sm(q.device)))
+    per_program = max(4, cdiv(work, 2 * launcher.sm_count(q.device)))
     if not prefill:
         per_program = min(per_program, max(4, DECODE_SLICE // block_n))
     splits = o.get("decode_SPLITS", max(1, min(MAX_SPLITS, cdiv(max(tiles), per_program))))
