@@ -27,7 +27,7 @@ VALID_OPTIONS = {
                     "turns on the tensor cores (default: True; False: the two in one partition, see "
                     "flexattn.kernels.hopper_forward.PINGPONG_DEFAULT)",
     "fwd_PERSISTENT": "True: the Hopper forward's ping-pong form runs one program an SM, taking row blocks from "
-                      "a counter (default: flexattn.kernels.hopper_forward.PERSISTENT_DEFAULT)",
+                      "a counter (default: flexattn.kernels.hopper_forward.persistent_default)",
     "bwd_ATOMIC_DQ": "True/False: the dk/dv kernel also computes dq, adding each tile's share by float32 "
                      "atomics, instead of a dq kernel recomputing every tile (default: see "
                      "flexattn.kernels.config.atomic_dq; never with DETERMINISTIC)",

@@ -535,11 +535,14 @@ def _pingpong_consumer(q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_
 
 
 @gluon.jit
-def _tile_rows(tile, N_M, SECTION, BH, LAST_ROWS_FIRST: gl.constexpr):
-    # (row block, batch * HQ + head) of a persistent walk's tile: sections of SECTION (batch, head)
-    # pairs one after the other; within a section the row blocks in turn (the last rows first:
-    # under a causal mask the longest) and for each the section's heads side by side, so the
-    # programs running at once share the K / V of a few heads in L2
+def _tile_rows(tile, N_TILES, SECTION, Q_LEN, ROWS: gl.constexpr, LAST_ROWS_FIRST: gl.constexpr):
+    # (row block, batch * HQ + head) of a persistent walk's tile (row blocks of ROWS rows): sections
+    # of SECTION (batch, head) pairs one after the other; within a section the row blocks in turn
+    # (the last rows first: under a causal mask the longest) and for each the section's heads side
+    # by side, so the programs running at once share the K / V of a few heads in L2. (Computed
+    # from the kernel's arguments each time rather than kept: registers are scarce in the consumers.)
+    N_M = (Q_LEN + ROWS - 1) // ROWS
+    BH = N_TILES // N_M
     sec = tile // (SECTION * N_M)
     heads = gl.minimum(BH - sec * SECTION, SECTION)
     rest = tile - sec * SECTION * N_M
@@ -582,14 +585,12 @@ def _persistent_producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_emp
     # takes the program's tiles (its first by its number, the next ones from the counter, so a
     # program that finishes early takes more) and loads each one's K / V tiles into the ring,
     # which runs on from tile to tile
-    n_m = (Q_LEN + BLOCK_M - 1) // BLOCK_M
-    bh = N_TILES // n_m
     tile = gl.program_id(0)
     j = 0
     it = 0
     _publish_tile(TILES, tile_ready, tile_empty, tile, j)
     while tile < N_TILES:
-        pid_m, pid_zh = _tile_rows(tile, n_m, SECTION, bh, LAST_ROWS_FIRST)
+        pid_m, pid_zh = _tile_rows(tile, N_TILES, SECTION, Q_LEN, BLOCK_M, LAST_ROWS_FIRST)
         off_z = pid_zh // HQ
         off_h = pid_zh % HQ
         sparse_m = pid_m * BLOCK_M // SPARSE_Q_BLOCK
@@ -622,15 +623,13 @@ def _persistent_consumer(q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, 
                          SIDE: gl.constexpr, num_warps: gl.constexpr):
     # _pingpong_consumer over the tiles the producer hands out: its BLOCK_M rows (half of each
     # row block) of every tile; the K / V ring's tile count and the turns run on from tile to tile
-    n_m = (Q_LEN + 2 * BLOCK_M - 1) // (2 * BLOCK_M)
-    bh = N_TILES // n_m
     q_half = q_smem.index(SIDE)
     j = 0
     it = 0
     tk = 0
     tile = _take_tile(TILES, tile_ready, tile_empty, j)
     while tile < N_TILES:
-        pid_m, pid_zh = _tile_rows(tile, n_m, SECTION, bh, LAST_ROWS_FIRST)
+        pid_m, pid_zh = _tile_rows(tile, N_TILES, SECTION, Q_LEN, 2 * BLOCK_M, LAST_ROWS_FIRST)
         off_z = pid_zh // HQ
         off_h = pid_zh % HQ
         start_m = pid_m * 2 * BLOCK_M
@@ -740,13 +739,21 @@ AUTO_HEAD_DIMS = range(65, 257)
 # enough at D=256 too.
 PINGPONG_DEFAULT = True
 
-# Whether the ping-pong form runs persistent (one program an SM taking row blocks from a counter, the
-# next block's loads under the last one's epilogue) when kernel_options leave "fwd_PERSISTENT" out.
-PERSISTENT_DEFAULT = False
 
-# A persistent walk takes row blocks of as many heads side by side as have this many bytes of K and V
-# (the H100 / H200 hold 50 MB in L2; the rest is for Q, O and other work)
-L2_SECTION_BYTES = 32 << 20
+def persistent_default(head_dim: int, score_bufs) -> bool:
+    """Whether the ping-pong form runs persistent (one program an SM taking row blocks from a counter,
+    the next block's loads under the last one's epilogue) when kernel_options leave "fwd_PERSISTENT"
+    out. H200, B=4, H=16, S=8K, bf16, forward, persistent / one program a row block, one process
+    (benchmarks/ab_persistent.py): at D=128 causal 1.03-1.04x, sliding window 1.02-1.04x, prefix-LM
+    1.03x, document 1.02x, softcap 1.02x, dense 1.00x, but ALiBi (a score_mod reading a captured
+    tensor) 0.89-0.92x; at D=256 0.98-1.02x. So: up to head dim 128, where the score_mod reads no
+    captured tensor."""
+    return head_dim <= 128 and not score_bufs
+
+
+# A persistent walk takes row blocks of as many heads side by side as have this many bytes of K and V:
+# at D=128, S=8K 8 MiB (two heads) measured 1.00x on dense where 32 MiB (eight) gave 0.96-0.98x
+L2_SECTION_BYTES = 8 << 20
 
 
 def use_hopper(device: str, q, k, v, block_size, dropout_p: float, request: str, graphs=()) -> bool:
@@ -801,7 +808,7 @@ def hopper_forward(plan, q, k, v):
     lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
     mx = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device) if plan.output_max else None
     kv_num, kv_idx, full_num, full_idx = kv_lists(blk)
-    persistent = pingpong and bool(plan.opts.get("fwd_PERSISTENT", PERSISTENT_DEFAULT))
+    persistent = pingpong and bool(plan.opts.get("fwd_PERSISTENT", persistent_default(max(E, Ev), plan.score_bufs)))
     n_tiles = cdiv(L, bm) * B * Hq
     if persistent:
         grid = (min(n_tiles, launcher.sm_count(q.device)), )
