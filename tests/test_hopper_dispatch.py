@@ -150,6 +150,14 @@ def test_hopper_source_compiles_for_sm90():
         assert "wgmma.mma_async" in _compile_sm90(softcap, document, E=256, pingpong=pingpong).asm["ptx"]
 
 
+def test_persistent_walk_default():
+    # fwd_PERSISTENT left out: persistent up to head dim 128 unless the score_mod reads a captured tensor
+    # (ALiBi's slopes measured 0.89-0.93x persistent on the H200; benchmarks/RESULTS.md)
+    assert hf.persistent_default(64, []) and hf.persistent_default(128, [])
+    assert not hf.persistent_default(128, [torch.ones(4)])
+    assert not hf.persistent_default(256, []) and not hf.persistent_default(192, [])
+
+
 def test_hopper_backend_refuses_cpu_tensors():
     import flexattn
     q = torch.randn(1, 2, 64, 64)

@@ -24,6 +24,11 @@ Partitions (gl.warp_specialize):
     and they take turns to issue their wgmmas (two mbarriers pass the turn), so that one's
     softmax runs while the tensor cores run the other's S and P V (FA3's ping-pong schedule).
     240 registers a consumer thread, no spills (sm_90a).
+  * PERSISTENT (kernel_options "fwd_PERSISTENT", default: persistent_default), ping-pong only:
+    one program an SM. The producer takes row blocks from a counter in global memory and hands
+    each to the two consumer partitions through two slots (mbarriers `tile_ready` /
+    `tile_empty`); the ring's tile count and the partitions' turns run on across row blocks,
+    so a block's first K / V loads go on under the previous block's last P V and epilogue.
 
 Glossary of constexpr names:
   BLOCK_M / BLOCK_N       query rows per program / kv columns per tile
@@ -38,6 +43,8 @@ Glossary of constexpr names:
   KV_DIVISIBLE            KV_LEN is a multiple of SPARSE_KV_BLOCK (no tile holds padding)
   SCALE_POSITIVE          scale > 0: the row max may be taken before scaling
   PINGPONG / SIDE         two consumer partitions taking turns / which half of the rows (0, 1)
+  PERSISTENT              one program an SM walking row blocks (TILES: its counter and hand-over
+                          slots; N_TILES row blocks in all; SECTION heads side by side: _tile_rows)
 
 The tile walk (`_tile_start`) and the online-softmax step (`_online_softmax`) are the Triton
 kernels' own, from common_source (prepended to this template too): a @triton.jit function
@@ -435,13 +442,9 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE, MAX,
         off_hkv = off_h // GQA_GROUP
         start_m = pid_m * BLOCK_M
         sparse_m = start_m // SPARSE_Q_BLOCK
-        n_part, idx_ptr = _block_list(KV_NUM, KV_IDX, off_z, off_h, sparse_m, stride_nz, stride_nh, stride_nm,
-                                      stride_iz, stride_ih, stride_im)
-        n_full = 0
-        fidx_ptr = idx_ptr
-        if HAS_FULL:
-            n_full, fidx_ptr = _block_list(FULL_KV_NUM, FULL_KV_IDX, off_z, off_h, sparse_m, stride_fnz, stride_fnh,
-                                           stride_fnm, stride_fiz, stride_fih, stride_fim)
+        n_part, idx_ptr, n_full, fidx_ptr = _row_lists(
+            KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im,
+            stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim, off_z, off_h, sparse_m, HAS_FULL)
         if PINGPONG:
             # two consumer partitions of BLOCK_M / 2 rows each, taking turns to issue their wgmmas
             HALF: gl.constexpr = BLOCK_M // 2
@@ -535,6 +538,22 @@ def _pingpong_consumer(q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_
 
 
 @gluon.jit
+def _row_lists(KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, stride_nz, stride_nh, stride_nm, stride_iz, stride_ih,
+               stride_im, stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim, off_z, off_h, sparse_m,
+               HAS_FULL: gl.constexpr):
+    # (n_part, idx_ptr, n_full, fidx_ptr): BlockMask row sparse_m's partial and full kv block lists
+    # (without full lists n_full is 0)
+    n_part, idx_ptr = _block_list(KV_NUM, KV_IDX, off_z, off_h, sparse_m, stride_nz, stride_nh, stride_nm,
+                                  stride_iz, stride_ih, stride_im)
+    n_full = 0
+    fidx_ptr = idx_ptr
+    if HAS_FULL:
+        n_full, fidx_ptr = _block_list(FULL_KV_NUM, FULL_KV_IDX, off_z, off_h, sparse_m, stride_fnz, stride_fnh,
+                                       stride_fnm, stride_fiz, stride_fih, stride_fim)
+    return n_part, idx_ptr, n_full, fidx_ptr
+
+
+@gluon.jit
 def _tile_rows(tile, N_TILES, SECTION, Q_LEN, ROWS: gl.constexpr, LAST_ROWS_FIRST: gl.constexpr):
     # (row block, batch * HQ + head) of a persistent walk's tile (row blocks of ROWS rows): sections
     # of SECTION (batch, head) pairs one after the other; within a section the row blocks in turn
@@ -594,13 +613,9 @@ def _persistent_producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_emp
         off_z = pid_zh // HQ
         off_h = pid_zh % HQ
         sparse_m = pid_m * BLOCK_M // SPARSE_Q_BLOCK
-        n_part, idx_ptr = _block_list(KV_NUM, KV_IDX, off_z, off_h, sparse_m, stride_nz, stride_nh, stride_nm,
-                                      stride_iz, stride_ih, stride_im)
-        n_full = 0
-        fidx_ptr = idx_ptr
-        if HAS_FULL:
-            n_full, fidx_ptr = _block_list(FULL_KV_NUM, FULL_KV_IDX, off_z, off_h, sparse_m, stride_fnz, stride_fnh,
-                                           stride_fnm, stride_fiz, stride_fih, stride_fim)
+        n_part, idx_ptr, n_full, fidx_ptr = _row_lists(
+            KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im,
+            stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim, off_z, off_h, sparse_m, HAS_FULL)
         it = _producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
                        idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h // GQA_GROUP,
                        HAS_FULL, SPARSE_KV_BLOCK, BLOCK_N, STAGES, it)
@@ -634,13 +649,9 @@ def _persistent_consumer(q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, 
         off_h = pid_zh % HQ
         start_m = pid_m * 2 * BLOCK_M
         sparse_m = start_m // SPARSE_Q_BLOCK
-        n_part, idx_ptr = _block_list(KV_NUM, KV_IDX, off_z, off_h, sparse_m, stride_nz, stride_nh, stride_nm,
-                                      stride_iz, stride_ih, stride_im)
-        n_full = 0
-        fidx_ptr = idx_ptr
-        if HAS_FULL:
-            n_full, fidx_ptr = _block_list(FULL_KV_NUM, FULL_KV_IDX, off_z, off_h, sparse_m, stride_fnz, stride_fnh,
-                                           stride_fnm, stride_fiz, stride_fih, stride_fim)
+        n_part, idx_ptr, n_full, fidx_ptr = _row_lists(
+            KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im,
+            stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim, off_z, off_h, sparse_m, HAS_FULL)
         row0 = start_m + SIDE * BLOCK_M
         # Q into the buffer the previous tile's O left through (its store waited for in _epilogue)
         mbarrier.expect(q_bar.index(SIDE), q_desc.block_type.nbytes)
