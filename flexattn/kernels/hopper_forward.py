@@ -464,15 +464,15 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE, MAX,
             # the two consumers' argument tuples differ only in SIDE; they are written out whole
             # because Gluon's frontend miscompiled a tuple built by concatenation here
             gl.warp_specialize([
-                (_pingpong_consumer, (q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
-                                      turn, LSE, MAX, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, pid_zh, start_m,
-                                      Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
+                (_pingpong_consumer, (q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty,
+                                      v_empty, turn, LSE, MAX, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, pid_zh,
+                                      start_m, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
                                       {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
                                       HAS_FULL, HAS_SCORE_MOD, HALF, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
                                       SCALE_POSITIVE, STAGES, OUTPUT_MAX, 0, num_warps)),
-                (_pingpong_consumer, (q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
-                                      turn, LSE, MAX, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, pid_zh, start_m,
-                                      Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
+                (_pingpong_consumer, (q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty,
+                                      v_empty, turn, LSE, MAX, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, pid_zh,
+                                      start_m, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
                                       {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
                                       HAS_FULL, HAS_SCORE_MOD, HALF, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
                                       SCALE_POSITIVE, STAGES, OUTPUT_MAX, 1, num_warps)),
@@ -527,20 +527,21 @@ def _pingpong_consumer(q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_
     q_half = q_smem.index(SIDE)
     mbarrier.expect(q_bar.index(SIDE), q_desc.block_type.nbytes)
     _tma_load(q_desc, [off_z, off_h, row0, 0], q_bar.index(SIDE), q_half.reshape(q_desc.block_type.shape))
-    acc, l_i, m_i, _it, _tk = _consumer(q_half, k_ring, v_ring, q_bar.index(SIDE), k_ready, v_ready, k_empty, v_empty, turn,
-                              idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, row0, KV_LEN, SCALE, SCALE_LOG2,
-                              {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
-                              HAS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
-                              SCALE_POSITIVE, STAGES, num_warps, PINGPONG=True, SIDE=SIDE,
-                              LAZY=not OUTPUT_MAX)
+    acc, l_i, m_i, _it, _tk = _consumer(q_half, k_ring, v_ring, q_bar.index(SIDE), k_ready, v_ready, k_empty, v_empty,
+                                        turn, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, row0, KV_LEN, SCALE,
+                                        SCALE_LOG2,
+                                        {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
+                                        HAS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK,
+                                        KV_DIVISIBLE, SCALE_POSITIVE, STAGES, num_warps, PINGPONG=True, SIDE=SIDE,
+                                        LAZY=not OUTPUT_MAX)
     _epilogue(acc, l_i, m_i, o_desc, o_smem.index(SIDE), LSE, MAX, pid_zh, off_z, off_h, row0, Q_LEN,
               OUTPUT_MAX=OUTPUT_MAX)
 
 
 @gluon.jit
 def _row_lists(KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, stride_nz, stride_nh, stride_nm, stride_iz, stride_ih,
-               stride_im, stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim, off_z, off_h, sparse_m,
-               HAS_FULL: gl.constexpr):
+               stride_im, stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim, off_z, off_h,
+               sparse_m, HAS_FULL: gl.constexpr):
     # (n_part, idx_ptr, n_full, fidx_ptr): BlockMask row sparse_m's partial and full kv block lists
     # (without full lists n_full is 0)
     n_part, idx_ptr = _block_list(KV_NUM, KV_IDX, off_z, off_h, sparse_m, stride_nz, stride_nh, stride_nm,
