@@ -2,6 +2,7 @@
 ping-pong form, in one process (needs an sm90 GPU):
 
     PYTHONPATH=. python3 benchmarks/ab_persistent.py --dims 128,256 --seqs 8192,16384
+    PYTHONPATH=. python3 benchmarks/ab_persistent.py --dims 64 --triton   # and the Triton forward
 
 For each case of bench_attention.CASES, bf16, B=4, H=16: forward TFLOP/s of the two forms
 (BACKEND="hopper", TIERED off), alternating for --rounds rounds, each figure the median of
@@ -24,6 +25,7 @@ from bench_attention import CASES, block_density, mods  # noqa: E402
 from bench_peers import STEADY_REPEATS, ms_of  # noqa: E402
 
 FORMS = {"pingpong": {"fwd_PERSISTENT": False}, "persistent": {"fwd_PERSISTENT": True}}
+TRITON = {"triton": {"BACKEND": "triton"}}  # --triton: the Triton forward beside them (what "auto" runs at D=64)
 
 
 def main():
@@ -33,6 +35,7 @@ def main():
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument("--triton", action="store_true", help="the Triton forward as a third form (its own ratio too)")
     p.add_argument("--section-mib", type=int, default=None,
                    help="the persistent walk's L2 section in MiB (hopper_forward.L2_SECTION_BYTES)")
     a = p.parse_args()
@@ -51,21 +54,24 @@ def main():
                 sm, mm = mods(case, S, H, "cuda")
                 bm = flexattn.create_block_mask(mm, None, None, S, S, device="cuda") if mm else None
                 flops = 4 * B * H * S * S * block_density(bm) * D
-                outs, figs = {}, {f: [] for f in FORMS}
+                forms = {**FORMS, **(TRITON if a.triton else {})}
+                outs, figs = {}, {f: [] for f in forms}
                 for _ in range(a.rounds):
-                    for form, opts in FORMS.items():
+                    for form, opts in forms.items():
                         kw = dict(score_mod=sm, block_mask=bm,
                                   kernel_options={"BACKEND": "hopper", "TIERED": False, **opts})
                         outs[form] = flexattn.flex_attention(q, k, v, **kw)
                         ms = ms_of(lambda: flexattn.flex_attention(q, k, v, **kw), STEADY_REPEATS)
                         figs[form].append(flops / ms * 1e-9)
                 same = torch.equal(outs["pingpong"], outs["persistent"])
-                row = dict(case=case, D=D, S=S, same=same, **{f: figs[f] for f in FORMS})
+                row = dict(case=case, D=D, S=S, same=same, **figs)
                 rows.append(row)
-                mean = {f: sum(figs[f]) / len(figs[f]) for f in FORMS}
+                mean = {f: sum(figs[f]) / len(figs[f]) for f in forms}
+                triton = (f", Triton {' / '.join(f'{x:.0f}' for x in figs['triton'])} (persistent / Triton "
+                          f"{mean['persistent'] / mean['triton']:.3f}x)") if a.triton else ""
                 print(f"{case:>15} D={D} S={S}: ping-pong {' / '.join(f'{x:.0f}' for x in figs['pingpong'])}, "
                       f"persistent {' / '.join(f'{x:.0f}' for x in figs['persistent'])} TFLOP/s "
-                      f"({mean['persistent'] / mean['pingpong']:.3f}x), outputs equal: {same}", flush=True)
+                      f"({mean['persistent'] / mean['pingpong']:.3f}x){triton}, outputs equal: {same}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
