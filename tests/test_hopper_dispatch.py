@@ -158,6 +158,24 @@ def test_persistent_walk_default():
     assert not hf.persistent_default(256, []) and not hf.persistent_default(192, [])
 
 
+def test_persistent_walk_is_replayable(monkeypatch):
+    # a replayed call (kernels.replay) allocates with torch.empty and repeats the recorded launches: the
+    # persistent walk's counter is zeroed by a launch of its own, recorded before the forward's
+    import flexattn
+    from flexattn.kernels import launcher, make_plan, replay
+    monkeypatch.setattr(launcher, "sm_count", lambda device: 132)
+    q, k, v = [torch.empty(2, 4, 1024, 128, dtype=torch.bfloat16) for _ in range(3)]
+    bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 1024, 1024)
+    plan = make_plan(q, k, v, score_graph=None, mask_graph=bm.mask_graph, block_mask=bm, scale=None,
+                     kernel_options={"fwd_PERSISTENT": True})
+    rep = replay.Replay.record(lambda: hf.hopper_forward(plan, q, k, v), (), (q, k, v), lambda r: list(r))
+    assert rep is not None
+    zero, fwd = rep.steps
+    assert zero.kernel is hf._zero_counter and fwd.kwargs["PERSISTENT"] and fwd.grid == (64, )
+    (counter_slot, ) = [i for _, i in zero.slots]
+    assert counter_slot in [i for _, i in fwd.slots]  # the forward reads the counter the launch before zeroed
+
+
 def test_hopper_backend_refuses_cpu_tensors():
     import flexattn
     q = torch.randn(1, 2, 64, 64)

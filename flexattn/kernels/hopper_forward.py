@@ -65,6 +65,7 @@ import functools
 
 import torch
 import triton
+import triton.language as tl
 
 from ..codegen import buffer_args
 from ..ir import ROW_OPS
@@ -696,6 +697,11 @@ def _epilogue(acc, l_i, m_i, o_desc, o_smem, LSE, MAX, pid_zh, off_z, off_h, row
 
 # ---- host side -----------------------------------------------------------------------
 
+@triton.jit
+def _zero_counter(TILES):
+    tl.store(TILES, 0)
+
+
 def hopper_fwd_config(d: int, dv: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, STAGES, num_warps): two consumer warpgroups of 64 rows each (the
     launch is 12 warps with the producer's, 168 registers a thread; warp_specialize's
@@ -824,8 +830,10 @@ def hopper_forward(plan, q, k, v):
     n_tiles = cdiv(L, bm) * B * Hq
     if persistent:
         grid = (min(n_tiles, launcher.sm_count(q.device)), )
-        # the tile counter, then two hand-over slots a program (zeroed: the counter starts at 0)
-        tiles = torch.zeros(1 + 2 * grid[0], dtype=torch.int32, device=q.device)
+        # the tile counter, then two hand-over slots a program; the counter zeroed by a launch of its
+        # own (a replayed call - kernels.replay - allocates with torch.empty and repeats launches only)
+        tiles = torch.empty(1 + 2 * grid[0], dtype=torch.int32, device=q.device)
+        launcher.launch_cached(_zero_counter, (1, ), (tiles, ), {"num_warps": 1})
         section = max(1, min(B * Hq, L2_SECTION_BYTES * (Hq // Hkv) // (S * (E + Ev) * q.element_size())))
     else:
         grid, tiles, section = (cdiv(L, bm), B * Hq), kv_num, 1
