@@ -405,6 +405,7 @@ def flex_fwd_hopper(q_desc, k_desc, v_desc, o_desc, LSE, MAX,
             mbarrier.init(tile_ready.index(i), count=1)
             mbarrier.init(tile_empty.index(i), count=2)  # both consumer partitions read each tile
         fence_async_shared()
+        # (the consumers' argument tuples written out whole, as the ping-pong form's below: see there)
         gl.warp_specialize([
             (_persistent_consumer, (q_desc, o_desc, q_smem_p, o_smem_p, k_ring, v_ring, q_bar_p, k_ready, v_ready,
                                     k_empty, v_empty, turn_p, tile_ready, tile_empty, TILES, N_TILES, SECTION, LSE, MAX,
