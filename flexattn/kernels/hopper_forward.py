@@ -762,7 +762,7 @@ PINGPONG_DEFAULT = True
 def persistent_default(head_dim: int, score_bufs) -> bool:
     """Whether the ping-pong form runs persistent (one program an SM taking row blocks from a counter,
     the next block's loads under the last one's epilogue) when kernel_options leave "fwd_PERSISTENT"
-    out. H200, B=4, H=16, S=8K, bf16, forward, persistent / one program a row block, one process
+    out. H200, B=4, H=16, bf16, forward, persistent / one program a row block, one process
     (benchmarks/ab_persistent.py, S=8K and 16K): at D=128 causal 1.01-1.04x, sliding window 1.02-1.04x,
     prefix-LM 1.03x, document 1.02x, softcap 1.01-1.04x, dense 1.00x, but ALiBi (a score_mod reading a
     captured tensor) 0.89-0.93x; at D=256 0.95-1.02x. So: up to head dim 128, where the score_mod reads
