@@ -520,24 +520,28 @@ def _pingpong_consumer(q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_
                        HAS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr, BLOCK_M: gl.constexpr,
                        BLOCK_N: gl.constexpr, V_HEAD: gl.constexpr, SPARSE_KV_BLOCK: gl.constexpr,
                        KV_DIVISIBLE: gl.constexpr, SCALE_POSITIVE: gl.constexpr, STAGES: gl.constexpr,
-                       OUTPUT_MAX: gl.constexpr, SIDE: gl.constexpr, num_warps: gl.constexpr):
+                       OUTPUT_MAX: gl.constexpr, SIDE: gl.constexpr, num_warps: gl.constexpr, it=0, tk=0,
+                       q_phase=0):
     # One warpgroup's BLOCK_M rows (the program's first or second half, SIDE 0 / 1): its own Q,
     # the shared K/V ring, its own O. The two partitions take turns to issue their S and P V
     # wgmmas (mbarriers `turn`: SIDE waits on turn[SIDE], then arrives on the other's), so one
-    # runs its softmax while the tensor cores run the other's wgmmas.
+    # runs its softmax while the tensor cores run the other's wgmmas. it / tk / q_phase and the
+    # returned counts: _consumer's (a persistent program's row blocks continue them). Q goes into
+    # the buffer the previous row block's O left through (its store waited for in _epilogue).
     row0 = start_m + SIDE * BLOCK_M
     q_half = q_smem.index(SIDE)
     mbarrier.expect(q_bar.index(SIDE), q_desc.block_type.nbytes)
     _tma_load(q_desc, [off_z, off_h, row0, 0], q_bar.index(SIDE), q_half.reshape(q_desc.block_type.shape))
-    acc, l_i, m_i, _it, _tk = _consumer(q_half, k_ring, v_ring, q_bar.index(SIDE), k_ready, v_ready, k_empty, v_empty,
-                                        turn, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, row0, KV_LEN, SCALE,
-                                        SCALE_LOG2,
-                                        {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
-                                        HAS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK,
-                                        KV_DIVISIBLE, SCALE_POSITIVE, STAGES, num_warps, PINGPONG=True, SIDE=SIDE,
-                                        LAZY=not OUTPUT_MAX)
+    acc, l_i, m_i, it, tk = _consumer(q_half, k_ring, v_ring, q_bar.index(SIDE), k_ready, v_ready, k_empty, v_empty,
+                                      turn, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, row0, KV_LEN, SCALE,
+                                      SCALE_LOG2,
+                                      {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
+                                      HAS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK,
+                                      KV_DIVISIBLE, SCALE_POSITIVE, STAGES, num_warps, PINGPONG=True, SIDE=SIDE,
+                                      LAZY=not OUTPUT_MAX, it=it, tk=tk, q_phase=q_phase)
     _epilogue(acc, l_i, m_i, o_desc, o_smem.index(SIDE), LSE, MAX, pid_zh, off_z, off_h, row0, Q_LEN,
               OUTPUT_MAX=OUTPUT_MAX)
+    return it, tk
 
 
 @gluon.jit
@@ -572,6 +576,24 @@ def _tile_rows(tile, N_TILES, SECTION, Q_LEN, ROWS: gl.constexpr, LAST_ROWS_FIRS
     if LAST_ROWS_FIRST:
         pid_m = N_M - 1 - pid_m
     return pid_m, sec * SECTION + rest % heads
+
+
+@gluon.jit
+def _tile_lists(tile, N_TILES, SECTION, Q_LEN, HQ, KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, stride_nz, stride_nh,
+                stride_nm, stride_iz, stride_ih, stride_im, stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih,
+                stride_fim, ROWS: gl.constexpr, SPARSE_Q_BLOCK: gl.constexpr, HAS_FULL: gl.constexpr,
+                LAST_ROWS_FIRST: gl.constexpr):
+    # a persistent walk's tile (row blocks of ROWS rows) -> (pid_zh, off_z, off_h, start_m, and its
+    # kv block lists: _row_lists')
+    pid_m, pid_zh = _tile_rows(tile, N_TILES, SECTION, Q_LEN, ROWS, LAST_ROWS_FIRST)
+    off_z = pid_zh // HQ
+    off_h = pid_zh % HQ
+    start_m = pid_m * ROWS
+    n_part, idx_ptr, n_full, fidx_ptr = _row_lists(
+        KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im,
+        stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim, off_z, off_h,
+        start_m // SPARSE_Q_BLOCK, HAS_FULL)
+    return pid_zh, off_z, off_h, start_m, n_part, idx_ptr, n_full, fidx_ptr
 
 
 @gluon.jit
@@ -612,13 +634,10 @@ def _persistent_producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_emp
     it = 0
     _publish_tile(TILES, tile_ready, tile_empty, tile, j)
     while tile < N_TILES:
-        pid_m, pid_zh = _tile_rows(tile, N_TILES, SECTION, Q_LEN, BLOCK_M, LAST_ROWS_FIRST)
-        off_z = pid_zh // HQ
-        off_h = pid_zh % HQ
-        sparse_m = pid_m * BLOCK_M // SPARSE_Q_BLOCK
-        n_part, idx_ptr, n_full, fidx_ptr = _row_lists(
-            KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im,
-            stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim, off_z, off_h, sparse_m, HAS_FULL)
+        _pid_zh, off_z, off_h, _start_m, n_part, idx_ptr, n_full, fidx_ptr = _tile_lists(
+            tile, N_TILES, SECTION, Q_LEN, HQ, KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, stride_nz, stride_nh,
+            stride_nm, stride_iz, stride_ih, stride_im, stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih,
+            stride_fim, BLOCK_M, SPARSE_Q_BLOCK, HAS_FULL, LAST_ROWS_FIRST)
         it = _producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
                        idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h // GQA_GROUP,
                        HAS_FULL, SPARSE_KV_BLOCK, BLOCK_N, STAGES, it)
@@ -641,33 +660,21 @@ def _persistent_consumer(q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, 
                          SIDE: gl.constexpr, num_warps: gl.constexpr):
     # _pingpong_consumer over the tiles the producer hands out: its BLOCK_M rows (half of each
     # row block) of every tile; the K / V ring's tile count and the turns run on from tile to tile
-    q_half = q_smem.index(SIDE)
     j = 0
     it = 0
     tk = 0
     tile = _take_tile(TILES, tile_ready, tile_empty, j)
     while tile < N_TILES:
-        pid_m, pid_zh = _tile_rows(tile, N_TILES, SECTION, Q_LEN, 2 * BLOCK_M, LAST_ROWS_FIRST)
-        off_z = pid_zh // HQ
-        off_h = pid_zh % HQ
-        start_m = pid_m * 2 * BLOCK_M
-        sparse_m = start_m // SPARSE_Q_BLOCK
-        n_part, idx_ptr, n_full, fidx_ptr = _row_lists(
-            KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im,
-            stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim, off_z, off_h, sparse_m, HAS_FULL)
-        row0 = start_m + SIDE * BLOCK_M
-        # Q into the buffer the previous tile's O left through (its store waited for in _epilogue)
-        mbarrier.expect(q_bar.index(SIDE), q_desc.block_type.nbytes)
-        _tma_load(q_desc, [off_z, off_h, row0, 0], q_bar.index(SIDE), q_half.reshape(q_desc.block_type.shape))
-        acc, l_i, m_i, it, tk = _consumer(q_half, k_ring, v_ring, q_bar.index(SIDE), k_ready, v_ready, k_empty,
-                                          v_empty, turn, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, row0,
-                                          KV_LEN, SCALE, SCALE_LOG2,
-                                          {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
-                                          HAS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK,
-                                          KV_DIVISIBLE, SCALE_POSITIVE, STAGES, num_warps, PINGPONG=True, SIDE=SIDE,
-                                          LAZY=not OUTPUT_MAX, it=it, tk=tk, q_phase=j & 1)
-        _epilogue(acc, l_i, m_i, o_desc, o_smem.index(SIDE), LSE, MAX, pid_zh, off_z, off_h, row0, Q_LEN,
-                  OUTPUT_MAX=OUTPUT_MAX)
+        pid_zh, off_z, off_h, start_m, n_part, idx_ptr, n_full, fidx_ptr = _tile_lists(
+            tile, N_TILES, SECTION, Q_LEN, HQ, KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, stride_nz, stride_nh,
+            stride_nm, stride_iz, stride_ih, stride_im, stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih,
+            stride_fim, 2 * BLOCK_M, SPARSE_Q_BLOCK, HAS_FULL, LAST_ROWS_FIRST)
+        it, tk = _pingpong_consumer(q_desc, o_desc, q_smem, o_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty,
+                                    v_empty, turn, LSE, MAX, idx_ptr, n_part, fidx_ptr, n_full, off_z, off_h, pid_zh,
+                                    start_m, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
+                                    {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}
+                                    HAS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, V_HEAD, SPARSE_KV_BLOCK, KV_DIVISIBLE,
+                                    SCALE_POSITIVE, STAGES, OUTPUT_MAX, SIDE, num_warps, it, tk, j & 1)
         j += 1
         tile = _take_tile(TILES, tile_ready, tile_empty, j)
 
