@@ -26,8 +26,9 @@ Invariants:
   plan keeps buffer-less graphs (rebound per call where the normal path runs).
 * A host-side TMA descriptor argument (the Hopper forward's) is rebuilt per call over the
   call's tensor, with the recorded box and layout; one over any other tensor is not replayed.
-* A compiled kernel is specialised on its tensors' 16-byte alignment: a call whose inputs
-  differ in it from the recording's takes the normal path.
+* A compiled kernel is specialised on its tensors' 16-byte alignment: q, k and v of another
+  alignment are another call (call_key), and one whose captured tensors differ in it from
+  the recording's takes the normal path.
 Calls with dropout (a new seed each call) and calls while tiered compilation has not
 settled on the mask's own kernels are not cached (`kernels.flex_attention_triton`).
 """
@@ -54,9 +55,12 @@ def _graph_key(g):
 
 
 def call_key(q, k, v, score_graph, mask_graph, block_mask, scale, kernel_options, needs_grad, output_max=False):
-    """The signature of a call: equal keys make the same launches but for their tensors."""
+    """The signature of a call: equal keys make the same launches but for their tensors. The
+    inputs' 16-byte alignment is part of it: it decides which forward a call takes (the Hopper
+    forward's TMA descriptors need aligned bases), and a CachedRun keeps its forward's kind."""
     return (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
-            v.shape, v.stride(), v.dtype, v.device, _graph_key(score_graph), _graph_key(mask_graph),
+            v.shape, v.stride(), v.dtype, v.device, _alignment((q, k, v)),
+            _graph_key(score_graph), _graph_key(mask_graph),
             scale, tuple(kernel_options.items()) if kernel_options else (), needs_grad, output_max,
             # as kernels._blocks_of: the BlockMask's lists by their storage
             None if block_mask is None else (block_mask.kv_num_blocks.data_ptr(), block_mask.kv_indices.data_ptr()))
