@@ -416,6 +416,9 @@ def test_hopper_auto_dispatch_and_refusals():
     triton_ = flexattn.flex_attention(q, k, v, kernel_options={"BACKEND": "triton"})
     assert torch.equal(forced, auto)  # auto takes the Hopper forward at head dim 128
     assert (forced.float() - triton_.float()).abs().max() < 2e-2
+    q64 = q[..., :64].contiguous()  # and at 64 (its persistent form)
+    assert torch.equal(flexattn.flex_attention(q64, q64, q64), flexattn.flex_attention(q64, q64, q64,
+                                                                                          kernel_options=HOPPER))
     with pytest.raises(ValueError, match="dropout"):
         flexattn.flex_attention(q, k, v, kernel_options=HOPPER, dropout_p=0.1)
     with pytest.raises(ValueError, match="head dims"):

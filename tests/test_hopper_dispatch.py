@@ -32,10 +32,10 @@ def test_auto_takes_hopper_on_sm90_only():
 def test_auto_takes_hopper_where_it_measured_faster():
     if hf.gluon_missing():
         pytest.skip(hf.gluon_missing())
-    q, k, v = qkv(E=64)
+    q, k, v = qkv(E=48)
     assert not hf.use_hopper(SM90, q, k, v, BLOCK, 0.0, "auto")
     assert hf.use_hopper(SM90, q, k, v, BLOCK, 0.0, "hopper")  # forced: the kernel takes it
-    for E in (96, 128, 192, 256):  # 129-256: 64-column kv tiles
+    for E in (64, 96, 128, 192, 256):  # 129-256: 64-column kv tiles
         assert hf.use_hopper(SM90, *qkv(E=E), BLOCK, 0.0, "auto")
     assert hf.hopper_fwd_config(256, 256)[1] == 64 and hf.hopper_fwd_config(128, 128)[1] == 128
 

@@ -751,11 +751,12 @@ def tma_unsupported(name: str, t) -> str | None:
     return None
 
 
-# Where "auto" takes the Hopper forward: head dims that pad to 128 or 256. Measured on the H200
-# (B=4, H=16, S=8K, bf16, benchmarks/hopper_check.py): at D=128 the ping-pong form is 1.13-1.20x
-# the Triton kernels on the seven cases of benchmarks/RESULTS.md; at D=256 the one-partition
-# form is 1.00-1.15x; at D=64 the Triton forward stays (one partition 0.76-0.93x, ping-pong 0.89-1.07x).
-AUTO_HEAD_DIMS = range(65, 257)
+# Where "auto" takes the Hopper forward: head dims 64-256. Measured on the H200 (B=4, H=16, S=8K,
+# bf16): at D=128 the ping-pong form is 1.13-1.20x the Triton kernels on the seven cases of
+# benchmarks/RESULTS.md (benchmarks/hopper_check.py); at D=256 the one-partition form is 1.00-1.15x;
+# at D=64 the persistent ping-pong form 1.02-1.13x but sliding window 1024 0.99x
+# (benchmarks/ab_persistent.py --dims 64 --triton). Below 64 (padded to 64) it is not measured.
+AUTO_HEAD_DIMS = range(64, 257)
 
 
 # Whether the Hopper forward takes its ping-pong form when kernel_options leave "fwd_PINGPONG" out.
