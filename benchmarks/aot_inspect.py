@@ -39,6 +39,9 @@ def _ty(v):
     if hasattr(v, "block_shape") and hasattr(v, "layout"):  # a Gluon TMA descriptor (hopper_forward.descriptor)
         dt = {torch.bfloat16: "bf16", torch.float16: "fp16"}[v.base.dtype]
         return f"tensordesc<{dt}[{', '.join(map(str, v.block_shape))}],{v.layout!r}>"
+    if hasattr(v, "block_shape") and hasattr(v, "base"):  # a Triton TMA descriptor (backward.tma_descriptor)
+        dt = {torch.bfloat16: "bf16", torch.float16: "fp16"}[v.base.dtype]
+        return f"tensordesc<{dt}[{', '.join(map(str, v.block_shape))}]>"
     if isinstance(v, torch.Tensor):
         return "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "i8",
                       torch.int32: "i32", torch.int64: "i64"}[v.dtype]
@@ -62,6 +65,10 @@ def compile_sm90(jitfn, args, kwargs):
     for i, name in enumerate(names):
         if i < len(args):
             v = args[i]
+            if v is None:
+                sig[name] = "constexpr"
+                consts[(i,)] = None
+                continue
             if isinstance(v, int) and not isinstance(v, bool) and v == 1:
                 sig[name] = "constexpr"
                 consts[(i,)] = 1
@@ -216,7 +223,7 @@ def capture(kind, case, S=8192, D=128, B=4, H=16, cfg=None, bwd_cfg=None, option
     launches = []
     orig = launcher.launch
     launcher.launch = lambda kernel, grid, args, kwargs, key, shrink="BLOCK_N": launches.append(
-        (kernel, grid, args, kwargs))
+        (kernel, grid, args(kwargs) if callable(args) else args, kwargs))
     old_dk, old_sms = config.device_key, launcher.sm_count
     config.device_key = lambda d: "sm90"
     launcher.sm_count = lambda device: 132  # the H100 / H200's
@@ -246,7 +253,7 @@ def inspect_case(kind, case, D=128, cfg=None, S=8192, loops=False, options=None,
         ck = compile_sm90(kernel, args, kwargs)
         tag = f"{kind} {case} S={S} D={D} {kernel.__name__} " + \
               " ".join(f"{k}={kwargs[k]}" for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "WANT_DQ",
-                                                     "WANT_DK", "WANT_DV", "ATOMIC_DQ", "PINGPONG") if k in kwargs)
+                                                     "WANT_DK", "WANT_DV", "ATOMIC_DQ", "PINGPONG", "TMA_LOADS") if k in kwargs)
         out.append(report(tag, ck, loops=loops, ops=ops))
     return out
 

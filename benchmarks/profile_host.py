@@ -65,7 +65,8 @@ def launch_parts(case, B, H, S, D):
     orig = launcher.launch
 
     def rec(kernel, grid, args, kwargs, key, shrink="BLOCK_N"):
-        captured.append((kernel, grid, args, dict(kwargs, **launcher.SHRUNK.get(key, {}))))
+        kw = dict(kwargs, **launcher.SHRUNK.get(key, {}))
+        captured.append((kernel, grid, args(kw) if callable(args) else args, kw))
         return orig(kernel, grid, args, kwargs, key, shrink)
     launcher.launch = rec
     try:

@@ -31,6 +31,9 @@ VALID_OPTIONS = {
     "bwd_ATOMIC_DQ": "True/False: the dk/dv kernel also computes dq, adding each tile's share by float32 "
                      "atomics, instead of a dq kernel recomputing every tile (default: see "
                      "flexattn.kernels.config.atomic_dq; never with DETERMINISTIC)",
+    "bwd_TMA": "True/False: the backward kernels read the tiles they walk (dq: K, V; dk/dv: Q, dO) by TMA "
+               "on sm90 (an error naming why if the call cannot take it; default: see "
+               "flexattn.kernels.config.TMA_LOADS_DEFAULT)",
     "BLOCK_M1": "torch name: dk/dv kernel q tile", "BLOCK_N1": "torch name: dk/dv kernel kv tile",
     "BLOCK_M2": "torch name: dq kernel q tile", "BLOCK_N2": "torch name: dq kernel kv tile",
     "decode_BLOCK_N": "decode kv tile", "decode_num_warps": "decode warps",
@@ -103,7 +106,7 @@ _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "bwd_BLOCK_M", "bwd_BLOCK_N", "BLOCK_M1", "B
               "decode_BLOCK_N")
 _WARP_KEYS = ("num_warps", "bwd_num_warps", "decode_num_warps")
 _STAGE_KEYS = ("num_stages", "bwd_num_stages", "decode_num_stages")
-_FLAG_KEYS = ("AUTOTUNE", "TIERED", "bwd_SPLIT_DKDV", "bwd_ATOMIC_DQ", "bwd_HOPPER", "fwd_PINGPONG",
+_FLAG_KEYS = ("AUTOTUNE", "TIERED", "bwd_SPLIT_DKDV", "bwd_ATOMIC_DQ", "bwd_HOPPER", "bwd_TMA", "fwd_PINGPONG",
               "fwd_PERSISTENT")
 
 

@@ -478,3 +478,28 @@ def test_hopper_backward_shapes(L, S, E, Ev, dtype):
 def test_hopper_backward_gqa(name):
     _needs_sm90()
     _check(name, Hq=8, Hkv=2, L=384, S=320, E=128, opts=HOPPER_BWD, lse_grad=name == "empty_rows")
+
+
+TMA_BWD = {"bwd_TMA": True}
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_tma_backward_zoo(name):
+    # the Triton backward reading K / V (dq) and Q / dO (dk/dv) by TMA
+    _needs_sm90()
+    _check(name, L=512, S=512, E=128, opts=TMA_BWD)
+
+
+@pytest.mark.parametrize("L,S,E,Ev,dtype", [(17, 129, 96, 96, torch.float16), (1000, 113, 128, 64, torch.bfloat16),
+                                            (129, 513, 80, 80, torch.bfloat16), (300, 300, 64, 128, torch.float16),
+                                            (300, 333, 256, 256, torch.bfloat16)])
+def test_tma_backward_shapes(L, S, E, Ev, dtype):
+    # lengths off the tile (rows past the end read as zeros), padded head dims, Ev != E, D=256 (split, atomic dq)
+    _needs_sm90()
+    _check("document", B=1, Hq=2, L=L, S=S, E=E, Ev=Ev, dtype=dtype, opts=TMA_BWD)
+
+
+@pytest.mark.parametrize("name", ["causal", "rel_bias", "softcap", "empty_rows"])
+def test_tma_backward_gqa(name):
+    _needs_sm90()
+    _check(name, Hq=8, Hkv=2, L=384, S=320, E=128, opts=TMA_BWD, lse_grad=name == "empty_rows")

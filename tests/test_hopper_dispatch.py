@@ -276,3 +276,42 @@ def test_hopper_backward_source_compiles_for_sm90():
         # dq's float32 adds: atom.global (Triton 3.6-3.8) or red.global (3.9: the result unused)
         assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
         assert "atom.global" in ptx or "red.global" in ptx
+
+
+# ---- the Triton backward's TMA loads (kernels.backward.use_tma_loads) -------------------
+
+def _tma_plan(opts=None):
+    from types import SimpleNamespace
+    return SimpleNamespace(opts=dict(opts or {}))
+
+
+def test_tma_loads_default_on_sm90_up_to_head_dim_128(monkeypatch):
+    from flexattn.kernels import backward as bw, config
+    monkeypatch.setattr(config, "device_key", lambda device: SM90)
+    q, k, v = qkv()
+    assert bw.use_tma_loads(_tma_plan(), q, k, v, torch.zeros_like(q)) == config.TMA_LOADS_DEFAULT
+    monkeypatch.setattr(config, "TMA_LOADS_DEFAULT", True)  # the rule where the default is on
+    for E in (64, 96, 128):
+        q, k, v = qkv(E=E)
+        assert bw.use_tma_loads(_tma_plan(), q, k, v, torch.zeros_like(q))
+    q, k, v = qkv(E=256)  # measured slower there (dq by atomics)
+    assert not bw.use_tma_loads(_tma_plan(), q, k, v, torch.zeros_like(q))
+    q, k, v = qkv(dtype=torch.float32)
+    assert not bw.use_tma_loads(_tma_plan(), q, k, v, torch.zeros_like(q))
+    q, k, v = qkv()
+    assert not bw.use_tma_loads(_tma_plan({"bwd_TMA": False}), q, k, v, torch.zeros_like(q))
+    # a dO TMA cannot address (last dim not contiguous): per-thread copies, silently
+    assert not bw.use_tma_loads(_tma_plan(), q, k, v, torch.zeros(1, 2, 128, 256, dtype=torch.bfloat16).transpose(2, 3))
+    monkeypatch.setattr(config, "device_key", lambda device: SM80)
+    assert not bw.use_tma_loads(_tma_plan(), q, k, v, torch.zeros_like(q))
+
+
+@pytest.mark.parametrize("why,cap,kw", [("compute capability", SM80, {}), ("dtype", SM90, dict(dtype=torch.float32)),
+                                        ("grad_out strides", SM90, dict(transposed_dout=True))])
+def test_forced_tma_loads_name_why_they_cannot(why, cap, kw, monkeypatch):
+    from flexattn.kernels import backward as bw, config
+    monkeypatch.setattr(config, "device_key", lambda device: cap)
+    q, k, v = qkv(dtype=kw.get("dtype", torch.bfloat16))
+    dout = torch.zeros(1, 2, 128, 256, dtype=q.dtype).transpose(2, 3) if kw.get("transposed_dout") else q
+    with pytest.raises(ValueError, match=f"bwd_TMA.*{why}.*drop bwd_TMA"):
+        bw.use_tma_loads(_tma_plan({"bwd_TMA": True}), q, k, v, dout)

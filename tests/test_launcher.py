@@ -49,3 +49,21 @@ def test_launches_state_fp_fusion():
     assert [kw for *_, kw in rec] == [{"BLOCK": 16, "enable_fp_fusion": True},
                                                {"BLOCK": 16, "enable_fp_fusion": False}]
 
+
+
+def test_a_shrunk_launch_remakes_its_tile_dependent_arguments(monkeypatch):
+    # arguments given as a function of the kwargs (TMA descriptors, whose boxes are the tiles)
+    # are made again for the fewer stages, then the smaller tile, a launch falls back to
+    from triton.runtime.errors import OutOfResources
+    tried = []
+
+    def launch_cached(kernel, grid, args, kwargs):
+        tried.append(args)
+        if kwargs["BLOCK_M"] > 32:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+    monkeypatch.setattr(launcher, "launch_cached", launch_cached)
+    monkeypatch.setattr(launcher, "SHRUNK", {})
+    launcher.launch("kernel", (1,), lambda kw: ("box", kw["BLOCK_M"], kw["num_stages"]),
+                    {"BLOCK_M": 64, "num_stages": 2}, key="k", shrink="BLOCK_M")
+    assert tried == [("box", 64, 2), ("box", 64, 1), ("box", 32, 1)]
+    assert launcher.SHRUNK["k"] == {"num_stages": 1, "BLOCK_M": 32}

@@ -18,6 +18,11 @@ only writes delta and lse2, and the dk/dv kernel, which has dS of every tile any
 each tile's dS K into a float32 dq buffer by atomics (and the captured tensors' gradients):
 S and dP of a tile are then computed by one kernel, not two. Never under DETERMINISTIC.
 
+With TMA_LOADS (`use_tma_loads`, sm90) the walked tiles (dq: K and V; dk/dv: Q and dO) come by
+TMA descriptors over [B, H, S, D] (the launch's K_DESC / V_DESC, Q_DESC / DO_DESC; None
+otherwise), whose boxes are the tiles: rows and columns outside the tensors read as zeros, as
+the masked per-thread loads give them.
+
 The shared helpers (_head_base, _block_list, _tile_start, _tile_ptrs, _load_tile,
 _store_tile) come from `common_source`.
 
@@ -38,6 +43,7 @@ from . import config, launcher
 from .blocks import bm_strides, kv_lists, q_lists
 from .config import dot_precision, dropout_args, fit_tile, needs_i64, pad_dim
 from .hopper_backward import hopper_dkdv, use_hopper_backward
+from .hopper_forward import tma_unsupported
 from .launcher import cdiv
 
 BWD_TEMPLATE = r'''
@@ -114,8 +120,8 @@ def _grouped_order(BLOCK: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, idx_ptr, n_blocks,
-              off_z, off_h, offs_m, Q_LEN, KV_LEN, SCALE,
+def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, idx_ptr, n_blocks,
+              off_z, off_h, off_hkv, offs_m, Q_LEN, KV_LEN, SCALE,
               stride_kn, stride_kk, stride_vn, stride_vk,
               seed_lo, seed_hi, drop_threshold, DROP_SCALE,
               {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}{GRAD_BUF_PARAMS_TRAIL}
@@ -124,7 +130,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, idx_ptr, n_blocks,
               V_HEAD: tl.constexpr, V_HEAD_PAD: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
               Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              DETERMINISTIC: tl.constexpr, OFFS_64: tl.constexpr):
+              DETERMINISTIC: tl.constexpr, OFFS_64: tl.constexpr, TMA_LOADS: tl.constexpr):
     MULT: tl.constexpr = SPARSE_KV_BLOCK // BLOCK_N
     LOG2E: tl.constexpr = 1.4426950408889634
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -137,10 +143,14 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, idx_ptr, n_blocks,
         start_n = nxt
         nxt = _tile_start(idx_ptr, it + 1, n_blocks, SPARSE_BLOCK=SPARSE_KV_BLOCK, BLOCK=BLOCK_N)
         offs_n = start_n + offs_n0
-        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kk, KV_LEN,
-                       CHECK_R=CHECK_N, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=OFFS_64)
-        v = _load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vk, KV_LEN,
-                       CHECK_R=CHECK_N, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=OFFS_64)
+        if TMA_LOADS:  # TMA: rows past KV_LEN and columns past the head dims read as 0
+            k = k_desc.load([off_z, off_hkv, start_n, 0]).reshape([BLOCK_N, QK_HEAD_PAD])
+            v = v_desc.load([off_z, off_hkv, start_n, 0]).reshape([BLOCK_N, V_HEAD_PAD])
+        else:
+            k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kk, KV_LEN,
+                           CHECK_R=CHECK_N, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=OFFS_64)
+            v = _load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vk, KV_LEN,
+                           CHECK_R=CHECK_N, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=OFFS_64)
         kv_idx = offs_n[None, :]
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if HAS_SCORE_MOD:
@@ -174,7 +184,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, idx_ptr, n_blocks,
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, idx_ptr, n_blocks,
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, lse_base, delta_base, dq_base, idx_ptr, n_blocks,
                 off_z, off_h, offs_n, Q_LEN, KV_LEN, SCALE,
                 stride_qm, stride_qk, stride_dom, stride_dok,
                 seed_lo, seed_hi, drop_threshold, DROP_SCALE,
@@ -185,7 +195,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, id
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q_BLOCK: tl.constexpr,
                 Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 DETERMINISTIC: tl.constexpr, OFFS_64: tl.constexpr,
-                WANT_DK: tl.constexpr, WANT_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                WANT_DK: tl.constexpr, WANT_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA_LOADS: tl.constexpr):
     # tiles are transposed here: rows are kv positions, columns q positions
     MULT: tl.constexpr = SPARSE_Q_BLOCK // BLOCK_M
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -199,10 +209,14 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, id
         start_m = nxt
         nxt = _tile_start(idx_ptr, it + 1, n_blocks, SPARSE_BLOCK=SPARSE_Q_BLOCK, BLOCK=BLOCK_M)
         offs_m = start_m + offs_m0
-        q = _load_tile(q_base, offs_m, offs_d, stride_qm, stride_qk, Q_LEN,
-                       CHECK_R=CHECK_M, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=OFFS_64)
-        do = _load_tile(do_base, offs_m, offs_dv, stride_dom, stride_dok, Q_LEN,
-                        CHECK_R=CHECK_M, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=OFFS_64)
+        if TMA_LOADS:  # TMA: rows past Q_LEN and columns past the head dims read as 0
+            q = q_desc.load([off_z, off_h, start_m, 0]).reshape([BLOCK_M, QK_HEAD_PAD])
+            do = do_desc.load([off_z, off_h, start_m, 0]).reshape([BLOCK_M, V_HEAD_PAD])
+        else:
+            q = _load_tile(q_base, offs_m, offs_d, stride_qm, stride_qk, Q_LEN,
+                           CHECK_R=CHECK_M, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=OFFS_64)
+            do = _load_tile(do_base, offs_m, offs_dv, stride_dom, stride_dok, Q_LEN,
+                            CHECK_R=CHECK_M, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=OFFS_64)
         if IS_FULL or Q_DIVISIBLE:
             lse2 = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
@@ -266,7 +280,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, id
 
 
 @triton.jit
-def flex_bwd_dq(Q, K, V, DO, DQ, OUT, LSE, DLSE, LSE2, DELTA,
+def flex_bwd_dq(Q, K, V, DO, DQ, OUT, LSE, DLSE, LSE2, DELTA, K_DESC, V_DESC,
                 KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
                 stride_qz, stride_qh, stride_qm, stride_qk,
                 stride_kz, stride_kh, stride_kn, stride_kk,
@@ -289,7 +303,7 @@ def flex_bwd_dq(Q, K, V, DO, DQ, OUT, LSE, DLSE, LSE2, DELTA,
                 SPARSE_Q_BLOCK: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
                 Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 DETERMINISTIC: tl.constexpr, HAS_DLSE: tl.constexpr, OFFS_64: tl.constexpr = True,
-                WANT_DQ: tl.constexpr = True):
+                WANT_DQ: tl.constexpr = True, TMA_LOADS: tl.constexpr = False):
     tl.static_assert(SPARSE_Q_BLOCK % BLOCK_M == 0, "a BlockMask q block must hold whole q tiles")
     tl.static_assert(SPARSE_KV_BLOCK % BLOCK_N == 0, "a BlockMask kv block must hold whole kv tiles")
     tl.static_assert(QK_HEAD_PAD >= QK_HEAD and (QK_HEAD_PAD & (QK_HEAD_PAD - 1)) == 0)
@@ -331,8 +345,8 @@ def flex_bwd_dq(Q, K, V, DO, DQ, OUT, LSE, DLSE, LSE2, DELTA,
     sparse_m = start_m // SPARSE_Q_BLOCK
     n_part, idx_ptr = _block_list(KV_NUM, KV_IDX, off_z, off_h, sparse_m,
                                   stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, idx_ptr, n_part,
-                   off_z, off_h, offs_m, Q_LEN, KV_LEN, SCALE,
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, K_DESC, V_DESC, idx_ptr, n_part,
+                   off_z, off_h, off_hkv, offs_m, Q_LEN, KV_LEN, SCALE,
                    stride_kn, stride_kk, stride_vn, stride_vk,
                    seed_lo, seed_hi, drop_threshold, DROP_SCALE,
                    {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}{GRAD_BUF_ARGS_TRAIL}
@@ -340,12 +354,12 @@ def flex_bwd_dq(Q, K, V, DO, DQ, OUT, LSE, DLSE, LSE2, DELTA,
                    QK_HEAD_PAD=QK_HEAD_PAD, V_HEAD=V_HEAD, V_HEAD_PAD=V_HEAD_PAD, BLOCK_M=BLOCK_M,
                    BLOCK_N=BLOCK_N, SPARSE_KV_BLOCK=SPARSE_KV_BLOCK, Q_DIVISIBLE=Q_DIVISIBLE,
                    KV_DIVISIBLE=KV_DIVISIBLE, DOT_PRECISION=DOT_PRECISION, DETERMINISTIC=DETERMINISTIC,
-                   OFFS_64=OFFS_64)
+                   OFFS_64=OFFS_64, TMA_LOADS=TMA_LOADS)
     if HAS_FULL:
         n_full, fidx_ptr = _block_list(FULL_KV_NUM, FULL_KV_IDX, off_z, off_h, sparse_m,
                                        stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim)
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, fidx_ptr, n_full,
-                       off_z, off_h, offs_m, Q_LEN, KV_LEN, SCALE,
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, K_DESC, V_DESC, fidx_ptr, n_full,
+                       off_z, off_h, off_hkv, offs_m, Q_LEN, KV_LEN, SCALE,
                        stride_kn, stride_kk, stride_vn, stride_vk,
                        seed_lo, seed_hi, drop_threshold, DROP_SCALE,
                        {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}{GRAD_BUF_ARGS_TRAIL}
@@ -353,14 +367,14 @@ def flex_bwd_dq(Q, K, V, DO, DQ, OUT, LSE, DLSE, LSE2, DELTA,
                        QK_HEAD_PAD=QK_HEAD_PAD, V_HEAD=V_HEAD, V_HEAD_PAD=V_HEAD_PAD, BLOCK_M=BLOCK_M,
                        BLOCK_N=BLOCK_N, SPARSE_KV_BLOCK=SPARSE_KV_BLOCK, Q_DIVISIBLE=Q_DIVISIBLE,
                        KV_DIVISIBLE=KV_DIVISIBLE, DOT_PRECISION=DOT_PRECISION, DETERMINISTIC=DETERMINISTIC,
-                       OFFS_64=OFFS_64)
+                       OFFS_64=OFFS_64, TMA_LOADS=TMA_LOADS)
     dq = dq * SCALE
     _store_tile(_head_base(DQ, off_z, off_h, stride_dqz, stride_dqh), offs_m, offs_d, stride_dqm, stride_dqk, Q_LEN,
                 dq.to(DQ.dtype.element_ty), CHECK_R=True, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=True)
 
 
 @triton.jit
-def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, DQ_ACC,
+def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, DQ_ACC, Q_DESC, DO_DESC,
                   Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
                   stride_qz, stride_qh, stride_qm, stride_qk,
                   stride_kz, stride_kh, stride_kn, stride_kk,
@@ -383,7 +397,8 @@ def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, DQ_ACC,
                   SPARSE_Q_BLOCK: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
                   Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   DETERMINISTIC: tl.constexpr, OFFS_64: tl.constexpr = True,
-                  WANT_DK: tl.constexpr = True, WANT_DV: tl.constexpr = True, ATOMIC_DQ: tl.constexpr = False):
+                  WANT_DK: tl.constexpr = True, WANT_DV: tl.constexpr = True, ATOMIC_DQ: tl.constexpr = False,
+                  TMA_LOADS: tl.constexpr = False):
     tl.static_assert(SPARSE_Q_BLOCK % BLOCK_M == 0, "a BlockMask q block must hold whole q tiles")
     tl.static_assert(SPARSE_KV_BLOCK % BLOCK_N == 0, "a BlockMask kv block must hold whole kv tiles")
     tl.static_assert(QK_HEAD_PAD >= QK_HEAD and (QK_HEAD_PAD & (QK_HEAD_PAD - 1)) == 0)
@@ -419,8 +434,8 @@ def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, DQ_ACC,
         dq_base = DQ_ACC + row * QK_HEAD  # contiguous [B, HQ, Q_LEN, QK_HEAD]
         n_part, idx_ptr = _block_list(Q_NUM, Q_IDX, off_z, off_h, sparse_n,
                                       stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE2 + row, DELTA + row, dq_base, idx_ptr, n_part,
-                             off_z, off_h, offs_n, Q_LEN, KV_LEN, SCALE,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Q_DESC, DO_DESC, LSE2 + row, DELTA + row, dq_base,
+                             idx_ptr, n_part, off_z, off_h, offs_n, Q_LEN, KV_LEN, SCALE,
                              stride_qm, stride_qk, stride_dom, stride_dok,
                              seed_lo, seed_hi, drop_threshold, DROP_SCALE,
                              {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}{GRAD_BUF_ARGS_TRAIL}
@@ -429,12 +444,12 @@ def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, DQ_ACC,
                              BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPARSE_Q_BLOCK=SPARSE_Q_BLOCK,
                              Q_DIVISIBLE=Q_DIVISIBLE, KV_DIVISIBLE=KV_DIVISIBLE, DOT_PRECISION=DOT_PRECISION,
                              DETERMINISTIC=DETERMINISTIC, OFFS_64=OFFS_64, WANT_DK=WANT_DK, WANT_DV=WANT_DV,
-                             ATOMIC_DQ=ATOMIC_DQ)
+                             ATOMIC_DQ=ATOMIC_DQ, TMA_LOADS=TMA_LOADS)
         if HAS_FULL:
             n_full, fidx_ptr = _block_list(FULL_Q_NUM, FULL_Q_IDX, off_z, off_h, sparse_n,
                                            stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE2 + row, DELTA + row, dq_base, fidx_ptr, n_full,
-                                 off_z, off_h, offs_n, Q_LEN, KV_LEN, SCALE,
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Q_DESC, DO_DESC, LSE2 + row, DELTA + row,
+                                 dq_base, fidx_ptr, n_full, off_z, off_h, offs_n, Q_LEN, KV_LEN, SCALE,
                                  stride_qm, stride_qk, stride_dom, stride_dok,
                                  seed_lo, seed_hi, drop_threshold, DROP_SCALE,
                                  {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}{GRAD_BUF_ARGS_TRAIL}
@@ -444,7 +459,7 @@ def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, DQ_ACC,
                                  SPARSE_Q_BLOCK=SPARSE_Q_BLOCK, Q_DIVISIBLE=Q_DIVISIBLE,
                                  KV_DIVISIBLE=KV_DIVISIBLE, DOT_PRECISION=DOT_PRECISION,
                                  DETERMINISTIC=DETERMINISTIC, OFFS_64=OFFS_64, WANT_DK=WANT_DK, WANT_DV=WANT_DV,
-                                 ATOMIC_DQ=ATOMIC_DQ)
+                                 ATOMIC_DQ=ATOMIC_DQ, TMA_LOADS=TMA_LOADS)
     if WANT_DK:
         dk = dk * SCALE
         _store_tile(_head_base(DK, off_z, off_hkv, stride_dkz, stride_dkh), offs_n, offs_d, stride_dkn, stride_dkk,
@@ -503,6 +518,43 @@ def use_atomic_dq(plan, q, v) -> bool:
     return asked and not det
 
 
+def use_tma_loads(plan, q, k, v, dout) -> bool:
+    """Whether the backward kernels read the tiles they walk (dq: K and V; dk/dv: Q and dO) by
+    TMA rather than by per-thread copies: kernel_options "bwd_TMA" (default config.tma_loads);
+    True where a call cannot take it is a ValueError naming why. The same tiles, summed in the
+    same order: results are bitwise the same either way."""
+    asked = plan.opts.get("bwd_TMA")
+    if asked is None:
+        return (config.tma_loads(q.device, q.dtype, q.shape[-1], v.shape[-1])
+                and not any(tma_unsupported(n, t) for n, t in (("query", q), ("key", k), ("value", v),
+                                                                ("grad_out", dout))))
+    if not asked:
+        return False
+    why = None
+    if config.device_key(q.device) != "sm90":
+        why = f"compute capability {config.device_key(q.device)} (sm90 only)"
+    elif q.dtype not in (torch.bfloat16, torch.float16):
+        why = f"dtype {q.dtype} (bfloat16 / float16 only)"
+    else:
+        why = next(filter(None, (tma_unsupported(n, t) for n, t in (("query", q), ("key", k), ("value", v),
+                                                                  ("grad_out", dout)))), None)
+    if why:
+        raise ValueError(f"kernel_options['bwd_TMA'] = True: this backward cannot read its tiles by TMA: {why}; "
+                         f"drop bwd_TMA")
+    return True
+
+
+def walked_descriptors(tma: bool, tensors, rows: int) -> tuple:
+    """The TMA descriptors over `tensors` [B, H, S, D] that a backward kernel walks, with
+    [1, 1, rows, D padded] boxes (rows and columns outside a tensor read as zero); Nones
+    where the kernel reads by per-thread copies (tma False)."""
+    if not tma:
+        return (None,) * len(tensors)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, pad_dim(t.shape[-1])])
+                 for t in tensors)
+
+
 def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
     """Launch the dq kernel, then the dk/dv kernel -> (dq, dk, dv, [gradient of each captured
     tensor in plan.grad_slots]). cfg: see bwd_config (its default)."""
@@ -543,6 +595,7 @@ def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
                   DOT_PRECISION=dot_precision(q.dtype, plan.opts), DETERMINISTIC=det,
                   OFFS_64=needs_i64(q, k, v, dout), num_warps=warps, num_stages=stages)
     margs = buffer_args(plan.mask_graph, plan.mask_bufs)
+    tma = use_tma_loads(plan, q, k, v, dout)
     hopper = use_hopper_backward(plan, q, k, v, dout)
     atomic = hopper or use_atomic_dq(plan, q, v)
     dq_key, prep_key, *dkdv_keys = bwd_launch_keys(mod, q, v, cfg)
@@ -551,13 +604,14 @@ def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
     # (without, the dk/dv kernel's DQ_ACC is an unread stand-in)
     dq_acc = torch.zeros(B, Hq, L, E, dtype=torch.float32, device=q.device) if atomic else delta
     kv_num, kv_idx, full_num, full_idx = kv_lists(blk)
-    launcher.launch(mod.flex_bwd_dq, (cdiv(L, m2), B * Hq), (
+    launcher.launch(mod.flex_bwd_dq, (cdiv(L, m2), B * Hq), lambda kw: (
         q, k, v, dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
+        *walked_descriptors(tma, (k, v), kw["BLOCK_N"]),
         kv_num, kv_idx, full_num, full_idx,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *out.stride(),
         *bm_strides(kv_num, kv_idx), *bm_strides(full_num, full_idx),
         Hq, L, S, plan.scale, drop_scale, lo, hi, thr, *sargs, *margs, *gbufs),
-        dict(BLOCK_M=m2, BLOCK_N=n2, HAS_DLSE=dlse is not None, WANT_DQ=not atomic, **common),
+        dict(BLOCK_M=m2, BLOCK_N=n2, HAS_DLSE=dlse is not None, WANT_DQ=not atomic, TMA_LOADS=tma, **common),
         prep_key if atomic else dq_key)
     q_num, q_idx, fq_num, fq_idx = q_lists(blk)
     split = plan.opts.get("bwd_SPLIT_DKDV", config.split_dkdv(q.device, E, Ev))
@@ -565,12 +619,14 @@ def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
         hopper_dkdv(plan, q, k, v, dout, dk, dv, lse2, delta, dq_acc, [*sargs, *margs], gbufs)
     for want_dk, want_dv in () if hopper else DKDV_SPLIT if split else DKDV_TOGETHER:
         # dk/dv: the kv tile fixes the grid, so a shared-memory fallback shrinks the q tile
-        launcher.launch(mod.flex_bwd_dkdv, (cdiv(S, n1), B * Hkv), (
-            q, k, v, dout, dk, dv, lse2, delta, dq_acc, q_num, q_idx, fq_num, fq_idx,
+        launcher.launch(mod.flex_bwd_dkdv, (cdiv(S, n1), B * Hkv), lambda kw: (
+            q, k, v, dout, dk, dv, lse2, delta, dq_acc, *walked_descriptors(tma, (q, dout), kw["BLOCK_M"]),
+            q_num, q_idx, fq_num, fq_idx,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             *bm_strides(q_num, q_idx), *bm_strides(fq_num, fq_idx),
             Hq, Hkv, L, S, plan.scale, drop_scale, lo, hi, thr, *sargs, *margs, *gbufs),
-            dict(BLOCK_M=m1, BLOCK_N=n1, WANT_DK=want_dk, WANT_DV=want_dv, ATOMIC_DQ=atomic and want_dk, **common),
+            dict(BLOCK_M=m1, BLOCK_N=n1, WANT_DK=want_dk, WANT_DV=want_dv, ATOMIC_DQ=atomic and want_dk,
+                 TMA_LOADS=tma, **common),
             dkdv_key_of[want_dk, want_dv, atomic and want_dk], shrink="BLOCK_M")
     if atomic:
         dq.copy_(dq_acc)

@@ -124,6 +124,23 @@ def atomic_dq(device, d: int, dv: int) -> bool:
     return device_key(device) != "interp" and max(pad_dim(d), pad_dim(dv)) > 128
 
 
+# Whether the backward kernels read the tiles they walk by TMA where kernel_options leave "bwd_TMA"
+# out (where tma_loads allows it). Measured on an H200 (B=4, H=16, S=8K, bf16, fwd+bwd, the two forms
+# alternating in one process, benchmarks/ab_options.py; results bitwise equal): D=128 1.00-1.03x (causal
+# +2.7%, prefix-LM +2.6%, document, dense, sliding window, ALiBi within +-1%), D=64 1.01-1.05x, D=256
+# 0.97x. Still off: the one run of the whole GPU suite with it on had one failure, not identified
+# before the run's time ran out (the 25 tests forcing it, and 113 others, passed).
+TMA_LOADS_DEFAULT = False
+
+
+def tma_loads(device, dtype, d: int, dv: int) -> bool:
+    """Whether the backward reads its walked tiles by TMA by default (see backward.use_tma_loads):
+    TMA_LOADS_DEFAULT, on sm90 with 16-bit inputs and head dims up to 128 (at 256, where dq comes
+    by atomics, it measured slower)."""
+    return (TMA_LOADS_DEFAULT and device_key(device) == "sm90" and dtype in (torch.bfloat16, torch.float16)
+            and max(pad_dim(d), pad_dim(dv)) <= 128)
+
+
 def fit_tile(tile: int, block: int, length: int) -> int:
     """Largest power-of-two tile <= the requested one (and the padded length) that divides
     the BlockMask block."""

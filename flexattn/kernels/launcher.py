@@ -198,11 +198,13 @@ def launch(kernel, grid, args, kwargs, key, shrink="BLOCK_N"):
     """`launch_cached`; if the config needs more shared memory than the GPU has (a
     captured-tensor gather can add scratch), retry with fewer stages, then a smaller
     inner-loop tile (`shrink`: the tile the loop walks, never the one the grid is made of);
-    remember that under `key` (kernel kind, id(module), dtype, E, Ev, tiles, warps, stages)."""
+    remember that under `key` (kernel kind, id(module), dtype, E, Ev, tiles, warps, stages).
+    `args` may be a function of the launch's kwargs (arguments made for its tiles: TMA
+    descriptors, whose boxes are the tiles)."""
     kwargs = dict(kwargs, **SHRUNK.get(key, {}))
     while True:
         try:
-            return launch_cached(kernel, grid, args, kwargs)
+            return launch_cached(kernel, grid, args(kwargs) if callable(args) else args, kwargs)
         except OutOfResources:
             if kwargs["num_stages"] > 1:
                 kwargs["num_stages"] -= 1

@@ -34,6 +34,8 @@ settled on the mask's own kernels are not cached (`kernels.flex_attention_triton
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -230,7 +232,7 @@ def is_descriptor(a) -> bool:
 
 def rebind(desc, t):
     """`desc` (a TMA descriptor recorded over a tensor like `t`) over `t`."""
-    return type(desc)(t, list(t.shape), list(t.stride()), desc.block_shape, desc.layout, desc.padding)
+    return dataclasses.replace(desc, base=t, shape=list(t.shape), strides=list(t.stride()))
 
 
 def _alignment(tensors) -> tuple:
