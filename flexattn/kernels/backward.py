@@ -524,13 +524,8 @@ def use_tma_loads(plan, q, k, v, dout) -> bool:
     True where a call cannot take it is a ValueError naming why. The same tiles, summed in the
     same order: results are bitwise the same either way."""
     asked = plan.opts.get("bwd_TMA")
-    if asked is None:
-        return (config.tma_loads(q.device, q.dtype, q.shape[-1], v.shape[-1])
-                and not any(tma_unsupported(n, t) for n, t in (("query", q), ("key", k), ("value", v),
-                                                                ("grad_out", dout))))
-    if not asked:
+    if asked is False or (asked is None and not config.tma_loads(q.device, q.dtype, q.shape[-1], v.shape[-1])):
         return False
-    why = None
     if config.device_key(q.device) != "sm90":
         why = f"compute capability {config.device_key(q.device)} (sm90 only)"
     elif q.dtype not in (torch.bfloat16, torch.float16):
@@ -538,10 +533,10 @@ def use_tma_loads(plan, q, k, v, dout) -> bool:
     else:
         why = next(filter(None, (tma_unsupported(n, t) for n, t in (("query", q), ("key", k), ("value", v),
                                                                   ("grad_out", dout)))), None)
-    if why:
+    if why and asked:
         raise ValueError(f"kernel_options['bwd_TMA'] = True: this backward cannot read its tiles by TMA: {why}; "
                          f"drop bwd_TMA")
-    return True
+    return why is None
 
 
 def walked_descriptors(tma: bool, tensors, rows: int) -> tuple:
