@@ -9,7 +9,7 @@ plain masked attention and runs in torch's fused CPU attention kernel (see "fuse
 there a q-block whose partial and full blocks are consecutive (sliding windows, documents,
 near the causal diagonal) meets them in one merged chunk (_merged_tile); where every
 q-tile meets one chunk and the chunks come in a few shapes, the forward and the backward
-stack the q-tiles of one shape into one kernel call per thread (see "batched kernel calls"
+stack the q-tiles of one shape into a few kernel calls per thread (see "batched kernel calls"
 below), or, for a small call of one batch, run all its q-tiles as one kernel call (_Flat:
 where every tile's span lies at one offset from its rows, K/V are a view, padded at the
 ends, and 128-row tiles are halved where that saves scores); dk / dv gather rows first,
@@ -677,8 +677,8 @@ def _fused_forward_tile(run: CpuRun, idx: _Indices, q, k, v, out, lse):
 #
 # Where a call's q-tiles meet their blocks in one chunk each and the chunks come in a few
 # shapes (sliding windows, documents, short sequences), the q-tiles of one shape are
-# stacked along the batch dimension and run as one call of the fused kernel per thread and
-# shape: K/V as a strided view of the rows they read (or one gather), the additive masks
+# stacked along the batch dimension and run as a few calls of the fused kernel per thread and
+# shape (_shares): K/V as a strided view of the rows they read (or one gather), the additive masks
 # made in advance. The plan - which rows meet which columns, and those masks, made by
 # _allowed chunk by chunk as on the tile-by-tile path - is built once per BlockMask and
 # shapes and kept on the BlockMask (made anew when its block lists or the mask's captured
@@ -692,6 +692,13 @@ def _fused_forward_tile(run: CpuRun, idx: _Indices, q, k, v, out, lse):
 # or causal call as whole rows (_whole_rows): the plan says which.
 
 _PLAN_GROUPS = 16          # the most chunk shapes of a batched forward
+# Each group's tiles are cut into this many shares per thread: the threads take shares as they
+# finish one, so a thread that is slower (its tiles costlier, or descheduled) holds up less of
+# the call's end. 2-core AMD EPYC (AVX-512), torch 2.14, float32, B=1, H=8, D=64, 2 threads, 4 against
+# 1 share, alternating in one process (benchmarks/ab_cpu_shares.py): fwd+bwd 0.83-0.84x the time at
+# S=16K sliding window 256, 0.88-0.92x at S=4K, 0.97-1.02x S=4K document and S=1K; with two
+# CPU-burning processes 0.81-1.06x (16K 0.91-0.92x); the forward even.
+_SHARES_PER_THREAD = 4
 _PLAN_ELEMS = 1 << 22      # the most mask elements a plan keeps (16 MiB of float32)
 
 
@@ -953,8 +960,8 @@ def _flat_backward(run: CpuRun, flat: _Flat, q, k, v, out, lse, dout):
 
 
 def _batched_forward(run: CpuRun, plan: _Plan, q, k, v):
-    """(out, lse) of the fused path by the plan: each group's tiles cut into one share per
-    thread, the shares dealt to the threads (the largest first)."""
+    """(out, lse) of the fused path by the plan: each group's tiles cut into shares
+    (_shares), taken by the threads as they finish one (the largest first)."""
     B, Hq, L, _ = q.shape
     Ev, cdt, dev = v.shape[-1], run.compute_dtype, q.device
     (k, v), convert = _in_compute_dtype(cdt, k, v)   # fp16/bf16: converted once, on the workers
@@ -985,9 +992,10 @@ def _batched_forward(run: CpuRun, plan: _Plan, q, k, v):
 
 
 def _shares(plan: _Plan) -> list:
-    """(group number, first tile, end tile): each group's tiles cut into one share per
-    thread, the largest first; then (-1, 0, 0) for the rows of tiles that meet no block."""
-    n = max(1, torch.get_num_threads())
+    """(group number, first tile, end tile): each group's tiles cut into _SHARES_PER_THREAD
+    shares per thread (at most one a tile), the largest first; then (-1, 0, 0) for the rows of
+    tiles that meet no block."""
+    n = max(1, torch.get_num_threads()) * _SHARES_PER_THREAD
     shares = [(n_g, g.G * j // m, g.G * (j + 1) // m) for n_g, g in enumerate(plan.groups)
               for m in (min(n, g.G),) for j in range(m)]
     shares.sort(key=lambda t: -(t[2] - t[1]) * plan.groups[t[0]].M * plan.groups[t[0]].N)

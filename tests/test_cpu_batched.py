@@ -174,3 +174,20 @@ def test_batched_backward_matches_golden(case, monkeypatch):
     monkeypatch.setattr(cpu, "_batched_backward", lambda *args: calls.append(1) or real(*args))
     check_case(**case, lse_in_loss=False)
     assert calls
+
+
+def test_shares_cover_each_group_once_in_a_few_shares_per_thread():
+    # _shares: every tile of every group in exactly one share, at most _SHARES_PER_THREAD per
+    # thread and group (one a tile at the most), the costliest first, the bare rows last
+    from types import SimpleNamespace
+    groups = [SimpleNamespace(G=g, M=m, N=n) for g, m, n in ((3, 64, 128), (40, 64, 320), (9, 128, 256))]
+    plan = SimpleNamespace(groups=groups, bare=torch.tensor([0]))
+    shares = cpu._shares(plan)
+    assert shares[-1] == (-1, 0, 0)
+    per_thread = torch.get_num_threads() * cpu._SHARES_PER_THREAD
+    for n_g, g in enumerate(groups):
+        mine = sorted((a, b) for k, a, b in shares[:-1] if k == n_g)
+        assert len(mine) == min(per_thread, g.G)
+        assert [a for a, _ in mine] == [0] + [b for _, b in mine[:-1]] and mine[-1][1] == g.G
+    cost = [(b - a) * groups[k].M * groups[k].N for k, a, b in shares[:-1]]
+    assert cost == sorted(cost, reverse=True)
