@@ -10,9 +10,9 @@ there a q-block whose partial and full blocks are consecutive (sliding windows, 
 near the causal diagonal) meets them in one merged chunk (_merged_tile); where every
 q-tile meets one chunk and the chunks come in a few shapes, the forward and the backward
 stack the q-tiles of one shape into a few kernel calls per thread (see "batched kernel calls"
-below), or, for a small call of one batch, run all its q-tiles as one kernel call (_Flat:
-where every tile's span lies at one offset from its rows, K/V are a view, padded at the
-ends, and 128-row tiles are halved where that saves scores); dk / dv gather rows first,
+below), or, for the forward of a small call of one batch, run all its q-tiles as one kernel
+call (_Flat: where every tile's span lies at one offset from its rows, K/V are a view, padded
+at the ends, and 128-row tiles are halved where that saves scores); dk / dv gather rows first,
 the kernel's own layout (_add_rows); and a call that attends exactly everywhere or exactly
 causally runs whole rows per head in the kernel's own causal form (see "whole rows" below).
 The last two run on the calling thread's OpenMP pool, as SDPA does (one kernel call per
@@ -688,8 +688,10 @@ def _fused_forward_tile(run: CpuRun, idx: _Indices, q, k, v, out, lse):
 # one per full-block span), whose q-tiles meet several chunks, or whose masks would pass
 # _PLAN_ELEMS keep the tile-by-tile path. The backward runs by the same plan (each tile's
 # chunk is its rows' whole row, so the kernel's gradients given the rows' out and lse are
-# theirs). A small call of one batch runs as one kernel call instead (_Flat), and a dense
-# or causal call as whole rows (_whole_rows): the plan says which.
+# theirs). A small call of one batch runs its forward as one kernel call instead (_Flat; its
+# backward by the groups: on the workers, with _SHARES_PER_THREAD, it measured 0.72-0.97x the
+# time of one flat kernel call at S=1K-2K, quiet and busy), and a dense or causal call as whole
+# rows (_whole_rows): the plan says which.
 
 _PLAN_GROUPS = 16          # the most chunk shapes of a batched forward
 # Each group's tiles are cut into this many shares per thread: the threads take shares as they
@@ -934,29 +936,6 @@ def _flat_forward(run: CpuRun, flat: _Flat, q, k, v):
             l = l.masked_fill(~flat.some, NEG_INF)   # the kernel's lse of a fully masked row is 0
         out = o.transpose(0, 1).reshape(1, Hq, L, o.shape[-1]).to(q.dtype)
         return out, l.to(cdt).transpose(0, 1).reshape(1, Hq, L)
-
-
-def _flat_backward(run: CpuRun, flat: _Flat, q, k, v, out, lse, dout):
-    """(dq, dk, dv) of the plan's flat call (_Flat), on the calling thread's pool; dk / dv
-    summed at the rows the tiles read (windows overlap)."""
-    Hq, L, D = q.shape[1:]
-    Hkv, cdt = k.shape[1], run.compute_dtype
-    kdt = _backward_dtype(q.dtype, flat.M, cdt)
-    lse_dtype = torch.float64 if cdt == torch.float64 else torch.float32
-    with _serial_here():
-        lt = _flat_tiles(lse.unsqueeze(-1), flat.M).squeeze(-1)
-        lt = torch.where(lt == NEG_INF, float("inf"), lt).to(lse_dtype)   # fully masked rows: p = 0
-        args = (*(_flat_tiles(x, flat.M).to(kdt) for x in (dout, q)), _flat_kv(k, flat, Hq, kdt),
-                _flat_kv(v, flat, Hq, kdt), _flat_tiles(out, flat.M).to(kdt), lt)
-    dq_c, dk_c, dv_c = _FLASH_BWD(*args, 0.0, False, attn_mask=flat.bias, scale=run.scale)
-    grads = []
-    with _serial_here():
-        for x, d in ((k, dk_c), (v, dv_c)):
-            acc = torch.zeros(1, sum(flat.pad) + x.shape[2], Hkv, x.shape[3], dtype=cdt, device=x.device)
-            _add_rows(acc, range(flat.firsts[0], flat.firsts[-1] + 1, flat.step) if flat.step else flat.firsts,
-                      d.transpose(1, 2).unsqueeze(0))
-            grads.append(_rows_first(acc[:, flat.pad[0]:flat.pad[0] + x.shape[2]], x.dtype))
-        return dq_c.transpose(0, 1).reshape(1, Hq, L, D).to(q.dtype), *grads
 
 
 def _batched_forward(run: CpuRun, plan: _Plan, q, k, v):
@@ -1324,8 +1303,6 @@ def _backward(run: CpuRun, q, k, v, out, lse, dout, dlse, buffers):
         plan = _batched_plan(run, B, Hq, Hkv, L, S)
         if plan is not None and plan.causal is not None:
             return (*_whole_backward(run, plan.causal, q, k, v, out, lse, dout), [])
-        if plan is not None and plan.flat is not None and not _FORKED:
-            return (*_flat_backward(run, plan.flat, q, k, v, out, lse, dout), [])
         if plan is not None:
             return (*_batched_backward(run, plan, q, k, v, out, lse, dout), [])
         tiles = _fused_q_tiles(run, L)

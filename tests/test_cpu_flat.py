@@ -1,6 +1,7 @@
 """The CPU path's flat calls (flexattn.cpu: a batched plan whose q-tiles each meet one span of
-K/V run as one call of the fused kernel, every span widened to the widest and the widening
-masked out), against the float64 golden, and where they are not taken."""
+K/V run their forward as one call of the fused kernel, every span widened to the widest and
+the widening masked out; the backward by the plan's groups), against the float64 golden, and
+where they are not taken."""
 from __future__ import annotations
 
 import pytest
@@ -16,7 +17,7 @@ from test_cpu_batched import torch_threads
 @pytest.fixture
 def flat_calls(monkeypatch):
     calls = []
-    for name in ("_flat_forward", "_flat_backward", "_batched_forward", "_batched_backward"):
+    for name in ("_flat_forward", "_batched_forward", "_batched_backward"):
         real = getattr(cpu, name)
         monkeypatch.setattr(cpu, name, lambda *args, _n=name, _r=real: calls.append(_n) or _r(*args))
     return calls
@@ -36,7 +37,7 @@ def flat_calls(monkeypatch):
 def test_flat_calls_match_golden(case, flat_calls):
     with torch_threads(2):
         check_case(**case, lse_in_loss=False)
-    assert flat_calls == ["_flat_forward", "_flat_backward"]
+    assert flat_calls == ["_flat_forward", "_batched_backward"]   # the backward by the plan's groups
 
 
 def test_flat_calls_not_in_a_forked_child(monkeypatch, flat_calls):
