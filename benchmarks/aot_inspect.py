@@ -39,7 +39,7 @@ def _ty(v):
     if hasattr(v, "block_shape") and hasattr(v, "layout"):  # a Gluon TMA descriptor (hopper_forward.descriptor)
         dt = {torch.bfloat16: "bf16", torch.float16: "fp16"}[v.base.dtype]
         return f"tensordesc<{dt}[{', '.join(map(str, v.block_shape))}],{v.layout!r}>"
-    if hasattr(v, "block_shape") and hasattr(v, "base"):  # a Triton TMA descriptor (backward.tma_descriptor)
+    if hasattr(v, "block_shape") and hasattr(v, "base"):  # a Triton TMA descriptor (backward.walked_descriptors)
         dt = {torch.bfloat16: "bf16", torch.float16: "fp16"}[v.base.dtype]
         return f"tensordesc<{dt}[{', '.join(map(str, v.block_shape))}]>"
     if isinstance(v, torch.Tensor):

@@ -427,6 +427,7 @@ def test_hopper_auto_dispatch_and_refusals():
 
 
 HOPPER_BWD = {"BACKEND": "hopper", "bwd_HOPPER": True}
+TMA_BWD = {"bwd_TMA": True}
 
 
 @pytest.mark.parametrize("opts", [{"BACKEND": "triton"}, HOPPER, HOPPER_BWD], ids=["triton", "hopper", "hopper_bwd"])
@@ -460,11 +461,13 @@ def test_full_blocks_skip_the_mask_mod(opts):
         assert_close_to_golden(name, a, r, g)
 
 
+@pytest.mark.parametrize("opts", [HOPPER_BWD, TMA_BWD], ids=["hopper", "tma"])
 @pytest.mark.parametrize("name", ZOO_NAMES)
-def test_hopper_backward_zoo(name):
-    # forward and dk/dv/dq on the Hopper kernels (dq and captured-tensor gradients by atomics)
+def test_sm90_backward_zoo(name, opts):
+    # forward and backward on an sm90 backward form: the Hopper dk/dv kernel (dq and captured-tensor
+    # gradients by atomics), or the Triton backward reading K / V (dq) and Q / dO (dk/dv) by TMA
     _needs_sm90()
-    _check(name, L=512, S=512, E=128, opts=HOPPER_BWD)
+    _check(name, L=512, S=512, E=128, opts=opts)
 
 
 @pytest.mark.parametrize("L,S,E,Ev,dtype", [(17, 129, 96, 96, torch.float16), (1000, 113, 128, 64, torch.bfloat16),
@@ -474,20 +477,12 @@ def test_hopper_backward_shapes(L, S, E, Ev, dtype):
     _check("document", B=1, Hq=2, L=L, S=S, E=E, Ev=Ev, dtype=dtype, opts=HOPPER_BWD)
 
 
+@pytest.mark.parametrize("opts", [HOPPER_BWD, TMA_BWD], ids=["hopper", "tma"])
 @pytest.mark.parametrize("name", ["causal", "rel_bias", "softcap", "empty_rows"])
-def test_hopper_backward_gqa(name):
+def test_sm90_backward_gqa(name, opts):
     _needs_sm90()
-    _check(name, Hq=8, Hkv=2, L=384, S=320, E=128, opts=HOPPER_BWD, lse_grad=name == "empty_rows")
+    _check(name, Hq=8, Hkv=2, L=384, S=320, E=128, opts=opts, lse_grad=name == "empty_rows")
 
-
-TMA_BWD = {"bwd_TMA": True}
-
-
-@pytest.mark.parametrize("name", ZOO_NAMES)
-def test_tma_backward_zoo(name):
-    # the Triton backward reading K / V (dq) and Q / dO (dk/dv) by TMA
-    _needs_sm90()
-    _check(name, L=512, S=512, E=128, opts=TMA_BWD)
 
 
 @pytest.mark.parametrize("L,S,E,Ev,dtype", [(17, 129, 96, 96, torch.float16), (1000, 113, 128, 64, torch.bfloat16),
@@ -498,8 +493,3 @@ def test_tma_backward_shapes(L, S, E, Ev, dtype):
     _needs_sm90()
     _check("document", B=1, Hq=2, L=L, S=S, E=E, Ev=Ev, dtype=dtype, opts=TMA_BWD)
 
-
-@pytest.mark.parametrize("name", ["causal", "rel_bias", "softcap", "empty_rows"])
-def test_tma_backward_gqa(name):
-    _needs_sm90()
-    _check(name, Hq=8, Hkv=2, L=384, S=320, E=128, opts=TMA_BWD, lse_grad=name == "empty_rows")

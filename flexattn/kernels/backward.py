@@ -86,6 +86,18 @@ def _grad_atomic_add(ptr, value, mask):
 
 
 @triton.jit
+def _walked_tile(desc, base, off_z, off_h, start, offs_r, offs_c, stride_r, stride_c, R_LEN,
+                 CHECK_R: tl.constexpr, C: tl.constexpr, C_PAD: tl.constexpr, OFFS_64: tl.constexpr,
+                 TMA_LOADS: tl.constexpr):
+    # a tile a backward loop walks (rows offs_r = start + [0, n)): by TMA through desc (over
+    # [B, H, S, D]; rows and columns outside it read as 0) or per-thread copies from base (_load_tile)
+    if TMA_LOADS:
+        return desc.load([off_z, off_h, start, 0]).reshape([offs_r.shape[0], C_PAD])
+    return _load_tile(base, offs_r, offs_c, stride_r, stride_c, R_LEN, CHECK_R=CHECK_R, C=C, C_PAD=C_PAD,
+                      OFFS_64=OFFS_64)
+
+
+@triton.jit
 def _grouped_order(BLOCK: tl.constexpr, REVERSE: tl.constexpr):
     """(tile, pid_zh) of this program, whose grid is (tiles of BLOCK rows, B*H).
 
@@ -143,14 +155,10 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, idx_ptr, n
         start_n = nxt
         nxt = _tile_start(idx_ptr, it + 1, n_blocks, SPARSE_BLOCK=SPARSE_KV_BLOCK, BLOCK=BLOCK_N)
         offs_n = start_n + offs_n0
-        if TMA_LOADS:  # TMA: rows past KV_LEN and columns past the head dims read as 0
-            k = k_desc.load([off_z, off_hkv, start_n, 0]).reshape([BLOCK_N, QK_HEAD_PAD])
-            v = v_desc.load([off_z, off_hkv, start_n, 0]).reshape([BLOCK_N, V_HEAD_PAD])
-        else:
-            k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kk, KV_LEN,
-                           CHECK_R=CHECK_N, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=OFFS_64)
-            v = _load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vk, KV_LEN,
-                           CHECK_R=CHECK_N, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=OFFS_64)
+        k = _walked_tile(k_desc, k_base, off_z, off_hkv, start_n, offs_n, offs_d, stride_kn, stride_kk, KV_LEN,
+                         CHECK_R=CHECK_N, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=OFFS_64, TMA_LOADS=TMA_LOADS)
+        v = _walked_tile(v_desc, v_base, off_z, off_hkv, start_n, offs_n, offs_dv, stride_vn, stride_vk, KV_LEN,
+                         CHECK_R=CHECK_N, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=OFFS_64, TMA_LOADS=TMA_LOADS)
         kv_idx = offs_n[None, :]
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if HAS_SCORE_MOD:
@@ -209,14 +217,10 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, lse_base, delta_
         start_m = nxt
         nxt = _tile_start(idx_ptr, it + 1, n_blocks, SPARSE_BLOCK=SPARSE_Q_BLOCK, BLOCK=BLOCK_M)
         offs_m = start_m + offs_m0
-        if TMA_LOADS:  # TMA: rows past Q_LEN and columns past the head dims read as 0
-            q = q_desc.load([off_z, off_h, start_m, 0]).reshape([BLOCK_M, QK_HEAD_PAD])
-            do = do_desc.load([off_z, off_h, start_m, 0]).reshape([BLOCK_M, V_HEAD_PAD])
-        else:
-            q = _load_tile(q_base, offs_m, offs_d, stride_qm, stride_qk, Q_LEN,
-                           CHECK_R=CHECK_M, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=OFFS_64)
-            do = _load_tile(do_base, offs_m, offs_dv, stride_dom, stride_dok, Q_LEN,
-                            CHECK_R=CHECK_M, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=OFFS_64)
+        q = _walked_tile(q_desc, q_base, off_z, off_h, start_m, offs_m, offs_d, stride_qm, stride_qk, Q_LEN,
+                         CHECK_R=CHECK_M, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=OFFS_64, TMA_LOADS=TMA_LOADS)
+        do = _walked_tile(do_desc, do_base, off_z, off_h, start_m, offs_m, offs_dv, stride_dom, stride_dok, Q_LEN,
+                          CHECK_R=CHECK_M, C=V_HEAD, C_PAD=V_HEAD_PAD, OFFS_64=OFFS_64, TMA_LOADS=TMA_LOADS)
         if IS_FULL or Q_DIVISIBLE:
             lse2 = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
@@ -524,7 +528,7 @@ def use_tma_loads(plan, q, k, v, dout) -> bool:
     True where a call cannot take it is a ValueError naming why. The same tiles, summed in the
     same order: results are bitwise the same either way."""
     asked = plan.opts.get("bwd_TMA")
-    if asked is False or (asked is None and not config.tma_loads(q.device, q.dtype, q.shape[-1], v.shape[-1])):
+    if asked is False or (asked is None and not config.tma_loads(q.shape[-1], v.shape[-1])):
         return False
     if config.device_key(q.device) != "sm90":
         why = f"compute capability {config.device_key(q.device)} (sm90 only)"

@@ -133,12 +133,11 @@ def atomic_dq(device, d: int, dv: int) -> bool:
 TMA_LOADS_DEFAULT = False
 
 
-def tma_loads(device, dtype, d: int, dv: int) -> bool:
-    """Whether the backward reads its walked tiles by TMA by default (see backward.use_tma_loads):
-    TMA_LOADS_DEFAULT, on sm90 with 16-bit inputs and head dims up to 128 (at 256, where dq comes
-    by atomics, it measured slower)."""
-    return (TMA_LOADS_DEFAULT and device_key(device) == "sm90" and dtype in (torch.bfloat16, torch.float16)
-            and max(pad_dim(d), pad_dim(dv)) <= 128)
+def tma_loads(d: int, dv: int) -> bool:
+    """Whether the backward reads its walked tiles by TMA where the call allows it (backward.use_tma_loads)
+    and kernel_options leave "bwd_TMA" out: TMA_LOADS_DEFAULT, at head dims up to 128 (at 256, where dq
+    comes by atomics, it measured slower)."""
+    return TMA_LOADS_DEFAULT and max(pad_dim(d), pad_dim(dv)) <= 128
 
 
 def fit_tile(tile: int, block: int, length: int) -> int:
