@@ -91,7 +91,9 @@ _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin
 
 
 def ptxas_usage(ptx):
-    """(registers, spill store bytes, spill load bytes, stack bytes) from ptxas -v on the PTX."""
+    """(registers, spill store bytes, spill load bytes, stack bytes, why the wgmmas are serialized or
+    None) from ptxas -v on the PTX. ptxas serializes a kernel's wgmmas (each waits for the one before:
+    no tensor-core overlap at all) where registers are short, and says so only in this log."""
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
@@ -102,7 +104,8 @@ def ptxas_usage(ptx):
     regs = re.search(r"Used (\d+) registers", txt)
     sp = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", txt)
     spill = tuple(int(sp.group(i)) for i in (2, 3, 1)) if sp else (-1, -1, -1)
-    return (int(regs.group(1)) if regs else -1, *spill)
+    serial = re.search(r"wgmma.mma_async instructions are serialized due to ([^\n]*?) for the function", txt)
+    return (int(regs.group(1)) if regs else -1, *spill, serial.group(1) if serial else None)
 
 
 def sass_of(cubin):
@@ -184,7 +187,9 @@ def report(tag, ck, loops=False, ops=False):
     n_cp = len(re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], 0x10", ptx))
     n_cp_all = len(re.findall(r"cp\.async", ptx))
     local = "yes" if ".local" in ptx else "no"
-    regs, sst, sld, stack = ptxas_usage(ptx)
+    regs, sst, sld, stack, serial = ptxas_usage(ptx)
+    if serial:
+        print(f"{tag}: WGMMAS SERIALIZED by ptxas ({serial})")
     print(f"{tag}: regs {regs}, spill st/ld {sst}/{sld} B (stack {stack} B), shared {md.shared} B, "
           f"ttgir async copies {n_async}, wgmma {n_wgmma}, "
           f"cp.async 16B {n_cp}/{n_cp_all}, ld.global.v4 {n_v4}/{n_ld}, local mem {local}", flush=True)
@@ -237,7 +242,9 @@ def capture(kind, case, S=8192, D=128, B=4, H=16, cfg=None, bwd_cfg=None, option
         else:
             out = torch.empty_like(q)
             lse = torch.empty(B, H, S)
-            flex_backward(plan, q, k, v, out, lse, torch.empty_like(q), None, plan.score_bufs, cfg=bwd_cfg)
+            with launcher.recording() as recorded:  # the Hopper backward's launch (bwd_HOPPER)
+                flex_backward(plan, q, k, v, out, lse, torch.empty_like(q), None, plan.score_bufs, cfg=bwd_cfg)
+            launches += recorded
     finally:
         launcher.launch = orig
         config.device_key, launcher.sm_count = old_dk, old_sms
