@@ -20,9 +20,9 @@ VALID_OPTIONS = {
     "bwd_num_warps": "backward warps", "bwd_num_stages": "backward pipeline depth",
     "bwd_SPLIT_DKDV": "True/False: the backward computes dk and dv in two launches, one accumulator "
                       "each (default: True on the GPU for head dims over 128)",
-    "bwd_HOPPER": "True: the backward's dk/dv (and dq, by atomics) run the Hopper (Gluon) kernel, sm90 "
-                  "(an error naming why if the call cannot take it; default False: slower than the Triton "
-                  "kernels on the H200 so far)",
+    "bwd_HOPPER": "True/False: the backward's dk, dv and dq (by float32 atomics) run the Hopper (Gluon) "
+                  "kernel, sm90 (an error naming why if the call cannot take it; default: see "
+                  "flexattn.kernels.config.HOPPER_BWD_DEFAULT)",
     "fwd_PINGPONG": "True: the Hopper forward runs its two consumer warpgroups as two partitions that take "
                     "turns on the tensor cores (default: True; False: the two in one partition, see "
                     "flexattn.kernels.hopper_forward.PINGPONG_DEFAULT)",

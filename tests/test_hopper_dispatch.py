@@ -243,7 +243,7 @@ def _compile_bwd_sm90(score_mod, mask_mod, E=128):
                  FULL_Q_IDX="*i32", SCALE="fp32", SCALE_LOG2="fp32")
     consts = dict(GQA_GROUP=2, HAS_FULL=True, HAS_SCORE_MOD=sg is not None, BLOCK_M=64, BLOCK_N=128,
                   SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, Q_DIVISIBLE=False, KV_DIVISIBLE=False, STAGES=2,
-                  QK_HEAD=E, V_HEAD=E, QK_HEAD_PAD=E, V_HEAD_PAD=E, FP16=False, DQ_PARTS=2, num_warps=8)
+                  QK_HEAD=E, V_HEAD=E, QK_HEAD_PAD=E, V_HEAD_PAD=E, FP16=False, num_warps=8)
     sig, cst = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -276,6 +276,29 @@ def test_hopper_backward_source_compiles_for_sm90():
         # dq's float32 adds: atom.global (Triton 3.6-3.8) or red.global (3.9: the result unused)
         assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
         assert "atom.global" in ptx or "red.global" in ptx
+
+
+def test_hopper_backward_default_up_to_head_dim_64(monkeypatch):
+    # off until the whole GPU suite runs with it; the rule where it is on: head dims up to 64, a call
+    # that cannot take it falls back to the Triton kernels silently, an explicit False wins
+    if hf.gluon_missing():
+        pytest.skip(hf.gluon_missing())
+    from flexattn.kernels import config, hopper_backward as hb
+    monkeypatch.setattr(config, "device_key", lambda device: SM90)
+    default = _plan()
+    default.opts = {}
+    q, k, v = qkv(E=64)
+    assert hb.use_hopper_backward(default, q, k, v, torch.zeros_like(q)) == config.HOPPER_BWD_DEFAULT
+    monkeypatch.setattr(config, "HOPPER_BWD_DEFAULT", True)
+    assert hb.use_hopper_backward(default, q, k, v, torch.zeros_like(q))
+    q128, k128, v128 = qkv(E=128)  # measured slower there
+    assert not hb.use_hopper_backward(default, q128, k128, v128, torch.zeros_like(q128))
+    assert not hb.use_hopper_backward(_plan(opts={"bwd_HOPPER": False}), q, k, v, torch.zeros_like(q))
+    for plan in (_plan(opts={"DETERMINISTIC": True}), _plan(block=(128, 64)), _plan(dropout=0.1)):
+        plan.opts.pop("bwd_HOPPER")
+        assert not hb.use_hopper_backward(plan, q, k, v, torch.zeros_like(q))
+    monkeypatch.setattr(config, "device_key", lambda device: SM80)
+    assert not hb.use_hopper_backward(default, q, k, v, torch.zeros_like(q))
 
 
 # ---- the Triton backward's TMA loads (kernels.backward.use_tma_loads) -------------------

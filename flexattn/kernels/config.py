@@ -140,6 +140,22 @@ def tma_loads(d: int, dv: int) -> bool:
     return TMA_LOADS_DEFAULT and max(pad_dim(d), pad_dim(dv)) <= 128
 
 
+# Whether the backward runs the Hopper kernel (kernels.hopper_backward: dk, dv and dq in one
+# warp-specialised program) where kernel_options leave "bwd_HOPPER" out and the call allows it, at head
+# dims up to 64. Measured on an H200 against the Triton kernels (B=4, H=16, S=8K, bf16, fwd+bwd, the
+# two alternating in one process, benchmarks/ab_options.py): D=64 1.02-1.12x (causal 1.08, dense 1.09,
+# prefix-LM 1.09, softcap 1.12, document 1.03, sliding window 1.02, ALiBi 0.99), D=128 0.87-0.98x.
+# Still off: its 25 GPU tests pass, but the whole GPU suite has not yet run with it as the default.
+HOPPER_BWD_DEFAULT = False
+
+
+def hopper_backward(d: int, dv: int) -> bool:
+    """Whether the backward runs the Hopper kernel where the call allows it
+    (hopper_backward.use_hopper_backward) and kernel_options leave "bwd_HOPPER" out:
+    HOPPER_BWD_DEFAULT, at head dims up to 64 (at 128 it measured slower)."""
+    return HOPPER_BWD_DEFAULT and max(pad_dim(d), pad_dim(dv)) <= 64
+
+
 def fit_tile(tile: int, block: int, length: int) -> int:
     """Largest power-of-two tile <= the requested one (and the padded length) that divides
     the BlockMask block."""

@@ -1,29 +1,39 @@
-"""Hopper (sm90) dk/dv backward kernel in Gluon, with dq by float32 atomics: TMA loads of the
-q / dO tiles by a producer warp, wgmma from shared memory, the kv tile's K and V held in
-shared memory throughout.
+"""Hopper (sm90) backward kernel in Gluon: dK and dV of one kv tile, and every tile's dQ added
+into a float32 buffer, in one warp-specialised program, with TMA loads of the q / dO tiles by a
+producer warp, asynchronous wgmma from shared memory, the kv tile's K and V held in shared
+memory throughout.
 
 One program owns BLOCK_N kv rows of one (batch, kv head) and walks, for every query head of
 its GQA group, the transposed BlockMask lists (q_* partial blocks, mask_mod applied, then
 full_q_* blocks): per q tile of BLOCK_M rows
-    S^T = K Q^T,  P^T = exp2(S^T * scale * log2 e - lse2)   (score_mod / mask_mod applied)
-    dV += P^T dO,  dP^T = V dO^T,  dS^T = P^T (dP^T - delta)  (score_mod's derivative)
-    dK += dS^T Q,  dQ[tile] += (dS K) * scale  (dS through shared memory, float32 atomics)
-so each tile's S and dP are computed once (the Triton backward's dq kernel computes them a
-second time). lse2 and delta per row come from the Triton dq kernel run with WANT_DQ=False
-(`backward.flex_backward`), launched first on the same stream.
+    S = Q K^T,  P = exp2(S * scale * log2 e - lse2)    (score_mod / mask_mod applied)
+    dP = dO V^T,  dS = P (dP - delta)                   (score_mod's derivative)
+    dQ = dS K (float32 atomics),  dV += P^T dO,  dK += dS^T Q
+five tile products, each tile's S and dP computed once (the Triton backward's dq kernel computes
+them a second time). lse2 and delta per row come from the Triton dq kernel run with
+WANT_DQ=False (`backward.flex_backward`), launched first on the same stream.
 
 Partitions (gl.warp_specialize):
-  * producer, 1 warp: reads the q-block lists and issues the TMA loads of each q and dO tile
-    into a STAGES-deep ring; slot s is refilled once `qdo_empty[s]` says the consumer is done.
-  * consumer (the default partition), num_warps warps: two warpgroups of BLOCK_N / 2 kv rows
-    for S^T, dP^T, dV, dK; for dQ (BLOCK_M q rows) they split the head dim.
+  * consumer (the default partition), 8 warps: S and dP with the q rows on the wgmma M axis
+    and the kv columns split between the two warpgroups (a thread holds 2 rows' lse2 / delta);
+    P and dS through shared memory, where they are the A operands of dV, dK (transposed) and
+    dQ; dV and dK: each warpgroup BLOCK_N / 2 kv rows; dQ: each warpgroup half the head dim,
+    added by 8-byte atomics straight from its registers while dV's and dK's wgmmas run.
+  * producer, 1 warp: the TMA loads of each q and dO tile into a STAGES-deep ring; slot s is
+    refilled once `qdo_empty[s]` says the consumers are done with it.
 
-The wgmmas here are issued and waited for one at a time. Measured on the H200 (bf16, B=4, H=16,
-S=8K, causal, fwd+bwd with the Hopper forward, benchmarks/sweep_configs.py): 326-328 TFLOP/s at
-D=128 and 295 at D=64, against 417-426 and 332-334 for the Triton backward, so it stays opt-in.
-Asynchronous forms (S^T and dP^T issued together, P^T computed under dP^T, dS^T under dV) gained at
-D=64 (321) and nothing at D=128: at 240 registers a consumer thread they spill (the transposed
-tile's row statistics alone take 48 registers). benchmarks/RESULTS.md, "The Hopper dk/dv backward".
+Registers decide this kernel's speed: where ptxas cannot keep the in-flight wgmmas' accumulators
+in registers it serializes every wgmma (its C7512 note; benchmarks/aot_inspect.py reports it).
+That happened to every earlier form of this kernel (S^T with 16 rows' statistics a thread; a dQ
+writer warp given more registers than the producer, which a warpgroup's shared count took from the
+consumers), and the K / V wgmma descriptors, hoisted out of the loop, were spilled and reloaded
+every tile until the loop remade them (`_consume_list`). A dQ writer warp that took each tile's dQ
+through shared memory measured slower than the consumers' own atomics (one warp's atomics held the
+consumers back; D=64 0.71-0.83x the Triton kernels against 1.03-1.12x).
+
+Measured on an H200 (B=4, H=16, S=8K, bf16, fwd+bwd, against the Triton dq + dk/dv kernels in one
+process, benchmarks/ab_options.py; benchmarks/RESULTS.md, "The Hopper backward: five products"):
+D=64 1.02-1.12x but ALiBi 0.99x, D=128 0.87-0.98x (config.HOPPER_BWD_DEFAULT).
 
 Holes filled by `flexattn.kernels.source.fill`, as in the Triton backward: {SCORE_MOD},
 {MASK_MOD}, {SCORE_MOD_BWD} and the captured tensors' parameter lists.
@@ -87,98 +97,117 @@ def _producer(q_desc, do_desc, q_ring, do_ring, q_ready, do_ready, qdo_empty,
 
 
 @gluon.jit
-def _consume_list(dk, dv, k_smem, v_smem, q_ring, do_ring, ds_smem, q_ready, do_ready, qdo_empty,
+def _row_stats(lse_base, delta_base, offs_m, Q_LEN):
+    # lse2 and delta of a q tile's rows (rows past Q_LEN: lse2 = inf, so their P is 0)
+    ok = offs_m < Q_LEN
+    return gl.load(lse_base + offs_m, mask=ok, other=float("inf")), gl.load(delta_base + offs_m, mask=ok, other=0.0)
+
+
+@gluon.jit
+def _consume_list(dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_ready, do_ready, qdo_empty,
                   idx_ptr, n_blocks, it, lse_base, delta_base, dq_base,
-                  off_z, off_h, kv_idx, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
+                  off_z, off_h, start_n, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
                   {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}{GRAD_BUF_PARAMS_TRAIL}
                   IS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr, Q_DIVISIBLE: gl.constexpr,
                   KV_DIVISIBLE: gl.constexpr, SPARSE_Q_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr, QK_HEAD: gl.constexpr, DQ_PARTS: gl.constexpr, STAGES: gl.constexpr,
-                  num_warps: gl.constexpr):
+                  BLOCK_N: gl.constexpr, QK_HEAD: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    # One q tile after another, the wgmmas asynchronous: S and dP issued together (P made while
+    # dP runs), then dQ, dV and dK together, dQ added to the dq buffer while dV and dK run.
+    # Q rows lie on the wgmma M axis, the warpgroups split the kv axis: a thread holds 2 rows'
+    # lse / delta, not 16 (registers are what decides whether ptxas keeps the wgmmas in flight).
     MULT: gl.constexpr = SPARSE_Q_BLOCK // BLOCK_M
     LOG2E: gl.constexpr = 1.4426950408889634
     QK_PAD: gl.constexpr = q_ring.shape[2]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK_M, 16])
-    # dQ of a tile: BLOCK_M rows (one warpgroup's wgmma), the head dim split between the warpgroups
+    V_PAD: gl.constexpr = do_ring.shape[2]
     WG: gl.constexpr = num_warps // 4
-    DQ_COLS: gl.constexpr = QK_PAD // DQ_PARTS
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
+                                                       instr_shape=[16, BLOCK_N // WG, 16])
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
-                                                        instr_shape=[16, DQ_COLS // WG, 16])
-    dv_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dv.type.layout, k_width=2)
-    dk_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk.type.layout, k_width=2)
+                                                        instr_shape=[16, QK_PAD // WG, 16])
     dtype: gl.constexpr = q_ring.dtype
-    offs_m0 = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-    offs_mq0 = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
-    offs_d = gl.arange(0, DQ_COLS, layout=gl.SliceLayout(0, dq_layout))
+    offs_m0 = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    dq_rows0 = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout)), 1)
+    dq_cols = gl.expand_dims(gl.arange(0, QK_PAD, layout=gl.SliceLayout(0, dq_layout)), 0)
+    # each tile's row start and lse2 / delta are loaded a tile ahead (two dependent global loads,
+    # whose latency would otherwise stand between S and P)
+    start_m = _tile_start(idx_ptr, 0, n_blocks, SPARSE_Q_BLOCK, BLOCK_M)
+    lse2, delta = _row_stats(lse_base, delta_base, start_m + offs_m0, Q_LEN)
     for t in range(n_blocks * MULT):
-        start_m = _tile_start(idx_ptr, t, n_blocks, SPARSE_Q_BLOCK, BLOCK_M)
         s = it % STAGES
         phase = (it // STAGES) & 1
-        offs_m = start_m + offs_m0
-        q_idx = gl.expand_dims(offs_m, 0)
-        if IS_FULL or Q_DIVISIBLE:
-            lse2 = gl.load(lse_base + offs_m)
-            delta = gl.load(delta_base + offs_m)
-        else:
-            lse2 = gl.load(lse_base + offs_m, mask=offs_m < Q_LEN, other=float("inf"))
-            delta = gl.load(delta_base + offs_m, mask=offs_m < Q_LEN, other=0.0)
+        tile_m = start_m
+        q_idx = gl.expand_dims(tile_m + offs_m0, 1)
+        # (made here, not once for the program: kept, its 16 values a thread were live through every tile)
+        kv_idx = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)), 0)
         q_s = q_ring.index(s)
         do_s = do_ring.index(s)
+        # K and V by a slot index the compiler cannot prove 0 (`it` stays far below 2**30): their
+        # wgmma descriptors are then remade each tile (a few integer adds) instead of hoisted out of
+        # the loop, where they took 48 registers and were spilled and reloaded every tile
+        k_s = k_smem.index(it >> 30)
+        v_s = v_smem.index(it >> 30)
         mbarrier.wait(q_ready.index(s), phase)
         # (the zero accumulators are made where used: hoisted out of the loop they stay live)
-        qkT = warpgroup_mma(k_smem, q_s.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout),
-                            use_acc=False)
+        qk = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout),
+                           use_acc=False, is_async=True)
+        mbarrier.wait(do_ready.index(s), phase)
+        dp = warpgroup_mma(do_s, v_s.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout),
+                           use_acc=False, is_async=True)
+        qk = warpgroup_mma_wait(1, deps=[qk])
         if HAS_SCORE_MOD:
-            sT = qkT * SCALE
-            pT = gl.exp2(score_mod(sT, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}) * LOG2E
-                         - gl.expand_dims(lse2, 0))
+            sc = qk * SCALE
+            p = gl.exp2(score_mod(sc, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}) * LOG2E - gl.expand_dims(lse2, 1))
         else:
-            pT = gl.exp2(qkT * SCALE_LOG2 - gl.expand_dims(lse2, 0))
+            p = gl.exp2(qk * SCALE_LOG2 - gl.expand_dims(lse2, 1))
         if IS_FULL and KV_DIVISIBLE and not HAS_SCORE_MOD:
             valid = True
         else:
-            valid = gl.full([BLOCK_N, BLOCK_M], 1, gl.int1, layout=s_layout)
+            valid = gl.full([BLOCK_M, BLOCK_N], 1, gl.int1, layout=s_layout)
             if not IS_FULL:
                 valid = valid & mask_mod(off_z, off_h, q_idx, kv_idx{MASK_BUF_ARGS})
                 if not Q_DIVISIBLE:
                     valid = valid & (q_idx < Q_LEN)
             if not KV_DIVISIBLE:
                 valid = valid & (kv_idx < KV_LEN)
-            pT = gl.where(valid, pT, 0.0)
-        mbarrier.wait(do_ready.index(s), phase)
-        dv = warpgroup_mma(gl.convert_layout(pT.to(dtype), dv_op), do_s, dv)
-        dpT = warpgroup_mma(v_smem, do_s.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout),
-                            use_acc=False)
-        dsT = pT * (dpT - gl.expand_dims(delta, 0))
+            p = gl.where(valid, p, 0.0)
+        # P and dS go through shared memory: P^T and dS^T are dV's and dK's A operands, dS dQ's.
+        # The tile's closing barrier (below) keeps the next tile's stores behind every read of these.
+        p_smem.store(p.to(dtype))
+        dp = warpgroup_mma_wait(0, deps=[dp])
+        ds = p * (dp - gl.expand_dims(delta, 1))
         if HAS_SCORE_MOD:
-            dsT = score_mod_bwd(sT, dsT, valid, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}{GRAD_BUF_ARGS},
-                                Q_AXIS=1, ACCUM=True, FIXED_POINT=False)
-        dsT = dsT.to(dtype)
-        dk = warpgroup_mma(gl.convert_layout(dsT, dk_op), q_s, dk)
-        # dS = (dS^T)^T as the A operand of dQ's wgmma, through shared memory: every consumer
-        # warp has read the last tile's dS before any overwrites it, and has written before any reads
-        _cta_barrier()
-        ds_smem.store(dsT)
+            ds = score_mod_bwd(sc, ds, valid, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}{GRAD_BUF_ARGS},
+                               Q_AXIS=0, ACCUM=True, FIXED_POINT=False)
+        ds_smem.store(ds.to(dtype))
         fence_async_shared()
         _cta_barrier()
-        # dQ in DQ_PARTS slices of the head dim (one [BLOCK_M, DQ_COLS] accumulator live at a time:
-        # with dK and dV held, the whole [BLOCK_M, QK_PAD] one spilled)
-        dq_tile = dq_base + start_m.to(gl.int64) * QK_HEAD
-        for part in gl.static_range(DQ_PARTS):
-            dq_part = warpgroup_mma(ds_smem.permute((1, 0)), k_smem.slice(part * DQ_COLS, DQ_COLS, dim=1),
-                                    gl.zeros([BLOCK_M, DQ_COLS], gl.float32, layout=dq_layout), use_acc=False)
-            cols = part * DQ_COLS + offs_d
-            dq_offs = gl.expand_dims(offs_mq0, 1) * QK_HEAD + gl.expand_dims(cols, 0)
-            dq_ok = (gl.expand_dims(start_m + offs_mq0, 1) < Q_LEN) & (gl.expand_dims(cols, 0) < QK_HEAD)
-            gl.atomic_add(dq_tile + dq_offs, dq_part * SCALE, mask=dq_ok, sem="relaxed")
+        dq = warpgroup_mma(ds_smem, k_s, gl.zeros([BLOCK_M, QK_PAD], gl.float32, layout=dq_layout),
+                           use_acc=False, is_async=True)
+        dv = warpgroup_mma(p_smem.permute((1, 0)), do_s, dv, is_async=True)
+        dk = warpgroup_mma(ds_smem.permute((1, 0)), q_s, dk, is_async=True)
+        start_m = _tile_start(idx_ptr, t + 1, n_blocks, SPARSE_Q_BLOCK, BLOCK_M)  # (past the list: 0)
+        lse2, delta = _row_stats(lse_base, delta_base, start_m + offs_m0, Q_LEN)
+        dq = warpgroup_mma_wait(2, deps=[dq])
+        # dQ added to the float32 dq buffer under dV's and dK's wgmmas (8-byte atomics, fire and forget;
+        # masked only where a row or column can lie past the end: a masked atomic is a branch)
+        dq_rows = tile_m + dq_rows0
+        dq_ptrs = dq_base + dq_rows.to(gl.int64) * QK_HEAD + dq_cols
+        if not IS_FULL and not Q_DIVISIBLE:
+            gl.atomic_add(dq_ptrs, dq * SCALE, mask=(dq_rows < Q_LEN) & (dq_cols < QK_HEAD), sem="relaxed")
+        elif QK_HEAD == QK_PAD:
+            gl.atomic_add(dq_ptrs, dq * SCALE, sem="relaxed")
+        else:
+            gl.atomic_add(dq_ptrs, dq * SCALE, mask=dq_cols < QK_HEAD, sem="relaxed")
+        dv, dk = warpgroup_mma_wait(0, deps=[dv, dk])
+        # every consumer warp has finished the tile's wgmmas: the q / dO slot is free
+        _cta_barrier()
         mbarrier.arrive(qdo_empty.index(s), count=1)
         it += 1
     return dk, dv, it
 
 
 @gluon.jit
-def _consumer(k_smem, v_smem, q_ring, do_ring, ds_smem, kv_bar, q_ready, do_ready, qdo_empty,
+def _consumer(k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, kv_bar, q_ready, do_ready, qdo_empty,
               Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
               stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im,
               stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim,
@@ -186,19 +215,16 @@ def _consumer(k_smem, v_smem, q_ring, do_ring, ds_smem, kv_bar, q_ready, do_read
               {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}{GRAD_BUF_PARAMS_TRAIL}
               GQA_GROUP: gl.constexpr, HAS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr,
               Q_DIVISIBLE: gl.constexpr, KV_DIVISIBLE: gl.constexpr, SPARSE_Q_BLOCK: gl.constexpr,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, QK_HEAD: gl.constexpr, DQ_PARTS: gl.constexpr,
-              STAGES: gl.constexpr, num_warps: gl.constexpr):
-    QK_PAD: gl.constexpr = k_smem.shape[1]
-    V_PAD: gl.constexpr = v_smem.shape[1]
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, QK_HEAD: gl.constexpr, STAGES: gl.constexpr,
+              num_warps: gl.constexpr):
+    QK_PAD: gl.constexpr = k_smem.shape[2]
+    V_PAD: gl.constexpr = v_smem.shape[2]
     dk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, QK_PAD, 16])
     dv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, V_PAD, 16])
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK_M, 16])
     dk = gl.zeros([BLOCK_N, QK_PAD], gl.float32, layout=dk_layout)
     dv = gl.zeros([BLOCK_N, V_PAD], gl.float32, layout=dv_layout)
-    kv_idx = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout)), 1)
     mbarrier.wait(kv_bar, 0)
     it = gl.to_tensor(0)
     for g in range(GQA_GROUP):
@@ -207,25 +233,23 @@ def _consumer(k_smem, v_smem, q_ring, do_ring, ds_smem, kv_bar, q_ready, do_read
         n_part, idx_ptr = _block_list(Q_NUM, Q_IDX, off_z, off_h, sparse_n,
                                       stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im)
         dk, dv, it = _consume_list(
-            dk, dv, k_smem, v_smem, q_ring, do_ring, ds_smem, q_ready, do_ready, qdo_empty,
+            dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_ready, do_ready, qdo_empty,
             idx_ptr, n_part, it, LSE2 + row, DELTA + row, DQ_ACC + row * QK_HEAD,
-            off_z, off_h, kv_idx, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
+            off_z, off_h, start_n, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
             {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}{GRAD_BUF_ARGS_TRAIL}
             IS_FULL=False, HAS_SCORE_MOD=HAS_SCORE_MOD, Q_DIVISIBLE=Q_DIVISIBLE, KV_DIVISIBLE=KV_DIVISIBLE,
-            SPARSE_Q_BLOCK=SPARSE_Q_BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, QK_HEAD=QK_HEAD, DQ_PARTS=DQ_PARTS,
-            STAGES=STAGES,
+            SPARSE_Q_BLOCK=SPARSE_Q_BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, QK_HEAD=QK_HEAD, STAGES=STAGES,
             num_warps=num_warps)
         if HAS_FULL:
             n_full, fidx_ptr = _block_list(FULL_Q_NUM, FULL_Q_IDX, off_z, off_h, sparse_n,
                                            stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim)
             dk, dv, it = _consume_list(
-                dk, dv, k_smem, v_smem, q_ring, do_ring, ds_smem, q_ready, do_ready, qdo_empty,
+                dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_ready, do_ready, qdo_empty,
                 fidx_ptr, n_full, it, LSE2 + row, DELTA + row, DQ_ACC + row * QK_HEAD,
-                off_z, off_h, kv_idx, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
+                off_z, off_h, start_n, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
                 {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}{GRAD_BUF_ARGS_TRAIL}
                 IS_FULL=True, HAS_SCORE_MOD=HAS_SCORE_MOD, Q_DIVISIBLE=Q_DIVISIBLE, KV_DIVISIBLE=KV_DIVISIBLE,
-                SPARSE_Q_BLOCK=SPARSE_Q_BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, QK_HEAD=QK_HEAD, DQ_PARTS=DQ_PARTS,
-            STAGES=STAGES,
+                SPARSE_Q_BLOCK=SPARSE_Q_BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, QK_HEAD=QK_HEAD, STAGES=STAGES,
                 num_warps=num_warps)
     return dk, dv
 
@@ -243,7 +267,7 @@ def flex_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, DK, DV, LSE2, DELTA, D
                          SPARSE_Q_BLOCK: gl.constexpr, SPARSE_KV_BLOCK: gl.constexpr,
                          Q_DIVISIBLE: gl.constexpr, KV_DIVISIBLE: gl.constexpr, STAGES: gl.constexpr,
                          QK_HEAD: gl.constexpr, V_HEAD: gl.constexpr, QK_HEAD_PAD: gl.constexpr,
-                         V_HEAD_PAD: gl.constexpr, FP16: gl.constexpr, DQ_PARTS: gl.constexpr,
+                         V_HEAD_PAD: gl.constexpr, FP16: gl.constexpr,
                          num_warps: gl.constexpr):
     # descriptors: rank 4 over [B, H, S, D] with [1, 1, rows, D_PAD] boxes (hopper_forward.descriptor)
     gl.static_assert(q_desc.block_type.shape[3] == QK_HEAD_PAD and v_desc.block_type.shape[3] == V_HEAD_PAD)
@@ -259,16 +283,18 @@ def flex_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, DK, DV, LSE2, DELTA, D
     sparse_n = start_n // SPARSE_KV_BLOCK
 
     dtype: gl.constexpr = q_desc.dtype
-    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, QK_HEAD_PAD],
+    k_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_N, QK_HEAD_PAD],
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, QK_HEAD_PAD], dtype))
-    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, V_HEAD_PAD],
+    v_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_N, V_HEAD_PAD],
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, V_HEAD_PAD], dtype))
     q_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, QK_HEAD_PAD],
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_M, QK_HEAD_PAD], dtype))
     do_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, V_HEAD_PAD],
                                         gl.NVMMASharedLayout.get_default_for([BLOCK_M, V_HEAD_PAD], dtype))
-    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M],
-                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
+    p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype))
+    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N],
+                                        gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype))
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -281,18 +307,18 @@ def flex_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, DK, DV, LSE2, DELTA, D
     fence_async_shared()
     # K and V of this kv tile: in shared memory for the whole walk
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    _tma_load(k_desc, [off_z, off_hkv, start_n, 0], kv_bar, k_smem.reshape(k_desc.block_type.shape))
-    _tma_load(v_desc, [off_z, off_hkv, start_n, 0], kv_bar, v_smem.reshape(v_desc.block_type.shape))
+    _tma_load(k_desc, [off_z, off_hkv, start_n, 0], kv_bar, k_smem.index(0).reshape(k_desc.block_type.shape))
+    _tma_load(v_desc, [off_z, off_hkv, start_n, 0], kv_bar, v_smem.index(0).reshape(v_desc.block_type.shape))
 
     dk, dv = gl.warp_specialize([
-        (_consumer, (k_smem, v_smem, q_ring, do_ring, ds_smem, kv_bar, q_ready, do_ready, qdo_empty,
+        (_consumer, (k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, kv_bar, q_ready, do_ready, qdo_empty,
                      Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
                      stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im,
                      stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim,
                      LSE2, DELTA, DQ_ACC, off_z, off_hkv, start_n, sparse_n, HQ, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
                      {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}{GRAD_BUF_ARGS_TRAIL}
                      GQA_GROUP, HAS_FULL, HAS_SCORE_MOD, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q_BLOCK,
-                     BLOCK_M, BLOCK_N, QK_HEAD, DQ_PARTS, STAGES, num_warps)),
+                     BLOCK_M, BLOCK_N, QK_HEAD, STAGES, num_warps)),
         (_producer, (q_desc, do_desc, q_ring, do_ring, q_ready, do_ready, qdo_empty,
                      Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
                      stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im,
@@ -325,7 +351,7 @@ def hopper_bwd_config(d: int, dv: int) -> tuple[int, int, int, int]:
 
 
 def hopper_backward_unsupported(plan, q, k, v, dout) -> str | None:
-    """Why the Hopper dk/dv kernel cannot take this backward (None: it can)."""
+    """Why the Hopper backward kernel cannot take this backward (None: it can)."""
     if config.device_key(q.device) != "sm90":
         return f"compute capability {config.device_key(q.device)} (sm90 only)"
     if plan.opts.get("DETERMINISTIC"):
@@ -341,20 +367,21 @@ def hopper_backward_unsupported(plan, q, k, v, dout) -> str | None:
 
 
 def use_hopper_backward(plan, q, k, v, dout) -> bool:
-    """Whether the backward's dk/dv runs the Hopper kernel: kernel_options "bwd_HOPPER" True
-    asks for it (a ValueError naming why, if this backward cannot take it); off by default:
-    slower than the Triton kernels on the H200 so far (see the module docstring)."""
-    if not plan.opts.get("bwd_HOPPER", False):
+    """Whether the backward runs the Hopper kernel (dk, dv and dq) in place of the Triton dk/dv
+    kernel: kernel_options "bwd_HOPPER" (default config.hopper_backward); True where a call cannot
+    take it is a ValueError naming why, the default falls back to the Triton kernels silently."""
+    asked = plan.opts.get("bwd_HOPPER")
+    if asked is False or (asked is None and not config.hopper_backward(q.shape[-1], v.shape[-1])):
         return False
     why = hopper_backward_unsupported(plan, q, k, v, dout)
-    if why:
-        raise ValueError(f"kernel_options['bwd_HOPPER'] = True: this backward cannot run the Hopper dk/dv kernel: "
+    if why and asked:
+        raise ValueError(f"kernel_options['bwd_HOPPER'] = True: this backward cannot run the Hopper backward kernel: "
                          f"{why}; drop bwd_HOPPER to run the Triton kernels")
-    return True
+    return why is None
 
 
 def hopper_dkdv(plan, q, k, v, dout, dk, dv, lse2, delta, dq_acc, buf_args, gbufs):
-    """Launch the Hopper dk/dv kernel (after the dq kernel wrote lse2 / delta): dk, dv written,
+    """Launch the Hopper backward kernel (after the dq kernel wrote lse2 / delta): dk, dv written,
     dq_acc (float32 [B, Hq, L, E], zeroed) and the captured tensors' gradients (gbufs) added
     to; buf_args: the score_mod's then the mask_mod's captured-tensor arguments."""
     B, Hq, L, E = q.shape
@@ -370,5 +397,5 @@ def hopper_dkdv(plan, q, k, v, dout, dk, dv, lse2, delta, dq_acc, buf_args, gbuf
                   BLOCK_M=bm, BLOCK_N=bn, SPARSE_Q_BLOCK=blk.block[0], SPARSE_KV_BLOCK=blk.block[1],
                   Q_DIVISIBLE=L % blk.block[0] == 0, KV_DIVISIBLE=S % blk.block[1] == 0, STAGES=stages,
                   QK_HEAD=E, V_HEAD=Ev, QK_HEAD_PAD=next_pow2(E), V_HEAD_PAD=next_pow2(Ev),
-                  FP16=q.dtype == torch.float16, DQ_PARTS=2, num_warps=warps)
+                  FP16=q.dtype == torch.float16, num_warps=warps)
     launcher.launch_cached(plan.module("bwd_hopper").flex_bwd_dkdv_hopper, (cdiv(S, bn), B * Hkv), args, kwargs)
