@@ -260,7 +260,8 @@ def inspect_case(kind, case, D=128, cfg=None, S=8192, loops=False, options=None,
         ck = compile_sm90(kernel, args, kwargs)
         tag = f"{kind} {case} S={S} D={D} {kernel.__name__} " + \
               " ".join(f"{k}={kwargs[k]}" for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "WANT_DQ",
-                                                     "WANT_DK", "WANT_DV", "ATOMIC_DQ", "PINGPONG", "TMA_LOADS") if k in kwargs)
+                                                     "WANT_DK", "WANT_DV", "ATOMIC_DQ", "PINGPONG", "TMA_LOADS")
+                       if k in kwargs)
         out.append(report(tag, ck, loops=loops, ops=ops))
     return out
 

@@ -41,7 +41,8 @@ VALID_OPTIONS = {
     "FORCE_DECODE": "True/False: force the split-KV decode kernel on/off (default: automatic)",
     "FORCE_USE_FLEX_ATTENTION": "torch name: True disables the decode kernel",
     "DETERMINISTIC": "True: bitwise-identical gradients run to run",
-    "TIERED": "True (default): a new mask structure's first calls run through its tile-table form while its own kernels compile in the background",
+    "TIERED": "True (default): a new mask structure's first calls run through its tile-table form while its own "
+              "kernels compile in the background",
     "ALLOW_TF32": "True: float32 inputs use tf32 matmuls on the GPU (default False: exact)",
     "BACKEND": "'auto', 'cpu', 'triton' (the Triton kernels only) or 'hopper' (the Hopper forward, "
                "sm90: an error naming why if the call cannot take it); torch's 'AUTO', 'TRITON', 'FLASH' "

@@ -24,9 +24,9 @@ Partitions (gl.warp_specialize):
 
 Registers decide this kernel's speed: where ptxas cannot keep the in-flight wgmmas' accumulators
 in registers it serializes every wgmma (its C7512 note; benchmarks/aot_inspect.py reports it).
-That happened to every earlier form of this kernel (S^T with 16 rows' statistics a thread; a dQ
-writer warp given more registers than the producer, which a warpgroup's shared count took from the
-consumers), and the K / V wgmma descriptors, hoisted out of the loop, were spilled and reloaded
+That happened to the asynchronous forms tried before this one (S^T with 16 rows' statistics a
+thread; a dQ writer warp given more registers than the producer, which a warpgroup's shared count
+took from the consumers), and the K / V wgmma descriptors, hoisted out of the loop, were spilled and reloaded
 every tile until the loop remade them (`_consume_list`). A dQ writer warp that took each tile's dQ
 through shared memory measured slower than the consumers' own atomics (one warp's atomics held the
 consumers back; D=64 0.71-0.83x the Triton kernels against 1.03-1.12x).
@@ -118,7 +118,6 @@ def _consume_list(dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_re
     MULT: gl.constexpr = SPARSE_Q_BLOCK // BLOCK_M
     LOG2E: gl.constexpr = 1.4426950408889634
     QK_PAD: gl.constexpr = q_ring.shape[2]
-    V_PAD: gl.constexpr = do_ring.shape[2]
     WG: gl.constexpr = num_warps // 4
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
                                                        instr_shape=[16, BLOCK_N // WG, 16])
