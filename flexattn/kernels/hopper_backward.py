@@ -24,12 +24,12 @@ Partitions (gl.warp_specialize):
 
 Registers decide this kernel's speed: where ptxas cannot keep the in-flight wgmmas' accumulators
 in registers it serializes every wgmma (its C7512 note; benchmarks/aot_inspect.py reports it).
-That happened to the asynchronous forms tried before this one (S^T with 16 rows' statistics a
-thread; a dQ writer warp given more registers than the producer, which a warpgroup's shared count
-took from the consumers), and the K / V wgmma descriptors, hoisted out of the loop, were spilled and reloaded
-every tile until the loop remade them (`_consume_list`). A dQ writer warp that took each tile's dQ
-through shared memory measured slower than the consumers' own atomics (one warp's atomics held the
-consumers back; D=64 0.71-0.83x the Triton kernels against 1.03-1.12x).
+That happened to the asynchronous forms tried before this one (a dQ writer warp given more
+registers than the producer, which a warpgroup's shared count took from the consumers), and the
+K / V wgmma descriptors, hoisted out of the loop, were spilled and reloaded every tile until the
+loop remade them (`_consume_list`). A dQ writer warp that took each tile's dQ through shared memory
+measured slower than the consumers' own atomics (one warp's atomics held the consumers back; D=64
+0.71-0.83x the Triton kernels against 1.03-1.12x).
 
 Measured on an H200 (B=4, H=16, S=8K, bf16, fwd+bwd, against the Triton dq + dk/dv kernels in one
 process, benchmarks/ab_options.py; benchmarks/RESULTS.md, "The Hopper backward: five products"):
@@ -114,7 +114,7 @@ def _consume_list(dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_re
     # One q tile after another, the wgmmas asynchronous: S and dP issued together (P made while
     # dP runs), then dQ, dV and dK together, dQ added to the dq buffer while dV and dK run.
     # Q rows lie on the wgmma M axis, the warpgroups split the kv axis: a thread holds 2 rows'
-    # lse / delta, not 16 (registers are what decides whether ptxas keeps the wgmmas in flight).
+    # lse / delta, not 16 as with S^T (registers decide whether ptxas keeps the wgmmas in flight).
     MULT: gl.constexpr = SPARSE_Q_BLOCK // BLOCK_M
     LOG2E: gl.constexpr = 1.4426950408889634
     QK_PAD: gl.constexpr = q_ring.shape[2]
