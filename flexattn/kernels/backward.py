@@ -527,20 +527,18 @@ def use_tma_loads(plan, q, k, v, dout) -> bool:
     TMA rather than by per-thread copies: kernel_options "bwd_TMA" (default config.tma_loads);
     True where a call cannot take it is a ValueError naming why. The same tiles, summed in the
     same order: results are bitwise the same either way."""
-    asked = plan.opts.get("bwd_TMA")
-    if asked is False or (asked is None and not config.tma_loads(q.shape[-1], v.shape[-1])):
-        return False
+    return config.take_option(plan.opts, "bwd_TMA", config.tma_loads(q.shape[-1], v.shape[-1]),
+                              lambda: _tma_loads_unsupported(q, k, v, dout), "read its tiles by TMA")
+
+
+def _tma_loads_unsupported(q, k, v, dout) -> str | None:
+    """Why the backward kernels cannot read this call's tiles by TMA (None: they can)."""
     if config.device_key(q.device) != "sm90":
-        why = f"compute capability {config.device_key(q.device)} (sm90 only)"
-    elif q.dtype not in (torch.bfloat16, torch.float16):
-        why = f"dtype {q.dtype} (bfloat16 / float16 only)"
-    else:
-        why = next(filter(None, (tma_unsupported(n, t) for n, t in (("query", q), ("key", k), ("value", v),
-                                                                  ("grad_out", dout)))), None)
-    if why and asked:
-        raise ValueError(f"kernel_options['bwd_TMA'] = True: this backward cannot read its tiles by TMA: {why}; "
-                         f"drop bwd_TMA")
-    return why is None
+        return f"compute capability {config.device_key(q.device)} (sm90 only)"
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"dtype {q.dtype} (bfloat16 / float16 only)"
+    return next(filter(None, (tma_unsupported(n, t) for n, t in (("query", q), ("key", k), ("value", v),
+                                                               ("grad_out", dout)))), None)
 
 
 def walked_descriptors(tma: bool, tensors, rows: int) -> tuple:

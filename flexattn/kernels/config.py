@@ -124,6 +124,20 @@ def atomic_dq(device, d: int, dv: int) -> bool:
     return device_key(device) != "interp" and max(pad_dim(d), pad_dim(dv)) > 128
 
 
+def take_option(opts: dict, key: str, default: bool, why_not, cannot: str) -> bool:
+    """Whether a call takes the kernel form that the flag kernel_options[key] names: False where the
+    flag is False, or left out while `default` is False; otherwise where why_not() (the reason the
+    call cannot take it, or None) is None. A flag set True where the call cannot is a ValueError
+    naming the reason; the default falls back silently. `cannot`: what the call cannot do, for it."""
+    asked = opts.get(key)
+    if asked is False or (asked is None and not default):
+        return False
+    why = why_not()
+    if why and asked:
+        raise ValueError(f"kernel_options['{key}'] = True: this backward cannot {cannot}: {why}; drop {key}")
+    return why is None
+
+
 # Whether the backward kernels read the tiles they walk by TMA where kernel_options leave "bwd_TMA"
 # out (where tma_loads allows it). Measured on an H200 (B=4, H=16, S=8K, bf16, fwd+bwd, the two forms
 # alternating in one process, benchmarks/ab_options.py; results bitwise equal): D=128 1.00-1.03x (causal

@@ -369,14 +369,9 @@ def use_hopper_backward(plan, q, k, v, dout) -> bool:
     """Whether the backward runs the Hopper kernel (dk, dv and dq) in place of the Triton dk/dv
     kernel: kernel_options "bwd_HOPPER" (default config.hopper_backward); True where a call cannot
     take it is a ValueError naming why, the default falls back to the Triton kernels silently."""
-    asked = plan.opts.get("bwd_HOPPER")
-    if asked is False or (asked is None and not config.hopper_backward(q.shape[-1], v.shape[-1])):
-        return False
-    why = hopper_backward_unsupported(plan, q, k, v, dout)
-    if why and asked:
-        raise ValueError(f"kernel_options['bwd_HOPPER'] = True: this backward cannot run the Hopper backward kernel: "
-                         f"{why}; drop bwd_HOPPER to run the Triton kernels")
-    return why is None
+    return config.take_option(plan.opts, "bwd_HOPPER", config.hopper_backward(q.shape[-1], v.shape[-1]),
+                              lambda: hopper_backward_unsupported(plan, q, k, v, dout),
+                              "run the Hopper backward kernel (the Triton kernels run without bwd_HOPPER)")
 
 
 def hopper_dkdv(plan, q, k, v, dout, dk, dv, lse2, delta, dq_acc, buf_args, gbufs):
