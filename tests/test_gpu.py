@@ -244,16 +244,32 @@ def test_replayed_calls_match_the_normal_path():
         (call,) = replay.calls_of(bm).values()
         steps = [s for r in call.replays.values() for s in r.steps]
         assert steps and all(s.compiled is not None for s in steps), name  # direct launches
-        for a, b, c in zip(first, second, third):
-            assert torch.equal(a, b) and torch.equal(a, c), name
+        atomic_dq = _dq_by_float_atomics(q, E)
+        for i, (a, b, c) in enumerate(zip(first, second, third)):
+            _assert_same(a, b, atomic_dq and i == 1, name)
+            _assert_same(a, c, atomic_dq and i == 1, name)
         # a storage 2 elements in: not 16-byte aligned; a replay here would launch a kernel
         # specialised for aligned pointers. Compared with the first call of a fresh cache
         off = torch.empty(q.numel() + 2, dtype=q.dtype, device=DEV)[2:].view(q.shape).copy_(q.detach())
         off.requires_grad_(grad)
         got = run(off)
         replay.calls_of(bm).clear()
-        for a, b in zip(got, run(off)):
-            assert torch.equal(a, b), name
+        for i, (a, b) in enumerate(zip(got, run(off))):
+            _assert_same(a, b, atomic_dq and i == 1, name)
+
+
+def _dq_by_float_atomics(q, E):
+    """Whether a default backward adds dq up by float atomics (the Hopper backward kernel)."""
+    from flexattn.kernels import config
+    return q.requires_grad and config.device_key(q.device) == "sm90" and config.hopper_backward(E, E)
+
+
+def _assert_same(a, b, atomic_dq, what):
+    """Bitwise equal; dq summed by float atomics, whose order varies run to run, to a rounding of its dtype."""
+    if atomic_dq:
+        assert torch.allclose(a, b, rtol=2 ** -7, atol=1e-5 * a.abs().max().item()), what
+    else:
+        assert torch.equal(a, b), what
 
 
 def _strided(d):  # a mask whose partial blocks keep several runs of columns a row: the tile form

@@ -19,6 +19,12 @@ def qkv(E=128, Ev=None, dtype=torch.bfloat16, L=256, S=256):
     return q, k, v
 
 
+def _row_dot_graph():  # a score_mod that reduces rows of captured tensors (MLA's RoPE term)
+    from flexattn.trace import trace_score
+    q_rope, k_rope = torch.randn(1, 2, 256, 16), torch.randn(1, 2, 256, 16)
+    return trace_score(lambda s, b, h, qi, kv: s + torch.dot(q_rope[b, h, qi], k_rope[b, h, kv]))
+
+
 def test_auto_takes_hopper_on_sm90_only():
     if hf.gluon_missing():
         pytest.skip(hf.gluon_missing())
@@ -66,10 +72,8 @@ def test_row_reducing_mods_keep_triton():
     row dot: "auto" takes the Triton forward, "hopper" names why."""
     if hf.gluon_missing():
         pytest.skip(hf.gluon_missing())
-    from flexattn.trace import trace_score
     q, k, v = qkv()
-    q_rope, k_rope = torch.randn(1, 2, 256, 16), torch.randn(1, 2, 256, 16)
-    graph = trace_score(lambda s, b, h, qi, kv: s + torch.dot(q_rope[b, h, qi], k_rope[b, h, kv]))
+    graph = _row_dot_graph()
     assert hf.use_hopper(SM90, q, k, v, BLOCK, 0.0, "auto", (None, None))
     assert not hf.use_hopper(SM90, q, k, v, BLOCK, 0.0, "auto", (graph, None))
     with pytest.raises(ValueError, match="reduces rows of a captured tensor"):
@@ -185,10 +189,10 @@ def test_hopper_backend_refuses_cpu_tensors():
 
 # ---- the Hopper dk/dv backward (kernels.hopper_backward): asked for by bwd_HOPPER ----------
 
-def _plan(opts=None, block=BLOCK, dropout=0.0):
+def _plan(opts=None, block=BLOCK, dropout=0.0, score_graph=None):
     from types import SimpleNamespace
     return SimpleNamespace(opts={"bwd_HOPPER": True, **(opts or {})}, blocks=SimpleNamespace(block=block),
-                           dropout_p=dropout)
+                           dropout_p=dropout, score_graph=score_graph, mask_graph=None)
 
 
 @pytest.mark.parametrize("why,plan_args,cap", [
@@ -197,6 +201,7 @@ def _plan(opts=None, block=BLOCK, dropout=0.0):
     ("DETERMINISTIC", dict(opts={"DETERMINISTIC": True}), SM90),
     ("BLOCK_SIZE", dict(block=(128, 64)), SM90),
     ("dropout", dict(dropout=0.1), SM90),
+    ("reduces rows of a captured tensor", dict(score_graph="row dot"), SM90),
 ])
 def test_hopper_backward_names_why_it_cannot(why, plan_args, cap, monkeypatch):
     if hf.gluon_missing():
@@ -204,6 +209,8 @@ def test_hopper_backward_names_why_it_cannot(why, plan_args, cap, monkeypatch):
     from flexattn.kernels import config, hopper_backward as hb
     monkeypatch.setattr(config, "device_key", lambda device: cap)
     q, k, v = qkv(E=plan_args.pop("E", 128))
+    if plan_args.get("score_graph"):
+        plan_args["score_graph"] = _row_dot_graph()
     with pytest.raises(ValueError, match=f"bwd_HOPPER.*{why}.*drop bwd_HOPPER"):
         hb.use_hopper_backward(_plan(**plan_args), q, k, v, torch.zeros_like(q))
     assert not hb.use_hopper_backward(_plan(opts={"bwd_HOPPER": False}), q, k, v, torch.zeros_like(q))
@@ -294,7 +301,8 @@ def test_hopper_backward_default_up_to_head_dim_64(monkeypatch):
     q128, k128, v128 = qkv(E=128)  # measured slower there
     assert not hb.use_hopper_backward(default, q128, k128, v128, torch.zeros_like(q128))
     assert not hb.use_hopper_backward(_plan(opts={"bwd_HOPPER": False}), q, k, v, torch.zeros_like(q))
-    for plan in (_plan(opts={"DETERMINISTIC": True}), _plan(block=(128, 64)), _plan(dropout=0.1)):
+    for plan in (_plan(opts={"DETERMINISTIC": True}), _plan(block=(128, 64)), _plan(dropout=0.1),
+                 _plan(score_graph=_row_dot_graph())):
         plan.opts.pop("bwd_HOPPER")
         assert not hb.use_hopper_backward(plan, q, k, v, torch.zeros_like(q))
     monkeypatch.setattr(config, "device_key", lambda device: SM80)

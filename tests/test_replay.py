@@ -121,7 +121,8 @@ def run(q, k, v, m, bm, grad, opts=OPTS):
 # 1. the replay gives the normal path's bits, and skips it
 cases = [dict(name="causal"), dict(name="document", dtype=torch.float16, Hq=4, Hkv=2),
          dict(name="alibi_causal"), dict(name="softcap", L=40, S=72),
-         dict(name="rel_bias", buf_grad=True), dict(name="causal", L=3, S=200, decode=True),
+         dict(name="rel_bias", buf_grad=True), dict(name="document", L=72, S=64, opts={"bwd_ATOMIC_DQ": True}),
+         dict(name="causal", L=3, S=200, decode=True),
          dict(name="document", L=2, S=130, decode=True, Hq=4, Hkv=2)]
 for c in cases:
     name, L, S = c["name"], c.get("L", 64), c.get("S", 64)
@@ -129,14 +130,14 @@ for c in cases:
     grad = not c.get("decode")
     m = make_mod(name, B=1, H=Hq, L=L, S=S, requires_grad=c.get("buf_grad", False))
     bm = flexattn.create_block_mask(m.mask_mod, 1, Hq, L, S, BLOCK_SIZE=32) if m.mask_mod else None
-    opts = dict(OPTS, FORCE_DECODE=True) if c.get("decode") else OPTS
+    opts = dict(OPTS, FORCE_DECODE=True) if c.get("decode") else dict(OPTS, **c.get("opts", {}))
     q, k, v = qkv(1, Hq, Hkv, L, S, 32, dtype, grad)
     count.take()
     first = run(q, k, v, m, bm, grad, opts)
     n1 = count.take()
     second = run(q, k, v, m, bm, grad, opts)
     n2 = count.take()
-    tag = f"{name}{' decode' if c.get('decode') else ''}"
+    tag = f"{name}{' decode' if c.get('decode') else ''}{' ' + str(c['opts']) if 'opts' in c else ''}"
     check(all(torch.equal(a, b) for a, b in zip(first, second)), f"{tag}: replay differs from the normal path")
     fwd = "decode_forward" if c.get("decode") else "forward"
     check(n1.get("make_plan") == 1 and n1.get(fwd) == 2, f"{tag}: first call {n1}")  # run, then record

@@ -14,9 +14,10 @@ gradients of captured float tensors (float32 atomics, or as int64 fixed-point at
 DETERMINISTIC: bitwise reproducible).
 
 With ATOMIC_DQ (`use_atomic_dq`; by default on the GPU for head dims over 128) the dq kernel
-only writes delta and lse2, and the dk/dv kernel, which has dS of every tile anyway, adds
-each tile's dS K into a float32 dq buffer by atomics (and the captured tensors' gradients):
-S and dP of a tile are then computed by one kernel, not two. Never under DETERMINISTIC.
+only writes delta and lse2 and zeroes a float32 dq buffer; the dk/dv kernel, which has dS of
+every tile anyway, adds each tile's dS K into that buffer by atomics (and the captured tensors'
+gradients), and `_dq_from_acc` casts it to dq: S and dP of a tile are then computed by one
+kernel, not two. Never under DETERMINISTIC.
 
 With TMA_LOADS (`use_tma_loads`, sm90) the walked tiles (dq: K and V; dk/dv: Q and dO) come by
 TMA descriptors over [B, H, S, D] (the launch's K_DESC / V_DESC, Q_DESC / DO_DESC; None
@@ -37,6 +38,8 @@ tensors and of their gradients: {SCORE_BUF_PARAMS_TRAIL} / {MASK_BUF_PARAMS_TRAI
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from ..codegen import buffer_args
 from . import config, launcher
@@ -340,7 +343,10 @@ def flex_bwd_dq(Q, K, V, DO, DQ, OUT, LSE, DLSE, LSE2, DELTA, K_DESC, V_DESC,
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     tl.store(DELTA + rows, delta, mask=row_ok)
     tl.store(LSE2 + rows, lse2, mask=row_ok)
-    if not WANT_DQ:
+    if not WANT_DQ:  # DQ is the float32 buffer the atomics add dq into: its rows start at 0 here
+        _store_tile(_head_base(DQ, off_z, off_h, stride_dqz, stride_dqh), offs_m, offs_d, stride_dqm, stride_dqk,
+                    Q_LEN, tl.zeros([BLOCK_M, QK_HEAD_PAD], dtype=tl.float32), CHECK_R=True, C=QK_HEAD,
+                    C_PAD=QK_HEAD_PAD, OFFS_64=True)
         return
     q = _load_tile(q_base, offs_m, offs_d, stride_qm, stride_qk, Q_LEN,
                    CHECK_R=not Q_DIVISIBLE, C=QK_HEAD, C_PAD=QK_HEAD_PAD, OFFS_64=True)
@@ -474,6 +480,25 @@ def flex_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, DQ_ACC, Q_DESC, DO_DESC,
 '''
 
 
+DQ_CAST_ROWS = 32
+
+
+@triton.jit
+def _dq_from_acc(ACC, DQ, stride_dqz, stride_dqh, stride_dqm, stride_dqk, HQ, Q_LEN,
+                 QK_HEAD: tl.constexpr, QK_HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    # dq in its dtype and strides from the float32 buffer [B, HQ, Q_LEN, QK_HEAD] that the atomics
+    # summed it into (a kernel, not a torch copy: replayed calls re-run only kernel launches)
+    pid_zh = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, QK_HEAD_PAD)
+    ok = (offs_m[:, None] < Q_LEN) & (offs_d[None, :] < QK_HEAD)
+    rows = pid_zh.to(tl.int64) * Q_LEN + offs_m
+    acc = tl.load(ACC + rows[:, None] * QK_HEAD + offs_d[None, :], mask=ok)
+    dq = DQ + (pid_zh // HQ).to(tl.int64) * stride_dqz + (pid_zh % HQ).to(tl.int64) * stride_dqh
+    tl.store(dq + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqk,
+             acc.to(DQ.dtype.element_ty), mask=ok)
+
+
 def bwd_config(plan, q, k, v, base=None) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages): `base` (default:
     config.default_bwd_config) with the keys given in kernel_options applied and the tiles
@@ -597,15 +622,17 @@ def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
     atomic = hopper or use_atomic_dq(plan, q, v)
     dq_key, prep_key, *dkdv_keys = bwd_launch_keys(mod, q, v, cfg)
     dkdv_key_of = dict(zip([part + (a,) for a in (False, True) for part in DKDV_TOGETHER + DKDV_SPLIT], dkdv_keys))
-    # with atomic dq the dq kernel only writes delta / lse2, and dq is summed in float32 here
-    # (without, the dk/dv kernel's DQ_ACC is an unread stand-in)
-    dq_acc = torch.zeros(B, Hq, L, E, dtype=torch.float32, device=q.device) if atomic else delta
+    # with atomic dq the dq kernel only writes delta / lse2 and zeroes dq_acc, where dq is summed
+    # in float32 (without, the dk/dv kernel's DQ_ACC is an unread stand-in). Every buffer comes
+    # from torch.empty and is filled by a kernel, so the call can be replayed (kernels.replay).
+    dq_acc = torch.empty(B, Hq, L, E, dtype=torch.float32, device=q.device) if atomic else delta
+    dq_out = dq_acc if atomic else dq
     kv_num, kv_idx, full_num, full_idx = kv_lists(blk)
     launcher.launch(mod.flex_bwd_dq, (cdiv(L, m2), B * Hq), lambda kw: (
-        q, k, v, dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
+        q, k, v, dout, dq_out, out, lse, lse if dlse is None else dlse, lse2, delta,
         *walked_descriptors(tma, (k, v), kw["BLOCK_N"]),
         kv_num, kv_idx, full_num, full_idx,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *out.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq_out.stride(), *out.stride(),
         *bm_strides(kv_num, kv_idx), *bm_strides(full_num, full_idx),
         Hq, L, S, plan.scale, drop_scale, lo, hi, thr, *sargs, *margs, *gbufs),
         dict(BLOCK_M=m2, BLOCK_N=n2, HAS_DLSE=dlse is not None, WANT_DQ=not atomic, TMA_LOADS=tma, **common),
@@ -626,7 +653,8 @@ def flex_backward(plan, q, k, v, out, lse, dout, dlse, score_bufs, cfg=None):
                  TMA_LOADS=tma, **common),
             dkdv_key_of[want_dk, want_dv, atomic and want_dk], shrink="BLOCK_M")
     if atomic:
-        dq.copy_(dq_acc)
+        launcher.launch_cached(_dq_from_acc, (cdiv(L, DQ_CAST_ROWS), B * Hq), (dq_acc, dq, *dq.stride(), Hq, L),
+                               dict(QK_HEAD=E, QK_HEAD_PAD=pad_dim(E), BLOCK_M=DQ_CAST_ROWS, num_warps=4))
     if det:
         gbufs = [g.double() / 4294967296.0 for g in gbufs]
     buf_grads = [g.to(score_bufs[s].dtype) for g, s in zip(gbufs, grad_slots)]

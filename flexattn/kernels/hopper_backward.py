@@ -11,7 +11,7 @@ full_q_* blocks): per q tile of BLOCK_M rows
     dQ = dS K (float32 atomics),  dV += P^T dO,  dK += dS^T Q
 five tile products, each tile's S and dP computed once (the Triton backward's dq kernel computes
 them a second time). lse2 and delta per row come from the Triton dq kernel run with
-WANT_DQ=False (`backward.flex_backward`), launched first on the same stream.
+WANT_DQ=False (`backward.flex_backward`), launched first on the same stream, which also zeroes dq_acc.
 
 Partitions (gl.warp_specialize):
   * consumer (the default partition), 8 warps: S and dP with the q rows on the wgmma M axis
@@ -361,7 +361,8 @@ def hopper_backward_unsupported(plan, q, k, v, dout) -> str | None:
     qb, kvb = plan.blocks.block
     if qb % bm or kvb % bn:
         return f"BlockMask BLOCK_SIZE {(qb, kvb)} (multiples of ({bm}, {bn}))"
-    return (gluon_missing() or hopper_unsupported(q, k, v, (qb, kvb), plan.dropout_p)
+    return (gluon_missing()
+            or hopper_unsupported(q, k, v, (qb, kvb), plan.dropout_p, (plan.score_graph, plan.mask_graph))
             or tma_unsupported("grad_out", dout))
 
 
@@ -376,7 +377,7 @@ def use_hopper_backward(plan, q, k, v, dout) -> bool:
 
 def hopper_dkdv(plan, q, k, v, dout, dk, dv, lse2, delta, dq_acc, buf_args, gbufs):
     """Launch the Hopper backward kernel (after the dq kernel wrote lse2 / delta): dk, dv written,
-    dq_acc (float32 [B, Hq, L, E], zeroed) and the captured tensors' gradients (gbufs) added
+    dq_acc (float32 [B, Hq, L, E], zeroed by the dq kernel) and the captured tensors' gradients (gbufs) added
     to; buf_args: the score_mod's then the mask_mod's captured-tensor arguments."""
     B, Hq, L, E = q.shape
     _, Hkv, S, Ev = v.shape
