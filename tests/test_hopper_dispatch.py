@@ -250,7 +250,7 @@ def _compile_bwd_sm90(score_mod, mask_mod, E=128):
                  FULL_Q_IDX="*i32", SCALE="fp32", SCALE_LOG2="fp32")
     consts = dict(GQA_GROUP=2, HAS_FULL=True, HAS_SCORE_MOD=sg is not None, BLOCK_M=64, BLOCK_N=128,
                   SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, Q_DIVISIBLE=False, KV_DIVISIBLE=False, STAGES=2,
-                  QK_HEAD=E, V_HEAD=E, QK_HEAD_PAD=E, V_HEAD_PAD=E, FP16=False, num_warps=8)
+                  QK_HEAD=E, V_HEAD=E, QK_HEAD_PAD=E, V_HEAD_PAD=E, FP16=False, KV_ROWS_ON_M=E > 64, num_warps=8)
     sig, cst = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:

@@ -14,11 +14,15 @@ them a second time). lse2 and delta per row come from the Triton dq kernel run w
 WANT_DQ=False (`backward.flex_backward`), launched first on the same stream, which also zeroes dq_acc.
 
 Partitions (gl.warp_specialize):
-  * consumer (the default partition), 8 warps: S and dP with the q rows on the wgmma M axis
-    and the kv columns split between the two warpgroups (a thread holds 2 rows' lse2 / delta);
-    P and dS through shared memory, where they are the A operands of dV, dK (transposed) and
-    dQ; dV and dK: each warpgroup BLOCK_N / 2 kv rows; dQ: each warpgroup half the head dim,
-    added by 8-byte atomics straight from its registers while dV's and dK's wgmmas run.
+  * consumer (the default partition), 8 warps, in one of two forms (KV_ROWS_ON_M, by head dim):
+    - up to 64 (`_tiles_q_rows`): S and dP with the q rows on the wgmma M axis and the kv columns
+      split between the two warpgroups (a thread holds 2 rows' lse2 / delta); P and dS through
+      shared memory, where they are the A operands of dV, dK (transposed) and dQ;
+    - over 64 (`_tiles_kv_rows`): S^T and dP^T with the kv rows on M, each warpgroup 64 of them;
+      P^T and dS^T stay in registers as dV's and dK's A operands, dS^T goes through shared memory
+      for dQ only (fewer shared-memory bytes a tile, 16 rows' lse2 / delta a thread).
+    dV and dK: each warpgroup BLOCK_N / 2 kv rows; dQ: each warpgroup half the head dim, added by
+    8-byte atomics straight from its registers while the last wgmmas of the tile run.
   * producer, 1 warp: the TMA loads of each q and dO tile into a STAGES-deep ring; slot s is
     refilled once `qdo_empty[s]` says the consumers are done with it.
 
@@ -27,13 +31,14 @@ in registers it serializes every wgmma (its C7512 note; benchmarks/aot_inspect.p
 That happened to the asynchronous forms tried before this one (a dQ writer warp given more
 registers than the producer, which a warpgroup's shared count took from the consumers), and the
 K / V wgmma descriptors, hoisted out of the loop, were spilled and reloaded every tile until the
-loop remade them (`_consume_list`). A dQ writer warp that took each tile's dQ through shared memory
+loop remade them (`_tiles_q_rows`). A dQ writer warp that took each tile's dQ through shared memory
 measured slower than the consumers' own atomics (one warp's atomics held the consumers back; D=64
 0.71-0.83x the Triton kernels against 1.03-1.12x).
 
 Measured on an H200 (B=4, H=16, S=8K, bf16, fwd+bwd, against the Triton dq + dk/dv kernels in one
 process, benchmarks/ab_options.py; benchmarks/RESULTS.md, "The Hopper backward: five products"):
-D=64 1.02-1.12x but ALiBi 0.99x, D=128 0.87-0.98x (config.HOPPER_BWD_DEFAULT).
+D=64 1.02-1.12x but ALiBi 0.99x (config.HOPPER_BWD_DEFAULT); D=128 in the kv-rows form 1.00-1.06x
+(causal, dense, softcap, document), in the q-rows form 0.87-0.98x.
 
 Holes filled by `flexattn.kernels.source.fill`, as in the Triton backward: {SCORE_MOD},
 {MASK_MOD}, {SCORE_MOD_BWD} and the captured tensors' parameter lists.
@@ -44,7 +49,7 @@ import torch
 
 from . import config, launcher
 from .blocks import bm_strides, q_lists
-from .config import LOG2E
+from .config import LOG2E, pad_dim
 from .hopper_forward import GLUON_PRELUDE, descriptor, gluon_missing, hopper_unsupported, tma_unsupported
 from .launcher import cdiv, next_pow2
 
@@ -104,7 +109,44 @@ def _row_stats(lse_base, delta_base, offs_m, Q_LEN):
 
 
 @gluon.jit
-def _consume_list(dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_ready, do_ready, qdo_empty,
+def _apply_masks(p, off_z, off_h, q_idx, kv_idx, Q_LEN, KV_LEN, {MASK_BUF_PARAMS_TRAIL}
+                 IS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr, Q_DIVISIBLE: gl.constexpr,
+                 KV_DIVISIBLE: gl.constexpr):
+    # P of a tile with the mask_mod (partial blocks only) and the lengths applied, and where it holds
+    # (True: everywhere; a score_mod's derivative takes it as a tensor)
+    if IS_FULL and KV_DIVISIBLE and not HAS_SCORE_MOD:
+        valid = True
+    else:
+        valid = gl.full(p.shape, 1, gl.int1, layout=p.type.layout)
+        if not IS_FULL:
+            valid = valid & mask_mod(off_z, off_h, q_idx, kv_idx{MASK_BUF_ARGS})
+            if not Q_DIVISIBLE:
+                valid = valid & (q_idx < Q_LEN)
+        if not KV_DIVISIBLE:
+            valid = valid & (kv_idx < KV_LEN)
+        p = gl.where(valid, p, 0.0)
+    return p, valid
+
+
+@gluon.jit
+def _add_dq(dq_base, dq, tile_m, Q_LEN, SCALE, IS_FULL: gl.constexpr, Q_DIVISIBLE: gl.constexpr,
+            QK_HEAD: gl.constexpr):
+    # a tile's dQ added to the float32 dq buffer from the registers that hold it (8-byte atomics,
+    # fire and forget; masked only where a row or column can lie past the end: a masked atomic is a branch)
+    QK_PAD: gl.constexpr = dq.shape[1]
+    rows = tile_m + gl.expand_dims(gl.arange(0, dq.shape[0], layout=gl.SliceLayout(1, dq.type.layout)), 1)
+    cols = gl.expand_dims(gl.arange(0, QK_PAD, layout=gl.SliceLayout(0, dq.type.layout)), 0)
+    ptrs = dq_base + rows.to(gl.int64) * QK_HEAD + cols
+    if not IS_FULL and not Q_DIVISIBLE:
+        gl.atomic_add(ptrs, dq * SCALE, mask=(rows < Q_LEN) & (cols < QK_HEAD), sem="relaxed")
+    elif QK_HEAD == QK_PAD:
+        gl.atomic_add(ptrs, dq * SCALE, sem="relaxed")
+    else:
+        gl.atomic_add(ptrs, dq * SCALE, mask=cols < QK_HEAD, sem="relaxed")
+
+
+@gluon.jit
+def _tiles_q_rows(dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_ready, do_ready, qdo_empty,
                   idx_ptr, n_blocks, it, lse_base, delta_base, dq_base,
                   off_z, off_h, start_n, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
                   {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}{GRAD_BUF_PARAMS_TRAIL}
@@ -125,8 +167,6 @@ def _consume_list(dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_re
                                                         instr_shape=[16, QK_PAD // WG, 16])
     dtype: gl.constexpr = q_ring.dtype
     offs_m0 = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-    dq_rows0 = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout)), 1)
-    dq_cols = gl.expand_dims(gl.arange(0, QK_PAD, layout=gl.SliceLayout(0, dq_layout)), 0)
     # each tile's row start and lse2 / delta are loaded a tile ahead (two dependent global loads,
     # whose latency would otherwise stand between S and P)
     start_m = _tile_start(idx_ptr, 0, n_blocks, SPARSE_Q_BLOCK, BLOCK_M)
@@ -158,17 +198,9 @@ def _consume_list(dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_re
             p = gl.exp2(score_mod(sc, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}) * LOG2E - gl.expand_dims(lse2, 1))
         else:
             p = gl.exp2(qk * SCALE_LOG2 - gl.expand_dims(lse2, 1))
-        if IS_FULL and KV_DIVISIBLE and not HAS_SCORE_MOD:
-            valid = True
-        else:
-            valid = gl.full([BLOCK_M, BLOCK_N], 1, gl.int1, layout=s_layout)
-            if not IS_FULL:
-                valid = valid & mask_mod(off_z, off_h, q_idx, kv_idx{MASK_BUF_ARGS})
-                if not Q_DIVISIBLE:
-                    valid = valid & (q_idx < Q_LEN)
-            if not KV_DIVISIBLE:
-                valid = valid & (kv_idx < KV_LEN)
-            p = gl.where(valid, p, 0.0)
+        p, valid = _apply_masks(p, off_z, off_h, q_idx, kv_idx, Q_LEN, KV_LEN, {MASK_BUF_ARGS_TRAIL}
+                                IS_FULL=IS_FULL, HAS_SCORE_MOD=HAS_SCORE_MOD, Q_DIVISIBLE=Q_DIVISIBLE,
+                                KV_DIVISIBLE=KV_DIVISIBLE)
         # P and dS go through shared memory: P^T and dS^T are dV's and dK's A operands, dS dQ's.
         # The tile's closing barrier (below) keeps the next tile's stores behind every read of these.
         p_smem.store(p.to(dtype))
@@ -187,18 +219,89 @@ def _consume_list(dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_re
         start_m = _tile_start(idx_ptr, t + 1, n_blocks, SPARSE_Q_BLOCK, BLOCK_M)  # (past the list: 0)
         lse2, delta = _row_stats(lse_base, delta_base, start_m + offs_m0, Q_LEN)
         dq = warpgroup_mma_wait(2, deps=[dq])
-        # dQ added to the float32 dq buffer under dV's and dK's wgmmas (8-byte atomics, fire and forget;
-        # masked only where a row or column can lie past the end: a masked atomic is a branch)
-        dq_rows = tile_m + dq_rows0
-        dq_ptrs = dq_base + dq_rows.to(gl.int64) * QK_HEAD + dq_cols
-        if not IS_FULL and not Q_DIVISIBLE:
-            gl.atomic_add(dq_ptrs, dq * SCALE, mask=(dq_rows < Q_LEN) & (dq_cols < QK_HEAD), sem="relaxed")
-        elif QK_HEAD == QK_PAD:
-            gl.atomic_add(dq_ptrs, dq * SCALE, sem="relaxed")
-        else:
-            gl.atomic_add(dq_ptrs, dq * SCALE, mask=dq_cols < QK_HEAD, sem="relaxed")
+        _add_dq(dq_base, dq, tile_m, Q_LEN, SCALE, IS_FULL=IS_FULL, Q_DIVISIBLE=Q_DIVISIBLE, QK_HEAD=QK_HEAD)
         dv, dk = warpgroup_mma_wait(0, deps=[dv, dk])
         # every consumer warp has finished the tile's wgmmas: the q / dO slot is free
+        _cta_barrier()
+        mbarrier.arrive(qdo_empty.index(s), count=1)
+        it += 1
+    return dk, dv, it
+
+
+@gluon.jit
+def _tiles_kv_rows(dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_ready, do_ready, qdo_empty,
+                  idx_ptr, n_blocks, it, lse_base, delta_base, dq_base,
+                  off_z, off_h, start_n, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
+                  {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}{GRAD_BUF_PARAMS_TRAIL}
+                  IS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr, Q_DIVISIBLE: gl.constexpr,
+                  KV_DIVISIBLE: gl.constexpr, SPARSE_Q_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, QK_HEAD: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    # The same tile products with the kv rows on the wgmma M axis (S^T = K Q^T, dP^T = V dO^T;
+    # each warpgroup 64 kv rows): P^T and dS^T stay in registers as the A operands of dV and dK,
+    # only dS^T goes through shared memory (dQ's A operand, both warpgroups' halves). Fewer
+    # shared-memory bytes a tile than with q rows on M (no P store, no P / dS reads for dV / dK),
+    # at the price of 16 rows' lse2 / delta a thread, loaded each tile (p_smem is unused).
+    MULT: gl.constexpr = SPARSE_Q_BLOCK // BLOCK_M
+    LOG2E: gl.constexpr = 1.4426950408889634
+    QK_PAD: gl.constexpr = q_ring.shape[2]
+    WG: gl.constexpr = num_warps // 4
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
+                                                        instr_shape=[16, QK_PAD // WG, 16])
+    dv_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dv.type.layout, k_width=2)
+    dk_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk.type.layout, k_width=2)
+    dtype: gl.constexpr = q_ring.dtype
+    offs_m0 = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+    start_m = _tile_start(idx_ptr, 0, n_blocks, SPARSE_Q_BLOCK, BLOCK_M)
+    for t in range(n_blocks * MULT):
+        s = it % STAGES
+        phase = (it // STAGES) & 1
+        tile_m = start_m
+        offs_m = tile_m + offs_m0
+        q_idx = gl.expand_dims(offs_m, 0)
+        kv_idx = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout)), 1)
+        q_s = q_ring.index(s)
+        do_s = do_ring.index(s)
+        k_s = k_smem.index(it >> 30)  # (descriptors remade each tile, as in _tiles_q_rows)
+        v_s = v_smem.index(it >> 30)
+        mbarrier.wait(q_ready.index(s), phase)
+        qkT = warpgroup_mma(k_s, q_s.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout),
+                            use_acc=False, is_async=True)
+        mbarrier.wait(do_ready.index(s), phase)
+        dpT = warpgroup_mma(v_s, do_s.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout),
+                            use_acc=False, is_async=True)
+        lse2 = gl.load(lse_base + offs_m, mask=offs_m < Q_LEN, other=float("inf"))
+        qkT = warpgroup_mma_wait(1, deps=[qkT])
+        if HAS_SCORE_MOD:
+            sT = qkT * SCALE
+            pT = gl.exp2(score_mod(sT, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}) * LOG2E
+                         - gl.expand_dims(lse2, 0))
+        else:
+            pT = gl.exp2(qkT * SCALE_LOG2 - gl.expand_dims(lse2, 0))
+        pT, valid = _apply_masks(pT, off_z, off_h, q_idx, kv_idx, Q_LEN, KV_LEN, {MASK_BUF_ARGS_TRAIL}
+                                 IS_FULL=IS_FULL, HAS_SCORE_MOD=HAS_SCORE_MOD, Q_DIVISIBLE=Q_DIVISIBLE,
+                                 KV_DIVISIBLE=KV_DIVISIBLE)
+        delta = gl.load(delta_base + offs_m, mask=offs_m < Q_LEN, other=0.0)
+        dpT = warpgroup_mma_wait(0, deps=[dpT])
+        dsT = pT * (dpT - gl.expand_dims(delta, 0))
+        if HAS_SCORE_MOD:
+            dsT = score_mod_bwd(sT, dsT, valid, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}{GRAD_BUF_ARGS},
+                                Q_AXIS=1, ACCUM=True, FIXED_POINT=False)
+        dsT = dsT.to(dtype)
+        ds_smem.store(dsT)
+        dv = warpgroup_mma(gl.convert_layout(pT.to(dtype), dv_op), do_s, dv, is_async=True)
+        # both warpgroups' dS^T rows stored before either reads them as dQ's A operand
+        fence_async_shared()
+        _cta_barrier()
+        dq = warpgroup_mma(ds_smem.permute((1, 0)), k_s, gl.zeros([BLOCK_M, QK_PAD], gl.float32, layout=dq_layout),
+                           use_acc=False, is_async=True)
+        dk = warpgroup_mma(gl.convert_layout(dsT, dk_op), q_s, dk, is_async=True)
+        start_m = _tile_start(idx_ptr, t + 1, n_blocks, SPARSE_Q_BLOCK, BLOCK_M)  # (past the list: 0)
+        dv, dq = warpgroup_mma_wait(1, deps=[dv, dq])
+        _add_dq(dq_base, dq, tile_m, Q_LEN, SCALE, IS_FULL=IS_FULL, Q_DIVISIBLE=Q_DIVISIBLE, QK_HEAD=QK_HEAD)
+        dk = warpgroup_mma_wait(0, deps=[dk])
+        # every consumer warp has finished the tile's wgmmas: the q / dO slot and ds_smem are free
         _cta_barrier()
         mbarrier.arrive(qdo_empty.index(s), count=1)
         it += 1
@@ -215,7 +318,7 @@ def _consumer(k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, kv_bar, q_ready,
               GQA_GROUP: gl.constexpr, HAS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr,
               Q_DIVISIBLE: gl.constexpr, KV_DIVISIBLE: gl.constexpr, SPARSE_Q_BLOCK: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, QK_HEAD: gl.constexpr, STAGES: gl.constexpr,
-              num_warps: gl.constexpr):
+              KV_ROWS_ON_M: gl.constexpr, num_warps: gl.constexpr):
     QK_PAD: gl.constexpr = k_smem.shape[2]
     V_PAD: gl.constexpr = v_smem.shape[2]
     dk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -224,6 +327,7 @@ def _consumer(k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, kv_bar, q_ready,
                                                         instr_shape=[16, V_PAD, 16])
     dk = gl.zeros([BLOCK_N, QK_PAD], gl.float32, layout=dk_layout)
     dv = gl.zeros([BLOCK_N, V_PAD], gl.float32, layout=dv_layout)
+    tiles: gl.constexpr = _tiles_kv_rows if KV_ROWS_ON_M else _tiles_q_rows
     mbarrier.wait(kv_bar, 0)
     it = gl.to_tensor(0)
     for g in range(GQA_GROUP):
@@ -231,7 +335,7 @@ def _consumer(k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, kv_bar, q_ready,
         row = (off_z * HQ + off_h).to(gl.int64) * Q_LEN
         n_part, idx_ptr = _block_list(Q_NUM, Q_IDX, off_z, off_h, sparse_n,
                                       stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im)
-        dk, dv, it = _consume_list(
+        dk, dv, it = tiles(
             dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_ready, do_ready, qdo_empty,
             idx_ptr, n_part, it, LSE2 + row, DELTA + row, DQ_ACC + row * QK_HEAD,
             off_z, off_h, start_n, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
@@ -242,7 +346,7 @@ def _consumer(k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, kv_bar, q_ready,
         if HAS_FULL:
             n_full, fidx_ptr = _block_list(FULL_Q_NUM, FULL_Q_IDX, off_z, off_h, sparse_n,
                                            stride_fnz, stride_fnh, stride_fnm, stride_fiz, stride_fih, stride_fim)
-            dk, dv, it = _consume_list(
+            dk, dv, it = tiles(
                 dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_ready, do_ready, qdo_empty,
                 fidx_ptr, n_full, it, LSE2 + row, DELTA + row, DQ_ACC + row * QK_HEAD,
                 off_z, off_h, start_n, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
@@ -266,7 +370,7 @@ def flex_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, DK, DV, LSE2, DELTA, D
                          SPARSE_Q_BLOCK: gl.constexpr, SPARSE_KV_BLOCK: gl.constexpr,
                          Q_DIVISIBLE: gl.constexpr, KV_DIVISIBLE: gl.constexpr, STAGES: gl.constexpr,
                          QK_HEAD: gl.constexpr, V_HEAD: gl.constexpr, QK_HEAD_PAD: gl.constexpr,
-                         V_HEAD_PAD: gl.constexpr, FP16: gl.constexpr,
+                         V_HEAD_PAD: gl.constexpr, FP16: gl.constexpr, KV_ROWS_ON_M: gl.constexpr,
                          num_warps: gl.constexpr):
     # descriptors: rank 4 over [B, H, S, D] with [1, 1, rows, D_PAD] boxes (hopper_forward.descriptor)
     gl.static_assert(q_desc.block_type.shape[3] == QK_HEAD_PAD and v_desc.block_type.shape[3] == V_HEAD_PAD)
@@ -290,10 +394,13 @@ def flex_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, DK, DV, LSE2, DELTA, D
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_M, QK_HEAD_PAD], dtype))
     do_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, V_HEAD_PAD],
                                         gl.NVMMASharedLayout.get_default_for([BLOCK_M, V_HEAD_PAD], dtype))
-    p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N],
-                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype))
-    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N],
-                                        gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype))
+    DS_SHAPE: gl.constexpr = [BLOCK_N, BLOCK_M] if KV_ROWS_ON_M else [BLOCK_M, BLOCK_N]  # dS^T / dS
+    ds_smem = gl.allocate_shared_memory(dtype, DS_SHAPE, gl.NVMMASharedLayout.get_default_for(DS_SHAPE, dtype))
+    if KV_ROWS_ON_M:
+        p_smem = ds_smem  # (unused: P^T stays in registers)
+    else:
+        p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype))
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -317,7 +424,7 @@ def flex_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, DK, DV, LSE2, DELTA, D
                      LSE2, DELTA, DQ_ACC, off_z, off_hkv, start_n, sparse_n, HQ, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
                      {SCORE_BUF_ARGS_TRAIL}{MASK_BUF_ARGS_TRAIL}{GRAD_BUF_ARGS_TRAIL}
                      GQA_GROUP, HAS_FULL, HAS_SCORE_MOD, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q_BLOCK,
-                     BLOCK_M, BLOCK_N, QK_HEAD, STAGES, num_warps)),
+                     BLOCK_M, BLOCK_N, QK_HEAD, STAGES, KV_ROWS_ON_M, num_warps)),
         (_producer, (q_desc, do_desc, q_ring, do_ring, q_ready, do_ready, qdo_empty,
                      Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
                      stride_nz, stride_nh, stride_nm, stride_iz, stride_ih, stride_im,
@@ -343,10 +450,12 @@ def flex_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, DK, DV, LSE2, DELTA, D
 '''
 
 
-def hopper_bwd_config(d: int, dv: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, STAGES, num_warps): 128 kv rows (two consumer warpgroups of 64),
-    64-row q tiles, two q / dO stages."""
-    return 64, 128, 2, 8
+def hopper_bwd_config(d: int, dv: int) -> tuple[int, int, int, int, bool]:
+    """(BLOCK_M, BLOCK_N, STAGES, num_warps, KV_ROWS_ON_M): 128 kv rows (two consumer warpgroups
+    of 64), 64-row q tiles, two q / dO stages; the kv rows on the wgmma M axis at head dims over
+    64 (measured on an H200 against the q-rows form, each against the Triton kernels in one
+    process: D=128 1.00-1.06x against 0.92-0.98x, D=64 0.97-1.12x against 1.04-1.14x)."""
+    return 64, 128, 2, 8, max(pad_dim(d), pad_dim(dv)) > 64
 
 
 def hopper_backward_unsupported(plan, q, k, v, dout) -> str | None:
@@ -357,7 +466,7 @@ def hopper_backward_unsupported(plan, q, k, v, dout) -> str | None:
         return "DETERMINISTIC (its dq is summed by float atomics)"
     if max(q.shape[-1], v.shape[-1]) > 128:  # dK and dV alone would take 256 registers a thread
         return f"head dims {q.shape[-1]} / {v.shape[-1]} (up to 128)"
-    bm, bn, _, _ = hopper_bwd_config(q.shape[-1], v.shape[-1])
+    bm, bn, *_ = hopper_bwd_config(q.shape[-1], v.shape[-1])
     qb, kvb = plan.blocks.block
     if qb % bm or kvb % bn:
         return f"BlockMask BLOCK_SIZE {(qb, kvb)} (multiples of ({bm}, {bn}))"
@@ -381,7 +490,7 @@ def hopper_dkdv(plan, q, k, v, dout, dk, dv, lse2, delta, dq_acc, buf_args, gbuf
     to; buf_args: the score_mod's then the mask_mod's captured-tensor arguments."""
     B, Hq, L, E = q.shape
     _, Hkv, S, Ev = v.shape
-    bm, bn, stages, warps = hopper_bwd_config(E, Ev)
+    bm, bn, stages, warps, kv_rows_on_m = hopper_bwd_config(E, Ev)
     blk = plan.blocks
     q_num, q_idx, fq_num, fq_idx = q_lists(blk)
     args = (descriptor(q, bm), descriptor(k, bn), descriptor(v, bn), descriptor(dout, bm), dk, dv, lse2, delta, dq_acc,
@@ -392,5 +501,5 @@ def hopper_dkdv(plan, q, k, v, dout, dk, dv, lse2, delta, dq_acc, buf_args, gbuf
                   BLOCK_M=bm, BLOCK_N=bn, SPARSE_Q_BLOCK=blk.block[0], SPARSE_KV_BLOCK=blk.block[1],
                   Q_DIVISIBLE=L % blk.block[0] == 0, KV_DIVISIBLE=S % blk.block[1] == 0, STAGES=stages,
                   QK_HEAD=E, V_HEAD=Ev, QK_HEAD_PAD=next_pow2(E), V_HEAD_PAD=next_pow2(Ev),
-                  FP16=q.dtype == torch.float16, num_warps=warps)
+                  FP16=q.dtype == torch.float16, KV_ROWS_ON_M=kv_rows_on_m, num_warps=warps)
     launcher.launch_cached(plan.module("bwd_hopper").flex_bwd_dkdv_hopper, (cdiv(S, bn), B * Hkv), args, kwargs)
