@@ -142,9 +142,8 @@ def take_option(opts: dict, key: str, default: bool, why_not, cannot: str) -> bo
 # out (where tma_loads allows it). Measured on an H200 (B=4, H=16, S=8K, bf16, fwd+bwd, the two forms
 # alternating in one process, benchmarks/ab_options.py; results bitwise equal): D=128 1.00-1.03x (causal
 # +2.7%, prefix-LM +2.6%, document, dense, sliding window, ALiBi within +-1%), D=64 1.01-1.05x, D=256
-# 0.97x. Still off: the one run of the whole GPU suite with it on had one failure, not identified
-# before the run's time ran out (the 25 tests forcing it, and 113 others, passed).
-TMA_LOADS_DEFAULT = False
+# 0.97x. The whole GPU suite ran with it on (and HOPPER_BWD_DEFAULT): no failure of its own.
+TMA_LOADS_DEFAULT = True
 
 
 def tma_loads(d: int, dv: int) -> bool:
@@ -157,16 +156,17 @@ def tma_loads(d: int, dv: int) -> bool:
 # Whether the backward runs the Hopper kernel (kernels.hopper_backward: dk, dv and dq in one
 # warp-specialised program) where kernel_options leave "bwd_HOPPER" out and the call allows it, at head
 # dims up to 64. Measured on an H200 against the Triton kernels (B=4, H=16, S=8K, bf16, fwd+bwd, the
-# two alternating in one process, benchmarks/ab_options.py): D=64 1.02-1.12x (causal 1.08, dense 1.09,
-# prefix-LM 1.09, softcap 1.12, document 1.03, sliding window 1.02, ALiBi 0.99), D=128 0.87-0.98x.
-# Still off: its 25 GPU tests pass, but the whole GPU suite has not yet run with it as the default.
-HOPPER_BWD_DEFAULT = False
+# two alternating in one process, benchmarks/ab_options.py): D=64 1.02-1.14x (causal 1.08-1.09, dense
+# 1.08-1.09, prefix-LM 1.09, softcap 1.12-1.14, document 1.03-1.04, sliding window 1.02, ALiBi 0.99);
+# at D=128 its kv-rows form 1.00-1.06x on four cases, not yet the default there. Its dq is summed by
+# float atomics: not bitwise reproducible run to run (DETERMINISTIC keeps the Triton kernels).
+HOPPER_BWD_DEFAULT = True
 
 
 def hopper_backward(d: int, dv: int) -> bool:
     """Whether the backward runs the Hopper kernel where the call allows it
     (hopper_backward.use_hopper_backward) and kernel_options leave "bwd_HOPPER" out:
-    HOPPER_BWD_DEFAULT, at head dims up to 64 (at 128 it measured slower)."""
+    HOPPER_BWD_DEFAULT, at head dims up to 64 (at 128 not yet measured on every case)."""
     return HOPPER_BWD_DEFAULT and max(pad_dim(d), pad_dim(dv)) <= 64
 
 
