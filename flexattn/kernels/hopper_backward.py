@@ -230,12 +230,12 @@ def _tiles_q_rows(dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_re
 
 @gluon.jit
 def _tiles_kv_rows(dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_ready, do_ready, qdo_empty,
-                  idx_ptr, n_blocks, it, lse_base, delta_base, dq_base,
-                  off_z, off_h, start_n, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
-                  {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}{GRAD_BUF_PARAMS_TRAIL}
-                  IS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr, Q_DIVISIBLE: gl.constexpr,
-                  KV_DIVISIBLE: gl.constexpr, SPARSE_Q_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr, QK_HEAD: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+                   idx_ptr, n_blocks, it, lse_base, delta_base, dq_base,
+                   off_z, off_h, start_n, Q_LEN, KV_LEN, SCALE, SCALE_LOG2,
+                   {SCORE_BUF_PARAMS_TRAIL}{MASK_BUF_PARAMS_TRAIL}{GRAD_BUF_PARAMS_TRAIL}
+                   IS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr, Q_DIVISIBLE: gl.constexpr,
+                   KV_DIVISIBLE: gl.constexpr, SPARSE_Q_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr,
+                   BLOCK_N: gl.constexpr, QK_HEAD: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
     # The same tile products with the kv rows on the wgmma M axis (S^T = K Q^T, dP^T = V dO^T;
     # each warpgroup 64 kv rows): P^T and dS^T stay in registers as the A operands of dV and dK,
     # only dS^T goes through shared memory (dQ's A operand, both warpgroups' halves). Fewer
