@@ -40,7 +40,8 @@ VALID_OPTIONS = {
     "decode_num_stages": "decode pipeline depth", "decode_SPLITS": "decode kv splits per (b, h)",
     "FORCE_DECODE": "True/False: force the split-KV decode kernel on/off (default: automatic)",
     "FORCE_USE_FLEX_ATTENTION": "torch name: True disables the decode kernel",
-    "DETERMINISTIC": "True: bitwise-identical gradients run to run",
+    "DETERMINISTIC": "True: bitwise-identical gradients run to run (default: "
+                     "torch.are_deterministic_algorithms_enabled())",
     "TIERED": "True (default): a new mask structure's first calls run through its tile-table form while its own "
               "kernels compile in the background",
     "ALLOW_TF32": "True: float32 inputs use tf32 matmuls on the GPU (default False: exact)",

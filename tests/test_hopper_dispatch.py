@@ -308,6 +308,38 @@ def test_hopper_backward_default_up_to_head_dim_64(monkeypatch):
     assert not hb.use_hopper_backward(default, q, k, v, torch.zeros_like(q))
 
 
+def test_torch_deterministic_algorithms_keep_the_triton_backward(monkeypatch):
+    # torch.use_deterministic_algorithms(True) reads as DETERMINISTIC=True (kernels.plan.build_plan): dq
+    # is not summed by float atomics; kernel_options that say otherwise win; a call recorded for replay
+    # without it is not found with it
+    if hf.gluon_missing():
+        pytest.skip(hf.gluon_missing())
+    from flexattn.kernels import config, hopper_backward as hb, make_plan, replay
+    monkeypatch.setattr(config, "device_key", lambda device: SM90)
+    monkeypatch.setattr(config, "HOPPER_BWD_DEFAULT", True)
+    q, k, v = qkv(E=64)
+    dout = torch.zeros_like(q)
+
+    def plan(opts=None):
+        return make_plan(q, k, v, score_graph=None, mask_graph=None, block_mask=None, scale=None,
+                         kernel_options=opts)
+
+    def key():
+        return replay.call_key(q, k, v, None, None, None, None, None, True)
+    assert hb.use_hopper_backward(plan(), q, k, v, dout) and "DETERMINISTIC" not in plan().opts
+    before = key()
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert plan().opts["DETERMINISTIC"] and key() != before
+        assert not hb.use_hopper_backward(plan(), q, k, v, dout)
+        assert hb.use_hopper_backward(plan({"DETERMINISTIC": False}), q, k, v, dout)
+        with pytest.raises(ValueError, match=r"bwd_HOPPER.*use_deterministic_algorithms\(True\)"):
+            hb.use_hopper_backward(plan({"bwd_HOPPER": True}), q, k, v, dout)
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 # ---- the Triton backward's TMA loads (kernels.backward.use_tma_loads) -------------------
 
 def _tma_plan(opts=None):

@@ -540,8 +540,9 @@ def use_atomic_dq(plan, q, v) -> bool:
     det = bool(plan.opts.get("DETERMINISTIC", False))
     asked = plan.opts.get("bwd_ATOMIC_DQ")
     if asked and det:
-        raise ValueError("kernel_options: bwd_ATOMIC_DQ=True and DETERMINISTIC=True cannot hold together "
-                         "(float atomics are not reproducible); drop one of them")
+        raise ValueError("kernel_options: bwd_ATOMIC_DQ=True and DETERMINISTIC=True (given, or set by "
+                         "torch.use_deterministic_algorithms(True)) cannot hold together (float atomics are not "
+                         "reproducible); drop one of them")
     if asked is None:
         asked = config.atomic_dq(q.device, q.shape[-1], v.shape[-1])
     return asked and not det

@@ -463,7 +463,8 @@ def hopper_backward_unsupported(plan, q, k, v, dout) -> str | None:
     if config.device_key(q.device) != "sm90":
         return f"compute capability {config.device_key(q.device)} (sm90 only)"
     if plan.opts.get("DETERMINISTIC"):
-        return "DETERMINISTIC (its dq is summed by float atomics)"
+        return ("DETERMINISTIC, given or set by torch.use_deterministic_algorithms(True) "
+                "(its dq is summed by float atomics)")
     if max(q.shape[-1], v.shape[-1]) > 128:  # dK and dV alone would take 256 registers a thread
         return f"head dims {q.shape[-1]} / {v.shape[-1]} (up to 128)"
     bm, bn, *_ = hopper_bwd_config(q.shape[-1], v.shape[-1])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from .. import codegen
 from ..autodiff import grad_slots as buffer_grad_slots
 from ..checks import check_kernel_inputs, check_scale
@@ -57,7 +59,11 @@ def fast_tanh(q) -> bool:
 def build_plan(q, k, score_graph, mask_graph, blocks: KernelBlocks, scale: float, opts: dict, dropout_p,
                dropout_seed, grad_slots, output_max: bool = False) -> Plan:
     """The Plan of a call whose inputs are checked (flexattn.checks.check_kernel_inputs) and
-    whose graphs are kernel graphs bound to the call's captured tensors."""
+    whose graphs are kernel graphs bound to the call's captured tensors. Under
+    torch.use_deterministic_algorithms(True) the kernels run as with DETERMINISTIC=True unless
+    kernel_options say otherwise (float atomics, whose order varies, then sum no gradient)."""
+    if "DETERMINISTIC" not in opts and torch.are_deterministic_algorithms_enabled():
+        opts = dict(opts, DETERMINISTIC=True)
     return Plan(score_graph, mask_graph, blocks, scale, opts, float(dropout_p or 0.0), dropout_seed,
                 tuple(grad_slots), list(score_graph.buffers) if score_graph is not None else [],
                 list(mask_graph.buffers) if mask_graph is not None else [], small_indices=small_indices(q, k),

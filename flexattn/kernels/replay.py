@@ -59,11 +59,13 @@ def _graph_key(g):
 def call_key(q, k, v, score_graph, mask_graph, block_mask, scale, kernel_options, needs_grad, output_max=False):
     """The signature of a call: equal keys make the same launches but for their tensors. The
     inputs' 16-byte alignment is part of it: it decides which forward a call takes (the Hopper
-    forward's TMA descriptors need aligned bases), and a CachedRun keeps its forward's kind."""
+    forward's TMA descriptors need aligned bases), and a CachedRun keeps its forward's kind; so is
+    torch.are_deterministic_algorithms_enabled() (kernels.plan.build_plan: the backward's kernels)."""
     return (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
             v.shape, v.stride(), v.dtype, v.device, _alignment((q, k, v)),
             _graph_key(score_graph), _graph_key(mask_graph),
             scale, tuple(kernel_options.items()) if kernel_options else (), needs_grad, output_max,
+            torch.are_deterministic_algorithms_enabled(),
             # as kernels._blocks_of: the BlockMask's lists by their storage
             None if block_mask is None else (block_mask.kv_num_blocks.data_ptr(), block_mask.kv_indices.data_ptr()))
 
