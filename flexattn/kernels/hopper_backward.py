@@ -31,7 +31,7 @@ in registers it serializes every wgmma (its C7512 note; benchmarks/aot_inspect.p
 That happened to the asynchronous forms tried before this one (a dQ writer warp given more
 registers than the producer, which a warpgroup's shared count took from the consumers), and the
 K / V wgmma descriptors, hoisted out of the loop, were spilled and reloaded every tile until the
-loop remade them (`_tiles_q_rows`). A dQ writer warp that took each tile's dQ through shared memory
+loop remade them (`_tile_slot`). A dQ writer warp that took each tile's dQ through shared memory
 measured slower than the consumers' own atomics (one warp's atomics held the consumers back; D=64
 0.71-0.83x the Triton kernels against 1.03-1.12x).
 
@@ -109,6 +109,32 @@ def _row_stats(lse_base, delta_base, offs_m, Q_LEN):
 
 
 @gluon.jit
+def _tile_slot(q_ring, do_ring, k_smem, v_smem, it, STAGES: gl.constexpr):
+    # the it-th q tile's ring slot and phase, and the tiles its products read. K and V by a slot index
+    # the compiler cannot prove 0 (`it` stays far below 2**30): their wgmma descriptors are then remade
+    # each tile (a few integer adds) instead of hoisted out of the loop, where they took 48 registers
+    # and were spilled and reloaded every tile
+    s = it % STAGES
+    return s, (it // STAGES) & 1, q_ring.index(s), do_ring.index(s), k_smem.index(it >> 30), v_smem.index(it >> 30)
+
+
+@gluon.jit
+def _probabilities(qk, lse2, off_z, off_h, q_idx, kv_idx, SCALE, SCALE_LOG2, {SCORE_BUF_PARAMS_TRAIL}
+                   HAS_SCORE_MOD: gl.constexpr, Q_AXIS: gl.constexpr):
+    # P = exp2(score * log2 e - lse2) of a tile of products whose q rows lie on axis Q_AXIS, and the
+    # scaled scores the score_mod's derivative takes (without a score_mod: the products, unused)
+    LOG2E: gl.constexpr = 1.4426950408889634
+    if HAS_SCORE_MOD:
+        sc = qk * SCALE
+        p = gl.exp2(score_mod(sc, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}) * LOG2E
+                    - gl.expand_dims(lse2, 1 - Q_AXIS))
+    else:
+        sc = qk
+        p = gl.exp2(qk * SCALE_LOG2 - gl.expand_dims(lse2, 1 - Q_AXIS))
+    return p, sc
+
+
+@gluon.jit
 def _apply_masks(p, off_z, off_h, q_idx, kv_idx, Q_LEN, KV_LEN, {MASK_BUF_PARAMS_TRAIL}
                  IS_FULL: gl.constexpr, HAS_SCORE_MOD: gl.constexpr, Q_DIVISIBLE: gl.constexpr,
                  KV_DIVISIBLE: gl.constexpr):
@@ -158,7 +184,6 @@ def _tiles_q_rows(dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_re
     # Q rows lie on the wgmma M axis, the warpgroups split the kv axis: a thread holds 2 rows'
     # lse / delta, not 16 as with S^T (registers decide whether ptxas keeps the wgmmas in flight).
     MULT: gl.constexpr = SPARSE_Q_BLOCK // BLOCK_M
-    LOG2E: gl.constexpr = 1.4426950408889634
     QK_PAD: gl.constexpr = q_ring.shape[2]
     WG: gl.constexpr = num_warps // 4
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
@@ -172,19 +197,11 @@ def _tiles_q_rows(dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_re
     start_m = _tile_start(idx_ptr, 0, n_blocks, SPARSE_Q_BLOCK, BLOCK_M)
     lse2, delta = _row_stats(lse_base, delta_base, start_m + offs_m0, Q_LEN)
     for t in range(n_blocks * MULT):
-        s = it % STAGES
-        phase = (it // STAGES) & 1
+        s, phase, q_s, do_s, k_s, v_s = _tile_slot(q_ring, do_ring, k_smem, v_smem, it, STAGES)
         tile_m = start_m
         q_idx = gl.expand_dims(tile_m + offs_m0, 1)
         # (made here, not once for the program: kept, its 16 values a thread were live through every tile)
         kv_idx = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)), 0)
-        q_s = q_ring.index(s)
-        do_s = do_ring.index(s)
-        # K and V by a slot index the compiler cannot prove 0 (`it` stays far below 2**30): their
-        # wgmma descriptors are then remade each tile (a few integer adds) instead of hoisted out of
-        # the loop, where they took 48 registers and were spilled and reloaded every tile
-        k_s = k_smem.index(it >> 30)
-        v_s = v_smem.index(it >> 30)
         mbarrier.wait(q_ready.index(s), phase)
         # (the zero accumulators are made where used: hoisted out of the loop they stay live)
         qk = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout),
@@ -193,11 +210,8 @@ def _tiles_q_rows(dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_re
         dp = warpgroup_mma(do_s, v_s.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout),
                            use_acc=False, is_async=True)
         qk = warpgroup_mma_wait(1, deps=[qk])
-        if HAS_SCORE_MOD:
-            sc = qk * SCALE
-            p = gl.exp2(score_mod(sc, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}) * LOG2E - gl.expand_dims(lse2, 1))
-        else:
-            p = gl.exp2(qk * SCALE_LOG2 - gl.expand_dims(lse2, 1))
+        p, sc = _probabilities(qk, lse2, off_z, off_h, q_idx, kv_idx, SCALE, SCALE_LOG2, {SCORE_BUF_ARGS_TRAIL}
+                               HAS_SCORE_MOD=HAS_SCORE_MOD, Q_AXIS=0)
         p, valid = _apply_masks(p, off_z, off_h, q_idx, kv_idx, Q_LEN, KV_LEN, {MASK_BUF_ARGS_TRAIL}
                                 IS_FULL=IS_FULL, HAS_SCORE_MOD=HAS_SCORE_MOD, Q_DIVISIBLE=Q_DIVISIBLE,
                                 KV_DIVISIBLE=KV_DIVISIBLE)
@@ -242,7 +256,6 @@ def _tiles_kv_rows(dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_r
     # shared-memory bytes a tile than with q rows on M (no P store, no P / dS reads for dV / dK),
     # at the price of 16 rows' lse2 / delta a thread, loaded each tile (p_smem is unused).
     MULT: gl.constexpr = SPARSE_Q_BLOCK // BLOCK_M
-    LOG2E: gl.constexpr = 1.4426950408889634
     QK_PAD: gl.constexpr = q_ring.shape[2]
     WG: gl.constexpr = num_warps // 4
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -255,16 +268,11 @@ def _tiles_kv_rows(dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_r
     offs_m0 = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
     start_m = _tile_start(idx_ptr, 0, n_blocks, SPARSE_Q_BLOCK, BLOCK_M)
     for t in range(n_blocks * MULT):
-        s = it % STAGES
-        phase = (it // STAGES) & 1
+        s, phase, q_s, do_s, k_s, v_s = _tile_slot(q_ring, do_ring, k_smem, v_smem, it, STAGES)
         tile_m = start_m
         offs_m = tile_m + offs_m0
         q_idx = gl.expand_dims(offs_m, 0)
         kv_idx = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout)), 1)
-        q_s = q_ring.index(s)
-        do_s = do_ring.index(s)
-        k_s = k_smem.index(it >> 30)  # (descriptors remade each tile, as in _tiles_q_rows)
-        v_s = v_smem.index(it >> 30)
         mbarrier.wait(q_ready.index(s), phase)
         qkT = warpgroup_mma(k_s, q_s.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout),
                             use_acc=False, is_async=True)
@@ -273,12 +281,8 @@ def _tiles_kv_rows(dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_r
                             use_acc=False, is_async=True)
         lse2 = gl.load(lse_base + offs_m, mask=offs_m < Q_LEN, other=float("inf"))
         qkT = warpgroup_mma_wait(1, deps=[qkT])
-        if HAS_SCORE_MOD:
-            sT = qkT * SCALE
-            pT = gl.exp2(score_mod(sT, off_z, off_h, q_idx, kv_idx{SCORE_BUF_ARGS}) * LOG2E
-                         - gl.expand_dims(lse2, 0))
-        else:
-            pT = gl.exp2(qkT * SCALE_LOG2 - gl.expand_dims(lse2, 0))
+        pT, sT = _probabilities(qkT, lse2, off_z, off_h, q_idx, kv_idx, SCALE, SCALE_LOG2, {SCORE_BUF_ARGS_TRAIL}
+                                HAS_SCORE_MOD=HAS_SCORE_MOD, Q_AXIS=1)
         pT, valid = _apply_masks(pT, off_z, off_h, q_idx, kv_idx, Q_LEN, KV_LEN, {MASK_BUF_ARGS_TRAIL}
                                  IS_FULL=IS_FULL, HAS_SCORE_MOD=HAS_SCORE_MOD, Q_DIVISIBLE=Q_DIVISIBLE,
                                  KV_DIVISIBLE=KV_DIVISIBLE)
