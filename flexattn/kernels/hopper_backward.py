@@ -20,7 +20,8 @@ Partitions (gl.warp_specialize):
       shared memory, where they are the A operands of dV, dK (transposed) and dQ;
     - over 64 (`_tiles_kv_rows`): S^T and dP^T with the kv rows on M, each warpgroup 64 of them;
       P^T and dS^T stay in registers as dV's and dK's A operands, dS^T goes through shared memory
-      for dQ only (fewer shared-memory bytes a tile, 16 rows' lse2 / delta a thread).
+      for dQ only (fewer shared-memory bytes a tile); a thread needs 16 rows' lse2 / delta, which
+      it reads from shared memory, where the next tile's are stored (2 loads a thread, not 32).
     dV and dK: each warpgroup BLOCK_N / 2 kv rows; dQ: each warpgroup half the head dim, added by
     8-byte atomics straight from its registers while the last wgmmas of the tile run.
   * producer, 1 warp: the TMA loads of each q and dO tile into a STAGES-deep ring; slot s is
@@ -37,8 +38,9 @@ measured slower than the consumers' own atomics (one warp's atomics held the con
 
 Measured on an H200 (B=4, H=16, S=8K, bf16, fwd+bwd, against the Triton dq + dk/dv kernels in one
 process, benchmarks/ab_options.py; benchmarks/RESULTS.md, "The Hopper backward: five products"):
-D=64 1.02-1.12x but ALiBi 0.99x (config.HOPPER_BWD_DEFAULT); D=128 in the kv-rows form 1.00-1.06x
-(causal, dense, softcap, document), in the q-rows form 0.87-0.98x.
+D=64 1.02-1.12x but ALiBi 0.99x (config.HOPPER_BWD_DEFAULT); D=128 in the kv-rows form 0.99-1.10x
+on the seven cases of PEERS.md (ALiBi 0.99x; with lse2 / delta loaded from global memory each tile:
+0.89-1.06x, ALiBi 0.89x), in the q-rows form 0.87-0.98x.
 
 Holes filled by `flexattn.kernels.source.fill`, as in the Triton backward: {SCORE_MOD},
 {MASK_MOD}, {SCORE_MOD_BWD} and the captured tensors' parameter lists.
@@ -254,7 +256,8 @@ def _tiles_kv_rows(dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_r
     # each warpgroup 64 kv rows): P^T and dS^T stay in registers as the A operands of dV and dK,
     # only dS^T goes through shared memory (dQ's A operand, both warpgroups' halves). Fewer
     # shared-memory bytes a tile than with q rows on M (no P store, no P / dS reads for dV / dK),
-    # at the price of 16 rows' lse2 / delta a thread, loaded each tile (p_smem is unused).
+    # at the price of 16 rows' lse2 / delta a thread: p_smem holds them ([2, BLOCK_M] float32),
+    # each tile's loaded from global memory a tile ahead, one value a thread, and stored there.
     MULT: gl.constexpr = SPARSE_Q_BLOCK // BLOCK_M
     QK_PAD: gl.constexpr = q_ring.shape[2]
     WG: gl.constexpr = num_warps // 4
@@ -266,7 +269,15 @@ def _tiles_kv_rows(dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_r
     dk_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk.type.layout, k_width=2)
     dtype: gl.constexpr = q_ring.dtype
     offs_m0 = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+    stat_layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    offs_stat = gl.arange(0, BLOCK_M, layout=stat_layout)
+    lse_smem = p_smem.index(0)
+    delta_smem = p_smem.index(1)
     start_m = _tile_start(idx_ptr, 0, n_blocks, SPARSE_Q_BLOCK, BLOCK_M)
+    lse_next, delta_next = _row_stats(lse_base, delta_base, start_m + offs_stat, Q_LEN)
+    lse_smem.store(lse_next)
+    delta_smem.store(delta_next)
+    _cta_barrier()
     for t in range(n_blocks * MULT):
         s, phase, q_s, do_s, k_s, v_s = _tile_slot(q_ring, do_ring, k_smem, v_smem, it, STAGES)
         tile_m = start_m
@@ -279,14 +290,14 @@ def _tiles_kv_rows(dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_r
         mbarrier.wait(do_ready.index(s), phase)
         dpT = warpgroup_mma(v_s, do_s.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout),
                             use_acc=False, is_async=True)
-        lse2 = gl.load(lse_base + offs_m, mask=offs_m < Q_LEN, other=float("inf"))
+        lse2 = lse_smem.load(gl.SliceLayout(0, s_layout))
         qkT = warpgroup_mma_wait(1, deps=[qkT])
         pT, sT = _probabilities(qkT, lse2, off_z, off_h, q_idx, kv_idx, SCALE, SCALE_LOG2, {SCORE_BUF_ARGS_TRAIL}
                                 HAS_SCORE_MOD=HAS_SCORE_MOD, Q_AXIS=1)
         pT, valid = _apply_masks(pT, off_z, off_h, q_idx, kv_idx, Q_LEN, KV_LEN, {MASK_BUF_ARGS_TRAIL}
                                  IS_FULL=IS_FULL, HAS_SCORE_MOD=HAS_SCORE_MOD, Q_DIVISIBLE=Q_DIVISIBLE,
                                  KV_DIVISIBLE=KV_DIVISIBLE)
-        delta = gl.load(delta_base + offs_m, mask=offs_m < Q_LEN, other=0.0)
+        delta = delta_smem.load(gl.SliceLayout(0, s_layout))
         dpT = warpgroup_mma_wait(0, deps=[dpT])
         dsT = pT * (dpT - gl.expand_dims(delta, 0))
         if HAS_SCORE_MOD:
@@ -302,9 +313,13 @@ def _tiles_kv_rows(dk, dv, k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, q_r
                            use_acc=False, is_async=True)
         dk = warpgroup_mma(gl.convert_layout(dsT, dk_op), q_s, dk, is_async=True)
         start_m = _tile_start(idx_ptr, t + 1, n_blocks, SPARSE_Q_BLOCK, BLOCK_M)  # (past the list: 0)
+        lse_next, delta_next = _row_stats(lse_base, delta_base, start_m + offs_stat, Q_LEN)
         dv, dq = warpgroup_mma_wait(1, deps=[dv, dq])
         _add_dq(dq_base, dq, tile_m, Q_LEN, SCALE, IS_FULL=IS_FULL, Q_DIVISIBLE=Q_DIVISIBLE, QK_HEAD=QK_HEAD)
         dk = warpgroup_mma_wait(0, deps=[dk])
+        # (every warp read this tile's statistics before the barrier above)
+        lse_smem.store(lse_next)
+        delta_smem.store(delta_next)
         # every consumer warp has finished the tile's wgmmas: the q / dO slot and ds_smem are free
         _cta_barrier()
         mbarrier.arrive(qdo_empty.index(s), count=1)
@@ -400,8 +415,9 @@ def flex_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, DK, DV, LSE2, DELTA, D
                                         gl.NVMMASharedLayout.get_default_for([BLOCK_M, V_HEAD_PAD], dtype))
     DS_SHAPE: gl.constexpr = [BLOCK_N, BLOCK_M] if KV_ROWS_ON_M else [BLOCK_M, BLOCK_N]  # dS^T / dS
     ds_smem = gl.allocate_shared_memory(dtype, DS_SHAPE, gl.NVMMASharedLayout.get_default_for(DS_SHAPE, dtype))
-    if KV_ROWS_ON_M:
-        p_smem = ds_smem  # (unused: P^T stays in registers)
+    if KV_ROWS_ON_M:  # P^T stays in registers; the q tile's lse2 and delta in its place
+        p_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M],
+                                           gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
     else:
         p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N],
                                            gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype))
