@@ -477,29 +477,32 @@ def test_full_blocks_skip_the_mask_mod(opts):
         assert_close_to_golden(name, a, r, g)
 
 
-@pytest.mark.parametrize("opts,E", [(HOPPER_BWD, 128), (HOPPER_BWD, 64), (TMA_BWD, 128)],
-                         ids=["hopper", "hopper_d64", "tma"])
+@pytest.mark.parametrize("opts,E", [(HOPPER_BWD, 128), (HOPPER_BWD, 64), (HOPPER_BWD, 256), (TMA_BWD, 128)],
+                         ids=["hopper", "hopper_d64", "hopper_d256", "tma"])
 @pytest.mark.parametrize("name", ZOO_NAMES)
 def test_sm90_backward_zoo(name, opts, E):
     # forward and backward on an sm90 backward form: the Hopper backward kernel (dq and captured-tensor
-    # gradients by atomics; at head dim 64 too, where it is the faster one), or the Triton backward
-    # reading K / V (dq) and Q / dO (dk/dv) by TMA
+    # gradients by atomics) in each of its forms (q rows on M at 64, kv rows on M at 128, 64 kv rows with
+    # the head dim split at 256), or the Triton backward reading K / V (dq) and Q / dO (dk/dv) by TMA
     _needs_sm90()
     _check(name, L=512, S=512, E=E, opts=opts)
 
 
 @pytest.mark.parametrize("L,S,E,Ev,dtype", [(17, 129, 96, 96, torch.float16), (1000, 113, 128, 64, torch.bfloat16),
-                                            (129, 513, 80, 80, torch.bfloat16), (300, 300, 64, 128, torch.float16)])
+                                            (129, 513, 80, 80, torch.bfloat16), (300, 300, 64, 128, torch.float16),
+                                            (300, 333, 256, 256, torch.bfloat16), (129, 257, 192, 192, torch.float16),
+                                            (200, 130, 256, 128, torch.bfloat16)])
 def test_hopper_backward_shapes(L, S, E, Ev, dtype):
     _needs_sm90()
     _check("document", B=1, Hq=2, L=L, S=S, E=E, Ev=Ev, dtype=dtype, opts=HOPPER_BWD)
 
 
-@pytest.mark.parametrize("opts", [HOPPER_BWD, TMA_BWD], ids=["hopper", "tma"])
+@pytest.mark.parametrize("opts,E", [(HOPPER_BWD, 128), (HOPPER_BWD, 256), (TMA_BWD, 128)],
+                         ids=["hopper", "hopper_d256", "tma"])
 @pytest.mark.parametrize("name", ["causal", "rel_bias", "softcap", "empty_rows"])
-def test_sm90_backward_gqa(name, opts):
+def test_sm90_backward_gqa(name, opts, E):
     _needs_sm90()
-    _check(name, Hq=8, Hkv=2, L=384, S=320, E=128, opts=opts, lse_grad=name == "empty_rows")
+    _check(name, Hq=8, Hkv=2, L=384, S=320, E=E, opts=opts, lse_grad=name == "empty_rows")
 
 
 

@@ -3,6 +3,8 @@ device's compute capability (as kernels.config.device_key names it) and the call
 testable without a GPU."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -197,7 +199,7 @@ def _plan(opts=None, block=BLOCK, dropout=0.0, score_graph=None):
 
 @pytest.mark.parametrize("why,plan_args,cap", [
     ("compute capability", {}, SM80),
-    ("head dims", dict(E=256), SM90),
+    ("head dims", dict(E=320), SM90),
     ("DETERMINISTIC", dict(opts={"DETERMINISTIC": True}), SM90),
     ("BLOCK_SIZE", dict(block=(128, 64)), SM90),
     ("dropout", dict(dropout=0.1), SM90),
@@ -237,20 +239,23 @@ def _compile_bwd_sm90(score_mod, mask_mod, E=128):
     from flexattn import codegen
     from flexattn.autodiff import grad_slots
     from flexattn.codegen import load_module
+    from flexattn.kernels import hopper_backward as hb
     from flexattn.kernels.source import source
     from flexattn.trace import trace_mask, trace_score
     sg = codegen.kernel_graph(trace_score(score_mod)) if score_mod else None
     mg = codegen.kernel_graph(trace_mask(mask_mod)) if mask_mod else None
     slots = list(grad_slots(sg)) if sg is not None else []
     fn = load_module(source("bwd_hopper", sg, mg, slots, True), "flex_bwd_hopper").flex_bwd_dkdv_hopper
+    bm, bn, stages, warps, kv_rows_on_m = hb.hopper_bwd_config(E, E)
     layout = gl.NVMMASharedLayout(128, 16, rank=4)
     desc = lambda rows: f"tensordesc<bf16[1, 1, {rows}, {E}],{layout!r}>"  # noqa: E731
-    types = dict(q_desc=desc(64), k_desc=desc(128), v_desc=desc(128), do_desc=desc(64), DK="*bf16", DV="*bf16",
+    types = dict(q_desc=desc(bm), k_desc=desc(bn), v_desc=desc(bn), do_desc=desc(bm), DK="*bf16", DV="*bf16",
                  LSE2="*fp32", DELTA="*fp32", DQ_ACC="*fp32", Q_NUM="*i32", Q_IDX="*i32", FULL_Q_NUM="*i32",
                  FULL_Q_IDX="*i32", SCALE="fp32", SCALE_LOG2="fp32")
-    consts = dict(GQA_GROUP=2, HAS_FULL=True, HAS_SCORE_MOD=sg is not None, BLOCK_M=64, BLOCK_N=128,
-                  SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, Q_DIVISIBLE=False, KV_DIVISIBLE=False, STAGES=2,
-                  QK_HEAD=E, V_HEAD=E, QK_HEAD_PAD=E, V_HEAD_PAD=E, FP16=False, KV_ROWS_ON_M=E > 64, num_warps=8)
+    consts = dict(GQA_GROUP=2, HAS_FULL=True, HAS_SCORE_MOD=sg is not None, BLOCK_M=bm, BLOCK_N=bn,
+                  SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, Q_DIVISIBLE=False, KV_DIVISIBLE=False, STAGES=stages,
+                  QK_HEAD=E, V_HEAD=E, QK_HEAD_PAD=E, V_HEAD_PAD=E, FP16=False, KV_ROWS_ON_M=kv_rows_on_m,
+                  num_warps=warps)
     sig, cst = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -260,7 +265,7 @@ def _compile_bwd_sm90(score_mod, mask_mod, E=128):
         else:
             sig[name] = types.get(name, "fp32" if name[1:].startswith("bp") else "i32")
     return triton.compile(GluonASTSource(fn, sig, cst, {}), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=8))
+                          options=dict(num_warps=warps))
 
 
 @pytest.mark.slow
@@ -278,16 +283,17 @@ def test_hopper_backward_source_compiles_for_sm90():
 
     def head_bias(score, b, h, q, kv):  # a captured float tensor: its gradient by atomics
         return score + bias[h]
-    for score_mod, mask_mod in ((None, document), (softcap, lambda b, h, q, kv: q >= kv), (head_bias, None)):
-        ptx = _compile_bwd_sm90(score_mod, mask_mod).asm["ptx"]
+    for (score_mod, mask_mod), E in itertools.product(
+            ((None, document), (softcap, lambda b, h, q, kv: q >= kv), (head_bias, None)), (128, 256)):
+        ptx = _compile_bwd_sm90(score_mod, mask_mod, E).asm["ptx"]
         # dq's float32 adds: atom.global (Triton 3.6-3.8) or red.global (3.9: the result unused)
         assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
         assert "atom.global" in ptx or "red.global" in ptx
 
 
-def test_hopper_backward_default_up_to_head_dim_64(monkeypatch):
-    # the rule where it is on: head dims up to 64, a call that cannot take it falls back to the
-    # Triton kernels silently, an explicit False wins
+def test_hopper_backward_default_up_to_head_dim_256(monkeypatch):
+    # the rule where it is on: head dims up to 256 (each of its three forms), a call that cannot take
+    # it falls back to the Triton kernels silently, an explicit False wins
     if hf.gluon_missing():
         pytest.skip(hf.gluon_missing())
     from flexattn.kernels import config, hopper_backward as hb
@@ -297,8 +303,9 @@ def test_hopper_backward_default_up_to_head_dim_64(monkeypatch):
     q, k, v = qkv(E=64)
     monkeypatch.setattr(config, "HOPPER_BWD_DEFAULT", True)
     assert hb.use_hopper_backward(default, q, k, v, torch.zeros_like(q))
-    q128, k128, v128 = qkv(E=128)  # not the default there (not yet measured on every case)
-    assert not hb.use_hopper_backward(default, q128, k128, v128, torch.zeros_like(q128))
+    for E, taken in ((128, True), (192, True), (256, True), (320, False)):
+        qe, ke, ve = qkv(E=E)
+        assert hb.use_hopper_backward(default, qe, ke, ve, torch.zeros_like(qe)) == taken, E
     assert not hb.use_hopper_backward(_plan(opts={"bwd_HOPPER": False}), q, k, v, torch.zeros_like(q))
     for plan in (_plan(opts={"DETERMINISTIC": True}), _plan(block=(128, 64)), _plan(dropout=0.1),
                  _plan(score_graph=_row_dot_graph())):

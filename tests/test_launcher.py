@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 
 from flexattn.kernels import launcher
@@ -67,3 +68,24 @@ def test_a_shrunk_launch_remakes_its_tile_dependent_arguments(monkeypatch):
                     {"BLOCK_M": 64, "num_stages": 2}, key="k", shrink="BLOCK_M")
     assert tried == [("box", 64, 2), ("box", 64, 1), ("box", 32, 1)]
     assert launcher.SHRUNK["k"] == {"num_stages": 1, "BLOCK_M": 32}
+
+
+def test_a_launch_with_stages_only_gives_up_at_one_stage(monkeypatch):
+    # a kernel with no tile to shrink (shrink=None) and its own name for the stage count (the Hopper
+    # backward's STAGES): one stage fewer, then the error itself
+    from triton.runtime.errors import OutOfResources
+    tried = []
+
+    def launch_cached(kernel, grid, args, kwargs):
+        tried.append(kwargs["STAGES"])
+        if kwargs["STAGES"] > 1 or kwargs.get("need") == "more":
+            raise OutOfResources(300_000, 232_448, "shared memory")
+    monkeypatch.setattr(launcher, "launch_cached", launch_cached)
+    monkeypatch.setattr(launcher, "SHRUNK", {})
+    launcher.launch("kernel", (1,), (), {"BLOCK_N": 64, "STAGES": 2}, key="k", shrink=None, stages="STAGES")
+    assert tried == [2, 1] and launcher.SHRUNK["k"] == {"STAGES": 1}
+    launcher.launch("kernel", (1,), (), {"BLOCK_N": 64, "STAGES": 2}, key="k", shrink=None, stages="STAGES")
+    assert tried == [2, 1, 1]  # remembered: the next launch starts at one stage
+    with pytest.raises(OutOfResources):
+        launcher.launch("kernel", (1,), (), {"BLOCK_N": 64, "STAGES": 2, "need": "more"}, key="k2", shrink=None,
+                        stages="STAGES")

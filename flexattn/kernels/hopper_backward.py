@@ -15,15 +15,17 @@ WANT_DQ=False (`backward.flex_backward`), launched first on the same stream, whi
 
 Partitions (gl.warp_specialize):
   * consumer (the default partition), 8 warps, in one of two forms (KV_ROWS_ON_M, by head dim):
-    - up to 64 (`_tiles_q_rows`): S and dP with the q rows on the wgmma M axis and the kv columns
-      split between the two warpgroups (a thread holds 2 rows' lse2 / delta); P and dS through
-      shared memory, where they are the A operands of dV, dK (transposed) and dQ;
+    - up to 64 and over 128 (`_tiles_q_rows`): S and dP with the q rows on the wgmma M axis and the
+      kv columns split between the two warpgroups (a thread holds 2 rows' lse2 / delta); P and dS
+      through shared memory, where they are the A operands of dV, dK (transposed) and dQ. Over 128
+      a program has 64 kv rows, and the warpgroups split dK's and dV's head dim instead of their
+      rows (at 256: 64 registers a thread each, the tiles 208 KB of shared memory);
     - over 64 (`_tiles_kv_rows`): S^T and dP^T with the kv rows on M, each warpgroup 64 of them;
       P^T and dS^T stay in registers as dV's and dK's A operands, dS^T goes through shared memory
       for dQ only (fewer shared-memory bytes a tile); a thread needs 16 rows' lse2 / delta, which
       it reads from shared memory, where the next tile's are stored (2 loads a thread, not 32).
-    dV and dK: each warpgroup BLOCK_N / 2 kv rows; dQ: each warpgroup half the head dim, added by
-    8-byte atomics straight from its registers while the last wgmmas of the tile run.
+    dV and dK (up to 128): each warpgroup BLOCK_N / 2 kv rows; dQ: each warpgroup half the head
+    dim, added by 8-byte atomics straight from its registers while the last wgmmas of the tile run.
   * producer, 1 warp: the TMA loads of each q and dO tile into a STAGES-deep ring; slot s is
     refilled once `qdo_empty[s]` says the consumers are done with it.
 
@@ -40,7 +42,7 @@ Measured on an H200 (B=4, H=16, S=8K, bf16, fwd+bwd, against the Triton dq + dk/
 process, benchmarks/ab_options.py; benchmarks/RESULTS.md, "The Hopper backward: five products"):
 D=64 1.02-1.12x but ALiBi 0.99x (config.HOPPER_BWD_DEFAULT); D=128 in the kv-rows form 0.99-1.10x
 on the seven cases of PEERS.md (ALiBi 0.99x; with lse2 / delta loaded from global memory each tile:
-0.89-1.06x, ALiBi 0.89x), in the q-rows form 0.87-0.98x.
+0.89-1.06x, ALiBi 0.89x), in the q-rows form 0.87-0.98x; D=256 1.16-1.41x on the seven cases.
 
 Holes filled by `flexattn.kernels.source.fill`, as in the Triton backward: {SCORE_MOD},
 {MASK_MOD}, {SCORE_MOD_BWD} and the captured tensors' parameter lists.
@@ -340,10 +342,14 @@ def _consumer(k_smem, v_smem, q_ring, do_ring, p_smem, ds_smem, kv_bar, q_ready,
               KV_ROWS_ON_M: gl.constexpr, num_warps: gl.constexpr):
     QK_PAD: gl.constexpr = k_smem.shape[2]
     V_PAD: gl.constexpr = v_smem.shape[2]
-    dk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, QK_PAD, 16])
-    dv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, V_PAD, 16])
+    # dK and dV: a warp 16 kv rows; where the warps outnumber the row slices (64 kv rows, head dims
+    # over 128) the warpgroups split the head dim instead
+    ROW_WARPS: gl.constexpr = BLOCK_N // 16
+    COL_WARPS: gl.constexpr = num_warps // ROW_WARPS
+    dk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[ROW_WARPS, COL_WARPS],
+                                                        instr_shape=[16, QK_PAD // COL_WARPS, 16])
+    dv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[ROW_WARPS, COL_WARPS],
+                                                        instr_shape=[16, V_PAD // COL_WARPS, 16])
     dk = gl.zeros([BLOCK_N, QK_PAD], gl.float32, layout=dk_layout)
     dv = gl.zeros([BLOCK_N, V_PAD], gl.float32, layout=dv_layout)
     tiles: gl.constexpr = _tiles_kv_rows if KV_ROWS_ON_M else _tiles_q_rows
@@ -396,7 +402,7 @@ def flex_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, DK, DV, LSE2, DELTA, D
     gl.static_assert((q_desc.dtype == gl.float16) == FP16)
     gl.static_assert(SPARSE_KV_BLOCK % BLOCK_N == 0)
     gl.static_assert(SPARSE_Q_BLOCK % BLOCK_M == 0)
-    gl.static_assert(BLOCK_N == 16 * num_warps)
+    gl.static_assert(BLOCK_N == 16 * num_warps or (BLOCK_N == 8 * num_warps and not KV_ROWS_ON_M))
     pid_n = gl.program_id(0)
     pid_zh = gl.program_id(1)
     off_z = pid_zh // HKV
@@ -471,11 +477,16 @@ def flex_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, DK, DV, LSE2, DELTA, D
 
 
 def hopper_bwd_config(d: int, dv: int) -> tuple[int, int, int, int, bool]:
-    """(BLOCK_M, BLOCK_N, STAGES, num_warps, KV_ROWS_ON_M): 128 kv rows (two consumer warpgroups
-    of 64), 64-row q tiles, two q / dO stages; the kv rows on the wgmma M axis at head dims over
-    64 (measured on an H200 against the q-rows form, each against the Triton kernels in one
-    process: D=128 1.00-1.06x against 0.92-0.98x, D=64 0.97-1.12x against 1.04-1.14x)."""
-    return 64, 128, 2, 8, max(pad_dim(d), pad_dim(dv)) > 64
+    """(BLOCK_M, BLOCK_N, STAGES, num_warps, KV_ROWS_ON_M): two consumer warpgroups, 64-row q
+    tiles, two q / dO stages. Up to 128: 128 kv rows (64 a warpgroup), the kv rows on the wgmma M
+    axis over 64 (measured on an H200 against the q-rows form, each against the Triton kernels in
+    one process: D=128 1.00-1.06x against 0.92-0.98x, D=64 0.97-1.12x against 1.04-1.14x). Over
+    128: 64 kv rows in the q-rows form, the warpgroups splitting dK's and dV's head dim (64
+    registers a thread each at 256; K, V and two q / dO stages take 192 KB of shared memory)."""
+    pad = max(pad_dim(d), pad_dim(dv))
+    if pad > 128:
+        return 64, 64, 2, 8, False
+    return 64, 128, 2, 8, pad > 64
 
 
 def hopper_backward_unsupported(plan, q, k, v, dout) -> str | None:
@@ -485,8 +496,8 @@ def hopper_backward_unsupported(plan, q, k, v, dout) -> str | None:
     if plan.opts.get("DETERMINISTIC"):
         return ("DETERMINISTIC, given or set by torch.use_deterministic_algorithms(True) "
                 "(its dq is summed by float atomics)")
-    if max(q.shape[-1], v.shape[-1]) > 128:  # dK and dV alone would take 256 registers a thread
-        return f"head dims {q.shape[-1]} / {v.shape[-1]} (up to 128)"
+    if max(q.shape[-1], v.shape[-1]) > 256:
+        return f"head dims {q.shape[-1]} / {v.shape[-1]} (up to 256)"
     bm, bn, *_ = hopper_bwd_config(q.shape[-1], v.shape[-1])
     qb, kvb = plan.blocks.block
     if qb % bm or kvb % bn:
@@ -523,4 +534,8 @@ def hopper_dkdv(plan, q, k, v, dout, dk, dv, lse2, delta, dq_acc, buf_args, gbuf
                   Q_DIVISIBLE=L % blk.block[0] == 0, KV_DIVISIBLE=S % blk.block[1] == 0, STAGES=stages,
                   QK_HEAD=E, V_HEAD=Ev, QK_HEAD_PAD=next_pow2(E), V_HEAD_PAD=next_pow2(Ev),
                   FP16=q.dtype == torch.float16, KV_ROWS_ON_M=kv_rows_on_m, num_warps=warps)
-    launcher.launch_cached(plan.module("bwd_hopper").flex_bwd_dkdv_hopper, (cdiv(S, bn), B * Hkv), args, kwargs)
+    module = plan.module("bwd_hopper")
+    # a score_mod's captured-tensor gradients add layout-conversion scratch: at head dim 256 (208 KB of
+    # tiles) that can pass the shared memory, and one q / dO stage is taken instead of two
+    launcher.launch(module.flex_bwd_dkdv_hopper, (cdiv(S, bn), B * Hkv), args, kwargs,
+                    ("bwd_hopper", id(module), q.dtype, E, Ev), shrink=None, stages="STAGES")

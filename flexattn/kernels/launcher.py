@@ -194,22 +194,22 @@ def triton_features(args) -> tuple:
 SHRUNK: dict = {}
 
 
-def launch(kernel, grid, args, kwargs, key, shrink="BLOCK_N"):
+def launch(kernel, grid, args, kwargs, key, shrink="BLOCK_N", stages="num_stages"):
     """`launch_cached`; if the config needs more shared memory than the GPU has (a
-    captured-tensor gather can add scratch), retry with fewer stages, then a smaller
-    inner-loop tile (`shrink`: the tile the loop walks, never the one the grid is made of);
-    remember that under `key` (kernel kind, id(module), dtype, E, Ev, tiles, warps, stages).
-    `args` may be a function of the launch's kwargs (arguments made for its tiles: TMA
-    descriptors, whose boxes are the tiles)."""
+    captured-tensor gather or gradient can add scratch), retry with fewer stages (the kwarg
+    `stages` names), then a smaller inner-loop tile (`shrink`: the tile the loop walks, never
+    the one the grid is made of; None: none to shrink); remember that under `key` (kernel kind,
+    id(module), dtype, E, Ev, tiles, warps, stages). `args` may be a function of the launch's
+    kwargs (arguments made for its tiles: TMA descriptors, whose boxes are the tiles)."""
     kwargs = dict(kwargs, **SHRUNK.get(key, {}))
     while True:
         try:
             return launch_cached(kernel, grid, args(kwargs) if callable(args) else args, kwargs)
         except OutOfResources:
-            if kwargs["num_stages"] > 1:
-                kwargs["num_stages"] -= 1
-            elif kwargs[shrink] > 16:
+            if kwargs[stages] > 1:
+                kwargs[stages] -= 1
+            elif shrink is not None and kwargs[shrink] > 16:
                 kwargs[shrink] //= 2
             else:
                 raise
-            SHRUNK[key] = {"num_stages": kwargs["num_stages"], shrink: kwargs[shrink]}
+            SHRUNK[key] = {k: kwargs[k] for k in (stages, shrink) if k is not None}
