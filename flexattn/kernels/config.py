@@ -154,20 +154,19 @@ def tma_loads(d: int, dv: int) -> bool:
 
 
 # Whether the backward runs the Hopper kernel (kernels.hopper_backward: dk, dv and dq in one
-# warp-specialised program) where kernel_options leave "bwd_HOPPER" out and the call allows it, at head
-# dims up to 64. Measured on an H200 against the Triton kernels (B=4, H=16, S=8K, bf16, fwd+bwd, the
-# two alternating in one process, benchmarks/ab_options.py): D=64 1.02-1.14x (causal 1.08-1.09, dense
-# 1.08-1.09, prefix-LM 1.09, softcap 1.12-1.14, document 1.03-1.04, sliding window 1.02, ALiBi 0.99);
-# at D=128 its kv-rows form 1.00-1.06x on four cases, not yet the default there. Its dq is summed by
-# float atomics: not bitwise reproducible run to run (DETERMINISTIC keeps the Triton kernels).
+# warp-specialised program) where kernel_options leave "bwd_HOPPER" out and the call allows it (head dims
+# up to 256). Measured on an H200 against the Triton kernels on the seven PEERS cases (B=4, H=16, S=8K,
+# bf16, fwd+bwd, the two alternating in one process, benchmarks/ab_options.py): D=64 1.02-1.14x (ALiBi
+# 0.99), D=128 0.99-1.10x (ALiBi 0.99), D=256 1.16-1.41x. Its dq is summed by float atomics: not bitwise
+# reproducible run to run (DETERMINISTIC keeps the Triton kernels).
 HOPPER_BWD_DEFAULT = True
 
 
 def hopper_backward(d: int, dv: int) -> bool:
     """Whether the backward runs the Hopper kernel where the call allows it
     (hopper_backward.use_hopper_backward) and kernel_options leave "bwd_HOPPER" out:
-    HOPPER_BWD_DEFAULT, at head dims up to 64 (at 128 not yet measured on every case)."""
-    return HOPPER_BWD_DEFAULT and max(pad_dim(d), pad_dim(dv)) <= 64
+    HOPPER_BWD_DEFAULT, at every head dim the kernel takes (up to 256)."""
+    return HOPPER_BWD_DEFAULT and max(pad_dim(d), pad_dim(dv)) <= 256
 
 
 def fit_tile(tile: int, block: int, length: int) -> int:
