@@ -38,7 +38,7 @@ def _forward_launch(monkeypatch):
     plan = make_plan(q, k, v, score_graph=None, mask_graph=bm.mask_graph, block_mask=bm, scale=None,
                      kernel_options={"BACKEND": "triton"})
     launches = []
-    monkeypatch.setattr(launcher, "launch", lambda kernel, grid, args, kwargs, key, shrink="BLOCK_N":
+    monkeypatch.setattr(launcher, "launch", lambda kernel, grid, args, kwargs, key, **_:
                         launches.append((kernel, grid, [compile_worker.stand_in(a) for a in args], kwargs)))
     monkeypatch.setattr(config, "device_key", lambda d: "sm90")
     flex_forward(plan, q, k, v)
@@ -106,3 +106,18 @@ def test_stand_ins_keep_no_tensor():
     assert isinstance(desc_stub.base, compile_worker.ArgStub) and desc_stub.block_shape == desc.block_shape
     assert desc_stub.layout == desc.layout and list(desc_stub.strides) == list(desc.strides)
     assert compile_worker.stand_in(7) == 7
+
+
+def test_variants_follow_the_launchers_stage_fallback():
+    # where a config passes the shared memory, the configs with fewer stages launcher.launch falls back
+    # to are compiled too: num_stages for the Triton kernels, STAGES for the Gluon ones
+    from types import SimpleNamespace
+
+    class Kernel:
+        def warmup(self, *args, grid, **kwargs):
+            stages = kwargs.get("STAGES", kwargs.get("num_stages"))
+            return SimpleNamespace(metadata=SimpleNamespace(shared=100_000 * stages))
+    got = compile_worker.compile_variants(Kernel(), (1,), (), {"STAGES": 3, "num_warps": 8}, MAX_SHARED)
+    assert got == [{"STAGES": 3, "num_warps": 8}, {"STAGES": 2, "num_warps": 8}]
+    got = compile_worker.compile_variants(Kernel(), (1,), (), {"num_stages": 2}, MAX_SHARED)
+    assert got == [{"num_stages": 2}]

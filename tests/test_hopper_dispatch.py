@@ -384,3 +384,22 @@ def test_forced_tma_loads_name_why_they_cannot(why, cap, kw, monkeypatch):
     dout = torch.zeros(1, 2, 128, 256, dtype=q.dtype).transpose(2, 3) if kw.get("transposed_dout") else q
     with pytest.raises(ValueError, match=f"bwd_TMA.*{why}.*drop bwd_TMA"):
         bw.use_tma_loads(_tma_plan({"bwd_TMA": True}), q, k, v, dout)
+
+
+def test_a_call_plans_the_backward_it_will_run(monkeypatch):
+    # the forward names the backward step (calls.bwd_path) for tiering and replay: the Hopper backward on
+    # sm90 where it is the default, the Triton kernels elsewhere, where it is turned off, and where a
+    # bwd_HOPPER=True the call cannot take is left for the backward to raise
+    if hf.gluon_missing():
+        pytest.skip(hf.gluon_missing())
+    from flexattn.kernels import config
+    from flexattn.kernels.calls import bwd_path
+    q, k, v = qkv(E=128)
+    monkeypatch.setattr(config, "device_key", lambda device: SM90)
+    assert bwd_path(_plan(opts={"bwd_HOPPER": None}), q, k, v) == "bwd_hopper"
+    assert bwd_path(_plan(opts={"bwd_HOPPER": False}), q, k, v) == "bwd"
+    assert bwd_path(_plan(dropout=0.1), q, k, v) == "bwd"
+    strided = torch.zeros(1, 2, 128, 256, dtype=torch.bfloat16).transpose(2, 3)
+    assert bwd_path(_plan(opts={"bwd_HOPPER": None}), q, k, v, strided) == "bwd"
+    monkeypatch.setattr(config, "device_key", lambda device: SM80)
+    assert bwd_path(_plan(opts={"bwd_HOPPER": None}), q, k, v) == "bwd"

@@ -132,7 +132,7 @@ def test_intervals_exact():
 
 def test_policy_routes_new_structures_through_the_tile_form(monkeypatch):
     from flexattn.kernels import make_plan, tiered
-    from flexattn.kernels.source import KERNEL_NAMES
+    from flexattn.kernels.source import step_kernels
     from flexattn.kernels import launcher
     for module, name in ((tiered, "_compiled"), (tiered, "_submitted"), (launcher, "LAUNCHED")):
         monkeypatch.setattr(module, name, {})
@@ -146,8 +146,7 @@ def test_policy_routes_new_structures_through_the_tile_form(monkeypatch):
 
     def mark_compiled(p, kinds):
         for kind in kinds:
-            mod = p.module(kind)
-            tiered.mark_compiled([getattr(mod, n) for n in KERNEL_NAMES[kind]])
+            tiered.mark_compiled([getattr(p.module(m), n) for m, n in step_kernels(kind)])
 
     # nothing compiled: the mask's own kernels now, the tile form's to warm afterwards
     first = tiered.route(plan, ("fwd", "bwd"), bm, cuda)
@@ -174,6 +173,19 @@ def test_policy_routes_new_structures_through_the_tile_form(monkeypatch):
     mark_compiled(first.tiering[1], ("fwd_hopper",))
     routed = tiered.route(plan, hopper_kinds, bm, cuda)
     assert routed.tiering == ("own", plan) and routed.opts == plan.opts
+    # the Hopper backward: the tile form is ready once its Triton dq kernel (which the Hopper kernel
+    # needs first) and its Hopper kernel are; the Triton dk/dv kernel plays no part
+    monkeypatch.setattr(tiered, "_compiled", {})
+    both_hopper = ("fwd_hopper", "bwd_hopper")
+    tile = tiered.route(plan, both_hopper, bm, cuda).tiering[1]
+    mark_compiled(tile, ("fwd_hopper", "bwd"))
+    assert tiered.route(plan, both_hopper, bm, cuda).mask_graph is plan.mask_graph
+    tiered.mark_compiled([tile.module("bwd_hopper").flex_bwd_dkdv_hopper])
+    assert tiered.route(plan, both_hopper, bm, cuda).tiering == ("own", plan)
+    monkeypatch.setattr(tiered, "_compiled", {})
+    mark_compiled(tile, ("fwd_hopper",))
+    tiered.mark_compiled([tile.module("bwd").flex_bwd_dq, tile.module("bwd_hopper").flex_bwd_dkdv_hopper])
+    assert tiered.route(plan, both_hopper, bm, cuda).tiering == ("own", plan)
     # CPU tensors, TIERED off, AUTOTUNE on: never tiered
     off = make_plan(q, k, v, score_graph=None, mask_graph=bm.mask_graph, block_mask=bm, scale=None,
                     kernel_options={"TIERED": False})

@@ -12,9 +12,11 @@ from .backward import flex_backward
 from .config import device_key
 from .decode import decode_forward, use_decode
 from .forward import flex_forward
+from .hopper_backward import use_hopper_backward
 from .hopper_forward import hopper_forward, use_hopper
 from .launcher import recording
 from .plan import Plan, make_plan
+from .source import step_kernels
 
 
 def launch_fwd(plan: Plan, q, k, v):
@@ -47,6 +49,17 @@ def fwd_path(plan: Plan, q, k, v) -> str:
     return "fwd"
 
 
+def bwd_path(plan: Plan, q, k, v, dout=None) -> str:
+    """The kind of backward this call takes: "bwd_hopper" where kernels.hopper_backward says so,
+    else "bwd" (the Triton kernels). dout None: before the backward (the forward's tiering and
+    replay plan for it), taken to be contiguous; a bwd_HOPPER=True the call cannot take is the
+    backward's own error, raised when it runs."""
+    try:
+        return "bwd_hopper" if use_hopper_backward(plan, q, k, v, dout) else "bwd"
+    except ValueError:
+        return "bwd"
+
+
 def run_forward(plan: Plan, q, k, v):
     """The forward of `plan`, then (tiered) the other form's kernels compiled in the background."""
     kind = fwd_path(plan, q, k, v)
@@ -59,8 +72,8 @@ def run_forward(plan: Plan, q, k, v):
 
 def run_backward(plan: Plan, q, k, v, out, lse, dout, dlse, score_bufs):
     grads = launch_bwd(plan, q, k, v, out, lse, dout, dlse, score_bufs)
-    tiered.after_launch(plan, lambda other: "bwd", lambda other, _: _captured(launch_bwd, other, q, k, v, out, lse,
-                                                                              dout, dlse, score_bufs))
+    tiered.after_launch(plan, lambda other: bwd_path(other, q, k, v, dout),
+                        lambda other, _: _captured(launch_bwd, other, q, k, v, out, lse, dout, dlse, score_bufs))
     return grads
 
 
@@ -95,7 +108,8 @@ class CachedRun:
         # the modules are picked by the graphs' structure, which reads the captured tensors'
         # dtypes and ranks: generate them while the plan has those tensors
         for kind in kinds:
-            plan.module(kind)
+            for module, _ in step_kernels(kind):
+                plan.module(module)
         strip = lambda g: None if g is None else g._with_buffers([])  # noqa: E731
         self.plan = replace(plan, score_graph=strip(plan.score_graph), mask_graph=strip(plan.mask_graph),
                             score_bufs=[], mask_bufs=[])
@@ -165,7 +179,7 @@ def flex_attention_triton(q, k, v, *, score_graph=None, mask_graph=None, block_m
         plan = make_plan(q, k, v, score_graph=score_graph, mask_graph=mask_graph, block_mask=block_mask,
                          scale=scale, kernel_options=kernel_options, dropout_p=dropout_p,
                          dropout_seed=dropout_seed, output_max=output_max)
-        kinds = (fwd_path(plan, q, k, v),) + (("bwd",) if grad else ())
+        kinds = (fwd_path(plan, q, k, v),) + ((bwd_path(plan, q, k, v),) if grad else ())
         routed = tiered.route(plan, kinds, block_mask, q)
         if calls is not None and routed is plan:  # tiering settled: the same plan every call
             run = CachedRun(plan, kinds, score_graph, mask_graph)

@@ -55,16 +55,17 @@ def stand_in(arg):
 
 def compile_variants(kernel, grid, args, kwargs, max_shared: int) -> list[dict]:
     """Compile `kernel` for this launch, and, where its config needs more shared memory than
-    the GPU has, the configs with fewer stages that launcher.launch falls back to; returns
-    the kwargs of every config compiled."""
+    the GPU has, the configs with fewer stages that launcher.launch falls back to (the stage
+    count: num_stages, or the Gluon kernels' STAGES); returns the kwargs of every config compiled."""
     kwargs = dict(kwargs)
+    stages = "STAGES" if "STAGES" in kwargs else "num_stages"
     done = []
     while True:
         shared = kernel.warmup(*args, grid=grid, **kwargs).metadata.shared
         done.append(dict(kwargs))
-        if shared <= max_shared or kwargs.get("num_stages", 1) <= 1:
+        if shared <= max_shared or kwargs.get(stages, 1) <= 1:
             return done
-        kwargs["num_stages"] -= 1
+        kwargs[stages] -= 1
 
 
 # ---- the caller's side ----------------------------------------------------------------

@@ -490,7 +490,8 @@ def hopper_bwd_config(d: int, dv: int) -> tuple[int, int, int, int, bool]:
 
 
 def hopper_backward_unsupported(plan, q, k, v, dout) -> str | None:
-    """Why the Hopper backward kernel cannot take this backward (None: it can)."""
+    """Why the Hopper backward kernel cannot take this backward (None: it can). dout None: not
+    known yet (a forward planning its backward), taken to be contiguous as autograd gives it."""
     if config.device_key(q.device) != "sm90":
         return f"compute capability {config.device_key(q.device)} (sm90 only)"
     if plan.opts.get("DETERMINISTIC"):
@@ -504,7 +505,7 @@ def hopper_backward_unsupported(plan, q, k, v, dout) -> str | None:
         return f"BlockMask BLOCK_SIZE {(qb, kvb)} (multiples of ({bm}, {bn}))"
     return (gluon_missing()
             or hopper_unsupported(q, k, v, (qb, kvb), plan.dropout_p, (plan.score_graph, plan.mask_graph))
-            or tma_unsupported("grad_out", dout))
+            or (tma_unsupported("grad_out", dout) if dout is not None else None))
 
 
 def use_hopper_backward(plan, q, k, v, dout) -> bool:

@@ -23,6 +23,16 @@ TEMPLATES = {"fwd": COMMON_SOURCE + FWD_TEMPLATE, "bwd": COMMON_SOURCE + BWD_TEM
 KERNEL_NAMES = {"fwd": ("flex_fwd",), "decode": ("flex_decode",), "bwd": ("flex_bwd_dq", "flex_bwd_dkdv"),
                 "fwd_hopper": ("flex_fwd_hopper",), "bwd_hopper": ("flex_bwd_dkdv_hopper",)}
 
+
+def step_kernels(kind: str) -> tuple:
+    """The (module kind, kernel name) of each generated kernel a step of `kind` launches (a step:
+    a forward path, or "bwd" / "bwd_hopper" for the backward). The Hopper backward runs the Triton
+    dq kernel first, which writes lse2 and delta and zeroes dq's float32 buffer."""
+    if kind == "bwd_hopper":
+        return ("bwd", "flex_bwd_dq"), ("bwd_hopper", "flex_bwd_dkdv_hopper")
+    return tuple((kind, name) for name in KERNEL_NAMES[kind])
+
+
 # The kernels whose mods take small index sums in float32 (codegen's small_indices). Not the
 # backward: its dk/dv kernel holds the kv axis fixed, the compiler hoists the broadcast float
 # kv tile out of the loop, and at D=128 (already at 255 registers) that spilled: ALiBi

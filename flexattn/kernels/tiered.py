@@ -54,7 +54,7 @@ import torch
 from .. import codegen
 from ..mask_tiles import tile_table_form
 from . import compile_worker, launcher
-from .source import KERNEL_NAMES
+from .source import step_kernels
 
 # id -> JIT kernel (holding it keeps the id unique); kernels launched in the foreground are
 # in launcher.LAUNCHED
@@ -71,8 +71,7 @@ def mark_compiled(kernels) -> None:
 
 
 def _kernels(kind, plan):
-    mod = plan.module(kind)
-    return [getattr(mod, name) for name in KERNEL_NAMES[kind]]
+    return [getattr(plan.module(module), name) for module, name in step_kernels(kind)]
 
 
 def _is_compiled(kernel) -> bool:
