@@ -54,10 +54,7 @@ def bwd_path(plan: Plan, q, k, v, dout=None) -> str:
     else "bwd" (the Triton kernels). dout None: before the backward (the forward's tiering and
     replay plan for it), taken to be contiguous; a bwd_HOPPER=True the call cannot take is the
     backward's own error, raised when it runs."""
-    try:
-        return "bwd_hopper" if use_hopper_backward(plan, q, k, v, dout) else "bwd"
-    except ValueError:
-        return "bwd"
+    return "bwd_hopper" if use_hopper_backward(plan, q, k, v, dout, strict=False) else "bwd"
 
 
 def run_forward(plan: Plan, q, k, v):

@@ -124,16 +124,17 @@ def atomic_dq(device, d: int, dv: int) -> bool:
     return device_key(device) != "interp" and max(pad_dim(d), pad_dim(dv)) > 128
 
 
-def take_option(opts: dict, key: str, default: bool, why_not, cannot: str) -> bool:
+def take_option(opts: dict, key: str, default: bool, why_not, cannot: str, strict: bool = True) -> bool:
     """Whether a call takes the kernel form that the flag kernel_options[key] names: False where the
     flag is False, or left out while `default` is False; otherwise where why_not() (the reason the
     call cannot take it, or None) is None. A flag set True where the call cannot is a ValueError
-    naming the reason; the default falls back silently. `cannot`: what the call cannot do, for it."""
+    naming the reason (strict=False: False, for a caller that only plans ahead); the default falls
+    back silently. `cannot`: what the call cannot do, for the error."""
     asked = opts.get(key)
     if asked is False or (asked is None and not default):
         return False
     why = why_not()
-    if why and asked:
+    if why and asked and strict:
         raise ValueError(f"kernel_options['{key}'] = True: this backward cannot {cannot}: {why}; drop {key}")
     return why is None
 

@@ -508,13 +508,15 @@ def hopper_backward_unsupported(plan, q, k, v, dout) -> str | None:
             or (tma_unsupported("grad_out", dout) if dout is not None else None))
 
 
-def use_hopper_backward(plan, q, k, v, dout) -> bool:
+def use_hopper_backward(plan, q, k, v, dout, strict: bool = True) -> bool:
     """Whether the backward runs the Hopper kernel (dk, dv and dq) in place of the Triton dk/dv
     kernel: kernel_options "bwd_HOPPER" (default config.hopper_backward); True where a call cannot
-    take it is a ValueError naming why, the default falls back to the Triton kernels silently."""
+    take it is a ValueError naming why (strict=False: False), the default falls back to the Triton
+    kernels silently."""
     return config.take_option(plan.opts, "bwd_HOPPER", config.hopper_backward(q.shape[-1], v.shape[-1]),
                               lambda: hopper_backward_unsupported(plan, q, k, v, dout),
-                              "run the Hopper backward kernel (the Triton kernels run without bwd_HOPPER)")
+                              "run the Hopper backward kernel (the Triton kernels run without bwd_HOPPER)",
+                              strict=strict)
 
 
 def hopper_dkdv(plan, q, k, v, dout, dk, dv, lse2, delta, dq_acc, buf_args, gbufs):
