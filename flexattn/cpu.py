@@ -1292,8 +1292,14 @@ def _summed(accs: list) -> list:
 # ---------------------------------------------------------------------------------------
 # Backward
 
+@torch.no_grad()
 def _backward(run: CpuRun, q, k, v, out, lse, dout, dlse, buffers):
-    """(dq, dk, dv, [gradient of each captured tensor in run.grad_slots])."""
+    """(dq, dk, dv, [gradient of each captured tensor in run.grad_slots]). Its arithmetic
+    records no autograd graph whatever the caller's grad mode (a compiled graph's backward
+    calls it with grad on and inputs that require grad): only score_mod's evaluation on a
+    tile does, for torch.autograd.grad. Recorded, the threads' in-place writes into the
+    shared dq raced on its autograd metadata ('a leaf Variable that requires grad is being
+    used in an in-place operation', now and then)."""
     B, Hq, L, _ = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     cdt, dev = run.compute_dtype, q.device

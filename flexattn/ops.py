@@ -123,18 +123,16 @@ def _fwd_fake(q, k, v, blocks, score_bufs, mask_bufs, spec_key, scale, dropout_p
 
 class _autograd_enabled:
     """Re-admit the autograd dispatch keys that a custom op's implementation runs without
-    (restored on exit): the CPU backward calls torch.autograd.grad on score_mod's tiles."""
+    (restored on exit): the CPU backward calls torch.autograd.grad on score_mod's tiles,
+    turning grad mode on around their evaluation only."""
     _KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.ADInplaceOrView)
 
     def __enter__(self):
         self.saved = [torch._C._dispatch_tls_is_dispatch_key_excluded(k) for k in self._KEYS]
         for k in self._KEYS:
             torch._C._dispatch_tls_set_dispatch_key_excluded(k, False)
-        self.grad = torch.enable_grad()
-        self.grad.__enter__()
 
     def __exit__(self, *exc):
-        self.grad.__exit__(*exc)
         for k, was in zip(self._KEYS, self.saved):
             torch._C._dispatch_tls_set_dispatch_key_excluded(k, was)
 

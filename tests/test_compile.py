@@ -58,6 +58,36 @@ def test_fullgraph_matches_eager_forward_and_backward(backend):
     assert any("flexattn.fwd" in o for o in ops), ops
 
 
+def test_compiled_backward_records_no_autograd_graph(monkeypatch):
+    """A compiled graph's backward calls the CPU backward with grad mode on and inputs that
+    require grad; its arithmetic must record nothing (recorded, the worker threads' in-place
+    writes into the shared dq raced on autograd metadata and failed now and then)."""
+    from flexattn import cpu
+    slopes = torch.linspace(0.1, 1.0, H).requires_grad_()
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx).abs()
+
+    results = []
+    backward = cpu._backward
+
+    def recorded(*args, **kwargs):
+        got = backward(*args, **kwargs)
+        results.append(got)
+        return got
+
+    monkeypatch.setattr(cpu, "_backward", recorded)
+    bm = flexattn.create_block_mask(causal, None, None, L, L, BLOCK_SIZE=32)
+    q, k, v = _qkv()
+    f = torch.compile(lambda q, k, v: flexattn.flex_attention(q, k, v, score_mod=alibi, block_mask=bm),
+                      fullgraph=True, backend="aot_eager")
+    torch.autograd.grad(f(q, k, v).sum(), [q, k, v, slopes])
+    assert len(results) == 1
+    dq, dk, dv, dbufs = results[0]
+    for name, g in [("dq", dq), ("dk", dk), ("dv", dv)] + [(f"dbuf{i}", g) for i, g in enumerate(dbufs)]:
+        assert not g.requires_grad and g.grad_fn is None, name
+
+
 def test_new_block_mask_of_same_structure_reuses_the_graph():
     counter = CompileCounterWithBackend("aot_eager")
     f = torch.compile(lambda q, k, v, bm: flexattn.flex_attention(q, k, v, block_mask=bm), fullgraph=True,
