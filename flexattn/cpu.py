@@ -830,10 +830,12 @@ def _make_plan(run: CpuRun, B: int, Hq: int, Hkv: int, L: int, S: int) -> Option
 # heads - where the cost per call, not the work, decides), its spans widened by at most
 # this factor of their columns
 _FLAT_SMALL, _FLAT_WIDEN = 1 << 23, 2.0
-# q-tiles of a multiple of 2 * _FLAT_HALF rows are halved where that saves a tenth of the scores
-# and K/V stay a view (a window's tiles: 128 rows and a window of 256 read 383 columns a
-# row, 64 rows 319 - the fused kernel took 8% less time, float32 at S=1K, 2 threads)
-_FLAT_HALF, _FLAT_HALF_GAIN = 64, 0.9
+# q-tiles of a multiple of 2 * _FLAT_HALF rows are halved, again and again, while that saves a
+# tenth of the scores and K/V stay a view (a window of 256: tiles of 128 rows read 383 columns
+# a row, 64 rows 319, 32 rows 287; the kernel splits q into 32-row pieces on such calls
+# anyway). Against 64-row tiles, 32 took 0.90-0.97x the forward's time (sliding window and
+# documents at S=1K, window at 2K, float32 / bfloat16, 2 threads, AMD EPYC; fwd+bwd even).
+_FLAT_HALF, _FLAT_HALF_GAIN = 32, 0.9
 
 
 def _even_step(firsts: list) -> Optional[int]:
@@ -883,11 +885,12 @@ def _flat(run: CpuRun, order: list, S: int, Hq: int, room: int) -> Optional[_Fla
         return None
     spans = _flat_spans(order, M)
     N, firsts, pad = _flat_layout(spans, S)
-    if M % (2 * _FLAT_HALF) == 0:
+    while M % (2 * _FLAT_HALF) == 0:
         halves = _flat_spans(order, M // 2)
         N2, firsts2, pad2 = _flat_layout(halves, S)
-        if N2 * len(halves) * (M // 2) <= _FLAT_HALF_GAIN * N * len(spans) * M and _even_step(firsts2) is not None:
-            M, spans, N, firsts, pad = M // 2, halves, N2, firsts2, pad2
+        if N2 * len(halves) * (M // 2) > _FLAT_HALF_GAIN * N * len(spans) * M or _even_step(firsts2) is None:
+            break
+        M, spans, N, firsts, pad = M // 2, halves, N2, firsts2, pad2
     G = len(spans)
     lead = max((a.shape[1] for *_, a in spans if a is not None), default=1)
     if (N > S or G * lead * M * N > room or Hq * G * M * N > _FLAT_SMALL

@@ -80,13 +80,14 @@ def test_one_mask_kept_for_tiles_alike():
 
 
 @pytest.mark.parametrize("mask, layout", [
-    # every 64-row tile reads the window before it: 319 columns at the same offset from its
-    # rows, so K/V are a view of themselves padded with 255 rows before the first
-    (lambda b, h, qi, ki: (qi >= ki) & (qi - ki < 256), (64, 319, 64, (255, 0))),
+    # 128-row tiles halved twice: every 32-row tile reads the window before it, 287 columns
+    # at the same offset from its rows, so K/V are a view of themselves padded with 255 rows
+    # before the first
+    (lambda b, h, qi, ki: (qi >= ki) & (qi - ki < 256), (32, 287, 32, (255, 0))),
     # six documents, causal: every tile's span ends at its last row
-    (lambda b, h, qi, ki: (qi // 171 == ki // 171) & (qi >= ki), (64, 234, 64, (170, 0))),
+    (lambda b, h, qi, ki: (qi // 171 == ki // 171) & (qi >= ki), (32, 202, 32, (170, 0))),
     # a window ahead of the rows: padding after the last row
-    (lambda b, h, qi, ki: (ki >= qi) & (ki - qi < 256), (64, 319, 64, (0, 255))),
+    (lambda b, h, qi, ki: (ki >= qi) & (ki - qi < 256), (32, 287, 32, (0, 255))),
 ])
 def test_flat_tiles_halved_and_kv_a_view(mask, layout):
     L = 1024
