@@ -1,7 +1,7 @@
 """flexattn's CPU path vs torch.compile(flex_attention) on CPU vs SDPA (dense bool mask for
 the sparse masks, a dense float bias for ALiBi), 2 threads, float32 by default.
 
-    PYTHONPATH=$PWD python benchmarks/bench_cpu.py [--S 4096] [--dtype float32] [--busy]
+    PYTHONPATH=$PWD python benchmarks/bench_cpu.py [--S 4096] [--dtype float32] [--busy | --load-turns]
         [--after-op] [--masks dense causal ...] [--no-compiled] [--reps 3] [--json out.json] [--full]
 
 Cases (--masks): dense, causal, sliding (window 256), document (six documents, causal in
@@ -15,7 +15,10 @@ Prints one table (median seconds of --reps runs after one warm-up; the implement
 turns run by run) for forward and fwd+bwd; torch.compile(flex_attention) has no CPU
 backward, so its fwd+bwd column is '-'.
 --busy starts two processes that burn a CPU each for the duration of the timing (the
-machine's two cores are then contended, as on a shared machine). --after-op runs a 1024 x 1024
+machine's two cores are then contended, as on a shared machine). --load-turns times every call
+both ways in one process, the burners stopped and running in turn, and prints each slowdown
+(busy / quiet median): separate quiet and busy processes compare the machine at two moments,
+and this VM's speed wanders. --after-op runs a 1024 x 1024
 matmul on torch's threads, untimed, right before each timed call, as a model's projections run
 just before its attention: torch's OpenMP threads then still spin, waiting for more work, when
 the call starts.
@@ -27,6 +30,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import signal
 import statistics
 import time
 import warnings
@@ -99,6 +103,34 @@ def timeit(fns: dict, reps: int, before=None) -> dict:
     return {name: (statistics.median(x), max(x)) for name, x in ts.items()}
 
 
+def timeit_under_load(fns: dict, reps: int, burners: list, before=None) -> dict:
+    """{name: (quiet median, busy median)} seconds: each function is timed reps times with the
+    CPU-burning processes stopped (SIGSTOP) and as many with them running (SIGCONT), quiet and
+    busy runs taking turns, so both see the same machine (this VM's speed wanders by a fifth
+    within minutes: a quiet and a busy process, one after the other, compare two machines)."""
+    def load(on: bool):
+        for p in burners:
+            os.kill(p.pid, signal.SIGCONT if on else signal.SIGSTOP)
+        time.sleep(0.05)   # the scheduler settles (the burners run or sleep)
+    ts = {(name, busy): [] for name in fns for busy in (False, True)}
+    try:
+        load(False)
+        for fn in fns.values():
+            fn()
+        for _ in range(reps):
+            for busy in (False, True):
+                load(busy)
+                for name, fn in fns.items():
+                    if before is not None:
+                        before()
+                    t = time.perf_counter()
+                    fn()
+                    ts[name, busy].append(time.perf_counter() - t)
+    finally:
+        load(True)
+    return {name: (statistics.median(ts[name, False]), statistics.median(ts[name, True])) for name in fns}
+
+
 def _no_grad(fn):
     def run():
         with torch.no_grad():
@@ -114,6 +146,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--busy", action="store_true")
+    ap.add_argument("--load-turns", action="store_true",
+                    help="time every call quiet and busy, taking turns in one process (timeit_under_load)")
     ap.add_argument("--no-compiled", action="store_true")
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--json")
@@ -138,13 +172,18 @@ def main():
         if hasattr(torch._dynamo.config, key):
             setattr(torch._dynamo.config, key, max(getattr(torch._dynamo.config, key), 2 * n_cases))
     stop, procs = mp.Event(), []
-    if a.busy:
+    if a.busy or a.load_turns:
         procs = [mp.Process(target=_burn, args=(stop,), daemon=True) for _ in range(2)]
         for p in procs:
             p.start()
     rows = []
     w = torch.randn(1024, 1024)
     before = (lambda: w @ w) if a.after_op else None
+
+    def timed(fns):
+        if a.load_turns:
+            return timeit_under_load(fns, a.reps, procs, before)
+        return timeit(fns, a.reps, before)
     try:
         for S, dname, name in itertools.product(a.S, a.dtype, a.masks):
             dtype = getattr(torch, dname)
@@ -155,7 +194,8 @@ def main():
             tbm = None if mm is None else torch_cbm(mm, None, None, S, S, device="cpu")
             dense = None if mm is None or name == "causal" else flexattn.create_mask(mm, None, None, S, S)
             sdpa_args = sdpa_inputs(name, S, dense)
-            r = {"S": S, "mask": name, "dtype": dname, "busy": a.busy, "after_op": a.after_op}
+            r = {"S": S, "mask": name, "dtype": dname, "busy": a.busy, "load_turns": a.load_turns,
+                 "after_op": a.after_op}
 
             def ours():
                 return flexattn.flex_attention(q, k, v, sm, block_mask=bm, kernel_options={"BACKEND": "cpu"})
@@ -174,14 +214,17 @@ def main():
                 fwd["sdpa_fwd"] = sdpa
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                r.update(timeit({key: _no_grad(fn) for key, fn in fwd.items()}, a.reps, before))
+                r.update(timed({key: _no_grad(fn) for key, fn in fwd.items()}))
             if not a.no_bwd:
                 bwd = {"flexattn_fwdbwd": lambda: ours().sum().backward()}
                 if sdpa_args is not None:
                     bwd["sdpa_fwdbwd"] = lambda: sdpa().sum().backward()
-                r.update(timeit(bwd, a.reps, before))
+                r.update(timed(bwd))
             rows.append(r)
-            f = lambda key: "-" if key not in r else f"{r[key][0]:.3f} ({r[key][1]:.3f})"
+            if a.load_turns:   # quiet -> busy median seconds (busy / quiet)
+                f = lambda key: "-" if key not in r else f"{r[key][0]:.3f} -> {r[key][1]:.3f} ({r[key][1] / r[key][0]:.2f}x)"
+            else:
+                f = lambda key: "-" if key not in r else f"{r[key][0]:.3f} ({r[key][1]:.3f})"
             print(f"S={S:6d} {dname:8s} {name:9s} fwd: flexattn {f('flexattn_fwd')}  compiled {f('compiled_fwd')}  "
                   f"sdpa {f('sdpa_fwd')} | fwd+bwd: flexattn {f('flexattn_fwdbwd')}  sdpa {f('sdpa_fwdbwd')}",
                   flush=True)
@@ -189,7 +232,8 @@ def main():
         stop.set()
         for p in procs:
             p.join(timeout=5)
-    print(f"(median (worst) seconds of {a.reps}; {a.threads} threads; {os.cpu_count()} CPUs; "
+    what = "quiet -> busy median seconds (busy / quiet)" if a.load_turns else "median (worst) seconds"
+    print(f"({what} of {a.reps}; {a.threads} threads; {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()}; busy={a.busy}; after_op={a.after_op})")
     if a.json:
         with open(a.json, "w") as fh:
