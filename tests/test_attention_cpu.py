@@ -91,6 +91,28 @@ def test_mask_only_without_lse_grad(name, fused, monkeypatch):
     check_case(name, Hkv=2, lse_in_loss=False)
 
 
+@pytest.mark.parametrize("lse_used", [False, True])
+def test_lse_gradient_reaches_the_backend_only_when_used(lse_used, monkeypatch):
+    # an unused lse gets no tensor of zeros as its gradient (filling it cost a busy machine
+    # time); where the loss uses the lse, its gradient arrives as it is
+    import flexattn.cpu as cpu
+    seen = []
+    backward = cpu._backward
+
+    def spy(run, q, k, v, out, lse, dout, dlse, buffers):
+        seen.append(dlse)
+        return backward(run, q, k, v, out, lse, dout, dlse, buffers)
+
+    monkeypatch.setattr(cpu, "_backward", spy)
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 16)
+    out, lse = flex_attention(q, k, v, return_lse=True)
+    (out.sum() + (lse.sum() if lse_used else 0)).backward()
+    assert len(seen) == 1
+    assert (seen[0] is not None) == lse_used
+    if lse_used:
+        torch.testing.assert_close(seen[0], torch.ones_like(lse))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("name", ["causal", "document", "empty_rows"])
 def test_mask_only_dtypes_without_lse_grad(name, dtype):
