@@ -222,7 +222,8 @@ def main():
                 r.update(timed(bwd))
             rows.append(r)
             if a.load_turns:   # quiet -> busy median seconds (busy / quiet)
-                f = lambda key: "-" if key not in r else f"{r[key][0]:.3f} -> {r[key][1]:.3f} ({r[key][1] / r[key][0]:.2f}x)"
+                f = lambda key: ("-" if key not in r
+                                 else f"{r[key][0]:.3f} -> {r[key][1]:.3f} ({r[key][1] / r[key][0]:.2f}x)")
             else:
                 f = lambda key: "-" if key not in r else f"{r[key][0]:.3f} ({r[key][1]:.3f})"
             print(f"S={S:6d} {dname:8s} {name:9s} fwd: flexattn {f('flexattn_fwd')}  compiled {f('compiled_fwd')}  "

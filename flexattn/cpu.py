@@ -702,6 +702,7 @@ _PLAN_GROUPS = 16          # the most chunk shapes of a batched forward
 # CPU-burning processes 0.81-1.06x (16K 0.91-0.92x); the forward even.
 _SHARES_PER_THREAD = 4
 _PLAN_ELEMS = 1 << 22      # the most mask elements a plan keeps (16 MiB of float32)
+_SUM_PIECE = 1 << 16       # the fewest elements in a piece of the accumulators' sum (_summed)
 
 
 @dataclass
@@ -1068,7 +1069,7 @@ def _batched_backward(run: CpuRun, plan: _Plan, q, k, v, out, lse, dout):
     accs = _over_q_tiles(run, shares, share, lambda: tuple(torch.zeros(B, x.shape[2], Hkv, x.shape[3], dtype=cdt,
                                                                        device=dev) for x in (k, v)),
                          dynamic=False, prologue=convert, ranked=True)
-    dk, dv = _summed(accs)
+    dk, dv = _summed(run, accs)
     return dq, _rows_first(dk, k_in.dtype), _rows_first(dv, v_in.dtype)
 
 
@@ -1276,22 +1277,34 @@ def _fused_backward(run: CpuRun, idx: _Indices, q, k, v, out, lse, dout, tiles, 
     accs = _over_q_tiles(run, tiles, q_tile, lambda: (torch.zeros(k.shape, dtype=cdt, device=dev),
                                                       torch.zeros(v.shape, dtype=cdt, device=dev)),
                          dynamic=False, prologue=convert)
-    return (dq, *_summed(accs))
+    return (dq, *_summed(run, accs))
 
 
-def _summed(accs: list) -> list:
-    """The per-thread accumulators summed, field by field (into the first thread's), on the
-    calling thread alone: on the caller's pool each add was a rendezvous, and with two
-    CPU-burning processes on 2 cores the adds of S=4K's dk and dv took 11-15 ms, not 1."""
+def _summed(run: CpuRun, accs: list) -> list:
+    """The per-thread accumulators summed, field by field, into the first thread's, each
+    element in thread order (the same bits on every run). The tensors' elements are cut into
+    pieces that flexattn's workers take: one rendezvous for the whole sum, where on the
+    caller's pool every add was one (on a busy 2-core machine the adds of S=4K's dk and dv
+    took 11-15 ms that way, 1 ms quiet), and with many threads the sum stays parallel.
+    Captured-tensor gradients (lists of small tensors) are summed on the calling thread."""
     total = list(accs[0])
-    with _serial_here():
-        for more in accs[1:]:
-            for n, x in enumerate(more):
-                if isinstance(x, list):
-                    for t, y in zip(total[n], x):
-                        t += y
-                else:
-                    total[n] += x
+    if len(accs) == 1:
+        return total
+    flat = [(x.view(-1), [more[n].view(-1) for more in accs[1:]]) for n, x in enumerate(total) if torch.is_tensor(x)]
+    size = max(_SUM_PIECE, -(-sum(x.numel() for x, _ in flat) // (_SHARES_PER_THREAD * torch.get_num_threads())))
+    pieces = [(f, lo, min(lo + size, x.numel())) for f, (x, _) in enumerate(flat) for lo in range(0, x.numel(), size)]
+
+    def piece(f, lo, hi, _acc):
+        into, others = flat[f]
+        for x in others:
+            into[lo:hi] += x[lo:hi]
+
+    _over_q_tiles(run, pieces, piece, lambda: None, dynamic=True, ranked=True)
+    for n, x in enumerate(total):
+        if isinstance(x, list):
+            for more in accs[1:]:
+                for t, y in zip(x, more[n]):
+                    t += y
     return total
 
 
@@ -1392,7 +1405,7 @@ def _backward(run: CpuRun, q, k, v, out, lse, dout, dlse, buffers):
         return (torch.zeros(k.shape, dtype=cdt, device=dev), torch.zeros(v.shape, dtype=cdt, device=dev),
                 [torch.zeros_like(buffers[j]) for j in grad_slots])
 
-    dk, dv, dbufs = _summed(_over_q_tiles(run, list(_q_tiles(run, L)), q_tile, new_accs, dynamic=False,
+    dk, dv, dbufs = _summed(run, _over_q_tiles(run, list(_q_tiles(run, L)), q_tile, new_accs, dynamic=False,
                                           prologue=convert))
     return dq, dk.to(k_in.dtype), dv.to(v_in.dtype), dbufs
 

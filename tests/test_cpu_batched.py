@@ -176,6 +176,24 @@ def test_batched_backward_matches_golden(case, monkeypatch):
     assert calls
 
 
+def test_summed_adds_each_element_in_thread_order(monkeypatch):
+    # the per-thread accumulators' sum, cut into pieces the workers take: the same bits as
+    # adding the threads' tensors one after another, every element covered once
+    monkeypatch.setattr(cpu, "_SUM_PIECE", 7)
+    g = torch.Generator().manual_seed(0)
+    accs = [(torch.randn(2, 50, 3, generator=g), torch.randn(33, generator=g) * 1e4,
+             [torch.randn(5, generator=g)]) for _ in range(4)]
+    want = [accs[0][0].clone(), accs[0][1].clone(), [accs[0][2][0].clone()]]
+    for more in accs[1:]:
+        want[0] += more[0]
+        want[1] += more[1]
+        want[2][0] += more[2][0]
+    with torch_threads(3):
+        got = cpu._summed(None, accs)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(got[2][0], want[2][0])
+    assert got[0] is accs[0][0]   # into the first thread's
+
+
 def test_shares_cover_each_group_once_in_a_few_shares_per_thread():
     # _shares: every tile of every group in exactly one share, at most _SHARES_PER_THREAD per
     # thread and group (one a tile at the most), the costliest first, the bare rows last
