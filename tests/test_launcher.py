@@ -82,10 +82,9 @@ def test_a_launch_with_stages_only_gives_up_at_one_stage(monkeypatch):
             raise OutOfResources(300_000, 232_448, "shared memory")
     monkeypatch.setattr(launcher, "launch_cached", launch_cached)
     monkeypatch.setattr(launcher, "SHRUNK", {})
-    launcher.launch("kernel", (1,), (), {"BLOCK_N": 64, "STAGES": 2}, key="k", shrink=None, stages="STAGES")
+    launcher.launch("kernel", (1,), (), {"BLOCK_N": 64, "STAGES": 2}, key="k", shrink=None)
     assert tried == [2, 1] and launcher.SHRUNK["k"] == {"STAGES": 1}
-    launcher.launch("kernel", (1,), (), {"BLOCK_N": 64, "STAGES": 2}, key="k", shrink=None, stages="STAGES")
+    launcher.launch("kernel", (1,), (), {"BLOCK_N": 64, "STAGES": 2}, key="k", shrink=None)
     assert tried == [2, 1, 1]  # remembered: the next launch starts at one stage
     with pytest.raises(OutOfResources):
-        launcher.launch("kernel", (1,), (), {"BLOCK_N": 64, "STAGES": 2, "need": "more"}, key="k2", shrink=None,
-                        stages="STAGES")
+        launcher.launch("kernel", (1,), (), {"BLOCK_N": 64, "STAGES": 2, "need": "more"}, key="k2", shrink=None)

@@ -30,6 +30,8 @@ import threading
 
 import torch
 
+from .launcher import stage_kwarg
+
 
 class ArgStub:
     """Stands in for a tensor argument at compile time: what the JIT specialises on (dtype,
@@ -55,10 +57,10 @@ def stand_in(arg):
 
 def compile_variants(kernel, grid, args, kwargs, max_shared: int) -> list[dict]:
     """Compile `kernel` for this launch, and, where its config needs more shared memory than
-    the GPU has, the configs with fewer stages that launcher.launch falls back to (the stage
-    count: num_stages, or the Gluon kernels' STAGES); returns the kwargs of every config compiled."""
+    the GPU has, the configs with fewer stages that launcher.launch falls back to (the
+    kwarg launcher.stage_kwarg names); returns the kwargs of every config compiled."""
     kwargs = dict(kwargs)
-    stages = "STAGES" if "STAGES" in kwargs else "num_stages"
+    stages = stage_kwarg(kwargs)
     done = []
     while True:
         shared = kernel.warmup(*args, grid=grid, **kwargs).metadata.shared

@@ -541,4 +541,4 @@ def hopper_dkdv(plan, q, k, v, dout, dk, dv, lse2, delta, dq_acc, buf_args, gbuf
     # a score_mod's captured-tensor gradients add layout-conversion scratch: at head dim 256 (208 KB of
     # tiles) that can pass the shared memory, and one q / dO stage is taken instead of two
     launcher.launch(module.flex_bwd_dkdv_hopper, (cdiv(S, bn), B * Hkv), args, kwargs,
-                    ("bwd_hopper", id(module), q.dtype, E, Ev), shrink=None, stages="STAGES")
+                    ("bwd_hopper", id(module), q.dtype, E, Ev), shrink=None)

@@ -194,14 +194,21 @@ def triton_features(args) -> tuple:
 SHRUNK: dict = {}
 
 
-def launch(kernel, grid, args, kwargs, key, shrink="BLOCK_N", stages="num_stages"):
+def stage_kwarg(kwargs: dict) -> str:
+    """The kwarg that holds a launch's pipeline depth: the Gluon kernels' STAGES, else Triton's
+    num_stages."""
+    return "STAGES" if "STAGES" in kwargs else "num_stages"
+
+
+def launch(kernel, grid, args, kwargs, key, shrink="BLOCK_N"):
     """`launch_cached`; if the config needs more shared memory than the GPU has (a
-    captured-tensor gather or gradient can add scratch), retry with fewer stages (the kwarg
-    `stages` names), then a smaller inner-loop tile (`shrink`: the tile the loop walks, never
+    captured-tensor gather or gradient can add scratch), retry with fewer stages
+    (`stage_kwarg`), then a smaller inner-loop tile (`shrink`: the tile the loop walks, never
     the one the grid is made of; None: none to shrink); remember that under `key` (kernel kind,
     id(module), dtype, E, Ev, tiles, warps, stages). `args` may be a function of the launch's
     kwargs (arguments made for its tiles: TMA descriptors, whose boxes are the tiles)."""
     kwargs = dict(kwargs, **SHRUNK.get(key, {}))
+    stages = stage_kwarg(kwargs)
     while True:
         try:
             return launch_cached(kernel, grid, args(kwargs) if callable(args) else args, kwargs)
