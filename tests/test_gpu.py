@@ -301,10 +301,7 @@ def test_tiered_new_mask_structure(E, masks):
     from flexattn.kernels import tiered
     from flexattn.reference import reference_attention
 
-    # each head dim's masks of their own structure: the backward kernels of a structure are
-    # shared by every head dim, and an earlier run of the other E in this process compiled them
-    warm, new = masks if E == 64 else [lambda b, h, q_idx, kv_idx, m=m: m(b, h, q_idx, kv_idx) & (kv_idx >= 0)
-                                       for m in masks]
+    warm, new = masks  # an earlier run of the other E in this process compiled their kernels at that E only
     q, k, v = make_qkv(B=2, Hq=4, L=384, S=384, E=E, dtype=torch.bfloat16, device=DEV, seed=3)
     go = torch.randn_like(q)
 
@@ -332,6 +329,41 @@ def test_tiered_new_mask_structure(E, masks):
     for name, a, b, r, g in zip(["out", "dq", "dk", "dv"], first, again, ref, gold):
         assert_close_to_golden(name + " (tile form)", a, r, g)
         assert_close_to_golden(name + " (own kernels)", b, r, g)
+
+
+def test_tiered_new_mask_at_another_head_dim():
+    """Masks that ran at head dim 64 are not compiled at 128 (a kernel's binary depends on its head
+    dim): after another mask warmed the tile form at 128, a mask's first call at 128 runs through
+    the tile form and sends its own kernels to compile (kernels.tiered.shape_class), under the
+    numerics rule."""
+    import flexattn
+    from flexattn.kernels import tiered
+    from flexattn.reference import reference_attention
+
+    warm, new = _strided(83), _strided(79)  # structures no other test runs
+
+    def run(mask, q, k, v, go):
+        out = flexattn.flex_attention(q, k, v, block_mask=flexattn.create_block_mask(mask, None, None, 384, 384,
+                                                                                       device=DEV))
+        return [out, *torch.autograd.grad(out, [q, k, v], go)]
+
+    for E in (64, 128):
+        q, k, v = make_qkv(B=2, Hq=4, L=384, S=384, E=E, dtype=torch.bfloat16, device=DEV, seed=5)
+        go = torch.randn_like(q)
+        run(warm, q, k, v, go)  # its own kernels now, the tile form's at this head dim in the background
+        tiered.wait()
+        submitted = len(tiered._submitted)
+        first = run(new, q, k, v, go)
+        assert len(tiered._submitted) == submitted + 3, E  # the tile form ran; the forward, dq and dk/dv sent
+        tiered.wait()
+    qr, kr, vr = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    ro, _ = reference_attention(qr, kr, vr, None, new)
+    ref = [ro, *torch.autograd.grad(ro, [qr, kr, vr], go)]
+    q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    g64, _ = reference_attention(q64, k64, v64, None, new)
+    gold = [g64, *torch.autograd.grad(g64, [q64, k64, v64], go.double())]
+    for name, a, r, g in zip(["out", "dq", "dk", "dv"], first, ref, gold):
+        assert_close_to_golden(name + " (tile form, head dim 128)", a, r, g)
 
 
 # ---- the Hopper (Gluon) forward: sm90 only --------------------------------------------

@@ -133,67 +133,120 @@ def test_intervals_exact():
 def test_policy_routes_new_structures_through_the_tile_form(monkeypatch):
     from flexattn.kernels import make_plan, tiered
     from flexattn.kernels.source import step_kernels
-    from flexattn.kernels import launcher
-    for module, name in ((tiered, "_compiled"), (tiered, "_submitted"), (launcher, "LAUNCHED")):
-        monkeypatch.setattr(module, name, {})
+    for name in ("_compiled", "_submitted"):
+        monkeypatch.setattr(tiered, name, {})
     mask = lambda b, h, q, kv: (q >= kv) & ((q - kv) % 11 != 5)  # noqa: E731
     bm = flexattn.create_block_mask(mask, None, None, 256, 256)
     q = k = v = torch.randn(1, 2, 256, 64)
-    class cuda:  # a CUDA query as route sees one: its device and shape
-        device, shape = torch.device("cuda"), q.shape
+
+    class cuda:  # a CUDA query as route sees one: its device, shape and strides
+        device, shape, stride = torch.device("cuda"), q.shape, q.stride
     plan = make_plan(q, k, v, score_graph=None, mask_graph=bm.mask_graph, block_mask=bm, scale=None,
                      kernel_options={})
+    cls = tiered.shape_class(plan, cuda, k, v)
 
     def mark_compiled(p, kinds):
         for kind in kinds:
-            tiered.mark_compiled([getattr(p.module(m), n) for m, n in step_kernels(kind)])
+            tiered.mark_compiled([getattr(p.module(m), n) for m, n in step_kernels(kind)], cls)
 
     # nothing compiled: the mask's own kernels now, the tile form's to warm afterwards
-    first = tiered.route(plan, ("fwd", "bwd"), bm, cuda)
+    first = tiered.route(plan, ("fwd", "bwd"), bm, cuda, k, v)
     assert first.mask_graph is plan.mask_graph and first.tiering[1].mask_graph.buffers[1].dtype == torch.int8
+    assert first.tiering[2] == cls
     # tile form compiled (forward and backward): a new structure runs through it
     mark_compiled(first.tiering[1], ("fwd", "bwd"))
-    routed = tiered.route(plan, ("fwd", "bwd"), bm, cuda)
+    routed = tiered.route(plan, ("fwd", "bwd"), bm, cuda, k, v)
     assert routed.mask_graph.buffers[1].dtype == torch.int8 and routed.tiering[1] is plan
     # only its forward compiled: a call that needs gradients does not take the tile form
     monkeypatch.setattr(tiered, "_compiled", {})
     mark_compiled(first.tiering[1], ("fwd",))
-    assert tiered.route(plan, ("fwd", "bwd"), bm, cuda).mask_graph is plan.mask_graph
-    assert tiered.route(plan, ("fwd",), bm, cuda).tiering[1] is plan
+    assert tiered.route(plan, ("fwd", "bwd"), bm, cuda, k, v).mask_graph is plan.mask_graph
+    assert tiered.route(plan, ("fwd",), bm, cuda, k, v).tiering[1] is plan
     # the mask's own compiled: the plan itself, nothing more to do
     mark_compiled(plan, ("fwd",))
-    assert tiered.route(plan, ("fwd",), bm, cuda) is plan
+    assert tiered.route(plan, ("fwd",), bm, cuda, k, v) is plan
     # a call whose own forward is the Hopper forward: its tile form runs the Hopper forward too
     monkeypatch.setattr(tiered, "_compiled", {})
     hopper_kinds = ("fwd_hopper", "bwd")
-    first = tiered.route(plan, hopper_kinds, bm, cuda)
+    first = tiered.route(plan, hopper_kinds, bm, cuda, k, v)
     assert first.mask_graph is plan.mask_graph and first.tiering[0] == "tile_form"
     mark_compiled(first.tiering[1], ("fwd", "bwd"))   # the Triton forward's tile form is not the one it needs
-    assert tiered.route(plan, hopper_kinds, bm, cuda).mask_graph is plan.mask_graph
+    assert tiered.route(plan, hopper_kinds, bm, cuda, k, v).mask_graph is plan.mask_graph
     mark_compiled(first.tiering[1], ("fwd_hopper",))
-    routed = tiered.route(plan, hopper_kinds, bm, cuda)
-    assert routed.tiering == ("own", plan) and routed.opts == plan.opts
+    routed = tiered.route(plan, hopper_kinds, bm, cuda, k, v)
+    assert routed.tiering == ("own", plan, cls) and routed.opts == plan.opts
     # the Hopper backward: the tile form is ready once its Triton dq kernel (which the Hopper kernel
     # needs first) and its Hopper kernel are; the Triton dk/dv kernel plays no part
     monkeypatch.setattr(tiered, "_compiled", {})
     both_hopper = ("fwd_hopper", "bwd_hopper")
-    tile = tiered.route(plan, both_hopper, bm, cuda).tiering[1]
+    tile = tiered.route(plan, both_hopper, bm, cuda, k, v).tiering[1]
     mark_compiled(tile, ("fwd_hopper", "bwd"))
-    assert tiered.route(plan, both_hopper, bm, cuda).mask_graph is plan.mask_graph
-    tiered.mark_compiled([tile.module("bwd_hopper").flex_bwd_dkdv_hopper])
-    assert tiered.route(plan, both_hopper, bm, cuda).tiering == ("own", plan)
+    assert tiered.route(plan, both_hopper, bm, cuda, k, v).mask_graph is plan.mask_graph
+    tiered.mark_compiled([tile.module("bwd_hopper").flex_bwd_dkdv_hopper], cls)
+    assert tiered.route(plan, both_hopper, bm, cuda, k, v).tiering == ("own", plan, cls)
     monkeypatch.setattr(tiered, "_compiled", {})
     mark_compiled(tile, ("fwd_hopper",))
-    tiered.mark_compiled([tile.module("bwd").flex_bwd_dq, tile.module("bwd_hopper").flex_bwd_dkdv_hopper])
-    assert tiered.route(plan, both_hopper, bm, cuda).tiering == ("own", plan)
+    tiered.mark_compiled([tile.module("bwd").flex_bwd_dq, tile.module("bwd_hopper").flex_bwd_dkdv_hopper], cls)
+    assert tiered.route(plan, both_hopper, bm, cuda, k, v).tiering == ("own", plan, cls)
     # CPU tensors, TIERED off, AUTOTUNE on: never tiered
     off = make_plan(q, k, v, score_graph=None, mask_graph=bm.mask_graph, block_mask=bm, scale=None,
                     kernel_options={"TIERED": False})
-    assert tiered.route(off, ("bwd",), bm, cuda) is off
-    assert tiered.route(plan, ("bwd",), bm, q) is plan  # CPU tensors
+    assert tiered.route(off, ("bwd",), bm, cuda, k, v) is off
+    assert tiered.route(plan, ("bwd",), bm, q, k, v) is plan  # CPU tensors
     with pytest.raises(ValueError, match="TIERED"):
         make_plan(q, k, v, score_graph=None, mask_graph=bm.mask_graph, block_mask=bm, scale=None,
                   kernel_options={"TIERED": 1})
+
+
+def test_policy_counts_kernels_compiled_per_shape_class(monkeypatch):
+    """A kernel compiled for one head dim (or dtype, or length class) is not compiled for another:
+    there a new mask runs through the tile form if that is compiled for it, and a foreground launch
+    counts its own kernels compiled for its class only."""
+    from flexattn.kernels import make_plan, tiered
+    from flexattn.kernels.source import step_kernels
+    for name in ("_compiled", "_submitted"):
+        monkeypatch.setattr(tiered, name, {})
+    mask = lambda b, h, q, kv: (q >= kv) & ((q - kv) % 11 != 5)  # noqa: E731
+    bm = flexattn.create_block_mask(mask, None, None, 256, 256)
+
+    def call(E, L=256, dtype=torch.float32, block_mask=bm):
+        """A plan, the CUDA query route would see, the key / value, and the call's shape class."""
+        q = torch.randn(1, 2, L, E, dtype=dtype)
+
+        class cuda:
+            device, shape, stride = torch.device("cuda"), q.shape, q.stride
+        plan = make_plan(q, q, q, score_graph=None, mask_graph=block_mask.mask_graph, block_mask=block_mask,
+                         scale=None, kernel_options={})
+        return plan, cuda, q, tiered.shape_class(plan, cuda, q, q)
+
+    def kernels(p, kind="fwd"):
+        return [getattr(p.module(m), n) for m, n in step_kernels(kind)]
+
+    plan64, q64, t64, cls64 = call(64)
+    plan128, q128, t128, cls128 = call(128)
+    assert kernels(plan64) == kernels(plan128)   # one module for both head dims: one JIT kernel
+    assert len({cls64, cls128, call(64, L=200)[3], call(64, dtype=torch.bfloat16)[3]}) == 4
+    assert call(64)[3] == cls64   # another call of the same class
+
+    # the mask's own kernels and the tile form's compiled at head dim 64 only
+    tile = tiered.route(plan64, ("fwd",), bm, q64, t64, t64).tiering[1]
+    tiered.mark_compiled(kernels(plan64) + kernels(tile), cls64)
+    assert tiered.route(plan64, ("fwd",), bm, q64, t64, t64) is plan64
+    # at 128 neither is: the own kernels now, the tile form warmed for 128 afterwards
+    first = tiered.route(plan128, ("fwd",), bm, q128, t128, t128)
+    assert first.tiering[0] == "tile_form" and first.tiering[2] == cls128
+    # the foreground launch counts the own kernels compiled at 128 (the tile form's taken as sent already)
+    tiered._submitted.update(((id(kn), cls128), kn) for kn in kernels(first.tiering[1]))
+    tiered.after_launch(first, lambda p: "fwd", lambda p, kind: [])
+    assert tiered.route(plan128, ("fwd",), bm, q128, t128, t128) is plan128
+    # a new mask of the same form, never run: at 64 through the tile form; at 128 its own kernels
+    # compile in the foreground until the tile form is compiled there too
+    other = flexattn.create_block_mask(lambda b, h, q, kv: (q >= kv) & ((q - kv) % 13 != 2), None, None, 256, 256)
+    new64, new128 = call(64, block_mask=other)[0], call(128, block_mask=other)[0]
+    assert tiered.route(new64, ("fwd",), other, q64, t64, t64).tiering[0] == "own"
+    assert tiered.route(new128, ("fwd",), other, q128, t128, t128).tiering[0] == "tile_form"
+    tiered.mark_compiled(kernels(first.tiering[1]), cls128)
+    assert tiered.route(new128, ("fwd",), other, q128, t128, t128).tiering[0] == "own"
 
 
 _INTERPRET_CHECK = r'''
@@ -306,5 +359,5 @@ def test_policy_keeps_a_per_row_mask_under_a_broadcast_block_mask():
                      kernel_options={})
 
     class cuda:
-        device, shape = torch.device("cuda"), q.shape
-    assert tiered.route(plan, ("fwd",), bm, cuda) is plan
+        device, shape, stride = torch.device("cuda"), q.shape, q.stride
+    assert tiered.route(plan, ("fwd",), bm, cuda, q, q) is plan

@@ -177,7 +177,7 @@ def flex_attention_triton(q, k, v, *, score_graph=None, mask_graph=None, block_m
                          scale=scale, kernel_options=kernel_options, dropout_p=dropout_p,
                          dropout_seed=dropout_seed, output_max=output_max)
         kinds = (fwd_path(plan, q, k, v),) + ((bwd_path(plan, q, k, v),) if grad else ())
-        routed = tiered.route(plan, kinds, block_mask, q)
+        routed = tiered.route(plan, kinds, block_mask, q, k, v)
         if calls is not None and routed is plan:  # tiering settled: the same plan every call
             run = CachedRun(plan, kinds, score_graph, mask_graph)
             replay.store(calls, key, run)

@@ -93,8 +93,8 @@ _CACHE = _Cache()
 # `recording()` pushes a list here: launches are then recorded in it (kernel, grid, args,
 # kwargs) instead of run
 CAPTURE: list = []
-# id -> JIT kernel, for every kernel launched (so compiled and loaded) in this process;
-# kernels.tiered reads it. Holding the kernel keeps its id unique.
+# id -> JIT kernel, for every kernel launched through the JIT in this process: holding the
+# kernel keeps its id in _CACHE's keys unique.
 LAUNCHED: dict = {}
 
 

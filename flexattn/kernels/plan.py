@@ -30,7 +30,7 @@ class Plan:
     mask_bufs: list
     small_indices: bool = False  # batch, heads and lengths below codegen.SMALL_INDEX_LIMIT
     fast_tanh: bool = False  # tanh as the hardware's approximate one (codegen.FAST_TANH_DTYPES)
-    tiering: tuple | None = None  # ("own" | "tile_form", the other plan): see kernels.tiered
+    tiering: tuple | None = None  # ("own" | "tile_form", the other plan, shape class): kernels.tiered
     output_max: bool = False  # the forward also returns max_scores (the row max of the scores)
     modules: dict = field(default_factory=dict)  # kind -> generated module, memo of module()
 

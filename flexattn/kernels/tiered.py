@@ -37,14 +37,17 @@ run. The tile form's kernels are warmed with and without full blocks, since a ne
 structure often differs from the first in that.
 To know what to compile, the other form's launches are captured by running its launch
 path with launches recorded (kernels.launcher.recording): that allocates its outputs once,
-freed at once. "Compiled" is tracked per kernel, not per shape: a later call with another
-shape class compiles in the foreground, as without tiering.
+freed at once. "Compiled" is tracked per kernel and shape class (`shape_class`: what besides
+the kernel picks its binary - head dims, dtypes, the lengths' divisibility...), so a mask
+that ran at one head dim is not taken as compiled at another: there the tile form runs,
+warmed at that head dim by the first mask that ran there.
 `wait()` blocks until the background compiles are done. A background compile that fails
 marks its kernels ready, so the next call compiles them in the foreground and raises the
 error where it belongs.
 """
 from __future__ import annotations
 
+import math
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -56,39 +59,55 @@ from ..mask_tiles import tile_table_form
 from . import compile_worker, launcher
 from .source import step_kernels
 
-# id -> JIT kernel (holding it keeps the id unique); kernels launched in the foreground are
-# in launcher.LAUNCHED
+# (id, shape class) -> JIT kernel (holding it keeps the id unique)
 _lock = threading.Lock()
-_compiled: dict = {}   # compiled in the background (or failed there: see _compile)
+_compiled: dict = {}   # launched in the foreground, or compiled in the background (or failed there: see _compile)
 _submitted: dict = {}  # sent to a background compile
 _futures: list[Future] = []
 _pool: ThreadPoolExecutor | None = None
 
 
-def mark_compiled(kernels) -> None:
+def shape_class(plan, q, k, v) -> tuple:
+    """What picks the binary of a kernel of `plan` for this call besides the kernel itself (whose
+    module the mods pick): the plan's sparse blocks and options, the scale's sign, dropout,
+    max_scores; the head dims, GQA group and the lengths' divisibility by the blocks (constexprs);
+    what Triton specialises the shapes, strides and tensors on (launcher.spec_features). It may
+    tell apart calls that share a binary (a form then counts as not compiled: the call compiles or
+    warms it again, a hit in Triton's cache), never the reverse but for what only the kernels' other
+    arguments show (full blocks or none, a captured tensor's layout, dout's): such a call compiles
+    in the foreground, as without tiering."""
+    L, S = q.shape[2], k.shape[2]
+    block_m, block_n = plan.blocks.block
+    return (q.device.index, plan.blocks.block, repr(sorted(plan.opts.items())), plan.scale > 0,
+            bool(plan.dropout_p), plan.output_max, q.shape[-1], v.shape[-1], q.shape[1] // k.shape[1],
+            L % block_m == 0, S % block_n == 0, math.gcd(L, 128), math.gcd(S, 128),
+            launcher.spec_features((*q.shape, *k.shape, *q.stride(), *k.stride(), *v.stride(), q, k, v)))
+
+
+def mark_compiled(kernels, cls) -> None:
+    """Count `kernels` as compiled for calls of shape class `cls`."""
     with _lock:
-        _compiled.update((id(k), k) for k in kernels)
+        _compiled.update(((id(k), cls), k) for k in kernels)
 
 
 def _kernels(kind, plan):
     return [getattr(plan.module(module), name) for module, name in step_kernels(kind)]
 
 
-def _is_compiled(kernel) -> bool:
-    return id(kernel) in launcher.LAUNCHED or id(kernel) in _compiled
+def _ready(kind, plan, cls) -> bool:
+    return all((id(k), cls) in _compiled for k in _kernels(kind, plan))
 
 
-def _ready(kind, plan) -> bool:
-    return all(_is_compiled(k) for k in _kernels(kind, plan))
-
-
-def route(plan, kinds, block_mask, q):
-    """The plan the call on query `q` runs: `plan` itself, or its tile-table form with
+def route(plan, kinds, block_mask, q, k, v):
+    """The plan the call on q, k, v runs: `plan` itself, or its tile-table form with
     `plan.tiering` saying what to compile in the background after the launch."""
     o = plan.opts
     if (plan.mask_graph is None or block_mask is None or q.device.type != "cuda" or not o.get("TIERED", True)
-            or o.get("AUTOTUNE") or o.get("DETERMINISTIC") or all(_ready(k, plan) for k in kinds)
+            or o.get("AUTOTUNE") or o.get("DETERMINISTIC")
             or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):  # the table syncs
+        return plan
+    cls = shape_class(plan, q, k, v)
+    if all(_ready(kind, plan, cls) for kind in kinds):
         return plan
     form = tile_table_form(block_mask)
     if form is None:
@@ -103,22 +122,23 @@ def route(plan, kinds, block_mask, q):
     # the tile form takes the call's own forward, the Hopper forward too (H200, D=128: 0.98-1.00x
     # the own kernels' forward through it, 0.75-0.80x through the Triton forward)
     tiled = replace(plan, mask_graph=graph, mask_bufs=list(graph.buffers), tiering=None, modules={})
-    if all(_ready(k, tiled) for k in kinds):
-        return replace(tiled, tiering=("own", plan))        # run the tile form; compile the mask's own
-    return replace(plan, tiering=("tile_form", tiled))      # run the mask's own; warm the tile form
+    if all(_ready(kind, tiled, cls) for kind in kinds):
+        return replace(tiled, tiering=("own", plan, cls))    # run the tile form; compile the mask's own
+    return replace(plan, tiering=("tile_form", tiled, cls))  # run the mask's own; warm the tile form
 
 
 def after_launch(plan, kind_of, capture_launches) -> None:
-    """After `plan` launched its kernels of one kind (forward or backward): compile the other
-    form's kernels of that step in the background. `kind_of(other_plan)` is the kind the
-    other plan launches for that step (the forwards of the two forms may differ: the Hopper
+    """After `plan` launched its kernels of one step (forward or backward): count them compiled,
+    and compile the other form's kernels of that step in the background. `kind_of(a_plan)` is
+    the kind a plan launches for that step (the forwards of the two forms may differ: the Hopper
     forward takes some mods and not others); `capture_launches(other_plan, kind)` runs its
     launch path with launches recorded instead of run, and returns them."""
     if plan.tiering is None:
         return
-    other = plan.tiering[1]
+    _, other, cls = plan.tiering
+    mark_compiled(_kernels(kind_of(plan), plan), cls)
     kind = kind_of(other)
-    todo = [k for k in _kernels(kind, other) if not _is_compiled(k) and id(k) not in _submitted]
+    todo = [k for k in _kernels(kind, other) if (id(k), cls) not in _compiled and (id(k), cls) not in _submitted]
     if not todo:
         return
     # the job keeps stand-ins, not the tensors: the capture's own outputs are freed now
@@ -130,10 +150,10 @@ def after_launch(plan, kind_of, capture_launches) -> None:
         launches += [(kernel, grid, args, dict(kwargs, HAS_FULL=not kwargs["HAS_FULL"]))
                      for kernel, grid, args, kwargs in launches if "HAS_FULL" in kwargs]
     with _lock:
-        _submitted.update((id(k), k) for k in todo)
+        _submitted.update(((id(k), cls), k) for k in todo)
     device = torch.cuda.current_device()
     _futures[:] = [f for f in _futures if not f.done()]
-    _futures.append(_executor().submit(_compile, device, launches, todo))
+    _futures.append(_executor().submit(_compile, device, launches, todo, cls))
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -143,7 +163,7 @@ def _executor() -> ThreadPoolExecutor:
     return _pool
 
 
-def _compile(device, launches, kernels) -> None:
+def _compile(device, launches, kernels, cls) -> None:
     try:
         with torch.cuda.device(device):
             from triton.runtime.driver import driver
@@ -156,7 +176,7 @@ def _compile(device, launches, kernels) -> None:
     finally:
         # failed or not, the kernels count as compiled: a failure then recurs in the
         # foreground, at the call that needs them, with its error
-        mark_compiled(kernels)
+        mark_compiled(kernels, cls)
 
 
 def wait() -> None:
