@@ -241,7 +241,8 @@ def test_policy_counts_kernels_compiled_per_shape_class(monkeypatch):
     assert tiered.route(plan128, ("fwd",), bm, q128, t128, t128) is plan128
     # a new mask of the same form, never run: at 64 through the tile form; at 128 its own kernels
     # compile in the foreground until the tile form is compiled there too
-    other = flexattn.create_block_mask(lambda b, h, q, kv: (q >= kv) & ((q - kv) % 13 != 2), None, None, 256, 256)
+    other_mask = lambda b, h, q, kv: (q >= kv) & ((q + kv) % 13 != 2)  # noqa: E731
+    other = flexattn.create_block_mask(other_mask, None, None, 256, 256)
     new64, new128 = call(64, block_mask=other)[0], call(128, block_mask=other)[0]
     assert tiered.route(new64, ("fwd",), other, q64, t64, t64).tiering[0] == "own"
     assert tiered.route(new128, ("fwd",), other, q128, t128, t128).tiering[0] == "tile_form"
