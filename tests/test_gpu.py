@@ -288,6 +288,17 @@ def _window_docs(w):  # one run a row: the interval form (a new structure for ea
     return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx // w == kv_idx // w)
 
 
+def _reference_and_golden(q, k, v, mask, go):
+    """[out, dq, dk, dv] of the reference in the inputs' dtype and in float64 (the numerics rule's pair)."""
+    from flexattn.reference import reference_attention
+    ref_in = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    ro, _ = reference_attention(*ref_in, None, mask)
+    gold_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    g64, _ = reference_attention(*gold_in, None, mask)
+    return ([ro, *torch.autograd.grad(ro, ref_in, go)],
+            [g64, *torch.autograd.grad(g64, gold_in, go.double())])
+
+
 @pytest.mark.parametrize("E", [64, 128])
 @pytest.mark.parametrize("masks", [(_strided(97), _strided(89)), (_window_docs(97), _window_docs(90))],
                          ids=["tile_form", "interval_form"])
@@ -299,7 +310,6 @@ def test_tiered_new_mask_structure(E, masks):
     forward (kernels.tiered.route)."""
     import flexattn
     from flexattn.kernels import tiered
-    from flexattn.reference import reference_attention
 
     warm, new = masks  # an earlier run of the other E in this process compiled their kernels at that E only
     q, k, v = make_qkv(B=2, Hq=4, L=384, S=384, E=E, dtype=torch.bfloat16, device=DEV, seed=3)
@@ -320,12 +330,7 @@ def test_tiered_new_mask_structure(E, masks):
     tiered.wait()
     again = run(new)
     assert len(tiered._submitted) == submitted + sent  # its own kernels ran: nothing more to compile
-    qr, kr, vr = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    ro, _ = reference_attention(qr, kr, vr, None, new)
-    ref = [ro, *torch.autograd.grad(ro, [qr, kr, vr], go)]
-    q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    g64, _ = reference_attention(q64, k64, v64, None, new)
-    gold = [g64, *torch.autograd.grad(g64, [q64, k64, v64], go.double())]
+    ref, gold = _reference_and_golden(q, k, v, new, go)
     for name, a, b, r, g in zip(["out", "dq", "dk", "dv"], first, again, ref, gold):
         assert_close_to_golden(name + " (tile form)", a, r, g)
         assert_close_to_golden(name + " (own kernels)", b, r, g)
@@ -338,7 +343,6 @@ def test_tiered_new_mask_at_another_head_dim():
     numerics rule."""
     import flexattn
     from flexattn.kernels import tiered
-    from flexattn.reference import reference_attention
 
     warm, new = _strided(83), _strided(79)  # structures no other test runs
 
@@ -356,12 +360,7 @@ def test_tiered_new_mask_at_another_head_dim():
         first = run(new, q, k, v, go)
         assert len(tiered._submitted) == submitted + 3, E  # the tile form ran; the forward, dq and dk/dv sent
         tiered.wait()
-    qr, kr, vr = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    ro, _ = reference_attention(qr, kr, vr, None, new)
-    ref = [ro, *torch.autograd.grad(ro, [qr, kr, vr], go)]
-    q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    g64, _ = reference_attention(q64, k64, v64, None, new)
-    gold = [g64, *torch.autograd.grad(g64, [q64, k64, v64], go.double())]
+    ref, gold = _reference_and_golden(q, k, v, new, go)
     for name, a, r, g in zip(["out", "dq", "dk", "dv"], first, ref, gold):
         assert_close_to_golden(name + " (tile form, head dim 128)", a, r, g)
 
