@@ -9,10 +9,12 @@ must hold no captured tensor. The kernels run under TRITON_INTERPRET=1 in a subp
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from flexattn.kernels import launcher, replay
@@ -44,6 +46,25 @@ def test_recording_gives_up_on_tensors_not_made_by_empty():
 
     assert replay.Replay.record(zeros, (x,), (x,), lambda r: r) is None
     assert replay.Replay.record(copies, (x,), (x,), lambda r: r) is None
+
+
+def test_rebinding_a_descriptor_changes_only_its_base():
+    # a replay swaps the call's tensor (shaped and strided as the recorded one) into each recorded
+    # TMA descriptor, Triton's host-side ones and Gluon's: every other field as recorded, and the
+    # recorded descriptor left as it was
+    tools = pytest.importorskip("triton.tools.tensor_descriptor")
+    gluon = pytest.importorskip("triton.experimental.gluon")
+    hopper = pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    x, y = torch.zeros(2, 3, 64, 32, dtype=torch.float16), torch.ones(2, 3, 64, 32, dtype=torch.float16)
+    layout = gluon.language.NVMMASharedLayout.get_default_for([16, 32], gluon.language.float16)
+    for recorded in (tools.TensorDescriptor.from_tensor(x, [1, 1, 16, 32]),
+                     hopper.TensorDescriptor.from_tensor(x, [1, 1, 16, 32], layout)):
+        rebound = replay.rebind(recorded, y)
+        assert type(rebound) is type(recorded) and rebound.base is y and recorded.base is x
+        for field in dataclasses.fields(recorded):
+            if field.name != "base":
+                assert getattr(rebound, field.name) == getattr(recorded, field.name), field.name
+        assert replay.is_descriptor(rebound)
 
 
 def test_unhashable_options_are_not_cached():
