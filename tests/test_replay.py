@@ -67,6 +67,60 @@ def test_rebinding_a_descriptor_changes_only_its_base():
         assert replay.is_descriptor(rebound)
 
 
+def test_kept_descriptor_expansions_launch_what_tritons_launcher_would(monkeypatch):
+    # A replayed step whose kernel takes TMA descriptors launches the compiled kernel's own
+    # launch function with each descriptor expanded, the expansion kept per base pointer. The
+    # kernel must get exactly the arguments Triton's launcher (`inner`, which expands every
+    # descriptor on every call) would give it, for a base seen before and for a new one.
+    nvidia = pytest.importorskip("triton.backends.nvidia.driver")
+    tools = pytest.importorskip("triton.tools.tensor_descriptor")
+    if getattr(nvidia, "_BASE_ARGS_FORMAT", None) != launcher._LAUNCHER_FIXED_ARGS:
+        pytest.skip("Triton's launcher is not of the form descriptor expansions are kept for (3.6)")
+    fills = []
+
+    def fill(desc, meta):  # the driver's fill, as a value naming what it was filled from
+        fills.append(desc.base.data_ptr())
+        return [("map", desc.base.data_ptr(), tuple(meta["block_size"])), *desc.shape, *desc.strides]
+    monkeypatch.setattr(nvidia, "make_tensordesc_arg", fill)
+    launched = []
+    signature = {0: "tensordesc<fp16[16, 32]>", 1: "*fp16", 2: "i32", 3: "tensordesc<fp16[16, 32]>", 4: "constexpr"}
+    metas = [{"block_size": [16, 32]}, {"block_size": [16, 32]}]
+
+    try:
+        inner = nvidia.wrap_handle_tensordesc(lambda *a: launched.append(a), signature, metas)
+    except (AttributeError, TypeError):
+        pytest.skip("Triton's launcher is not of the form descriptor expansions are kept for (3.6)")
+
+    class Run:  # a CudaLauncher's attributes as Triton 3.6 has them
+        launch = staticmethod(inner)
+        launch_cooperative_grid, launch_pdl, global_scratch_size, profile_scratch_size = False, False, 0, 0
+
+    class Compiled:
+        run, function, packed_metadata = Run(), 7, "packed"
+    entry = (Compiled(), (64,))  # the trailing constexpr
+    x, y, o = (torch.zeros(2, 64, 32, dtype=torch.float16) for _ in range(3))
+
+    def path(t):
+        launcher.launch_cached("kernel", (3,), (tools.TensorDescriptor.from_tensor(t, [1, 16, 32]), t, 5,
+                                               tools.TensorDescriptor.from_tensor(o, [1, 16, 32])), {})
+        return []
+    monkeypatch.setattr(launcher, "compiled_entry", lambda kernel, args, kwargs: entry)
+    monkeypatch.setattr(launcher, "direct_launch_ok", lambda: True)
+    monkeypatch.setattr(launcher, "current_stream", lambda: 11)
+    rep = replay.Replay.record(path, (x,), (x, o), lambda r: r)
+    (step,) = rep.steps
+    assert step.filled is not None
+    for t in (x, y, x, y):
+        rep((t, o))
+        Compiled.run.launch(3, 1, 1, 11, 7, False, False, None, None, "packed", None, None, None,
+                            tools.TensorDescriptor.from_tensor(t, [1, 16, 32]), t, 5,
+                            tools.TensorDescriptor.from_tensor(o, [1, 16, 32]), 64)
+        kept, triton_s = launched[-2:]
+        assert kept == triton_s
+    # the kept path filled each base once (x, o, then y); Triton's filled every descriptor every time
+    assert fills.count(y.data_ptr()) == 1 + 2 and fills.count(x.data_ptr()) == 1 + 2
+
+
 def test_unhashable_options_are_not_cached():
     calls: dict = {}
     key = replay.call_key(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), None, None,

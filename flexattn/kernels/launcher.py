@@ -162,6 +162,55 @@ def run_compiled(entry, grid, stream, args) -> None:
     ck.run(grid[0], grid[1], grid[2], stream, ck.function, ck.packed_metadata, None, None, None, *args, *tail)
 
 
+# The launcher's fixed arguments in Triton 3.6 (grid, stream, function, cooperative, PDL, two
+# scratch buffers, packed metadata, launch metadata, two hooks): descriptor_launch passes them
+_LAUNCHER_FIXED_ARGS = "iiiKKppOOOOOO"
+
+
+def descriptor_launch(entry, positions):
+    """(launch, metas) for a cache entry whose kernel takes host-side TMA descriptors at the
+    sorted `positions` of its arguments: launch(grid3, stream, args) runs it on arguments
+    whose descriptors are already expanded as Triton's launcher expands them on every call
+    (`expand_descriptor(descriptor, metas[j])` for the j-th; a driver call fills its
+    CUtensorMap), so that kernels.replay can keep an expansion and use it again. None when
+    the entry's launcher is not of the form this was written against (Triton 3.6: the
+    module's launch wrapped in `inner`, which expands the descriptors, and no scratch memory
+    to allocate) or a descriptor has no metadata (its expansion would hold the tensor)."""
+    from triton.backends.nvidia import driver as nvidia_driver
+    if getattr(nvidia_driver, "_BASE_ARGS_FORMAT", None) != _LAUNCHER_FIXED_ARGS:
+        return None
+    ck, tail = entry
+    run = ck.run
+    inner = getattr(run, "launch", None)
+    code = getattr(inner, "__code__", None)
+    if code is None or code.co_name != "inner" or not inner.__closure__:
+        return None
+    cells = dict(zip(code.co_freevars, inner.__closure__))
+    try:
+        raw = cells["launcher"].cell_contents
+        indices = cells["tensordesc_indices"].cell_contents
+        metas = list(cells["tensordesc_meta"].cell_contents)
+    except (KeyError, ValueError, TypeError):
+        return None
+    if not callable(raw) or sorted(indices) != list(positions) or not all(isinstance(m, dict) for m in metas) \
+            or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
+        return None
+    coop, pdl = run.launch_cooperative_grid, run.launch_pdl
+    function, packed = ck.function, ck.packed_metadata
+
+    def launch(grid, stream, args):  # the launcher's fixed arguments, as CudaLauncher.__call__ passes them
+        raw(grid[0], grid[1], grid[2], stream, function, coop, pdl, None, None, packed, None, None, None,
+            *args, *tail)
+    return launch, metas
+
+
+def expand_descriptor(descriptor, meta) -> list:
+    """A TMA descriptor argument as Triton's launcher passes it to the kernel: its filled
+    CUtensorMap, then its shape and strides (no reference to its tensor)."""
+    from triton.backends.nvidia import driver as nvidia_driver
+    return nvidia_driver.make_tensordesc_arg(descriptor, meta)
+
+
 def compiled_entry(kernel, args, kwargs):
     """The cache entry a launch of these arguments would take (None: it would go through
     the JIT - interpreter, no entry yet). kernels.replay keeps it to launch directly."""

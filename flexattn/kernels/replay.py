@@ -24,8 +24,12 @@ Invariants:
   cached plan, so the template holds the tensor the normal path would pass.
 * The cache holds no captured tensor of the mods: they are per-call inputs, and the cached
   plan keeps buffer-less graphs (rebound per call where the normal path runs).
-* A host-side TMA descriptor argument (the Hopper forward's) is rebuilt per call over the
+* A host-side TMA descriptor argument (the Hopper kernels') is rebuilt per call over the
   call's tensor, with the recorded box and layout; one over any other tensor is not replayed.
+  Where the launcher's form allows (`launcher.descriptor_launch`), the descriptor's expansion
+  (its filled CUtensorMap) is kept per base pointer instead, and used again when a call's
+  tensor has a base seen before (a training loop's activations come back to the same
+  addresses from the caching allocator).
 * A compiled kernel is specialised on its tensors' 16-byte alignment: q, k and v of another
   alignment are another call (call_key), and one whose captured tensors differ in it from
   the recording's takes the normal path.
@@ -40,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 from . import launcher
 
 MAX_CALLS = 16  # signatures kept per BlockMask (the oldest is dropped first)
+KEPT_EXPANSIONS = 32  # expanded TMA descriptors kept per step and descriptor (then cleared)
 ENABLED = True  # benchmarks/profile_host.py turns it off to compare
 _NO_MASK_CALLS: dict = {}  # calls made without a BlockMask
 
@@ -136,13 +141,49 @@ class _Creations(TorchFunctionMode):
 
 
 class _Step:
-    __slots__ = ("kernel", "grid", "grid3", "template", "slots", "descriptor_slots", "kwargs", "compiled")
+    __slots__ = ("kernel", "grid", "grid3", "template", "slots", "descriptor_slots", "kwargs", "compiled", "filled")
 
     def __init__(self, kernel, grid, template, slots, descriptor_slots, kwargs, compiled):
         self.kernel, self.grid, self.kwargs, self.compiled = kernel, grid, kwargs, compiled
         self.grid3 = launcher.grid3(grid)
         self.template, self.slots = template, slots
         self.descriptor_slots = descriptor_slots  # (position, tensor slot, the recorded descriptor)
+        # a direct launch with the descriptors' expansions kept (None: none to keep, or not possible)
+        found = descriptor_slots and compiled is not None and \
+            launcher.descriptor_launch(compiled, [pos for pos, _, _ in descriptor_slots])
+        self.filled = _KeptDescriptors(*found, descriptor_slots) if found else None
+
+
+class _KeptDescriptors:
+    """A step's launch with its TMA descriptors expanded by `launcher.expand_descriptor` (which
+    fills the descriptor's CUtensorMap: a driver call, 1.5-12 µs a descriptor on the H200's
+    host, benchmarks/RESULTS.md) once per base pointer, the expansions kept. An expansion
+    depends on the base pointer and on what is fixed per step: the tensor's shape and strides
+    (as recorded: see rebind), the box, layout and padding."""
+    __slots__ = ("launch", "slots")
+
+    def __init__(self, launch, metas, descriptor_slots):
+        self.launch = launch
+        # (position, tensor slot, the recorded descriptor, its metadata, base pointer -> expansion)
+        self.slots = [(pos, i, recorded, meta, {}) for (pos, i, recorded), meta in zip(descriptor_slots, metas)]
+
+    def __call__(self, grid3, stream, args, tensors):
+        """Launch on `args` (the positional arguments; the descriptors' positions are ignored),
+        each descriptor over tensors[its slot]."""
+        expanded, start = [], 0
+        for pos, i, recorded, meta, kept in self.slots:
+            t = tensors[i]
+            base = t.data_ptr()
+            expansion = kept.get(base)
+            if expansion is None:
+                if len(kept) >= KEPT_EXPANSIONS:
+                    kept.clear()
+                expansion = kept[base] = launcher.expand_descriptor(rebind(recorded, t), meta)
+            expanded += args[start:pos]
+            expanded += expansion
+            start = pos + 1
+        expanded += args[start:]
+        self.launch(grid3, stream, expanded)
 
 
 class Replay:
@@ -214,6 +255,11 @@ class Replay:
             args = step.template.copy()
             for pos, i in step.slots:
                 args[pos] = tensors[i]
+            if direct and step.filled is not None:
+                if stream is None:
+                    stream = launcher.current_stream()
+                step.filled(step.grid3, stream, args, tensors)
+                continue
             for pos, i, recorded in step.descriptor_slots:
                 args[pos] = rebind(recorded, tensors[i])
             if direct and step.compiled is not None:
