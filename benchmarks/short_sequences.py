@@ -6,8 +6,9 @@ For flexattn and SDPA, causal and dense, D=64 and 128, forward and forward+backw
 bf16): the wall time per call of 200 calls back to back, the GPU kernels' own time per call
 (torch.profiler), and the host's time per call (the same call at B=H=1, S=256, where the GPU work
 is tiny). When the host's time exceeds the kernels', the GPU waits for the host; `do_bench`, which
-clears the L2 before each call, then times part of the host's work too. Ends with a cProfile of
-flexattn's forward+backward (D=64, causal).
+clears the L2 before each call, then times part of the host's work too. Then the host's time with
+the replayed calls' TMA descriptor expansions kept and not kept (kernels.replay.KEEP_EXPANSIONS),
+alternating, and a cProfile of flexattn's forward+backward (D=64, causal).
 """
 from __future__ import annotations
 
@@ -78,6 +79,30 @@ def make(impl, case, B, H, S, D, bwd):
     return fwd
 
 
+def host_ab(rounds=3):
+    """Host µs per call (B=H=1, S=256, causal) with descriptor expansions kept / not kept, the
+    two alternating; the median of `rounds`."""
+    from flexattn.kernels import replay
+    fns = {(D, bwd): make("flexattn", "causal", 1, 1, 256, D, bwd) for D in (64, 128) for bwd in (False, True)}
+    for f in fns.values():
+        f()
+    torch.cuda.synchronize()
+    tiered.wait()
+    times: dict = {}
+    try:
+        for _ in range(rounds):
+            for keep in (False, True):
+                replay.KEEP_EXPANSIONS = keep
+                for key, f in fns.items():
+                    times.setdefault((key, keep), []).append(wall_us(f, 1000 if key[1] else 3000))
+    finally:
+        replay.KEEP_EXPANSIONS = True
+    for D, bwd in fns:
+        mid = {keep: sorted(times[((D, bwd), keep)])[rounds // 2] for keep in (False, True)}
+        print(f"host D={D} {'fwd+bwd' if bwd else 'fwd    '}: descriptors filled every call {mid[False]:6.1f} us, "
+              f"expansions kept {mid[True]:6.1f} us", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seq", type=int, default=2048)
@@ -97,6 +122,7 @@ def main():
                     print(f"D={D} {case:6s} {'fwd+bwd' if bwd else 'fwd    '} {impl:8s} wall {wall:7.1f} us  "
                           f"kernels {kernels:7.1f} us  host(S=256) {host:6.1f} us  "
                           f"{per_kernel if impl == 'flexattn' else ''}", flush=True)
+    host_ab()
     f = make("flexattn", "causal", 4, 16, a.seq, 64, True)
     for _ in range(20):
         f()

@@ -45,6 +45,7 @@ from . import launcher
 
 MAX_CALLS = 16  # signatures kept per BlockMask (the oldest is dropped first)
 KEPT_EXPANSIONS = 32  # expanded TMA descriptors kept per step and descriptor (then cleared)
+KEEP_EXPANSIONS = True  # benchmarks/short_sequences.py turns it off to compare
 ENABLED = True  # benchmarks/profile_host.py turns it off to compare
 _NO_MASK_CALLS: dict = {}  # calls made without a BlockMask
 
@@ -255,7 +256,7 @@ class Replay:
             args = step.template.copy()
             for pos, i in step.slots:
                 args[pos] = tensors[i]
-            if direct and step.filled is not None:
+            if direct and step.filled is not None and KEEP_EXPANSIONS:
                 if stream is None:
                     stream = launcher.current_stream()
                 step.filled(step.grid3, stream, args, tensors)
