@@ -67,6 +67,24 @@ def test_rebinding_a_descriptor_changes_only_its_base():
         assert replay.is_descriptor(rebound)
 
 
+def test_a_replay_holds_no_input_its_descriptors_were_built_over():
+    # the first call's q, k, v (activations) must not live as long as the BlockMask's cache
+    import gc
+    import weakref
+    tools = pytest.importorskip("triton.tools.tensor_descriptor")
+    x = torch.zeros(2, 64, 32, dtype=torch.float16)
+
+    def path(t):
+        launcher.launch_cached("kernel", (1,), (tools.TensorDescriptor.from_tensor(t, [1, 16, 32]), t), {})
+        return []
+    rep = replay.Replay.record(path, (x,), (x,), lambda r: r)
+    assert rep is not None and rep.steps[0].descriptor_slots[0][2].block_shape == [1, 16, 32]
+    alive = weakref.ref(x)
+    del x
+    gc.collect()
+    assert alive() is None
+
+
 def test_kept_descriptor_expansions_launch_what_tritons_launcher_would(monkeypatch):
     # A replayed step whose kernel takes TMA descriptors launches the compiled kernel's own
     # launch function with each descriptor expanded, the expansion kept per base pointer. The
@@ -109,7 +127,7 @@ def test_kept_descriptor_expansions_launch_what_tritons_launcher_would(monkeypat
     monkeypatch.setattr(launcher, "current_stream", lambda: 11)
     rep = replay.Replay.record(path, (x,), (x, o), lambda r: r)
     (step,) = rep.steps
-    assert step.filled is not None
+    assert step.kept is not None
     for t in (x, y, x, y):
         rep((t, o))
         Compiled.run.launch(3, 1, 1, 11, 7, False, False, None, None, "packed", None, None, None,

@@ -25,7 +25,8 @@ Invariants:
 * The cache holds no captured tensor of the mods: they are per-call inputs, and the cached
   plan keeps buffer-less graphs (rebound per call where the normal path runs).
 * A host-side TMA descriptor argument (the Hopper kernels') is rebuilt per call over the
-  call's tensor, with the recorded box and layout; one over any other tensor is not replayed.
+  call's tensor, with the recorded box and layout (the recording keeps the descriptor without
+  its tensor); one over any other tensor is not replayed.
   Where the launcher's form allows (`launcher.descriptor_launch`), the descriptor's expansion
   (its filled CUtensorMap) is kept per base pointer instead, and used again when a call's
   tensor has a base seen before (a training loop's activations come back to the same
@@ -44,7 +45,7 @@ from torch.overrides import TorchFunctionMode
 from . import launcher
 
 MAX_CALLS = 16  # signatures kept per BlockMask (the oldest is dropped first)
-KEPT_EXPANSIONS = 32  # expanded TMA descriptors kept per step and descriptor (then cleared)
+MAX_KEPT_EXPANSIONS = 32  # expanded TMA descriptors kept per step and descriptor (then cleared)
 KEEP_EXPANSIONS = True  # benchmarks/short_sequences.py turns it off to compare
 ENABLED = True  # benchmarks/profile_host.py turns it off to compare
 _NO_MASK_CALLS: dict = {}  # calls made without a BlockMask
@@ -142,17 +143,18 @@ class _Creations(TorchFunctionMode):
 
 
 class _Step:
-    __slots__ = ("kernel", "grid", "grid3", "template", "slots", "descriptor_slots", "kwargs", "compiled", "filled")
+    __slots__ = ("kernel", "grid", "grid3", "template", "slots", "descriptor_slots", "kwargs", "compiled", "kept")
 
     def __init__(self, kernel, grid, template, slots, descriptor_slots, kwargs, compiled):
         self.kernel, self.grid, self.kwargs, self.compiled = kernel, grid, kwargs, compiled
         self.grid3 = launcher.grid3(grid)
         self.template, self.slots = template, slots
-        self.descriptor_slots = descriptor_slots  # (position, tensor slot, the recorded descriptor)
+        # (position, tensor slot, the recorded descriptor without its tensor)
+        self.descriptor_slots = descriptor_slots
         # a direct launch with the descriptors' expansions kept (None: none to keep, or not possible)
         found = descriptor_slots and compiled is not None and \
             launcher.descriptor_launch(compiled, [pos for pos, _, _ in descriptor_slots])
-        self.filled = _KeptDescriptors(*found, descriptor_slots) if found else None
+        self.kept = _KeptDescriptors(*found, descriptor_slots) if found else None
 
 
 class _KeptDescriptors:
@@ -177,7 +179,7 @@ class _KeptDescriptors:
             base = t.data_ptr()
             expansion = kept.get(base)
             if expansion is None:
-                if len(kept) >= KEPT_EXPANSIONS:
+                if len(kept) >= MAX_KEPT_EXPANSIONS:
                     kept.clear()
                 expansion = kept[base] = launcher.expand_descriptor(rebind(recorded, t), meta)
             expanded += args[start:pos]
@@ -234,7 +236,7 @@ class Replay:
                     if i is None:
                         return None
                     template[pos] = None
-                    descriptor_slots.append((pos, i, a))
+                    descriptor_slots.append((pos, i, rebind(a, None)))  # the call's tensor is not held
             entry = launcher.compiled_entry(kernel, [lookup_stand_in(a) for a in largs], kwargs)
             steps.append(_Step(kernel, tuple(grid), template, tuple(slots), tuple(descriptor_slots), kwargs, entry))
         results = [slot(t) for t in results_of(value)]
@@ -256,10 +258,10 @@ class Replay:
             args = step.template.copy()
             for pos, i in step.slots:
                 args[pos] = tensors[i]
-            if direct and step.filled is not None and KEEP_EXPANSIONS:
+            if direct and step.kept is not None and KEEP_EXPANSIONS:
                 if stream is None:
                     stream = launcher.current_stream()
-                step.filled(step.grid3, stream, args, tensors)
+                step.kept(step.grid3, stream, args, tensors)
                 continue
             for pos, i, recorded in step.descriptor_slots:
                 args[pos] = rebind(recorded, tensors[i])
