@@ -18,7 +18,6 @@ import io
 import os
 import pstats
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -29,18 +28,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import flexattn  # noqa: E402
 from bench_attention import mods  # noqa: E402
+from profile_host import per_call_us as wall_us  # noqa: E402
 from flexattn.kernels import tiered  # noqa: E402
-
-
-def wall_us(fn, n=200):
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e6
 
 
 def kernel_us(fn, n=20):
