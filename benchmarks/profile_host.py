@@ -36,6 +36,19 @@ def per_call_us(fn, n=300):
     return (time.perf_counter() - t) / n * 1e6
 
 
+def cprofile_calls(fn, n=200, top=30) -> str:
+    """cProfile's table (by own time, the `top` rows) of n calls of fn, synchronised at the end."""
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    pr.disable()
+    out = io.StringIO()
+    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
 def host_bound(case, B, H, S, D):
     import flexattn
     from bench_attention import mods
@@ -228,15 +241,7 @@ def main():
     set_mode(True, False)  # the normal path, whose launches launch_parts takes apart
     launch_parts(a.case, 1, 1, 256, 128)
     set_mode(True, True)
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(200):
-        fwdbwd()
-    torch.cuda.synchronize()
-    pr.disable()
-    s = io.StringIO()
-    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(30)
-    print(s.getvalue())
+    print(cprofile_calls(fwdbwd))
     gpu_time_ab(a.ab_cases.split(","), a.seq)
     if a.first:
         first_output_parts()

@@ -13,10 +13,7 @@ alternating, and a cProfile of flexattn's forward+backward (D=64, causal).
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import os
-import pstats
 import sys
 
 import torch
@@ -28,7 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import flexattn  # noqa: E402
 from bench_attention import mods  # noqa: E402
-from profile_host import per_call_us as wall_us  # noqa: E402
+from profile_host import cprofile_calls, per_call_us as wall_us  # noqa: E402
 from flexattn.kernels import tiered  # noqa: E402
 
 
@@ -116,15 +113,7 @@ def main():
     for _ in range(20):
         f()
     torch.cuda.synchronize()
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(200):
-        f()
-    torch.cuda.synchronize()
-    prof.disable()
-    out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
-    print(out.getvalue())
+    print(cprofile_calls(f))
 
 
 if __name__ == "__main__":
