@@ -36,8 +36,9 @@ def per_call_us(fn, n=300):
     return (time.perf_counter() - t) / n * 1e6
 
 
-def cprofile_calls(fn, n=200, top=30) -> str:
-    """cProfile's table (by own time, the `top` rows) of n calls of fn, synchronised at the end."""
+def cprofile_calls(fn, n=200, top=30, sort="tottime") -> str:
+    """cProfile's table (by `sort`: own time, or "cumulative"; the `top` rows) of n calls of fn,
+    synchronised at the end."""
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(n):
@@ -45,7 +46,7 @@ def cprofile_calls(fn, n=200, top=30) -> str:
     torch.cuda.synchronize()
     pr.disable()
     out = io.StringIO()
-    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(top)
+    pstats.Stats(pr, stream=out).sort_stats(sort).print_stats(top)
     return out.getvalue()
 
 
